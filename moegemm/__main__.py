@@ -1,0 +1,81 @@
+"""Command line: ``python -m moegemm info | bench [--json PATH] | cache clear``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info() -> int:
+    import torch
+
+    from . import __version__, env
+    from .jit import compiler
+
+    print(f"moegemm {__version__}, torch {torch.__version__} (CUDA {torch.version.cuda})")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            arch = f"sm_{props.major}{props.minor}"
+            runs = "yes" if (props.major, props.minor) == (9, 0) else "no (needs sm_90)"
+            print(f"GPU {index}: {props.name}, {arch}, {props.multi_processor_count} SMs; "
+                  f"fp8_gemm_nt kernels run here: {runs}")
+    else:
+        print("GPU: none visible (CPU tensors use the pure-PyTorch reference)")
+    try:
+        print(f"compiler: {compiler.compiler_version()}")
+    except compiler.CompileError as error:
+        print(f"compiler: none ({error})")
+    print(f"NVRTC mode: {'on' if compiler.use_nvrtc() else 'off'} (MOEGEMM_USE_NVRTC)")
+    cuobjdump = compiler.find_cuobjdump()
+    print(f"cuobjdump: {cuobjdump or 'not found'}")
+    size = compiler.cache_size()
+    print(f"cache: {compiler.cache_dir()} ({size / 2**20:.1f} MiB)")
+    overridden = [v.name for v in env.VARIABLES if v.name in __import__("os").environ]
+    print(f"environment: {', '.join(overridden) or 'defaults'}")
+    return 0
+
+
+def _bench(json_path: str | None) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("moegemm bench needs an SM90 GPU (H100/H200); this machine has no CUDA GPU.", file=sys.stderr)
+        return 1
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        print(f"moegemm bench needs an SM90 GPU; {torch.cuda.get_device_name()} is sm_{major}{minor}.",
+              file=sys.stderr)
+        return 1
+    from . import bench
+
+    bench.main(json_path)
+    return 0
+
+
+def _cache_clear() -> int:
+    from .jit import compiler
+
+    freed = compiler.clear_cache()
+    print(f"removed {compiler.cache_dir()} ({freed / 2**20:.1f} MiB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moegemm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="GPU, compiler, cache and which kernels this GPU runs")
+    bench = commands.add_parser("bench", help="benchmarks beside cuBLAS (needs an SM90 GPU)")
+    bench.add_argument("--json", help="also write the results to this file")
+    cache = commands.add_parser("cache", help="manage the kernel cache")
+    cache.add_argument("action", choices=["clear"])
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info()
+    if args.command == "bench":
+        return _bench(args.json)
+    return _cache_clear()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""moegemm's public operations.
+
+Each operation checks its arguments, then runs the SM90 kernel for CUDA tensors or the pure-PyTorch
+reference (``moegemm.reference``) for CPU tensors. Operations write into a caller-provided output,
+as DeepGEMM's do, and are registered as torch custom ops (``torch.ops.moegemm.*``) so they trace
+under ``torch.compile``; eager calls skip the dispatcher to keep host overhead low.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import checks, reference
+from .utils import ceil_div, get_num_sms, get_tma_aligned_size
+
+FP8 = (torch.float8_e4m3fn,)
+FP32 = (torch.float32,)
+GEMM_OUT = (torch.bfloat16, torch.float32)
+
+
+def _required_sfa(sfa: torch.Tensor, m: int) -> torch.Tensor:
+    """SFA as the kernel reads it: FP32, M-major, columns TMA-aligned. No copy if already so."""
+    aligned = get_tma_aligned_size(m, 4)
+    if sfa.stride(0) == 1 and (sfa.shape[1] == 1 or sfa.stride(1) == aligned) and sfa.data_ptr() % 16 == 0:
+        return sfa
+    out = torch.empty_strided(sfa.shape, (1, aligned), dtype=torch.float32, device=sfa.device)
+    return out.copy_(sfa)
+
+
+def _check_fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                       d: torch.Tensor, c: torch.Tensor | None) -> None:
+    checks.tensor("a", a, FP8, 2)
+    checks.tensor("b", b, FP8, 2)
+    checks.tensor("sfa", sfa, FP32, 2)
+    checks.tensor("sfb", sfb, FP32, 2)
+    checks.tensor("d", d, GEMM_OUT, 2)
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"b: expected shape (N, K) with K = {k} (from a), got {tuple(b.shape)}")
+    checks.shape("sfa", sfa, (m, ceil_div(k, 128)))
+    checks.shape("sfb", sfb, (ceil_div(n, 128), ceil_div(k, 128)))
+    checks.shape("d", d, (m, n))
+    if c is not None:
+        checks.tensor("c", c, FP32, 2)
+        checks.shape("c", c, (m, n))
+        if d.dtype != torch.float32:
+            raise TypeError(f"d: with c given (D = C + A @ B^T) d must be torch.float32, got {d.dtype}")
+    tensors = {"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d}
+    if c is not None:
+        tensors["c"] = c
+    device = checks.same_device(**tensors)
+    checks.tma_rows("a", a)
+    checks.tma_rows("b", b)
+    checks.tma_rows("d", d)
+    if device.type == "cuda":
+        checks.sm90(device)
+
+
+def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
+                 c: torch.Tensor | None) -> None:
+    _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
+    if d.device.type != "cuda":
+        reference.fp8_gemm_nt((a, sfa), (b, sfb), d, c)
+        return
+    m, k = a.shape
+    if c is not None and c.data_ptr() != d.data_ptr():
+        d.copy_(c)
+    if m == 0 or d.shape[1] == 0:
+        return
+    if k == 0:
+        if c is None:
+            d.zero_()
+        return
+    from .kernels import fp8_gemm
+
+    sfb = sfb if sfb.is_contiguous() else sfb.contiguous()
+    fp8_gemm.launch(a, _required_sfa(sfa, m), b, sfb, d, c is not None, get_num_sms())
+
+
+def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
+                c: torch.Tensor | None = None) -> None:
+    """D = C + A @ B^T with FP8 operands and fine-grained scales, written into ``d``.
+
+    Args:
+        a: ``(A, SFA)``. A: float8_e4m3fn [M, K], K-major (row pitch a multiple of 16 bytes).
+            SFA: float32 [M, ceil(K/128)], one scale per 1x128 block of a row, any strides (the
+            kernel's M-major TMA-aligned layout, from ``transform_sf_into_required_layout``, avoids a copy).
+        b: ``(B, SFB)``. B: float8_e4m3fn [N, K], K-major. SFB: float32 [ceil(N/128), ceil(K/128)],
+            one scale per 128x128 block.
+        d: bfloat16 or float32 [M, N], row-major (row pitch a multiple of 16 bytes). Overwritten.
+        c: optional float32 [M, N]; then ``d`` must be float32 and D = C + A @ B^T (``c`` may be ``d``).
+
+    Any M >= 0; K need not be a multiple of 128 (the last block is ragged). Accumulates in FP32,
+    promoting the tensor cores' partial sums every 128 of K. SM90 GPUs only; CPU tensors use the reference.
+    """
+    a_data, sfa = checks.fp8_pair("a", a)
+    b_data, sfb = checks.fp8_pair("b", b)
+    if torch.compiler.is_compiling():
+        torch.ops.moegemm.fp8_gemm_nt(a_data, sfa, b_data, sfb, d, c)
+    else:
+        _fp8_gemm_nt(a_data, sfa, b_data, sfb, d, c)

@@ -1,0 +1,176 @@
+"""Benchmarks behind ``python -m moegemm bench``: moegemm beside cuBLAS in one run.
+
+Kernel times come from the CUDA profiler (CUPTI), L2 flushed before every call, median over calls;
+inputs and scale layouts are prepared outside the timed region, for cuBLAS exactly as for moegemm.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import api, utils
+
+FP8_GEMM_MS = (1, 64, 128, 4096)
+# DeepSeek-V3 (N, K) pairs of the dense layers.
+FP8_GEMM_NK = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
+CEILING_TFLOPS_FP8 = 1400.0
+CEILING_TBPS_COPY = 3.0
+
+
+def kernel_time_us(fn: Callable[[], object], iters: int = 30) -> float:
+    """Median over ``iters`` calls of the summed device time of the kernels ``fn`` launches, with L2
+    flushed (outside the measured kernels) before each call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    utils._flush_l2()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            utils._flush_l2()
+            torch.cuda.synchronize()
+            fn()
+        torch.cuda.synchronize()
+    per_call: list[float] = []
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if event.device_type != torch.autograd.DeviceType.CUDA or "memcpy" in event.name.lower():
+            continue
+        if "FillFunctor" in event.name or "memset" in event.name.lower():
+            per_call.append(0.0)  # the L2 flush (a fill) starts a new call
+        elif per_call:
+            per_call[-1] += event.time_range.elapsed_us()
+    if len(per_call) != iters:
+        raise RuntimeError(f"profiler saw {len(per_call)} L2 flushes for {iters} calls")
+    return statistics.median(per_call)
+
+
+def host_overhead_us(fn: Callable[[], object], calls: int = 200) -> float:
+    """Host time of one call, averaged over back-to-back calls (the launch queue never fills)."""
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+@dataclass
+class GemmRow:
+    m: int
+    n: int
+    k: int
+    moegemm_us: float
+    tflops: float
+    tbps: float
+    cublaslt_us: float | None
+    speedup: float | None
+    bf16_us: float
+    diff_dequant: float
+    diff_bf16: float
+
+
+def _fp8_inputs(m: int, n: int, k: int):
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    a, sfa = utils.per_token_cast_to_fp8(x)
+    b, sfb = utils.per_block_cast_to_fp8(w)
+    return x, w, a, sfa, b, sfb
+
+
+def _cublaslt_blockwise(a, sfa, b, sfb):
+    """A callable running torch._scaled_mm with 1x128 / 128x128 scales, or None where torch lacks it.
+    cuBLASLt wants M-major activation scales and M a multiple of 4, so A is padded outside the timing."""
+    m = a.shape[0]
+    pad = -m % 4
+    if pad:
+        a = torch.cat([a, torch.zeros(pad, a.shape[1], dtype=a.dtype, device=a.device)])
+        sfa = torch.cat([sfa, torch.ones(pad, sfa.shape[1], dtype=sfa.dtype, device=sfa.device)])
+    scale_a = sfa.t().contiguous().t()
+    scale_b = sfb.t()
+    try:
+        out = torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError) as error:
+        print(f"cuBLASLt blockwise unavailable: {str(error).splitlines()[0]}")
+        return None, None
+    return (lambda: torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=torch.bfloat16)), out[:m]
+
+
+def bench_fp8_gemm(ms=FP8_GEMM_MS, nks=FP8_GEMM_NK, iters: int = 30) -> list[GemmRow]:
+    rows = []
+    for m in ms:
+        for n, k in nks:
+            x, w, a, sfa, b, sfb = _fp8_inputs(m, n, k)
+            sfa_required = utils.get_mn_major_tma_aligned_tensor(sfa)
+            d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            ours = lambda: api.fp8_gemm_nt((a, sfa_required), (b, sfb), d)  # noqa: E731
+            t_ours = kernel_time_us(ours, iters)
+            ref = torch.empty(m, n, device="cuda", dtype=torch.float32)
+            from . import reference
+
+            reference.fp8_gemm_nt((a, sfa), (b, sfb), ref)
+            exact = x.float() @ w.float().t()
+            cublas, cublas_out = _cublaslt_blockwise(a, sfa, b, sfb)
+            t_cublas = kernel_time_us(cublas, iters) if cublas else None
+            xb, wb = x, w
+            t_bf16 = kernel_time_us(lambda: xb @ wb.t(), iters)
+            bytes_moved = m * k + n * k + 4 * (sfa.numel() + sfb.numel()) + 2 * m * n
+            rows.append(GemmRow(
+                m, n, k, t_ours, 2 * m * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6,
+                t_cublas, (t_cublas / t_ours) if t_cublas else None, t_bf16,
+                utils.calc_diff(d.float(), ref), utils.calc_diff(d.float(), exact)))
+            del cublas_out
+    return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_gemm_table(title: str, rows: list[GemmRow]) -> None:
+    print(f"\n{title}")
+    print(f"{'M':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} {'TB/s':>5} | {'cuBLASLt us':>11} {'x':>5} | "
+          f"{'bf16 us':>8} | {'diff':>8}")
+    for r in rows:
+        print(f"{r.m:>5} {r.n:>6} {r.k:>6} | {r.moegemm_us:>8.1f} {r.tflops:>7.0f} {r.tbps:>5.2f} | "
+              f"{_fmt(r.cublaslt_us, '>11.1f')} {_fmt(r.speedup, '>5.2f')} | {r.bf16_us:>8.1f} | "
+              f"{r.diff_dequant:>8.1e}")
+    large = [r.speedup for r in rows if r.m >= 4096 and r.speedup]
+    if large:
+        print(f"geometric-mean speed-up over cuBLASLt at M >= 4096: {statistics.geometric_mean(large):.3f}")
+
+
+def launch_overhead() -> dict[str, float]:
+    """Host microseconds per cached fp8_gemm_nt call (four TMA descriptors) on a tiny problem."""
+    _, _, a, sfa, b, sfb = _fp8_inputs(128, 256, 256)
+    sfa = utils.get_mn_major_tma_aligned_tensor(sfa)
+    d = torch.empty(128, 256, device="cuda", dtype=torch.bfloat16)
+    from .kernels import fp8_gemm
+
+    m, k = a.shape
+    public = host_overhead_us(lambda: api.fp8_gemm_nt((a, sfa), (b, sfb), d))
+    launcher = host_overhead_us(lambda: fp8_gemm.launch(a, sfa, b, sfb, d, False, utils.get_num_sms()))
+    return {"fp8_gemm_nt_us": public, "launcher_only_us": launcher}
+
+
+def main(json_path: str | None = None) -> None:
+    device = torch.cuda.get_device_name()
+    print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    overhead = launch_overhead()
+    print(f"host overhead per cached call: fp8_gemm_nt {overhead['fp8_gemm_nt_us']:.2f} us, "
+          f"launcher alone {overhead['launcher_only_us']:.2f} us")
+    rows = bench_fp8_gemm()
+    print_gemm_table("fp8_gemm_nt (BF16 out) vs cuBLASLt blockwise 1x128/128x128 and BF16 torch.matmul", rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"device": device, "torch": torch.__version__, "overhead": overhead,
+                       "fp8_gemm_nt": [asdict(r) for r in rows]}, f, indent=1)

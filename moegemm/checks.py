@@ -1,0 +1,74 @@
+"""Argument checks for the public API: every message names the argument, what was expected and
+what came. They run on every call, so each is a handful of attribute reads."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class UnsupportedGPUError(RuntimeError):
+    """The GPU is not one moegemm's kernels run on (they need SM90, e.g. H100 or H200)."""
+
+
+def tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...], ndim: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        expected = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {expected}, got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+def shape(name: str, value: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(value.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(value.shape)}")
+
+
+def fp8_pair(name: str, value: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (FP8 data, FP32 scales) pair."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name}: expected a (float8_e4m3fn tensor, float32 scales) pair, got {type(value).__name__}")
+    return value[0], value[1]
+
+
+def tma_rows(name: str, value: torch.Tensor) -> None:
+    """Row-major with unit inner stride, 16-byte aligned base and row pitch (what TMA can address)."""
+    size = value.element_size()
+    if value.stride(-1) != 1 and value.shape[-1] > 1:
+        raise ValueError(f"{name}: expected the last dimension contiguous (K-major / row-major), "
+                         f"got strides {tuple(value.stride())}")
+    for dim in range(value.dim() - 1):
+        if (value.stride(dim) * size) % 16:
+            raise ValueError(f"{name}: expected every row pitch to be a multiple of 16 bytes, got strides "
+                             f"{tuple(value.stride())} of {size}-byte elements (shape {tuple(value.shape)})")
+    if value.data_ptr() % 16:
+        raise ValueError(f"{name}: expected a 16-byte aligned data pointer, got {value.data_ptr():#x}")
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(dev != first for dev in devices.values()):
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {listing}")
+    return first
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_message(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) == (9, 0):
+        return None
+    name = torch.cuda.get_device_name(index)
+    return (f"moegemm's kernels need an SM90 GPU (H100, H200, H20, H800); device {index} is {name} "
+            f"with compute capability {major}.{minor}")
+
+
+def sm90(device: torch.device) -> None:
+    message = _sm90_message(device.index if device.index is not None else torch.cuda.current_device())
+    if message:
+        raise UnsupportedGPUError(message)

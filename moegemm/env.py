@@ -1,0 +1,46 @@
+"""Every environment variable moegemm reads, declared in one place.
+
+README.md has one row per entry of ``VARIABLES``; a test keeps the two in step. Values are read
+on each call (cheap) so tests and users can change them at run time, except on the launch path,
+which reads nothing from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    doc: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("MOEGEMM_CACHE_DIR", "~/.cache/moegemm", "Directory of the on-disk kernel cache."),
+    Variable("MOEGEMM_NVCC", "", "Path of the nvcc to use; otherwise CUDA_HOME, PATH, then the "
+             "nvidia-cuda-nvcc package are searched."),
+    Variable("MOEGEMM_USE_NVRTC", "0", "1: compile kernels with NVRTC instead of nvcc."),
+    Variable("MOEGEMM_HOST_CC", "", "C compiler for the small host launch helper (default: cc, gcc)."),
+    Variable("MOEGEMM_NVCC_FLAGS", "", "Extra flags appended to every kernel compile."),
+    Variable("MOEGEMM_JIT_DEBUG", "0", "1: log every compile and cache lookup, compile with -lineinfo."),
+    Variable("MOEGEMM_PRINT_CONFIGS", "0", "1: print the config the heuristic picks for each new shape."),
+    Variable("MOEGEMM_PTXAS_VERBOSE", "0", "1: print ptxas' resource report (registers, spills) of "
+             "each compile."),
+    Variable("MOEGEMM_DUMP_SASS", "0", "1: write the SASS of each compiled kernel next to its cubin "
+             "(kernel.sass) and print the path."),
+)
+
+_BY_NAME = {v.name: v for v in VARIABLES}
+
+
+def get(name: str) -> str:
+    """The variable's value, or its declared default."""
+    return os.environ.get(name, _BY_NAME[name].default)
+
+
+def flag(name: str) -> bool:
+    """True when the variable is set to a true-looking value (1, true, yes, on)."""
+    return get(name).strip().lower() in ("1", "true", "yes", "on")

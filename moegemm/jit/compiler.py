@@ -1,0 +1,307 @@
+"""Compile generated CUDA sources to sm_90a cubins with nvcc or NVRTC, cached on disk.
+
+A cache entry is a directory ``<cache>/kernels/<name>_<key>/`` holding ``kernel.cu`` (the generated
+stub), ``kernel.cubin``, ``kernel.log`` (the compiler's resource report) and ``kernel.sha256`` (the
+digest of the cubin, written last). The key hashes the stub, every moegemm header, the flags, the
+compiler's version, the architecture and the library version. Files are written under a temporary
+name and renamed into place, so a reader never sees half a file; an entry whose cubin does not match
+its digest is rebuilt.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import env
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+INCLUDE_DIR = PACKAGE_DIR / "include"
+KERNEL_DIR = PACKAGE_DIR / "kernels"
+ARCH = "sm_90a"
+_NVCC_FLAGS = (
+    "-std=c++17", "-O3", "-cubin", "--expt-relaxed-constexpr", "-Xptxas=-v",
+    "-gencode=arch=compute_90a,code=sm_90a",
+    # Kernels never touch denormals; flush them so no slow path is emitted.
+    "--ftz=true",
+)
+_NVRTC_FLAGS = ("-std=c++17", "--gpu-architecture=sm_90a", "--ptxas-options=-v", "--ftz=true")
+
+
+class CompileError(RuntimeError):
+    """The compiler is missing or rejected a generated source."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """A compiled kernel in the disk cache."""
+
+    name: str
+    directory: Path
+
+    @property
+    def cubin_path(self) -> Path:
+        return self.directory / "kernel.cubin"
+
+    @property
+    def source_path(self) -> Path:
+        return self.directory / "kernel.cu"
+
+    @property
+    def log(self) -> str:
+        path = self.directory / "kernel.log"
+        return path.read_text() if path.exists() else ""
+
+    def resources(self) -> ResourceReport:
+        return parse_ptxas_report(self.log)
+
+
+@dataclass(frozen=True)
+class ResourceReport:
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+
+
+def parse_ptxas_report(log: str) -> ResourceReport:
+    """Registers, spills and stack frame of the last kernel in a ptxas ``-v`` report."""
+    regs = re.findall(r"Used (\d+) registers", log)
+    frame = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs or not frame:
+        raise CompileError(f"no ptxas resource report in the compiler's output:\n{log}")
+    stack, stores, loads = (int(x) for x in frame[-1])
+    return ResourceReport(int(regs[-1]), stores, loads, stack)
+
+
+def cache_dir() -> Path:
+    return Path(os.path.expanduser(env.get("MOEGEMM_CACHE_DIR")))
+
+
+def use_nvrtc() -> bool:
+    return env.flag("MOEGEMM_USE_NVRTC")
+
+
+def _wheel_tools(tool: str) -> list[Path]:
+    """``tool`` as shipped by NVIDIA's PyPI wheels (nvidia/cu13/bin, nvidia/cuda_nvcc/bin, ...)."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [path for root in spec.submodule_search_locations for path in sorted(Path(root).glob(f"*/bin/{tool}"))]
+
+
+@functools.lru_cache(maxsize=None)
+def _find_nvcc_cached(override: str, cuda_home: str, path: str) -> str:
+    candidates = []
+    if override:
+        candidates.append(Path(override))
+    if cuda_home:
+        candidates.append(Path(cuda_home) / "bin" / "nvcc")
+    found = shutil.which("nvcc", path=path)
+    if found:
+        candidates.append(Path(found))
+    candidates.extend(_wheel_tools("nvcc"))
+    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise CompileError(
+        "no nvcc found: set MOEGEMM_NVCC or CUDA_HOME, put nvcc on PATH, `pip install nvidia-cuda-nvcc`, "
+        "or set MOEGEMM_USE_NVRTC=1"
+    )
+
+
+def find_nvcc() -> Path:
+    """The nvcc that compiles kernels: MOEGEMM_NVCC, CUDA_HOME, PATH, then the nvidia-cuda-nvcc wheel."""
+    return Path(_find_nvcc_cached(env.get("MOEGEMM_NVCC"), os.environ.get("CUDA_HOME", ""),
+                                  os.environ.get("PATH", "")))
+
+
+def find_cuobjdump() -> Path | None:
+    """cuobjdump beside nvcc, on PATH, or from the nvidia-cuda-cuobjdump wheel."""
+    candidates = []
+    try:
+        candidates.append(find_nvcc().parent / "cuobjdump")
+    except CompileError:
+        pass
+    found = shutil.which("cuobjdump")
+    if found:
+        candidates.append(Path(found))
+    candidates.extend(_wheel_tools("cuobjdump"))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def _nvrtc_version() -> str:
+    from cuda.bindings import nvrtc
+
+    err, major, minor = nvrtc.nvrtcVersion()
+    _check_nvrtc(err, "nvrtcVersion")
+    return f"nvrtc {major}.{minor}"
+
+
+def compiler_version() -> str:
+    return _nvrtc_version() if use_nvrtc() else f"{find_nvcc()}: {_nvcc_version(str(find_nvcc()))}"
+
+
+@functools.lru_cache(maxsize=1)
+def _headers_digest() -> str:
+    """One digest over every header a kernel can include (ours; all of them, a superset of the
+    transitive includes of any one stub, so no include graph needs parsing)."""
+    digest = hashlib.sha256()
+    for root in (INCLUDE_DIR, KERNEL_DIR):
+        for path in sorted(root.rglob("*.cuh")):
+            digest.update(str(path.relative_to(PACKAGE_DIR)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _flags() -> list[str]:
+    flags = list(_NVRTC_FLAGS if use_nvrtc() else _NVCC_FLAGS)
+    flags.append(f"-I{INCLUDE_DIR}")
+    flags.append(f"-I{KERNEL_DIR}")
+    if env.flag("MOEGEMM_JIT_DEBUG"):
+        flags.append("-lineinfo")
+    flags.extend(env.get("MOEGEMM_NVCC_FLAGS").split())
+    return flags
+
+
+def cache_key(source: str) -> str:
+    from .. import __version__
+
+    digest = hashlib.sha256()
+    for part in (source, _headers_digest(), " ".join(_flags()), compiler_version(), ARCH, __version__):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _is_valid(build: Build) -> bool:
+    digest_path = build.directory / "kernel.sha256"
+    try:
+        expected = digest_path.read_text().strip()
+        return hashlib.sha256(build.cubin_path.read_bytes()).hexdigest() == expected
+    except OSError:
+        return False
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _debug(message: str) -> None:
+    if env.flag("MOEGEMM_JIT_DEBUG"):
+        print(f"[moegemm.jit] {message}", file=sys.stderr)
+
+
+def build(name: str, source: str) -> Build:
+    """Compile ``source`` (a stub defining ``extern "C" __global__ moegemm_kernel``) unless the cache
+    has it; returns the cache entry. Safe against concurrent processes building the same source."""
+    key = cache_key(source)
+    entry = Build(name, cache_dir() / "kernels" / f"{name}_{key}")
+    if _is_valid(entry):
+        _debug(f"cache hit {entry.directory}")
+        return entry
+    _debug(f"compiling {entry.directory}")
+    entry.directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(entry.source_path, source.encode())
+    cubin, log = _compile_nvrtc(source, entry) if use_nvrtc() else _compile_nvcc(entry)
+    _write_atomic(entry.directory / "kernel.log", log.encode())
+    _write_atomic(entry.cubin_path, cubin)
+    _write_atomic(entry.directory / "kernel.sha256", hashlib.sha256(cubin).hexdigest().encode())
+    if env.flag("MOEGEMM_PTXAS_VERBOSE"):
+        print(f"[moegemm.jit] {name}: {log.strip()}", file=sys.stderr)
+    if env.flag("MOEGEMM_DUMP_SASS"):
+        sass_path = entry.directory / "kernel.sass"
+        _write_atomic(sass_path, disassemble(entry.cubin_path).encode())
+        print(f"[moegemm.jit] SASS of {name}: {sass_path}", file=sys.stderr)
+    return entry
+
+
+def _compile_nvcc(entry: Build) -> tuple[bytes, str]:
+    with tempfile.TemporaryDirectory(dir=entry.directory) as tmp:
+        out = Path(tmp) / "kernel.cubin"
+        cmd = [str(find_nvcc()), *_flags(), str(entry.source_path), "-o", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        log = result.stdout + result.stderr
+        if result.returncode != 0:
+            raise CompileError(f"nvcc failed on {entry.source_path}\ncommand: {' '.join(cmd)}\n{log}")
+        return out.read_bytes(), log
+
+
+def _check_nvrtc(err, what: str, program=None) -> None:
+    from cuda.bindings import nvrtc
+
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise CompileError(f"{what} failed: {err!r}")
+
+
+def _compile_nvrtc(source: str, entry: Build) -> tuple[bytes, str]:
+    from cuda.bindings import nvrtc
+
+    err, program = nvrtc.nvrtcCreateProgram(source.encode(), str(entry.source_path).encode(), 0, [], [])
+    _check_nvrtc(err, "nvrtcCreateProgram")
+    try:
+        options = [f.encode() for f in _flags()]
+        (compile_err,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+        err, size = nvrtc.nvrtcGetProgramLogSize(program)
+        log_buf = b" " * size
+        (err,) = nvrtc.nvrtcGetProgramLog(program, log_buf)
+        log = log_buf.decode(errors="replace").rstrip("\0")
+        if compile_err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise CompileError(f"NVRTC failed on {entry.source_path}\n{log}")
+        err, size = nvrtc.nvrtcGetCUBINSize(program)
+        _check_nvrtc(err, "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        (err,) = nvrtc.nvrtcGetCUBIN(program, cubin)
+        _check_nvrtc(err, "nvrtcGetCUBIN")
+        return cubin, log
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+
+
+def disassemble(cubin_path: Path) -> str:
+    """The SASS of a cubin, via cuobjdump."""
+    tool = find_cuobjdump()
+    if tool is None:
+        raise CompileError("cuobjdump not found: `pip install nvidia-cuda-cuobjdump` or add the CUDA "
+                           "toolkit's bin directory to PATH")
+    result = subprocess.run([str(tool), "-sass", str(cubin_path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CompileError(f"cuobjdump failed on {cubin_path}: {result.stderr}")
+    return result.stdout
+
+
+def clear_cache() -> int:
+    """Delete every cached kernel; returns the bytes freed."""
+    root = cache_dir()
+    freed = cache_size()
+    if root.exists():
+        shutil.rmtree(root)
+    return freed
+
+
+def cache_size() -> int:
+    root = cache_dir()
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0

@@ -1,0 +1,181 @@
+"""Load compiled kernels through the CUDA driver API and launch them on torch's current stream.
+
+Every kernel takes one ``__grid_constant__`` parameter struct whose first members are its TMA
+descriptors. A launch packs one record (grid, block, cluster, stream, the TMA descriptors' tensor
+geometry and the scalar parameters) with a precompiled ``struct.Struct`` and hands it to the C
+helper in ``launch.c``, which encodes the descriptors and calls ``cuLaunchKernelEx``: one ctypes call
+per launch. Loading (``cuLibraryLoadData``) and attribute setup happen once per process and device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .. import env
+from .compiler import Build, CompileError, _write_atomic, cache_dir
+
+_HEADER = "QQ9I5I"
+_TMA_SPEC = "Q3Q3Q3I4I4x"
+TMA_DESCRIPTOR_BYTES = 128
+MAX_PARAM_BYTES = 4096
+
+# CUtensorMapDataType and CUtensorMapSwizzle values (checked against cuda.h in the tests).
+TMA_DTYPES = {torch.uint8: 0, torch.float8_e4m3fn: 0, torch.int32: 3, torch.float32: 7, torch.bfloat16: 9}
+SWIZZLE_NONE, SWIZZLE_32B, SWIZZLE_64B, SWIZZLE_128B = 0, 1, 2, 3
+
+
+class LaunchError(RuntimeError):
+    """The driver refused a launch or a load."""
+
+
+def _host_compiler() -> str:
+    for name in (env.get("MOEGEMM_HOST_CC"), os.environ.get("CC", ""), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise CompileError("no C compiler found for moegemm's launch helper: set MOEGEMM_HOST_CC or install gcc")
+
+
+@functools.lru_cache(maxsize=1)
+def host_library() -> ctypes.CDLL:
+    """The launch helper, compiled once per source version into the cache and loaded."""
+    source = Path(__file__).with_name("launch.c")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    path = cache_dir() / "host" / f"launch_{digest}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
+        cmd = [_host_compiler(), "-O2", "-shared", "-fPIC", str(source), "-o", str(tmp), "-ldl"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CompileError(f"compiling {source} failed\ncommand: {' '.join(cmd)}\n{result.stderr}")
+        os.replace(tmp, path)
+    lib = ctypes.CDLL(str(path))
+    lib.mg_launch.argtypes = (ctypes.c_char_p, ctypes.POINTER(ctypes.c_int))
+    lib.mg_launch.restype = ctypes.c_int
+    if lib.mg_init() != 0:
+        raise LaunchError("could not open the CUDA driver (libcuda.so.1) or find cuLaunchKernelEx in it")
+    return lib
+
+
+def _driver_call(result, what: str):
+    """Unwrap a cuda-bindings driver call, raising LaunchError with the driver's error name."""
+    from cuda.bindings import driver
+
+    err, *values = result
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise LaunchError(f"{what} failed: {_error_name(int(err))}")
+    return values[0] if len(values) == 1 else values
+
+
+def _error_name(code: int) -> str:
+    from cuda.bindings import driver
+
+    try:
+        return f"{driver.CUresult(code).name} ({code})"
+    except ValueError:
+        return f"CUresult {code}"
+
+
+def tma_2d(tensor: torch.Tensor, box_inner: int, box_outer: int, swizzle: int, offset: int,
+           rows: int | None = None) -> tuple:
+    """Fields of a 2-D TMA descriptor over ``tensor`` ([outer, inner], inner stride 1), to be written
+    at byte ``offset`` of the parameter struct. ``rows`` overrides the outer extent."""
+    outer = tensor.shape[0] if rows is None else rows
+    return (tensor.data_ptr(), tensor.shape[1], outer, 1, tensor.stride(0) * tensor.element_size(), 0, 0,
+            box_inner, box_outer, 1, 2, TMA_DTYPES[tensor.dtype], swizzle, offset)
+
+
+def tma_3d(tensor: torch.Tensor, box: tuple[int, int, int], swizzle: int, offset: int) -> tuple:
+    """Fields of a 3-D TMA descriptor over ``tensor`` ([d2, d1, d0], d0 stride 1)."""
+    size = tensor.element_size()
+    return (tensor.data_ptr(), tensor.shape[2], tensor.shape[1], tensor.shape[0], tensor.stride(1) * size,
+            tensor.stride(0) * size, 0, *box, 3, TMA_DTYPES[tensor.dtype], swizzle, offset)
+
+
+class Kernel:
+    """One compiled kernel, ``extern "C" __global__ void moegemm_kernel(const __grid_constant__ P)``.
+
+    ``params_format`` is the ``struct`` format of P's members after its ``num_tma`` descriptors, in
+    declaration order, with P's natural alignment written out as padding.
+    """
+
+    def __init__(self, build: Build, *, num_threads: int, smem_bytes: int, num_tma: int, params_format: str,
+                 cluster: int = 1):
+        self.build = build
+        self.num_threads = num_threads
+        self.smem_bytes = smem_bytes
+        self.cluster = cluster
+        self.num_tma = num_tma
+        params = struct.Struct("<" + params_format)
+        self.params_bytes = num_tma * TMA_DESCRIPTOR_BYTES + params.size
+        if self.params_bytes > MAX_PARAM_BYTES:
+            raise ValueError(f"kernel parameters of {self.params_bytes} bytes exceed {MAX_PARAM_BYTES}")
+        self._record = struct.Struct(
+            "<" + _HEADER + _TMA_SPEC * num_tma + f"{num_tma * TMA_DESCRIPTOR_BYTES}x" + params_format)
+        self._handle: int | None = None
+        self._library = None
+        self._ready_devices: set[int] = set()
+        self._failed = ctypes.c_int(-1)
+
+    def _load(self, device: int) -> None:
+        from cuda.bindings import driver
+
+        if self._handle is None:
+            _driver_call(driver.cuInit(0), "cuInit")
+            self._library = _driver_call(
+                driver.cuLibraryLoadData(self.build.cubin_path.read_bytes(), None, None, 0, None, None, 0),
+                f"cuLibraryLoadData({self.build.cubin_path})")
+            kernel = _driver_call(driver.cuLibraryGetKernel(self._library, b"moegemm_kernel"),
+                                  "cuLibraryGetKernel")
+            self._kernel_obj = kernel
+            self._handle = int(kernel)
+        cu_device = _driver_call(driver.cuDeviceGet(device), "cuDeviceGet")
+        attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        _driver_call(driver.cuKernelSetAttribute(attribute, self.smem_bytes, self._kernel_obj, cu_device),
+                     f"setting {self.smem_bytes} bytes of dynamic shared memory")
+        self._ready_devices.add(device)
+
+    def launch(self, grid: int, device: int, tma: Sequence, params: Sequence, pdl: bool = False) -> None:
+        """Launch on ``device``'s current torch stream. ``tma`` is the concatenation of ``tma_2d`` /
+        ``tma_3d`` tuples, ``params`` the scalar members in ``params_format`` order."""
+        if device not in self._ready_devices:
+            self._load(device)
+        record = self._record.pack(
+            self._handle, current_stream(device), grid, 1, 1, self.num_threads, 1, 1, self.cluster, 1, 1,
+            self.smem_bytes, int(pdl), self.num_tma, self.params_bytes, 0, *tma, *params)
+        err = host_library().mg_launch(record, self._failed)
+        if err:
+            which = f" (TMA descriptor {self._failed.value})" if self._failed.value >= 0 else ""
+            raise LaunchError(f"launching {self.build.name} failed{which}: {_error_name(err)}")
+
+
+if hasattr(torch._C, "_cuda_getCurrentRawStream"):
+    def current_stream(device: int) -> int:
+        return torch._C._cuda_getCurrentRawStream(device)
+else:  # pragma: no cover - older torch
+    def current_stream(device: int) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(device: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: int) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    _write_atomic(path, data)

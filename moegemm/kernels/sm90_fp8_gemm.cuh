@@ -1,0 +1,247 @@
+// FP8 GEMM with fine-grained scaling on sm_90a: D[M, N] (+)= (A * SFA) @ (B * SFB)^T.
+//
+// A: e4m3 [M, K] K-major, SFA: fp32, one per 1x128 block of a row, stored M-major [ceil(K/128), M'].
+// B: e4m3 [N, K] K-major, SFB: fp32, one per 128x128 block, [ceil(N/128), ceil(K/128)] row-major.
+// D: bf16 or fp32 [M, N]; with kAccumulate the TMA unit adds the tile into D (D = C + A @ B^T).
+//
+// Warp roles (kNumMathWarpgroups + 1 warpgroups, persistent grid, one CTA per SM):
+//   warpgroups 0..kNumMathWarpgroups-1  math: each owns 64 rows of the BLOCK_M x BLOCK_N tile.
+//   last warpgroup                      producer: its first thread issues every TMA load.
+// Stage ring of kStages shared-memory slots, each holding a 128-wide K slice of A, B and SFA:
+//   full[s]   count 1: the producer's arrive_expect_tx; completes when the TMA bytes have landed.
+//   empty[s]  count kNumMathThreads / 32: lane 0 of every math warp arrives once its WGMMAs on the
+//             slot have retired; the producer waits on it before refilling the slot.
+// Per 128-wide K slice a math warpgroup issues four m64nNk32 WGMMAs into a scratch accumulator,
+// waits for them, releases the slot, and adds the scratch times SFA (per row) times SFB (per
+// 128-column block) into FP32 totals: the promotion that keeps FP8 accumulation error bounded.
+// Epilogue: totals -> shared memory in the layout the D descriptor expects (128-byte swizzled
+// chunks, or one plain chunk for narrow tiles) -> TMA store issued by one thread per warpgroup,
+// overlapping the next tile's main loop; named barrier 1 + warpgroup guards the buffer.
+#pragma once
+#include <moegemm/ptx.cuh>
+#include <moegemm/scheduler.cuh>
+#include <moegemm/wgmma_ops.cuh>
+
+namespace moegemm {
+
+struct Fp8GemmParams {
+    TmaDescriptor tma_a;    // A [M, K] e4m3, box {128, BLOCK_M}, 128-byte swizzle
+    TmaDescriptor tma_b;    // B [N, K] e4m3, box {128, BLOCK_N}, 128-byte swizzle
+    TmaDescriptor tma_sfa;  // SFA [ceil(K/128), M] fp32, box {BLOCK_M, 1}
+    TmaDescriptor tma_d;    // D [M, N], box {kStoreCols, 64}
+    const float* sfb;       // [ceil(N/128), ceil(K/128)]
+    u32 m, n, k;
+};
+
+template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, bool kOutFp32_, bool kAccumulate_>
+struct Fp8GemmConfig {
+    static constexpr u32 kBlockM = kBlockM_, kBlockN = kBlockN_, kBlockK = 128, kStages = kStages_;
+    static constexpr bool kOutFp32 = kOutFp32_, kAccumulate = kAccumulate_;
+    static constexpr u32 kNumMathWarpgroups = kBlockM / 64;
+    static constexpr u32 kNumMathThreads = 128 * kNumMathWarpgroups;
+    static constexpr u32 kNumThreads = kNumMathThreads + 128;
+    // Register split after setmaxnreg: the producer needs few; the totals must fit the math warps.
+    static constexpr u32 kProducerRegisters = 40;
+    static constexpr u32 kMathRegisters = kNumMathWarpgroups == 1 ? 240 : 232;
+
+    static constexpr u32 kOutBytes = kOutFp32 ? 4 : 2;
+    static constexpr u32 kChunkCols = 128 / kOutBytes;
+    static constexpr bool kSwizzleD = kBlockN >= kChunkCols;
+    static constexpr u32 kStoreCols = kSwizzleD ? kChunkCols : kBlockN;
+    // A tile never straddles two 128-wide SFB blocks when BLOCK_N divides 128.
+    static constexpr bool kUniformSfb = 128 % kBlockN == 0;
+
+    static constexpr u32 kTileABytes = kBlockM * kBlockK;
+    static constexpr u32 kTileBBytes = kBlockN * kBlockK;
+    static constexpr u32 kTileSfaBytes = kBlockM * 4;
+    static constexpr u32 kStageBytes = kTileABytes + kTileBBytes + kTileSfaBytes;
+    static constexpr u32 kSmemDBytes = kBlockM * kBlockN * kOutBytes;
+    static constexpr u32 kSmemBytes = kSmemDBytes + kStages * kStageBytes + 2 * kStages * sizeof(Barrier);
+
+    static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M is 64 or 128 (one or two math warpgroups)");
+    static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "WGMMA needs N in [8, 256], N % 8 == 0");
+    static_assert(!kSwizzleD || kBlockN % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
+    static_assert(kBlockN <= 128 || kBlockN % 128 == 0 || kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
+                  "a tile may span at most two 128-wide SFB blocks");
+    // 128-byte-swizzled tiles need 1024-byte alignment; the layout below keeps every A/B/D tile so.
+    static_assert(kSmemDBytes % 1024 == 0 && kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0);
+    static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a block may use");
+};
+
+template <class Config>
+__device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* smem_a, u8* smem_b,
+                                                  float* smem_sfa, Barrier* full, Barrier* empty) {
+    constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
+    const TileScheduler<BM, BN> scheduler(p.m, p.n);
+    const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
+    StageRing<Config::kStages> ring;
+    for (u32 tile = blockIdx.x; tile < scheduler.num_tiles; tile += gridDim.x) {
+        u32 m_block, n_block;
+        scheduler.coords(tile, m_block, n_block);
+        for (u32 k_block = 0; k_block < num_k_blocks; ++k_block, ring.advance()) {
+            const u32 s = ring.stage;
+            empty[s].wait(ring.phase ^ 1);
+            full[s].arrive_expect_tx(Config::kStageBytes);
+            const int k = k_block * Config::kBlockK;
+            tma_load_2d(smem_a + s * Config::kTileABytes, &p.tma_a, &full[s], k, m_block * BM);
+            tma_load_2d(smem_b + s * Config::kTileBBytes, &p.tma_b, &full[s], k, n_block * BN);
+            tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, &full[s], m_block * BM, k_block);
+        }
+    }
+}
+
+// Write one warpgroup's 64 x BLOCK_N totals into its shared-memory slice, laid out as the D
+// descriptor's boxes: chunks of kStoreCols columns, 128-byte swizzled when kSwizzleD.
+template <class Config>
+__device__ __forceinline__ void fp8_gemm_stage_output(const float* totals, u8* smem_d_wg) {
+    constexpr u32 kChunkBytes = 64 * Config::kStoreCols * Config::kOutBytes;
+    const u32 lane = lane_id(), warp_in_wg = warp_id() % 4;
+    const u32 base = smem_addr(smem_d_wg);
+#pragma unroll
+    for (u32 i = 0; i < Config::kBlockN / 2; i += 2) {
+        const u32 row = warp_in_wg * 16 + lane / 4 + ((i / 2) % 2) * 8;
+        const u32 col = (i / 4) * 8 + (lane % 4) * 2;
+        const u32 chunk = col / Config::kStoreCols;
+        const u32 byte = (col % Config::kStoreCols) * Config::kOutBytes;
+        u32 offset;
+        if constexpr (Config::kSwizzleD)
+            offset = row * 128 + ((((byte >> 4) ^ (row & 7)) << 4) | (byte & 15));
+        else
+            offset = row * Config::kStoreCols * Config::kOutBytes + byte;
+        const u32 address = base + chunk * kChunkBytes + offset;
+        if constexpr (Config::kOutFp32)
+            st_shared_v2_f32(address, totals[i], totals[i + 1]);
+        else
+            st_shared_u32(address, pack_bf16x2(totals[i], totals[i + 1]));
+    }
+}
+
+template <class Config>
+__device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* smem_d, const u8* smem_a,
+                                                  const u8* smem_b, const float* smem_sfa, Barrier* full,
+                                                  Barrier* empty) {
+    constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
+    constexpr u32 kAcc = BN / 2;
+    const TileScheduler<BM, BN> scheduler(p.m, p.n);
+    const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
+    const u32 num_sfb_rows = ceil_div(p.n, 128u);
+    const u32 wg = threadIdx.x / 128;
+    const u32 lane = lane_id();
+    const u32 row_in_wg = (warp_id() % 4) * 16 + lane / 4;
+    const bool store_issuer = threadIdx.x % 128 == 0;
+    u8* smem_d_wg = smem_d + wg * 64 * BN * Config::kOutBytes;
+
+    float scratch[kAcc], totals[kAcc];
+    StageRing<Config::kStages> ring;
+    for (u32 tile = blockIdx.x; tile < scheduler.num_tiles; tile += gridDim.x) {
+        u32 m_block, n_block;
+        scheduler.coords(tile, m_block, n_block);
+        const u32 n0 = n_block * BN;
+        // Columns at or past `boundary` take the next SFB block's scale.
+        const u32 sfb_block = n0 / 128;
+        const u32 boundary = (sfb_block + 1) * 128 - n0;
+        const float* sfb0 = p.sfb + sfb_block * num_k_blocks;
+        const float* sfb1 = p.sfb + min(sfb_block + 1, num_sfb_rows - 1) * num_k_blocks;
+
+#pragma unroll
+        for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
+
+        for (u32 k_block = 0; k_block < num_k_blocks; ++k_block, ring.advance()) {
+            const u32 s = ring.stage;
+            // Issued before the wait so the load latency hides behind it.
+            const float b0 = __ldg(sfb0 + k_block);
+            const float b1 = Config::kUniformSfb ? b0 : __ldg(sfb1 + k_block);
+            full[s].wait(ring.phase);
+            const float a0 = smem_sfa[s * BM + wg * 64 + row_in_wg];
+            const float a1 = smem_sfa[s * BM + wg * 64 + row_in_wg + 8];
+
+            const u8* tile_a = smem_a + s * Config::kTileABytes + wg * 64 * Config::kBlockK;
+            const u8* tile_b = smem_b + s * Config::kTileBBytes;
+#pragma unroll
+            for (u32 i = 0; i < kAcc; ++i) fence_register(scratch[i]);
+            wgmma_fence();
+#pragma unroll
+            for (u32 kk = 0; kk < Config::kBlockK / 32; ++kk) {
+                WgmmaFp8<BN>::mma(smem_descriptor_k_major_sw128(tile_a + kk * 32),
+                                  smem_descriptor_k_major_sw128(tile_b + kk * 32), scratch, kk > 0);
+            }
+            wgmma_commit();
+#pragma unroll
+            for (u32 i = 0; i < kAcc; ++i) fence_register(scratch[i]);
+            wgmma_wait<0>();
+            if (lane == 0) empty[s].arrive();
+
+            const float s00 = a0 * b0, s01 = a0 * b1, s10 = a1 * b0, s11 = a1 * b1;
+#pragma unroll
+            for (u32 i = 0; i < kAcc; ++i) {
+                const bool next_block = !Config::kUniformSfb && (i / 4) * 8 >= boundary;
+                const bool lower_row = (i / 2) % 2;
+                const float scale = lower_row ? (next_block ? s11 : s10) : (next_block ? s01 : s00);
+                totals[i] += scale * scratch[i];
+            }
+        }
+
+        // The previous tile's store must have read the buffer before it is overwritten.
+        if (store_issuer) tma_store_wait_read();
+        named_barrier_sync(1 + wg, 128);
+        fp8_gemm_stage_output<Config>(totals, smem_d_wg);
+        fence_proxy_async();
+        named_barrier_sync(1 + wg, 128);
+        if (store_issuer) {
+            const int y = m_block * BM + wg * 64;
+            constexpr u32 kChunkBytes = 64 * Config::kStoreCols * Config::kOutBytes;
+#pragma unroll
+            for (u32 chunk = 0; chunk < BN / Config::kStoreCols; ++chunk) {
+                const int x = n0 + chunk * Config::kStoreCols;
+                if (x >= int(p.n) || y >= int(p.m)) break;
+                if constexpr (Config::kAccumulate)
+                    tma_reduce_add_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, y);
+                else
+                    tma_store_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, y);
+            }
+            tma_store_commit();
+        }
+    }
+    // Shared memory must outlive the last store's reads.
+    if (store_issuer) tma_store_wait_all();
+}
+
+template <class Config>
+__device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
+    extern __shared__ __align__(1024) u8 smem[];
+    u8* smem_d = smem;
+    u8* smem_a = smem_d + Config::kSmemDBytes;
+    u8* smem_b = smem_a + Config::kStages * Config::kTileABytes;
+    float* smem_sfa = reinterpret_cast<float*>(smem_b + Config::kStages * Config::kTileBBytes);
+    Barrier* full = reinterpret_cast<Barrier*>(smem_sfa + Config::kStages * Config::kBlockM);
+    Barrier* empty = full + Config::kStages;
+
+    if (threadIdx.x == Config::kNumMathThreads) {
+        tma_prefetch_descriptor(&p.tma_a);
+        tma_prefetch_descriptor(&p.tma_b);
+        tma_prefetch_descriptor(&p.tma_sfa);
+        tma_prefetch_descriptor(&p.tma_d);
+    }
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (u32 s = 0; s < Config::kStages; ++s) {
+            full[s].init(1);
+            empty[s].init(Config::kNumMathThreads / 32);
+        }
+        fence_barrier_init();
+    }
+    __syncthreads();
+    // With programmatic dependent launch, inputs written by the previous kernel are ready only now.
+    grid_dependency_wait();
+
+    if (threadIdx.x >= Config::kNumMathThreads) {
+        warpgroup_reg_dealloc<Config::kProducerRegisters>();
+        if (threadIdx.x == Config::kNumMathThreads)
+            fp8_gemm_producer<Config>(p, smem_a, smem_b, smem_sfa, full, empty);
+    } else {
+        warpgroup_reg_alloc<Config::kMathRegisters>();
+        fp8_gemm_consumer<Config>(p, smem_d, smem_a, smem_b, smem_sfa, full, empty);
+    }
+}
+
+}  // namespace moegemm

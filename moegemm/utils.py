@@ -1,0 +1,536 @@
+"""Host-side helpers: FP8/FP4 casts, scale-factor layouts, SM-count override, accuracy and timing tools.
+
+Everything here is plain PyTorch and works on CPU and CUDA tensors alike. Casts are written as a handful of
+whole-tensor ops (no Python loops over rows or groups) so they run at memory speed on a GPU. Importing this
+module never touches CUDA; the GPU is only queried inside the functions that need it.
+
+Scale-factor conventions (same as DeepGEMM):
+
+* FP8 values are ``torch.float8_e4m3fn`` (max finite magnitude 448).
+* A "1x128" (per-token) scale covers 128 consecutive elements of one row along K; a "128x128" (per-block)
+  scale covers a 128x128 tile; a "128x1" (per-channel) scale covers 128 consecutive rows of one column.
+  Ragged edges (sizes that are not multiples of 128) get a scale computed over the partial block.
+* Dequantisation is ``x_fp8.float() * sf`` broadcast over each block.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "align",
+    "bench_graph",
+    "bench_kernel",
+    "calc_diff",
+    "ceil_div",
+    "get_mn_major_tma_aligned_tensor",
+    "get_num_sms",
+    "get_tma_aligned_size",
+    "pack_fp4",
+    "pack_ue8m0",
+    "per_block_cast_to_fp8",
+    "per_channel_cast_to_fp8",
+    "per_token_cast_to_fp8",
+    "set_num_sms",
+    "transform_sf_into_required_layout",
+    "unpack_fp4",
+    "unpack_ue8m0",
+]
+
+BLOCK = 128
+FP8_E4M3_MAX = 448.0
+# Floor on a block's amax so all-zero blocks get a finite, non-zero scale instead of 0 (which would make
+# x / sf produce NaN).
+AMAX_FLOOR = 1e-4
+TMA_ALIGNMENT_BYTES = 16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Integer helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ceil_div(a: int, b: int) -> int:
+    """Return ``ceil(a / b)`` for integers, ``b > 0``."""
+    return (a + b - 1) // b
+
+
+def align(x: int, a: int) -> int:
+    """Round ``x`` up to the next multiple of ``a`` (``a > 0``)."""
+    return ceil_div(x, a) * a
+
+
+def get_tma_aligned_size(x: int, element_size: int) -> int:
+    """Round ``x`` (an element count) up so that ``x * element_size`` is a multiple of 16 bytes.
+
+    TMA requires every non-innermost global stride to be a multiple of 16 bytes.
+    """
+    if element_size <= 0 or TMA_ALIGNMENT_BYTES % element_size != 0:
+        raise ValueError(f"`element_size` must divide {TMA_ALIGNMENT_BYTES}, got {element_size}")
+    return align(x, TMA_ALIGNMENT_BYTES // element_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scale-factor layouts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mn_major_strides(shape: torch.Size, element_size: int) -> tuple[int, ...]:
+    """Strides of an MN-major, TMA-aligned tensor of ``shape`` ([MN, K'] or [G, MN, K'])."""
+    mn, k = shape[-2], shape[-1]
+    aligned_mn = get_tma_aligned_size(mn, element_size)
+    if len(shape) == 2:
+        return (1, aligned_mn)
+    return (aligned_mn * k, 1, aligned_mn)
+
+
+def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
+    """Return ``sf`` with identical shape and values but MN-major, TMA-aligned storage.
+
+    Args:
+        sf: scale factors ``[MN, K']`` or ``[G, MN, K']``, float32 (or int32 holding packed UE8M0), any
+            strides.
+
+    Returns:
+        A tensor equal to ``sf`` whose MN stride is 1, whose K' stride is ``get_tma_aligned_size(MN, 4)``
+        and (3-D) whose group stride is that times K'. ``sf`` itself is returned when it already has
+        exactly these strides; otherwise the data is copied once.
+    """
+    if sf.dim() not in (2, 3):
+        raise ValueError(f"`sf` must be 2-D [MN, K'] or 3-D [G, MN, K'], got shape {tuple(sf.shape)}")
+    strides = _mn_major_strides(sf.shape, sf.element_size())
+    if sf.stride() == strides:
+        return sf
+    out = torch.empty_strided(sf.shape, strides, dtype=sf.dtype, device=sf.device)
+    return out.copy_(sf)
+
+
+def _normalize_recipe(recipe: tuple[int, ...], is_sfa: bool) -> tuple[int, int]:
+    """Map a 2-tuple ``(gran_mn, gran_k)`` or DeepGEMM 3-tuple ``(gran_m, gran_n, gran_k)`` to 2-tuple."""
+    recipe = tuple(int(r) for r in recipe)
+    if len(recipe) == 3:
+        recipe = (recipe[0] if is_sfa else recipe[1], recipe[2])
+    if recipe not in ((1, BLOCK), (BLOCK, BLOCK)):
+        raise ValueError(
+            f"`recipe` must be (1, 128), (128, 128) or a DeepGEMM 3-tuple such as (1, 128, 128); "
+            f"resolved to {recipe} (is_sfa={is_sfa})"
+        )
+    return recipe
+
+
+def transform_sf_into_required_layout(
+    sf: torch.Tensor,
+    mn: int,
+    k: int,
+    recipe: tuple[int, ...],
+    num_groups: int | None = None,
+    is_sfa: bool = False,
+) -> torch.Tensor:
+    """Bring scale factors into the layout the SM90 kernels read.
+
+    Args:
+        sf: float32 ``[mn_blocks, ceil(k/128)]`` (or ``[num_groups, mn_blocks, ceil(k/128)]``), any strides;
+            or int32 packed UE8M0 with last dim ``ceil(ceil(k/128) / 4)``, which is unpacked first.
+            ``mn_blocks`` is ``mn`` for recipe (1, 128) and ``ceil(mn/128)`` for (128, 128).
+        mn: rows of the scaled operand (M for A, N for B).
+        k: reduction length of the scaled operand.
+        recipe: ``(1, 128)`` per-token, ``(128, 128)`` per-block, or a DeepGEMM 3-tuple
+            ``(gran_m, gran_n, gran_k)`` from which ``gran_m`` (A) or ``gran_n`` (B) is picked by ``is_sfa``.
+        num_groups: number of groups for a 3-D ``sf``; ``None`` for 2-D.
+        is_sfa: whether ``sf`` scales the A operand (only used with a 3-tuple recipe).
+
+    Returns:
+        float32, same logical shape as the unpacked ``sf``. (1, 128): MN-major and TMA-aligned
+        (see :func:`get_mn_major_tma_aligned_tensor`). (128, 128): contiguous.
+    """
+    gran_mn, gran_k = _normalize_recipe(recipe, is_sfa)
+    mn_blocks = mn if gran_mn == 1 else ceil_div(mn, gran_mn)
+    k_blocks = ceil_div(k, gran_k)
+    lead = () if num_groups is None else (num_groups,)
+
+    if sf.dtype == torch.int32:
+        expected = (*lead, mn_blocks, ceil_div(k_blocks, 4))
+    elif sf.dtype == torch.float32:
+        expected = (*lead, mn_blocks, k_blocks)
+    else:
+        raise ValueError(f"`sf` must be float32 or int32 (packed UE8M0), got {sf.dtype}")
+    if tuple(sf.shape) != expected:
+        raise ValueError(
+            f"`sf` has shape {tuple(sf.shape)}, expected {expected} "
+            f"(mn={mn}, k={k}, recipe={(gran_mn, gran_k)}, num_groups={num_groups}, dtype={sf.dtype})"
+        )
+
+    if sf.dtype == torch.int32:
+        sf = unpack_ue8m0(sf, k_blocks)
+    if gran_mn == 1:
+        return get_mn_major_tma_aligned_tensor(sf)
+    return sf.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FP8 casts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _ceil_pow2(x: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= ``x`` for positive, normal float32 ``x`` (exact, elementwise)."""
+    bits = x.view(torch.int32)
+    # Adding an all-ones mantissa carries into the exponent unless the mantissa is already zero, so masking
+    # the mantissa off afterwards rounds up exactly; exp2(ceil(log2(x))) can land one ulp low.
+    return ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
+
+
+def _scale_from_amax(amax: torch.Tensor, use_ue8m0: bool) -> torch.Tensor:
+    """Per-block amax (any float dtype) -> float32 scale such that ``amax / scale <= 448``."""
+    sf = amax.float().clamp(min=AMAX_FLOOR) / FP8_E4M3_MAX
+    return _ceil_pow2(sf) if use_ue8m0 else sf
+
+
+def _check_cast_input(name: str, x: torch.Tensor, dims: tuple[int, ...]) -> None:
+    if x.dim() not in dims:
+        raise ValueError(f"`{name}` must have {' or '.join(map(str, dims))} dims, got shape {tuple(x.shape)}")
+    if not x.is_floating_point() or x.element_size() < 2:
+        raise ValueError(f"`{name}` must be a 16- or 32-bit float tensor, got {x.dtype}")
+
+
+def _pad_dims(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad the given negative dims of ``x`` up to multiples of 128 (no copy when already aligned)."""
+    pad = [0] * (2 * max(-d for d in dims))
+    for d in dims:
+        # F.pad lists (left, right) pairs starting from the last dim.
+        pad[2 * (-d - 1) + 1] = align(x.shape[d], BLOCK) - x.shape[d]
+    return F.pad(x, pad) if any(pad) else x
+
+
+def _abs_max(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """max |x| over ``dim`` in one reduction (no |x| temporary), in x's dtype (exact)."""
+    return torch.linalg.vector_norm(x, ord=math.inf, dim=dim)
+
+
+def _divide_to_fp8(x: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
+    """``(x / sf).to(float8_e4m3fn)`` as one kernel: the quotient is computed in float32 (type promotion
+    with the float32 ``sf``) and rounded to FP8 on store, so no float32 temporary is written."""
+    out = torch.empty(torch.broadcast_shapes(x.shape, sf.shape), dtype=torch.float8_e4m3fn, device=x.device)
+    return torch.div(x, sf, out=out)
+
+
+def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise with one scale per 1x128 block of each row.
+
+    Args:
+        x: ``[M, K]`` or ``[G, M, K]``, bf16/fp16/fp32; K need not be a multiple of 128.
+        use_ue8m0: round every scale up to a power of two.
+
+    Returns:
+        ``(x_fp8, sf)``: ``x_fp8`` float8_e4m3fn, same shape as ``x``, contiguous;
+        ``sf`` float32 ``[M, ceil(K/128)]`` (or ``[G, M, ceil(K/128)]``), contiguous (K-major).
+    """
+    _check_cast_input("x", x, (2, 3))
+    k = x.shape[-1]
+    padded = _pad_dims(x, (-1,))
+    blocks = padded.reshape(*x.shape[:-1], padded.shape[-1] // BLOCK, BLOCK)
+    sf = _scale_from_amax(_abs_max(blocks, -1), use_ue8m0)
+    x_fp8 = _divide_to_fp8(blocks, sf.unsqueeze(-1))
+    return x_fp8.view(padded.shape)[..., :k].contiguous(), sf
+
+
+def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise with one scale per 128x128 tile.
+
+    Args:
+        x: ``[N, K]`` or ``[G, N, K]``, bf16/fp16/fp32; N and K need not be multiples of 128.
+        use_ue8m0: round every scale up to a power of two.
+
+    Returns:
+        ``(x_fp8, sf)``: ``x_fp8`` float8_e4m3fn, same shape as ``x``, contiguous;
+        ``sf`` float32 ``[ceil(N/128), ceil(K/128)]`` (or with leading G), contiguous.
+    """
+    _check_cast_input("x", x, (2, 3))
+    n, k = x.shape[-2:]
+    padded = _pad_dims(x, (-2, -1))
+    blocks = padded.reshape(*x.shape[:-2], padded.shape[-2] // BLOCK, BLOCK, padded.shape[-1] // BLOCK, BLOCK)
+    sf = _scale_from_amax(_abs_max(blocks, (-3, -1)), use_ue8m0)
+    x_fp8 = _divide_to_fp8(blocks, sf[..., :, None, :, None])
+    return x_fp8.view(padded.shape)[..., :n, :k].contiguous(), sf
+
+
+def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise with one scale per 128x1 block (128 consecutive rows of one column).
+
+    Used for K-grouped GEMMs, where the reduction dim K runs along the rows of ``x``.
+
+    Args:
+        x: ``[M, N]`` (or ``[G, M, N]``), bf16/fp16/fp32; M need not be a multiple of 128.
+        use_ue8m0: round every scale up to a power of two.
+
+    Returns:
+        ``(x_fp8, sf)``: ``x_fp8`` float8_e4m3fn, same shape as ``x``, contiguous;
+        ``sf`` float32 ``[ceil(M/128), N]`` (or with leading G), contiguous.
+    """
+    _check_cast_input("x", x, (2, 3))
+    m = x.shape[-2]
+    padded = _pad_dims(x, (-2,))
+    blocks = padded.reshape(*x.shape[:-2], padded.shape[-2] // BLOCK, BLOCK, x.shape[-1])
+    sf = _scale_from_amax(_abs_max(blocks, -2), use_ue8m0)
+    x_fp8 = _divide_to_fp8(blocks, sf.unsqueeze(-2))
+    return x_fp8.view(padded.shape)[..., :m, :].contiguous(), sf
+
+
+# ---------------------------------------------------------------------------------------------------------
+# UE8M0 packing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pack_ue8m0(sf: torch.Tensor) -> torch.Tensor:
+    """Pack power-of-two float32 scales into UE8M0 bytes, four per int32.
+
+    Args:
+        sf: float32 ``[..., K']``; every value must be a positive, normal power of two.
+
+    Returns:
+        int32 ``[..., ceil(K'/4)]``, contiguous. Byte ``i`` (little-endian, byte 0 least significant) of
+        element ``j`` holds the biased exponent (float bits 23..30) of ``sf[..., 4j+i]``; padding bytes are 0.
+
+    Raises:
+        ValueError: if ``sf`` is not float32 or holds a value that is not a positive power of two.
+    """
+    if sf.dtype != torch.float32 or sf.dim() == 0:
+        raise ValueError(f"`sf` must be a float32 tensor with at least 1 dim, got {sf.dtype} {sf.dim()}-D")
+    bits = sf.view(torch.int32)
+    exponent = bits >> 23
+    # bits > 0 rejects negatives, +-0; a zero mantissa rejects non-powers and subnormals; 255 is inf/NaN.
+    valid = (bits > 0) & ((bits & 0x007FFFFF) == 0) & (exponent < 255)
+    if not bool(valid.all()):
+        bad = sf[~valid].flatten()[:4].tolist()
+        raise ValueError(f"`sf` must hold only positive powers of two for UE8M0 packing, found e.g. {bad}")
+    k = sf.shape[-1]
+    exponent = F.pad(exponent.to(torch.uint8), (0, align(k, 4) - k))
+    # Reinterpreting 4 consecutive bytes as one int32 gives exactly the little-endian packing (x86, Arm
+    # and NVIDIA GPUs are all little-endian) without overflowing a signed shift for exponents >= 128.
+    return exponent.contiguous().view(torch.int32)
+
+
+def unpack_ue8m0(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_ue8m0`.
+
+    Args:
+        packed: int32 ``[..., ceil(k/4)]``.
+        k: number of scales per row to recover.
+
+    Returns:
+        float32 ``[..., k]``, contiguous; biased exponent ``e`` becomes ``2**(e - 127)`` (0 becomes 0.0).
+    """
+    if packed.dtype != torch.int32 or packed.dim() == 0:
+        raise ValueError(f"`packed` must be an int32 tensor with at least 1 dim, got {packed.dtype}")
+    if k < 0 or ceil_div(k, 4) != packed.shape[-1]:
+        raise ValueError(f"`packed` has last dim {packed.shape[-1]}, expected ceil(k/4) = {ceil_div(k, 4)}")
+    exponent = packed.contiguous().view(torch.uint8)[..., :k]
+    return (exponent.to(torch.int32) << 23).view(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FP4 (e2m1) packing
+# ---------------------------------------------------------------------------------------------------------
+
+FP4_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+@functools.cache
+def _fp4_rounding_bounds(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Bucket boundaries for round-to-nearest-even onto the e2m1 magnitudes (7 values, ``dtype``).
+
+    bucketize(right=False) sends a value equal to a boundary to the lower code. That is the even code for
+    midpoints 0.25, 1.25, 2.5 and 5; for 0.75, 1.75 and 3.5 the even code is the upper one, so those
+    boundaries are moved one ulp down.
+    """
+    mags = torch.tensor(FP4_E2M1_MAGNITUDES, dtype=dtype)
+    mids = (mags[:-1] + mags[1:]) / 2
+    lower_is_odd = torch.arange(7) % 2 == 1
+    bounds = torch.where(lower_is_odd, torch.nextafter(mids, torch.zeros_like(mids)), mids)
+    return bounds.to(device)
+
+
+@functools.cache
+def _fp4_decode_table(device: torch.device) -> torch.Tensor:
+    """float32 [16]: value of each 4-bit code (bit 3 = sign, so code 8 is -0.0)."""
+    mags = torch.tensor(FP4_E2M1_MAGNITUDES, dtype=torch.float32)
+    return torch.cat([mags, -mags]).to(device)
+
+
+def pack_fp4(x: torch.Tensor) -> torch.Tensor:
+    """Round to FP4 e2m1 and pack two values per byte.
+
+    Args:
+        x: float tensor ``[..., K]``, K even.
+
+    Returns:
+        uint8 ``[..., K // 2]``. Each magnitude rounds to the nearest of {0, 0.5, 1, 1.5, 2, 3, 4, 6}
+        (ties to the even code, saturating at 6); bit 3 of a nibble is the sign (taken from the sign bit,
+        so -0.0 and small negatives become code 8). Element ``2j`` goes to the low nibble, ``2j+1`` to the
+        high nibble.
+    """
+    if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"`x` must be a float tensor with an even last dim, got {x.dtype} {tuple(x.shape)}")
+    # Compare in float64 for float64 input so no value is rounded onto a boundary before bucketing.
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    magnitude = x.abs().to(dtype)
+    code = torch.bucketize(magnitude, _fp4_rounding_bounds(x.device, dtype)).to(torch.uint8)
+    code = code | (torch.signbit(x).to(torch.uint8) << 3)
+    return code[..., 0::2] | (code[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_fp4`: uint8 ``[..., K']`` -> float32 ``[..., 2*K']``."""
+    if packed.dtype != torch.uint8 or packed.dim() == 0:
+        raise ValueError(f"`packed` must be a uint8 tensor with at least 1 dim, got {packed.dtype}")
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+    return _fp4_decode_table(packed.device)[codes.long()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SM count
+# ---------------------------------------------------------------------------------------------------------
+
+_num_sms_override: int | None = None
+
+
+def _device_num_sms() -> int | None:
+    """SM count of the current CUDA device, or None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def set_num_sms(n: int) -> None:
+    """Limit the number of SMs the kernels use (persistent grid size).
+
+    Raises:
+        ValueError: unless ``1 <= n <= `` the current device's SM count (upper bound checked only when a
+            GPU is present).
+    """
+    global _num_sms_override
+    if isinstance(n, bool):
+        raise ValueError(f"`num_sms` must be an int, got {n!r}")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise ValueError(f"`num_sms` must be an int, got {n!r}") from None
+    device_sms = _device_num_sms()
+    if n < 1 or (device_sms is not None and n > device_sms):
+        raise ValueError(f"`num_sms` must be in [1, {device_sms or 'device SM count'}], got {n}")
+    _num_sms_override = n
+
+
+def get_num_sms() -> int:
+    """SM count the kernels use: the :func:`set_num_sms` override, else the current device's SM count."""
+    if _num_sms_override is not None:
+        return _num_sms_override
+    device_sms = _device_num_sms()
+    if device_sms is None:
+        raise RuntimeError("get_num_sms needs a CUDA GPU (or an explicit set_num_sms)")
+    return device_sms
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Accuracy
+# ---------------------------------------------------------------------------------------------------------
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Normalised difference ``1 - 2*sum(x*y) / sum(x*x + y*y)``, computed in float64.
+
+    0 for identical tensors, 1 against zeros, 2 for ``y == -x``; invariant to scaling both. Returns 0.0
+    when both tensors are all zero.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"calc_diff needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.double(), y.double()
+    denominator = (x * x + y * y).sum()
+    if denominator.item() == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denominator)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------
+
+L2_FLUSH_BYTES = 256 << 20
+_l2_flush_buffers: dict[int, torch.Tensor] = {}
+
+
+def _require_cuda(name: str) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{name} needs a CUDA GPU")
+
+
+def _flush_l2() -> None:
+    """Overwrite L2 (50 MB on H100) with a 256 MB memset so the timed call starts cold."""
+    device = torch.cuda.current_device()
+    buffer = _l2_flush_buffers.get(device)
+    if buffer is None:
+        buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=f"cuda:{device}")
+        _l2_flush_buffers[device] = buffer
+    buffer.zero_()
+
+
+def _time_calls(call: Callable[[], object], iters: int, flush_l2: bool) -> float:
+    """Median GPU time of ``call`` in microseconds, one event pair per call, flush outside the pair."""
+    if iters < 1:
+        raise ValueError(f"`iters` must be >= 1, got {iters}")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends, strict=True):
+        if flush_l2:
+            _flush_l2()
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) * 1e3
+
+
+def bench_kernel(
+    fn: Callable[[], object], *, warmup: int = 5, iters: int = 30, flush_l2: bool = True
+) -> float:
+    """Median time of ``fn()`` on the current stream in microseconds (CUDA events, L2 flushed before each).
+
+    Raises:
+        RuntimeError: without a CUDA GPU.
+    """
+    _require_cuda("bench_kernel")
+    for _ in range(warmup):
+        fn()
+    return _time_calls(fn, iters, flush_l2)
+
+
+def _capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    # Run once on a side stream first so lazy work (JIT loads, workspace allocation) is not captured.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def bench_graph(fn: Callable[[], object], *, iters: int = 30, flush_l2: bool = True) -> float:
+    """Capture ``fn`` into a CUDA graph once and return the median replay time in microseconds.
+
+    Raises:
+        RuntimeError: without a CUDA GPU.
+    """
+    _require_cuda("bench_graph")
+    graph = _capture_graph(fn)
+    graph.replay()
+    return _time_calls(graph.replay, iters, flush_l2)

@@ -1,0 +1,200 @@
+"""fp8_gemm_nt: argument checks (CPU) and the SM90 kernel against the reference (GPU)."""
+
+import pytest
+import torch
+
+import moegemm
+from moegemm import reference
+from moegemm.kernels import fp8_gemm
+from moegemm.kernels.fp8_gemm import Fp8GemmConfig
+from moegemm.utils import calc_diff, get_mn_major_tma_aligned_tensor, per_block_cast_to_fp8, per_token_cast_to_fp8
+
+gpu = pytest.mark.gpu
+
+
+def make_inputs(m, n, k, device="cuda"):
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    a, sfa = per_token_cast_to_fp8(x)
+    b, sfb = per_block_cast_to_fp8(w)
+    return x, w, (a, sfa), (b, sfb)
+
+
+def poisoned(m, n, dtype, device="cuda"):
+    return torch.full((m, n), float("nan"), device=device, dtype=dtype)
+
+
+def expected(a, b, c=None):
+    out = torch.empty(a[0].shape[0], b[0].shape[0], device=a[0].device, dtype=torch.float32)
+    reference.fp8_gemm_nt(a, b, out, c)
+    return out
+
+
+def assert_close(d, ref, tol=1e-5):
+    assert not torch.isnan(d).any(), "unwritten (NaN-poisoned) output elements"
+    diff = calc_diff(d.float(), ref)
+    assert diff < tol, f"calc_diff {diff:.3e} >= {tol}"
+
+
+# ---- GPU: shapes through the public API and its heuristic -------------------------------------------
+
+SHAPES = [
+    (1, 2112, 7168), (1, 128, 128), (7, 256, 384), (64, 4096, 7168), (127, 7168, 2048), (128, 24576, 1536),
+    (129, 136, 512), (300, 32768, 512), (4096, 7168, 2048), (513, 1000, 208), (2, 8, 16), (200, 264, 4096),
+]
+
+
+@gpu
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_shapes_bf16(m, n, k, seed):
+    x, w, a, b = make_inputs(m, n, k)
+    d = poisoned(m, n, torch.bfloat16)
+    moegemm.fp8_gemm_nt(a, b, d)
+    assert_close(d, expected(a, b))
+    # Against the unquantised inputs the FP8 rounding dominates.
+    assert calc_diff(d.float(), x.float() @ w.float().t()) < 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("m,n,k", [(1, 256, 256), (100, 520, 1000 - 1000 % 16), (1024, 4096, 1024)])
+def test_fp32_out_and_accumulate(m, n, k, seed):
+    _, _, a, b = make_inputs(m, n, k)
+    d = poisoned(m, n, torch.float32)
+    moegemm.fp8_gemm_nt(a, b, d)
+    assert_close(d, expected(a, b))
+    c = torch.randn(m, n, device="cuda")
+    d = poisoned(m, n, torch.float32)
+    moegemm.fp8_gemm_nt(a, b, d, c)
+    assert_close(d, expected(a, b, c))
+    d = c.clone()  # in place: D = D + A @ B^T
+    moegemm.fp8_gemm_nt(a, b, d, d)
+    assert_close(d, expected(a, b, c))
+
+
+# Every kind of config the heuristic can emit: one and two math warpgroups, narrow (unswizzled)
+# and wide output tiles, tiles inside one SFB block and tiles straddling two, both output dtypes.
+CONFIGS = [
+    Fp8GemmConfig(64, 8, 6, False, False), Fp8GemmConfig(64, 48, 6, False, False),
+    Fp8GemmConfig(128, 64, 5, False, False), Fp8GemmConfig(128, 128, 5, False, False),
+    Fp8GemmConfig(128, 192, 4, False, False), Fp8GemmConfig(64, 24, 6, True, False),
+    Fp8GemmConfig(128, 96, 4, True, False), Fp8GemmConfig(128, 160, 4, True, True),
+    Fp8GemmConfig(64, 128, 6, True, True),
+]
+
+
+@gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=fp8_gemm.kernel_name)
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 384), (200, 968, 1168)])
+def test_every_config(config, m, n, k, seed):
+    _, _, a, b = make_inputs(m, n, k)
+    sfa = get_mn_major_tma_aligned_tensor(a[1])
+    dtype = torch.float32 if config.out_fp32 else torch.bfloat16
+    c = torch.randn(m, n, device="cuda") if config.accumulate else None
+    d = c.clone() if config.accumulate else poisoned(m, n, dtype)
+    fp8_gemm.launch(a[0], sfa, b[0], b[1], d, config.accumulate, moegemm.get_num_sms(), config)
+    assert_close(d, expected(a, b, c))
+
+
+@gpu
+def test_zero_m_and_num_sms(seed):
+    _, _, a, b = make_inputs(0, 256, 256)
+    d = torch.empty(0, 256, device="cuda", dtype=torch.bfloat16)
+    moegemm.fp8_gemm_nt(a, b, d)
+    _, _, a, b = make_inputs(1000, 2048, 512)
+    ref = expected(a, b)
+    try:
+        for sms in (1, 7, 66):
+            moegemm.set_num_sms(sms)
+            d = poisoned(1000, 2048, torch.bfloat16)
+            moegemm.fp8_gemm_nt(a, b, d)
+            assert_close(d, ref)
+    finally:
+        moegemm.set_num_sms(torch.cuda.get_device_properties(0).multi_processor_count)
+
+
+@gpu
+def test_cuda_graph_replay_sees_new_inputs(seed):
+    m, n, k = 256, 1024, 512
+    _, _, a, b = make_inputs(m, n, k)
+    sfa = get_mn_major_tma_aligned_tensor(a[1])
+    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    moegemm.fp8_gemm_nt((a[0], sfa), b, d)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moegemm.fp8_gemm_nt((a[0], sfa), b, d)
+    for _ in range(2):
+        _, _, a2, b2 = make_inputs(m, n, k)
+        a[0].copy_(a2[0])
+        sfa.copy_(a2[1])
+        b[0].copy_(b2[0])
+        b[1].copy_(b2[1])
+        d.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(d, expected(a2, b2))
+
+
+@gpu
+def test_torch_compile(seed):
+    _, _, a, b = make_inputs(64, 512, 256)
+
+    @torch.compile(fullgraph=True)
+    def f(a0, sfa, b0, sfb):
+        d = torch.empty(a0.shape[0], b0.shape[0], device=a0.device, dtype=torch.bfloat16)
+        moegemm.fp8_gemm_nt((a0, sfa), (b0, sfb), d)
+        return d.float() * 2
+
+    out = f(a[0], a[1], b[0], b[1])
+    assert_close(out / 2, expected(a, b))
+
+
+@gpu
+def test_input_on_wrong_device_raises():
+    _, _, a, b = make_inputs(4, 128, 128)
+    d = torch.empty(4, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one device"):
+        moegemm.fp8_gemm_nt(a, b, d)
+
+
+# ---- CPU: argument checks and the reference path ------------------------------------------------------
+
+
+def test_cpu_runs_reference(seed):
+    x, w, a, b = make_inputs(5, 136, 208, device="cpu")
+    d = poisoned(5, 136, torch.bfloat16, device="cpu")
+    moegemm.fp8_gemm_nt(a, b, d)
+    assert_close(d, expected(a, b))
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda a, b, d: ((a[0].to(torch.bfloat16), a[1]), b, d), TypeError, "a: expected dtype"),
+    (lambda a, b, d: (a, (b[0], b[1].double()), d), TypeError, "sfb: expected dtype"),
+    (lambda a, b, d: (a, b, d.to(torch.float16)), TypeError, "d: expected dtype"),
+    (lambda a, b, d: (a, (b[0][:, :128], b[1]), d), ValueError, "b: expected shape"),
+    (lambda a, b, d: ((a[0], a[1][:, :1]), b, d), ValueError, "sfa: expected shape"),
+    (lambda a, b, d: (a, (b[0], b[1][:1]), d), ValueError, "sfb: expected shape"),
+    (lambda a, b, d: (a, b, d[:, :128]), ValueError, "d: expected shape"),
+    (lambda a, b, d: ((a[0].t().contiguous().t(), a[1]), b, d), ValueError, "a: expected the last dimension"),
+    (lambda a, b, d: (a, b, d.t().contiguous().t()), ValueError, "d: expected the last dimension"),
+    (lambda a, b, d: (a[0], b, d), TypeError, "a: expected a"),
+    (lambda a, b, d: (a, b, None), TypeError, "d: expected a torch.Tensor"),
+])
+def test_bad_arguments_raise(mutate, error, match):
+    _, _, a, b = make_inputs(8, 256, 256, device="cpu")
+    d = torch.empty(8, 256, dtype=torch.bfloat16)
+    with pytest.raises(error, match=match):
+        moegemm.fp8_gemm_nt(*mutate(a, b, d))
+
+
+def test_misaligned_row_pitch_raises():
+    _, _, a, b = make_inputs(8, 256, 256, device="cpu")
+    d = torch.empty(8, 260, dtype=torch.bfloat16)[:, 2:258]
+    with pytest.raises(ValueError, match="d: expected every row pitch|d: expected a 16-byte aligned"):
+        moegemm.fp8_gemm_nt(a, b, d)
+
+
+def test_c_requires_fp32_d():
+    _, _, a, b = make_inputs(8, 256, 256, device="cpu")
+    d = torch.empty(8, 256, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="d: with c given"):
+        moegemm.fp8_gemm_nt(a, b, d, torch.zeros(8, 256))
