@@ -135,7 +135,7 @@ def _split_rows(rows: RowIndex, chunk: int) -> Iterator[RowIndex]:
         yield from rows.split(chunk)
         return
     for start in range(rows.start, rows.stop, chunk):
-        yield slice(start, start + chunk - 1)
+        yield slice(start, min(start + chunk, rows.stop))
 
 
 def _gemm_rows_into(

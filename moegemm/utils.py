@@ -189,7 +189,10 @@ def _ceil_pow2(x: torch.Tensor) -> torch.Tensor:
 
 def _scale_from_amax(amax: torch.Tensor, use_ue8m0: bool) -> torch.Tensor:
     """Per-block amax (any float dtype) -> float32 scale such that ``amax / scale <= 448``."""
-    sf = amax.float().clamp(min=AMAX_FLOOR) / FP8_E4M3_MAX
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    # A Python-scalar divisor makes CUDA multiply by its reciprocal (off by an ulp from the CPU result);
+    # a 0-dim device tensor keeps the division correctly rounded on every device.
+    sf = amax / amax.new_full((), FP8_E4M3_MAX)
     return _ceil_pow2(sf) if use_ue8m0 else sf
 
 

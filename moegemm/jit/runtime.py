@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import env
-from .compiler import Build, CompileError, _write_atomic, cache_dir
+from .compiler import Build, CompileError, cache_dir
 
 _HEADER = "QQ9I5I"
 _TMA_SPEC = "Q3Q3Q3I4I4x"
@@ -87,11 +87,13 @@ def _error_name(code: int) -> str:
 
 
 def tma_2d(tensor: torch.Tensor, box_inner: int, box_outer: int, swizzle: int, offset: int,
-           rows: int | None = None) -> tuple:
+           pitch: int | None = None) -> tuple:
     """Fields of a 2-D TMA descriptor over ``tensor`` ([outer, inner], inner stride 1), to be written
-    at byte ``offset`` of the parameter struct. ``rows`` overrides the outer extent."""
-    outer = tensor.shape[0] if rows is None else rows
-    return (tensor.data_ptr(), tensor.shape[1], outer, 1, tensor.stride(0) * tensor.element_size(), 0, 0,
+    at byte ``offset`` of the parameter struct. ``pitch`` (bytes between rows) overrides the stride,
+    which torch leaves arbitrary for a dimension of size 1."""
+    if pitch is None:
+        pitch = tensor.stride(0) * tensor.element_size()
+    return (tensor.data_ptr(), tensor.shape[1], tensor.shape[0], 1, pitch, 0, 0,
             box_inner, box_outer, 1, 2, TMA_DTYPES[tensor.dtype], swizzle, offset)
 
 
@@ -156,6 +158,7 @@ class Kernel:
         err = host_library().mg_launch(record, self._failed)
         if err:
             which = f" (TMA descriptor {self._failed.value})" if self._failed.value >= 0 else ""
+            self._failed.value = -1
             raise LaunchError(f"launching {self.build.name} failed{which}: {_error_name(err)}")
 
 
@@ -176,6 +179,3 @@ def device_capability(device: int) -> tuple[int, int]:
 def device_name(device: int) -> str:
     return torch.cuda.get_device_name(device)
 
-
-def write_atomic(path: Path, data: bytes) -> None:
-    _write_atomic(path, data)

@@ -15,6 +15,7 @@ import torch
 from .. import env
 from ..jit import compiler, runtime
 from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, Kernel, tma_2d
+from ..utils import get_tma_aligned_size
 
 BLOCK_K = 128
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
@@ -170,7 +171,7 @@ def launch(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tenso
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
     tma = (*tma_2d(a, BLOCK_K, bm, SWIZZLE_128B, 0),
            *tma_2d(b, BLOCK_K, config.block_n, SWIZZLE_128B, 128),
-           *tma_2d(sfa.t(), bm, 1, SWIZZLE_NONE, 256),
+           *tma_2d(sfa.t(), bm, 1, SWIZZLE_NONE, 256, pitch=get_tma_aligned_size(m, 4) * 4),
            *tma_2d(d, config.store_cols, 64, d_swizzle, 384))
     kernel.launch(grid, a.device.index, tma, (sfb.data_ptr(), m, n, k))
 
