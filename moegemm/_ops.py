@@ -3,7 +3,6 @@
 No ``from __future__ import annotations`` here: torch infers each op's schema from real annotations.
 """
 
-from typing import Optional
 
 import torch
 
@@ -12,7 +11,7 @@ from . import api
 
 @torch.library.custom_op("moegemm::fp8_gemm_nt", mutates_args=("d",))
 def fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
-                c: Optional[torch.Tensor]) -> None:
+                c: torch.Tensor | None) -> None:
     api._fp8_gemm_nt(a, sfa, b, sfb, d, c)
 
 

@@ -57,25 +57,56 @@ def _check_fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb:
         checks.sm90(device)
 
 
+def _signature(*tensors: torch.Tensor | None) -> tuple:
+    return tuple(None if t is None else (t.dtype, t.shape, t.stride(), t.device) for t in tensors)
+
+
+# Call signatures already checked, mapped to their launch plan (None: CPU reference). Bounded so a
+# stream of distinct shapes cannot grow it without limit.
+_fp8_gemm_plans: dict[tuple, object] = {}
+_MAX_PLANS = 4096
+
+
+def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c):
+    _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
+    plan = None
+    if d.device.type == "cuda" and a.shape[0] > 0 and d.shape[1] > 0 and a.shape[1] > 0:
+        from .kernels import fp8_gemm
+
+        plan = fp8_gemm.plan(a, b, d, c is not None, key[-1])
+    if len(_fp8_gemm_plans) >= _MAX_PLANS:
+        _fp8_gemm_plans.clear()
+    _fp8_gemm_plans[key] = plan
+    return plan
+
+
 def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
                  c: torch.Tensor | None) -> None:
-    _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
+    try:
+        key = (_signature(a, sfa, b, sfb, d, c), get_num_sms() if d.device.type == "cuda" else 0)
+    except AttributeError:  # an argument is not a tensor: let the checks name it
+        _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
+        raise
+    plan = _fp8_gemm_plans.get(key, False)
+    if plan is False:
+        plan = _fp8_gemm_nt_plan(key, a, sfa, b, sfb, d, c)
     if d.device.type != "cuda":
         reference.fp8_gemm_nt((a, sfa), (b, sfb), d, c)
         return
-    m, k = a.shape
+    # Data pointers change between calls with the same signature, so their alignment is checked here.
+    if (a.data_ptr() | b.data_ptr() | d.data_ptr()) & 15:
+        for name, t in (("a", a), ("b", b), ("d", d)):
+            checks.tma_rows(name, t)
     if c is not None and c.data_ptr() != d.data_ptr():
         d.copy_(c)
-    if m == 0 or d.shape[1] == 0:
-        return
-    if k == 0:
-        if c is None:
+    if plan is None:  # an empty problem: M, N or K is 0
+        if c is None and a.shape[1] == 0:
             d.zero_()
         return
-    from .kernels import fp8_gemm
-
-    sfb = sfb if sfb.is_contiguous() else sfb.contiguous()
-    fp8_gemm.launch(a, _required_sfa(sfa, m), b, sfb, d, c is not None, get_num_sms())
+    sfa = _required_sfa(sfa, a.shape[0])
+    if not sfb.is_contiguous():
+        sfb = sfb.contiguous()
+    plan.launch(a, sfa, b, sfb, d)
 
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,

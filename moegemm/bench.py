@@ -122,31 +122,27 @@ def _cublaslt_blockwise(a, sfa, b, sfb):
     return (lambda: torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=torch.bfloat16)), out[:m]
 
 
-def bench_fp8_gemm(ms=FP8_GEMM_MS, nks=FP8_GEMM_NK, iters: int = 30) -> list[GemmRow]:
-    rows = []
-    for m in ms:
-        for n, k in nks:
-            x, w, a, sfa, b, sfb = _fp8_inputs(m, n, k)
-            sfa_required = utils.get_mn_major_tma_aligned_tensor(sfa)
-            d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            ours = lambda: api.fp8_gemm_nt((a, sfa_required), (b, sfb), d)  # noqa: E731
-            t_ours = kernel_time_us(ours, iters)
-            ref = torch.empty(m, n, device="cuda", dtype=torch.float32)
-            from . import reference
+def bench_fp8_gemm_shape(m: int, n: int, k: int, iters: int = 30) -> GemmRow:
+    from . import reference
 
-            reference.fp8_gemm_nt((a, sfa), (b, sfb), ref)
-            exact = x.float() @ w.float().t()
-            cublas, cublas_out = _cublaslt_blockwise(a, sfa, b, sfb)
-            t_cublas = kernel_time_us(cublas, iters) if cublas else None
-            xb, wb = x, w
-            t_bf16 = kernel_time_us(lambda: xb @ wb.t(), iters)
-            bytes_moved = m * k + n * k + 4 * (sfa.numel() + sfb.numel()) + 2 * m * n
-            rows.append(GemmRow(
-                m, n, k, t_ours, 2 * m * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6,
-                t_cublas, (t_cublas / t_ours) if t_cublas else None, t_bf16,
-                utils.calc_diff(d.float(), ref), utils.calc_diff(d.float(), exact)))
-            del cublas_out
-    return rows
+    x, w, a, sfa, b, sfb = _fp8_inputs(m, n, k)
+    sfa_required = utils.get_mn_major_tma_aligned_tensor(sfa)
+    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    t_ours = kernel_time_us(lambda: api.fp8_gemm_nt((a, sfa_required), (b, sfb), d), iters)
+    ref = torch.empty(m, n, device="cuda", dtype=torch.float32)
+    reference.fp8_gemm_nt((a, sfa), (b, sfb), ref)
+    exact = x.float() @ w.float().t()
+    cublas, _ = _cublaslt_blockwise(a, sfa, b, sfb)
+    t_cublas = kernel_time_us(cublas, iters) if cublas else None
+    t_bf16 = kernel_time_us(lambda: x @ w.t(), iters)
+    bytes_moved = m * k + n * k + 4 * (sfa.numel() + sfb.numel()) + 2 * m * n
+    return GemmRow(m, n, k, t_ours, 2 * m * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6, t_cublas,
+                   (t_cublas / t_ours) if t_cublas else None, t_bf16,
+                   utils.calc_diff(d.float(), ref), utils.calc_diff(d.float(), exact))
+
+
+def bench_fp8_gemm(ms=FP8_GEMM_MS, nks=FP8_GEMM_NK, iters: int = 30) -> list[GemmRow]:
+    return [bench_fp8_gemm_shape(m, n, k, iters) for m in ms for n, k in nks]
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -173,18 +169,20 @@ def launch_overhead() -> dict[str, float]:
     d = torch.empty(128, 256, device="cuda", dtype=torch.bfloat16)
     from .kernels import fp8_gemm
 
-    m, k = a.shape
-    public = host_overhead_us(lambda: api.fp8_gemm_nt((a, sfa), (b, sfb), d))
-    launcher = host_overhead_us(lambda: fp8_gemm.launch(a, sfa, b, sfb, d, False, utils.get_num_sms()))
-    return {"fp8_gemm_nt_us": public, "launcher_only_us": launcher}
+    plan = fp8_gemm.plan(a, b, d, False, utils.get_num_sms())
+    x = torch.zeros(16, device="cuda")
+    return {"fp8_gemm_nt_us": host_overhead_us(lambda: api.fp8_gemm_nt((a, sfa), (b, sfb), d)),
+            "planned_launch_us": host_overhead_us(lambda: plan.launch(a, sfa, b, sfb, d)),
+            "torch_add_us": host_overhead_us(lambda: x.add_(1))}
 
 
 def main(json_path: str | None = None) -> None:
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     overhead = launch_overhead()
-    print(f"host overhead per cached call: fp8_gemm_nt {overhead['fp8_gemm_nt_us']:.2f} us, "
-          f"launcher alone {overhead['launcher_only_us']:.2f} us")
+    print(f"host overhead per cached call: fp8_gemm_nt {overhead['fp8_gemm_nt_us']:.2f} us, its planned "
+          f"launch alone {overhead['planned_launch_us']:.2f} us; for scale, torch's x.add_(1) "
+          f"{overhead['torch_add_us']:.2f} us")
     rows = bench_fp8_gemm()
     print_gemm_table("fp8_gemm_nt (BF16 out) vs cuBLASLt blockwise 1x128/128x128 and BF16 torch.matmul", rows)
     if json_path:

@@ -58,7 +58,7 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm90_message(index: int) -> str | None:
     major, minor = torch.cuda.get_device_capability(index)
     if (major, minor) == (9, 0):

@@ -408,7 +408,13 @@ def _device_num_sms() -> int | None:
     """SM count of the current CUDA device, or None without a GPU."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return _sm_count(torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    # Queried once per device: get_num_sms runs on every kernel launch.
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def set_num_sms(n: int) -> None:

@@ -7,7 +7,12 @@ import moegemm
 from moegemm import reference
 from moegemm.kernels import fp8_gemm
 from moegemm.kernels.fp8_gemm import Fp8GemmConfig
-from moegemm.utils import calc_diff, get_mn_major_tma_aligned_tensor, per_block_cast_to_fp8, per_token_cast_to_fp8
+from moegemm.utils import (
+    calc_diff,
+    get_mn_major_tma_aligned_tensor,
+    per_block_cast_to_fp8,
+    per_token_cast_to_fp8,
+)
 
 gpu = pytest.mark.gpu
 
@@ -91,7 +96,7 @@ def test_every_config(config, m, n, k, seed):
     dtype = torch.float32 if config.out_fp32 else torch.bfloat16
     c = torch.randn(m, n, device="cuda") if config.accumulate else None
     d = c.clone() if config.accumulate else poisoned(m, n, dtype)
-    fp8_gemm.launch(a[0], sfa, b[0], b[1], d, config.accumulate, moegemm.get_num_sms(), config)
+    fp8_gemm.plan(a[0], b[0], d, config.accumulate, moegemm.get_num_sms(), config).launch(a[0], sfa, b[0], b[1], d)
     assert_close(d, expected(a, b, c))
 
 

@@ -10,6 +10,7 @@ its digest is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -99,7 +100,7 @@ def _wheel_tools(tool: str) -> list[Path]:
     return [path for root in spec.submodule_search_locations for path in sorted(Path(root).glob(f"*/bin/{tool}"))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _find_nvcc_cached(override: str, cuda_home: str, path: str) -> str:
     candidates = []
     if override:
@@ -129,10 +130,8 @@ def find_nvcc() -> Path:
 def find_cuobjdump() -> Path | None:
     """cuobjdump beside nvcc, on PATH, or from the nvidia-cuda-cuobjdump wheel."""
     candidates = []
-    try:
+    with contextlib.suppress(CompileError):
         candidates.append(find_nvcc().parent / "cuobjdump")
-    except CompileError:
-        pass
     found = shutil.which("cuobjdump")
     if found:
         candidates.append(Path(found))
@@ -140,7 +139,7 @@ def find_cuobjdump() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nvcc_version(nvcc: str) -> str:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     return out.strip().splitlines()[-1]

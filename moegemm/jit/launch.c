@@ -32,15 +32,20 @@ typedef mg_result (*encode_tiled_fn)(mg_tensor_map *, int, uint32_t, void *, con
                                      const uint32_t *, const uint32_t *, int, int, int, int);
 typedef mg_result (*launch_ex_fn)(const mg_launch_config *, void *, void **, void **);
 
-/* Layout of a launch record, packed by moegemm/jit/runtime.py (struct formats HEADER and TMA_SPEC). */
+/* A launch record, packed once per (kernel, problem shape) by moegemm/jit/runtime.py (struct formats
+ * _HEADER and _TMA_SPEC): header, num_tma TMA specs, then the parameter block. Device pointers
+ * change from call to call, so they are not in the record but passed to mg_launch: the first
+ * num_tma become the descriptors' global addresses, the rest are written into the parameter block
+ * at param_pointer_offsets. */
+enum { MG_MAX_PARAM_POINTERS = 2 };
 typedef struct {
-    uint64_t function, stream;
+    uint64_t function;
     uint32_t grid[3], block[3], cluster[3];
-    uint32_t smem_bytes, pdl, num_tma, params_bytes, reserved;
+    uint32_t smem_bytes, pdl, num_tma, params_bytes, num_param_pointers;
+    uint32_t param_pointer_offsets[MG_MAX_PARAM_POINTERS];
 } mg_header;
 
 typedef struct {
-    uint64_t address;
     uint64_t dims[MG_MAX_TMA_RANK];    /* elements, innermost first */
     uint64_t strides[MG_MAX_TMA_RANK]; /* bytes, of dims 1..rank-1; strides[rank-1..] unused */
     uint32_t box[MG_MAX_TMA_RANK];
@@ -48,7 +53,7 @@ typedef struct {
 } mg_tma_spec;
 
 _Static_assert(sizeof(mg_header) == 72, "record header layout");
-_Static_assert(sizeof(mg_tma_spec) == 88, "record TMA spec layout");
+_Static_assert(sizeof(mg_tma_spec) == 80, "record TMA spec layout");
 
 static encode_tiled_fn encode_tiled;
 static launch_ex_fn launch_ex;
@@ -62,14 +67,22 @@ int mg_init(void) {
 }
 
 /* Returns a CUresult. When a TMA descriptor is the cause, its index goes to *failed_tma. */
-int mg_launch(const unsigned char *record, int *failed_tma) {
+int mg_launch(const unsigned char *record, int *failed_tma, uint64_t stream, uint64_t p0, uint64_t p1,
+              uint64_t p2, uint64_t p3, uint64_t p4, uint64_t p5) {
+    const uint64_t pointers[6] = {p0, p1, p2, p3, p4, p5};
     mg_header header;
     memcpy(&header, record, sizeof header);
-    if (header.params_bytes > MG_MAX_PARAM_BYTES) return MG_ERROR_INVALID_VALUE;
+    if (header.params_bytes > MG_MAX_PARAM_BYTES || header.num_param_pointers > MG_MAX_PARAM_POINTERS ||
+        header.num_tma + header.num_param_pointers > 6)
+        return MG_ERROR_INVALID_VALUE;
     _Alignas(64) unsigned char params[MG_MAX_PARAM_BYTES];
     const unsigned char *specs = record + sizeof header;
-    memset(params, 0, header.params_bytes);
     memcpy(params, specs + header.num_tma * sizeof(mg_tma_spec), header.params_bytes);
+    for (uint32_t i = 0; i < header.num_param_pointers; ++i) {
+        if (header.param_pointer_offsets[i] % 8 || header.param_pointer_offsets[i] + 8 > header.params_bytes)
+            return MG_ERROR_INVALID_VALUE;
+        memcpy(params + header.param_pointer_offsets[i], &pointers[header.num_tma + i], 8);
+    }
 
     static const uint32_t unit_strides[MG_MAX_TMA_RANK] = {1, 1, 1};
     for (uint32_t i = 0; i < header.num_tma; ++i) {
@@ -82,7 +95,7 @@ int mg_launch(const unsigned char *record, int *failed_tma) {
         }
         /* L2 promotion 256B (3), no interleave (0), out-of-bounds elements read as zero (0). */
         mg_result err = encode_tiled((mg_tensor_map *)(params + spec.offset), (int)spec.dtype, spec.rank,
-                                     (void *)(uintptr_t)spec.address, spec.dims, spec.strides, spec.box,
+                                     (void *)(uintptr_t)pointers[i], spec.dims, spec.strides, spec.box,
                                      unit_strides, 0, (int)spec.swizzle, 3, 0);
         if (err) {
             *failed_tma = (int)i;
@@ -104,7 +117,7 @@ int mg_launch(const unsigned char *record, int *failed_tma) {
         ++num_attrs;
     }
     mg_launch_config config = {header.grid[0], header.grid[1],  header.grid[2],   header.block[0],
-                               header.block[1], header.block[2], header.smem_bytes, (void *)(uintptr_t)header.stream,
+                               header.block[1], header.block[2], header.smem_bytes, (void *)(uintptr_t)stream,
                                attrs,           num_attrs};
     void *args[1] = {params};
     return launch_ex(&config, (void *)(uintptr_t)header.function, args, NULL);

@@ -24,8 +24,9 @@ import torch
 from .. import env
 from .compiler import Build, CompileError, cache_dir
 
-_HEADER = "QQ9I5I"
-_TMA_SPEC = "Q3Q3Q3I4I4x"
+_HEADER = "Q9I5I2I"
+_TMA_SPEC = "3Q3Q3I4I4x"
+_MAX_POINTERS = 6
 TMA_DESCRIPTOR_BYTES = 128
 MAX_PARAM_BYTES = 4096
 
@@ -60,7 +61,7 @@ def host_library() -> ctypes.CDLL:
             raise CompileError(f"compiling {source} failed\ncommand: {' '.join(cmd)}\n{result.stderr}")
         os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))
-    lib.mg_launch.argtypes = (ctypes.c_char_p, ctypes.POINTER(ctypes.c_int))
+    lib.mg_launch.argtypes = (ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)) + (ctypes.c_uint64,) * 7
     lib.mg_launch.restype = ctypes.c_int
     if lib.mg_init() != 0:
         raise LaunchError("could not open the CUDA driver (libcuda.so.1) or find cuLaunchKernelEx in it")
@@ -86,29 +87,18 @@ def _error_name(code: int) -> str:
         return f"CUresult {code}"
 
 
-def tma_2d(tensor: torch.Tensor, box_inner: int, box_outer: int, swizzle: int, offset: int,
-           pitch: int | None = None) -> tuple:
-    """Fields of a 2-D TMA descriptor over ``tensor`` ([outer, inner], inner stride 1), to be written
-    at byte ``offset`` of the parameter struct. ``pitch`` (bytes between rows) overrides the stride,
-    which torch leaves arbitrary for a dimension of size 1."""
-    if pitch is None:
-        pitch = tensor.stride(0) * tensor.element_size()
-    return (tensor.data_ptr(), tensor.shape[1], tensor.shape[0], 1, pitch, 0, 0,
-            box_inner, box_outer, 1, 2, TMA_DTYPES[tensor.dtype], swizzle, offset)
-
-
-def tma_3d(tensor: torch.Tensor, box: tuple[int, int, int], swizzle: int, offset: int) -> tuple:
-    """Fields of a 3-D TMA descriptor over ``tensor`` ([d2, d1, d0], d0 stride 1)."""
-    size = tensor.element_size()
-    return (tensor.data_ptr(), tensor.shape[2], tensor.shape[1], tensor.shape[0], tensor.stride(1) * size,
-            tensor.stride(0) * size, 0, *box, 3, TMA_DTYPES[tensor.dtype], swizzle, offset)
+def tma_2d(dtype: torch.dtype, inner: int, outer: int, pitch: int, box_inner: int, box_outer: int, swizzle: int,
+           offset: int) -> tuple:
+    """Geometry of a 2-D TMA descriptor ([outer, inner] elements, ``pitch`` bytes between rows), to be
+    encoded at byte ``offset`` of the parameter struct. Its address is passed at launch."""
+    return (inner, outer, 1, pitch, 0, 0, box_inner, box_outer, 1, 2, TMA_DTYPES[dtype], swizzle, offset)
 
 
 class Kernel:
     """One compiled kernel, ``extern "C" __global__ void moegemm_kernel(const __grid_constant__ P)``.
 
-    ``params_format`` is the ``struct`` format of P's members after its ``num_tma`` descriptors, in
-    declaration order, with P's natural alignment written out as padding.
+    P starts with ``num_tma`` TMA descriptors; ``params_format`` is the ``struct`` format of the
+    members after them, in declaration order, with P's natural alignment written out as padding.
     """
 
     def __init__(self, build: Build, *, num_threads: int, smem_bytes: int, num_tma: int, params_format: str,
@@ -118,48 +108,69 @@ class Kernel:
         self.smem_bytes = smem_bytes
         self.cluster = cluster
         self.num_tma = num_tma
-        params = struct.Struct("<" + params_format)
-        self.params_bytes = num_tma * TMA_DESCRIPTOR_BYTES + params.size
+        self.params_format = params_format
+        self.params_bytes = num_tma * TMA_DESCRIPTOR_BYTES + struct.calcsize("<" + params_format)
         if self.params_bytes > MAX_PARAM_BYTES:
             raise ValueError(f"kernel parameters of {self.params_bytes} bytes exceed {MAX_PARAM_BYTES}")
-        self._record = struct.Struct(
-            "<" + _HEADER + _TMA_SPEC * num_tma + f"{num_tma * TMA_DESCRIPTOR_BYTES}x" + params_format)
         self._handle: int | None = None
         self._library = None
+        self._kernel = None
         self._ready_devices: set[int] = set()
         self._failed = ctypes.c_int(-1)
 
-    def _load(self, device: int) -> None:
+    def record(self, grid: int, tma: Sequence[tuple], params: Sequence, num_pointer_params: int = 0,
+               pdl: bool = False) -> bytes:
+        """The launch record of one problem shape. ``tma``: ``num_tma`` ``tma_2d`` tuples. ``params``:
+        the members after the descriptors; the first ``num_pointer_params`` are device pointers
+        (``params_format`` "Q"), given as 0 here and filled in by ``launch``."""
+        if len(tma) != self.num_tma:
+            raise ValueError(f"expected {self.num_tma} TMA descriptors, got {len(tma)}")
+        if not self.params_format.startswith("Q" * num_pointer_params):
+            raise ValueError(f"pointer parameters must lead params_format, got {self.params_format!r}")
+        self._load_library()
+        base = self.num_tma * TMA_DESCRIPTOR_BYTES
+        offsets = [base + 8 * i for i in range(num_pointer_params)] + [0] * (2 - num_pointer_params)
+        layout = struct.Struct("<" + _HEADER + _TMA_SPEC * self.num_tma + f"{base}x" + self.params_format)
+        return layout.pack(self._handle, grid, 1, 1, self.num_threads, 1, 1, self.cluster, 1, 1, self.smem_bytes,
+                           int(pdl), self.num_tma, self.params_bytes, num_pointer_params, *offsets,
+                           *(field for spec in tma for field in spec), *params)
+
+    def _load_library(self) -> None:
         from cuda.bindings import driver
 
-        if self._handle is None:
-            _driver_call(driver.cuInit(0), "cuInit")
-            self._library = _driver_call(
-                driver.cuLibraryLoadData(self.build.cubin_path.read_bytes(), None, None, 0, None, None, 0),
-                f"cuLibraryLoadData({self.build.cubin_path})")
-            kernel = _driver_call(driver.cuLibraryGetKernel(self._library, b"moegemm_kernel"),
-                                  "cuLibraryGetKernel")
-            self._kernel_obj = kernel
-            self._handle = int(kernel)
+        if self._handle is not None:
+            return
+        _driver_call(driver.cuInit(0), "cuInit")
+        self._library = _driver_call(
+            driver.cuLibraryLoadData(self.build.cubin_path.read_bytes(), None, None, 0, None, None, 0),
+            f"cuLibraryLoadData({self.build.cubin_path})")
+        self._kernel = _driver_call(driver.cuLibraryGetKernel(self._library, b"moegemm_kernel"),
+                                    "cuLibraryGetKernel")
+        self._handle = int(self._kernel)
+
+    def _setup_device(self, device: int) -> None:
+        from cuda.bindings import driver
+
         cu_device = _driver_call(driver.cuDeviceGet(device), "cuDeviceGet")
         attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        _driver_call(driver.cuKernelSetAttribute(attribute, self.smem_bytes, self._kernel_obj, cu_device),
+        _driver_call(driver.cuKernelSetAttribute(attribute, self.smem_bytes, self._kernel, cu_device),
                      f"setting {self.smem_bytes} bytes of dynamic shared memory")
         self._ready_devices.add(device)
 
-    def launch(self, grid: int, device: int, tma: Sequence, params: Sequence, pdl: bool = False) -> None:
-        """Launch on ``device``'s current torch stream. ``tma`` is the concatenation of ``tma_2d`` /
-        ``tma_3d`` tuples, ``params`` the scalar members in ``params_format`` order."""
+    def launch(self, record: bytes, device: int, *pointers: int) -> None:
+        """Launch ``record`` on ``device``'s current torch stream. ``pointers``: the TMA descriptors'
+        global addresses in order, then the pointer parameters."""
         if device not in self._ready_devices:
-            self._load(device)
-        record = self._record.pack(
-            self._handle, current_stream(device), grid, 1, 1, self.num_threads, 1, 1, self.cluster, 1, 1,
-            self.smem_bytes, int(pdl), self.num_tma, self.params_bytes, 0, *tma, *params)
-        err = host_library().mg_launch(record, self._failed)
+            self._setup_device(device)
+        err = host_library().mg_launch(record, self._failed, current_stream(device), *pointers,
+                                       *_ZEROS[len(pointers):])
         if err:
             which = f" (TMA descriptor {self._failed.value})" if self._failed.value >= 0 else ""
             self._failed.value = -1
             raise LaunchError(f"launching {self.build.name} failed{which}: {_error_name(err)}")
+
+
+_ZEROS = (0,) * _MAX_POINTERS
 
 
 if hasattr(torch._C, "_cuda_getCurrentRawStream"):
@@ -170,12 +181,12 @@ else:  # pragma: no cover - older torch
         return torch.cuda.current_stream(device).cuda_stream
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_capability(device: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_name(device: int) -> str:
     return torch.cuda.get_device_name(device)
 

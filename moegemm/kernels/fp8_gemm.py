@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import env
-from ..jit import compiler, runtime
+from ..jit import compiler
 from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, Kernel, tma_2d
 from ..utils import get_tma_aligned_size
 
@@ -132,7 +132,6 @@ def build(config: Fp8GemmConfig) -> compiler.Build:
 
 
 _kernels: dict[Fp8GemmConfig, Kernel] = {}
-_plans: dict[tuple, tuple[Fp8GemmConfig, Kernel, int]] = {}
 
 
 def _kernel(config: Fp8GemmConfig) -> Kernel:
@@ -144,36 +143,40 @@ def _kernel(config: Fp8GemmConfig) -> Kernel:
     return kernel
 
 
-def _plan(key: tuple) -> tuple[Fp8GemmConfig, Kernel, int]:
-    m, n, k, out_fp32, accumulate, num_sms = key
-    config = select_config(m, n, k, out_fp32, accumulate, num_sms)
-    num_tiles = -(-m // config.block_m) * -(-n // config.block_n)
-    if env.flag("MOEGEMM_PRINT_CONFIGS"):
-        print(f"[moegemm] fp8_gemm_nt m={m} n={n} k={k}: {config}, grid {min(num_sms, num_tiles)}",
-              file=sys.stderr)
-    plan = (config, _kernel(config), min(num_sms, num_tiles))
-    _plans[key] = plan
-    return plan
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a call that depends only on shapes and strides, made once per signature."""
+
+    config: Fp8GemmConfig
+    kernel: Kernel
+    record: bytes
+
+    def launch(self, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+               d: torch.Tensor) -> None:
+        """Run on inputs of the planned signature (``sfa`` M-major TMA-aligned, ``sfb`` contiguous)."""
+        self.kernel.launch(self.record, d.device.index, a.data_ptr(), b.data_ptr(), sfa.data_ptr(), d.data_ptr(),
+                           sfb.data_ptr())
 
 
-def launch(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
-           accumulate: bool, num_sms: int, config: Fp8GemmConfig | None = None) -> None:
-    """D (+)= A @ B^T on validated inputs: ``sfa`` M-major TMA-aligned, ``sfb`` contiguous.
-    ``config`` overrides the heuristic (tests use it to cover every kind of config)."""
+def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, num_sms: int,
+         config: Fp8GemmConfig | None = None) -> Plan:
+    """The plan of D (+)= A @ B^T for these shapes; ``config`` overrides the heuristic (tests use it
+    to cover every kind of config)."""
     m, k = a.shape
     n = b.shape[0]
     if config is None:
-        key = (m, n, k, d.dtype == torch.float32, accumulate, num_sms)
-        config, kernel, grid = _plans.get(key) or _plan(key)
-    else:
-        kernel, grid = _kernel(config), min(num_sms, -(-m // config.block_m) * -(-n // config.block_n))
-    bm = config.block_m
+        config = select_config(m, n, k, d.dtype == torch.float32, accumulate, num_sms)
+    grid = min(num_sms, -(-m // config.block_m) * -(-n // config.block_n))
+    if env.flag("MOEGEMM_PRINT_CONFIGS"):
+        print(f"[moegemm] fp8_gemm_nt m={m} n={n} k={k}: {config}, grid {grid}", file=sys.stderr)
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
-    tma = (*tma_2d(a, BLOCK_K, bm, SWIZZLE_128B, 0),
-           *tma_2d(b, BLOCK_K, config.block_n, SWIZZLE_128B, 128),
-           *tma_2d(sfa.t(), bm, 1, SWIZZLE_NONE, 256, pitch=get_tma_aligned_size(m, 4) * 4),
-           *tma_2d(d, config.store_cols, 64, d_swizzle, 384))
-    kernel.launch(grid, a.device.index, tma, (sfb.data_ptr(), m, n, k))
+    tma = (tma_2d(a.dtype, k, m, a.stride(0), BLOCK_K, config.block_m, SWIZZLE_128B, 0),
+           tma_2d(b.dtype, k, n, b.stride(0), BLOCK_K, config.block_n, SWIZZLE_128B, 128),
+           tma_2d(torch.float32, m, -(-k // BLOCK_K), get_tma_aligned_size(m, 4) * 4, config.block_m, 1,
+                  SWIZZLE_NONE, 256),
+           tma_2d(d.dtype, n, m, d.stride(0) * d.element_size(), config.store_cols, 64, d_swizzle, 384))
+    kernel = _kernel(config)
+    return Plan(config, kernel, kernel.record(grid, tma, (0, m, n, k), num_pointer_params=1))
 
 
-__all__ = ["Fp8GemmConfig", "select_config", "generate_source", "build", "launch", "runtime"]
+__all__ = ["Fp8GemmConfig", "Plan", "build", "generate_source", "plan", "select_config"]
