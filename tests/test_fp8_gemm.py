@@ -77,19 +77,21 @@ def test_fp32_out_and_accumulate(m, n, k, seed):
 
 
 # Every kind of config the heuristic can emit: one and two math warpgroups, narrow (unswizzled)
-# and wide output tiles, tiles inside one SFB block and tiles straddling two, both output dtypes.
+# and wide output tiles, tiles inside one SFB block and tiles straddling two, both output dtypes,
+# with and without B multicast across a cluster of two (odd block-row counts included).
 CONFIGS = [
     Fp8GemmConfig(64, 8, 6, False, False), Fp8GemmConfig(64, 48, 6, False, False),
     Fp8GemmConfig(128, 64, 5, False, False), Fp8GemmConfig(128, 128, 5, False, False),
     Fp8GemmConfig(128, 192, 4, False, False), Fp8GemmConfig(64, 24, 6, True, False),
     Fp8GemmConfig(128, 96, 4, True, False), Fp8GemmConfig(128, 160, 4, True, True),
-    Fp8GemmConfig(64, 128, 6, True, True),
+    Fp8GemmConfig(64, 128, 6, True, True), Fp8GemmConfig(128, 128, 5, False, False, 2),
+    Fp8GemmConfig(128, 192, 4, False, False, 2), Fp8GemmConfig(64, 32, 6, True, True, 2),
 ]
 
 
 @gpu
 @pytest.mark.parametrize("config", CONFIGS, ids=fp8_gemm.kernel_name)
-@pytest.mark.parametrize("m,n,k", [(1, 1000, 384), (200, 968, 1168)])
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 384), (200, 968, 1168), (300, 2048, 512)])
 def test_every_config(config, m, n, k, seed):
     _, _, a, b = make_inputs(m, n, k)
     sfa = get_mn_major_tma_aligned_tensor(a[1])

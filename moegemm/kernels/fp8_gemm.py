@@ -7,6 +7,7 @@ heuristic picks.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -22,10 +23,12 @@ SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 BARRIER_BYTES = 8
 MAX_STAGES = 12
 # Rough sm_90 rates used to compare configs (H100 SXM): dense FP8 tensor-core rate per SM, DRAM
-# bandwidth, and what one SM's TMA loads sustain from L2.
+# bandwidth, what one SM's TMA loads sustain from L2, and what one SM pulls when streaming from
+# DRAM (seen on H100: 38 busy SMs streamed 1.87 TB/s; taken lower so small problems spread wide).
 FP8_FLOPS_PER_SM = 1450e12 / 132
 DRAM_BYTES_PER_S = 3.0e12
-SM_LOAD_BYTES_PER_S = 90e9
+SM_L2_BYTES_PER_S = 120e9
+SM_DRAM_BYTES_PER_S = 30e9
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Fp8GemmConfig:
     stages: int
     out_fp32: bool
     accumulate: bool
+    cluster_m: int = 1  # 2: two CTAs stacked along M share (multicast) the B tile
 
     @property
     def out_bytes(self) -> int:
@@ -76,16 +80,17 @@ def _max_stages(block_m: int, block_n: int, out_bytes: int) -> int:
 
 
 def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, out_bytes: int) -> float:
-    """Time of the busiest SM: its waves of tiles, each bound by tensor-core rate or its own loads,
-    and no less than the whole problem's DRAM traffic (A and B once, D written)."""
-    num_m_blocks, num_n_blocks = -(-m // block_m), -(-n // block_n)
-    waves = -(-(num_m_blocks * num_n_blocks) // num_sms)
+    """The slowest of: the busiest SM's waves of tiles at tensor-core rate or at its L2 load rate;
+    the problem's DRAM traffic (A and B once, D written) at full bandwidth, or at the rate the
+    SMs that have work can pull it."""
+    num_tiles = -(-m // block_m) * -(-n // block_n)
+    waves = -(-num_tiles // num_sms)
     k_padded = -(-k // BLOCK_K) * BLOCK_K
-    tile_flops = 2 * block_m * block_n * k_padded
-    tile_bytes = (min(block_m, m) + block_n) * k_padded
-    per_tile = max(tile_flops / FP8_FLOPS_PER_SM, tile_bytes / SM_LOAD_BYTES_PER_S)
-    dram = (m * k + n * k + m * n * out_bytes) / DRAM_BYTES_PER_S
-    return max(waves * per_tile, dram)
+    compute = waves * 2 * block_m * block_n * k_padded / FP8_FLOPS_PER_SM
+    loads = waves * (min(block_m, m) + block_n) * k_padded / SM_L2_BYTES_PER_S
+    unique_bytes = m * k + n * k + m * n * out_bytes
+    dram = unique_bytes / min(DRAM_BYTES_PER_S, min(num_tiles, num_sms) * SM_DRAM_BYTES_PER_S)
+    return max(compute, loads, dram)
 
 
 def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_sms: int) -> Fp8GemmConfig:
@@ -104,14 +109,31 @@ def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_
             if best_key is None or key < best_key:
                 best, best_key = Fp8GemmConfig(block_m, block_n, stages, out_fp32, accumulate), key
     assert best is not None
-    return best
+    return _with_multicast(best, m, n, num_sms)
+
+
+def _with_multicast(config: Fp8GemmConfig, m: int, n: int, num_sms: int) -> Fp8GemmConfig:
+    """Pair CTAs along M to share B when the problem has tiles for every SM and the pairing wastes
+    little (an odd last block-row leaves one CTA of its clusters idle)."""
+    num_m_blocks = -(-m // config.block_m)
+    tiles = num_m_blocks * -(-n // config.block_n)
+    if config.block_n % 16 or tiles < num_sms or not (num_m_blocks % 2 == 0 or num_m_blocks >= 8):
+        return config
+    return dataclasses.replace(config, cluster_m=2)
+
+
+def grid_size(config: Fp8GemmConfig, m: int, n: int, num_sms: int) -> int:
+    """Persistent grid: one CTA per SM, no more than there are tiles, whole clusters."""
+    c = config.cluster_m
+    items = -(-m // (config.block_m * c)) * -(-n // config.block_n)
+    return min(num_sms // c, items) * c
 
 
 def generate_source(config: Fp8GemmConfig) -> str:
     return (
         '#include "sm90_fp8_gemm.cuh"\n'
         f"using Config = moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.stages}, "
-        f"{str(config.out_fp32).lower()}, {str(config.accumulate).lower()}>;\n"
+        f"{config.cluster_m}, {str(config.out_fp32).lower()}, {str(config.accumulate).lower()}>;\n"
         f"static_assert(Config::kSmemBytes == {config.smem_bytes}, \"host and device disagree on shared memory\");\n"
         f"static_assert(Config::kNumThreads == {config.num_threads});\n"
         "extern \"C\" __global__ void __launch_bounds__(Config::kNumThreads, 1)\n"
@@ -124,7 +146,8 @@ def generate_source(config: Fp8GemmConfig) -> str:
 def kernel_name(config: Fp8GemmConfig) -> str:
     out = "f32" if config.out_fp32 else "bf16"
     acc = "_acc" if config.accumulate else ""
-    return f"sm90_fp8_gemm_nt_{out}{acc}_m{config.block_m}n{config.block_n}s{config.stages}"
+    cluster = f"c{config.cluster_m}" if config.cluster_m > 1 else ""
+    return f"sm90_fp8_gemm_nt_{out}{acc}_m{config.block_m}n{config.block_n}s{config.stages}{cluster}"
 
 
 def build(config: Fp8GemmConfig) -> compiler.Build:
@@ -138,7 +161,7 @@ def _kernel(config: Fp8GemmConfig) -> Kernel:
     kernel = _kernels.get(config)
     if kernel is None:
         kernel = Kernel(build(config), num_threads=config.num_threads, smem_bytes=config.smem_bytes,
-                        num_tma=4, params_format="Q3I")
+                        num_tma=4, params_format="Q3I", cluster=config.cluster_m)
         _kernels[config] = kernel
     return kernel
 
@@ -166,12 +189,12 @@ def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, nu
     n = b.shape[0]
     if config is None:
         config = select_config(m, n, k, d.dtype == torch.float32, accumulate, num_sms)
-    grid = min(num_sms, -(-m // config.block_m) * -(-n // config.block_n))
+    grid = grid_size(config, m, n, num_sms)
     if env.flag("MOEGEMM_PRINT_CONFIGS"):
         print(f"[moegemm] fp8_gemm_nt m={m} n={n} k={k}: {config}, grid {grid}", file=sys.stderr)
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
     tma = (tma_2d(a.dtype, k, m, a.stride(0), BLOCK_K, config.block_m, SWIZZLE_128B, 0),
-           tma_2d(b.dtype, k, n, b.stride(0), BLOCK_K, config.block_n, SWIZZLE_128B, 128),
+           tma_2d(b.dtype, k, n, b.stride(0), BLOCK_K, config.block_n // config.cluster_m, SWIZZLE_128B, 128),
            tma_2d(torch.float32, m, -(-k // BLOCK_K), get_tma_aligned_size(m, 4) * 4, config.block_m, 1,
                   SWIZZLE_NONE, 256),
            tma_2d(d.dtype, n, m, d.stride(0) * d.element_size(), config.store_cols, 64, d_swizzle, 384))

@@ -9,8 +9,13 @@
 //   last warpgroup                      producer: its first thread issues every TMA load.
 // Stage ring of kStages shared-memory slots, each holding a 128-wide K slice of A, B and SFA:
 //   full[s]   count 1: the producer's arrive_expect_tx; completes when the TMA bytes have landed.
-//   empty[s]  count kNumMathThreads / 32: lane 0 of every math warp arrives once its WGMMAs on the
-//             slot have retired; the producer waits on it before refilling the slot.
+//   empty[s]  count kClusterM * kNumMathThreads / 32: lane 0 of every math warp of every CTA in the
+//             cluster arrives once its WGMMAs on the slot have retired; the producer waits on it
+//             before refilling the slot.
+// With kClusterM == 2 the two CTAs of a cluster compute vertically adjacent tiles with the same B
+// tile: each loads half of B's rows and multicasts them into both CTAs' slots, halving B's L2
+// traffic. A slot may then be refilled only when both CTAs have released it, hence the cluster-wide
+// empty barrier; before exiting, the producer drains the ring so no remote arrive targets an exited CTA.
 // Per 128-wide K slice a math warpgroup issues four m64nNk32 WGMMAs into a scratch accumulator,
 // waits for them, releases the slot, and adds the scratch times SFA (per row) times SFB (per
 // 128-column block) into FP32 totals: the promotion that keeps FP8 accumulation error bounded.
@@ -33,9 +38,10 @@ struct Fp8GemmParams {
     u32 m, n, k;
 };
 
-template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, bool kOutFp32_, bool kAccumulate_>
+template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, bool kOutFp32_, bool kAccumulate_>
 struct Fp8GemmConfig {
     static constexpr u32 kBlockM = kBlockM_, kBlockN = kBlockN_, kBlockK = 128, kStages = kStages_;
+    static constexpr u32 kClusterM = kClusterM_;
     static constexpr bool kOutFp32 = kOutFp32_, kAccumulate = kAccumulate_;
     static constexpr u32 kNumMathWarpgroups = kBlockM / 64;
     static constexpr u32 kNumMathThreads = 128 * kNumMathWarpgroups;
@@ -66,27 +72,40 @@ struct Fp8GemmConfig {
     // 128-byte-swizzled tiles need 1024-byte alignment; the layout below keeps every A/B/D tile so.
     static_assert(kSmemDBytes % 1024 == 0 && kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0);
     static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a block may use");
+    static_assert(kClusterM == 1 || (kClusterM == 2 && kBlockN % 16 == 0),
+                  "multicast halves of B must stay 1024-byte aligned (8-row swizzle groups)");
 };
 
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* smem_a, u8* smem_b,
                                                   float* smem_sfa, Barrier* full, Barrier* empty) {
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
-    const TileScheduler<BM, BN> scheduler(p.m, p.n);
+    constexpr u32 kCluster = Config::kClusterM;
+    constexpr u32 kSliceRows = BN / kCluster;
+    const TileScheduler<BM, BN, kCluster> scheduler(p.m, p.n);
     const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
+    const u32 rank = kCluster > 1 ? cluster_cta_rank() : 0;
     StageRing<Config::kStages> ring;
-    for (u32 tile = blockIdx.x; tile < scheduler.num_tiles; tile += gridDim.x) {
+    for (u32 item = scheduler.first_item(); item < scheduler.num_items; item += scheduler.item_stride()) {
         u32 m_block, n_block;
-        scheduler.coords(tile, m_block, n_block);
+        scheduler.coords(item, m_block, n_block);
         for (u32 k_block = 0; k_block < num_k_blocks; ++k_block, ring.advance()) {
             const u32 s = ring.stage;
             empty[s].wait(ring.phase ^ 1);
             full[s].arrive_expect_tx(Config::kStageBytes);
             const int k = k_block * Config::kBlockK;
             tma_load_2d(smem_a + s * Config::kTileABytes, &p.tma_a, &full[s], k, m_block * BM);
-            tma_load_2d(smem_b + s * Config::kTileBBytes, &p.tma_b, &full[s], k, n_block * BN);
+            u8* slice_b = smem_b + s * Config::kTileBBytes + rank * kSliceRows * Config::kBlockK;
+            if constexpr (kCluster > 1)
+                tma_load_2d_multicast(slice_b, &p.tma_b, &full[s], k, n_block * BN + rank * kSliceRows,
+                                      (1u << kCluster) - 1);
+            else
+                tma_load_2d(slice_b, &p.tma_b, &full[s], k, n_block * BN);
             tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, &full[s], m_block * BM, k_block);
         }
+    }
+    if constexpr (kCluster > 1) {
+        for (u32 s = 0; s < Config::kStages; ++s, ring.advance()) empty[ring.stage].wait(ring.phase ^ 1);
     }
 }
 
@@ -122,8 +141,9 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
                                                   Barrier* empty) {
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kAcc = BN / 2;
-    const TileScheduler<BM, BN> scheduler(p.m, p.n);
+    const TileScheduler<BM, BN, Config::kClusterM> scheduler(p.m, p.n);
     const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
+    const u32 peer = Config::kClusterM > 1 ? cluster_cta_rank() ^ 1 : 0;
     const u32 num_sfb_rows = ceil_div(p.n, 128u);
     const u32 wg = threadIdx.x / 128;
     const u32 lane = lane_id();
@@ -133,9 +153,9 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
 
     float scratch[kAcc], totals[kAcc];
     StageRing<Config::kStages> ring;
-    for (u32 tile = blockIdx.x; tile < scheduler.num_tiles; tile += gridDim.x) {
+    for (u32 item = scheduler.first_item(); item < scheduler.num_items; item += scheduler.item_stride()) {
         u32 m_block, n_block;
-        scheduler.coords(tile, m_block, n_block);
+        scheduler.coords(item, m_block, n_block);
         const u32 n0 = n_block * BN;
         // Columns at or past `boundary` take the next SFB block's scale.
         const u32 sfb_block = n0 / 128;
@@ -169,7 +189,10 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
 #pragma unroll
             for (u32 i = 0; i < kAcc; ++i) fence_register(scratch[i]);
             wgmma_wait<0>();
-            if (lane == 0) empty[s].arrive();
+            if (lane == 0) {
+                empty[s].arrive();
+                if constexpr (Config::kClusterM > 1) empty[s].arrive_cluster(peer);
+            }
 
             const float s00 = a0 * b0, s01 = a0 * b1, s10 = a1 * b0, s11 = a1 * b1;
 #pragma unroll
@@ -226,11 +249,14 @@ __device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
 #pragma unroll
         for (u32 s = 0; s < Config::kStages; ++s) {
             full[s].init(1);
-            empty[s].init(Config::kNumMathThreads / 32);
+            empty[s].init(Config::kClusterM * Config::kNumMathThreads / 32);
         }
         fence_barrier_init();
     }
-    __syncthreads();
+    if constexpr (Config::kClusterM > 1)
+        cluster_sync();
+    else
+        __syncthreads();
     // With programmatic dependent launch, inputs written by the previous kernel are ready only now.
     grid_dependency_wait();
 

@@ -40,6 +40,17 @@ struct Barrier {
                      "r"(bytes)
                      : "memory");
     }
+    // Arrive on the barrier at the same shared-memory offset in CTA `cta_rank` of this cluster.
+    __device__ __forceinline__ void arrive_cluster(u32 cta_rank) {
+        asm volatile(
+            "{\n"
+            ".reg .b32 remote;\n"
+            "mapa.shared::cluster.u32 remote, %0, %1;\n"
+            "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+            "}\n" ::"r"(smem_addr(this)),
+            "r"(cta_rank)
+            : "memory");
+    }
     // Block until the phase of the given parity has completed.
     __device__ __forceinline__ void wait(u32 parity) {
         asm volatile(
@@ -64,6 +75,18 @@ __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
+__device__ __forceinline__ u32 cluster_cta_rank() {
+    u32 rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return rank;
+}
+
+// Every thread of every CTA in the cluster; orders shared-memory writes (barrier inits) before
+// the other CTAs' accesses.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
 // Synchronise `num_threads` threads on hardware barrier `id` (0 is __syncthreads).
 __device__ __forceinline__ void named_barrier_sync(u32 id, u32 num_threads) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
@@ -79,6 +102,18 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDescriptor* desc
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
         ::"r"(smem_addr(dst)), "l"(reinterpret_cast<u64>(desc)), "r"(smem_addr(bar)), "r"(x), "r"(y)
+        : "memory");
+}
+
+// Load a box into the same shared-memory offset of every CTA in `cta_mask`, signalling each CTA's
+// barrier at `bar`'s offset.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaDescriptor* desc, Barrier* bar, int x,
+                                                      int y, u32 cta_mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%3, %4}], [%2], %5;"
+        ::"r"(smem_addr(dst)), "l"(reinterpret_cast<u64>(desc)), "r"(smem_addr(bar)), "r"(x), "r"(y),
+        "h"(static_cast<unsigned short>(cta_mask))
         : "memory");
 }
 

@@ -4,26 +4,32 @@
 
 namespace moegemm {
 
-// Output tiles of an M x N product, handed out round-robin to a persistent grid (block b takes
-// tiles b, b + gridDim.x, ...). Tiles are ordered in groups of kGroupM block-rows, column by column
-// inside a group, so the tiles in flight at one time share rows of A and columns of B in L2.
-template <u32 kBlockM, u32 kBlockN, u32 kGroupM = 8>
+// Output tiles of an M x N product, handed out round-robin to a persistent grid of clusters of
+// kClusterM CTAs stacked along M (cluster c takes work items c, c + number of clusters, ...; its
+// CTA of rank r computes block-row kClusterM * item_row + r, so the CTAs of a cluster share the B
+// tile). Items are ordered in groups of kGroupM item-rows, column by column inside a group, so the
+// tiles in flight at one time share rows of A and columns of B in L2. A CTA whose block-row lies
+// past M still runs (its loads read zeros, its stores are skipped): its cluster peer needs it.
+template <u32 kBlockM, u32 kBlockN, u32 kClusterM = 1, u32 kGroupM = 8>
 struct TileScheduler {
-    u32 num_m_blocks;
+    u32 num_item_rows;
     u32 num_n_blocks;
-    u32 num_tiles;
+    u32 num_items;
 
     __device__ __forceinline__ TileScheduler(u32 m, u32 n)
-        : num_m_blocks(ceil_div(m, kBlockM)), num_n_blocks(ceil_div(n, kBlockN)),
-          num_tiles(num_m_blocks * num_n_blocks) {}
+        : num_item_rows(ceil_div(m, kBlockM * kClusterM)), num_n_blocks(ceil_div(n, kBlockN)),
+          num_items(num_item_rows * num_n_blocks) {}
 
-    __device__ __forceinline__ void coords(u32 tile, u32& m_block, u32& n_block) const {
-        const u32 tiles_per_group = kGroupM * num_n_blocks;
-        const u32 group = tile / tiles_per_group;
-        const u32 first_m = group * kGroupM;
-        const u32 group_rows = min(kGroupM, num_m_blocks - first_m);
-        const u32 in_group = tile - group * tiles_per_group;
-        m_block = first_m + in_group % group_rows;
+    __device__ __forceinline__ static u32 first_item() { return blockIdx.x / kClusterM; }
+    __device__ __forceinline__ static u32 item_stride() { return gridDim.x / kClusterM; }
+
+    __device__ __forceinline__ void coords(u32 item, u32& m_block, u32& n_block) const {
+        const u32 items_per_group = kGroupM * num_n_blocks;
+        const u32 group = item / items_per_group;
+        const u32 first_row = group * kGroupM;
+        const u32 group_rows = min(kGroupM, num_item_rows - first_row);
+        const u32 in_group = item - group * items_per_group;
+        m_block = (first_row + in_group % group_rows) * kClusterM + blockIdx.x % kClusterM;
         n_block = in_group / group_rows;
     }
 };
