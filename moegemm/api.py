@@ -19,11 +19,8 @@ GEMM_OUT = (torch.bfloat16, torch.float32)
 
 
 def _required_sfa(sfa: torch.Tensor, m: int) -> torch.Tensor:
-    """SFA as the kernel reads it: FP32, M-major, columns TMA-aligned. No copy if already so."""
-    aligned = get_tma_aligned_size(m, 4)
-    if sfa.stride(0) == 1 and (sfa.shape[1] == 1 or sfa.stride(1) == aligned) and sfa.data_ptr() % 16 == 0:
-        return sfa
-    out = torch.empty_strided(sfa.shape, (1, aligned), dtype=torch.float32, device=sfa.device)
+    """A copy of SFA in the layout the kernel reads: FP32, M-major, columns TMA-aligned."""
+    out = torch.empty_strided(sfa.shape, (1, get_tma_aligned_size(m, 4)), dtype=torch.float32, device=sfa.device)
     return out.copy_(sfa)
 
 
@@ -57,42 +54,55 @@ def _check_fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb:
         checks.sm90(device)
 
 
-def _signature(*tensors: torch.Tensor | None) -> tuple:
-    return tuple(None if t is None else (t.dtype, t.shape, t.stride(), t.device) for t in tensors)
+def _signature(a, sfa, b, sfb, d, c) -> tuple:
+    """What the checks and the plan depend on: dtypes, shapes, strides, devices (flat: this runs on
+    every call)."""
+    return (a.dtype, a.size(), a.stride(), sfa.dtype, sfa.size(), sfa.stride(), b.dtype, b.size(), b.stride(),
+            sfb.dtype, sfb.size(), sfb.stride(), d.dtype, d.size(), d.stride(), a.get_device(), sfa.get_device(),
+            b.get_device(), sfb.get_device(), d.get_device(),
+            None if c is None else (c.dtype, c.size(), c.stride(), c.get_device()))
 
 
-# Call signatures already checked, mapped to their launch plan (None: CPU reference). Bounded so a
-# stream of distinct shapes cannot grow it without limit.
-_fp8_gemm_plans: dict[tuple, object] = {}
+def _sfa_ready(sfa: torch.Tensor, m: int) -> bool:
+    """SFA's strides are already the kernel's: FP32, M-major, columns TMA-aligned."""
+    return sfa.stride(0) == 1 and (sfa.shape[1] == 1 or sfa.stride(1) == get_tma_aligned_size(m, 4))
+
+
+# Call signatures already checked, mapped to (kernel plan or None for an empty problem, whether SFA
+# and SFB arrive in the kernel's layout). CPU calls map to None. Bounded so a stream of distinct
+# shapes cannot grow it without limit.
+_fp8_gemm_plans: dict[tuple, tuple | None] = {}
 _MAX_PLANS = 4096
 
 
-def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c):
+def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
     _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
-    plan = None
-    if d.device.type == "cuda" and a.shape[0] > 0 and d.shape[1] > 0 and a.shape[1] > 0:
-        from .kernels import fp8_gemm
+    entry = None
+    if d.is_cuda:
+        plan = None
+        if a.shape[0] > 0 and d.shape[1] > 0 and a.shape[1] > 0:
+            from .kernels import fp8_gemm
 
-        plan = fp8_gemm.plan(a, b, d, c is not None, key[-1])
+            plan = fp8_gemm.plan(a, b, d, c is not None, key[-1])
+        entry = (plan, _sfa_ready(sfa, a.shape[0]), sfb.is_contiguous())
     if len(_fp8_gemm_plans) >= _MAX_PLANS:
         _fp8_gemm_plans.clear()
-    _fp8_gemm_plans[key] = plan
-    return plan
+    _fp8_gemm_plans[key] = entry
+    return entry
 
 
 def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
                  c: torch.Tensor | None) -> None:
     try:
-        key = (_signature(a, sfa, b, sfb, d, c), get_num_sms() if d.device.type == "cuda" else 0)
+        key = (_signature(a, sfa, b, sfb, d, c), get_num_sms() if d.is_cuda else 0)
     except AttributeError:  # an argument is not a tensor: let the checks name it
         _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
         raise
-    plan = _fp8_gemm_plans.get(key, False)
-    if plan is False:
-        plan = _fp8_gemm_nt_plan(key, a, sfa, b, sfb, d, c)
-    if d.device.type != "cuda":
+    entry = _fp8_gemm_plans[key] if key in _fp8_gemm_plans else _fp8_gemm_nt_plan(key, a, sfa, b, sfb, d, c)
+    if entry is None:
         reference.fp8_gemm_nt((a, sfa), (b, sfb), d, c)
         return
+    plan, sfa_ready, sfb_ready = entry
     # Data pointers change between calls with the same signature, so their alignment is checked here.
     if (a.data_ptr() | b.data_ptr() | d.data_ptr()) & 15:
         for name, t in (("a", a), ("b", b), ("d", d)):
@@ -103,8 +113,9 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
         if c is None and a.shape[1] == 0:
             d.zero_()
         return
-    sfa = _required_sfa(sfa, a.shape[0])
-    if not sfb.is_contiguous():
+    if not sfa_ready or sfa.data_ptr() & 15:
+        sfa = _required_sfa(sfa, a.shape[0])
+    if not sfb_ready:
         sfb = sfb.contiguous()
     plan.launch(a, sfa, b, sfb, d)
 

@@ -302,5 +302,11 @@ def clear_cache() -> int:
 
 
 def cache_size() -> int:
-    root = cache_dir()
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+    # Concurrent builds rename and remove their temporary files while we look: os.walk skips a
+    # directory that vanishes mid-walk, and a file may vanish between the listing and its stat.
+    total = 0
+    for parent, _, files in os.walk(cache_dir()):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(parent, name)).st_size
+    return total

@@ -67,9 +67,12 @@ int mg_init(void) {
 }
 
 /* Returns a CUresult. When a TMA descriptor is the cause, its index goes to *failed_tma. */
-int mg_launch(const unsigned char *record, int *failed_tma, uint64_t stream, uint64_t p0, uint64_t p1,
-              uint64_t p2, uint64_t p3, uint64_t p4, uint64_t p5) {
-    const uint64_t pointers[6] = {p0, p1, p2, p3, p4, p5};
+/* `dynamic` holds what changes from call to call: the stream, then six device pointers (unused ones 0).
+ * One bytes argument converts faster in ctypes than seven integers. */
+int mg_launch(const unsigned char *record, const unsigned char *dynamic, int *failed_tma) {
+    uint64_t stream, pointers[6];
+    memcpy(&stream, dynamic, 8);
+    memcpy(pointers, dynamic + 8, sizeof pointers);
     mg_header header;
     memcpy(&header, record, sizeof header);
     if (header.params_bytes > MG_MAX_PARAM_BYTES || header.num_param_pointers > MG_MAX_PARAM_POINTERS ||

@@ -61,7 +61,7 @@ def host_library() -> ctypes.CDLL:
             raise CompileError(f"compiling {source} failed\ncommand: {' '.join(cmd)}\n{result.stderr}")
         os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))
-    lib.mg_launch.argtypes = (ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)) + (ctypes.c_uint64,) * 7
+    lib.mg_launch.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int))
     lib.mg_launch.restype = ctypes.c_int
     if lib.mg_init() != 0:
         raise LaunchError("could not open the CUDA driver (libcuda.so.1) or find cuLaunchKernelEx in it")
@@ -151,26 +151,49 @@ class Kernel:
     def _setup_device(self, device: int) -> None:
         from cuda.bindings import driver
 
+        self._mg_launch = host_library().mg_launch
         cu_device = _driver_call(driver.cuDeviceGet(device), "cuDeviceGet")
         attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         _driver_call(driver.cuKernelSetAttribute(attribute, self.smem_bytes, self._kernel, cu_device),
                      f"setting {self.smem_bytes} bytes of dynamic shared memory")
         self._ready_devices.add(device)
 
+    def max_active_clusters(self, device: int) -> int:
+        """How many clusters of this kernel fit on ``device`` at once. Not always SMs / cluster size:
+        a cluster must fit in one GPC, so a persistent grid sized by SMs alone could leave some
+        clusters waiting for a second wave."""
+        from cuda.bindings import driver
+
+        self._load_library()
+        if device not in self._ready_devices:
+            self._setup_device(device)
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = self.cluster, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = self.num_threads, 1, 1
+        config.sharedMemBytes = self.smem_bytes
+        attribute = driver.CUlaunchAttribute()
+        attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attribute.value.clusterDim.x, attribute.value.clusterDim.y, attribute.value.clusterDim.z = self.cluster, 1, 1
+        config.attrs = [attribute]
+        config.numAttrs = 1
+        with torch.cuda.device(device):
+            return _driver_call(driver.cuOccupancyMaxActiveClusters(driver.CUfunction(self._handle), config),
+                                "cuOccupancyMaxActiveClusters")
+
     def launch(self, record: bytes, device: int, *pointers: int) -> None:
         """Launch ``record`` on ``device``'s current torch stream. ``pointers``: the TMA descriptors'
         global addresses in order, then the pointer parameters."""
         if device not in self._ready_devices:
             self._setup_device(device)
-        err = host_library().mg_launch(record, self._failed, current_stream(device), *pointers,
-                                       *_ZEROS[len(pointers):])
+        err = self._mg_launch(record, _DYNAMIC[len(pointers)](current_stream(device), *pointers), self._failed)
         if err:
             which = f" (TMA descriptor {self._failed.value})" if self._failed.value >= 0 else ""
             self._failed.value = -1
             raise LaunchError(f"launching {self.build.name} failed{which}: {_error_name(err)}")
 
 
-_ZEROS = (0,) * _MAX_POINTERS
+# struct.pack of (stream, pointers...) zero-padded to the C side's six pointers, by pointer count.
+_DYNAMIC = [struct.Struct(f"<{1 + n}Q{8 * (_MAX_POINTERS - n)}x").pack for n in range(_MAX_POINTERS + 1)]
 
 
 if hasattr(torch._C, "_cuda_getCurrentRawStream"):

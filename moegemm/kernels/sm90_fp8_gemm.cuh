@@ -30,12 +30,13 @@
 namespace moegemm {
 
 struct Fp8GemmParams {
-    TmaDescriptor tma_a;    // A [M, K] e4m3, box {128, BLOCK_M}, 128-byte swizzle
+    TmaDescriptor tma_a;    // A [M, K] e4m3, box {128, min(BLOCK_M, M rounded up to 8)}, 128-byte swizzle
     TmaDescriptor tma_b;    // B [N, K] e4m3, box {128, BLOCK_N}, 128-byte swizzle
     TmaDescriptor tma_sfa;  // SFA [ceil(K/128), M] fp32, box {BLOCK_M, 1}
     TmaDescriptor tma_d;    // D [M, N], box {kStoreCols, 64}
     const float* sfb;       // [ceil(N/128), ceil(K/128)]
     u32 m, n, k;
+    u32 stage_bytes;  // bytes the TMA loads of one stage deliver (A's box shrinks for small M)
 };
 
 template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, bool kOutFp32_, bool kAccumulate_>
@@ -92,7 +93,7 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
         for (u32 k_block = 0; k_block < num_k_blocks; ++k_block, ring.advance()) {
             const u32 s = ring.stage;
             empty[s].wait(ring.phase ^ 1);
-            full[s].arrive_expect_tx(Config::kStageBytes);
+            full[s].arrive_expect_tx(p.stage_bytes);
             const int k = k_block * Config::kBlockK;
             tma_load_2d(smem_a + s * Config::kTileABytes, &p.tma_a, &full[s], k, m_block * BM);
             u8* slice_b = smem_b + s * Config::kTileBBytes + rank * kSliceRows * Config::kBlockK;
