@@ -8,6 +8,7 @@ kernel's parameters: x and this buffer). The returned tensors are views of it.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -57,18 +58,12 @@ def generate_source(config: Fp8CastConfig) -> str:
         f"{str(config.per_block).lower()}, {str(config.aligned).lower()}>;\n"
         f"static_assert(Config::kNumThreads == {config.num_threads});\n"
         f"static_assert(Config::kUnitsPerCta == {config.units_per_cta}, \"host and device disagree on the split\");\n"
-        f"static_assert(sizeof(moegemm::Fp8CastParams) == {_params_bytes()});\n"
+        f"static_assert(sizeof(moegemm::Fp8CastParams) == {struct.calcsize('<' + PARAMS_FORMAT)});\n"
         "extern \"C\" __global__ void __launch_bounds__(Config::kNumThreads, Config::kMinBlocks)\n"
         "moegemm_kernel(const __grid_constant__ moegemm::Fp8CastParams params) {\n"
         "    moegemm::sm90_fp8_cast<Config>(params);\n"
         "}\n"
     )
-
-
-def _params_bytes() -> int:
-    import struct
-
-    return struct.calcsize("<" + PARAMS_FORMAT)
 
 
 def kernel_name(config: Fp8CastConfig) -> str:

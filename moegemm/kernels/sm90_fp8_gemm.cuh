@@ -19,6 +19,8 @@
 // Per 128-wide K slice a math warpgroup issues four m64nNk32 WGMMAs into a scratch accumulator,
 // waits for them, releases the slot, and adds the scratch times SFA (per row) times SFB (per
 // 128-column block) into FP32 totals: the promotion that keeps FP8 accumulation error bounded.
+// With two scratch accumulators (kDoubleBuffer) the next slice's WGMMAs are issued before the
+// current one is promoted.
 // Epilogue: totals -> shared memory in the layout the D descriptor expects (128-byte swizzled
 // chunks, or one plain chunk for narrow tiles) -> TMA store issued by one thread per warpgroup,
 // overlapping the next tile's main loop; named barrier 1 + warpgroup guards the buffer.
@@ -57,6 +59,8 @@ struct Fp8GemmConfig {
     static constexpr u32 kStoreCols = kSwizzleD ? kChunkCols : kBlockN;
     // A tile never straddles two 128-wide SFB blocks when BLOCK_N divides 128.
     static constexpr bool kUniformSfb = 128 % kBlockN == 0;
+    // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128.
+    static constexpr bool kDoubleBuffer = kBlockN <= 128;
 
     static constexpr u32 kTileABytes = kBlockM * kBlockK;
     static constexpr u32 kTileBBytes = kBlockN * kBlockK;
@@ -136,6 +140,62 @@ __device__ __forceinline__ void fp8_gemm_stage_output(const float* totals, u8* s
     }
 }
 
+// The scales of one K block for this thread: SFA of its two rows, SFB of the tile's (up to) two
+// 128-column blocks.
+struct BlockScales {
+    float a0, a1, b0, b1;
+};
+
+// Wait for the stage of `k_block`, read its scales, and issue its four WGMMAs into `scratch`.
+template <class Config>
+__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, u32 stage, u32 phase, const u8* smem_a,
+                                                      const u8* smem_b, const float* smem_sfa, Barrier* full,
+                                                      const float* sfb0, const float* sfb1, u32 sfa_row,
+                                                      float* scratch) {
+    BlockScales scales;
+    // Issued before the wait so the load latency hides behind it.
+    scales.b0 = __ldg(sfb0 + k_block);
+    scales.b1 = Config::kUniformSfb ? scales.b0 : __ldg(sfb1 + k_block);
+    full[stage].wait(phase);
+    scales.a0 = smem_sfa[stage * Config::kBlockM + sfa_row];
+    scales.a1 = smem_sfa[stage * Config::kBlockM + sfa_row + 8];
+    const u8* tile_a = smem_a + stage * Config::kTileABytes + (sfa_row / 64) * 64 * Config::kBlockK;
+    const u8* tile_b = smem_b + stage * Config::kTileBBytes;
+    // No register fence here: touching one scratch buffer while the other's WGMMAs are in flight
+    // makes ptxas serialize every WGMMA (warning C7514); the asm operands already order the
+    // promotion's reads before these writes.
+    wgmma_fence();
+#pragma unroll
+    for (u32 kk = 0; kk < Config::kBlockK / 32; ++kk) {
+        WgmmaFp8<Config::kBlockN>::mma(smem_descriptor_k_major_sw128(tile_a + kk * 32),
+                                       smem_descriptor_k_major_sw128(tile_b + kk * 32), scratch, kk > 0);
+    }
+    wgmma_commit();
+    return scales;
+}
+
+// After the WGMMAs of a stage have retired: release the stage and add the scaled scratch into the
+// totals (the promotion to FP32).
+template <class Config>
+__device__ __forceinline__ void fp8_gemm_retire(u32 stage, const BlockScales& scales, float* scratch, float* totals,
+                                                u32 boundary, Barrier* empty, u32 peer) {
+#pragma unroll
+    for (u32 i = 0; i < Config::kBlockN / 2; ++i) fence_register(scratch[i]);
+    if (lane_id() == 0) {
+        empty[stage].arrive();
+        if constexpr (Config::kClusterM > 1) empty[stage].arrive_cluster(peer);
+    }
+    const float s00 = scales.a0 * scales.b0, s01 = scales.a0 * scales.b1;
+    const float s10 = scales.a1 * scales.b0, s11 = scales.a1 * scales.b1;
+#pragma unroll
+    for (u32 i = 0; i < Config::kBlockN / 2; ++i) {
+        const bool next_block = !Config::kUniformSfb && (i / 4) * 8 >= boundary;
+        const bool lower_row = (i / 2) % 2;
+        const float scale = lower_row ? (next_block ? s11 : s10) : (next_block ? s01 : s00);
+        totals[i] += scale * scratch[i];
+    }
+}
+
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* smem_d, const u8* smem_a,
                                                   const u8* smem_b, const float* smem_sfa, Barrier* full,
@@ -147,12 +207,13 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
     const u32 peer = Config::kClusterM > 1 ? cluster_cta_rank() ^ 1 : 0;
     const u32 num_sfb_rows = ceil_div(p.n, 128u);
     const u32 wg = threadIdx.x / 128;
-    const u32 lane = lane_id();
-    const u32 row_in_wg = (warp_id() % 4) * 16 + lane / 4;
+    const u32 sfa_row = wg * 64 + (warp_id() % 4) * 16 + lane_id() / 4;
     const bool store_issuer = threadIdx.x % 128 == 0;
     u8* smem_d_wg = smem_d + wg * 64 * BN * Config::kOutBytes;
 
-    float scratch[kAcc], totals[kAcc];
+    // Two scratch accumulators when registers allow: the WGMMAs of the next K block run while
+    // this one is promoted, so the tensor cores never wait for the promotion.
+    float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1], totals[kAcc];
     StageRing<Config::kStages> ring;
     for (u32 item = scheduler.first_item(); item < scheduler.num_items; item += scheduler.item_stride()) {
         u32 m_block, n_block;
@@ -163,45 +224,40 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         const u32 boundary = (sfb_block + 1) * 128 - n0;
         const float* sfb0 = p.sfb + sfb_block * num_k_blocks;
         const float* sfb1 = p.sfb + min(sfb_block + 1, num_sfb_rows - 1) * num_k_blocks;
+        auto issue = [&](u32 k_block, float* scratch) {
+            const BlockScales scales = fp8_gemm_issue<Config>(k_block, ring.stage, ring.phase, smem_a, smem_b,
+                                                              smem_sfa, full, sfb0, sfb1, sfa_row, scratch);
+            ring.advance();
+            return scales;
+        };
 
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
 
-        for (u32 k_block = 0; k_block < num_k_blocks; ++k_block, ring.advance()) {
-            const u32 s = ring.stage;
-            // Issued before the wait so the load latency hides behind it.
-            const float b0 = __ldg(sfb0 + k_block);
-            const float b1 = Config::kUniformSfb ? b0 : __ldg(sfb1 + k_block);
-            full[s].wait(ring.phase);
-            const float a0 = smem_sfa[s * BM + wg * 64 + row_in_wg];
-            const float a1 = smem_sfa[s * BM + wg * 64 + row_in_wg + 8];
-
-            const u8* tile_a = smem_a + s * Config::kTileABytes + wg * 64 * Config::kBlockK;
-            const u8* tile_b = smem_b + s * Config::kTileBBytes;
-#pragma unroll
-            for (u32 i = 0; i < kAcc; ++i) fence_register(scratch[i]);
-            wgmma_fence();
-#pragma unroll
-            for (u32 kk = 0; kk < Config::kBlockK / 32; ++kk) {
-                WgmmaFp8<BN>::mma(smem_descriptor_k_major_sw128(tile_a + kk * 32),
-                                  smem_descriptor_k_major_sw128(tile_b + kk * 32), scratch, kk > 0);
+        if constexpr (Config::kDoubleBuffer) {
+            // K blocks in pairs, the second's WGMMAs running during the first's promotion. No WGMMA
+            // stays in flight across the loop's back edge: ptxas would serialize them all (C7514).
+            for (u32 k_block = 0; k_block < num_k_blocks; k_block += 2) {
+                const u32 stage0 = ring.stage;
+                const BlockScales scales0 = issue(k_block, scratch0);
+                if (k_block + 1 < num_k_blocks) {
+                    const u32 stage1 = ring.stage;
+                    const BlockScales scales1 = issue(k_block + 1, scratch1);
+                    wgmma_wait<1>();
+                    fp8_gemm_retire<Config>(stage0, scales0, scratch0, totals, boundary, empty, peer);
+                    wgmma_wait<0>();
+                    fp8_gemm_retire<Config>(stage1, scales1, scratch1, totals, boundary, empty, peer);
+                } else {
+                    wgmma_wait<0>();
+                    fp8_gemm_retire<Config>(stage0, scales0, scratch0, totals, boundary, empty, peer);
+                }
             }
-            wgmma_commit();
-#pragma unroll
-            for (u32 i = 0; i < kAcc; ++i) fence_register(scratch[i]);
-            wgmma_wait<0>();
-            if (lane == 0) {
-                empty[s].arrive();
-                if constexpr (Config::kClusterM > 1) empty[s].arrive_cluster(peer);
-            }
-
-            const float s00 = a0 * b0, s01 = a0 * b1, s10 = a1 * b0, s11 = a1 * b1;
-#pragma unroll
-            for (u32 i = 0; i < kAcc; ++i) {
-                const bool next_block = !Config::kUniformSfb && (i / 4) * 8 >= boundary;
-                const bool lower_row = (i / 2) % 2;
-                const float scale = lower_row ? (next_block ? s11 : s10) : (next_block ? s01 : s00);
-                totals[i] += scale * scratch[i];
+        } else {
+            for (u32 k_block = 0; k_block < num_k_blocks; ++k_block) {
+                const u32 stage = ring.stage;
+                const BlockScales scales = issue(k_block, scratch0);
+                wgmma_wait<0>();
+                fp8_gemm_retire<Config>(stage, scales, scratch0, totals, boundary, empty, peer);
             }
         }
 

@@ -193,11 +193,12 @@ __device__ __forceinline__ void st_shared_v2_f32(u32 address, float x, float y) 
 // ---- global memory, warp reductions and FP8 conversion (element-wise kernels) -----------------------
 
 // 16-byte global load through the read-only path, not allocated in L1: for inputs read exactly once
-// that no thread of the kernel writes. `ptr` must be 16-byte aligned.
+// that no thread of the kernel writes. `ptr` must be 16-byte aligned. volatile: never hoisted out of
+// the bounds check that guards it.
 __device__ __forceinline__ void ld_global_nc_v4(const void* ptr, u32 (&v)[4]) {
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
-        : "l"(ptr));
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                 : "l"(ptr));
 }
 
 // The two bf16 halves of a 32-bit word as floats (exact): the low half is the element at the lower address.
