@@ -2,6 +2,7 @@
 # The one command for an SM90 machine: GPU test suite, first-compile time, benchmarks.
 # Results go to $OUT (the device tool's folder) or ./device-results. Run from the repository root:
 #   bash scripts/device_run.sh
+# Each step has a time limit, so a hung kernel costs minutes, not the whole session.
 set -uo pipefail
 out=${OUT:-$PWD/device-results}
 mkdir -p "$out"
@@ -14,6 +15,6 @@ export MOEGEMM_CACHE_DIR=${MOEGEMM_CACHE_DIR:-/tmp/moegemm-cache}
 rm -rf "$MOEGEMM_CACHE_DIR"
 { date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv; } | tee "$out/info.txt"
 python3 -m moegemm info | tee -a "$out/info.txt"
-python3 scripts/first_compile.py 2>&1 | tee "$out/first_compile.txt"
-python3 -m pytest -q -rs tests 2>&1 | tee "$out/tests.txt"
-python3 -m moegemm bench --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+timeout 120 python3 scripts/first_compile.py 2>&1 | tee "$out/first_compile.txt"
+timeout 300 python3 -m pytest -q -rs tests 2>&1 | tee "$out/tests.txt"
+timeout 240 python3 -m moegemm bench --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"

@@ -520,10 +520,17 @@ def _missing_sass_tools() -> str | None:
 _SPILLS = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(LDL|STL)\b", re.M)
 
 
-def _compile_and_inspect(config) -> tuple[compiler.ResourceReport, int, list[str]]:
+# ptxas' notes that it serialized WGMMAs or inserted waits for them: each costs the overlap of tensor
+# cores with everything else.
+_WGMMA_SERIALIZED = re.compile(r"\((C751[0-9])\)[^\n]*")
+
+
+def _compile_and_inspect(config) -> tuple[compiler.ResourceReport, int, list[str], list[str]]:
     build = fp8_gemm.build(config)
     sass = compiler.disassemble(build.cubin_path)
-    return build.resources(), sass.count("QGMMA"), [m.group(0).strip() for m in _SPILLS.finditer(sass)]
+    serialized = [m.group(0) for m in _WGMMA_SERIALIZED.finditer(build.log)]
+    return (build.resources(), sass.count("QGMMA"), [m.group(0).strip() for m in _SPILLS.finditer(sass)],
+            serialized)
 
 
 @pytest.fixture(scope="module")
@@ -546,10 +553,11 @@ def test_config_compiles_without_spills(compiled_configs, config):
     outcome = compiled_configs[config]
     if isinstance(outcome, BaseException):
         raise outcome
-    report, num_qgmma, local_memory = outcome
+    report, num_qgmma, local_memory, serialized = outcome
     assert (report.spill_stores, report.spill_loads, report.stack_bytes) == (0, 0, 0), report
     assert num_qgmma > 0, "no FP8 WGMMA (QGMMA) in the SASS"
     assert local_memory == [], "local-memory traffic in the SASS"
+    assert serialized == [], f"ptxas serialized the WGMMAs: {serialized}"
 
 
 # ---- environment variables -----------------------------------------------------------------------------
