@@ -79,6 +79,16 @@ def _max_stages(block_m: int, block_n: int, out_bytes: int) -> int:
     return stages
 
 
+def _math_efficiency(block_m: int, block_n: int) -> float:
+    """Share of the tensor-core rate a tile keeps: the per-K-block promotion costs about as much as
+    32 columns of WGMMA; with one math warpgroup (BLOCK_M = 64) nothing hides it, and above
+    BLOCK_N = 128 (one scratch accumulator) less of it is hidden. Fitted to H100 runs at M = 4096
+    (2026-11-25: BLOCK_N 64 ran 19% slower than 192 on N = 2112, BLOCK_M 64 45% slower on
+    N = 32768, BLOCK_N 192 6% slower than 128 on N = 7168, K = 16384)."""
+    single_buffer = 0.9 if block_n > 128 else 1.0
+    return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * single_buffer
+
+
 def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, out_bytes: int) -> float:
     """The slowest of: the busiest SM's waves of tiles at tensor-core rate or at its L2 load rate;
     the problem's DRAM traffic (A and B once, D written) at full bandwidth, or at the rate the
@@ -86,7 +96,7 @@ def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_s
     num_tiles = -(-m // block_m) * -(-n // block_n)
     waves = -(-num_tiles // num_sms)
     k_padded = -(-k // BLOCK_K) * BLOCK_K
-    compute = waves * 2 * block_m * block_n * k_padded / FP8_FLOPS_PER_SM
+    compute = waves * 2 * block_m * block_n * k_padded / (FP8_FLOPS_PER_SM * _math_efficiency(block_m, block_n))
     loads = waves * (min(block_m, m) + block_n) * k_padded / SM_L2_BYTES_PER_S
     unique_bytes = m * k + n * k + m * n * out_bytes
     dram = unique_bytes / min(DRAM_BYTES_PER_S, min(num_tiles, num_sms) * SM_DRAM_BYTES_PER_S)
