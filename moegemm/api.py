@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import checks, reference
-from .utils import ceil_div, get_num_sms, get_tma_aligned_size
+from .utils import ceil_div, get_tma_aligned_size, num_sms_of
 
 FP8 = (torch.float8_e4m3fn,)
 FP32 = (torch.float32,)
@@ -73,6 +73,7 @@ def _sfa_ready(sfa: torch.Tensor, m: int) -> bool:
 # shapes cannot grow it without limit.
 _fp8_gemm_plans: dict[tuple, tuple | None] = {}
 _MAX_PLANS = 4096
+_UNPLANNED = object()
 
 
 def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
@@ -94,11 +95,13 @@ def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
 def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
                  c: torch.Tensor | None) -> None:
     try:
-        key = (_signature(a, sfa, b, sfb, d, c), get_num_sms() if d.is_cuda else 0)
+        key = (_signature(a, sfa, b, sfb, d, c), num_sms_of(d.get_device()) if d.is_cuda else 0)
     except AttributeError:  # an argument is not a tensor: let the checks name it
         _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
         raise
-    entry = _fp8_gemm_plans[key] if key in _fp8_gemm_plans else _fp8_gemm_nt_plan(key, a, sfa, b, sfb, d, c)
+    entry = _fp8_gemm_plans.get(key, _UNPLANNED)
+    if entry is _UNPLANNED:
+        entry = _fp8_gemm_nt_plan(key, a, sfa, b, sfb, d, c)
     if entry is None:
         reference.fp8_gemm_nt((a, sfa), (b, sfb), d, c)
         return
@@ -136,8 +139,13 @@ def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, tor
     Any M >= 0; K need not be a multiple of 128 (the last block is ragged). Accumulates in FP32,
     promoting the tensor cores' partial sums every 128 of K. SM90 GPUs only; CPU tensors use the reference.
     """
-    a_data, sfa = checks.fp8_pair("a", a)
-    b_data, sfb = checks.fp8_pair("b", b)
+    try:
+        a_data, sfa = a
+        b_data, sfb = b
+    except (TypeError, ValueError):
+        checks.fp8_pair("a", a)
+        checks.fp8_pair("b", b)
+        raise
     if torch.compiler.is_compiling():
         torch.ops.moegemm.fp8_gemm_nt(a_data, sfa, b_data, sfb, d, c)
     else:

@@ -447,6 +447,11 @@ def set_num_sms(n: int) -> None:
     _num_sms_override = n
 
 
+def num_sms_of(device: int) -> int:
+    """SM count the kernels use on CUDA device ``device``: the :func:`set_num_sms` override, else its SMs."""
+    return _num_sms_override if _num_sms_override is not None else _sm_count(device)
+
+
 def get_num_sms() -> int:
     """SM count the kernels use: the :func:`set_num_sms` override, else the current device's SM count."""
     if _num_sms_override is not None:
