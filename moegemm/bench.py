@@ -6,6 +6,7 @@ inputs and scale layouts are prepared outside the timed region, for cuBLAS exact
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -176,6 +177,51 @@ def launch_overhead() -> dict[str, float]:
             "torch_add_us": host_overhead_us(lambda: x.add_(1))}
 
 
+@dataclass
+class CastRow:
+    cast: str
+    m: int
+    k: int
+    ue8m0: bool
+    kernel_us: float
+    kernel_gbps: float
+    torch_us: float
+    torch_gbps: float
+
+
+def bench_casts(shapes=((8192, 7168), (4096, 16384)), iters: int = 30) -> list[CastRow]:
+    """The FP8 cast kernels beside the PyTorch path they replace (bf16 input), checked bit for bit;
+    bytes = input + FP8 output + float32 scales."""
+    from .kernels import fp8_cast
+
+    casts = (("per_token", fp8_cast.per_token_cast, utils._per_token_cast_torch),
+             ("per_block", fp8_cast.per_block_cast, utils._per_block_cast_torch))
+    rows = []
+    for m, k in shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for name, kernel, torch_path in casts:
+            for ue8m0 in (False, True):
+                out, ref = kernel(x, ue8m0), torch_path(x, ue8m0)
+                if not (torch.equal(out[0].view(torch.uint8), ref[0].view(torch.uint8))
+                        and torch.equal(out[1], ref[1])):
+                    raise RuntimeError(f"{name} {m}x{k} ue8m0={ue8m0}: the kernel and the torch path disagree")
+                traffic = x.numel() * x.element_size() + out[0].numel() + out[1].numel() * 4
+                t_kernel = kernel_time_us(functools.partial(kernel, x, ue8m0), iters)
+                t_torch = kernel_time_us(functools.partial(torch_path, x, ue8m0), iters)
+                rows.append(CastRow(name, m, k, ue8m0, t_kernel, traffic / t_kernel / 1e3, t_torch,
+                                    traffic / t_torch / 1e3))
+    return rows
+
+
+def print_cast_table(rows: list[CastRow]) -> None:
+    print(f"\nFP8 casts (bf16 in), GB/s against the {CEILING_TBPS_COPY} TB/s copy ceiling")
+    print(f"{'cast':9} {'shape':>11} {'sf':>5} | {'kernel us':>9} {'GB/s':>6} | {'torch us':>8} {'GB/s':>6}")
+    for r in rows:
+        sf = "ue8m0" if r.ue8m0 else "fp32"
+        print(f"{r.cast:9} {r.m:>5}x{r.k:<5} {sf:>5} | {r.kernel_us:9.1f} {r.kernel_gbps:6.0f} | "
+              f"{r.torch_us:8.1f} {r.torch_gbps:6.0f}")
+
+
 def main(json_path: str | None = None) -> None:
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
@@ -185,7 +231,9 @@ def main(json_path: str | None = None) -> None:
           f"{overhead['torch_add_us']:.2f} us")
     rows = bench_fp8_gemm()
     print_gemm_table("fp8_gemm_nt (BF16 out) vs cuBLASLt blockwise 1x128/128x128 and BF16 torch.matmul", rows)
+    casts = bench_casts()
+    print_cast_table(casts)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": device, "torch": torch.__version__, "overhead": overhead,
-                       "fp8_gemm_nt": [asdict(r) for r in rows]}, f, indent=1)
+                       "fp8_gemm_nt": [asdict(r) for r in rows], "casts": [asdict(r) for r in casts]}, f, indent=1)

@@ -1,8 +1,10 @@
 """Host-side helpers: FP8/FP4 casts, scale-factor layouts, SM-count override, accuracy and timing tools.
 
-Everything here is plain PyTorch and works on CPU and CUDA tensors alike. Casts are written as a handful of
-whole-tensor ops (no Python loops over rows or groups). Importing this module never touches CUDA; the GPU is
-only queried inside the functions that need it.
+Everything here is plain PyTorch and works on CPU and CUDA tensors alike, except that the per-token and
+per-block FP8 casts of 2-D bf16/fp32 CUDA tensors on SM90 GPUs run one CUDA kernel (moegemm.kernels.fp8_cast)
+with bit-identical results; the PyTorch casts, written as a handful of whole-tensor ops (no Python loops over
+rows or groups), are its reference. Importing this module never touches CUDA; the GPU is only queried inside
+the functions that need it.
 
 Scale-factor conventions (same as DeepGEMM):
 
@@ -224,6 +226,18 @@ def _divide_to_fp8(x: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
     return torch.div(x, sf, out=out)
 
 
+@functools.cache
+def _is_sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _use_cast_kernel(x: torch.Tensor) -> bool:
+    """Whether the SM90 cast kernel (moegemm.kernels.fp8_cast) handles ``x``: a 2-D bf16/fp32 CUDA tensor
+    with unit inner stride on an SM90 GPU, outside torch.compile tracing. Everything else takes the torch path."""
+    return (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float32) and x.stride(1) == 1
+            and _is_sm90(x.device) and not torch.compiler.is_compiling())
+
+
 def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise with one scale per 1x128 block of each row.
 
@@ -234,13 +248,20 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[tor
     Returns:
         ``(x_fp8, sf)``: ``x_fp8`` float8_e4m3fn, same shape as ``x``, contiguous;
         ``sf`` float32 ``[M, ceil(K/128)]`` (or ``[G, M, ceil(K/128)]``), contiguous (K-major).
+
+    A 2-D bf16/fp32 CUDA tensor with unit inner stride on an SM90 GPU runs one CUDA kernel with identical
+    results (then ``x_fp8`` and ``sf`` are views of one allocation); anything else runs in PyTorch.
     """
     _check_cast_input("x", x, (2, 3))
+    if _use_cast_kernel(x):
+        from .kernels import fp8_cast
+
+        return fp8_cast.per_token_cast(x, use_ue8m0)
     return _per_token_cast_torch(x, use_ue8m0)
 
 
 def _per_token_cast_torch(x: torch.Tensor, use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch implementation of :func:`per_token_cast_to_fp8`."""
+    """The PyTorch implementation of :func:`per_token_cast_to_fp8`: the reference of the kernel."""
     k = x.shape[-1]
     padded = _pad_dims(x, (-1,))
     blocks = padded.reshape(*x.shape[:-1], padded.shape[-1] // BLOCK, BLOCK)
@@ -259,13 +280,20 @@ def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[tor
     Returns:
         ``(x_fp8, sf)``: ``x_fp8`` float8_e4m3fn, same shape as ``x``, contiguous;
         ``sf`` float32 ``[ceil(N/128), ceil(K/128)]`` (or with leading G), contiguous.
+
+    A 2-D bf16/fp32 CUDA tensor with unit inner stride on an SM90 GPU runs one CUDA kernel with identical
+    results (then ``x_fp8`` and ``sf`` are views of one allocation); anything else runs in PyTorch.
     """
     _check_cast_input("x", x, (2, 3))
+    if _use_cast_kernel(x):
+        from .kernels import fp8_cast
+
+        return fp8_cast.per_block_cast(x, use_ue8m0)
     return _per_block_cast_torch(x, use_ue8m0)
 
 
 def _per_block_cast_torch(x: torch.Tensor, use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch implementation of :func:`per_block_cast_to_fp8`."""
+    """The PyTorch implementation of :func:`per_block_cast_to_fp8`: the reference of the kernel."""
     n, k = x.shape[-2:]
     padded = _pad_dims(x, (-2, -1))
     blocks = padded.reshape(*x.shape[:-2], padded.shape[-2] // BLOCK, BLOCK, padded.shape[-1] // BLOCK, BLOCK)

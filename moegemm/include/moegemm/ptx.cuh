@@ -1,5 +1,6 @@
 // Thin wrappers over the sm_90a PTX that moegemm kernels use: mbarriers, TMA (bulk tensor copies),
-// proxy fences, warpgroup MMA control and shared-memory matrix descriptors, register reallocation.
+// proxy fences, warpgroup MMA control and shared-memory matrix descriptors, register reallocation,
+// streaming global loads, warp reductions and FP8 conversion.
 // Device code only; no standard headers, so the same sources compile under nvcc and NVRTC.
 #pragma once
 
@@ -20,7 +21,8 @@ __device__ __forceinline__ u32 smem_addr(const void* ptr) {
 
 __device__ __forceinline__ u32 lane_id() { return threadIdx.x % 32; }
 
-// The warp index as a value the compiler knows is uniform across the warp.
+// The warp index as a value the compiler knows is uniform across the warp. A whole-warp shuffle:
+// every lane must call it (inside a one-lane branch it never returns).
 __device__ __forceinline__ u32 warp_id() { return __shfl_sync(0xffffffff, threadIdx.x / 32, 0); }
 
 // ---- mbarrier -------------------------------------------------------------------------------------
@@ -187,6 +189,55 @@ __device__ __forceinline__ void st_shared_u32(u32 address, u32 value) {
 }
 __device__ __forceinline__ void st_shared_v2_f32(u32 address, float x, float y) {
     asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(address), "f"(x), "f"(y) : "memory");
+}
+
+// ---- global memory, warp reductions and FP8 conversion (element-wise kernels) -----------------------
+
+// 16-byte global load through the read-only path, not allocated in L1: for inputs read exactly once
+// that no thread of the kernel writes. `ptr` must be 16-byte aligned. volatile: never hoisted out of
+// the bounds check that guards it.
+__device__ __forceinline__ void ld_global_nc_v4(const void* ptr, u32 (&v)[4]) {
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                 : "l"(ptr));
+}
+
+// The two bf16 halves of a 32-bit word as floats (exact): the low half is the element at the lower address.
+__device__ __forceinline__ float bf16_lo_to_float(u32 word) { return __uint_as_float(word << 16); }
+__device__ __forceinline__ float bf16_hi_to_float(u32 word) { return __uint_as_float(word & 0xFFFF0000u); }
+
+// IEEE maximum that propagates NaN (fmaxf drops it), as torch's max reductions do.
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+    float d;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+    return d;
+}
+
+// fmax_nan over aligned groups of kLanes consecutive lanes (a power of two <= 32); every lane of the
+// warp must call it, and every lane of a group gets the group's result.
+template <u32 kLanes>
+__device__ __forceinline__ float warp_reduce_max_nan(float value) {
+    static_assert(kLanes >= 1 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0, "a power of two <= 32");
+#pragma unroll
+    for (u32 offset = kLanes / 2; offset > 0; offset /= 2)
+        value = fmax_nan(value, __shfl_xor_sync(0xffffffff, value, offset));
+    return value;
+}
+
+// Four floats to four e4m3 bytes packed little-endian (v0 in the lowest byte), rounded to nearest even.
+// satfinite: magnitudes beyond 448 become +-448 (torch's .to(float8_e4m3fn) agrees for |v| <= 448), NaN stays NaN.
+__device__ __forceinline__ u32 pack_e4m3x4(float v0, float v1, float v2, float v3) {
+    u32 packed;
+    // cvt puts its first source in the upper byte.
+    asm("{\n"
+        ".reg .b16 lo, hi;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n"
+        "mov.b32 %0, {lo, hi};\n"
+        "}\n"
+        : "=r"(packed)
+        : "f"(v0), "f"(v1), "f"(v2), "f"(v3));
+    return packed;
 }
 
 // Programmatic dependent launch: wait for the previous kernel's results / let the next one start.
