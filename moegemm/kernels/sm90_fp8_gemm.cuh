@@ -146,16 +146,30 @@ struct BlockScales {
     float a0, a1, b0, b1;
 };
 
-// Wait for the stage of `k_block`, read its scales, and issue its four WGMMAs into `scratch`.
+// SFB of K blocks `k_block` and `k_block + 1` (clamped to the last), loaded a pair ahead of use:
+// each K block needs new ones, and a miss to DRAM would otherwise stall every promotion.
+struct SfbPair {
+    float b0[2], b1[2];
+
+    template <class Config>
+    __device__ __forceinline__ void load(const float* sfb0, const float* sfb1, u32 k_block, u32 num_k_blocks) {
+#pragma unroll
+        for (u32 j = 0; j < 2; ++j) {
+            const u32 k = min(k_block + j, num_k_blocks - 1);
+            b0[j] = __ldg(sfb0 + k);
+            b1[j] = Config::kUniformSfb ? b0[j] : __ldg(sfb1 + k);
+        }
+    }
+};
+
+// Wait for the stage of a K block, read its SFA, and issue its four WGMMAs into `scratch`.
 template <class Config>
-__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, u32 stage, u32 phase, const u8* smem_a,
-                                                      const u8* smem_b, const float* smem_sfa, Barrier* full,
-                                                      const float* sfb0, const float* sfb1, u32 sfa_row,
-                                                      float* scratch) {
+__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 stage, u32 phase, const u8* smem_a, const u8* smem_b,
+                                                      const float* smem_sfa, Barrier* full, float b0, float b1,
+                                                      u32 sfa_row, float* scratch) {
     BlockScales scales;
-    // Issued before the wait so the load latency hides behind it.
-    scales.b0 = __ldg(sfb0 + k_block);
-    scales.b1 = Config::kUniformSfb ? scales.b0 : __ldg(sfb1 + k_block);
+    scales.b0 = b0;
+    scales.b1 = b1;
     full[stage].wait(phase);
     scales.a0 = smem_sfa[stage * Config::kBlockM + sfa_row];
     scales.a1 = smem_sfa[stage * Config::kBlockM + sfa_row + 8];
@@ -224,12 +238,16 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         const u32 boundary = (sfb_block + 1) * 128 - n0;
         const float* sfb0 = p.sfb + sfb_block * num_k_blocks;
         const float* sfb1 = p.sfb + min(sfb_block + 1, num_sfb_rows - 1) * num_k_blocks;
-        auto issue = [&](u32 k_block, float* scratch) {
-            const BlockScales scales = fp8_gemm_issue<Config>(k_block, ring.stage, ring.phase, smem_a, smem_b,
-                                                              smem_sfa, full, sfb0, sfb1, sfa_row, scratch);
+        auto issue = [&](const SfbPair& sfb, u32 j, float* scratch) {
+            // Selects, not indexing: a run-time index would put the pair in local memory.
+            const float b0 = j ? sfb.b0[1] : sfb.b0[0], b1 = j ? sfb.b1[1] : sfb.b1[0];
+            const BlockScales scales = fp8_gemm_issue<Config>(ring.stage, ring.phase, smem_a, smem_b, smem_sfa, full,
+                                                              b0, b1, sfa_row, scratch);
             ring.advance();
             return scales;
         };
+        SfbPair next_sfb;
+        next_sfb.load<Config>(sfb0, sfb1, 0, num_k_blocks);
 
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
@@ -238,11 +256,13 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             // K blocks in pairs, the second's WGMMAs running during the first's promotion. No WGMMA
             // stays in flight across the loop's back edge: ptxas would serialize them all (C7514).
             for (u32 k_block = 0; k_block < num_k_blocks; k_block += 2) {
+                const SfbPair sfb = next_sfb;
+                next_sfb.load<Config>(sfb0, sfb1, k_block + 2, num_k_blocks);
                 const u32 stage0 = ring.stage;
-                const BlockScales scales0 = issue(k_block, scratch0);
+                const BlockScales scales0 = issue(sfb, 0, scratch0);
                 if (k_block + 1 < num_k_blocks) {
                     const u32 stage1 = ring.stage;
-                    const BlockScales scales1 = issue(k_block + 1, scratch1);
+                    const BlockScales scales1 = issue(sfb, 1, scratch1);
                     wgmma_wait<1>();
                     fp8_gemm_retire<Config>(stage0, scales0, scratch0, totals, boundary, empty, peer);
                     wgmma_wait<0>();
@@ -254,8 +274,11 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             }
         } else {
             for (u32 k_block = 0; k_block < num_k_blocks; ++k_block) {
+                // One pair serves two K blocks; the next pair is requested while the first is used.
+                const SfbPair sfb = next_sfb;
+                if (k_block % 2 == 1) next_sfb.load<Config>(sfb0, sfb1, k_block + 1, num_k_blocks);
                 const u32 stage = ring.stage;
-                const BlockScales scales = issue(k_block, scratch0);
+                const BlockScales scales = issue(sfb, k_block % 2, scratch0);
                 wgmma_wait<0>();
                 fp8_gemm_retire<Config>(stage, scales, scratch0, totals, boundary, empty, peer);
             }
