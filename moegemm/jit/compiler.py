@@ -179,6 +179,22 @@ def _flags() -> list[str]:
     return flags
 
 
+def kernel_stub(header: str, config: str, params: str, entry: str, checks: tuple[str, ...] = (),
+                min_blocks: str = "1") -> str:
+    """The generated source of one kernel: include the family's header, instantiate its config
+    template (``config``, a C++ type) as ``Config``, assert what the host assumed about it, and
+    define the ``moegemm_kernel`` entry point that calls ``entry<Config>`` with the ``params`` struct."""
+    lines = [f'#include "{header}"', f"using Config = {config};"]
+    lines += [f"static_assert({check});" for check in checks]
+    lines += [
+        f'extern "C" __global__ void __launch_bounds__(Config::kNumThreads, {min_blocks})',
+        f"moegemm_kernel(const __grid_constant__ {params} params) {{",
+        f"    {entry}<Config>(params);",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def cache_key(source: str) -> str:
     from .. import __version__
 

@@ -16,13 +16,15 @@ import os
 import shutil
 import struct
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import env
 from .compiler import Build, CompileError, cache_dir
+from .compiler import build as compile_source
 
 _HEADER = "Q9I5I2I"
 _TMA_SPEC = "3Q3Q3I4I4x"
@@ -213,3 +215,23 @@ def device_capability(device: int) -> tuple[int, int]:
 def device_name(device: int) -> str:
     return torch.cuda.get_device_name(device)
 
+
+class KernelFamily:
+    """The compiled kernels of one family, by config: built (disk cache) and wrapped in a ``Kernel``
+    on first use, then kept for the process. ``kernel_args(config)`` gives ``Kernel``'s keyword
+    arguments other than the build."""
+
+    def __init__(self, name: Callable[[Any], str], source: Callable[[Any], str],
+                 kernel_args: Callable[[Any], dict[str, Any]]):
+        self._name, self._source, self._kernel_args = name, source, kernel_args
+        self._kernels: dict[Any, Kernel] = {}
+
+    def build(self, config: Any) -> Build:
+        return compile_source(self._name(config), self._source(config))
+
+    def kernel(self, config: Any) -> Kernel:
+        kernel = self._kernels.get(config)
+        if kernel is None:
+            kernel = Kernel(self.build(config), **self._kernel_args(config))
+            self._kernels[config] = kernel
+        return kernel

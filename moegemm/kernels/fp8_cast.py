@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..jit import compiler
-from ..jit.runtime import Kernel
+from ..jit.runtime import Kernel, KernelFamily
 
 BLOCK = 128
 INPUT_BYTES = {torch.bfloat16: 2, torch.float32: 4}
@@ -52,18 +52,15 @@ class Fp8CastConfig:
 
 
 def generate_source(config: Fp8CastConfig) -> str:
-    return (
-        '#include "sm90_fp8_cast.cuh"\n'
-        f"using Config = moegemm::Fp8CastConfig<{config.input_bytes}, {str(config.ue8m0).lower()}, "
-        f"{str(config.per_block).lower()}, {str(config.aligned).lower()}>;\n"
-        f"static_assert(Config::kNumThreads == {config.num_threads});\n"
-        f"static_assert(Config::kUnitsPerCta == {config.units_per_cta}, \"host and device disagree on the split\");\n"
-        f"static_assert(sizeof(moegemm::Fp8CastParams) == {struct.calcsize('<' + PARAMS_FORMAT)});\n"
-        "extern \"C\" __global__ void __launch_bounds__(Config::kNumThreads, Config::kMinBlocks)\n"
-        "moegemm_kernel(const __grid_constant__ moegemm::Fp8CastParams params) {\n"
-        "    moegemm::sm90_fp8_cast<Config>(params);\n"
-        "}\n"
-    )
+    return compiler.kernel_stub(
+        "sm90_fp8_cast.cuh",
+        f"moegemm::Fp8CastConfig<{config.input_bytes}, {str(config.ue8m0).lower()}, "
+        f"{str(config.per_block).lower()}, {str(config.aligned).lower()}>",
+        "moegemm::Fp8CastParams", "moegemm::sm90_fp8_cast",
+        (f"Config::kNumThreads == {config.num_threads}",
+         f'Config::kUnitsPerCta == {config.units_per_cta}, "host and device disagree on the split"',
+         f"sizeof(moegemm::Fp8CastParams) == {struct.calcsize('<' + PARAMS_FORMAT)}"),
+        min_blocks="Config::kMinBlocks")
 
 
 def kernel_name(config: Fp8CastConfig) -> str:
@@ -79,20 +76,9 @@ def all_configs() -> list[Fp8CastConfig]:
             for a in (True, False)]
 
 
-def build(config: Fp8CastConfig) -> compiler.Build:
-    return compiler.build(kernel_name(config), generate_source(config))
-
-
-_kernels: dict[Fp8CastConfig, Kernel] = {}
-
-
-def _kernel(config: Fp8CastConfig) -> Kernel:
-    kernel = _kernels.get(config)
-    if kernel is None:
-        kernel = Kernel(build(config), num_threads=config.num_threads, smem_bytes=0, num_tma=0,
-                        params_format=PARAMS_FORMAT)
-        _kernels[config] = kernel
-    return kernel
+KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
+    num_threads=config.num_threads, smem_bytes=0, num_tma=0, params_format=PARAMS_FORMAT))
+build = KERNELS.build
 
 
 @dataclass(frozen=True)
@@ -176,7 +162,7 @@ def plan(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> Plan:
     g = geometry(config, m, k, x.stride(0))
     if g.params[-1] == 0:  # M or K is 0
         return Plan(config, g, None, b"")
-    kernel = _kernel(config)
+    kernel = KERNELS.kernel(config)
     return Plan(config, g, kernel, kernel.record(g.grid, (), g.params, num_pointer_params=2))
 
 

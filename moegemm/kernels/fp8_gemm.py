@@ -15,7 +15,7 @@ import torch
 
 from .. import env
 from ..jit import compiler
-from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, Kernel, tma_2d
+from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, Kernel, KernelFamily, tma_2d
 from ..utils import get_tma_aligned_size
 
 BLOCK_K = 128
@@ -133,17 +133,13 @@ def grid_size(config: Fp8GemmConfig, m: int, n: int, num_sms: int) -> int:
 
 
 def generate_source(config: Fp8GemmConfig) -> str:
-    return (
-        '#include "sm90_fp8_gemm.cuh"\n'
-        f"using Config = moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.stages}, "
-        f"{config.cluster_m}, {str(config.out_fp32).lower()}, {str(config.accumulate).lower()}>;\n"
-        f"static_assert(Config::kSmemBytes == {config.smem_bytes}, \"host and device disagree on shared memory\");\n"
-        f"static_assert(Config::kNumThreads == {config.num_threads});\n"
-        "extern \"C\" __global__ void __launch_bounds__(Config::kNumThreads, 1)\n"
-        "moegemm_kernel(const __grid_constant__ moegemm::Fp8GemmParams params) {\n"
-        "    moegemm::sm90_fp8_gemm<Config>(params);\n"
-        "}\n"
-    )
+    return compiler.kernel_stub(
+        "sm90_fp8_gemm.cuh",
+        f"moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.stages}, {config.cluster_m}, "
+        f"{str(config.out_fp32).lower()}, {str(config.accumulate).lower()}>",
+        "moegemm::Fp8GemmParams", "moegemm::sm90_fp8_gemm",
+        (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
+         f"Config::kNumThreads == {config.num_threads}"))
 
 
 def kernel_name(config: Fp8GemmConfig) -> str:
@@ -153,20 +149,10 @@ def kernel_name(config: Fp8GemmConfig) -> str:
     return f"sm90_fp8_gemm_nt_{out}{acc}_m{config.block_m}n{config.block_n}s{config.stages}{cluster}"
 
 
-def build(config: Fp8GemmConfig) -> compiler.Build:
-    return compiler.build(kernel_name(config), generate_source(config))
-
-
-_kernels: dict[Fp8GemmConfig, Kernel] = {}
-
-
-def _kernel(config: Fp8GemmConfig) -> Kernel:
-    kernel = _kernels.get(config)
-    if kernel is None:
-        kernel = Kernel(build(config), num_threads=config.num_threads, smem_bytes=config.smem_bytes,
-                        num_tma=4, params_format="Q4I", cluster=config.cluster_m)
-        _kernels[config] = kernel
-    return kernel
+KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
+    num_threads=config.num_threads, smem_bytes=config.smem_bytes, num_tma=4, params_format="Q4I",
+    cluster=config.cluster_m))
+build = KERNELS.build
 
 
 @dataclass(frozen=True)
@@ -195,7 +181,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, nu
     grid = grid_size(config, m, n, num_sms)
     if config.cluster_m > 1:
         # Multicast pays only while (nearly) every SM can hold a CTA of a resident cluster.
-        resident = _kernel(config).max_active_clusters(d.device.index) * config.cluster_m
+        resident = KERNELS.kernel(config).max_active_clusters(d.device.index) * config.cluster_m
         if resident < 0.95 * min(num_sms, grid):
             config = dataclasses.replace(config, cluster_m=1)
             grid = grid_size(config, m, n, num_sms)
@@ -210,7 +196,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, nu
            tma_2d(torch.float32, m, -(-k // BLOCK_K), get_tma_aligned_size(m, 4) * 4, config.block_m, 1,
                   SWIZZLE_NONE, 256),
            tma_2d(d.dtype, n, m, d.stride(0) * d.element_size(), config.store_cols, 64, d_swizzle, 384))
-    kernel = _kernel(config)
+    kernel = KERNELS.kernel(config)
     return Plan(config, kernel, kernel.record(grid, tma, (0, m, n, k, stage_bytes), num_pointer_params=1))
 
 
