@@ -286,8 +286,18 @@ def test_compile_error_names_source_and_error(cache):
         compiler.build("broken", source)
 
 
-def test_missing_nvcc_is_one_readable_error(cache, tmp_path, monkeypatch):
+def test_bad_nvcc_override_is_named(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("MOEGEMM_NVCC", str(tmp_path / "no" / "nvcc"))
+    compiler._find_nvcc_cached.cache_clear()
+    try:
+        with pytest.raises(CompileError, match="MOEGEMM_NVCC: expected an executable nvcc"):
+            compiler.build("tiny", TINY)
+    finally:
+        compiler._find_nvcc_cached.cache_clear()
+
+
+def test_missing_nvcc_is_one_readable_error(cache, tmp_path, monkeypatch):
+    monkeypatch.delenv("MOEGEMM_NVCC", raising=False)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     monkeypatch.setattr(compiler, "_wheel_tools", lambda tool: [])
@@ -634,3 +644,32 @@ def test_import_does_not_initialise_cuda():
     result = _python(_IMPORT_WITHOUT_CUDA)
     assert result.returncode == 0, result.stderr
 
+
+
+# ---- NVRTC ---------------------------------------------------------------------------------------------
+
+
+def _nvrtc_missing() -> str | None:
+    try:
+        compiler._nvrtc_version()
+    except Exception as error:  # no libnvrtc: cuda-bindings raises its own loader errors
+        return f"NVRTC unavailable ({type(error).__name__}); pip install nvidia-cuda-nvrtc"
+    return None
+
+
+@pytest.mark.skipif(_nvrtc_missing() is not None, reason=str(_nvrtc_missing()))
+def test_nvrtc_builds_the_kernels(cache, monkeypatch):
+    """MOEGEMM_USE_NVRTC=1 compiles the same stubs: no spills, FP8 WGMMA in the GEMM's SASS, and a
+    cache entry apart from nvcc's (the compiler version is in the key)."""
+    from moegemm.kernels import fp8_cast
+
+    config = fp8_gemm.Fp8GemmConfig(128, 128, 5, False, False)
+    by_nvcc = fp8_gemm.build(config).directory if _missing_sass_tools() is None else None
+    monkeypatch.setenv("MOEGEMM_USE_NVRTC", "1")
+    for build in (fp8_gemm.build(config), fp8_cast.build(fp8_cast.all_configs()[0])):
+        report = build.resources()
+        assert (report.spill_stores, report.spill_loads, report.stack_bytes) == (0, 0, 0), report
+    build = fp8_gemm.build(config)
+    assert build.directory != by_nvcc
+    if compiler.find_cuobjdump() is not None:
+        assert "QGMMA" in compiler.disassemble(build.cubin_path)

@@ -75,13 +75,15 @@ class ResourceReport:
 
 
 def parse_ptxas_report(log: str) -> ResourceReport:
-    """Registers, spills and stack frame of the last kernel in a ptxas ``-v`` report."""
+    """Registers, spills and stack frame of ``moegemm_kernel`` in a ptxas ``-v`` report."""
+    entry = log.rfind("Compiling entry function 'moegemm_kernel'")
+    log = log[entry:] if entry >= 0 else log
     regs = re.findall(r"Used (\d+) registers", log)
     frame = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if not regs or not frame:
         raise CompileError(f"no ptxas resource report in the compiler's output:\n{log}")
-    stack, stores, loads = (int(x) for x in frame[-1])
-    return ResourceReport(int(regs[-1]), stores, loads, stack)
+    stack, stores, loads = (int(x) for x in frame[0])
+    return ResourceReport(int(regs[0]), stores, loads, stack)
 
 
 def cache_dir() -> Path:
@@ -102,9 +104,11 @@ def _wheel_tools(tool: str) -> list[Path]:
 
 @functools.cache
 def _find_nvcc_cached(override: str, cuda_home: str, path: str) -> str:
-    candidates = []
     if override:
-        candidates.append(Path(override))
+        if not (Path(override).is_file() and os.access(override, os.X_OK)):
+            raise CompileError(f"MOEGEMM_NVCC: expected an executable nvcc, got {override!r}")
+        return override
+    candidates = []
     if cuda_home:
         candidates.append(Path(cuda_home) / "bin" / "nvcc")
     found = shutil.which("nvcc", path=path)
@@ -265,7 +269,7 @@ def _compile_nvcc(entry: Build) -> tuple[bytes, str]:
         return out.read_bytes(), log
 
 
-def _check_nvrtc(err, what: str, program=None) -> None:
+def _check_nvrtc(err, what: str) -> None:
     from cuda.bindings import nvrtc
 
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -281,8 +285,10 @@ def _compile_nvrtc(source: str, entry: Build) -> tuple[bytes, str]:
         options = [f.encode() for f in _flags()]
         (compile_err,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
         err, size = nvrtc.nvrtcGetProgramLogSize(program)
+        _check_nvrtc(err, "nvrtcGetProgramLogSize")
         log_buf = b" " * size
         (err,) = nvrtc.nvrtcGetProgramLog(program, log_buf)
+        _check_nvrtc(err, "nvrtcGetProgramLog")
         log = log_buf.decode(errors="replace").rstrip("\0")
         if compile_err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise CompileError(f"NVRTC failed on {entry.source_path}\n{log}")
@@ -312,8 +318,8 @@ def clear_cache() -> int:
     """Delete every cached kernel; returns the bytes freed."""
     root = cache_dir()
     freed = cache_size()
-    if root.exists():
-        shutil.rmtree(root)
+    # ignore_errors: another process may be adding or replacing entries meanwhile.
+    shutil.rmtree(root, ignore_errors=True)
     return freed
 
 
