@@ -206,16 +206,6 @@ else:  # pragma: no cover - older torch
         return torch.cuda.current_stream(device).cuda_stream
 
 
-@functools.cache
-def device_capability(device: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-@functools.cache
-def device_name(device: int) -> str:
-    return torch.cuda.get_device_name(device)
-
-
 class KernelFamily:
     """The compiled kernels of one family, by config: built (disk cache) and wrapped in a ``Kernel``
     on first use, then kept for the process. ``kernel_args(config)`` gives ``Kernel``'s keyword

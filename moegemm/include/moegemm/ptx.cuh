@@ -240,11 +240,9 @@ __device__ __forceinline__ u32 pack_e4m3x4(float v0, float v1, float v2, float v
     return packed;
 }
 
-// Programmatic dependent launch: wait for the previous kernel's results / let the next one start.
+// Programmatic dependent launch: wait until the previous kernel's results are visible (a no-op
+// when the kernel was not launched with the programmatic-serialization attribute).
 __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void grid_dependency_launch() {
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
 
 template <typename T>
 __host__ __device__ constexpr T ceil_div(T a, T b) {
