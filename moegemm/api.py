@@ -11,17 +11,11 @@ from __future__ import annotations
 import torch
 
 from . import checks, reference
-from .utils import ceil_div, get_tma_aligned_size, num_sms_of
+from .utils import ceil_div, get_mn_major_tma_aligned_tensor, get_tma_aligned_size, num_sms_of
 
 FP8 = (torch.float8_e4m3fn,)
 FP32 = (torch.float32,)
 GEMM_OUT = (torch.bfloat16, torch.float32)
-
-
-def _required_sfa(sfa: torch.Tensor, m: int) -> torch.Tensor:
-    """A copy of SFA in the layout the kernel reads: FP32, M-major, columns TMA-aligned."""
-    out = torch.empty_strided(sfa.shape, (1, get_tma_aligned_size(m, 4)), dtype=torch.float32, device=sfa.device)
-    return out.copy_(sfa)
 
 
 def _check_fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
@@ -116,8 +110,10 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
         if c is None and a.shape[1] == 0:
             d.zero_()
         return
-    if not sfa_ready or sfa.data_ptr() & 15:
-        sfa = _required_sfa(sfa, a.shape[0])
+    if not sfa_ready:
+        sfa = get_mn_major_tma_aligned_tensor(sfa)
+    elif sfa.data_ptr() & 15:  # the right strides at a misaligned address: re-lay out a fresh copy
+        sfa = get_mn_major_tma_aligned_tensor(sfa.clone(memory_format=torch.contiguous_format))
     if not sfb_ready:
         sfb = sfb.contiguous()
     plan.launch(a, sfa, b, sfb, d)

@@ -427,7 +427,7 @@ def test_launch_record_layout_matches_launch_c(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr
 
     def fake_load(kernel):  # no driver here: a made-up function handle stands in for the loaded kernel
-        kernel._handle = 0x1234_5678_9ABC
+        kernel._kernel = 0x1234_5678_9ABC
 
     monkeypatch.setattr(runtime.Kernel, "_load_library", fake_load)
     kernel = runtime.Kernel(compiler.Build("fake", tmp_path), num_threads=384, smem_bytes=200_000, num_tma=2,

@@ -31,6 +31,7 @@ _TMA_SPEC = "3Q3Q3I4I4x"
 _MAX_POINTERS = 6
 TMA_DESCRIPTOR_BYTES = 128
 MAX_PARAM_BYTES = 4096
+MAX_PARAM_POINTERS = 2  # MG_MAX_PARAM_POINTERS in launch.c
 
 # CUtensorMapDataType and CUtensorMapSwizzle values (checked against cuda.h in the tests).
 TMA_DTYPES = {torch.uint8: 0, torch.float8_e4m3fn: 0, torch.int32: 3, torch.float32: 7, torch.bfloat16: 9}
@@ -114,9 +115,8 @@ class Kernel:
         self.params_bytes = num_tma * TMA_DESCRIPTOR_BYTES + struct.calcsize("<" + params_format)
         if self.params_bytes > MAX_PARAM_BYTES:
             raise ValueError(f"kernel parameters of {self.params_bytes} bytes exceed {MAX_PARAM_BYTES}")
-        self._handle: int | None = None
-        self._library = None
-        self._kernel = None
+        self._library = None  # the CUlibrary: kept referenced so the driver does not unload it
+        self._kernel = None  # its CUkernel, loaded on first use
         self._ready_devices: set[int] = set()
         self._failed = ctypes.c_int(-1)
 
@@ -129,18 +129,20 @@ class Kernel:
             raise ValueError(f"expected {self.num_tma} TMA descriptors, got {len(tma)}")
         if not self.params_format.startswith("Q" * num_pointer_params):
             raise ValueError(f"pointer parameters must lead params_format, got {self.params_format!r}")
+        if num_pointer_params > MAX_PARAM_POINTERS:
+            raise ValueError(f"at most {MAX_PARAM_POINTERS} pointer parameters, got {num_pointer_params}")
         self._load_library()
         base = self.num_tma * TMA_DESCRIPTOR_BYTES
-        offsets = [base + 8 * i for i in range(num_pointer_params)] + [0] * (2 - num_pointer_params)
+        offsets = [base + 8 * i for i in range(num_pointer_params)] + [0] * (MAX_PARAM_POINTERS - num_pointer_params)
         layout = struct.Struct("<" + _HEADER + _TMA_SPEC * self.num_tma + f"{base}x" + self.params_format)
-        return layout.pack(self._handle, grid, 1, 1, self.num_threads, 1, 1, self.cluster, 1, 1, self.smem_bytes,
+        return layout.pack(int(self._kernel), grid, 1, 1, self.num_threads, 1, 1, self.cluster, 1, 1, self.smem_bytes,
                            int(pdl), self.num_tma, self.params_bytes, num_pointer_params, *offsets,
                            *(field for spec in tma for field in spec), *params)
 
     def _load_library(self) -> None:
         from cuda.bindings import driver
 
-        if self._handle is not None:
+        if self._kernel is not None:
             return
         _driver_call(driver.cuInit(0), "cuInit")
         self._library = _driver_call(
@@ -148,7 +150,6 @@ class Kernel:
             f"cuLibraryLoadData({self.build.cubin_path})")
         self._kernel = _driver_call(driver.cuLibraryGetKernel(self._library, b"moegemm_kernel"),
                                     "cuLibraryGetKernel")
-        self._handle = int(self._kernel)
 
     def _setup_device(self, device: int) -> None:
         from cuda.bindings import driver
@@ -179,7 +180,7 @@ class Kernel:
         config.attrs = [attribute]
         config.numAttrs = 1
         with torch.cuda.device(device):
-            return _driver_call(driver.cuOccupancyMaxActiveClusters(driver.CUfunction(self._handle), config),
+            return _driver_call(driver.cuOccupancyMaxActiveClusters(driver.CUfunction(int(self._kernel)), config),
                                 "cuOccupancyMaxActiveClusters")
 
     def launch(self, record: bytes, device: int, *pointers: int) -> None:
