@@ -31,12 +31,12 @@ def kernel_time_us(fn: Callable[[], object], iters: int = 30) -> float:
 
     fn()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        _flush_l2()
+        utils._flush_l2()
         torch.cuda.synchronize()
     flush_kernels = {e.name for e in _device_events(prof)}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
-            _flush_l2()
+            utils._flush_l2()
             torch.cuda.synchronize()
             fn()
         torch.cuda.synchronize()
@@ -49,17 +49,6 @@ def kernel_time_us(fn: Callable[[], object], iters: int = 30) -> float:
     if len(per_call) != iters:
         raise RuntimeError(f"profiler saw {len(per_call)} L2 flushes for {iters} calls")
     return statistics.median(per_call)
-
-
-_flush_buffer: dict[int, torch.Tensor] = {}
-
-
-def _flush_l2() -> None:
-    """Rewrite 256 MB (five times the H100's L2) with an int8 add, a kernel no benchmarked op launches."""
-    device = torch.cuda.current_device()
-    if device not in _flush_buffer:
-        _flush_buffer[device] = torch.zeros(256 << 20, dtype=torch.int8, device="cuda")
-    _flush_buffer[device].add_(1)
 
 
 def _device_events(prof):
