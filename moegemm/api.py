@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import checks, reference
+from .jit.runtime import PlanCache
 from .utils import ceil_div, get_mn_major_tma_aligned_tensor, get_tma_aligned_size, num_sms_of
 
 FP8 = (torch.float8_e4m3fn,)
@@ -63,11 +64,8 @@ def _sfa_ready(sfa: torch.Tensor, m: int) -> bool:
 
 
 # Call signatures already checked, mapped to (kernel plan or None for an empty problem, whether SFA
-# and SFB arrive in the kernel's layout). CPU calls map to None. Bounded so a stream of distinct
-# shapes cannot grow it without limit.
-_fp8_gemm_plans: dict[tuple, tuple | None] = {}
-_MAX_PLANS = 4096
-_UNPLANNED = object()
+# and SFB arrive in the kernel's layout). CPU calls map to None.
+_fp8_gemm_plans = PlanCache()
 
 
 def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
@@ -80,10 +78,7 @@ def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
 
             plan = fp8_gemm.plan(a, b, d, c is not None, key[-1])
         entry = (plan, _sfa_ready(sfa, a.shape[0]), sfb.is_contiguous())
-    if len(_fp8_gemm_plans) >= _MAX_PLANS:
-        _fp8_gemm_plans.clear()
-    _fp8_gemm_plans[key] = entry
-    return entry
+    return _fp8_gemm_plans.store(key, entry)
 
 
 def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
@@ -93,8 +88,8 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
     except AttributeError:  # an argument is not a tensor: let the checks name it
         _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
         raise
-    entry = _fp8_gemm_plans.get(key, _UNPLANNED)
-    if entry is _UNPLANNED:
+    entry = _fp8_gemm_plans.lookup(key)
+    if entry is PlanCache.MISSING:
         entry = _fp8_gemm_nt_plan(key, a, sfa, b, sfb, d, c)
     if entry is None:
         reference.fp8_gemm_nt((a, sfa), (b, sfb), d, c)

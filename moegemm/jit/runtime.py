@@ -226,3 +226,24 @@ class KernelFamily:
             kernel = Kernel(self.build(config), **self._kernel_args(config))
             self._kernels[config] = kernel
         return kernel
+
+
+class PlanCache:
+    """Launch plans by call signature. ``lookup`` returns ``MISSING`` for a signature not seen yet;
+    the caller checks the arguments, makes the plan and ``store``s it. Cleared when full, so a
+    stream of distinct shapes cannot grow it without bound."""
+
+    MISSING = object()
+
+    def __init__(self, max_size: int = 4096):
+        self._plans: dict[tuple, Any] = {}
+        self._max_size = max_size
+
+    def lookup(self, key: tuple) -> Any:
+        return self._plans.get(key, self.MISSING)
+
+    def store(self, key: tuple, plan: Any) -> Any:
+        if len(self._plans) >= self._max_size:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..jit import compiler
-from ..jit.runtime import Kernel, KernelFamily
+from ..jit.runtime import Kernel, KernelFamily, PlanCache
 
 BLOCK = 128
 INPUT_BYTES = {torch.bfloat16: 2, torch.float32: 4}
@@ -166,9 +166,7 @@ def plan(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> Plan:
     return Plan(config, g, kernel, kernel.record(g.grid, (), g.params, num_pointer_params=2))
 
 
-# Signatures already planned. Bounded so a stream of distinct shapes cannot grow it without limit.
-_plans: dict[tuple, Plan] = {}
-_MAX_PLANS = 4096
+_plans = PlanCache()
 
 
 def _cast(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +175,9 @@ def _cast(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> tuple[torch.Tens
     except AttributeError:  # not a tensor: let the checks name it
         _check(x)
         raise
-    cached = _plans.get(key)
-    if cached is None:
-        cached = plan(x, use_ue8m0, per_block)
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        _plans[key] = cached
+    cached = _plans.lookup(key)
+    if cached is PlanCache.MISSING:
+        cached = _plans.store(key, plan(x, use_ue8m0, per_block))
     return cached.run(x)
 
 
