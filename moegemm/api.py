@@ -12,7 +12,7 @@ import torch
 
 from . import checks, reference
 from .jit.runtime import PlanCache
-from .utils import ceil_div, get_mn_major_tma_aligned_tensor, get_tma_aligned_size, num_sms_of
+from .utils import ceil_div, get_mn_major_tma_aligned_tensor, get_pdl, get_tma_aligned_size, num_sms_of
 
 FP8 = (torch.float8_e4m3fn,)
 FP32 = (torch.float32,)
@@ -76,7 +76,7 @@ def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
         if a.shape[0] > 0 and d.shape[1] > 0 and a.shape[1] > 0:
             from .kernels import fp8_gemm
 
-            plan = fp8_gemm.plan(a, b, d, c is not None, key[-1])
+            plan = fp8_gemm.plan(a, b, d, c is not None, num_sms=key[-1], pdl=key[-2])
         entry = (plan, _sfa_ready(sfa, a.shape[0]), sfb.is_contiguous())
     return _fp8_gemm_plans.store(key, entry)
 
@@ -84,7 +84,7 @@ def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
 def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
                  c: torch.Tensor | None) -> None:
     try:
-        key = (_signature(a, sfa, b, sfb, d, c), num_sms_of(d.get_device()) if d.is_cuda else 0)
+        key = (_signature(a, sfa, b, sfb, d, c), get_pdl(), num_sms_of(d.get_device()) if d.is_cuda else 0)
     except AttributeError:  # an argument is not a tensor: let the checks name it
         _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
         raise

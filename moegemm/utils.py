@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import env
+
 __all__ = [
     "align",
     "bench_graph",
@@ -489,6 +491,32 @@ def get_num_sms() -> int:
         return _sm_count(torch.cuda.current_device())
     except (AssertionError, RuntimeError):
         raise RuntimeError("get_num_sms needs a CUDA GPU (or an explicit set_num_sms)") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Programmatic dependent launch
+# ---------------------------------------------------------------------------------------------------------
+
+_pdl: bool | None = None
+
+
+def set_pdl(enabled: bool) -> None:
+    """Launch the GEMM kernels with programmatic dependent launch: a kernel's blocks may start while
+    the previous kernel on the stream finishes, and wait (``griddepcontrol.wait``) before touching
+    memory. Hides part of the launch gap between back-to-back kernels; results are unchanged.
+    Default: the ``MOEGEMM_ENABLE_PDL`` environment variable."""
+    global _pdl
+    if not isinstance(enabled, bool):
+        raise ValueError(f"`enabled` must be a bool, got {enabled!r}")
+    _pdl = enabled
+
+
+def get_pdl() -> bool:
+    """Whether GEMM kernels are launched with programmatic dependent launch (see :func:`set_pdl`)."""
+    global _pdl
+    if _pdl is None:
+        _pdl = env.flag("MOEGEMM_ENABLE_PDL")
+    return _pdl
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -86,6 +86,11 @@ CONFIGS = [
     Fp8GemmConfig(128, 96, 4, True, False), Fp8GemmConfig(128, 160, 4, True, True),
     Fp8GemmConfig(64, 128, 6, True, True), Fp8GemmConfig(128, 128, 5, False, False, 2),
     Fp8GemmConfig(128, 192, 4, False, False, 2), Fp8GemmConfig(64, 32, 6, True, True, 2),
+    # Split-K over clusters of 2 to 8 CTAs: swizzled and plain output slices, one and two math
+    # warpgroups, both output dtypes, with accumulation.
+    Fp8GemmConfig(64, 128, 8, False, False, split_k=2), Fp8GemmConfig(64, 112, 9, False, False, split_k=7),
+    Fp8GemmConfig(128, 192, 3, False, False, split_k=8), Fp8GemmConfig(128, 96, 6, True, True, split_k=3),
+    Fp8GemmConfig(64, 64, 10, True, False, split_k=4), Fp8GemmConfig(128, 128, 4, False, False, split_k=2),
 ]
 
 
@@ -100,6 +105,53 @@ def test_every_config(config, m, n, k, seed):
     d = c.clone() if config.accumulate else poisoned(m, n, dtype)
     fp8_gemm.plan(a[0], b[0], d, config.accumulate, moegemm.get_num_sms(), config).launch(a[0], sfa, b[0], b[1], d)
     assert_close(d, expected(a, b, c))
+
+
+@gpu
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.split_k > 1], ids=fp8_gemm.kernel_name)
+def test_split_k_many_tiles_per_cluster(config, seed):
+    """Few SMs: each cluster reduces many tiles in turn, reusing its reduce buffers."""
+    m, n, k = 257, 1000, 1040
+    _, _, a, b = make_inputs(m, n, k)
+    sfa = get_mn_major_tma_aligned_tensor(a[1])
+    dtype = torch.float32 if config.out_fp32 else torch.bfloat16
+    c = torch.randn(m, n, device="cuda") if config.accumulate else None
+    for num_sms in (config.split_k, 3 * config.split_k):
+        d = c.clone() if config.accumulate else poisoned(m, n, dtype)
+        fp8_gemm.plan(a[0], b[0], d, config.accumulate, num_sms, config).launch(a[0], sfa, b[0], b[1], d)
+        assert_close(d, expected(a, b, c))
+
+
+@gpu
+def test_split_k_is_deterministic(seed):
+    _, _, a, b = make_inputs(64, 4096, 7168)
+    assert fp8_gemm.select_config(64, 4096, 7168, False, False, moegemm.get_num_sms()).split_k > 1
+    first = torch.empty(64, 4096, device="cuda", dtype=torch.bfloat16)
+    moegemm.fp8_gemm_nt(a, b, first)
+    for _ in range(3):
+        d = poisoned(64, 4096, torch.bfloat16)
+        moegemm.fp8_gemm_nt(a, b, d)
+        assert torch.equal(d, first)
+
+
+@gpu
+def test_programmatic_dependent_launch(seed):
+    """Back-to-back dependent GEMMs with PDL: each reads the D the previous one wrote."""
+    m, n, k = 512, 2048, 1024
+    _, _, a, b = make_inputs(m, n, k)
+    c = torch.randn(m, n, device="cuda")
+    product = expected(a, b)
+    moegemm.set_pdl(True)
+    try:
+        d = c.clone()
+        for _ in range(4):
+            moegemm.fp8_gemm_nt(a, b, d, d)
+        assert_close(d, c + 4 * product)
+        small = poisoned(1, n, torch.bfloat16)  # a split-K config after the accumulating ones
+        moegemm.fp8_gemm_nt((a[0][:1], a[1][:1]), b, small)
+        assert_close(small, product[:1])
+    finally:
+        moegemm.set_pdl(False)
 
 
 @gpu

@@ -617,3 +617,22 @@ def test_bench_on_gpu() -> None:
 def test_import_does_not_initialise_cuda() -> None:
     code = "import torch, moegemm.utils, moegemm.reference; assert not torch.cuda.is_initialized()"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture
+def restore_pdl():
+    saved = utils._pdl
+    yield
+    utils._pdl = saved
+
+
+@pytest.mark.usefixtures("restore_pdl")
+def test_pdl_default_from_environment_and_setter(monkeypatch) -> None:
+    utils._pdl = None
+    monkeypatch.setenv("MOEGEMM_ENABLE_PDL", "1")
+    assert utils.get_pdl() is True
+    utils.set_pdl(False)
+    assert utils.get_pdl() is False
+    with pytest.raises(ValueError, match="enabled"):
+        utils.set_pdl(1)
+    assert utils.get_pdl() is False

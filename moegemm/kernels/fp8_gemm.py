@@ -16,7 +16,7 @@ import torch
 from .. import env
 from ..jit import compiler
 from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, Kernel, KernelFamily, tma_2d
-from ..utils import get_tma_aligned_size
+from ..utils import ceil_div, get_tma_aligned_size
 
 BLOCK_K = 128
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
@@ -29,6 +29,15 @@ FP8_FLOPS_PER_SM = 1450e12 / 132
 DRAM_BYTES_PER_S = 3.0e12
 SM_L2_BYTES_PER_S = 120e9
 SM_DRAM_BYTES_PER_S = 30e9
+# The consumer's floor per K block whatever the tile: a chain of four dependent WGMMAs, the
+# promotion and the barrier round trips (H100, 2026-11-25: 16-column tiles took ~220 ns per block).
+K_BLOCK_LATENCY_S = 180e-9
+# One split-K reduction through distributed shared memory (exchange, barriers): a guess for now.
+SPLIT_K_REDUCE_S = 1.0e-6
+# Loads and math overlap imperfectly: this share of the shorter of the two adds to the longer (fitted
+# to H100 runs: M = 1, 7168 x 16384 on 128 x 64 tiles took 54 us, the model's max alone 39 us).
+OVERLAP_LOSS = 0.4
+MAX_SPLIT_K = 8  # portable cluster size
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,16 @@ class Fp8GemmConfig:
     out_fp32: bool
     accumulate: bool
     cluster_m: int = 1  # 2: two CTAs stacked along M share (multicast) the B tile
+    split_k: int = 1  # > 1: a cluster of split_k CTAs shares each tile, splitting its K blocks
+
+    @property
+    def cluster_size(self) -> int:
+        return self.cluster_m * self.split_k
+
+    @property
+    def out_cols(self) -> int:
+        """Columns of a tile one CTA stores (its slice under split-K)."""
+        return self.block_n // self.split_k
 
     @property
     def out_bytes(self) -> int:
@@ -51,30 +70,35 @@ class Fp8GemmConfig:
     @property
     def store_cols(self) -> int:
         chunk = 128 // self.out_bytes
-        return chunk if self.block_n >= chunk else self.block_n
+        return chunk if self.out_cols >= chunk else self.out_cols
 
     @property
     def smem_bytes(self) -> int:
-        return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes)
+        return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k)
 
 
-def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int) -> int:
+def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k: int = 1) -> int:
+    """Mirrors Fp8GemmConfig::kSmemBytes (the generated source asserts they agree)."""
     stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4
-    return block_m * block_n * out_bytes + stages * (stage + 2 * BARRIER_BYTES)
+    out_cols = block_n // split_k
+    reduce_buffer = block_m // 64 * (split_k - 1) * out_cols * 256
+    barriers = 2 * stages + (2 * block_m // 64 if split_k > 1 else 0)
+    return block_m * out_cols * out_bytes + stages * stage + reduce_buffer + barriers * BARRIER_BYTES
 
 
-def valid_block_n(block_n: int, out_bytes: int) -> bool:
+def valid_block_n(block_n: int, out_bytes: int, split_k: int = 1) -> bool:
     """BLOCK_N values the kernel supports (its static_asserts, and the register budget)."""
     chunk = 128 // out_bytes
     low_bit = block_n & -block_n
-    return (block_n % 8 == 0 and 8 <= block_n <= 192
-            and (block_n < chunk or block_n % chunk == 0)
+    out_cols = block_n // split_k
+    return (block_n % (8 * split_k) == 0 and 8 <= block_n <= 192
+            and (out_cols < chunk or out_cols % chunk == 0)
             and (block_n <= 128 or block_n % 128 == 0 or block_n <= 128 + low_bit))
 
 
-def _max_stages(block_m: int, block_n: int, out_bytes: int) -> int:
+def _max_stages(block_m: int, block_n: int, out_bytes: int, split_k: int = 1) -> int:
     stages = 0
-    while stages < MAX_STAGES and smem_bytes(block_m, block_n, stages + 1, out_bytes) <= SMEM_LIMIT:
+    while stages < MAX_STAGES and smem_bytes(block_m, block_n, stages + 1, out_bytes, split_k) <= SMEM_LIMIT:
         stages += 1
     return stages
 
@@ -89,35 +113,47 @@ def _math_efficiency(block_m: int, block_n: int) -> float:
     return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * single_buffer
 
 
-def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, out_bytes: int) -> float:
-    """The slowest of: the busiest SM's waves of tiles at tensor-core rate or at its L2 load rate;
-    the problem's DRAM traffic (A and B once, D written) at full bandwidth, or at the rate the
-    SMs that have work can pull it."""
+def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, out_bytes: int,
+                       split_k: int = 1) -> float:
+    """The slower of (plus OVERLAP_LOSS of the faster): the busiest SM's K blocks, each taking the
+    longest of its tensor-core time, its L2 load time and the consumer's latency floor, plus the
+    split-K reduction; the problem's DRAM traffic (A and B once, D written) at full bandwidth, or at
+    the rate the busy SMs can pull it."""
     num_tiles = -(-m // block_m) * -(-n // block_n)
-    waves = -(-num_tiles // num_sms)
-    k_padded = -(-k // BLOCK_K) * BLOCK_K
-    compute = waves * 2 * block_m * block_n * k_padded / (FP8_FLOPS_PER_SM * _math_efficiency(block_m, block_n))
-    loads = waves * (min(block_m, m) + block_n) * k_padded / SM_L2_BYTES_PER_S
+    clusters = num_sms // split_k
+    waves = -(-num_tiles // clusters)
+    k_blocks = ceil_div(ceil_div(k, BLOCK_K), split_k)
+    per_block = max(K_BLOCK_LATENCY_S,
+                    2 * block_m * block_n * BLOCK_K / (FP8_FLOPS_PER_SM * _math_efficiency(block_m, block_n)),
+                    (min(block_m, m) + block_n) * BLOCK_K / SM_L2_BYTES_PER_S)
+    compute = waves * (k_blocks * per_block + (SPLIT_K_REDUCE_S if split_k > 1 else 0.0))
     unique_bytes = m * k + n * k + m * n * out_bytes
-    dram = unique_bytes / min(DRAM_BYTES_PER_S, min(num_tiles, num_sms) * SM_DRAM_BYTES_PER_S)
-    return max(compute, loads, dram)
+    busy_sms = min(num_tiles, clusters) * split_k
+    dram = unique_bytes / min(DRAM_BYTES_PER_S, busy_sms * SM_DRAM_BYTES_PER_S)
+    return max(compute, dram) + OVERLAP_LOSS * min(compute, dram)
 
 
 def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_sms: int) -> Fp8GemmConfig:
-    """The config with the least estimated time; ties go to the larger tile (fewer re-reads)."""
+    """The config with the least estimated time; ties go to less splitting, then the larger tile
+    (fewer re-reads). Split-K is considered only while the tiles alone leave SMs idle."""
     out_bytes = 4 if out_fp32 else 2
     best, best_key = None, None
     for block_m in (64, 128):
         for block_n in range(8, 193, 8):
-            if not valid_block_n(block_n, out_bytes):
-                continue
-            stages = _max_stages(block_m, block_n, out_bytes)
-            if stages < 3:
-                continue
-            seconds = _estimated_seconds(m, n, k, block_m, block_n, num_sms, out_bytes)
-            key = (round(seconds * 1e9), -block_m * block_n)
-            if best_key is None or key < best_key:
-                best, best_key = Fp8GemmConfig(block_m, block_n, stages, out_fp32, accumulate), key
+            num_tiles = -(-m // block_m) * -(-n // block_n)
+            for split_k in range(1, MAX_SPLIT_K + 1):
+                if split_k > 1 and (num_tiles >= num_sms // split_k or split_k > -(-k // BLOCK_K)):
+                    break
+                if not valid_block_n(block_n, out_bytes, split_k):
+                    continue
+                stages = _max_stages(block_m, block_n, out_bytes, split_k)
+                if stages < 3:
+                    continue
+                seconds = _estimated_seconds(m, n, k, block_m, block_n, num_sms, out_bytes, split_k)
+                key = (round(seconds * 1e9), split_k, -block_m * block_n)
+                if best_key is None or key < best_key:
+                    best = Fp8GemmConfig(block_m, block_n, stages, out_fp32, accumulate, split_k=split_k)
+                    best_key = key
     # B multicast across CTA pairs (cluster_m=2) is never chosen for now: on H100 (2026-11-25) it
     # ran 5-13% slower than single CTAs on every M = 4096 benchmark shape (BENCHMARKS.md), so L2
     # traffic is not what limits this kernel. Such configs stay available and tested.
@@ -127,8 +163,8 @@ def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_
 
 def grid_size(config: Fp8GemmConfig, m: int, n: int, num_sms: int) -> int:
     """Persistent grid: one CTA per SM, no more than there are tiles, whole clusters."""
-    c = config.cluster_m
-    items = -(-m // (config.block_m * c)) * -(-n // config.block_n)
+    c = config.cluster_size
+    items = -(-m // (config.block_m * config.cluster_m)) * -(-n // config.block_n)
     return min(num_sms // c, items) * c
 
 
@@ -136,6 +172,7 @@ def generate_source(config: Fp8GemmConfig) -> str:
     return compiler.kernel_stub(
         "sm90_fp8_gemm.cuh",
         f"moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.stages}, {config.cluster_m}, "
+        f"{config.split_k}, "
         f"{str(config.out_fp32).lower()}, {str(config.accumulate).lower()}>",
         "moegemm::Fp8GemmParams", "moegemm::sm90_fp8_gemm",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
@@ -146,12 +183,13 @@ def kernel_name(config: Fp8GemmConfig) -> str:
     out = "f32" if config.out_fp32 else "bf16"
     acc = "_acc" if config.accumulate else ""
     cluster = f"c{config.cluster_m}" if config.cluster_m > 1 else ""
-    return f"sm90_fp8_gemm_nt_{out}{acc}_m{config.block_m}n{config.block_n}s{config.stages}{cluster}"
+    split = f"k{config.split_k}" if config.split_k > 1 else ""
+    return f"sm90_fp8_gemm_nt_{out}{acc}_m{config.block_m}n{config.block_n}s{config.stages}{cluster}{split}"
 
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
-    num_threads=config.num_threads, smem_bytes=config.smem_bytes, num_tma=4, params_format="Q4I",
-    cluster=config.cluster_m))
+    num_threads=config.num_threads, smem_bytes=config.smem_bytes, num_tma=4, params_format="Q5I4x",
+    cluster=config.cluster_size))
 build = KERNELS.build
 
 
@@ -171,9 +209,9 @@ class Plan:
 
 
 def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, num_sms: int,
-         config: Fp8GemmConfig | None = None) -> Plan:
+         config: Fp8GemmConfig | None = None, pdl: bool = False) -> Plan:
     """The plan of D (+)= A @ B^T for these shapes; ``config`` overrides the heuristic (tests use it
-    to cover every kind of config)."""
+    to cover every kind of config); ``pdl``: launch with programmatic dependent launch."""
     m, k = a.shape
     n = b.shape[0]
     if config is None:
@@ -185,6 +223,11 @@ def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, nu
         if resident < 0.95 * min(num_sms, grid):
             config = dataclasses.replace(config, cluster_m=1)
             grid = grid_size(config, m, n, num_sms)
+    if config.split_k > 1:
+        # A cluster must fit in one GPC, so fewer clusters than SMs / split_k may fit at once; a
+        # grid larger than that would run a second, nearly empty wave.
+        resident = KERNELS.kernel(config).max_active_clusters(d.device.index)
+        grid = min(grid, max(resident, 1) * config.split_k)
     if env.flag("MOEGEMM_PRINT_CONFIGS"):
         print(f"[moegemm] fp8_gemm_nt m={m} n={n} k={k}: {config}, grid {grid}", file=sys.stderr)
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
@@ -196,8 +239,10 @@ def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, nu
            tma_2d(torch.float32, m, -(-k // BLOCK_K), get_tma_aligned_size(m, 4) * 4, config.block_m, 1,
                   SWIZZLE_NONE, 256),
            tma_2d(d.dtype, n, m, d.stride(0) * d.element_size(), config.store_cols, 64, d_swizzle, 384))
+    k_blocks_per_split = ceil_div(ceil_div(k, BLOCK_K), config.split_k)
     kernel = KERNELS.kernel(config)
-    return Plan(config, kernel, kernel.record(grid, tma, (0, m, n, k, stage_bytes), num_pointer_params=1))
+    return Plan(config, kernel, kernel.record(grid, tma, (0, m, n, k, stage_bytes, k_blocks_per_split),
+                                              num_pointer_params=1, pdl=pdl))
 
 
 __all__ = ["Fp8GemmConfig", "Plan", "build", "generate_source", "plan", "select_config"]

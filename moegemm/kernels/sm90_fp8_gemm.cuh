@@ -12,6 +12,12 @@
 //   empty[s]  count kClusterM * kNumMathThreads / 32: lane 0 of every math warp of every CTA in the
 //             cluster arrives once its WGMMAs on the slot have retired; the producer waits on it
 //             before refilling the slot.
+// Split-K (kSplitK > 1, for few tiles): a cluster of kSplitK CTAs shares a tile, CTA r taking the
+// r-th run of K blocks. The partial tiles are then reduced through distributed shared memory:
+// CTA r owns columns [r, r + 1) * BLOCK_N / kSplitK of the tile, receives the other CTAs' partial
+// sums of those columns into its reduce buffer, adds all of them in split order (deterministic) and
+// stores them. Per math warpgroup, reduce_full counts the senders' arrivals (their data is in) and
+// reduce_free the owners' (they have read the buffer: the next tile's partials may overwrite it).
 // With kClusterM == 2 the two CTAs of a cluster compute vertically adjacent tiles with the same B
 // tile: each loads half of B's rows and multicasts them into both CTAs' slots, halving B's L2
 // traffic. A slot may then be refilled only when both CTAs have released it, hence the cluster-wide
@@ -38,13 +44,14 @@ struct Fp8GemmParams {
     TmaDescriptor tma_d;    // D [M, N], box {kStoreCols, 64}
     const float* sfb;       // [ceil(N/128), ceil(K/128)]
     u32 m, n, k;
-    u32 stage_bytes;  // bytes the TMA loads of one stage deliver (A's box shrinks for small M)
+    u32 stage_bytes;         // bytes the TMA loads of one stage deliver (A's box shrinks for small M)
+    u32 k_blocks_per_split;  // split-K: K blocks per CTA of a cluster (the last may get fewer)
 };
 
-template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, bool kOutFp32_, bool kAccumulate_>
+template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, u32 kSplitK_, bool kOutFp32_, bool kAccumulate_>
 struct Fp8GemmConfig {
     static constexpr u32 kBlockM = kBlockM_, kBlockN = kBlockN_, kBlockK = 128, kStages = kStages_;
-    static constexpr u32 kClusterM = kClusterM_;
+    static constexpr u32 kClusterM = kClusterM_, kSplitK = kSplitK_, kClusterSize = kClusterM * kSplitK;
     static constexpr bool kOutFp32 = kOutFp32_, kAccumulate = kAccumulate_;
     static constexpr u32 kNumMathWarpgroups = kBlockM / 64;
     static constexpr u32 kNumMathThreads = 128 * kNumMathWarpgroups;
@@ -55,8 +62,10 @@ struct Fp8GemmConfig {
 
     static constexpr u32 kOutBytes = kOutFp32 ? 4 : 2;
     static constexpr u32 kChunkCols = 128 / kOutBytes;
-    static constexpr bool kSwizzleD = kBlockN >= kChunkCols;
-    static constexpr u32 kStoreCols = kSwizzleD ? kChunkCols : kBlockN;
+    // Columns of the tile this CTA stores: its slice under split-K.
+    static constexpr u32 kOutCols = kBlockN / kSplitK;
+    static constexpr bool kSwizzleD = kOutCols >= kChunkCols;
+    static constexpr u32 kStoreCols = kSwizzleD ? kChunkCols : kOutCols;
     // A tile never straddles two 128-wide SFB blocks when BLOCK_N divides 128.
     static constexpr bool kUniformSfb = 128 % kBlockN == 0;
     // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128.
@@ -66,12 +75,19 @@ struct Fp8GemmConfig {
     static constexpr u32 kTileBBytes = kBlockN * kBlockK;
     static constexpr u32 kTileSfaBytes = kBlockM * 4;
     static constexpr u32 kStageBytes = kTileABytes + kTileBBytes + kTileSfaBytes;
-    static constexpr u32 kSmemDBytes = kBlockM * kBlockN * kOutBytes;
-    static constexpr u32 kSmemBytes = kSmemDBytes + kStages * kStageBytes + 2 * kStages * sizeof(Barrier);
+    static constexpr u32 kSmemDBytes = kBlockM * kOutCols * kOutBytes;
+    // Split-K reduce buffer, per math warpgroup: one slot per sender, holding each thread's 16-byte
+    // pieces (four floats of an 8-column group) thread-contiguous, so accesses are conflict-free.
+    static constexpr u32 kReduceSlotBytes = kOutCols / 8 * 128 * 16;
+    static constexpr u32 kReduceBytes = kSplitK > 1 ? kNumMathWarpgroups * (kSplitK - 1) * kReduceSlotBytes : 0;
+    static constexpr u32 kNumBarriers = 2 * kStages + (kSplitK > 1 ? 2 * kNumMathWarpgroups : 0);
+    static constexpr u32 kSmemBytes = kSmemDBytes + kStages * kStageBytes + kReduceBytes + kNumBarriers * sizeof(Barrier);
 
     static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M is 64 or 128 (one or two math warpgroups)");
     static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "WGMMA needs N in [8, 256], N % 8 == 0");
-    static_assert(!kSwizzleD || kBlockN % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
+    static_assert(!kSwizzleD || kOutCols % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
+    static_assert(kBlockN % (8 * kSplitK) == 0, "split-K slices are whole 8-column groups");
+    static_assert(kSplitK >= 1 && kSplitK <= 8 && (kClusterM == 1 || kSplitK == 1), "portable clusters of <= 8");
     static_assert(kBlockN <= 128 || kBlockN % 128 == 0 || kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
                   "a tile may span at most two 128-wide SFB blocks");
     // 128-byte-swizzled tiles need 1024-byte alignment; the layout below keeps every A/B/D tile so.
@@ -87,14 +103,15 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kCluster = Config::kClusterM;
     constexpr u32 kSliceRows = BN / kCluster;
-    const TileScheduler<BM, BN, kCluster> scheduler(p.m, p.n);
-    const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
+    const TileScheduler<BM, BN, kCluster, Config::kSplitK> scheduler(p.m, p.n);
+    u32 k_begin, k_end;
+    scheduler.k_range(ceil_div(p.k, Config::kBlockK), p.k_blocks_per_split, k_begin, k_end);
     const u32 rank = kCluster > 1 ? cluster_cta_rank() : 0;
     StageRing<Config::kStages> ring;
     for (u32 item = scheduler.first_item(); item < scheduler.num_items; item += scheduler.item_stride()) {
         u32 m_block, n_block;
         scheduler.coords(item, m_block, n_block);
-        for (u32 k_block = 0; k_block < num_k_blocks; ++k_block, ring.advance()) {
+        for (u32 k_block = k_begin; k_block < k_end; ++k_block, ring.advance()) {
             const u32 s = ring.stage;
             empty[s].wait(ring.phase ^ 1);
             full[s].arrive_expect_tx(p.stage_bytes);
@@ -114,17 +131,19 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
     }
 }
 
-// Write one warpgroup's 64 x BLOCK_N totals into its shared-memory slice, laid out as the D
-// descriptor's boxes: chunks of kStoreCols columns, 128-byte swizzled when kSwizzleD.
+// Write one warpgroup's 64 x kOutCols totals (columns [slice, slice + 1) * kOutCols of the tile)
+// into its shared-memory slice, laid out as the D descriptor's boxes: chunks of kStoreCols
+// columns, 128-byte swizzled when kSwizzleD.
 template <class Config>
-__device__ __forceinline__ void fp8_gemm_stage_output(const float* totals, u8* smem_d_wg) {
+__device__ __forceinline__ void fp8_gemm_stage_output(const float* totals, u8* smem_d_wg, u32 slice) {
     constexpr u32 kChunkBytes = 64 * Config::kStoreCols * Config::kOutBytes;
     const u32 lane = lane_id(), warp_in_wg = warp_id() % 4;
     const u32 base = smem_addr(smem_d_wg);
 #pragma unroll
     for (u32 i = 0; i < Config::kBlockN / 2; i += 2) {
+        if ((i / 4) * 8 / Config::kOutCols != slice) continue;
         const u32 row = warp_in_wg * 16 + lane / 4 + ((i / 2) % 2) * 8;
-        const u32 col = (i / 4) * 8 + (lane % 4) * 2;
+        const u32 col = (i / 4) * 8 % Config::kOutCols + (lane % 4) * 2;
         const u32 chunk = col / Config::kStoreCols;
         const u32 byte = (col % Config::kStoreCols) * Config::kOutBytes;
         u32 offset;
@@ -210,20 +229,78 @@ __device__ __forceinline__ void fp8_gemm_retire(u32 stage, const BlockScales& sc
     }
 }
 
+// Split-K: sum the cluster's partial tiles into this CTA's column slice (see the top of the file).
+// `round` counts the tiles this CTA has reduced before.
+template <class Config>
+__device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, u32 reduce_wg, Barrier& reduce_full,
+                                                        Barrier& reduce_free, u32 rank, u32 round) {
+    constexpr u32 S = Config::kSplitK, kGroups = Config::kOutCols / 8;
+    const u32 thread_offset = threadIdx.x % 128 * 16;
+    auto piece = [&](u32 slot, u32 group) { return reduce_wg + (slot * kGroups + group) * 128 * 16 + thread_offset; };
+    // The owners must have read the previous tile's partials before they are overwritten.
+    if (round > 0) reduce_free.wait_cluster((round - 1) & 1);
+#pragma unroll
+    for (u32 owner = 0; owner < S; ++owner) {
+        if (owner == rank) continue;
+        const u32 slot = rank - (rank > owner);
+#pragma unroll
+        for (u32 g = 0; g < kGroups; ++g) {
+            const float* v = totals + (owner * kGroups + g) * 4;
+            st_cluster_v4_f32(piece(slot, g), owner, v[0], v[1], v[2], v[3]);
+        }
+    }
+#pragma unroll
+    for (u32 owner = 0; owner < S; ++owner)
+        if (owner != rank) reduce_full.arrive_cluster_release(owner);
+    reduce_full.wait_cluster(round & 1);
+#pragma unroll
+    for (u32 owner = 0; owner < S; ++owner) {
+        if (owner != rank) continue;
+#pragma unroll
+        for (u32 g = 0; g < kGroups; ++g) {
+            float* mine = totals + (owner * kGroups + g) * 4;
+            float sum[4], part[4];
+#pragma unroll
+            for (u32 split = 0; split < S; ++split) {
+                if (split == owner) {
+#pragma unroll
+                    for (u32 j = 0; j < 4; ++j) part[j] = mine[j];
+                } else {
+                    ld_shared_v4_f32(piece(split - (split > owner), g), part);
+                }
+#pragma unroll
+                for (u32 j = 0; j < 4; ++j) sum[j] = split == 0 ? part[j] : sum[j] + part[j];
+            }
+#pragma unroll
+            for (u32 j = 0; j < 4; ++j) mine[j] = sum[j];
+        }
+    }
+#pragma unroll
+    for (u32 owner = 0; owner < S; ++owner)
+        if (owner != rank) reduce_free.arrive_cluster_release(owner);
+}
+
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* smem_d, const u8* smem_a,
                                                   const u8* smem_b, const float* smem_sfa, Barrier* full,
-                                                  Barrier* empty) {
+                                                  Barrier* empty, u8* smem_reduce, Barrier* reduce_full,
+                                                  Barrier* reduce_free) {
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kAcc = BN / 2;
-    const TileScheduler<BM, BN, Config::kClusterM> scheduler(p.m, p.n);
+    const TileScheduler<BM, BN, Config::kClusterM, Config::kSplitK> scheduler(p.m, p.n);
     const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
-    const u32 peer = Config::kClusterM > 1 ? cluster_cta_rank() ^ 1 : 0;
+    u32 k_begin, k_end;
+    scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);
+    const u32 rank = Config::kClusterSize > 1 ? cluster_cta_rank() : 0;
+    const u32 peer = rank ^ 1;
+    const u32 slice = Config::kSplitK > 1 ? rank : 0;
+    u32 round = 0;
     const u32 num_sfb_rows = ceil_div(p.n, 128u);
     const u32 wg = threadIdx.x / 128;
     const u32 sfa_row = wg * 64 + (warp_id() % 4) * 16 + lane_id() / 4;
     const bool store_issuer = threadIdx.x % 128 == 0;
-    u8* smem_d_wg = smem_d + wg * 64 * BN * Config::kOutBytes;
+    u8* smem_d_wg = smem_d + wg * 64 * Config::kOutCols * Config::kOutBytes;
+    const u32 reduce_wg = smem_addr(smem_reduce) + wg * (Config::kSplitK - 1) * Config::kReduceSlotBytes;
 
     // Two scratch accumulators when registers allow: the WGMMAs of the next K block run while
     // this one is promoted, so the tensor cores never wait for the promotion.
@@ -247,7 +324,7 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             return scales;
         };
         SfbPair next_sfb;
-        next_sfb.load<Config>(sfb0, sfb1, 0, num_k_blocks);
+        next_sfb.load<Config>(sfb0, sfb1, k_begin, num_k_blocks);
 
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
@@ -255,12 +332,12 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         if constexpr (Config::kDoubleBuffer) {
             // K blocks in pairs, the second's WGMMAs running during the first's promotion. No WGMMA
             // stays in flight across the loop's back edge: ptxas would serialize them all (C7514).
-            for (u32 k_block = 0; k_block < num_k_blocks; k_block += 2) {
+            for (u32 k_block = k_begin; k_block < k_end; k_block += 2) {
                 const SfbPair sfb = next_sfb;
                 next_sfb.load<Config>(sfb0, sfb1, k_block + 2, num_k_blocks);
                 const u32 stage0 = ring.stage;
                 const BlockScales scales0 = issue(sfb, 0, scratch0);
-                if (k_block + 1 < num_k_blocks) {
+                if (k_block + 1 < k_end) {
                     const u32 stage1 = ring.stage;
                     const BlockScales scales1 = issue(sfb, 1, scratch1);
                     wgmma_wait<1>();
@@ -273,29 +350,33 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
                 }
             }
         } else {
-            for (u32 k_block = 0; k_block < num_k_blocks; ++k_block) {
+            for (u32 k_block = k_begin; k_block < k_end; ++k_block) {
                 // One pair serves two K blocks; the next pair is requested while the first is used.
                 const SfbPair sfb = next_sfb;
-                if (k_block % 2 == 1) next_sfb.load<Config>(sfb0, sfb1, k_block + 1, num_k_blocks);
+                const u32 second = (k_block - k_begin) % 2;
+                if (second) next_sfb.load<Config>(sfb0, sfb1, k_block + 1, num_k_blocks);
                 const u32 stage = ring.stage;
-                const BlockScales scales = issue(sfb, k_block % 2, scratch0);
+                const BlockScales scales = issue(sfb, second, scratch0);
                 wgmma_wait<0>();
                 fp8_gemm_retire<Config>(stage, scales, scratch0, totals, boundary, empty, peer);
             }
         }
 
+        if constexpr (Config::kSplitK > 1)
+            fp8_gemm_reduce_split_k<Config>(totals, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++);
+
         // The previous tile's store must have read the buffer before it is overwritten.
         if (store_issuer) tma_store_wait_read();
         named_barrier_sync(1 + wg, 128);
-        fp8_gemm_stage_output<Config>(totals, smem_d_wg);
+        fp8_gemm_stage_output<Config>(totals, smem_d_wg, slice);
         fence_proxy_async();
         named_barrier_sync(1 + wg, 128);
         if (store_issuer) {
             const int y = m_block * BM + wg * 64;
             constexpr u32 kChunkBytes = 64 * Config::kStoreCols * Config::kOutBytes;
 #pragma unroll
-            for (u32 chunk = 0; chunk < BN / Config::kStoreCols; ++chunk) {
-                const int x = n0 + chunk * Config::kStoreCols;
+            for (u32 chunk = 0; chunk < Config::kOutCols / Config::kStoreCols; ++chunk) {
+                const int x = n0 + slice * Config::kOutCols + chunk * Config::kStoreCols;
                 if (x >= int(p.n) || y >= int(p.m)) break;
                 if constexpr (Config::kAccumulate)
                     tma_reduce_add_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, y);
@@ -305,8 +386,11 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             tma_store_commit();
         }
     }
-    // Shared memory must outlive the last store's reads.
+    // Shared memory must outlive the last store's reads, and the peers' last arrivals on this CTA's
+    // reduce barriers.
     if (store_issuer) tma_store_wait_all();
+    if constexpr (Config::kSplitK > 1)
+        if (round > 0) reduce_free[wg].wait_cluster((round - 1) & 1);
 }
 
 template <class Config>
@@ -316,8 +400,11 @@ __device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
     u8* smem_a = smem_d + Config::kSmemDBytes;
     u8* smem_b = smem_a + Config::kStages * Config::kTileABytes;
     float* smem_sfa = reinterpret_cast<float*>(smem_b + Config::kStages * Config::kTileBBytes);
-    Barrier* full = reinterpret_cast<Barrier*>(smem_sfa + Config::kStages * Config::kBlockM);
+    u8* smem_reduce = reinterpret_cast<u8*>(smem_sfa + Config::kStages * Config::kBlockM);
+    Barrier* full = reinterpret_cast<Barrier*>(smem_reduce + Config::kReduceBytes);
     Barrier* empty = full + Config::kStages;
+    Barrier* reduce_full = empty + Config::kStages;
+    Barrier* reduce_free = reduce_full + Config::kNumMathWarpgroups;
 
     if (threadIdx.x == Config::kNumMathThreads) {
         tma_prefetch_descriptor(&p.tma_a);
@@ -331,9 +418,15 @@ __device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
             full[s].init(1);
             empty[s].init(Config::kClusterM * Config::kNumMathThreads / 32);
         }
+        if constexpr (Config::kSplitK > 1) {
+            for (u32 wg = 0; wg < Config::kNumMathWarpgroups; ++wg) {
+                reduce_full[wg].init((Config::kSplitK - 1) * 128);
+                reduce_free[wg].init((Config::kSplitK - 1) * 128);
+            }
+        }
         fence_barrier_init();
     }
-    if constexpr (Config::kClusterM > 1)
+    if constexpr (Config::kClusterSize > 1)
         cluster_sync();
     else
         __syncthreads();
@@ -346,7 +439,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
             fp8_gemm_producer<Config>(p, smem_a, smem_b, smem_sfa, full, empty);
     } else {
         warpgroup_reg_alloc<Config::kMathRegisters>();
-        fp8_gemm_consumer<Config>(p, smem_d, smem_a, smem_b, smem_sfa, full, empty);
+        fp8_gemm_consumer<Config>(p, smem_d, smem_a, smem_b, smem_sfa, full, empty, smem_reduce, reduce_full,
+                                  reduce_free);
     }
 }
 

@@ -53,6 +53,30 @@ struct Barrier {
             "r"(cta_rank)
             : "memory");
     }
+    // Arrive on the barrier at this offset in CTA `cta_rank`, ordering this thread's earlier
+    // shared-memory accesses anywhere in the cluster before the arrival (pairs with wait_cluster).
+    __device__ __forceinline__ void arrive_cluster_release(u32 cta_rank) {
+        asm volatile(
+            "{\n"
+            ".reg .b32 remote;\n"
+            "mapa.shared::cluster.u32 remote, %0, %1;\n"
+            "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+            "}\n" ::"r"(smem_addr(this)),
+            "r"(cta_rank)
+            : "memory");
+    }
+    // wait() that also acquires what other CTAs of the cluster released by arrive_cluster_release.
+    __device__ __forceinline__ void wait_cluster(u32 parity) {
+        asm volatile(
+            "{\n"
+            ".reg .pred done;\n"
+            "WAIT_%=:\n"
+            "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+            "@!done bra WAIT_%=;\n"
+            "}\n" ::"r"(smem_addr(this)),
+            "r"(parity)
+            : "memory");
+    }
     // Block until the phase of the given parity has completed.
     __device__ __forceinline__ void wait(u32 parity) {
         asm volatile(
@@ -189,6 +213,23 @@ __device__ __forceinline__ void st_shared_u32(u32 address, u32 value) {
 }
 __device__ __forceinline__ void st_shared_v2_f32(u32 address, float x, float y) {
     asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(address), "f"(x), "f"(y) : "memory");
+}
+__device__ __forceinline__ void ld_shared_v4_f32(u32 address, float (&v)[4]) {
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+                 : "r"(address)
+                 : "memory");
+}
+// Store into the shared memory of CTA `cta_rank` of this cluster, at the offset `address` has here.
+__device__ __forceinline__ void st_cluster_v4_f32(u32 address, u32 cta_rank, float x, float y, float z, float w) {
+    asm volatile(
+        "{\n"
+        ".reg .b32 remote;\n"
+        "mapa.shared::cluster.u32 remote, %0, %1;\n"
+        "st.shared::cluster.v4.f32 [remote], {%2, %3, %4, %5};\n"
+        "}\n" ::"r"(address),
+        "r"(cta_rank), "f"(x), "f"(y), "f"(z), "f"(w)
+        : "memory");
 }
 
 // ---- global memory, warp reductions and FP8 conversion (element-wise kernels) -----------------------
