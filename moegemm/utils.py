@@ -553,15 +553,17 @@ def _require_cuda(name: str) -> None:
 
 
 def _flush_l2() -> None:
-    """Rewrite 256 MB (five times the H100's 50 MB L2) so the timed call starts cold. An int8 add,
-    not a memset: the profiler-based timing in moegemm.bench tells calls apart by this kernel, which
-    no benchmarked operation launches."""
+    """Read 256 MB (five times the H100's 50 MB L2) so the timed call finds none of its inputs in L2.
+    A read, not a rewrite: a rewrite leaves the L2 full of dirty lines whose write-backs then add to
+    the timed call's DRAM traffic (up to 50 MB: it slowed 15 MB GEMMs by a third). The profiler-based
+    timing in moegemm.bench tells calls apart by this reduction kernel, which no benchmarked operation
+    launches."""
     device = torch.cuda.current_device()
     buffer = _l2_flush_buffers.get(device)
     if buffer is None:
         buffer = torch.zeros(L2_FLUSH_BYTES, dtype=torch.int8, device=f"cuda:{device}")
         _l2_flush_buffers[device] = buffer
-    buffer.add_(1)
+    buffer.sum(dtype=torch.int32)
 
 
 def _time_calls(call: Callable[[], object], iters: int, flush_l2: bool) -> float:

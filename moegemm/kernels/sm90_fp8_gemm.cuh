@@ -16,8 +16,10 @@
 // r-th run of K blocks. The partial tiles are then reduced through distributed shared memory:
 // CTA r owns columns [r, r + 1) * BLOCK_N / kSplitK of the tile, receives the other CTAs' partial
 // sums of those columns into its reduce buffer, adds all of them in split order (deterministic) and
-// stores them. Per math warpgroup, reduce_full counts the senders' arrivals (their data is in) and
-// reduce_free the owners' (they have read the buffer: the next tile's partials may overwrite it).
+// stores them. Per math warpgroup: the senders' asynchronous remote stores (st.async) complete the
+// transaction bytes of the owner's reduce_full (its wait makes the data visible, no fences), and
+// reduce_free counts the owners' arrivals (they have read the buffer: the next tile's partials may
+// overwrite it).
 // With kClusterM == 2 the two CTAs of a cluster compute vertically adjacent tiles with the same B
 // tile: each loads half of B's rows and multicasts them into both CTAs' slots, halving B's L2
 // traffic. A slot may then be refilled only when both CTAs have released it, hence the cluster-wide
@@ -238,7 +240,8 @@ __device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, u32 reduc
     const u32 thread_offset = threadIdx.x % 128 * 16;
     auto piece = [&](u32 slot, u32 group) { return reduce_wg + (slot * kGroups + group) * 128 * 16 + thread_offset; };
     // The owners must have read the previous tile's partials before they are overwritten.
-    if (round > 0) reduce_free.wait_cluster((round - 1) & 1);
+    if (round > 0) reduce_free.wait((round - 1) & 1);
+    if (threadIdx.x % 128 == 0) reduce_full.arrive_expect_tx((S - 1) * Config::kReduceSlotBytes);
 #pragma unroll
     for (u32 owner = 0; owner < S; ++owner) {
         if (owner == rank) continue;
@@ -246,13 +249,10 @@ __device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, u32 reduc
 #pragma unroll
         for (u32 g = 0; g < kGroups; ++g) {
             const float* v = totals + (owner * kGroups + g) * 4;
-            st_cluster_v4_f32(piece(slot, g), owner, v[0], v[1], v[2], v[3]);
+            st_async_cluster_v4_f32(piece(slot, g), &reduce_full, owner, v[0], v[1], v[2], v[3]);
         }
     }
-#pragma unroll
-    for (u32 owner = 0; owner < S; ++owner)
-        if (owner != rank) reduce_full.arrive_cluster_release(owner);
-    reduce_full.wait_cluster(round & 1);
+    reduce_full.wait(round & 1);
 #pragma unroll
     for (u32 owner = 0; owner < S; ++owner) {
         if (owner != rank) continue;
@@ -275,9 +275,13 @@ __device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, u32 reduc
             for (u32 j = 0; j < 4; ++j) mine[j] = sum[j];
         }
     }
+    // Every thread of the warpgroup has read its pieces; then one thread releases the buffer.
+    named_barrier_sync(1 + threadIdx.x / 128, 128);
+    if (threadIdx.x % 128 == 0) {
 #pragma unroll
-    for (u32 owner = 0; owner < S; ++owner)
-        if (owner != rank) reduce_free.arrive_cluster_release(owner);
+        for (u32 owner = 0; owner < S; ++owner)
+            if (owner != rank) reduce_free.arrive_cluster(owner);
+    }
 }
 
 template <class Config>
@@ -390,7 +394,7 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
     // reduce barriers.
     if (store_issuer) tma_store_wait_all();
     if constexpr (Config::kSplitK > 1)
-        if (round > 0) reduce_free[wg].wait_cluster((round - 1) & 1);
+        if (round > 0) reduce_free[wg].wait((round - 1) & 1);
 }
 
 template <class Config>
@@ -420,8 +424,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
         }
         if constexpr (Config::kSplitK > 1) {
             for (u32 wg = 0; wg < Config::kNumMathWarpgroups; ++wg) {
-                reduce_full[wg].init((Config::kSplitK - 1) * 128);
-                reduce_free[wg].init((Config::kSplitK - 1) * 128);
+                reduce_full[wg].init(1);
+                reduce_free[wg].init(Config::kSplitK - 1);
             }
         }
         fence_barrier_init();

@@ -53,30 +53,6 @@ struct Barrier {
             "r"(cta_rank)
             : "memory");
     }
-    // Arrive on the barrier at this offset in CTA `cta_rank`, ordering this thread's earlier
-    // shared-memory accesses anywhere in the cluster before the arrival (pairs with wait_cluster).
-    __device__ __forceinline__ void arrive_cluster_release(u32 cta_rank) {
-        asm volatile(
-            "{\n"
-            ".reg .b32 remote;\n"
-            "mapa.shared::cluster.u32 remote, %0, %1;\n"
-            "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
-            "}\n" ::"r"(smem_addr(this)),
-            "r"(cta_rank)
-            : "memory");
-    }
-    // wait() that also acquires what other CTAs of the cluster released by arrive_cluster_release.
-    __device__ __forceinline__ void wait_cluster(u32 parity) {
-        asm volatile(
-            "{\n"
-            ".reg .pred done;\n"
-            "WAIT_%=:\n"
-            "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-            "@!done bra WAIT_%=;\n"
-            "}\n" ::"r"(smem_addr(this)),
-            "r"(parity)
-            : "memory");
-    }
     // Block until the phase of the given parity has completed.
     __device__ __forceinline__ void wait(u32 parity) {
         asm volatile(
@@ -220,15 +196,19 @@ __device__ __forceinline__ void ld_shared_v4_f32(u32 address, float (&v)[4]) {
                  : "r"(address)
                  : "memory");
 }
-// Store into the shared memory of CTA `cta_rank` of this cluster, at the offset `address` has here.
-__device__ __forceinline__ void st_cluster_v4_f32(u32 address, u32 cta_rank, float x, float y, float z, float w) {
+// Asynchronous store into the shared memory of CTA `cta_rank` of this cluster, at the offset
+// `address` has here; completes 16 bytes of the transaction count of the barrier at `barrier`'s
+// offset there, so the receiver's barrier wait is what makes the data visible (no fences).
+__device__ __forceinline__ void st_async_cluster_v4_f32(u32 address, const Barrier* barrier, u32 cta_rank, float x,
+                                                        float y, float z, float w) {
     asm volatile(
         "{\n"
-        ".reg .b32 remote;\n"
-        "mapa.shared::cluster.u32 remote, %0, %1;\n"
-        "st.shared::cluster.v4.f32 [remote], {%2, %3, %4, %5};\n"
+        ".reg .b32 remote, remote_barrier;\n"
+        "mapa.shared::cluster.u32 remote, %0, %2;\n"
+        "mapa.shared::cluster.u32 remote_barrier, %1, %2;\n"
+        "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [remote], {%3, %4, %5, %6}, [remote_barrier];\n"
         "}\n" ::"r"(address),
-        "r"(cta_rank), "f"(x), "f"(y), "f"(z), "f"(w)
+        "r"(smem_addr(barrier)), "r"(cta_rank), "f"(x), "f"(y), "f"(z), "f"(w)
         : "memory");
 }
 
