@@ -41,10 +41,14 @@ def kernel_time_us(fn: Callable[[], object], iters: int = 30) -> float:
             fn()
         torch.cuda.synchronize()
     per_call: list[float] = []
+    in_flush = False
     for event in _device_events(prof):
         if event.name in flush_kernels:
-            per_call.append(0.0)  # each flush starts a new call
+            if not in_flush:
+                per_call.append(0.0)  # each flush (one or more kernels) starts a new call
+            in_flush = True
         elif per_call:
+            in_flush = False
             per_call[-1] += event.time_range.elapsed_us()
     if len(per_call) != iters:
         raise RuntimeError(f"profiler saw {len(per_call)} L2 flushes for {iters} calls")

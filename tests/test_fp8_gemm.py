@@ -258,3 +258,15 @@ def test_c_requires_fp32_d():
     d = torch.empty(8, 256, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="d: with c given"):
         moegemm.fp8_gemm_nt(a, b, d, torch.zeros(8, 256))
+
+
+def test_heuristic_splits_k_only_when_tiles_leave_sms_idle():
+    assert fp8_gemm.select_config(1, 2112, 7168, False, False, 132).split_k > 1
+    for m in (1, 64, 128, 256, 4096):
+        for n, k in ((2112, 7168), (7168, 16384), (32768, 512), (256, 128), (1000, 384)):
+            config = fp8_gemm.select_config(m, n, k, False, False, 132)
+            tiles = -(-m // config.block_m) * -(-n // config.block_n)
+            if config.split_k > 1:
+                assert tiles < 132 // config.split_k and config.split_k <= -(-k // 128), (m, n, k, config)
+                assert config.block_n % (8 * config.split_k) == 0
+    assert fp8_gemm.select_config(4096, 7168, 16384, False, False, 132).split_k == 1

@@ -22,22 +22,19 @@ BLOCK_K = 128
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 BARRIER_BYTES = 8
 MAX_STAGES = 12
-# Rough sm_90 rates used to compare configs (H100 SXM): dense FP8 tensor-core rate per SM, DRAM
-# bandwidth, what one SM's TMA loads sustain from L2, and what one SM pulls when streaming from
-# DRAM (seen on H100: 38 busy SMs streamed 1.87 TB/s; taken lower so small problems spread wide).
-FP8_FLOPS_PER_SM = 1450e12 / 132
-DRAM_BYTES_PER_S = 3.0e12
-SM_L2_BYTES_PER_S = 120e9
-SM_DRAM_BYTES_PER_S = 30e9
-# The consumer's floor per K block whatever the tile: a chain of four dependent WGMMAs, the
-# promotion and the barrier round trips (H100, 2026-11-25: 16-column tiles took ~220 ns per block).
-K_BLOCK_LATENCY_S = 180e-9
-# One split-K reduction through distributed shared memory (exchange, barriers): a guess for now.
-SPLIT_K_REDUCE_S = 1.0e-6
-# Loads and math overlap imperfectly: this share of the shorter of the two adds to the longer (fitted
-# to H100 runs: M = 1, 7168 x 16384 on 128 x 64 tiles took 54 us, the model's max alone 39 us).
-OVERLAP_LOSS = 0.4
+# The time model that ranks configs (H100 SXM; fitted on 2026-11-25 to 100 small-M runs of
+# 18 shapes, L2 flushed: mean error 9%, the pick 1.6% slower than the best config on average).
+FP8_FLOPS_PER_SM = 1450e12 / 132  # dense FP8 tensor-core rate
+DRAM_BYTES_PER_S = 2.9e12
+SM_LOAD_BYTES_PER_S = 90e9  # what one SM's TMA loads sustain
+K_BLOCK_LATENCY_S = 200e-9  # the consumer's floor per K block: four dependent WGMMAs, promotion, barriers
+KERNEL_FIXED_S = 3e-6  # ramp-up (first loads) and drain (last stores)
+SPLIT_K_REDUCE_S = 1e-6  # one split-K exchange: barrier round trips...
+SPLIT_K_REDUCE_BYTES_PER_S = 20e9  # ...and each CTA's partial sums sent to the others
 MAX_SPLIT_K = 8  # portable cluster size
+# Clusters of each size that fit on an H100 at once (cuOccupancyMaxActiveClusters, one CTA per SM):
+# a cluster must fit in one GPC, so sizes that do not divide the GPCs' SM counts waste SMs.
+RESIDENT_CLUSTERS = {1: 132, 2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15}
 
 
 @dataclass(frozen=True)
@@ -114,43 +111,46 @@ def _math_efficiency(block_m: int, block_n: int) -> float:
 
 
 def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, out_bytes: int,
-                       split_k: int = 1) -> float:
-    """The slower of (plus OVERLAP_LOSS of the faster): the busiest SM's K blocks, each taking the
-    longest of its tensor-core time, its L2 load time and the consumer's latency floor, plus the
-    split-K reduction; the problem's DRAM traffic (A and B once, D written) at full bandwidth, or at
-    the rate the busy SMs can pull it."""
-    num_tiles = -(-m // block_m) * -(-n // block_n)
-    clusters = num_sms // split_k
-    waves = -(-num_tiles // clusters)
+                       split_k: int = 1) -> tuple[float, float]:
+    """(Fixed ramp plus the slower of the two below, the busiest SM's time): the busiest SM's K
+    blocks (each the longest of its tensor-core time, its load time and the consumer's latency
+    floor) with its split-K exchanges; the problem's DRAM traffic (A and B once, D written)."""
+    num_tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
+    clusters = min(num_sms // split_k, RESIDENT_CLUSTERS[split_k])
+    waves = ceil_div(num_tiles, clusters)
     k_blocks = ceil_div(ceil_div(k, BLOCK_K), split_k)
     per_block = max(K_BLOCK_LATENCY_S,
                     2 * block_m * block_n * BLOCK_K / (FP8_FLOPS_PER_SM * _math_efficiency(block_m, block_n)),
-                    (min(block_m, m) + block_n) * BLOCK_K / SM_L2_BYTES_PER_S)
-    compute = waves * (k_blocks * per_block + (SPLIT_K_REDUCE_S if split_k > 1 else 0.0))
-    unique_bytes = m * k + n * k + m * n * out_bytes
-    busy_sms = min(num_tiles, clusters) * split_k
-    dram = unique_bytes / min(DRAM_BYTES_PER_S, busy_sms * SM_DRAM_BYTES_PER_S)
-    return max(compute, dram) + OVERLAP_LOSS * min(compute, dram)
+                    (min(block_m, m) + block_n) * BLOCK_K / SM_LOAD_BYTES_PER_S)
+    reduce = 0.0
+    if split_k > 1:
+        reduce = SPLIT_K_REDUCE_S + (split_k - 1) / split_k * block_m * block_n * 4 / SPLIT_K_REDUCE_BYTES_PER_S
+    busiest_sm = waves * (k_blocks * per_block + reduce)
+    dram = (m * k + n * k + m * n * out_bytes) / DRAM_BYTES_PER_S
+    return KERNEL_FIXED_S + max(busiest_sm, dram), busiest_sm
 
 
 def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_sms: int) -> Fp8GemmConfig:
-    """The config with the least estimated time; ties go to less splitting, then the larger tile
-    (fewer re-reads). Split-K is considered only while the tiles alone leave SMs idle."""
+    """The config with the least estimated time; ties (DRAM-bound problems) go to less splitting,
+    then to fewer padding rows (no wasted tensor work), then to the least busy SMs (slack for the
+    last wave), then to the larger tile (fewer re-reads). Split-K is considered only while the tiles
+    alone leave SMs idle."""
     out_bytes = 4 if out_fp32 else 2
     best, best_key = None, None
     for block_m in (64, 128):
         for block_n in range(8, 193, 8):
             num_tiles = -(-m // block_m) * -(-n // block_n)
             for split_k in range(1, MAX_SPLIT_K + 1):
-                if split_k > 1 and (num_tiles >= num_sms // split_k or split_k > -(-k // BLOCK_K)):
+                if split_k > 1 and (num_tiles >= num_sms // split_k or split_k > ceil_div(k, BLOCK_K)):
                     break
                 if not valid_block_n(block_n, out_bytes, split_k):
                     continue
                 stages = _max_stages(block_m, block_n, out_bytes, split_k)
                 if stages < 3:
                     continue
-                seconds = _estimated_seconds(m, n, k, block_m, block_n, num_sms, out_bytes, split_k)
-                key = (round(seconds * 1e9), split_k, -block_m * block_n)
+                seconds, busiest_sm = _estimated_seconds(m, n, k, block_m, block_n, num_sms, out_bytes, split_k)
+                key = (round(seconds * 1e9), split_k, ceil_div(m, block_m) * block_m, round(busiest_sm * 1e9),
+                       -block_m * block_n)
                 if best_key is None or key < best_key:
                     best = Fp8GemmConfig(block_m, block_n, stages, out_fp32, accumulate, split_k=split_k)
                     best_key = key
