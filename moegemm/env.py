@@ -26,8 +26,6 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MOEGEMM_HOST_CC", "", "C compiler for the small host launch helper (default: cc, gcc)."),
     Variable("MOEGEMM_NVCC_FLAGS", "", "Extra flags appended to every kernel compile."),
     Variable("MOEGEMM_JIT_DEBUG", "0", "1: log every compile and cache lookup, compile with -lineinfo."),
-    Variable("MOEGEMM_FFMA_INTERLEAVE", "1", "0: skip the SASS pass that lets the GEMMs' FP32 promotion "
-             "yield to the tensor-core warps (moegemm/jit/sass.py)."),
     Variable("MOEGEMM_ENABLE_PDL", "0", "1: launch GEMM kernels with programmatic dependent launch "
              "(default of `set_pdl`; read at the first GEMM call)."),
     Variable("MOEGEMM_PRINT_CONFIGS", "0", "1: print the config the heuristic picks for each new shape."),

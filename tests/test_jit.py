@@ -35,7 +35,7 @@ ENTRY_FILES = {"kernel.cu", "kernel.cubin", "kernel.log", "kernel.sha256"}
 TINY = 'extern "C" __global__ void moegemm_kernel(float* p) { p[threadIdx.x] *= 2.0f; }\n'
 # Variables that change what a compile produces or prints; tests start without them.
 _COMPILE_VARIABLES = ("MOEGEMM_NVCC_FLAGS", "MOEGEMM_USE_NVRTC", "MOEGEMM_JIT_DEBUG", "MOEGEMM_PTXAS_VERBOSE",
-                      "MOEGEMM_DUMP_SASS", "MOEGEMM_FFMA_INTERLEAVE")
+                      "MOEGEMM_DUMP_SASS")
 
 
 def _missing_nvcc() -> str | None:

@@ -199,19 +199,11 @@ def kernel_stub(header: str, config: str, params: str, entry: str, checks: tuple
     return "\n".join(lines) + "\n"
 
 
-def sass_passes(requested: tuple[str, ...]) -> tuple[str, ...]:
-    """The post-compile SASS passes (``moegemm.jit.sass``) that will run: ``interleave_ffma`` unless
-    MOEGEMM_FFMA_INTERLEAVE=0 or no cuobjdump is found to disassemble with."""
-    if "interleave_ffma" in requested and (not env.flag("MOEGEMM_FFMA_INTERLEAVE") or find_cuobjdump() is None):
-        requested = tuple(p for p in requested if p != "interleave_ffma")
-    return requested
-
-
-def cache_key(source: str, passes: tuple[str, ...] = ()) -> str:
+def cache_key(source: str) -> str:
     from .. import __version__
 
     digest = hashlib.sha256()
-    for part in (source, _headers_digest(), " ".join(_flags()), compiler_version(), ARCH, __version__, *passes):
+    for part in (source, _headers_digest(), " ".join(_flags()), compiler_version(), ARCH, __version__):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:24]
@@ -242,12 +234,10 @@ def _debug(message: str) -> None:
         print(f"[moegemm.jit] {message}", file=sys.stderr)
 
 
-def build(name: str, source: str, passes: tuple[str, ...] = ()) -> Build:
-    """Compile ``source`` (a stub defining ``extern "C" __global__ moegemm_kernel``) and apply the
-    SASS ``passes`` that ``sass_passes`` allows, unless the cache has the result; returns the cache
-    entry. Safe against concurrent processes building the same source."""
-    passes = sass_passes(passes)
-    key = cache_key(source, passes)
+def build(name: str, source: str) -> Build:
+    """Compile ``source`` (a stub defining ``extern "C" __global__ moegemm_kernel``) unless the cache
+    has it; returns the cache entry. Safe against concurrent processes building the same source."""
+    key = cache_key(source)
     entry = Build(name, cache_dir() / "kernels" / f"{name}_{key}")
     if _is_valid(entry):
         _debug(f"cache hit {entry.directory}")
@@ -256,9 +246,6 @@ def build(name: str, source: str, passes: tuple[str, ...] = ()) -> Build:
     entry.directory.mkdir(parents=True, exist_ok=True)
     _write_atomic(entry.source_path, source.encode())
     cubin, log = _compile_nvrtc(source, entry) if use_nvrtc() else _compile_nvcc(entry)
-    if passes:
-        cubin, report = _apply_passes(cubin, passes, entry)
-        log += report
     _write_atomic(entry.directory / "kernel.log", log.encode())
     _write_atomic(entry.cubin_path, cubin)
     _write_atomic(entry.directory / "kernel.sha256", hashlib.sha256(cubin).hexdigest().encode())
@@ -269,19 +256,6 @@ def build(name: str, source: str, passes: tuple[str, ...] = ()) -> Build:
         _write_atomic(sass_path, disassemble(entry.cubin_path).encode())
         print(f"[moegemm.jit] SASS of {name}: {sass_path}", file=sys.stderr)
     return entry
-
-
-def _apply_passes(cubin: bytes, passes: tuple[str, ...], entry: Build) -> tuple[bytes, str]:
-    from . import sass
-
-    report = ""
-    with tempfile.TemporaryDirectory(dir=entry.directory) as tmp:
-        for name in passes:
-            path = Path(tmp) / "kernel.cubin"
-            path.write_bytes(cubin)
-            cubin, changed = getattr(sass, name)(cubin, disassemble(path))
-            report += f"\nSASS pass {name}: {changed} instructions changed\n"
-    return cubin, report
 
 
 def _compile_nvcc(entry: Build) -> tuple[bytes, str]:

@@ -210,16 +210,15 @@ else:  # pragma: no cover - older torch
 class KernelFamily:
     """The compiled kernels of one family, by config: built (disk cache) and wrapped in a ``Kernel``
     on first use, then kept for the process. ``kernel_args(config)`` gives ``Kernel``'s keyword
-    arguments other than the build; ``sass_passes`` names post-compile passes of ``moegemm.jit.sass``."""
+    arguments other than the build."""
 
     def __init__(self, name: Callable[[Any], str], source: Callable[[Any], str],
-                 kernel_args: Callable[[Any], dict[str, Any]], sass_passes: tuple[str, ...] = ()):
+                 kernel_args: Callable[[Any], dict[str, Any]]):
         self._name, self._source, self._kernel_args = name, source, kernel_args
-        self._sass_passes = sass_passes
         self._kernels: dict[Any, Kernel] = {}
 
     def build(self, config: Any) -> Build:
-        return compile_source(self._name(config), self._source(config), self._sass_passes)
+        return compile_source(self._name(config), self._source(config))
 
     def kernel(self, config: Any) -> Kernel:
         kernel = self._kernels.get(config)

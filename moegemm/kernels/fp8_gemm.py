@@ -189,7 +189,7 @@ def kernel_name(config: Fp8GemmConfig) -> str:
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
     num_threads=config.num_threads, smem_bytes=config.smem_bytes, num_tma=4, params_format="Q5I4x",
-    cluster=config.cluster_size), sass_passes=("interleave_ffma",))
+    cluster=config.cluster_size))
 build = KERNELS.build
 
 

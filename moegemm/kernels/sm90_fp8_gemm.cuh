@@ -336,32 +336,7 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         if constexpr (Config::kDoubleBuffer) {
             // K blocks in pairs, the second's WGMMAs running during the first's promotion. No WGMMA
             // stays in flight across the loop's back edge: ptxas would serialize them all (C7514).
-            u32 k_block = k_begin;
-#ifdef MOEGEMM_QUAD
-            for (; k_block + 4 <= k_end; k_block += 4) {
-                const SfbPair sfb01 = next_sfb;
-                next_sfb.load<Config>(sfb0, sfb1, k_block + 2, num_k_blocks);
-                u32 stage0 = ring.stage;
-                BlockScales scales0 = issue(sfb01, 0, scratch0);
-                u32 stage1 = ring.stage;
-                BlockScales scales1 = issue(sfb01, 1, scratch1);
-                wgmma_wait<1>();
-                fp8_gemm_retire<Config>(stage0, scales0, scratch0, totals, boundary, empty, peer);
-                const SfbPair sfb23 = next_sfb;
-                next_sfb.load<Config>(sfb0, sfb1, k_block + 4, num_k_blocks);
-                stage0 = ring.stage;
-                scales0 = issue(sfb23, 0, scratch0);
-                wgmma_wait<1>();
-                fp8_gemm_retire<Config>(stage1, scales1, scratch1, totals, boundary, empty, peer);
-                stage1 = ring.stage;
-                scales1 = issue(sfb23, 1, scratch1);
-                wgmma_wait<1>();
-                fp8_gemm_retire<Config>(stage0, scales0, scratch0, totals, boundary, empty, peer);
-                wgmma_wait<0>();
-                fp8_gemm_retire<Config>(stage1, scales1, scratch1, totals, boundary, empty, peer);
-            }
-#endif
-            for (; k_block < k_end; k_block += 2) {
+            for (u32 k_block = k_begin; k_block < k_end; k_block += 2) {
                 const SfbPair sfb = next_sfb;
                 next_sfb.load<Config>(sfb0, sfb1, k_block + 2, num_k_blocks);
                 const u32 stage0 = ring.stage;
