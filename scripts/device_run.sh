@@ -13,7 +13,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export MOEGEMM_CACHE_DIR=${MOEGEMM_CACHE_DIR:-/tmp/moegemm-cache}
 rm -rf "$MOEGEMM_CACHE_DIR"
-{ date -u; git rev-parse HEAD 2>/dev/null || echo "commit: (no git metadata here)"; nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv; } | tee "$out/info.txt"
+# The device tool's copy may carry stale git metadata: pass the commit in, COMMIT=<hash> bash ....
+{ date -u; echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"; nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv; } | tee "$out/info.txt"
 python3 -m moegemm info | tee -a "$out/info.txt"
 timeout 120 python3 scripts/first_compile.py 2>&1 | tee "$out/first_compile.txt"
 timeout 300 python3 -m pytest -q -rs tests 2>&1 | tee "$out/tests.txt"
