@@ -83,7 +83,8 @@ struct Fp8GemmConfig {
     static constexpr u32 kReduceSlotBytes = kOutCols / 8 * 128 * 16;
     static constexpr u32 kReduceBytes = kSplitK > 1 ? kNumMathWarpgroups * (kSplitK - 1) * kReduceSlotBytes : 0;
     static constexpr u32 kNumBarriers = 2 * kStages + (kSplitK > 1 ? 2 * kNumMathWarpgroups : 0);
-    static constexpr u32 kSmemBytes = kSmemDBytes + kStages * kStageBytes + kReduceBytes + kNumBarriers * sizeof(Barrier);
+    static constexpr u32 kSmemBytes =
+        kSmemDBytes + kStages * kStageBytes + kReduceBytes + kNumBarriers * sizeof(Barrier);
 
     static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M is 64 or 128 (one or two math warpgroups)");
     static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "WGMMA needs N in [8, 256], N % 8 == 0");
