@@ -7,7 +7,12 @@ current stream. CPU tensors run the pure-PyTorch reference. Importing never init
 __version__ = "0.1.0"
 
 from . import _ops  # noqa: F401  (registers torch.ops.moegemm.*)
-from .api import fp8_gemm_nt
+from .api import (
+    fp8_gemm_nt,
+    get_mk_alignment_for_contiguous_layout,
+    m_grouped_fp8_gemm_nt_contiguous,
+    m_grouped_fp8_gemm_nt_masked,
+)
 from .checks import UnsupportedGPUError
 from .utils import (
     align,
@@ -39,10 +44,13 @@ __all__ = [
     "calc_diff",
     "ceil_div",
     "fp8_gemm_nt",
+    "get_mk_alignment_for_contiguous_layout",
     "get_mn_major_tma_aligned_tensor",
     "get_num_sms",
     "get_pdl",
     "get_tma_aligned_size",
+    "m_grouped_fp8_gemm_nt_contiguous",
+    "m_grouped_fp8_gemm_nt_masked",
     "pack_fp4",
     "pack_ue8m0",
     "per_block_cast_to_fp8",

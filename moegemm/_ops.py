@@ -18,3 +18,25 @@ def fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.
 @fp8_gemm_nt.register_fake
 def _(a, sfa, b, sfb, d, c) -> None:
     return None
+
+
+@torch.library.custom_op("moegemm::m_grouped_fp8_gemm_nt_contiguous", mutates_args=("d",))
+def m_grouped_fp8_gemm_nt_contiguous(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                                     d: torch.Tensor, grouped_layout: torch.Tensor, use_psum_layout: bool) -> None:
+    api._m_grouped_contiguous(a, sfa, b, sfb, d, grouped_layout, use_psum_layout)
+
+
+@m_grouped_fp8_gemm_nt_contiguous.register_fake
+def _(a, sfa, b, sfb, d, grouped_layout, use_psum_layout) -> None:
+    return None
+
+
+@torch.library.custom_op("moegemm::m_grouped_fp8_gemm_nt_masked", mutates_args=("d",))
+def m_grouped_fp8_gemm_nt_masked(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                                 d: torch.Tensor, masked_m: torch.Tensor, expected_m: int) -> None:
+    api._m_grouped_masked(a, sfa, b, sfb, d, masked_m, expected_m)
+
+
+@m_grouped_fp8_gemm_nt_masked.register_fake
+def _(a, sfa, b, sfb, d, masked_m, expected_m) -> None:
+    return None

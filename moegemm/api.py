@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, reference
+from . import checks, env, reference
 from .jit.runtime import PlanCache
 from .utils import ceil_div, get_mn_major_tma_aligned_tensor, get_pdl, get_tma_aligned_size, num_sms_of
 
@@ -81,6 +81,13 @@ def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
     return _fp8_gemm_plans.store(key, entry)
 
 
+def _kernel_sfa(sfa: torch.Tensor) -> torch.Tensor:
+    """SFA in the kernels' layout (M-major, TMA-aligned) at a 16-byte aligned address."""
+    if sfa.data_ptr() & 15:  # the right strides at a misaligned address: re-lay out a fresh copy
+        sfa = sfa.clone(memory_format=torch.contiguous_format)
+    return get_mn_major_tma_aligned_tensor(sfa)
+
+
 def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
                  c: torch.Tensor | None) -> None:
     try:
@@ -105,10 +112,8 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
         if c is None and a.shape[1] == 0:
             d.zero_()
         return
-    if not sfa_ready:
-        sfa = get_mn_major_tma_aligned_tensor(sfa)
-    elif sfa.data_ptr() & 15:  # the right strides at a misaligned address: re-lay out a fresh copy
-        sfa = get_mn_major_tma_aligned_tensor(sfa.clone(memory_format=torch.contiguous_format))
+    if not sfa_ready or sfa.data_ptr() & 15:
+        sfa = _kernel_sfa(sfa)
     if not sfb_ready:
         sfb = sfb.contiguous()
     plan.launch(a, sfa, b, sfb, d)
@@ -141,3 +146,189 @@ def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, tor
         torch.ops.moegemm.fp8_gemm_nt(a_data, sfa, b_data, sfb, d, c)
     else:
         _fp8_gemm_nt(a_data, sfa, b_data, sfb, d, c)
+
+
+# ---- MoE grouped GEMMs ------------------------------------------------------------------------------
+
+def get_mk_alignment_for_contiguous_layout() -> int:
+    """Row alignment of each expert's segment in the contiguous grouped layout (and of M_total)."""
+    from .kernels.fp8_gemm import CONTIGUOUS_ALIGNMENT
+
+    return CONTIGUOUS_ALIGNMENT
+
+
+def _check_experts_stacked(name: str, t: torch.Tensor) -> None:
+    """A [G, rows, K]-like tensor whose experts follow each other at the row pitch, so the kernels
+    can see it as one [G * rows, K] matrix."""
+    if t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1):
+        raise ValueError(f"{name}: expected the experts stacked without gaps (stride(0) == shape[1] * stride(1)), "
+                         f"got strides {tuple(t.stride())} for shape {tuple(t.shape)}")
+
+
+def _check_grouped_operands(a, sfa, b, sfb, d, a_dims: int) -> tuple[int, int, int]:
+    """Checks shared by the grouped forms; returns (G, N, K)."""
+    checks.tensor("a", a, FP8, a_dims)
+    checks.tensor("sfa", sfa, FP32, a_dims)
+    checks.tensor("b", b, FP8, 3)
+    checks.tensor("sfb", sfb, FP32, 3)
+    checks.tensor("d", d, GEMM_OUT, a_dims)
+    k = a.shape[-1]
+    num_groups, n = b.shape[:2]
+    if k == 0:
+        raise ValueError(f"a: expected K > 0, got shape {tuple(a.shape)}")
+    if b.shape[2] != k:
+        raise ValueError(f"b: expected shape (G, N, K) with K = {k} (from a), got {tuple(b.shape)}")
+    if a_dims == 3 and a.shape[0] != num_groups:
+        raise ValueError(f"a: expected G = {num_groups} experts (from b), got shape {tuple(a.shape)}")
+    checks.shape("sfa", sfa, (*a.shape[:-1], ceil_div(k, 128)))
+    checks.shape("sfb", sfb, (num_groups, ceil_div(n, 128), ceil_div(k, 128)))
+    checks.shape("d", d, (*a.shape[:-1], n))
+    for name, t in (("a", a), ("b", b), ("d", d)):
+        checks.tma_rows(name, t)
+    _check_experts_stacked("b", b)
+    return num_groups, n, k
+
+
+def _check_contiguous(a, sfa, b, sfb, d, layout, use_psum_layout: bool) -> None:
+    num_groups, _, _ = _check_grouped_operands(a, sfa, b, sfb, d, 2)
+    checks.tensor("grouped_layout", layout, (torch.int32,), 1)
+    m_total = a.shape[0]
+    checks.shape("grouped_layout", layout, (num_groups,) if use_psum_layout else (m_total,))
+    alignment = get_mk_alignment_for_contiguous_layout()
+    if m_total % alignment:
+        raise ValueError(f"a: expected M_total a multiple of {alignment} (get_mk_alignment_for_contiguous_layout()), "
+                         f"got {m_total}")
+    if layout.stride(0) != 1 and layout.shape[0] > 1:
+        raise ValueError(f"grouped_layout: expected a contiguous tensor, got stride {layout.stride(0)}")
+    device = checks.same_device(a=a, sfa=sfa, b=b, sfb=sfb, d=d, grouped_layout=layout)
+    if device.type == "cuda":
+        checks.sm90(device)
+
+
+def _check_masked(a, sfa, b, sfb, d, masked_m, expected_m) -> None:
+    num_groups, _, _ = _check_grouped_operands(a, sfa, b, sfb, d, 3)
+    checks.tensor("masked_m", masked_m, (torch.int32,), 1)
+    checks.shape("masked_m", masked_m, (num_groups,))
+    if isinstance(expected_m, bool) or not isinstance(expected_m, int) or expected_m < 0:
+        raise ValueError(f"expected_m: expected an int >= 0, got {expected_m!r}")
+    _check_experts_stacked("a", a)
+    _check_experts_stacked("d", d)
+    device = checks.same_device(a=a, sfa=sfa, b=b, sfb=sfb, d=d, masked_m=masked_m)
+    if device.type == "cuda":
+        checks.sm90(device)
+
+
+def _check_group_values(kind: str, groups: torch.Tensor, num_groups: int, rows: int) -> None:
+    """MOEGEMM_CHECK_GROUPS: read the layout or masked_m (a synchronisation) and name bad entries,
+    which the kernels would otherwise treat as padding or clamp."""
+    values = groups.cpu()
+    if kind == "contiguous":
+        bad = ((values < -1) | (values >= num_groups)).nonzero().flatten()
+        what = f"expert ids in [0, {num_groups}) or -1 (padding)"
+    elif kind == "psum":
+        previous = torch.cat([values.new_zeros(1), values[:-1]])
+        bad = ((values < previous) | (values > rows)).nonzero().flatten()
+        what = f"non-decreasing end rows in [0, {rows}]"
+    else:
+        bad = ((values < 0) | (values > rows)).nonzero().flatten()
+        what = f"row counts in [0, {rows}]"
+    if bad.numel():
+        name = "masked_m" if kind == "masked" else "grouped_layout"
+        shown = ", ".join(f"[{i}] = {values[i].item()}" for i in bad[:8].tolist())
+        raise ValueError(f"{name}: expected {what}; {bad.numel()} entries are not: {shown}")
+
+
+_grouped_plans = PlanCache()
+
+
+def _grouped_call(kind: str, a, sfa, b, sfb, d, groups, expected_m: int, check) -> None:
+    """A grouped GEMM on CUDA tensors: checks (once per signature), then the kernel."""
+    try:
+        key = (kind, _signature(a, sfa, b, sfb, d, None), groups.dtype, groups.size(), groups.stride(),
+               groups.get_device(), expected_m, get_pdl(), num_sms_of(d.get_device()) if d.is_cuda else 0)
+    except AttributeError:  # an argument is not a tensor: let the checks name it
+        check()
+        raise
+    plan = _grouped_plans.lookup(key)
+    if plan is PlanCache.MISSING:
+        check()
+        plan = None
+        if d.is_cuda and d.numel() > 0 and a.shape[-1] > 0:
+            from .kernels import fp8_gemm
+
+            plan = fp8_gemm.plan_grouped(kind, a, b, d, key[-1], expected_m, pdl=key[-2])
+        _grouped_plans.store(key, plan)
+    if (a.data_ptr() | b.data_ptr() | d.data_ptr()) & 15:
+        for name, t in (("a", a), ("b", b), ("d", d)):
+            checks.tma_rows(name, t)
+    if plan is None:
+        return
+    if env.flag("MOEGEMM_CHECK_GROUPS"):
+        _check_group_values(kind, groups, b.shape[0], a.shape[-2] if kind == "masked" else a.shape[0])
+    plan.launch(a, _kernel_sfa(sfa), b, sfb.contiguous(), d, groups)
+
+
+def _m_grouped_contiguous(a, sfa, b, sfb, d, grouped_layout, use_psum_layout: bool) -> None:
+    if not d.is_cuda:
+        _check_contiguous(a, sfa, b, sfb, d, grouped_layout, use_psum_layout)
+        reference.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, grouped_layout, use_psum_layout)
+        return
+    expected_m = a.shape[0] // max(b.shape[0], 1)
+    _grouped_call("psum" if use_psum_layout else "contiguous", a, sfa, b, sfb, d, grouped_layout, expected_m,
+                  lambda: _check_contiguous(a, sfa, b, sfb, d, grouped_layout, use_psum_layout))
+
+
+def _m_grouped_masked(a, sfa, b, sfb, d, masked_m, expected_m: int) -> None:
+    if not d.is_cuda:
+        _check_masked(a, sfa, b, sfb, d, masked_m, expected_m)
+        reference.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, masked_m, expected_m)
+        return
+    _grouped_call("masked", a, sfa, b, sfb, d, masked_m, expected_m,
+                  lambda: _check_masked(a, sfa, b, sfb, d, masked_m, expected_m))
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                                     d: torch.Tensor, grouped_layout: torch.Tensor,
+                                     use_psum_layout: bool = False) -> None:
+    """MoE prefill: ``D[rows of expert g] = A[rows of expert g] @ B[g]^T`` for every expert g.
+
+    Args:
+        a: ``(A, SFA)``: float8_e4m3fn [M_total, K] holding the experts' rows back to back, each
+            expert's segment starting at a multiple of ``get_mk_alignment_for_contiguous_layout()``
+            rows (M_total too); float32 [M_total, ceil(K/128)] 1x128 scales.
+        b: ``(B, SFB)``: float8_e4m3fn [G, N, K], K-major; float32 [G, ceil(N/128), ceil(K/128)].
+        d: bfloat16 (or float32) [M_total, N]. Rows of no expert (padding) are left untouched.
+        grouped_layout: int32 on the GPU. [M_total]: each row's expert, -1 (any value outside [0, G))
+            for padding. With ``use_psum_layout``: [G], the cumulative end row of each expert's
+            rows; expert g owns rows [align(end[g - 1], 128), end[g]).
+
+    The GPU never trusts the layout's values (set MOEGEMM_CHECK_GROUPS=1 to have them checked) and
+    the CPU never reads them. CPU tensors run the reference.
+    """
+    a_data, sfa = checks.fp8_pair("a", a)
+    b_data, sfb = checks.fp8_pair("b", b)
+    if torch.compiler.is_compiling():
+        torch.ops.moegemm.m_grouped_fp8_gemm_nt_contiguous(a_data, sfa, b_data, sfb, d, grouped_layout,
+                                                          bool(use_psum_layout))
+    else:
+        _m_grouped_contiguous(a_data, sfa, b_data, sfb, d, grouped_layout, bool(use_psum_layout))
+
+
+def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                                 d: torch.Tensor, masked_m: torch.Tensor, expected_m: int) -> None:
+    """MoE decode: ``D[g, :masked_m[g]] = A[g, :masked_m[g]] @ B[g]^T`` for every expert g.
+
+    Args:
+        a: ``(A, SFA)``: float8_e4m3fn [G, max_M, K]; float32 [G, max_M, ceil(K/128)].
+        b: ``(B, SFB)``: float8_e4m3fn [G, N, K], K-major; float32 [G, ceil(N/128), ceil(K/128)].
+        d: bfloat16 (or float32) [G, max_M, N]; rows at or past ``masked_m[g]`` stay untouched.
+        masked_m: int32 [G] on the GPU, clamped to [0, max_M] there. The CPU never reads it, so the
+            call can sit in a CUDA graph whose token counts change between replays.
+        expected_m: the rows per expert the config heuristic plans for (a hint only).
+    """
+    a_data, sfa = checks.fp8_pair("a", a)
+    b_data, sfb = checks.fp8_pair("b", b)
+    if torch.compiler.is_compiling():
+        torch.ops.moegemm.m_grouped_fp8_gemm_nt_masked(a_data, sfa, b_data, sfb, d, masked_m, expected_m)
+    else:
+        _m_grouped_masked(a_data, sfa, b_data, sfb, d, masked_m, expected_m)

@@ -207,6 +207,95 @@ def bench_casts(shapes=((8192, 7168), (4096, 16384)), iters: int = 30) -> list[C
     return rows
 
 
+@dataclass
+class GroupedRow:
+    layout: str
+    groups: int
+    m_per_group: int
+    n: int
+    k: int
+    moegemm_us: float
+    tflops: float
+    tbps: float
+    cublaslt_loop_us: float | None
+    speedup: float | None
+    diff_dequant: float
+
+
+GROUPED_CONTIGUOUS = [(g, m, n, k) for g in (4, 8) for m in (8192, 4096) for n, k in ((4096, 7168), (7168, 2048))]
+GROUPED_MASKED = [(32, m, n, k) for m in (32, 192) for n, k in ((4096, 7168), (7168, 2048))]
+
+
+def _grouped_inputs(num_groups: int, m: int, n: int, k: int, masked: bool):
+    x = torch.randn(num_groups * m, k, device="cuda", dtype=torch.bfloat16)
+    a, sfa = utils.per_token_cast_to_fp8(x)
+    b = torch.empty(num_groups, n, k, device="cuda", dtype=torch.float8_e4m3fn)
+    sfb = torch.empty(num_groups, -(-n // 128), -(-k // 128), device="cuda")
+    for g in range(num_groups):
+        b[g], sfb[g] = utils.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    if masked:
+        a, sfa = a.view(num_groups, m, k), sfa.view(num_groups, m, -1)
+    return a, sfa, b, sfb
+
+
+def _cublaslt_loop(a, sfa, b, sfb, num_groups: int, m: int):
+    """One cuBLASLt blockwise call per expert, scale layouts prepared outside the timing."""
+    calls = []
+    for g in range(num_groups):
+        rows = slice(g * m, (g + 1) * m)
+        a_g, sfa_g = (a[g], sfa[g]) if a.dim() == 3 else (a[rows], sfa[rows])
+        call, _ = _cublaslt_blockwise(a_g, sfa_g, b[g], sfb[g])
+        if call is None:
+            return None
+        calls.append(call)
+    return lambda: [call() for call in calls]
+
+
+def bench_grouped_shape(layout: str, num_groups: int, m: int, n: int, k: int, iters: int = 20) -> GroupedRow:
+    from . import reference
+
+    masked = layout == "masked"
+    a, sfa, b, sfb = _grouped_inputs(num_groups, m, n, k, masked)
+    sfa_required = utils.get_mn_major_tma_aligned_tensor(sfa)
+    if masked:
+        groups = torch.full((num_groups,), m, dtype=torch.int32, device="cuda")
+        d = torch.empty(num_groups, m, n, device="cuda", dtype=torch.bfloat16)
+        run = functools.partial(api.m_grouped_fp8_gemm_nt_masked, (a, sfa_required), (b, sfb), d, groups, m)
+        ref = torch.empty(d.shape, device="cuda")
+        reference.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), ref, groups, m)
+    else:
+        groups = torch.arange(num_groups, device="cuda", dtype=torch.int32).repeat_interleave(m)
+        d = torch.empty(num_groups * m, n, device="cuda", dtype=torch.bfloat16)
+        run = functools.partial(api.m_grouped_fp8_gemm_nt_contiguous, (a, sfa_required), (b, sfb), d, groups)
+        ref = torch.empty(d.shape, device="cuda")
+        reference.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), ref, groups)
+    t_ours = kernel_time_us(run, iters)
+    diff = utils.calc_diff(d.float(), ref)
+    del ref
+    cublas = _cublaslt_loop(a, sfa, b, sfb, num_groups, m)
+    t_cublas = kernel_time_us(cublas, iters) if cublas else None
+    rows = num_groups * m
+    bytes_moved = rows * k + b.numel() + 4 * (sfa.numel() + sfb.numel()) + 2 * rows * n
+    return GroupedRow(layout, num_groups, m, n, k, t_ours, 2 * rows * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6,
+                      t_cublas, (t_cublas / t_ours) if t_cublas else None, diff)
+
+
+def bench_grouped(iters: int = 20) -> list[GroupedRow]:
+    return ([bench_grouped_shape("contiguous", *shape, iters=iters) for shape in GROUPED_CONTIGUOUS]
+            + [bench_grouped_shape("masked", *shape, iters=iters) for shape in GROUPED_MASKED])
+
+
+def print_grouped_table(rows: list[GroupedRow]) -> None:
+    print("\nMoE grouped FP8 GEMMs (BF16 out) vs one cuBLASLt blockwise call per expert "
+          "(torch._scaled_grouped_mm has no 1x128/128x128 blockwise scaling)")
+    print(f"{'layout':>10} {'G':>3} {'M/G':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} {'TB/s':>5} | "
+          f"{'cuBLASLt loop us':>16} {'x':>5} | {'diff':>8}")
+    for r in rows:
+        print(f"{r.layout:>10} {r.groups:3d} {r.m_per_group:5d} {r.n:6d} {r.k:6d} | {r.moegemm_us:8.1f} "
+              f"{r.tflops:7.0f} {r.tbps:5.2f} | {_fmt(r.cublaslt_loop_us, '16.1f')} {_fmt(r.speedup, '5.2f')} | "
+              f"{r.diff_dequant:8.1e}")
+
+
 def print_cast_table(rows: list[CastRow]) -> None:
     print(f"\nFP8 casts (bf16 in), GB/s against the {CEILING_TBPS_COPY} TB/s copy ceiling")
     print(f"{'cast':9} {'shape':>11} {'sf':>5} | {'kernel us':>9} {'GB/s':>6} | {'torch us':>8} {'GB/s':>6}")
@@ -225,9 +314,12 @@ def main(json_path: str | None = None) -> None:
           f"{overhead['torch_add_us']:.2f} us")
     rows = bench_fp8_gemm()
     print_gemm_table("fp8_gemm_nt (BF16 out) vs cuBLASLt blockwise 1x128/128x128 and BF16 torch.matmul", rows)
+    grouped = bench_grouped()
+    print_grouped_table(grouped)
     casts = bench_casts()
     print_cast_table(casts)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": device, "torch": torch.__version__, "overhead": overhead,
-                       "fp8_gemm_nt": [asdict(r) for r in rows], "casts": [asdict(r) for r in casts]}, f, indent=1)
+                       "fp8_gemm_nt": [asdict(r) for r in rows], "grouped": [asdict(r) for r in grouped],
+                       "casts": [asdict(r) for r in casts]}, f, indent=1)

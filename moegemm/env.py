@@ -26,6 +26,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MOEGEMM_HOST_CC", "", "C compiler for the small host launch helper (default: cc, gcc)."),
     Variable("MOEGEMM_NVCC_FLAGS", "", "Extra flags appended to every kernel compile."),
     Variable("MOEGEMM_JIT_DEBUG", "0", "1: log every compile and cache lookup, compile with -lineinfo."),
+    Variable("MOEGEMM_CHECK_GROUPS", "0", "1: the grouped GEMMs read their layout / masked_m on the host "
+             "before each launch (a synchronisation) and raise on values the kernels would treat as padding "
+             "or clamp."),
     Variable("MOEGEMM_ENABLE_PDL", "0", "1: launch GEMM kernels with programmatic dependent launch "
              "(default of `set_pdl`; read at the first GEMM call)."),
     Variable("MOEGEMM_PRINT_CONFIGS", "0", "1: print the config the heuristic picks for each new shape."),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -398,10 +399,11 @@ int main(void) {
     fread(record, 1, sizeof record, stdin);
     mg_header h;
     memcpy(&h, record, sizeof h);
-    printf("%llu %u %u %u %u %u %u %u %u %u %u %u %u %u %u %u %u\\n", (unsigned long long)h.function,
+    printf("%llu %u %u %u %u %u %u %u %u %u %u %u %u %u %u %u %u %u %u\\n", (unsigned long long)h.function,
            h.grid[0], h.grid[1], h.grid[2], h.block[0], h.block[1], h.block[2], h.cluster[0], h.cluster[1],
            h.cluster[2], h.smem_bytes, h.pdl, h.num_tma, h.params_bytes, h.num_param_pointers,
-           h.param_pointer_offsets[0], h.param_pointer_offsets[1]);
+           h.param_pointer_offsets[0], h.param_pointer_offsets[1], h.param_pointer_offsets[2],
+           h.param_pointer_offsets[3]);
     const unsigned char *specs = record + sizeof h;
     for (uint32_t i = 0; i < h.num_tma; ++i) {
         mg_tma_spec s;
@@ -440,7 +442,7 @@ def test_launch_record_layout_matches_launch_c(tmp_path, monkeypatch):
     header, *specs, block = decoded.decode().split("\n")[:-1]
 
     assert [int(x) for x in header.split()] == [
-        0x1234_5678_9ABC, 132, 1, 1, 384, 1, 1, 2, 1, 1, 200_000, 1, 2, kernel.params_bytes, 2, 256, 264]
+        0x1234_5678_9ABC, 132, 1, 1, 384, 1, 1, 2, 1, 1, 200_000, 1, 2, kernel.params_bytes, 2, 256, 264, 0, 0]
     assert [tuple(int(x) for x in spec.split()) for spec in specs] == tma
     assert bytes.fromhex(block) == bytes(256) + struct.pack("<QQ3I4x", *params)
     assert kernel.params_bytes == 256 + struct.calcsize("<QQ3I4x")
@@ -507,16 +509,28 @@ def _heuristic_configs() -> list:
             for k in (128, 512, 7168):
                 for out_fp32, accumulate in ((False, False), (True, False), (True, True)):
                     grid.add(fp8_gemm.select_config(m, n, k, out_fp32, accumulate, 132))
+    for kind in ("contiguous", "psum", "masked"):
+        for m, groups in ((1, 32), (32, 32), (192, 32), (4096, 8), (8192, 4)):
+            for n, k in ((4096, 7168), (7168, 2048), (576, 512)):
+                config = fp8_gemm.select_config(m, n, k, False, False, 132, num_groups=groups, grouped=True)
+                grid.add(dataclasses.replace(config, gemm_type=kind))
     return sorted(grid | set(_explicit_configs()), key=fp8_gemm.kernel_name)
 
 
-def _explicit_configs() -> list:
-    """test_fp8_gemm.CONFIGS, the configs its GPU tests force: they must compile too."""
-    spec = importlib.util.spec_from_file_location("_moegemm_test_fp8_gemm", Path(__file__).with_name(
-        "test_fp8_gemm.py"))
+def _test_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"_moegemm_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.CONFIGS
+    return module
+
+
+def _explicit_configs() -> list:
+    """The configs the GPU tests force (test_fp8_gemm.CONFIGS, and test_fp8_grouped_gemm.GROUPED_CONFIGS
+    for each grouped kind): they must compile too."""
+    grouped = [dataclasses.replace(config, gemm_type=kind)
+               for config in _test_module("test_fp8_grouped_gemm").GROUPED_CONFIGS
+               for kind in ("contiguous", "psum", "masked")]
+    return _test_module("test_fp8_gemm").CONFIGS + grouped
 
 
 def _missing_sass_tools() -> str | None:

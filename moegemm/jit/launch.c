@@ -37,7 +37,7 @@ typedef mg_result (*launch_ex_fn)(const mg_launch_config *, void *, void **, voi
  * change from call to call, so they are not in the record but passed to mg_launch: the first
  * num_tma become the descriptors' global addresses, the rest are written into the parameter block
  * at param_pointer_offsets. */
-enum { MG_MAX_PARAM_POINTERS = 2 };
+enum { MG_MAX_PARAM_POINTERS = 4, MG_MAX_POINTERS = 8 };
 typedef struct {
     uint64_t function;
     uint32_t grid[3], block[3], cluster[3];
@@ -52,7 +52,7 @@ typedef struct {
     uint32_t rank, dtype, swizzle, offset; /* offset of the descriptor in the parameter block */
 } mg_tma_spec;
 
-_Static_assert(sizeof(mg_header) == 72, "record header layout");
+_Static_assert(sizeof(mg_header) == 80, "record header layout");
 _Static_assert(sizeof(mg_tma_spec) == 80, "record TMA spec layout");
 
 static encode_tiled_fn encode_tiled;
@@ -100,16 +100,16 @@ int mg_init(void) {
 }
 
 /* Returns a CUresult. When a TMA descriptor is the cause, its index goes to *failed_tma. */
-/* `dynamic` holds what changes from call to call: the stream, then six device pointers (unused ones 0).
+/* `dynamic` holds what changes from call to call: the stream, then eight device pointers (unused ones 0).
  * One bytes argument converts faster in ctypes than seven integers. */
 int mg_launch(const unsigned char *record, const unsigned char *dynamic, int *failed_tma) {
-    uint64_t stream, pointers[6];
+    uint64_t stream, pointers[MG_MAX_POINTERS];
     memcpy(&stream, dynamic, 8);
     memcpy(pointers, dynamic + 8, sizeof pointers);
     mg_header header;
     memcpy(&header, record, sizeof header);
     if (header.params_bytes > MG_MAX_PARAM_BYTES || header.num_param_pointers > MG_MAX_PARAM_POINTERS ||
-        header.num_tma + header.num_param_pointers > 6)
+        header.num_tma + header.num_param_pointers > MG_MAX_POINTERS)
         return MG_ERROR_INVALID_VALUE;
     _Alignas(64) unsigned char params[MG_MAX_PARAM_BYTES];
     const unsigned char *specs = record + sizeof header;

@@ -26,12 +26,12 @@ from .. import env
 from .compiler import Build, CompileError, cache_dir
 from .compiler import build as compile_source
 
-_HEADER = "Q9I5I2I"
+_HEADER = "Q9I5I4I"
 _TMA_SPEC = "3Q3Q3I4I4x"
-_MAX_POINTERS = 6
+_MAX_POINTERS = 8  # MG_MAX_POINTERS in launch.c
 TMA_DESCRIPTOR_BYTES = 128
 MAX_PARAM_BYTES = 4096
-MAX_PARAM_POINTERS = 2  # MG_MAX_PARAM_POINTERS in launch.c
+MAX_PARAM_POINTERS = 4  # MG_MAX_PARAM_POINTERS in launch.c
 
 # CUtensorMapDataType and CUtensorMapSwizzle values (checked against cuda.h in the tests).
 TMA_DTYPES = {torch.uint8: 0, torch.float8_e4m3fn: 0, torch.int32: 3, torch.float32: 7, torch.bfloat16: 9}
@@ -195,7 +195,7 @@ class Kernel:
             raise LaunchError(f"launching {self.build.name} failed{which}: {_error_name(err)}")
 
 
-# struct.pack of (stream, pointers...) zero-padded to the C side's six pointers, by pointer count.
+# struct.pack of (stream, pointers...) zero-padded to the C side's eight pointers, by pointer count.
 _DYNAMIC = [struct.Struct(f"<{1 + n}Q{8 * (_MAX_POINTERS - n)}x").pack for n in range(_MAX_POINTERS + 1)]
 
 

@@ -16,7 +16,7 @@ import torch
 from .. import env
 from ..jit import compiler
 from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, Kernel, KernelFamily, tma_2d
-from ..utils import ceil_div, get_tma_aligned_size
+from ..utils import align, ceil_div, get_tma_aligned_size
 
 BLOCK_K = 128
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
@@ -46,6 +46,7 @@ class Fp8GemmConfig:
     accumulate: bool
     cluster_m: int = 1  # 2: two CTAs stacked along M share (multicast) the B tile
     split_k: int = 1  # > 1: a cluster of split_k CTAs shares each tile, splitting its K blocks
+    gemm_type: str = "normal"  # or a grouped kind: "contiguous", "psum", "masked" (GemmType)
 
     @property
     def cluster_size(self) -> int:
@@ -111,11 +112,12 @@ def _math_efficiency(block_m: int, block_n: int) -> float:
 
 
 def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, out_bytes: int,
-                       split_k: int = 1) -> tuple[float, float]:
+                       split_k: int = 1, num_groups: int = 1) -> tuple[float, float]:
     """(Fixed ramp plus the slower of the two below, the busiest SM's time): the busiest SM's K
     blocks (each the longest of its tensor-core time, its load time and the consumer's latency
-    floor) with its split-K exchanges; the problem's DRAM traffic (A and B once, D written)."""
-    num_tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
+    floor) with its split-K exchanges; the problem's DRAM traffic (A and B once, D written).
+    Grouped: ``num_groups`` products of M = ``m`` rows each."""
+    num_tiles = num_groups * ceil_div(m, block_m) * ceil_div(n, block_n)
     clusters = min(num_sms // split_k, RESIDENT_CLUSTERS[split_k])
     waves = ceil_div(num_tiles, clusters)
     k_blocks = ceil_div(ceil_div(k, BLOCK_K), split_k)
@@ -126,21 +128,23 @@ def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_s
     if split_k > 1:
         reduce = SPLIT_K_REDUCE_S + (split_k - 1) / split_k * block_m * block_n * 4 / SPLIT_K_REDUCE_BYTES_PER_S
     busiest_sm = waves * (k_blocks * per_block + reduce)
-    dram = (m * k + n * k + m * n * out_bytes) / DRAM_BYTES_PER_S
+    dram = num_groups * (m * k + n * k + m * n * out_bytes) / DRAM_BYTES_PER_S
     return KERNEL_FIXED_S + max(busiest_sm, dram), busiest_sm
 
 
-def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_sms: int) -> Fp8GemmConfig:
+def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_sms: int, num_groups: int = 1,
+                  grouped: bool = False) -> Fp8GemmConfig:
     """The config with the least estimated time; ties (DRAM-bound problems) go to less splitting,
     then to fewer padding rows (no wasted tensor work), then to the least busy SMs (slack for the
     last wave), then to the larger tile (fewer re-reads). Split-K is considered only while the tiles
-    alone leave SMs idle."""
+    alone leave SMs idle, and not for grouped GEMMs (``num_groups`` products of ``m`` rows)."""
     out_bytes = 4 if out_fp32 else 2
     best, best_key = None, None
     for block_m in (64, 128):
-        for block_n in range(8, 193, 8):
-            num_tiles = -(-m // block_m) * -(-n // block_n)
-            for split_k in range(1, MAX_SPLIT_K + 1):
+        # Grouped kernels keep more live state (expert, row limit): above 128 columns they spill.
+        for block_n in range(8, (128 if grouped else 192) + 1, 8):
+            num_tiles = num_groups * ceil_div(m, block_m) * ceil_div(n, block_n)
+            for split_k in range(1, 2 if grouped else MAX_SPLIT_K + 1):
                 if split_k > 1 and (num_tiles >= num_sms // split_k or split_k > ceil_div(k, BLOCK_K)):
                     break
                 if not valid_block_n(block_n, out_bytes, split_k):
@@ -148,15 +152,16 @@ def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_
                 stages = _max_stages(block_m, block_n, out_bytes, split_k)
                 if stages < 3:
                     continue
-                seconds, busiest_sm = _estimated_seconds(m, n, k, block_m, block_n, num_sms, out_bytes, split_k)
+                seconds, busiest_sm = _estimated_seconds(m, n, k, block_m, block_n, num_sms, out_bytes, split_k,
+                                                         num_groups)
                 key = (round(seconds * 1e9), split_k, ceil_div(m, block_m) * block_m, round(busiest_sm * 1e9),
                        -block_m * block_n)
                 if best_key is None or key < best_key:
                     best = Fp8GemmConfig(block_m, block_n, stages, out_fp32, accumulate, split_k=split_k)
                     best_key = key
-    # B multicast across CTA pairs (cluster_m=2) is never chosen for now: on H100 (2026-11-25) it
-    # ran 5-13% slower than single CTAs on every M = 4096 benchmark shape (BENCHMARKS.md), so L2
-    # traffic is not what limits this kernel. Such configs stay available and tested.
+    # B multicast across CTA pairs (cluster_m=2) is never chosen for now: on H100 (2026-11-25,
+    # BENCHMARKS.md) it ran from 2% slower to 2.8% faster than single CTAs at M = 4096, too little to
+    # model. Such configs stay available and tested.
     assert best is not None
     return best
 
@@ -168,12 +173,16 @@ def grid_size(config: Fp8GemmConfig, m: int, n: int, num_sms: int) -> int:
     return min(num_sms // c, items) * c
 
 
+GEMM_TYPES = {"normal": "kNormal", "contiguous": "kContiguous", "psum": "kContiguousPsum", "masked": "kMasked"}
+CONTIGUOUS_ALIGNMENT = 128  # kContiguousAlignment in scheduler.cuh: rows per expert-segment boundary
+
+
 def generate_source(config: Fp8GemmConfig) -> str:
     return compiler.kernel_stub(
         "sm90_fp8_gemm.cuh",
         f"moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.stages}, {config.cluster_m}, "
-        f"{config.split_k}, "
-        f"{str(config.out_fp32).lower()}, {str(config.accumulate).lower()}>",
+        f"{config.split_k}, {str(config.out_fp32).lower()}, {str(config.accumulate).lower()}, "
+        f"moegemm::GemmType::{GEMM_TYPES[config.gemm_type]}>",
         "moegemm::Fp8GemmParams", "moegemm::sm90_fp8_gemm",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}"))
@@ -184,11 +193,13 @@ def kernel_name(config: Fp8GemmConfig) -> str:
     acc = "_acc" if config.accumulate else ""
     cluster = f"c{config.cluster_m}" if config.cluster_m > 1 else ""
     split = f"k{config.split_k}" if config.split_k > 1 else ""
-    return f"sm90_fp8_gemm_nt_{out}{acc}_m{config.block_m}n{config.block_n}s{config.stages}{cluster}{split}"
+    kind = "" if config.gemm_type == "normal" else f"_{config.gemm_type}"
+    return (f"sm90_fp8_gemm_nt{kind}_{out}{acc}_m{config.block_m}n{config.block_n}s{config.stages}"
+            f"{cluster}{split}")
 
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
-    num_threads=config.num_threads, smem_bytes=config.smem_bytes, num_tma=4, params_format="Q5I4x",
+    num_threads=config.num_threads, smem_bytes=config.smem_bytes, num_tma=4, params_format="QQQ7I4x",
     cluster=config.cluster_size))
 build = KERNELS.build
 
@@ -201,11 +212,52 @@ class Plan:
     kernel: Kernel
     record: bytes
 
-    def launch(self, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
-               d: torch.Tensor) -> None:
-        """Run on inputs of the planned signature (``sfa`` M-major TMA-aligned, ``sfb`` contiguous)."""
+    def launch(self, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
+               groups: torch.Tensor | None = None) -> None:
+        """Run on inputs of the planned signature (``sfa`` M-major TMA-aligned, ``sfb`` contiguous;
+        ``groups`` the grouped kinds' int32 layout or masked_m)."""
         self.kernel.launch(self.record, d.get_device(), a.data_ptr(), b.data_ptr(), sfa.data_ptr(), d.data_ptr(),
-                           sfb.data_ptr())
+                           sfb.data_ptr(), 0 if groups is None else groups.data_ptr(), d.data_ptr())
+
+
+def _grid(config: Fp8GemmConfig, m: int, n: int, num_groups: int, num_sms: int, device: int) -> tuple:
+    """The persistent grid, and the config with multicast dropped where clusters would not fill the GPU."""
+    grid = grid_size(config, m, n, num_sms) if num_groups == 1 else num_sms
+    if config.cluster_m > 1:
+        # Multicast pays only while (nearly) every SM can hold a CTA of a resident cluster.
+        resident = KERNELS.kernel(config).max_active_clusters(device) * config.cluster_m
+        if resident < 0.95 * min(num_sms, grid):
+            config = dataclasses.replace(config, cluster_m=1)
+            grid = grid_size(config, m, n, num_sms)
+    if config.split_k > 1:
+        # A cluster must fit in one GPC, so fewer clusters than SMs / split_k may fit at once; a
+        # grid larger than that would run a second, nearly empty wave.
+        resident = KERNELS.kernel(config).max_active_clusters(device)
+        grid = min(grid, max(resident, 1) * config.split_k)
+    return config, grid
+
+
+def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rows: int,
+            group_rows: int, num_groups: int, pdl: bool) -> bytes:
+    """The launch record; A and D are seen as [rows, K] and [rows, N], B as [G * N, K], SFA as
+    ``[G * ceil(K/128), group_rows]`` M-major (G = 1 but for masked)."""
+    k = a.shape[-1]
+    n = b.shape[-2]
+    num_k_blocks = ceil_div(k, BLOCK_K)
+    sfa_groups = num_groups if config.gemm_type == "masked" else 1
+    d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
+    # Few rows: load only the rows that exist (rounded to a swizzle group) instead of zero-filled boxes.
+    a_rows = min(config.block_m, align(group_rows, 8))
+    stage_bytes = (a_rows + config.block_n) * BLOCK_K + config.block_m * 4
+    tma = (tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows, SWIZZLE_128B, 0),
+           tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
+                  SWIZZLE_128B, 128),
+           tma_2d(torch.float32, group_rows, sfa_groups * num_k_blocks, get_tma_aligned_size(group_rows, 4) * 4,
+                  config.block_m, 1, SWIZZLE_NONE, 256),
+           tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle, 384))
+    params = (0, 0, 0, group_rows, n, k, stage_bytes, ceil_div(num_k_blocks, config.split_k), num_groups,
+              d.stride(-2))
+    return KERNELS.kernel(config).record(grid, tma, params, num_pointer_params=3, pdl=pdl)
 
 
 def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, num_sms: int,
@@ -216,33 +268,29 @@ def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, nu
     n = b.shape[0]
     if config is None:
         config = select_config(m, n, k, d.dtype == torch.float32, accumulate, num_sms)
-    grid = grid_size(config, m, n, num_sms)
-    if config.cluster_m > 1:
-        # Multicast pays only while (nearly) every SM can hold a CTA of a resident cluster.
-        resident = KERNELS.kernel(config).max_active_clusters(d.device.index) * config.cluster_m
-        if resident < 0.95 * min(num_sms, grid):
-            config = dataclasses.replace(config, cluster_m=1)
-            grid = grid_size(config, m, n, num_sms)
-    if config.split_k > 1:
-        # A cluster must fit in one GPC, so fewer clusters than SMs / split_k may fit at once; a
-        # grid larger than that would run a second, nearly empty wave.
-        resident = KERNELS.kernel(config).max_active_clusters(d.device.index)
-        grid = min(grid, max(resident, 1) * config.split_k)
+    config, grid = _grid(config, m, n, 1, num_sms, d.device.index)
     if env.flag("MOEGEMM_PRINT_CONFIGS"):
         print(f"[moegemm] fp8_gemm_nt m={m} n={n} k={k}: {config}, grid {grid}", file=sys.stderr)
-    d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
-    # Small M: load only the rows that exist (rounded to a swizzle group) instead of zero-filled boxes.
-    a_rows = min(config.block_m, -(-m // 8) * 8)
-    stage_bytes = (a_rows + config.block_n) * BLOCK_K + config.block_m * 4
-    tma = (tma_2d(a.dtype, k, m, a.stride(0), BLOCK_K, a_rows, SWIZZLE_128B, 0),
-           tma_2d(b.dtype, k, n, b.stride(0), BLOCK_K, config.block_n // config.cluster_m, SWIZZLE_128B, 128),
-           tma_2d(torch.float32, m, -(-k // BLOCK_K), get_tma_aligned_size(m, 4) * 4, config.block_m, 1,
-                  SWIZZLE_NONE, 256),
-           tma_2d(d.dtype, n, m, d.stride(0) * d.element_size(), config.store_cols, 64, d_swizzle, 384))
-    k_blocks_per_split = ceil_div(ceil_div(k, BLOCK_K), config.split_k)
-    kernel = KERNELS.kernel(config)
-    return Plan(config, kernel, kernel.record(grid, tma, (0, m, n, k, stage_bytes, k_blocks_per_split),
-                                              num_pointer_params=1, pdl=pdl))
+    return Plan(config, KERNELS.kernel(config), _record(config, grid, a, b, d, m, m, 1, pdl))
 
 
-__all__ = ["Fp8GemmConfig", "Plan", "build", "generate_source", "plan", "select_config"]
+def plan_grouped(kind: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, num_sms: int, expected_m: int,
+                 config: Fp8GemmConfig | None = None, pdl: bool = False) -> Plan:
+    """The plan of a grouped GEMM (``kind``: contiguous, psum or masked). A [M_total, K] or
+    [G, max_M, K], B [G, N, K], D like A with N columns; ``expected_m``: rows per expert the
+    heuristic assumes."""
+    num_groups, n, k = b.shape
+    rows = a.shape[0] if a.dim() == 2 else num_groups * a.shape[1]
+    group_rows = rows if kind != "masked" else a.shape[1]
+    if config is None:
+        config = select_config(max(expected_m, 1), n, k, d.dtype == torch.float32, False, num_sms,
+                               num_groups=num_groups, grouped=True)
+    config = dataclasses.replace(config, gemm_type=kind)
+    config, grid = _grid(config, rows, n, num_groups, num_sms, d.device.index)
+    if env.flag("MOEGEMM_PRINT_CONFIGS"):
+        print(f"[moegemm] grouped ({kind}) G={num_groups} rows={rows} expected_m={expected_m} n={n} k={k}: "
+              f"{config}, grid {grid}", file=sys.stderr)
+    return Plan(config, KERNELS.kernel(config), _record(config, grid, a, b, d, rows, group_rows, num_groups, pdl))
+
+
+__all__ = ["Fp8GemmConfig", "Plan", "build", "generate_source", "plan", "plan_grouped", "select_config"]

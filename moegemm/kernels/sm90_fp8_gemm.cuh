@@ -1,8 +1,12 @@
-// FP8 GEMM with fine-grained scaling on sm_90a: D[M, N] (+)= (A * SFA) @ (B * SFB)^T.
+// FP8 GEMM with fine-grained scaling on sm_90a: D[M, N] (+)= (A * SFA) @ (B * SFB)^T, and the MoE
+// grouped forms (GemmType in scheduler.cuh): D rows of expert g = A rows of expert g @ B[g]^T.
 //
 // A: e4m3 [M, K] K-major, SFA: fp32, one per 1x128 block of a row, stored M-major [ceil(K/128), M'].
 // B: e4m3 [N, K] K-major, SFB: fp32, one per 128x128 block, [ceil(N/128), ceil(K/128)] row-major.
 // D: bf16 or fp32 [M, N]; with kAccumulate the TMA unit adds the tile into D (D = C + A @ B^T).
+// Grouped: B [G * N, K] and SFB [G, ceil(N/128), ceil(K/128)]; kMasked A, SFA and D hold G
+// experts of max_M rows each. A tile's rows that must stay untouched (padding, rows past an
+// expert's count) make its warpgroups store row by row from registers instead of through TMA.
 //
 // Warp roles (kNumMathWarpgroups + 1 warpgroups, persistent grid, one CTA per SM):
 //   warpgroups 0..kNumMathWarpgroups-1  math: each owns 64 rows of the BLOCK_M x BLOCK_N tile.
@@ -44,14 +48,20 @@ struct Fp8GemmParams {
     TmaDescriptor tma_b;    // B [N, K] e4m3, box {128, BLOCK_N}, 128-byte swizzle
     TmaDescriptor tma_sfa;  // SFA [ceil(K/128), M] fp32, box {BLOCK_M, 1}
     TmaDescriptor tma_d;    // D [M, N], box {kStoreCols, 64}
-    const float* sfb;       // [ceil(N/128), ceil(K/128)]
-    u32 m, n, k;
+    const float* sfb;       // [G, ceil(N/128), ceil(K/128)]
+    const int* groups;      // grouped kinds: see GemmType
+    u8* d;                  // D itself, for the row-by-row stores
+    u32 m, n, k;            // kMasked: m = max_M, the rows of each expert
     u32 stage_bytes;         // bytes the TMA loads of one stage deliver (A's box shrinks for small M)
     u32 k_blocks_per_split;  // split-K: K blocks per CTA of a cluster (the last may get fewer)
+    u32 num_groups;
+    u32 ld_d;  // elements between rows of D
 };
 
-template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, u32 kSplitK_, bool kOutFp32_, bool kAccumulate_>
+template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, u32 kSplitK_, bool kOutFp32_, bool kAccumulate_,
+          GemmType kType_ = GemmType::kNormal>
 struct Fp8GemmConfig {
+    static constexpr GemmType kType = kType_;
     static constexpr u32 kBlockM = kBlockM_, kBlockN = kBlockN_, kBlockK = 128, kStages = kStages_;
     static constexpr u32 kClusterM = kClusterM_, kSplitK = kSplitK_, kClusterSize = kClusterM * kSplitK;
     static constexpr bool kOutFp32 = kOutFp32_, kAccumulate = kAccumulate_;
@@ -91,6 +101,7 @@ struct Fp8GemmConfig {
     static_assert(!kSwizzleD || kOutCols % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
     static_assert(kBlockN % (8 * kSplitK) == 0, "split-K slices are whole 8-column groups");
     static_assert(kSplitK >= 1 && kSplitK <= 8 && (kClusterM == 1 || kSplitK == 1), "portable clusters of <= 8");
+    static_assert(kType == GemmType::kNormal || (kClusterSize == 1 && !kAccumulate), "grouped: no cluster, no C");
     static_assert(kBlockN <= 128 || kBlockN % 128 == 0 || kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
                   "a tile may span at most two 128-wide SFB blocks");
     // 128-byte-swizzled tiles need 1024-byte alignment; the layout below keeps every A/B/D tile so.
@@ -106,27 +117,30 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kCluster = Config::kClusterM;
     constexpr u32 kSliceRows = BN / kCluster;
-    const TileScheduler<BM, BN, kCluster, Config::kSplitK> scheduler(p.m, p.n);
+    TileScheduler<Config::kType, BM, BN, kCluster, Config::kSplitK> scheduler(p.m, p.n, p.groups, p.num_groups);
+    const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
     u32 k_begin, k_end;
-    scheduler.k_range(ceil_div(p.k, Config::kBlockK), p.k_blocks_per_split, k_begin, k_end);
+    scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);
     const u32 rank = kCluster > 1 ? cluster_cta_rank() : 0;
     StageRing<Config::kStages> ring;
-    for (u32 item = scheduler.first_item(); item < scheduler.num_items; item += scheduler.item_stride()) {
-        u32 m_block, n_block;
-        scheduler.coords(item, m_block, n_block);
+    for (Tile tile; scheduler.next(tile);) {
+        const int b_row = tile.group * p.n + tile.n_block * BN;
+        // SFA is [ceil(K/128), rows] M-major, per expert for kMasked.
+        const bool masked = Config::kType == GemmType::kMasked;
+        const int sfa_row = masked ? tile.m_block * BM : tile.row;
+        const int sfa_k = masked ? tile.group * num_k_blocks : 0;
         for (u32 k_block = k_begin; k_block < k_end; ++k_block, ring.advance()) {
             const u32 s = ring.stage;
             empty[s].wait(ring.phase ^ 1);
             full[s].arrive_expect_tx(p.stage_bytes);
             const int k = k_block * Config::kBlockK;
-            tma_load_2d(smem_a + s * Config::kTileABytes, &p.tma_a, &full[s], k, m_block * BM);
+            tma_load_2d(smem_a + s * Config::kTileABytes, &p.tma_a, &full[s], k, tile.row);
             u8* slice_b = smem_b + s * Config::kTileBBytes + rank * kSliceRows * Config::kBlockK;
             if constexpr (kCluster > 1)
-                tma_load_2d_multicast(slice_b, &p.tma_b, &full[s], k, n_block * BN + rank * kSliceRows,
-                                      (1u << kCluster) - 1);
+                tma_load_2d_multicast(slice_b, &p.tma_b, &full[s], k, b_row + rank * kSliceRows, (1u << kCluster) - 1);
             else
-                tma_load_2d(slice_b, &p.tma_b, &full[s], k, n_block * BN);
-            tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, &full[s], m_block * BM, k_block);
+                tma_load_2d(slice_b, &p.tma_b, &full[s], k, b_row);
+            tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, &full[s], sfa_row, sfa_k + k_block);
         }
     }
     if constexpr (kCluster > 1) {
@@ -285,6 +299,44 @@ __device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, u32 reduc
     }
 }
 
+// Grouped kinds: whether every row of the warpgroup's 64-row slab may be written (then TMA stores
+// it); the warpgroup votes, each thread for its two rows.
+template <class Config>
+__device__ __forceinline__ bool fp8_gemm_slab_writable(const Fp8GemmParams& p, const Tile& tile, u32 y) {
+    bool writable = y + 64 <= tile.row_limit;
+    if constexpr (Config::kType == GemmType::kContiguous) {
+        const u32 row = y + (warp_id() % 4) * 16 + lane_id() / 4;
+        writable = writable && __ldg(p.groups + row) == int(tile.group) && __ldg(p.groups + row + 8) == int(tile.group);
+    }
+    return named_barrier_all(1 + threadIdx.x / 128, 128, writable);
+}
+
+// Store this thread's totals row by row straight from registers, skipping the rows that must stay
+// untouched: rows past the tile's limit, and (kContiguous) rows of another expert or padding.
+template <class Config>
+__device__ __forceinline__ void fp8_gemm_store_rows(const Fp8GemmParams& p, const Tile& tile, const float* totals,
+                                                    u32 y, u32 n0) {
+    const u32 lane = lane_id(), warp_in_wg = warp_id() % 4;
+#pragma unroll
+    for (u32 half = 0; half < 2; ++half) {
+        const u32 row = y + warp_in_wg * 16 + lane / 4 + half * 8;
+        bool writable = row < tile.row_limit;
+        if constexpr (Config::kType == GemmType::kContiguous)
+            writable = writable && __ldg(p.groups + row) == int(tile.group);
+        if (!writable) continue;
+        u8* out = p.d + static_cast<u64>(row) * p.ld_d * Config::kOutBytes;
+#pragma unroll
+        for (u32 i = half * 2; i < Config::kBlockN / 2; i += 4) {
+            const u32 col = n0 + (i / 4) * 8 + (lane % 4) * 2;  // even; N is even, so col + 1 < N too
+            if (col >= p.n) continue;
+            if constexpr (Config::kOutFp32)
+                *reinterpret_cast<float2*>(out + col * 4) = make_float2(totals[i], totals[i + 1]);
+            else
+                *reinterpret_cast<u32*>(out + col * 2) = pack_bf16x2(totals[i], totals[i + 1]);
+        }
+    }
+}
+
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* smem_d, const u8* smem_a,
                                                   const u8* smem_b, const float* smem_sfa, Barrier* full,
@@ -292,7 +344,8 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
                                                   Barrier* reduce_free) {
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kAcc = BN / 2;
-    const TileScheduler<BM, BN, Config::kClusterM, Config::kSplitK> scheduler(p.m, p.n);
+    TileScheduler<Config::kType, BM, BN, Config::kClusterM, Config::kSplitK> scheduler(p.m, p.n, p.groups,
+                                                                                       p.num_groups);
     const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
     u32 k_begin, k_end;
     scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);
@@ -311,15 +364,14 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
     // this one is promoted, so the tensor cores never wait for the promotion.
     float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1], totals[kAcc];
     StageRing<Config::kStages> ring;
-    for (u32 item = scheduler.first_item(); item < scheduler.num_items; item += scheduler.item_stride()) {
-        u32 m_block, n_block;
-        scheduler.coords(item, m_block, n_block);
-        const u32 n0 = n_block * BN;
+    for (Tile tile; scheduler.next(tile);) {
+        const u32 n0 = tile.n_block * BN;
         // Columns at or past `boundary` take the next SFB block's scale.
         const u32 sfb_block = n0 / 128;
         const u32 boundary = (sfb_block + 1) * 128 - n0;
-        const float* sfb0 = p.sfb + sfb_block * num_k_blocks;
-        const float* sfb1 = p.sfb + min(sfb_block + 1, num_sfb_rows - 1) * num_k_blocks;
+        const float* sfb_group = p.sfb + tile.group * num_sfb_rows * num_k_blocks;
+        const float* sfb0 = sfb_group + sfb_block * num_k_blocks;
+        const float* sfb1 = sfb_group + min(sfb_block + 1, num_sfb_rows - 1) * num_k_blocks;
         auto issue = [&](const SfbPair& sfb, u32 j, float* scratch) {
             // Selects, not indexing: a run-time index would put the pair in local memory.
             const float b0 = j ? sfb.b0[1] : sfb.b0[0], b1 = j ? sfb.b1[1] : sfb.b1[0];
@@ -398,6 +450,14 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         if constexpr (Config::kSplitK > 1)
             fp8_gemm_reduce_split_k<Config>(totals, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++);
 
+        const u32 y = tile.row + wg * 64;
+        if constexpr (Config::kType != GemmType::kNormal) {
+            if (!fp8_gemm_slab_writable<Config>(p, tile, y)) {
+                fp8_gemm_store_rows<Config>(p, tile, totals, y, n0);
+                continue;
+            }
+        }
+
         // The previous tile's store must have read the buffer before it is overwritten.
         if (store_issuer) tma_store_wait_read();
         named_barrier_sync(1 + wg, 128);
@@ -405,16 +465,15 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         fence_proxy_async();
         named_barrier_sync(1 + wg, 128);
         if (store_issuer) {
-            const int y = m_block * BM + wg * 64;
             constexpr u32 kChunkBytes = 64 * Config::kStoreCols * Config::kOutBytes;
 #pragma unroll
             for (u32 chunk = 0; chunk < Config::kOutCols / Config::kStoreCols; ++chunk) {
                 const int x = n0 + slice * Config::kOutCols + chunk * Config::kStoreCols;
-                if (x >= int(p.n) || y >= int(p.m)) break;
+                if (x >= int(p.n) || y >= tile.row_limit) break;
                 if constexpr (Config::kAccumulate)
-                    tma_reduce_add_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, y);
+                    tma_reduce_add_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, int(y));
                 else
-                    tma_store_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, y);
+                    tma_store_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, int(y));
             }
             tma_store_commit();
         }

@@ -93,6 +93,21 @@ __device__ __forceinline__ void cluster_sync() {
 __device__ __forceinline__ void named_barrier_sync(u32 id, u32 num_threads) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
+// named_barrier_sync that also returns whether `predicate` held in every participating thread.
+__device__ __forceinline__ bool named_barrier_all(u32 id, u32 num_threads, bool predicate) {
+    u32 all;
+    asm volatile(
+        "{\n"
+        ".reg .pred p, q;\n"
+        "setp.ne.u32 p, %1, 0;\n"
+        "bar.red.and.pred q, %2, %3, p;\n"
+        "selp.u32 %0, 1, 0, q;\n"
+        "}\n"
+        : "=r"(all)
+        : "r"(static_cast<u32>(predicate)), "r"(id), "r"(num_threads)
+        : "memory");
+    return all != 0;
+}
 
 // ---- TMA --------------------------------------------------------------------------------------------
 
@@ -268,6 +283,10 @@ __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepco
 template <typename T>
 __host__ __device__ constexpr T ceil_div(T a, T b) {
     return (a + b - 1) / b;
+}
+template <typename T>
+__host__ __device__ constexpr T align_up(T a, T b) {
+    return ceil_div(a, b) * b;
 }
 
 }  // namespace moegemm
