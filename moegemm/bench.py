@@ -30,27 +30,30 @@ def kernel_time_us(fn: Callable[[], object], iters: int = 30) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
+    utils._flush_l2()  # the first flush also allocates its buffer
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         utils._flush_l2()
         torch.cuda.synchronize()
-    # The flush's own kernels, memsets aside: the timed calls may launch memsets (cuBLASLt does).
-    flush_kernels = {e.name for e in _device_events(prof) if "memset" not in e.name.lower()}
+    # The flush's kernel sequence, found again before each call (the calls may launch the same
+    # kernels, memsets say, so single names cannot mark the boundaries).
+    flush = [e.name for e in _device_events(prof)]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             utils._flush_l2()
             torch.cuda.synchronize()
             fn()
         torch.cuda.synchronize()
+    events = _device_events(prof)
     per_call: list[float] = []
-    in_flush = False
-    for event in _device_events(prof):
-        if event.name in flush_kernels:
-            if not in_flush:
-                per_call.append(0.0)  # each flush (one or more kernels) starts a new call
-            in_flush = True
-        elif per_call:
-            in_flush = False
-            per_call[-1] += event.time_range.elapsed_us()
+    i = 0
+    while i < len(events):
+        if [e.name for e in events[i:i + len(flush)]] == flush:
+            per_call.append(0.0)
+            i += len(flush)
+            continue
+        if per_call:
+            per_call[-1] += events[i].time_range.elapsed_us()
+        i += 1
     if len(per_call) != iters:
         raise RuntimeError(f"profiler saw {len(per_call)} L2 flushes for {iters} calls")
     return statistics.median(per_call)
