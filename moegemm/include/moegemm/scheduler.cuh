@@ -45,10 +45,6 @@ struct TileScheduler {
     u32 num_groups, max_m;
     u32 item;
     u32 cursor_group = 0, cursor_first_item = 0;  // kMasked: the expert whose items start at cursor_first_item
-    // kContiguous: the expert id of item `lookahead_item`'s first row, loaded a tile ahead so the
-    // load's latency hides behind the current tile instead of delaying the next one's start.
-    int lookahead_group = 0;
-    u32 lookahead_item = ~0u;
 
     // m: rows of A (kMasked: max_M, rows per expert). groups: see GemmType.
     __device__ __forceinline__ TileScheduler(u32 m_, u32 n, const int* groups_ = nullptr, u32 num_groups_ = 1)
@@ -70,7 +66,6 @@ struct TileScheduler {
                 tile.group = 0;
                 if (kType == GemmType::kNormal || find_group(tile)) {
                     item += item_stride();
-                    if constexpr (kType == GemmType::kContiguous) prefetch_group();
                     return true;
                 }
             }
@@ -99,19 +94,10 @@ struct TileScheduler {
         n_block = in_group / group_rows;
     }
 
-    __device__ __forceinline__ void prefetch_group() {
-        if (item < num_items) {
-            u32 m_block, n_block;
-            raster(item, m_block, n_block);
-            lookahead_group = __ldg(groups + m_block * kBlockM);
-            lookahead_item = item;
-        }
-    }
-
     // Contiguous kinds: the expert of the tile's rows; false for a padding block.
     __device__ __forceinline__ bool find_group(Tile& tile) const {
         if constexpr (kType == GemmType::kContiguous) {
-            const int group = item == lookahead_item ? lookahead_group : __ldg(groups + tile.row);
+            const int group = __ldg(groups + tile.row);
             tile.group = static_cast<u32>(group);
             return group >= 0 && static_cast<u32>(group) < num_groups;
         } else {
