@@ -174,8 +174,9 @@ def _check_grouped_operands(a, sfa, b, sfb, d, a_dims: int) -> tuple[int, int, i
     checks.tensor("d", d, GEMM_OUT, a_dims)
     k = a.shape[-1]
     num_groups, n = b.shape[:2]
-    if k == 0:
-        raise ValueError(f"a: expected K > 0, got shape {tuple(a.shape)}")
+    if k == 0 or num_groups == 0:
+        raise ValueError(f"a, b: expected K > 0 and at least one expert, got shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     if b.shape[2] != k:
         raise ValueError(f"b: expected shape (G, N, K) with K = {k} (from a), got {tuple(b.shape)}")
     if a_dims == 3 and a.shape[0] != num_groups:
