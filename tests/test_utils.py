@@ -619,16 +619,8 @@ def test_import_does_not_initialise_cuda() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-@pytest.fixture
-def restore_pdl():
-    saved = utils._pdl
-    yield
-    utils._pdl = saved
-
-
-@pytest.mark.usefixtures("restore_pdl")
 def test_pdl_default_from_environment_and_setter(monkeypatch) -> None:
-    utils._pdl = None
+    monkeypatch.setattr(utils, "_pdl", None)  # restored afterwards, whatever set_pdl does here
     monkeypatch.setenv("MOEGEMM_ENABLE_PDL", "1")
     assert utils.get_pdl() is True
     utils.set_pdl(False)
