@@ -81,6 +81,14 @@ def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
     return _fp8_gemm_plans.store(key, entry)
 
 
+def _check_pointers_aligned(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
+    """Data pointers change between calls with the same signature, so TMA's 16-byte alignment is
+    checked on every call (one OR of three pointers when it holds)."""
+    if (a.data_ptr() | b.data_ptr() | d.data_ptr()) & 15:
+        for name, t in (("a", a), ("b", b), ("d", d)):
+            checks.tma_rows(name, t)
+
+
 def _kernel_sfa(sfa: torch.Tensor) -> torch.Tensor:
     """SFA in the kernels' layout (M-major, TMA-aligned) at a 16-byte aligned address."""
     if sfa.data_ptr() & 15:  # the right strides at a misaligned address: re-lay out a fresh copy
@@ -102,10 +110,7 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
         reference.fp8_gemm_nt((a, sfa), (b, sfb), d, c)
         return
     plan, sfa_ready, sfb_ready = entry
-    # Data pointers change between calls with the same signature, so their alignment is checked here.
-    if (a.data_ptr() | b.data_ptr() | d.data_ptr()) & 15:
-        for name, t in (("a", a), ("b", b), ("d", d)):
-            checks.tma_rows(name, t)
+    _check_pointers_aligned(a, b, d)
     if c is not None and c.data_ptr() != d.data_ptr():
         d.copy_(c)
     if plan is None:  # an empty problem: M, N or K is 0
@@ -259,9 +264,7 @@ def _grouped_call(kind: str, a, sfa, b, sfb, d, groups, expected_m: int, check) 
 
             plan = fp8_gemm.plan_grouped(kind, a, b, d, key[-1], expected_m, pdl=key[-2])
         _grouped_plans.store(key, plan)
-    if (a.data_ptr() | b.data_ptr() | d.data_ptr()) & 15:
-        for name, t in (("a", a), ("b", b), ("d", d)):
-            checks.tma_rows(name, t)
+    _check_pointers_aligned(a, b, d)
     if plan is None:
         return
     if env.flag("MOEGEMM_CHECK_GROUPS"):

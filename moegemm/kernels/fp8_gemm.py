@@ -185,7 +185,8 @@ def generate_source(config: Fp8GemmConfig) -> str:
         f"moegemm::GemmType::{GEMM_TYPES[config.gemm_type]}>",
         "moegemm::Fp8GemmParams", "moegemm::sm90_fp8_gemm",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
-         f"Config::kNumThreads == {config.num_threads}"))
+         f"Config::kNumThreads == {config.num_threads}",
+         f'moegemm::kContiguousAlignment == {CONTIGUOUS_ALIGNMENT}, "host and device disagree on the alignment"'))
 
 
 def kernel_name(config: Fp8GemmConfig) -> str:
@@ -216,8 +217,9 @@ class Plan:
                groups: torch.Tensor | None = None) -> None:
         """Run on inputs of the planned signature (``sfa`` M-major TMA-aligned, ``sfb`` contiguous;
         ``groups`` the grouped kinds' int32 layout or masked_m)."""
-        self.kernel.launch(self.record, d.get_device(), a.data_ptr(), b.data_ptr(), sfa.data_ptr(), d.data_ptr(),
-                           sfb.data_ptr(), 0 if groups is None else groups.data_ptr(), d.data_ptr())
+        d_ptr = d.data_ptr()  # D's TMA descriptor, and the pointer of the row-by-row stores
+        self.kernel.launch(self.record, d.get_device(), a.data_ptr(), b.data_ptr(), sfa.data_ptr(), d_ptr,
+                           sfb.data_ptr(), 0 if groups is None else groups.data_ptr(), d_ptr)
 
 
 def _grid(config: Fp8GemmConfig, m: int, n: int, num_groups: int, num_sms: int, device: int) -> tuple:
