@@ -2,7 +2,8 @@
 // grouped forms (GemmType in scheduler.cuh): D rows of expert g = A rows of expert g @ B[g]^T.
 //
 // A: e4m3 [M, K] K-major, SFA: fp32, one per 1x128 block of a row, stored M-major [ceil(K/128), M'].
-// B: e4m3 [N, K] K-major, SFB: fp32, one per 128x128 block, [ceil(N/128), ceil(K/128)] row-major.
+// B: e4m3 [N, K] K-major, SFB: fp32, one per 128x128 block, [ceil(N/128), ceil(K/128)] row-major
+//    with rows 16 bytes apart (TMA; the host pads them when ceil(K/128) % 4 != 0).
 // D: bf16 or fp32 [M, N]; with kAccumulate the TMA unit adds the tile into D (D = C + A @ B^T).
 // Grouped: B [G * N, K] and SFB [G, ceil(N/128), ceil(K/128)]; kMasked A, SFA and D hold G
 // experts of max_M rows each. A tile's rows that must stay untouched (padding, rows past an
@@ -11,7 +12,9 @@
 // Warp roles (kNumMathWarpgroups + 1 warpgroups, persistent grid, one CTA per SM):
 //   warpgroups 0..kNumMathWarpgroups-1  math: each owns 64 rows of the BLOCK_M x BLOCK_N tile.
 //   last warpgroup                      producer: its first thread issues every TMA load.
-// Stage ring of kStages shared-memory slots, each holding a 128-wide K slice of A, B and SFA:
+// Stage ring of kStages shared-memory slots, each holding a 128-wide K slice of A, B and SFA, and
+// the SFB of the tile's one or two 128-column blocks (all scales arrive by TMA with the data, so the
+// math warps never wait on a global load):
 //   full[s]   count 1: the producer's arrive_expect_tx; completes when the TMA bytes have landed.
 //   empty[s]  count kClusterM * kNumMathThreads / 32: lane 0 of every math warp of every CTA in the
 //             cluster arrives once its WGMMAs on the slot have retired; the producer waits on it
@@ -48,7 +51,7 @@ struct Fp8GemmParams {
     TmaDescriptor tma_b;    // B [N, K] e4m3, box {128, BLOCK_N}, 128-byte swizzle
     TmaDescriptor tma_sfa;  // SFA [ceil(K/128), M] fp32, box {BLOCK_M, 1}
     TmaDescriptor tma_d;    // D [M, N], box {kStoreCols, 64}
-    const float* sfb;       // [G, ceil(N/128), ceil(K/128)]
+    TmaDescriptor tma_sfb;  // SFB [G * ceil(N/128), ceil(K/128)], box {kSfbBoxK, kSfbRows}
     const int* groups;      // grouped kinds: see GemmType
     u8* d;                  // D itself, for the row-by-row stores
     u32 m, n, k;            // kMasked: m = max_M, the rows of each expert
@@ -86,7 +89,12 @@ struct Fp8GemmConfig {
     static constexpr u32 kTileABytes = kBlockM * kBlockK;
     static constexpr u32 kTileBBytes = kBlockN * kBlockK;
     static constexpr u32 kTileSfaBytes = kBlockM * 4;
-    static constexpr u32 kStageBytes = kTileABytes + kTileBBytes + kTileSfaBytes;
+    // SFB rows a tile needs. TMA boxes are at least 16 bytes wide, so a stage's box holds its K
+    // block and the three after it (unused), in a slot aligned as TMA destinations must be.
+    static constexpr u32 kSfbRows = kUniformSfb ? 1 : 2;
+    static constexpr u32 kSfbBoxK = 4;
+    static constexpr u32 kSfbSlotBytes = 128;
+    static constexpr u32 kStageBytes = kTileABytes + kTileBBytes + kTileSfaBytes + kSfbSlotBytes;
     static constexpr u32 kSmemDBytes = kBlockM * kOutCols * kOutBytes;
     // Split-K reduce buffer, per math warpgroup: one slot per sender, holding each thread's 16-byte
     // pieces (four floats of an 8-column group) thread-contiguous, so accesses are conflict-free.
@@ -113,7 +121,7 @@ struct Fp8GemmConfig {
 
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* smem_a, u8* smem_b,
-                                                  float* smem_sfa, Barrier* full, Barrier* empty) {
+                                                  float* smem_sfa, float* smem_sfb, Barrier* full, Barrier* empty) {
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kCluster = Config::kClusterM;
     constexpr u32 kSliceRows = BN / kCluster;
@@ -122,6 +130,7 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
     u32 k_begin, k_end;
     scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);
     const u32 rank = kCluster > 1 ? cluster_cta_rank() : 0;
+    const u32 num_sfb_rows = ceil_div(p.n, 128u);
     StageRing<Config::kStages> ring;
     for (Tile tile; scheduler.next(tile);) {
         const int b_row = tile.group * p.n + tile.n_block * BN;
@@ -129,6 +138,7 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
         const bool masked = Config::kType == GemmType::kMasked;
         const int sfa_row = masked ? tile.m_block * BM : tile.row;
         const int sfa_k = masked ? tile.group * num_k_blocks : 0;
+        const int sfb_row = tile.group * num_sfb_rows + tile.n_block * BN / 128;
         for (u32 k_block = k_begin; k_block < k_end; ++k_block, ring.advance()) {
             const u32 s = ring.stage;
             empty[s].wait(ring.phase ^ 1);
@@ -141,6 +151,7 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
             else
                 tma_load_2d(slice_b, &p.tma_b, &full[s], k, b_row);
             tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, &full[s], sfa_row, sfa_k + k_block);
+            tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, &full[s], k_block, sfb_row);
         }
     }
     if constexpr (kCluster > 1) {
@@ -182,43 +193,30 @@ struct BlockScales {
     float a0, a1, b0, b1;
 };
 
-// SFB of K blocks `k_block` and `k_block + 1` (clamped to the last), loaded a pair ahead of use:
-// each K block needs new ones, and a miss to DRAM would otherwise stall every promotion.
-struct SfbPair {
-    float b0[2], b1[2];
-
-    template <class Config>
-    __device__ __forceinline__ void load(const float* sfb0, const float* sfb1, u32 k_block, u32 num_k_blocks) {
-#pragma unroll
-        for (u32 j = 0; j < 2; ++j) {
-            const u32 k = min(k_block + j, num_k_blocks - 1);
-            b0[j] = __ldg(sfb0 + k);
-            b1[j] = Config::kUniformSfb ? b0[j] : __ldg(sfb1 + k);
-        }
-    }
-};
-
-// Wait for the stage of a K block, read its SFA, and issue its four WGMMAs into `scratch`.
+// Wait for the stage of a K block, read its scales, and issue its four WGMMAs into `scratch`.
+// desc_a / desc_b: descriptors of stage 0's tiles (A's at this warpgroup's rows); adding the stage
+// and K offsets to them is cheaper than building descriptors from addresses.
 template <class Config>
-__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 stage, u32 phase, const u8* smem_a, const u8* smem_b,
-                                                      const float* smem_sfa, Barrier* full, float b0, float b1,
+__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 stage, u32 phase, u64 desc_a, u64 desc_b,
+                                                      const float* smem_sfa, const float* smem_sfb, Barrier* full,
                                                       u32 sfa_row, float* scratch) {
     BlockScales scales;
-    scales.b0 = b0;
-    scales.b1 = b1;
     full[stage].wait(phase);
     scales.a0 = smem_sfa[stage * Config::kBlockM + sfa_row];
     scales.a1 = smem_sfa[stage * Config::kBlockM + sfa_row + 8];
-    const u8* tile_a = smem_a + stage * Config::kTileABytes + (sfa_row / 64) * 64 * Config::kBlockK;
-    const u8* tile_b = smem_b + stage * Config::kTileBBytes;
+    const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
+    scales.b0 = sfb[0];
+    scales.b1 = Config::kUniformSfb ? scales.b0 : sfb[Config::kSfbBoxK];
+    desc_a = smem_descriptor_advance(desc_a, stage * Config::kTileABytes);
+    desc_b = smem_descriptor_advance(desc_b, stage * Config::kTileBBytes);
     // No register fence here: touching one scratch buffer while the other's WGMMAs are in flight
     // makes ptxas serialize every WGMMA (warning C7514); the asm operands already order the
     // promotion's reads before these writes.
     wgmma_fence();
 #pragma unroll
     for (u32 kk = 0; kk < Config::kBlockK / 32; ++kk) {
-        WgmmaFp8<Config::kBlockN>::mma(smem_descriptor_k_major_sw128(tile_a + kk * 32),
-                                       smem_descriptor_k_major_sw128(tile_b + kk * 32), scratch, kk > 0);
+        WgmmaFp8<Config::kBlockN>::mma(smem_descriptor_advance(desc_a, kk * 32),
+                                       smem_descriptor_advance(desc_b, kk * 32), scratch, kk > 0);
     }
     wgmma_commit();
     return scales;
@@ -337,9 +335,46 @@ __device__ __forceinline__ void fp8_gemm_store_rows(const Fp8GemmParams& p, cons
     }
 }
 
+// Store this warpgroup's 64 rows of the tile: through shared memory and a TMA store that overlaps
+// the next tile's main loop, or row by row (grouped kinds, a slab with rows that must stay untouched).
+template <class Config>
+__device__ __forceinline__ void fp8_gemm_epilogue(const Fp8GemmParams& p, const Tile& tile, const float* totals,
+                                                  u8* smem_d_wg, u32 slice) {
+    const u32 n0 = tile.n_block * Config::kBlockN;
+    const u32 y = tile.row + threadIdx.x / 128 * 64;
+    const bool store_issuer = threadIdx.x % 128 == 0;
+    if constexpr (Config::kType != GemmType::kNormal) {
+        if (!fp8_gemm_slab_writable<Config>(p, tile, y)) {
+            fp8_gemm_store_rows<Config>(p, tile, totals, y, n0);
+            return;
+        }
+    }
+
+    // The previous tile's store must have read the buffer before it is overwritten.
+    if (store_issuer) tma_store_wait_read();
+    named_barrier_sync(1 + threadIdx.x / 128, 128);
+    fp8_gemm_stage_output<Config>(totals, smem_d_wg, slice);
+    fence_proxy_async();
+    named_barrier_sync(1 + threadIdx.x / 128, 128);
+    if (store_issuer) {
+        constexpr u32 kChunkBytes = 64 * Config::kStoreCols * Config::kOutBytes;
+#pragma unroll
+        for (u32 chunk = 0; chunk < Config::kOutCols / Config::kStoreCols; ++chunk) {
+            const int x = n0 + slice * Config::kOutCols + chunk * Config::kStoreCols;
+            if (x >= int(p.n) || y >= tile.row_limit) break;
+            if constexpr (Config::kAccumulate)
+                tma_reduce_add_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, int(y));
+            else
+                tma_store_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, int(y));
+        }
+        tma_store_commit();
+    }
+}
+
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* smem_d, const u8* smem_a,
-                                                  const u8* smem_b, const float* smem_sfa, Barrier* full,
+                                                  const u8* smem_b, const float* smem_sfa, const float* smem_sfb,
+                                                  Barrier* full,
                                                   Barrier* empty, u8* smem_reduce, Barrier* reduce_full,
                                                   Barrier* reduce_free) {
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
@@ -353,10 +388,10 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
     const u32 peer = rank ^ 1;
     const u32 slice = Config::kSplitK > 1 ? rank : 0;
     u32 round = 0;
-    const u32 num_sfb_rows = ceil_div(p.n, 128u);
     const u32 wg = threadIdx.x / 128;
     const u32 sfa_row = wg * 64 + (warp_id() % 4) * 16 + lane_id() / 4;
-    const bool store_issuer = threadIdx.x % 128 == 0;
+    const u64 desc_a = smem_descriptor_k_major_sw128(smem_a + wg * 64 * Config::kBlockK);
+    const u64 desc_b = smem_descriptor_k_major_sw128(smem_b);
     u8* smem_d_wg = smem_d + wg * 64 * Config::kOutCols * Config::kOutBytes;
     const u32 reduce_wg = smem_addr(smem_reduce) + wg * (Config::kSplitK - 1) * Config::kReduceSlotBytes;
 
@@ -365,23 +400,15 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
     float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1], totals[kAcc];
     StageRing<Config::kStages> ring;
     for (Tile tile; scheduler.next(tile);) {
+        // Columns at or past `boundary` take the second SFB row's scale.
         const u32 n0 = tile.n_block * BN;
-        // Columns at or past `boundary` take the next SFB block's scale.
-        const u32 sfb_block = n0 / 128;
-        const u32 boundary = (sfb_block + 1) * 128 - n0;
-        const float* sfb_group = p.sfb + tile.group * num_sfb_rows * num_k_blocks;
-        const float* sfb0 = sfb_group + sfb_block * num_k_blocks;
-        const float* sfb1 = sfb_group + min(sfb_block + 1, num_sfb_rows - 1) * num_k_blocks;
-        auto issue = [&](const SfbPair& sfb, u32 j, float* scratch) {
-            // Selects, not indexing: a run-time index would put the pair in local memory.
-            const float b0 = j ? sfb.b0[1] : sfb.b0[0], b1 = j ? sfb.b1[1] : sfb.b1[0];
-            const BlockScales scales = fp8_gemm_issue<Config>(ring.stage, ring.phase, smem_a, smem_b, smem_sfa, full,
-                                                              b0, b1, sfa_row, scratch);
+        const u32 boundary = (n0 / 128 + 1) * 128 - n0;
+        auto issue = [&](float* scratch) {
+            const BlockScales scales = fp8_gemm_issue<Config>(ring.stage, ring.phase, desc_a, desc_b, smem_sfa,
+                                                              smem_sfb, full, sfa_row, scratch);
             ring.advance();
             return scales;
         };
-        SfbPair next_sfb;
-        next_sfb.load<Config>(sfb0, sfb1, k_begin, num_k_blocks);
 
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
@@ -396,35 +423,29 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             };
             u32 k_block = k_begin;
             for (; k_block + 4 <= k_end; k_block += 4) {
-                const SfbPair sfb01 = next_sfb;
-                next_sfb.load<Config>(sfb0, sfb1, k_block + 2, num_k_blocks);
                 u32 stage0 = ring.stage;
-                BlockScales scales0 = issue(sfb01, 0, scratch0);
+                BlockScales scales0 = issue(scratch0);
                 u32 stage1 = ring.stage;
-                BlockScales scales1 = issue(sfb01, 1, scratch1);
+                BlockScales scales1 = issue(scratch1);
                 wgmma_wait<1>();
                 retire(stage0, scales0, scratch0);
-                const SfbPair sfb23 = next_sfb;
-                next_sfb.load<Config>(sfb0, sfb1, k_block + 4, num_k_blocks);
                 stage0 = ring.stage;
-                scales0 = issue(sfb23, 0, scratch0);
+                scales0 = issue(scratch0);
                 wgmma_wait<1>();
                 retire(stage1, scales1, scratch1);
                 stage1 = ring.stage;
-                scales1 = issue(sfb23, 1, scratch1);
+                scales1 = issue(scratch1);
                 wgmma_wait<1>();
                 retire(stage0, scales0, scratch0);
                 wgmma_wait<0>();
                 retire(stage1, scales1, scratch1);
             }
             for (; k_block < k_end; k_block += 2) {
-                const SfbPair sfb = next_sfb;
-                next_sfb.load<Config>(sfb0, sfb1, k_block + 2, num_k_blocks);
                 const u32 stage0 = ring.stage;
-                const BlockScales scales0 = issue(sfb, 0, scratch0);
+                const BlockScales scales0 = issue(scratch0);
                 if (k_block + 1 < k_end) {
                     const u32 stage1 = ring.stage;
-                    const BlockScales scales1 = issue(sfb, 1, scratch1);
+                    const BlockScales scales1 = issue(scratch1);
                     wgmma_wait<1>();
                     retire(stage0, scales0, scratch0);
                     wgmma_wait<0>();
@@ -436,12 +457,8 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             }
         } else {
             for (u32 k_block = k_begin; k_block < k_end; ++k_block) {
-                // One pair serves two K blocks; the next pair is requested while the first is used.
-                const SfbPair sfb = next_sfb;
-                const u32 second = (k_block - k_begin) % 2;
-                if (second) next_sfb.load<Config>(sfb0, sfb1, k_block + 1, num_k_blocks);
                 const u32 stage = ring.stage;
-                const BlockScales scales = issue(sfb, second, scratch0);
+                const BlockScales scales = issue(scratch0);
                 wgmma_wait<0>();
                 fp8_gemm_retire<Config>(stage, scales, scratch0, totals, boundary, empty, peer);
             }
@@ -450,37 +467,11 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         if constexpr (Config::kSplitK > 1)
             fp8_gemm_reduce_split_k<Config>(totals, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++);
 
-        const u32 y = tile.row + wg * 64;
-        if constexpr (Config::kType != GemmType::kNormal) {
-            if (!fp8_gemm_slab_writable<Config>(p, tile, y)) {
-                fp8_gemm_store_rows<Config>(p, tile, totals, y, n0);
-                continue;
-            }
-        }
-
-        // The previous tile's store must have read the buffer before it is overwritten.
-        if (store_issuer) tma_store_wait_read();
-        named_barrier_sync(1 + wg, 128);
-        fp8_gemm_stage_output<Config>(totals, smem_d_wg, slice);
-        fence_proxy_async();
-        named_barrier_sync(1 + wg, 128);
-        if (store_issuer) {
-            constexpr u32 kChunkBytes = 64 * Config::kStoreCols * Config::kOutBytes;
-#pragma unroll
-            for (u32 chunk = 0; chunk < Config::kOutCols / Config::kStoreCols; ++chunk) {
-                const int x = n0 + slice * Config::kOutCols + chunk * Config::kStoreCols;
-                if (x >= int(p.n) || y >= tile.row_limit) break;
-                if constexpr (Config::kAccumulate)
-                    tma_reduce_add_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, int(y));
-                else
-                    tma_store_2d(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, int(y));
-            }
-            tma_store_commit();
-        }
+        fp8_gemm_epilogue<Config>(p, tile, totals, smem_d_wg, slice);
     }
     // Shared memory must outlive the last store's reads, and the peers' last arrivals on this CTA's
     // reduce barriers.
-    if (store_issuer) tma_store_wait_all();
+    if (threadIdx.x % 128 == 0) tma_store_wait_all();
     if constexpr (Config::kSplitK > 1)
         if (round > 0) reduce_free[wg].wait((round - 1) & 1);
 }
@@ -492,7 +483,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
     u8* smem_a = smem_d + Config::kSmemDBytes;
     u8* smem_b = smem_a + Config::kStages * Config::kTileABytes;
     float* smem_sfa = reinterpret_cast<float*>(smem_b + Config::kStages * Config::kTileBBytes);
-    u8* smem_reduce = reinterpret_cast<u8*>(smem_sfa + Config::kStages * Config::kBlockM);
+    float* smem_sfb = smem_sfa + Config::kStages * Config::kBlockM;
+    u8* smem_reduce = reinterpret_cast<u8*>(smem_sfb + Config::kStages * Config::kSfbSlotBytes / 4);
     Barrier* full = reinterpret_cast<Barrier*>(smem_reduce + Config::kReduceBytes);
     Barrier* empty = full + Config::kStages;
     Barrier* reduce_full = empty + Config::kStages;
@@ -503,6 +495,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
         tma_prefetch_descriptor(&p.tma_b);
         tma_prefetch_descriptor(&p.tma_sfa);
         tma_prefetch_descriptor(&p.tma_d);
+        tma_prefetch_descriptor(&p.tma_sfb);
     }
     if (threadIdx.x == 0) {
 #pragma unroll
@@ -528,10 +521,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
     if (threadIdx.x >= Config::kNumMathThreads) {
         warpgroup_reg_dealloc<Config::kProducerRegisters>();
         if (threadIdx.x == Config::kNumMathThreads)
-            fp8_gemm_producer<Config>(p, smem_a, smem_b, smem_sfa, full, empty);
+            fp8_gemm_producer<Config>(p, smem_a, smem_b, smem_sfa, smem_sfb, full, empty);
     } else {
         warpgroup_reg_alloc<Config::kMathRegisters>();
-        fp8_gemm_consumer<Config>(p, smem_d, smem_a, smem_b, smem_sfa, full, empty, smem_reduce, reduce_full,
+        fp8_gemm_consumer<Config>(p, smem_d, smem_a, smem_b, smem_sfa, smem_sfb, full, empty, smem_reduce, reduce_full,
                                   reduce_free);
     }
 }

@@ -181,6 +181,10 @@ __device__ __forceinline__ u64 smem_descriptor_k_major_sw128(const void* start) 
     return desc;
 }
 
+// The descriptor of the tile `bytes` (a multiple of 16) further on: the start address field cannot
+// carry into the next field since shared memory ends below 256 KB.
+__device__ __forceinline__ u64 smem_descriptor_advance(u64 desc, u32 bytes) { return desc + (bytes >> 4); }
+
 // ---- registers and conversions ----------------------------------------------------------------------
 
 template <u32 kRegisters>
