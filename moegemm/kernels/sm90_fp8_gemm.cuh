@@ -89,8 +89,9 @@ struct Fp8GemmConfig {
     static constexpr u32 kTileABytes = kBlockM * kBlockK;
     static constexpr u32 kTileBBytes = kBlockN * kBlockK;
     static constexpr u32 kTileSfaBytes = kBlockM * 4;
-    // SFB rows a tile needs. TMA boxes are at least 16 bytes wide, so a stage's box holds its K
-    // block and the three after it (unused), in a slot aligned as TMA destinations must be.
+    // SFB rows a tile needs. A TMA box starts at a 16-byte aligned column and is at least 16 bytes
+    // wide, so a stage's box holds the aligned quad of K blocks around its own (the others unused),
+    // in a slot aligned as TMA destinations must be.
     static constexpr u32 kSfbRows = kUniformSfb ? 1 : 2;
     static constexpr u32 kSfbBoxK = 4;
     static constexpr u32 kSfbSlotBytes = 128;
@@ -151,7 +152,8 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
             else
                 tma_load_2d(slice_b, &p.tma_b, &full[s], k, b_row);
             tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, &full[s], sfa_row, sfa_k + k_block);
-            tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, &full[s], k_block, sfb_row);
+            tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, &full[s],
+                        k_block / Config::kSfbBoxK * Config::kSfbBoxK, sfb_row);
         }
     }
     if constexpr (kCluster > 1) {
@@ -193,18 +195,18 @@ struct BlockScales {
     float a0, a1, b0, b1;
 };
 
-// Wait for the stage of a K block, read its scales, and issue its four WGMMAs into `scratch`.
+// Wait for the stage of K block `k_block`, read its scales, and issue its four WGMMAs into `scratch`.
 // desc_a / desc_b: descriptors of stage 0's tiles (A's at this warpgroup's rows); adding the stage
 // and K offsets to them is cheaper than building descriptors from addresses.
 template <class Config>
-__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 stage, u32 phase, u64 desc_a, u64 desc_b,
+__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, u32 stage, u32 phase, u64 desc_a, u64 desc_b,
                                                       const float* smem_sfa, const float* smem_sfb, Barrier* full,
                                                       u32 sfa_row, float* scratch) {
     BlockScales scales;
     full[stage].wait(phase);
     scales.a0 = smem_sfa[stage * Config::kBlockM + sfa_row];
     scales.a1 = smem_sfa[stage * Config::kBlockM + sfa_row + 8];
-    const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
+    const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4 + k_block % Config::kSfbBoxK;
     scales.b0 = sfb[0];
     scales.b1 = Config::kUniformSfb ? scales.b0 : sfb[Config::kSfbBoxK];
     desc_a = smem_descriptor_advance(desc_a, stage * Config::kTileABytes);
@@ -403,9 +405,10 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         // Columns at or past `boundary` take the second SFB row's scale.
         const u32 n0 = tile.n_block * BN;
         const u32 boundary = (n0 / 128 + 1) * 128 - n0;
+        u32 next_k_block = k_begin;  // of the next issue
         auto issue = [&](float* scratch) {
-            const BlockScales scales = fp8_gemm_issue<Config>(ring.stage, ring.phase, desc_a, desc_b, smem_sfa,
-                                                              smem_sfb, full, sfa_row, scratch);
+            const BlockScales scales = fp8_gemm_issue<Config>(next_k_block++, ring.stage, ring.phase, desc_a, desc_b,
+                                                              smem_sfa, smem_sfb, full, sfa_row, scratch);
             ring.advance();
             return scales;
         };
