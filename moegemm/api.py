@@ -14,8 +14,7 @@ from . import checks, env, reference
 from .jit.runtime import PlanCache
 from .utils import (
     ceil_div,
-    get_k_padded_sfb,
-    get_mn_major_tma_aligned_tensor,
+        get_mn_major_tma_aligned_tensor,
     get_pdl,
     get_tma_aligned_size,
     num_sms_of,
@@ -84,7 +83,7 @@ def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
             from .kernels import fp8_gemm
 
             plan = fp8_gemm.plan(a, b, d, c is not None, num_sms=key[-1], pdl=key[-2])
-        entry = (plan, _sfa_ready(sfa, a.shape[0]), _sfb_ready(sfb))
+        entry = (plan, _sfa_ready(sfa, a.shape[0]), sfb.is_contiguous())
     return _fp8_gemm_plans.store(key, entry)
 
 
@@ -103,9 +102,11 @@ def _kernel_sfa(sfa: torch.Tensor) -> torch.Tensor:
     return get_mn_major_tma_aligned_tensor(sfa)
 
 
-def _sfb_ready(sfb: torch.Tensor) -> bool:
-    """SFB's strides are already the kernels': contiguous rows of a multiple of 4 scales (16 bytes)."""
-    return sfb.is_contiguous() and sfb.shape[-1] % 4 == 0
+def _kernel_sfb(sfb: torch.Tensor) -> torch.Tensor:
+    """SFB as the kernels read it through TMA: contiguous at a 16-byte aligned address."""
+    if sfb.is_contiguous() and not sfb.data_ptr() & 15:
+        return sfb
+    return sfb.clone(memory_format=torch.contiguous_format)
 
 
 def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
@@ -132,7 +133,7 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
     if not sfa_ready or sfa.data_ptr() & 15:
         sfa = _kernel_sfa(sfa)
     if not sfb_ready or sfb.data_ptr() & 15:
-        sfb = get_k_padded_sfb(sfb)
+        sfb = _kernel_sfb(sfb)
     plan.launch(a, sfa, b, sfb, d)
 
 
@@ -281,7 +282,7 @@ def _grouped_call(kind: str, a, sfa, b, sfb, d, groups, expected_m: int, check) 
         return
     if env.flag("MOEGEMM_CHECK_GROUPS"):
         _check_group_values(kind, groups, b.shape[0], a.shape[-2] if kind == "masked" else a.shape[0])
-    plan.launch(a, _kernel_sfa(sfa), b, get_k_padded_sfb(sfb), d, groups)
+    plan.launch(a, _kernel_sfa(sfa), b, _kernel_sfb(sfb), d, groups)
 
 
 def _m_grouped_contiguous(a, sfa, b, sfb, d, grouped_layout, use_psum_layout: bool) -> None:

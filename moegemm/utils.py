@@ -116,19 +116,6 @@ def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
     return out.copy_(sf)
 
 
-def get_k_padded_sfb(sfb: torch.Tensor) -> torch.Tensor:
-    """Return B's scale factors ``[N', K']`` or ``[G, N', K']`` (float32) contiguous, with rows padded
-    to a multiple of 4 scales and at a 16-byte aligned address: the layout the GEMM kernels read
-    through TMA. ``sfb`` itself is returned when it already is so (K' % 4 == 0 for the usual K);
-    the padding is never read as a scale."""
-    pad = -sfb.shape[-1] % 4
-    if pad:
-        return F.pad(sfb, (0, pad))
-    if not sfb.is_contiguous() or sfb.data_ptr() % 16:
-        return sfb.clone(memory_format=torch.contiguous_format)
-    return sfb
-
-
 def _normalize_recipe(recipe: tuple[int, ...], is_sfa: bool) -> tuple[int, int]:
     """Map a 2-tuple ``(gran_mn, gran_k)`` or DeepGEMM 3-tuple ``(gran_m, gran_n, gran_k)`` to 2-tuple."""
     recipe = tuple(int(r) for r in recipe)

@@ -8,7 +8,7 @@ import moegemm
 from moegemm import reference
 from moegemm.kernels import fp8_gemm
 from moegemm.kernels.fp8_gemm import Fp8GemmConfig
-from moegemm.utils import align, calc_diff, get_k_padded_sfb, per_block_cast_to_fp8, per_token_cast_to_fp8
+from moegemm.utils import align, calc_diff, per_block_cast_to_fp8, per_token_cast_to_fp8
 
 gpu = pytest.mark.gpu
 ALIGNMENT = moegemm.get_mk_alignment_for_contiguous_layout()
@@ -162,7 +162,7 @@ def test_every_config(config, kind, seed):
         d = torch.full((ids.numel(), n), float("nan"), device="cuda", dtype=dtype)
         ref = expected_contiguous(a, b, n, groups, kind == "psum")
     plan = fp8_gemm.plan_grouped(kind, a[0], b[0], d, moegemm.get_num_sms(), 64, config)
-    plan.launch(a[0], moegemm.get_mn_major_tma_aligned_tensor(a[1]), b[0], get_k_padded_sfb(b[1]), d, groups)
+    plan.launch(a[0], moegemm.get_mn_major_tma_aligned_tensor(a[1]), b[0], b[1], d, groups)
     assert_matches(d, ref)
 
 

@@ -21,7 +21,7 @@ from ..utils import align, ceil_div, get_tma_aligned_size
 BLOCK_K = 128
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 BARRIER_BYTES = 8
-SFB_SLOT_BYTES = 128  # per stage: the TMA box of SFB (kSfbSlotBytes)
+SFB_SLOT_BYTES = 128  # per stage: the TMA boxes of SFB (kSfbSlotBytes)
 SFB_BOX_K = 4  # K blocks per SFB box: boxes are at least 16 bytes wide
 MAX_STAGES = 12
 # The time model that ranks configs (H100 SXM; fitted on 2026-11-25 to 100 small-M runs of
@@ -217,18 +217,12 @@ class Plan:
 
     def launch(self, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
                groups: torch.Tensor | None = None) -> None:
-        """Run on inputs of the planned signature (``sfa`` M-major TMA-aligned, ``sfb`` contiguous with
-        rows padded to a multiple of 4 scales (``sfb_pitch``), both 16-byte aligned;
+        """Run on inputs of the planned signature (``sfa`` M-major TMA-aligned, ``sfb`` contiguous, both
+        16-byte aligned;
         ``groups`` the grouped kinds' int32 layout or masked_m)."""
         d_ptr = d.data_ptr()  # D's TMA descriptor, and the pointer of the row-by-row stores
         self.kernel.launch(self.record, d.get_device(), a.data_ptr(), b.data_ptr(), sfa.data_ptr(), d_ptr,
                            sfb.data_ptr(), 0 if groups is None else groups.data_ptr(), d_ptr)
-
-
-def sfb_pitch(k: int) -> int:
-    """Bytes between SFB rows as the kernel reads them: TMA needs them 16-byte aligned, so rows of
-    ceil(K/128) scales are padded to a multiple of 4."""
-    return align(ceil_div(k, BLOCK_K), 4) * 4
 
 
 def _grid(config: Fp8GemmConfig, m: int, n: int, num_groups: int, num_sms: int, device: int) -> tuple:
@@ -251,8 +245,7 @@ def _grid(config: Fp8GemmConfig, m: int, n: int, num_groups: int, num_sms: int, 
 def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rows: int,
             group_rows: int, num_groups: int, pdl: bool) -> bytes:
     """The launch record; A and D are seen as [rows, K] and [rows, N], B as [G * N, K], SFA as
-    ``[G * ceil(K/128), group_rows]`` M-major (G = 1 but for masked), SFB as
-    ``[G * ceil(N/128), ceil(K/128)]`` with rows ``sfb_pitch`` bytes apart."""
+    ``[G * ceil(K/128), group_rows]`` M-major (G = 1 but for masked), SFB as one flat row."""
     k = a.shape[-1]
     n = b.shape[-2]
     num_k_blocks = ceil_div(k, BLOCK_K)
@@ -262,6 +255,7 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
     a_rows = min(config.block_m, align(group_rows, 8))
     # A tile needs the SFB rows of the one or two 128-column blocks it overlaps.
     sfb_rows = 1 if 128 % config.block_n == 0 else 2
+    sfb_numel = num_groups * ceil_div(n, 128) * num_k_blocks
     stage_bytes = (a_rows + config.block_n) * BLOCK_K + config.block_m * 4 + sfb_rows * SFB_BOX_K * 4
     tma = (tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows, SWIZZLE_128B, 0),
            tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
@@ -269,8 +263,7 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
            tma_2d(torch.float32, group_rows, sfa_groups * num_k_blocks, get_tma_aligned_size(group_rows, 4) * 4,
                   config.block_m, 1, SWIZZLE_NONE, 256),
            tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle, 384),
-           tma_2d(torch.float32, num_k_blocks, num_groups * ceil_div(n, 128), sfb_pitch(k), SFB_BOX_K, sfb_rows,
-                  SWIZZLE_NONE, 512))
+           tma_2d(torch.float32, sfb_numel, 1, align(sfb_numel * 4, 16), SFB_BOX_K, 1, SWIZZLE_NONE, 512))
     params = (0, 0, group_rows, n, k, stage_bytes, ceil_div(num_k_blocks, config.split_k), num_groups,
               d.stride(-2))
     return KERNELS.kernel(config).record(grid, tma, params, num_pointer_params=2, pdl=pdl)

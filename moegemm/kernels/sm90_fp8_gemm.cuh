@@ -2,8 +2,7 @@
 // grouped forms (GemmType in scheduler.cuh): D rows of expert g = A rows of expert g @ B[g]^T.
 //
 // A: e4m3 [M, K] K-major, SFA: fp32, one per 1x128 block of a row, stored M-major [ceil(K/128), M'].
-// B: e4m3 [N, K] K-major, SFB: fp32, one per 128x128 block, [ceil(N/128), ceil(K/128)] row-major
-//    with rows 16 bytes apart (TMA; the host pads them when ceil(K/128) % 4 != 0).
+// B: e4m3 [N, K] K-major, SFB: fp32, one per 128x128 block, [ceil(N/128), ceil(K/128)] row-major.
 // D: bf16 or fp32 [M, N]; with kAccumulate the TMA unit adds the tile into D (D = C + A @ B^T).
 // Grouped: B [G * N, K] and SFB [G, ceil(N/128), ceil(K/128)]; kMasked A, SFA and D hold G
 // experts of max_M rows each. A tile's rows that must stay untouched (padding, rows past an
@@ -51,7 +50,7 @@ struct Fp8GemmParams {
     TmaDescriptor tma_b;    // B [N, K] e4m3, box {128, BLOCK_N}, 128-byte swizzle
     TmaDescriptor tma_sfa;  // SFA [ceil(K/128), M] fp32, box {BLOCK_M, 1}
     TmaDescriptor tma_d;    // D [M, N], box {kStoreCols, 64}
-    TmaDescriptor tma_sfb;  // SFB [G * ceil(N/128), ceil(K/128)], box {kSfbBoxK, kSfbRows}
+    TmaDescriptor tma_sfb;  // SFB as one row of G * ceil(N/128) * ceil(K/128) floats, box {kSfbBoxK, 1}
     const int* groups;      // grouped kinds: see GemmType
     u8* d;                  // D itself, for the row-by-row stores
     u32 m, n, k;            // kMasked: m = max_M, the rows of each expert
@@ -89,9 +88,10 @@ struct Fp8GemmConfig {
     static constexpr u32 kTileABytes = kBlockM * kBlockK;
     static constexpr u32 kTileBBytes = kBlockN * kBlockK;
     static constexpr u32 kTileSfaBytes = kBlockM * 4;
-    // SFB rows a tile needs. A TMA box starts at a 16-byte aligned column and is at least 16 bytes
-    // wide, so a stage's box holds the aligned quad of K blocks around its own (the others unused),
-    // in a slot aligned as TMA destinations must be.
+    // SFB rows a tile needs, each a TMA box of SFB seen as one flat row (its rows need not be 16
+    // bytes apart, as a 2-D view's would): boxes start at 16-byte aligned elements and are 16 bytes
+    // wide, so each holds the aligned quad of scales around the one wanted. Slots are aligned as TMA
+    // destinations must be.
     static constexpr u32 kSfbRows = kUniformSfb ? 1 : 2;
     static constexpr u32 kSfbBoxK = 4;
     static constexpr u32 kSfbSlotBytes = 128;
@@ -139,7 +139,8 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
         const bool masked = Config::kType == GemmType::kMasked;
         const int sfa_row = masked ? tile.m_block * BM : tile.row;
         const int sfa_k = masked ? tile.group * num_k_blocks : 0;
-        const int sfb_row = tile.group * num_sfb_rows + tile.n_block * BN / 128;
+        // The flat index of the tile's first SFB row.
+        const u32 sfb_row = (tile.group * num_sfb_rows + tile.n_block * BN / 128) * num_k_blocks;
         for (u32 k_block = k_begin; k_block < k_end; ++k_block, ring.advance()) {
             const u32 s = ring.stage;
             empty[s].wait(ring.phase ^ 1);
@@ -152,8 +153,12 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
             else
                 tma_load_2d(slice_b, &p.tma_b, &full[s], k, b_row);
             tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, &full[s], sfa_row, sfa_k + k_block);
-            tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, &full[s],
-                        k_block / Config::kSfbBoxK * Config::kSfbBoxK, sfb_row);
+#pragma unroll
+            for (u32 r = 0; r < Config::kSfbRows; ++r) {
+                const u32 index = sfb_row + r * num_k_blocks + k_block;
+                tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4 + r * Config::kSfbBoxK, &p.tma_sfb, &full[s],
+                            index / Config::kSfbBoxK * Config::kSfbBoxK, 0);
+            }
         }
     }
     if constexpr (kCluster > 1) {
@@ -196,19 +201,23 @@ struct BlockScales {
 };
 
 // Wait for the stage of K block `k_block`, read its scales, and issue its four WGMMAs into `scratch`.
-// desc_a / desc_b: descriptors of stage 0's tiles (A's at this warpgroup's rows); adding the stage
-// and K offsets to them is cheaper than building descriptors from addresses.
+// sfb_row: flat index of the tile's first SFB row (see the producer); the wanted scales sit at
+// their indices modulo the box width in the stage's SFB boxes. desc_a / desc_b: descriptors of stage
+// 0's tiles (A's at this warpgroup's rows); adding the stage and K offsets to them is cheaper than
+// building descriptors from addresses.
 template <class Config>
-__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, u32 stage, u32 phase, u64 desc_a, u64 desc_b,
+__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, u32 sfb_row, u32 num_k_blocks, u32 stage,
+                                                      u32 phase, u64 desc_a, u64 desc_b,
                                                       const float* smem_sfa, const float* smem_sfb, Barrier* full,
                                                       u32 sfa_row, float* scratch) {
     BlockScales scales;
     full[stage].wait(phase);
     scales.a0 = smem_sfa[stage * Config::kBlockM + sfa_row];
     scales.a1 = smem_sfa[stage * Config::kBlockM + sfa_row + 8];
-    const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4 + k_block % Config::kSfbBoxK;
-    scales.b0 = sfb[0];
-    scales.b1 = Config::kUniformSfb ? scales.b0 : sfb[Config::kSfbBoxK];
+    const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
+    const u32 index = sfb_row + k_block;
+    scales.b0 = sfb[index % Config::kSfbBoxK];
+    scales.b1 = Config::kUniformSfb ? scales.b0 : sfb[Config::kSfbBoxK + (index + num_k_blocks) % Config::kSfbBoxK];
     desc_a = smem_descriptor_advance(desc_a, stage * Config::kTileABytes);
     desc_b = smem_descriptor_advance(desc_b, stage * Config::kTileBBytes);
     // No register fence here: touching one scratch buffer while the other's WGMMAs are in flight
@@ -299,15 +308,28 @@ __device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, u32 reduc
     }
 }
 
+// kContiguous: the experts of this thread's two rows of its warpgroup's 64-row slab at row y,
+// requested when the tile starts so that its epilogue does not wait for them.
+struct SlabRows {
+    int group[2];
+
+    template <class Config>
+    __device__ __forceinline__ void load(const Fp8GemmParams& p, u32 y) {
+        if constexpr (Config::kType == GemmType::kContiguous) {
+            const u32 row = y + (warp_id() % 4) * 16 + lane_id() / 4;
+            group[0] = __ldg(p.groups + row);
+            group[1] = __ldg(p.groups + row + 8);
+        }
+    }
+};
+
 // Grouped kinds: whether every row of the warpgroup's 64-row slab may be written (then TMA stores
 // it); the warpgroup votes, each thread for its two rows.
 template <class Config>
-__device__ __forceinline__ bool fp8_gemm_slab_writable(const Fp8GemmParams& p, const Tile& tile, u32 y) {
+__device__ __forceinline__ bool fp8_gemm_slab_writable(const Tile& tile, u32 y, const SlabRows& rows) {
     bool writable = y + 64 <= tile.row_limit;
-    if constexpr (Config::kType == GemmType::kContiguous) {
-        const u32 row = y + (warp_id() % 4) * 16 + lane_id() / 4;
-        writable = writable && __ldg(p.groups + row) == int(tile.group) && __ldg(p.groups + row + 8) == int(tile.group);
-    }
+    if constexpr (Config::kType == GemmType::kContiguous)
+        writable = writable && rows.group[0] == int(tile.group) && rows.group[1] == int(tile.group);
     return named_barrier_all(1 + threadIdx.x / 128, 128, writable);
 }
 
@@ -315,14 +337,14 @@ __device__ __forceinline__ bool fp8_gemm_slab_writable(const Fp8GemmParams& p, c
 // untouched: rows past the tile's limit, and (kContiguous) rows of another expert or padding.
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_store_rows(const Fp8GemmParams& p, const Tile& tile, const float* totals,
-                                                    u32 y, u32 n0) {
+                                                    u32 y, u32 n0, const SlabRows& rows) {
     const u32 lane = lane_id(), warp_in_wg = warp_id() % 4;
 #pragma unroll
     for (u32 half = 0; half < 2; ++half) {
         const u32 row = y + warp_in_wg * 16 + lane / 4 + half * 8;
         bool writable = row < tile.row_limit;
         if constexpr (Config::kType == GemmType::kContiguous)
-            writable = writable && __ldg(p.groups + row) == int(tile.group);
+            writable = writable && rows.group[half] == int(tile.group);
         if (!writable) continue;
         u8* out = p.d + static_cast<u64>(row) * p.ld_d * Config::kOutBytes;
 #pragma unroll
@@ -341,13 +363,13 @@ __device__ __forceinline__ void fp8_gemm_store_rows(const Fp8GemmParams& p, cons
 // the next tile's main loop, or row by row (grouped kinds, a slab with rows that must stay untouched).
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_epilogue(const Fp8GemmParams& p, const Tile& tile, const float* totals,
-                                                  u8* smem_d_wg, u32 slice) {
+                                                  u8* smem_d_wg, u32 slice, const SlabRows& rows) {
     const u32 n0 = tile.n_block * Config::kBlockN;
     const u32 y = tile.row + threadIdx.x / 128 * 64;
     const bool store_issuer = threadIdx.x % 128 == 0;
     if constexpr (Config::kType != GemmType::kNormal) {
-        if (!fp8_gemm_slab_writable<Config>(p, tile, y)) {
-            fp8_gemm_store_rows<Config>(p, tile, totals, y, n0);
+        if (!fp8_gemm_slab_writable<Config>(tile, y, rows)) {
+            fp8_gemm_store_rows<Config>(p, tile, totals, y, n0, rows);
             return;
         }
     }
@@ -390,6 +412,7 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
     const u32 peer = rank ^ 1;
     const u32 slice = Config::kSplitK > 1 ? rank : 0;
     u32 round = 0;
+    const u32 num_sfb_rows = ceil_div(p.n, 128u);
     const u32 wg = threadIdx.x / 128;
     const u32 sfa_row = wg * 64 + (warp_id() % 4) * 16 + lane_id() / 4;
     const u64 desc_a = smem_descriptor_k_major_sw128(smem_a + wg * 64 * Config::kBlockK);
@@ -405,10 +428,14 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         // Columns at or past `boundary` take the second SFB row's scale.
         const u32 n0 = tile.n_block * BN;
         const u32 boundary = (n0 / 128 + 1) * 128 - n0;
+        const u32 sfb_row = (tile.group * num_sfb_rows + n0 / 128) * num_k_blocks;
+        SlabRows slab_rows;
+        slab_rows.load<Config>(p, tile.row + wg * 64);
         u32 next_k_block = k_begin;  // of the next issue
         auto issue = [&](float* scratch) {
-            const BlockScales scales = fp8_gemm_issue<Config>(next_k_block++, ring.stage, ring.phase, desc_a, desc_b,
-                                                              smem_sfa, smem_sfb, full, sfa_row, scratch);
+            const BlockScales scales = fp8_gemm_issue<Config>(next_k_block++, sfb_row, num_k_blocks, ring.stage,
+                                                              ring.phase, desc_a, desc_b, smem_sfa, smem_sfb, full,
+                                                              sfa_row, scratch);
             ring.advance();
             return scales;
         };
@@ -470,7 +497,7 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         if constexpr (Config::kSplitK > 1)
             fp8_gemm_reduce_split_k<Config>(totals, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++);
 
-        fp8_gemm_epilogue<Config>(p, tile, totals, smem_d_wg, slice);
+        fp8_gemm_epilogue<Config>(p, tile, totals, smem_d_wg, slice, slab_rows);
     }
     // Shared memory must outlive the last store's reads, and the peers' last arrivals on this CTA's
     // reduce barriers.
