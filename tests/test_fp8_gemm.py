@@ -84,7 +84,7 @@ CONFIGS = [
     Fp8GemmConfig(64, 8, 6, False, False), Fp8GemmConfig(64, 48, 6, False, False),
     Fp8GemmConfig(128, 64, 5, False, False), Fp8GemmConfig(128, 128, 5, False, False),
     Fp8GemmConfig(128, 192, 4, False, False), Fp8GemmConfig(64, 24, 6, True, False),
-    Fp8GemmConfig(128, 96, 4, True, False), Fp8GemmConfig(128, 160, 4, True, True),
+    Fp8GemmConfig(128, 96, 4, True, False), Fp8GemmConfig(128, 160, 3, True, True),
     Fp8GemmConfig(64, 128, 6, True, True), Fp8GemmConfig(128, 128, 5, False, False, 2),
     Fp8GemmConfig(128, 192, 4, False, False, 2), Fp8GemmConfig(64, 32, 6, True, True, 2),
     # Split-K over clusters of 2 to 8 CTAs: swizzled and plain output slices, one and two math

@@ -21,7 +21,7 @@ from ..utils import align, ceil_div, get_tma_aligned_size
 BLOCK_K = 128
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 BARRIER_BYTES = 8
-SFB_SLOT_BYTES = 128  # per stage: the TMA boxes of SFB (kSfbSlotBytes)
+SFB_SLOT_BYTES = 128  # per stage and SFB row: a TMA box of SFB, aligned as TMA destinations must be
 SFB_BOX_K = 4  # K blocks per SFB box: boxes are at least 16 bytes wide
 MAX_STAGES = 12
 # The time model that ranks configs (H100 SXM; fitted on 2026-11-25 to 100 small-M runs of
@@ -77,9 +77,14 @@ class Fp8GemmConfig:
         return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k)
 
 
+def sfb_rows(block_n: int) -> int:
+    """SFB rows a tile needs: those of the one or two 128-column blocks it overlaps."""
+    return 1 if 128 % block_n == 0 else 2
+
+
 def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k: int = 1) -> int:
     """Mirrors Fp8GemmConfig::kSmemBytes (the generated source asserts they agree)."""
-    stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4 + SFB_SLOT_BYTES
+    stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4 + SFB_SLOT_BYTES * sfb_rows(block_n)
     out_cols = block_n // split_k
     reduce_buffer = block_m // 64 * (split_k - 1) * out_cols * 256
     barriers = 2 * stages + (2 * block_m // 64 if split_k > 1 else 0)
@@ -253,10 +258,8 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
     # Few rows: load only the rows that exist (rounded to a swizzle group) instead of zero-filled boxes.
     a_rows = min(config.block_m, align(group_rows, 8))
-    # A tile needs the SFB rows of the one or two 128-column blocks it overlaps.
-    sfb_rows = 1 if 128 % config.block_n == 0 else 2
     sfb_numel = num_groups * ceil_div(n, 128) * num_k_blocks
-    stage_bytes = (a_rows + config.block_n) * BLOCK_K + config.block_m * 4 + sfb_rows * SFB_BOX_K * 4
+    stage_bytes = (a_rows + config.block_n) * BLOCK_K + config.block_m * 4 + sfb_rows(config.block_n) * SFB_BOX_K * 4
     tma = (tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows, SWIZZLE_128B, 0),
            tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
                   SWIZZLE_128B, 128),

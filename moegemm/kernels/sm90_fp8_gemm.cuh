@@ -94,7 +94,7 @@ struct Fp8GemmConfig {
     // destinations must be.
     static constexpr u32 kSfbRows = kUniformSfb ? 1 : 2;
     static constexpr u32 kSfbBoxK = 4;
-    static constexpr u32 kSfbSlotBytes = 128;
+    static constexpr u32 kSfbSlotBytes = 128 * kSfbRows;
     static constexpr u32 kStageBytes = kTileABytes + kTileBBytes + kTileSfaBytes + kSfbSlotBytes;
     static constexpr u32 kSmemDBytes = kBlockM * kOutCols * kOutBytes;
     // Split-K reduce buffer, per math warpgroup: one slot per sender, holding each thread's 16-byte
@@ -156,7 +156,7 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
 #pragma unroll
             for (u32 r = 0; r < Config::kSfbRows; ++r) {
                 const u32 index = sfb_row + r * num_k_blocks + k_block;
-                tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4 + r * Config::kSfbBoxK, &p.tma_sfb, &full[s],
+                tma_load_2d(smem_sfb + (s * Config::kSfbSlotBytes + r * 128) / 4, &p.tma_sfb, &full[s],
                             index / Config::kSfbBoxK * Config::kSfbBoxK, 0);
             }
         }
@@ -217,7 +217,7 @@ __device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, u32 sfb_row, 
     const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
     const u32 index = sfb_row + k_block;
     scales.b0 = sfb[index % Config::kSfbBoxK];
-    scales.b1 = Config::kUniformSfb ? scales.b0 : sfb[Config::kSfbBoxK + (index + num_k_blocks) % Config::kSfbBoxK];
+    scales.b1 = Config::kUniformSfb ? scales.b0 : sfb[128 / 4 + (index + num_k_blocks) % Config::kSfbBoxK];
     desc_a = smem_descriptor_advance(desc_a, stage * Config::kTileABytes);
     desc_b = smem_descriptor_advance(desc_b, stage * Config::kTileBBytes);
     // No register fence here: touching one scratch buffer while the other's WGMMAs are in flight
