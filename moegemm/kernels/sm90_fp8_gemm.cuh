@@ -200,14 +200,18 @@ struct BlockScales {
     float a0, a1, b0, b1;
 };
 
+// Where a K block's scale sits in a stage's SFB box of each row: its flat index modulo the box width
+// (see the producer), the row's start index plus the K block.
+struct SfbShifts {
+    u32 row0, row1;
+};
+
 // Wait for the stage of K block `k_block`, read its scales, and issue its four WGMMAs into `scratch`.
-// sfb_row: flat index of the tile's first SFB row (see the producer); the wanted scales sit at
-// their indices modulo the box width in the stage's SFB boxes. desc_a / desc_b: descriptors of stage
-// 0's tiles (A's at this warpgroup's rows); adding the stage and K offsets to them is cheaper than
-// building descriptors from addresses.
+// desc_a / desc_b: descriptors of stage 0's tiles (A's at this warpgroup's rows); adding the stage
+// and K offsets to them is cheaper than building descriptors from addresses.
 template <class Config>
-__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, u32 sfb_row, u32 num_k_blocks, u32 stage,
-                                                      u32 phase, u64 desc_a, u64 desc_b,
+__device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, SfbShifts sfb_shifts, u32 stage, u32 phase,
+                                                      u64 desc_a, u64 desc_b,
                                                       const float* smem_sfa, const float* smem_sfb, Barrier* full,
                                                       u32 sfa_row, float* scratch) {
     BlockScales scales;
@@ -215,9 +219,8 @@ __device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, u32 sfb_row, 
     scales.a0 = smem_sfa[stage * Config::kBlockM + sfa_row];
     scales.a1 = smem_sfa[stage * Config::kBlockM + sfa_row + 8];
     const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
-    const u32 index = sfb_row + k_block;
-    scales.b0 = sfb[index % Config::kSfbBoxK];
-    scales.b1 = Config::kUniformSfb ? scales.b0 : sfb[128 / 4 + (index + num_k_blocks) % Config::kSfbBoxK];
+    scales.b0 = sfb[(k_block + sfb_shifts.row0) % Config::kSfbBoxK];
+    scales.b1 = Config::kUniformSfb ? scales.b0 : sfb[128 / 4 + (k_block + sfb_shifts.row1) % Config::kSfbBoxK];
     desc_a = smem_descriptor_advance(desc_a, stage * Config::kTileABytes);
     desc_b = smem_descriptor_advance(desc_b, stage * Config::kTileBBytes);
     // No register fence here: touching one scratch buffer while the other's WGMMAs are in flight
@@ -429,13 +432,14 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         const u32 n0 = tile.n_block * BN;
         const u32 boundary = (n0 / 128 + 1) * 128 - n0;
         const u32 sfb_row = (tile.group * num_sfb_rows + n0 / 128) * num_k_blocks;
+        const SfbShifts sfb_shifts{sfb_row % Config::kSfbBoxK, (sfb_row + num_k_blocks) % Config::kSfbBoxK};
         SlabRows slab_rows;
         slab_rows.load<Config>(p, tile.row + wg * 64);
         u32 next_k_block = k_begin;  // of the next issue
         auto issue = [&](float* scratch) {
-            const BlockScales scales = fp8_gemm_issue<Config>(next_k_block++, sfb_row, num_k_blocks, ring.stage,
-                                                              ring.phase, desc_a, desc_b, smem_sfa, smem_sfb, full,
-                                                              sfa_row, scratch);
+            const BlockScales scales = fp8_gemm_issue<Config>(next_k_block++, sfb_shifts, ring.stage, ring.phase,
+                                                              desc_a, desc_b, smem_sfa, smem_sfb, full, sfa_row,
+                                                              scratch);
             ring.advance();
             return scales;
         };
