@@ -197,6 +197,24 @@ def test_cuda_graph_replay_sees_new_inputs(seed):
 
 
 @gpu
+def test_sfb_of_any_strides_and_address(seed):
+    """SFB reaches the kernel through TMA, which needs it contiguous and 16-byte aligned: other
+    strides or addresses are copied first, never read wrongly. ceil(K/128) = 10 scales per row, so
+    rows also start at unaligned addresses."""
+    m, n, k = 200, 968, 1168
+    _, _, a, b = make_inputs(m, n, k)
+    want = expected(a, b)
+    column_major = b[1].t().contiguous().t()
+    storage = torch.empty(b[1].numel() + 1, device="cuda")
+    shifted = storage[1:].view_as(b[1])
+    shifted.copy_(b[1])
+    for sfb in (column_major, shifted, b[1]):
+        d = poisoned(m, n, torch.bfloat16)
+        moegemm.fp8_gemm_nt(a, (b[0], sfb), d)
+        assert_close(d, want)
+
+
+@gpu
 def test_torch_compile(seed):
     _, _, a, b = make_inputs(64, 512, 256)
 
