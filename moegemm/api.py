@@ -12,13 +12,7 @@ import torch
 
 from . import checks, env, reference
 from .jit.runtime import PlanCache
-from .utils import (
-    ceil_div,
-        get_mn_major_tma_aligned_tensor,
-    get_pdl,
-    get_tma_aligned_size,
-    num_sms_of,
-)
+from .utils import ceil_div, get_mn_major_tma_aligned_tensor, get_pdl, get_tma_aligned_size, num_sms_of
 
 FP8 = (torch.float8_e4m3fn,)
 FP32 = (torch.float32,)

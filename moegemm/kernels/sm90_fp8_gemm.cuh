@@ -94,7 +94,8 @@ struct Fp8GemmConfig {
     // destinations must be.
     static constexpr u32 kSfbRows = kUniformSfb ? 1 : 2;
     static constexpr u32 kSfbBoxK = 4;
-    static constexpr u32 kSfbSlotBytes = 128 * kSfbRows;
+    static constexpr u32 kSfbRowSlotBytes = 128;
+    static constexpr u32 kSfbSlotBytes = kSfbRowSlotBytes * kSfbRows;
     static constexpr u32 kStageBytes = kTileABytes + kTileBBytes + kTileSfaBytes + kSfbSlotBytes;
     static constexpr u32 kSmemDBytes = kBlockM * kOutCols * kOutBytes;
     // Split-K reduce buffer, per math warpgroup: one slot per sender, holding each thread's 16-byte
@@ -156,7 +157,8 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
 #pragma unroll
             for (u32 r = 0; r < Config::kSfbRows; ++r) {
                 const u32 index = sfb_row + r * num_k_blocks + k_block;
-                tma_load_2d(smem_sfb + (s * Config::kSfbSlotBytes + r * 128) / 4, &p.tma_sfb, &full[s],
+                tma_load_2d(smem_sfb + (s * Config::kSfbSlotBytes + r * Config::kSfbRowSlotBytes) / 4, &p.tma_sfb,
+                            &full[s],
                             index / Config::kSfbBoxK * Config::kSfbBoxK, 0);
             }
         }
@@ -200,8 +202,9 @@ struct BlockScales {
     float a0, a1, b0, b1;
 };
 
-// Where a K block's scale sits in a stage's SFB box of each row: its flat index modulo the box width
-// (see the producer), the row's start index plus the K block.
+// For each of a tile's SFB rows, the flat index of its first scale modulo the box width: added to a
+// K block (modulo the width again) it gives where that block's scale sits in the stage's box of the
+// row, whose start the producer aligned down.
 struct SfbShifts {
     u32 row0, row1;
 };
@@ -220,7 +223,9 @@ __device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, SfbShifts sfb
     scales.a1 = smem_sfa[stage * Config::kBlockM + sfa_row + 8];
     const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
     scales.b0 = sfb[(k_block + sfb_shifts.row0) % Config::kSfbBoxK];
-    scales.b1 = Config::kUniformSfb ? scales.b0 : sfb[128 / 4 + (k_block + sfb_shifts.row1) % Config::kSfbBoxK];
+    scales.b1 = Config::kUniformSfb
+                    ? scales.b0
+                    : sfb[Config::kSfbRowSlotBytes / 4 + (k_block + sfb_shifts.row1) % Config::kSfbBoxK];
     desc_a = smem_descriptor_advance(desc_a, stage * Config::kTileABytes);
     desc_b = smem_descriptor_advance(desc_b, stage * Config::kTileBBytes);
     // No register fence here: touching one scratch buffer while the other's WGMMAs are in flight
@@ -401,9 +406,8 @@ __device__ __forceinline__ void fp8_gemm_epilogue(const Fp8GemmParams& p, const 
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* smem_d, const u8* smem_a,
                                                   const u8* smem_b, const float* smem_sfa, const float* smem_sfb,
-                                                  Barrier* full,
-                                                  Barrier* empty, u8* smem_reduce, Barrier* reduce_full,
-                                                  Barrier* reduce_free) {
+                                                  Barrier* full, Barrier* empty, u8* smem_reduce,
+                                                  Barrier* reduce_full, Barrier* reduce_free) {
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kAcc = BN / 2;
     TileScheduler<Config::kType, BM, BN, Config::kClusterM, Config::kSplitK> scheduler(p.m, p.n, p.groups,
@@ -428,8 +432,8 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
     float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1], totals[kAcc];
     StageRing<Config::kStages> ring;
     for (Tile tile; scheduler.next(tile);) {
-        // Columns at or past `boundary` take the second SFB row's scale.
         const u32 n0 = tile.n_block * BN;
+        // Columns at or past `boundary` take the second SFB row's scale.
         const u32 boundary = (n0 / 128 + 1) * 128 - n0;
         const u32 sfb_row = (tile.group * num_sfb_rows + n0 / 128) * num_k_blocks;
         const SfbShifts sfb_shifts{sfb_row % Config::kSfbBoxK, (sfb_row + num_k_blocks) % Config::kSfbBoxK};
@@ -558,8 +562,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(const Fp8GemmParams& p) {
             fp8_gemm_producer<Config>(p, smem_a, smem_b, smem_sfa, smem_sfb, full, empty);
     } else {
         warpgroup_reg_alloc<Config::kMathRegisters>();
-        fp8_gemm_consumer<Config>(p, smem_d, smem_a, smem_b, smem_sfa, smem_sfb, full, empty, smem_reduce, reduce_full,
-                                  reduce_free);
+        fp8_gemm_consumer<Config>(p, smem_d, smem_a, smem_b, smem_sfa, smem_sfb, full, empty, smem_reduce,
+                                  reduce_full, reduce_free);
     }
 }
 
