@@ -410,8 +410,8 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
                                                   Barrier* reduce_full, Barrier* reduce_free) {
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kAcc = BN / 2;
-    TileScheduler<Config::kType, BM, BN, Config::kClusterM, Config::kSplitK> scheduler(p.m, p.n, p.groups,
-                                                                                       p.num_groups);
+    TileScheduler<Config::kType, BM, BN, Config::kClusterM, Config::kSplitK, true> scheduler(p.m, p.n, p.groups,
+                                                                                             p.num_groups);
     const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
     u32 k_begin, k_end;
     scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);

@@ -33,7 +33,10 @@ struct Tile {
 //     so the CTAs of a cluster share the B tile. A CTA whose block-row lies past M still runs (its
 //     loads read zeros, its stores are skipped): its cluster peer needs it.
 //   kSplitK CTAs on one tile: rank r computes the r-th share of the K blocks (split-K).
-template <GemmType kType, u32 kBlockM, u32 kBlockN, u32 kClusterM = 1, u32 kSplitK = 1, u32 kGroupM = 8>
+// kWholeWarp: next() is called by every lane of the calling warps (the math warps), not by one
+// thread alone (the producer); see load_group.
+template <GemmType kType, u32 kBlockM, u32 kBlockN, u32 kClusterM = 1, u32 kSplitK = 1, bool kWholeWarp = false,
+          u32 kGroupM = 8>
 struct TileScheduler {
     static_assert(kClusterM == 1 || kSplitK == 1, "a cluster either stacks tiles along M or splits K");
     static_assert(kType == GemmType::kNormal || kClusterM * kSplitK == 1, "grouped kinds use single CTAs");
@@ -84,6 +87,17 @@ struct TileScheduler {
     }
 
    private:
+    __device__ __forceinline__ int load_group(u32 index) const { return __ldg(groups + index); }
+
+    // A condition on values of `groups`, the same in every lane. Whole warps decide it by a vote,
+    // which the compiler knows to be warp-uniform: the branches stay uniform and the main loop
+    // inside them keeps its uniform registers. (Branching on the loaded values themselves, it
+    // assumed divergence and rebuilt every WGMMA descriptor in ordinary registers.)
+    __device__ __forceinline__ static bool uniform(bool condition) {
+        if constexpr (kWholeWarp) return __all_sync(0xffffffff, condition);
+        return condition;
+    }
+
     __device__ __forceinline__ void raster(u32 index, u32& m_block, u32& n_block) const {
         const u32 items_per_group = kGroupM * num_n_blocks;
         const u32 group = index / items_per_group;
@@ -97,32 +111,32 @@ struct TileScheduler {
     // Contiguous kinds: the expert of the tile's rows; false for a padding block.
     __device__ __forceinline__ bool find_group(Tile& tile) const {
         if constexpr (kType == GemmType::kContiguous) {
-            const int group = __ldg(groups + tile.row);
+            const int group = load_group(tile.row);
             tile.group = static_cast<u32>(group);
-            return group >= 0 && static_cast<u32>(group) < num_groups;
+            return uniform(group >= 0 && static_cast<u32>(group) < num_groups);
         } else {
             // The first expert whose aligned end lies past the tile: ends ascend in valid input, and
             // the search stays in bounds whatever they hold.
             u32 low = 0, high = num_groups;
             while (low < high) {
                 const u32 mid = (low + high) / 2;
-                const u32 end = static_cast<u32>(max(__ldg(groups + mid), 0));
-                if (align_up(end, kContiguousAlignment) <= tile.row) low = mid + 1; else high = mid;
+                const u32 end = static_cast<u32>(max(load_group(mid), 0));
+                if (uniform(align_up(end, kContiguousAlignment) <= tile.row)) low = mid + 1; else high = mid;
             }
             if (low == num_groups) return false;
-            const u32 end = min(static_cast<u32>(max(__ldg(groups + low), 0)), m);
+            const u32 end = min(static_cast<u32>(max(load_group(low), 0)), m);
             tile.group = low;
             tile.row_limit = end;
-            return tile.row < end;
+            return uniform(tile.row < end);
         }
     }
 
     __device__ __forceinline__ bool next_masked(Tile& tile) {
         const u32 blocks_per_group = ceil_div(max_m, kBlockM);
         for (; cursor_group < num_groups; ++cursor_group) {
-            const u32 rows = min(static_cast<u32>(max(__ldg(groups + cursor_group), 0)), max_m);
+            const u32 rows = min(static_cast<u32>(max(load_group(cursor_group), 0)), max_m);
             const u32 group_items = min(ceil_div(rows, kBlockM), blocks_per_group) * num_n_blocks;
-            if (item < cursor_first_item + group_items) {
+            if (uniform(item < cursor_first_item + group_items)) {
                 const u32 local = item - cursor_first_item;
                 tile.m_block = local / num_n_blocks;
                 tile.n_block = local - tile.m_block * num_n_blocks;
