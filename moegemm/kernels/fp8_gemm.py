@@ -30,6 +30,9 @@ FP8_FLOPS_PER_SM = 1450e12 / 132  # dense FP8 tensor-core rate
 DRAM_BYTES_PER_S = 2.9e12
 SM_LOAD_BYTES_PER_S = 90e9  # what one SM's TMA loads sustain
 K_BLOCK_LATENCY_S = 200e-9  # the consumer's floor per K block: four dependent WGMMAs, promotion, barriers
+# ...and its extra for tiles over two SFB blocks (a second SFB box per stage to load and index): H100,
+# 2026-11-25, BLOCK_N 64 instead of 56 ran 2-5% faster at M <= 64, N = 7168 (BENCHMARKS.md).
+TWO_SFB_ROWS_LATENCY_S = 20e-9
 KERNEL_FIXED_S = 3e-6  # ramp-up (first loads) and drain (last stores)
 SPLIT_K_REDUCE_S = 1e-6  # one split-K exchange: barrier round trips...
 SPLIT_K_REDUCE_BYTES_PER_S = 20e9  # ...and each CTA's partial sums sent to the others
@@ -128,7 +131,8 @@ def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_s
     clusters = min(num_sms // split_k, RESIDENT_CLUSTERS[split_k])
     waves = ceil_div(num_tiles, clusters)
     k_blocks = ceil_div(ceil_div(k, BLOCK_K), split_k)
-    per_block = max(K_BLOCK_LATENCY_S,
+    latency = K_BLOCK_LATENCY_S + (TWO_SFB_ROWS_LATENCY_S if sfb_rows(block_n) == 2 else 0.0)
+    per_block = max(latency,
                     2 * block_m * block_n * BLOCK_K / (FP8_FLOPS_PER_SM * _math_efficiency(block_m, block_n)),
                     (min(block_m, m) + block_n) * BLOCK_K / SM_LOAD_BYTES_PER_S)
     reduce = 0.0
