@@ -124,10 +124,8 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
         if c is None and a.shape[1] == 0:
             d.zero_()
         return
-    if not sfa_ready or sfa.data_ptr() & 15:
-        sfa = _kernel_sfa(sfa)
-    if not sfb_ready or sfb.data_ptr() & 15:
-        sfb = _kernel_sfb(sfb)
+    if not (sfa_ready and sfb_ready) or (sfa.data_ptr() | sfb.data_ptr()) & 15:
+        sfa, sfb = _kernel_sfa(sfa), _kernel_sfb(sfb)  # each returns its input when already fit
     plan.launch(a, sfa, b, sfb, d)
 
 

@@ -121,6 +121,16 @@ struct Fp8GemmConfig {
                   "multicast halves of B must stay 1024-byte aligned (8-row swizzle groups)");
 };
 
+// Flat index (SFB seen as one row) of the first scale of the tile's first SFB row; the producer's
+// boxes and the consumer's lookups must agree on it.
+__device__ __forceinline__ u32 sfb_first_index(const Tile& tile, u32 block_n, u32 n, u32 num_k_blocks) {
+    return (tile.group * ceil_div(n, 128u) + tile.n_block * block_n / 128) * num_k_blocks;
+}
+
+// Row of this thread's first accumulator row inside its warpgroup's 64-row slab (the second is 8
+// rows below): the m64nNk32 WGMMA accumulator layout.
+__device__ __forceinline__ u32 slab_row() { return (warp_id() % 4) * 16 + lane_id() / 4; }
+
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* smem_a, u8* smem_b,
                                                   float* smem_sfa, float* smem_sfb, Barrier* full, Barrier* empty) {
@@ -132,7 +142,6 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
     u32 k_begin, k_end;
     scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);
     const u32 rank = kCluster > 1 ? cluster_cta_rank() : 0;
-    const u32 num_sfb_rows = ceil_div(p.n, 128u);
     StageRing<Config::kStages> ring;
     for (Tile tile; scheduler.next(tile);) {
         const int b_row = tile.group * p.n + tile.n_block * BN;
@@ -140,8 +149,7 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
         const bool masked = Config::kType == GemmType::kMasked;
         const int sfa_row = masked ? tile.m_block * BM : tile.row;
         const int sfa_k = masked ? tile.group * num_k_blocks : 0;
-        // The flat index of the tile's first SFB row.
-        const u32 sfb_row = (tile.group * num_sfb_rows + tile.n_block * BN / 128) * num_k_blocks;
+        const u32 sfb_row = sfb_first_index(tile, BN, p.n, num_k_blocks);
         for (u32 k_block = k_begin; k_block < k_end; ++k_block, ring.advance()) {
             const u32 s = ring.stage;
             empty[s].wait(ring.phase ^ 1);
@@ -324,7 +332,7 @@ struct SlabRows {
     template <class Config>
     __device__ __forceinline__ void load(const Fp8GemmParams& p, u32 y) {
         if constexpr (Config::kType == GemmType::kContiguous) {
-            const u32 row = y + (warp_id() % 4) * 16 + lane_id() / 4;
+            const u32 row = y + slab_row();
             group[0] = __ldg(p.groups + row);
             group[1] = __ldg(p.groups + row + 8);
         }
@@ -346,10 +354,10 @@ __device__ __forceinline__ bool fp8_gemm_slab_writable(const Tile& tile, u32 y, 
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_store_rows(const Fp8GemmParams& p, const Tile& tile, const float* totals,
                                                     u32 y, u32 n0, const SlabRows& rows) {
-    const u32 lane = lane_id(), warp_in_wg = warp_id() % 4;
+    const u32 lane = lane_id(), first_row = y + slab_row();
 #pragma unroll
     for (u32 half = 0; half < 2; ++half) {
-        const u32 row = y + warp_in_wg * 16 + lane / 4 + half * 8;
+        const u32 row = first_row + half * 8;
         bool writable = row < tile.row_limit;
         if constexpr (Config::kType == GemmType::kContiguous)
             writable = writable && rows.group[half] == int(tile.group);
@@ -419,9 +427,8 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
     const u32 peer = rank ^ 1;
     const u32 slice = Config::kSplitK > 1 ? rank : 0;
     u32 round = 0;
-    const u32 num_sfb_rows = ceil_div(p.n, 128u);
     const u32 wg = threadIdx.x / 128;
-    const u32 sfa_row = wg * 64 + (warp_id() % 4) * 16 + lane_id() / 4;
+    const u32 sfa_row = wg * 64 + slab_row();
     const u64 desc_a = smem_descriptor_k_major_sw128(smem_a + wg * 64 * Config::kBlockK);
     const u64 desc_b = smem_descriptor_k_major_sw128(smem_b);
     u8* smem_d_wg = smem_d + wg * 64 * Config::kOutCols * Config::kOutBytes;
@@ -435,7 +442,7 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         const u32 n0 = tile.n_block * BN;
         // Columns at or past `boundary` take the second SFB row's scale.
         const u32 boundary = (n0 / 128 + 1) * 128 - n0;
-        const u32 sfb_row = (tile.group * num_sfb_rows + n0 / 128) * num_k_blocks;
+        const u32 sfb_row = sfb_first_index(tile, BN, p.n, num_k_blocks);
         const SfbShifts sfb_shifts{sfb_row % Config::kSfbBoxK, (sfb_row + num_k_blocks) % Config::kSfbBoxK};
         SlabRows slab_rows;
         slab_rows.load<Config>(p, tile.row + wg * 64);
