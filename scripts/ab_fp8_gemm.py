@@ -1,7 +1,7 @@
-"""Kernel times of the heuristic's fp8_gemm_nt picks at M = 4096 (beside cuBLASLt) and of the masked
-grouped GEMM, one line per run: the A/B comparisons of two builds in BENCHMARKS.md. Machines lent
-for a session differ by several percent, so both builds run alternately in one session, each from
-its own checkout and kernel cache (needs an SM90 GPU):
+"""Kernel times of the heuristic's fp8_gemm_nt picks at M = 4096 (beside cuBLASLt) and of the grouped
+GEMMs, one line per run: the A/B comparisons of two builds in BENCHMARKS.md. Machines lent for a
+session differ by several percent, so both builds run alternately in one session, each from its own
+checkout and kernel cache (needs an SM90 GPU; `--grouped` times the grouped GEMMs only):
 
     for round in 1 2; do for tree in new old; do
         PYTHONPATH=$tree MOEGEMM_CACHE_DIR=/tmp/cache-$tree python3 scripts/ab_fp8_gemm.py $tree
@@ -19,6 +19,7 @@ from moegemm.kernels import fp8_gemm
 DENSE = ((4096, 7168, 16384), (4096, 4096, 7168), (4096, 7168, 2048), (4096, 2112, 7168), (4096, 24576, 1536),
          (4096, 32768, 512))
 MASKED = ((32, 192, 4096, 7168), (32, 192, 7168, 2048), (32, 32, 4096, 7168))
+CONTIGUOUS = ((8, 8192, 4096, 7168), (4, 4096, 4096, 7168), (8, 4096, 7168, 2048))
 
 
 def dense_us(m: int, n: int, k: int) -> tuple[float, float]:
@@ -40,11 +41,22 @@ def masked_us(num_groups: int, m: int, n: int, k: int) -> float:
     return bench.kernel_time_us(lambda: plan.launch(a, sfa, b, sfb, d, masked_m), iters=20)
 
 
-def main(tag: str) -> None:
-    parts = [f"{n}x{k} %.1f/%.1f" % dense_us(m, n, k) for m, n, k in DENSE]
-    parts += [f"masked {m}x{n}x{k} {masked_us(g, m, n, k):.1f}" for g, m, n, k in MASKED]
+def contiguous_us(num_groups: int, m: int, n: int, k: int) -> float:
+    a, sfa, b, sfb = bench._grouped_inputs(num_groups, m, n, k, False)
+    sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa)
+    groups = torch.arange(num_groups, device="cuda", dtype=torch.int32).repeat_interleave(m)
+    d = torch.empty(num_groups * m, n, device="cuda", dtype=torch.bfloat16)
+    plan = fp8_gemm.plan_grouped("contiguous", a, b, d, moegemm.get_num_sms(), m)
+    return bench.kernel_time_us(lambda: plan.launch(a, sfa, b, sfb, d, groups), iters=20)
+
+
+def main(tag: str, grouped_only: bool) -> None:
+    parts = [] if grouped_only else [f"{n}x{k} %.1f/%.1f" % dense_us(m, n, k) for m, n, k in DENSE]
+    parts += [f"masked {g}x{m}x{n}x{k} {masked_us(g, m, n, k):.1f}" for g, m, n, k in MASKED]
+    parts += [f"contiguous {g}x{m}x{n}x{k} {contiguous_us(g, m, n, k):.1f}" for g, m, n, k in CONTIGUOUS]
     print(tag, " | ".join(parts), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "")
+    args = [arg for arg in sys.argv[1:] if arg != "--grouped"]
+    main(args[0] if args else "", "--grouped" in sys.argv[1:])

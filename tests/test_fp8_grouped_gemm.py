@@ -101,7 +101,9 @@ def test_contiguous_treats_out_of_range_ids_as_padding(seed):
 
 
 @gpu
-@pytest.mark.parametrize("max_m,masked", [(64, [0, 1, 64, 33]), (200, [200, 7, 0, 129, 300, -5]), (32, [32] * 32)])
+# max_m // 2 is the heuristic's expected_m: 160 picks B multicast across block-row pairs.
+@pytest.mark.parametrize("max_m,masked", [(64, [0, 1, 64, 33]), (200, [200, 7, 0, 129, 300, -5]), (32, [32] * 32),
+                                          (320, [320, 7, 0, 129, 257, 1000, -5, 128])])
 @pytest.mark.parametrize("n,k", [(512, 512), (4096, 1024)])
 def test_masked(max_m, masked, n, k, seed):
     num_groups = len(masked)
@@ -114,16 +116,17 @@ def test_masked(max_m, masked, n, k, seed):
 
 
 @gpu
-def test_masked_graph_replay_with_changing_counts(seed):
+@pytest.mark.parametrize("expected_m", [48, 160])
+def test_masked_graph_replay_with_changing_counts(expected_m, seed):
     num_groups, max_m, n, k = 6, 96, 512, 512
     b = grouped_weights(num_groups, n, k)
     a = tokens((num_groups, max_m, k))
     masked_m = torch.full((num_groups,), max_m, dtype=torch.int32, device="cuda")
     d = torch.empty(num_groups, max_m, n, device="cuda", dtype=torch.bfloat16)
-    moegemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, 48)
+    moegemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        moegemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, 48)
+        moegemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m)
     for counts in ([0, 1, 95, 96, 50, 3], [96, 0, 0, 64, 65, 1]):
         masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
         d.fill_(float("nan"))
@@ -140,29 +143,55 @@ GROUPED_CONFIGS = [
     Fp8GemmConfig(128, 128, 5, False, False), Fp8GemmConfig(128, 64, 6, False, False),
     Fp8GemmConfig(128, 96, 4, True, False), Fp8GemmConfig(64, 48, 6, False, False),
 ]
+# Masked only: B multicast across the CTA pair of two block-rows.
+MASKED_CONFIGS = [Fp8GemmConfig(128, 128, 5, False, False, 2), Fp8GemmConfig(64, 48, 6, False, False, 2),
+                  Fp8GemmConfig(128, 96, 4, True, False, 2)]
+
+
+def grouped_case(kind, sizes, n, k, max_m, dtype=torch.bfloat16):
+    """Inputs of a grouped GEMM with experts of the given row counts (masked: ``max_m`` rows each),
+    its layout tensor, a NaN-poisoned D and the reference."""
+    b = grouped_weights(len(sizes), n, k)
+    if kind == "masked":
+        a = tokens((len(sizes), max_m, k))
+        groups = torch.tensor(sizes, dtype=torch.int32, device="cuda")
+        d = torch.full((len(sizes), max_m, n), float("nan"), device="cuda", dtype=dtype)
+        return a, b, groups, d, expected_masked(a, b, n, groups)
+    ids, ends = contiguous_layout(sizes)
+    a = tokens((ids.numel(), k))
+    groups = ends if kind == "psum" else ids
+    d = torch.full((ids.numel(), n), float("nan"), device="cuda", dtype=dtype)
+    return a, b, groups, d, expected_contiguous(a, b, n, groups, kind == "psum")
+
+
+def run_plan(kind, a, b, groups, d, num_sms, config):
+    plan = fp8_gemm.plan_grouped(kind, a[0], b[0], d, num_sms, 64, config)
+    plan.launch(a[0], moegemm.get_mn_major_tma_aligned_tensor(a[1]), b[0], b[1], d, groups)
+
+
+EVERY_CONFIG = ([(config, kind) for kind in ("contiguous", "psum", "masked") for config in GROUPED_CONFIGS]
+                + [(config, "masked") for config in MASKED_CONFIGS])
 
 
 @gpu
-@pytest.mark.parametrize("config", GROUPED_CONFIGS, ids=fp8_gemm.kernel_name)
-@pytest.mark.parametrize("kind", ["contiguous", "psum", "masked"])
+@pytest.mark.parametrize("config,kind", EVERY_CONFIG,
+                         ids=lambda value: value if isinstance(value, str) else fp8_gemm.kernel_name(value))
 def test_every_config(config, kind, seed):
-    n, k = 1000, 640
     dtype = torch.float32 if config.out_fp32 else torch.bfloat16
-    sizes = [130, 0, 1, 64]
-    b = grouped_weights(len(sizes), n, k)
-    if kind == "masked":
-        a = tokens((len(sizes), 160, k))
-        groups = torch.tensor(sizes, dtype=torch.int32, device="cuda")
-        d = torch.full((len(sizes), 160, n), float("nan"), device="cuda", dtype=dtype)
-        ref = expected_masked(a, b, n, groups)
-    else:
-        ids, ends = contiguous_layout(sizes)
-        a = tokens((ids.numel(), k))
-        groups = ends if kind == "psum" else ids
-        d = torch.full((ids.numel(), n), float("nan"), device="cuda", dtype=dtype)
-        ref = expected_contiguous(a, b, n, groups, kind == "psum")
-    plan = fp8_gemm.plan_grouped(kind, a[0], b[0], d, moegemm.get_num_sms(), 64, config)
-    plan.launch(a[0], moegemm.get_mn_major_tma_aligned_tensor(a[1]), b[0], b[1], d, groups)
+    a, b, groups, d, ref = grouped_case(kind, [130, 0, 1, 64, 300], 1000, 640, 320, dtype)
+    run_plan(kind, a, b, groups, d, moegemm.get_num_sms(), config)
+    assert_matches(d, ref)
+
+
+@gpu
+@pytest.mark.parametrize("num_sms", [1, 6])
+@pytest.mark.parametrize("kind", ["contiguous", "psum", "masked"])
+def test_many_tiles_per_sm(num_sms, kind, seed):
+    """Each CTA (pair) takes many tiles, padding blocks and idle warpgroups or CTAs among them: the
+    stage ring must stay in step across tiles."""
+    a, b, groups, d, ref = grouped_case(kind, [513, 0, 190, 1, 64, 129], 384, 512, 520)
+    config = Fp8GemmConfig(128, 128, 5, False, False, 2 if kind == "masked" else 1)
+    run_plan(kind, a, b, groups, d, num_sms, config)
     assert_matches(d, ref)
 
 
@@ -270,6 +299,9 @@ def test_masked_m_on_cpu_raises():
 
 
 def test_grouped_heuristic_never_splits_k():
-    for m, groups in ((32, 32), (192, 32), (8192, 4), (1, 8)):
-        config = fp8_gemm.select_config(m, 4096, 7168, False, False, 132, num_groups=groups, grouped=True)
-        assert config.split_k == 1 and config.cluster_m == 1
+    for kind in ("contiguous", "psum", "masked"):
+        for m, groups in ((32, 32), (192, 32), (8192, 4), (1, 8)):
+            config = fp8_gemm.select_grouped_config(kind, m, 4096, 7168, False, 132, groups)
+            assert config.split_k == 1 and config.gemm_type == kind
+            # Multicast only where a masked expert spans two block-rows.
+            assert config.cluster_m == (2 if kind == "masked" and m > config.block_m else 1)

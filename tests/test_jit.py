@@ -512,8 +512,7 @@ def _heuristic_configs() -> list:
     for kind in ("contiguous", "psum", "masked"):
         for m, groups in ((1, 32), (32, 32), (192, 32), (4096, 8), (8192, 4)):
             for n, k in ((4096, 7168), (7168, 2048), (576, 512)):
-                config = fp8_gemm.select_config(m, n, k, False, False, 132, num_groups=groups, grouped=True)
-                grid.add(dataclasses.replace(config, gemm_type=kind))
+                grid.add(fp8_gemm.select_grouped_config(kind, m, n, k, False, 132, groups))
     return sorted(grid | set(_explicit_configs()), key=fp8_gemm.kernel_name)
 
 
@@ -525,11 +524,10 @@ def _test_module(name: str):
 
 
 def _explicit_configs() -> list:
-    """The configs the GPU tests force (test_fp8_gemm.CONFIGS, and test_fp8_grouped_gemm.GROUPED_CONFIGS
-    for each grouped kind): they must compile too."""
+    """The configs the GPU tests force (test_fp8_gemm.CONFIGS, test_fp8_grouped_gemm.EVERY_CONFIG): they
+    must compile too."""
     grouped = [dataclasses.replace(config, gemm_type=kind)
-               for config in _test_module("test_fp8_grouped_gemm").GROUPED_CONFIGS
-               for kind in ("contiguous", "psum", "masked")]
+               for config, kind in _test_module("test_fp8_grouped_gemm").EVERY_CONFIG]
     return _test_module("test_fp8_gemm").CONFIGS + grouped
 
 

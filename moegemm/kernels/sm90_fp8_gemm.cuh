@@ -6,7 +6,8 @@
 // D: bf16 or fp32 [M, N]; with kAccumulate the TMA unit adds the tile into D (D = C + A @ B^T).
 // Grouped: B [G * N, K] and SFB [G, ceil(N/128), ceil(K/128)]; kMasked A, SFA and D hold G
 // experts of max_M rows each. A tile's rows that must stay untouched (padding, rows past an
-// expert's count) make its warpgroups store row by row from registers instead of through TMA.
+// expert's count) make its warpgroups store row by row from registers instead of through TMA; in
+// kMasked, a warpgroup whose 64 rows all lie past the expert's count skips the tile's math.
 //
 // Warp roles (kNumMathWarpgroups + 1 warpgroups, persistent grid, one CTA per SM):
 //   warpgroups 0..kNumMathWarpgroups-1  math: each owns 64 rows of the BLOCK_M x BLOCK_N tile.
@@ -84,6 +85,12 @@ struct Fp8GemmConfig {
     static constexpr bool kUniformSfb = 128 % kBlockN == 0;
     // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128.
     static constexpr bool kDoubleBuffer = kBlockN <= 128;
+    // kMasked with two math warpgroups: the second skips the tiles whose rows all lie past its
+    // expert's count (at 192 rows per expert, the second block's tiles do half the work). Only
+    // there: in the other kinds such slabs are rare (M's last block, an expert's last block), and
+    // the branch costs a grouped main loop its uniform registers (ptxas cannot prove the warps
+    // converged: contiguous SASS IMAD 134 -> 250), the dense kernels their current schedule.
+    static constexpr bool kSkipIdleSlabs = kType == GemmType::kMasked && kNumMathWarpgroups == 2;
 
     static constexpr u32 kTileABytes = kBlockM * kBlockK;
     static constexpr u32 kTileBBytes = kBlockN * kBlockK;
@@ -111,7 +118,9 @@ struct Fp8GemmConfig {
     static_assert(!kSwizzleD || kOutCols % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
     static_assert(kBlockN % (8 * kSplitK) == 0, "split-K slices are whole 8-column groups");
     static_assert(kSplitK >= 1 && kSplitK <= 8 && (kClusterM == 1 || kSplitK == 1), "portable clusters of <= 8");
-    static_assert(kType == GemmType::kNormal || (kClusterSize == 1 && !kAccumulate), "grouped: no cluster, no C");
+    static_assert(kType == GemmType::kNormal || (kSplitK == 1 && !kAccumulate), "grouped: no split-K, no C");
+    static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || kClusterM == 1,
+                  "contiguous kinds: no multicast");
     static_assert(kBlockN <= 128 || kBlockN % 128 == 0 || kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
                   "a tile may span at most two 128-wide SFB blocks");
     // 128-byte-swizzled tiles need 1024-byte alignment; the layout below keeps every A/B/D tile so.
@@ -130,6 +139,12 @@ __device__ __forceinline__ u32 sfb_first_index(const Tile& tile, u32 block_n, u3
 // Row of this thread's first accumulator row inside its warpgroup's 64-row slab (the second is 8
 // rows below): the m64nNk32 WGMMA accumulator layout.
 __device__ __forceinline__ u32 slab_row() { return (warp_id() % 4) * 16 + lane_id() / 4; }
+
+// Whether this warpgroup's 64-row slab of the tile lies wholly at or past the rows that may be
+// written: it has nothing to compute. A warp vote, so that the compiler knows it warp-uniform.
+__device__ __forceinline__ bool fp8_gemm_slab_idle(const Tile& tile, u32 wg) {
+    return __all_sync(0xffffffffu, tile.row + wg * 64 >= tile.row_limit);
+}
 
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* smem_a, u8* smem_b,
@@ -268,6 +283,21 @@ __device__ __forceinline__ void fp8_gemm_retire(u32 stage, const BlockScales& sc
         const bool lower_row = (i / 2) % 2;
         const float scale = lower_row ? (next_block ? s11 : s10) : (next_block ? s01 : s00);
         totals[i] += scale * scratch[i];
+    }
+}
+
+// The warpgroup of an idle slab still keeps pace with the stage ring, whose empty barriers count
+// every math warp: it releases each stage once the stage has landed, leaving the tensor cores to
+// the other warpgroup.
+template <class Config, class Ring>
+__device__ __forceinline__ void fp8_gemm_pass_stages(u32 num_k_blocks, Ring& ring, Barrier* full, Barrier* empty,
+                                                     u32 peer) {
+    for (u32 i = 0; i < num_k_blocks; ++i, ring.advance()) {
+        full[ring.stage].wait(ring.phase);
+        if (lane_id() == 0) {
+            empty[ring.stage].arrive();
+            if constexpr (Config::kClusterM > 1) empty[ring.stage].arrive_cluster(peer);
+        }
     }
 }
 
@@ -439,6 +469,10 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
     float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1], totals[kAcc];
     StageRing<Config::kStages> ring;
     for (Tile tile; scheduler.next(tile);) {
+        if (Config::kSkipIdleSlabs && fp8_gemm_slab_idle(tile, wg)) {
+            fp8_gemm_pass_stages<Config>(k_end - k_begin, ring, full, empty, peer);
+            continue;
+        }
         const u32 n0 = tile.n_block * BN;
         // Columns at or past `boundary` take the second SFB row's scale.
         const u32 boundary = (n0 / 128 + 1) * 128 - n0;

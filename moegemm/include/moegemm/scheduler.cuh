@@ -29,9 +29,9 @@ struct Tile {
 // c + number of clusters, ...). For the kinds other than kMasked, items are ordered in groups of
 // kGroupM item-rows, column by column inside a group, so the tiles in flight at one time share rows
 // of A and columns of B in L2. kMasked items run expert by expert. Two kinds of cluster:
-//   kClusterM CTAs stacked along M: the CTA of rank r computes block-row kClusterM * item_row + r,
-//     so the CTAs of a cluster share the B tile. A CTA whose block-row lies past M still runs (its
-//     loads read zeros, its stores are skipped): its cluster peer needs it.
+//   kClusterM CTAs stacked along M (kNormal, kMasked): the CTA of rank r computes block-row
+//     kClusterM * item_row + r, so the CTAs of a cluster share the B tile. A CTA whose block-row
+//     lies past M or its expert's rows still runs (its stores are skipped): its peer needs it.
 //   kSplitK CTAs on one tile: rank r computes the r-th share of the K blocks (split-K).
 // kWholeWarp: next() is called by every lane of the calling warps (the math warps), not by one
 // thread alone (the producer); see load_group.
@@ -39,7 +39,8 @@ template <GemmType kType, u32 kBlockM, u32 kBlockN, u32 kClusterM = 1, u32 kSpli
           u32 kGroupM = 8>
 struct TileScheduler {
     static_assert(kClusterM == 1 || kSplitK == 1, "a cluster either stacks tiles along M or splits K");
-    static_assert(kType == GemmType::kNormal || kClusterM * kSplitK == 1, "grouped kinds use single CTAs");
+    static_assert(kType == GemmType::kNormal || (kSplitK == 1 && (kClusterM == 1 || kType == GemmType::kMasked)),
+                  "of the grouped kinds, only kMasked multicasts");
     static_assert(kContiguousAlignment % kBlockM == 0, "a block never straddles two experts' segments");
     static constexpr u32 kClusterSize = kClusterM * kSplitK;
 
@@ -132,14 +133,15 @@ struct TileScheduler {
     }
 
     __device__ __forceinline__ bool next_masked(Tile& tile) {
-        const u32 blocks_per_group = ceil_div(max_m, kBlockM);
+        const u32 item_rows_per_group = ceil_div(max_m, kBlockM * kClusterM);
         for (; cursor_group < num_groups; ++cursor_group) {
             const u32 rows = min(static_cast<u32>(max(load_group(cursor_group), 0)), max_m);
-            const u32 group_items = min(ceil_div(rows, kBlockM), blocks_per_group) * num_n_blocks;
+            const u32 group_items = min(ceil_div(rows, kBlockM * kClusterM), item_rows_per_group) * num_n_blocks;
             if (uniform(item < cursor_first_item + group_items)) {
                 const u32 local = item - cursor_first_item;
-                tile.m_block = local / num_n_blocks;
-                tile.n_block = local - tile.m_block * num_n_blocks;
+                const u32 item_row = local / num_n_blocks;
+                tile.m_block = item_row * kClusterM + (kClusterM > 1 ? blockIdx.x % kClusterM : 0);
+                tile.n_block = local - item_row * num_n_blocks;
                 tile.group = cursor_group;
                 tile.row = cursor_group * max_m + tile.m_block * kBlockM;
                 tile.row_limit = cursor_group * max_m + rows;
