@@ -334,9 +334,9 @@ def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[
         masked_m: int32 [G] on the GPU, clamped to [0, max_M] there. The CPU never reads it, so the
             call can sit in a CUDA graph whose token counts change between replays.
         expected_m: the rows per expert the config heuristic plans for (a hint only; any masked_m
-            gives the right result). Above 128, pairs of CTAs share each B tile across two
-            128-row blocks: on an H100 that runs 32 experts x 192 rows 18% faster, but experts that
-            then hold at most 128 rows run about 20% slower than with a smaller expected_m.
+            gives the right result). Above 128, pairs of CTAs share each B tile over an expert's
+            two 128-row blocks (H100: 32 experts x 192 rows 18% faster); experts that then hold
+            128 rows or fewer give the pair two column blocks instead.
     """
     a_data, sfa = checks.fp8_pair("a", a)
     b_data, sfb = checks.fp8_pair("b", b)

@@ -172,10 +172,20 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
             const int k = k_block * Config::kBlockK;
             tma_load_2d(smem_a + s * Config::kTileABytes, &p.tma_a, &full[s], k, tile.row);
             u8* slice_b = smem_b + s * Config::kTileBBytes + rank * kSliceRows * Config::kBlockK;
-            if constexpr (kCluster > 1)
-                tma_load_2d_multicast(slice_b, &p.tma_b, &full[s], k, b_row + rank * kSliceRows, (1u << kCluster) - 1);
-            else
+            if constexpr (kCluster > 1) {
+                if (tile.shares_b) {
+                    tma_load_2d_multicast(slice_b, &p.tma_b, &full[s], k, b_row + rank * kSliceRows,
+                                          (1u << kCluster) - 1);
+                } else {
+                    // This CTA's own column block: every slice of it, loaded here alone.
+#pragma unroll
+                    for (u32 r = 0; r < kCluster; ++r)
+                        tma_load_2d(smem_b + s * Config::kTileBBytes + r * kSliceRows * Config::kBlockK, &p.tma_b,
+                                    &full[s], k, b_row + r * kSliceRows);
+                }
+            } else {
                 tma_load_2d(slice_b, &p.tma_b, &full[s], k, b_row);
+            }
             tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, &full[s], sfa_row, sfa_k + k_block);
 #pragma unroll
             for (u32 r = 0; r < Config::kSfbRows; ++r) {

@@ -23,6 +23,7 @@ constexpr u32 kContiguousAlignment = 128;  // rows per expert segment boundary (
 // block-rows inside the expert's rows (kMasked) or inside A.
 struct Tile {
     u32 m_block, n_block, group, row, row_limit;
+    bool shares_b = true;  // kClusterM > 1: the cluster's CTAs share (multicast) this tile's B
 };
 
 // Tiles handed out round-robin to a persistent grid of clusters (cluster c takes work items c,
@@ -31,7 +32,8 @@ struct Tile {
 // of A and columns of B in L2. kMasked items run expert by expert. Two kinds of cluster:
 //   kClusterM CTAs stacked along M (kNormal, kMasked): the CTA of rank r computes block-row
 //     kClusterM * item_row + r, so the CTAs of a cluster share the B tile. A CTA whose block-row
-//     lies past M or its expert's rows still runs (its stores are skipped): its peer needs it.
+//     lies past M still runs (its stores are skipped): its peer needs it. A kMasked expert of one
+//     block-row instead gives the CTAs of a cluster adjacent column blocks, each loading its own B.
 //   kSplitK CTAs on one tile: rank r computes the r-th share of the K blocks (split-K).
 // kWholeWarp: next() is called by every lane of the calling warps (the math warps), not by one
 // thread alone (the producer); see load_group.
@@ -136,15 +138,22 @@ struct TileScheduler {
         const u32 item_rows_per_group = ceil_div(max_m, kBlockM * kClusterM);
         for (; cursor_group < num_groups; ++cursor_group) {
             const u32 rows = min(static_cast<u32>(max(load_group(cursor_group), 0)), max_m);
-            const u32 group_items = min(ceil_div(rows, kBlockM * kClusterM), item_rows_per_group) * num_n_blocks;
+            // A cluster on an expert of one block-row would leave all but one CTA idle.
+            const bool shares_b = kClusterM == 1 || !uniform(rows <= kBlockM);
+            const u32 group_items = shares_b
+                                        ? min(ceil_div(rows, kBlockM * kClusterM), item_rows_per_group) * num_n_blocks
+                                        : ceil_div(num_n_blocks, kClusterM) * (rows > 0);
             if (uniform(item < cursor_first_item + group_items)) {
                 const u32 local = item - cursor_first_item;
-                const u32 item_row = local / num_n_blocks;
-                tile.m_block = item_row * kClusterM + (kClusterM > 1 ? blockIdx.x % kClusterM : 0);
-                tile.n_block = local - item_row * num_n_blocks;
+                const u32 rank = kClusterM > 1 ? blockIdx.x % kClusterM : 0;
+                const u32 item_row = shares_b ? local / num_n_blocks : 0;
+                tile.m_block = shares_b ? item_row * kClusterM + rank : 0;
+                tile.n_block = shares_b ? local - item_row * num_n_blocks : local * kClusterM + rank;
+                tile.shares_b = shares_b;
                 tile.group = cursor_group;
                 tile.row = cursor_group * max_m + tile.m_block * kBlockM;
-                tile.row_limit = cursor_group * max_m + rows;
+                // A column block past N (odd counts) has no rows to write.
+                tile.row_limit = tile.n_block < num_n_blocks ? cursor_group * max_m + rows : tile.row;
                 item += item_stride();
                 return true;
             }
