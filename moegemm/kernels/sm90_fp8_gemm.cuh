@@ -29,8 +29,10 @@
 // overwrite it).
 // With kClusterM == 2 the two CTAs of a cluster compute vertically adjacent tiles with the same B
 // tile: each loads half of B's rows and multicasts them into both CTAs' slots, halving B's L2
-// traffic. A slot may then be refilled only when both CTAs have released it, hence the cluster-wide
-// empty barrier; before exiting, the producer drains the ring so no remote arrive targets an exited CTA.
+// traffic (kMasked: on an expert of one block-row the pair takes adjacent column blocks instead, each
+// CTA loading its own B; Tile::shares_b). A slot may then be refilled only when both CTAs have
+// released it, hence the cluster-wide empty barrier; before exiting, the producer drains the ring so
+// no remote arrive targets an exited CTA.
 // Per 128-wide K slice a math warpgroup issues four m64nNk32 WGMMAs into a scratch accumulator,
 // waits for them, releases the slot, and adds the scratch times SFA (per row) times SFB (per
 // 128-column block) into FP32 totals: the promotion that keeps FP8 accumulation error bounded.
