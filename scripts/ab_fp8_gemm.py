@@ -1,7 +1,7 @@
 """Kernel times of the heuristic's fp8_gemm_nt picks at M = 4096 (beside cuBLASLt) and of the grouped
 GEMMs, one line per run: the A/B comparisons of two builds in BENCHMARKS.md. Machines lent for a
 session differ by several percent, so both builds run alternately in one session, each from its own
-checkout and kernel cache (needs an SM90 GPU; `--grouped` times the grouped GEMMs only):
+checkout and kernel cache (needs an SM90 GPU; `--grouped` / `--dense` times only those GEMMs):
 
     for round in 1 2; do for tree in new old; do
         PYTHONPATH=$tree MOEGEMM_CACHE_DIR=/tmp/cache-$tree python3 scripts/ab_fp8_gemm.py $tree
@@ -50,13 +50,15 @@ def contiguous_us(num_groups: int, m: int, n: int, k: int) -> float:
     return bench.kernel_time_us(lambda: plan.launch(a, sfa, b, sfb, d, groups), iters=20)
 
 
-def main(tag: str, grouped_only: bool) -> None:
-    parts = [] if grouped_only else [f"{n}x{k} %.1f/%.1f" % dense_us(m, n, k) for m, n, k in DENSE]
-    parts += [f"masked {g}x{m}x{n}x{k} {masked_us(g, m, n, k):.1f}" for g, m, n, k in MASKED]
-    parts += [f"contiguous {g}x{m}x{n}x{k} {contiguous_us(g, m, n, k):.1f}" for g, m, n, k in CONTIGUOUS]
+def main(tag: str, dense: bool, grouped: bool) -> None:
+    parts = [f"{n}x{k} %.1f/%.1f" % dense_us(m, n, k) for m, n, k in DENSE] if dense else []
+    if grouped:
+        parts += [f"masked {g}x{m}x{n}x{k} {masked_us(g, m, n, k):.1f}" for g, m, n, k in MASKED]
+        parts += [f"contiguous {g}x{m}x{n}x{k} {contiguous_us(g, m, n, k):.1f}" for g, m, n, k in CONTIGUOUS]
     print(tag, " | ".join(parts), flush=True)
 
 
 if __name__ == "__main__":
-    args = [arg for arg in sys.argv[1:] if arg != "--grouped"]
-    main(args[0] if args else "", "--grouped" in sys.argv[1:])
+    flags = {arg for arg in sys.argv[1:] if arg.startswith("--")}
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
+    main(args[0] if args else "", "--grouped" not in flags, "--dense" not in flags)

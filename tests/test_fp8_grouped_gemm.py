@@ -145,7 +145,7 @@ GROUPED_CONFIGS = [
 ]
 # Masked only: B multicast across the CTA pair of two block-rows.
 MASKED_CONFIGS = [Fp8GemmConfig(128, 128, 5, False, False, 2), Fp8GemmConfig(64, 48, 6, False, False, 2),
-                  Fp8GemmConfig(128, 96, 4, True, False, 2)]
+                  Fp8GemmConfig(128, 96, 4, True, False, 2), Fp8GemmConfig(128, 192, 4, False, False, 2)]
 
 
 def grouped_case(kind, sizes, n, k, max_m, dtype=torch.bfloat16):
@@ -176,9 +176,10 @@ EVERY_CONFIG = ([(config, kind) for kind in ("contiguous", "psum", "masked") for
 @gpu
 @pytest.mark.parametrize("config,kind", EVERY_CONFIG,
                          ids=lambda value: value if isinstance(value, str) else fp8_gemm.kernel_name(value))
-def test_every_config(config, kind, seed):
+@pytest.mark.parametrize("k", [640, 1024])  # ceil(K/128) % 4 != 0 / == 0: SFB in one- and two-row boxes
+def test_every_config(config, kind, k, seed):
     dtype = torch.float32 if config.out_fp32 else torch.bfloat16
-    a, b, groups, d, ref = grouped_case(kind, [130, 0, 1, 64, 300], 1000, 640, 320, dtype)
+    a, b, groups, d, ref = grouped_case(kind, [130, 0, 1, 64, 300], 1000, k, 320, dtype)
     run_plan(kind, a, b, groups, d, moegemm.get_num_sms(), config)
     assert_matches(d, ref)
 

@@ -211,7 +211,7 @@ def kernel_name(config: Fp8GemmConfig) -> str:
 
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
-    num_threads=config.num_threads, smem_bytes=config.smem_bytes, num_tma=5, params_format="QQ7I4x",
+    num_threads=config.num_threads, smem_bytes=config.smem_bytes, num_tma=5, params_format="QQ8I",
     cluster=config.cluster_size))
 build = KERNELS.build
 
@@ -259,7 +259,8 @@ def _grid(config: Fp8GemmConfig, m: int, n: int, num_groups: int, num_sms: int, 
 def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rows: int,
             group_rows: int, num_groups: int, pdl: bool) -> bytes:
     """The launch record; A and D are seen as [rows, K] and [rows, N], B as [G * N, K], SFA as
-    ``[G * ceil(K/128), group_rows]`` M-major (G = 1 but for masked), SFB as one flat row."""
+    ``[G * ceil(K/128), group_rows]`` M-major (G = 1 but for masked), SFB as one flat row (or as
+    ``[G * ceil(N/128), ceil(K/128)]`` for boxes of two rows)."""
     k = a.shape[-1]
     n = b.shape[-2]
     num_k_blocks = ceil_div(k, BLOCK_K)
@@ -268,6 +269,13 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
     # Few rows: load only the rows that exist (rounded to a swizzle group) instead of zero-filled boxes.
     a_rows = min(config.block_m, align(group_rows, 8))
     sfb_numel = num_groups * ceil_div(n, 128) * num_k_blocks
+    # Tiles over two SFB blocks take both rows in one box where rows are 16-byte aligned.
+    sfb_box_rows = 2 if sfb_rows(config.block_n) == 2 and num_k_blocks % SFB_BOX_K == 0 else 1
+    if sfb_box_rows == 2:
+        sfb_descriptor = tma_2d(torch.float32, num_k_blocks, num_groups * ceil_div(n, 128), num_k_blocks * 4,
+                                SFB_BOX_K, 2, SWIZZLE_NONE, 512)
+    else:
+        sfb_descriptor = tma_2d(torch.float32, sfb_numel, 1, align(sfb_numel * 4, 16), SFB_BOX_K, 1, SWIZZLE_NONE, 512)
     stage_bytes = (a_rows + config.block_n) * BLOCK_K + config.block_m * 4 + sfb_rows(config.block_n) * SFB_BOX_K * 4
     tma = (tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows, SWIZZLE_128B, 0),
            tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
@@ -275,9 +283,9 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
            tma_2d(torch.float32, group_rows, sfa_groups * num_k_blocks, get_tma_aligned_size(group_rows, 4) * 4,
                   config.block_m, 1, SWIZZLE_NONE, 256),
            tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle, 384),
-           tma_2d(torch.float32, sfb_numel, 1, align(sfb_numel * 4, 16), SFB_BOX_K, 1, SWIZZLE_NONE, 512))
+           sfb_descriptor)
     params = (0, 0, group_rows, n, k, stage_bytes, ceil_div(num_k_blocks, config.split_k), num_groups,
-              d.stride(-2))
+              d.stride(-2), sfb_box_rows)
     return KERNELS.kernel(config).record(grid, tma, params, num_pointer_params=2, pdl=pdl)
 
 

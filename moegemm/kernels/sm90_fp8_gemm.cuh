@@ -53,7 +53,9 @@ struct Fp8GemmParams {
     TmaDescriptor tma_b;    // B [N, K] e4m3, box {128, BLOCK_N}, 128-byte swizzle
     TmaDescriptor tma_sfa;  // SFA [ceil(K/128), M] fp32, box {BLOCK_M, 1}
     TmaDescriptor tma_d;    // D [M, N], box {kStoreCols, 64}
-    TmaDescriptor tma_sfb;  // SFB as one row of G * ceil(N/128) * ceil(K/128) floats, box {kSfbBoxK, 1}
+    // SFB as one row of G * ceil(N/128) * ceil(K/128) floats, box {kSfbBoxK, 1}; or, for tiles over two
+    // SFB blocks when ceil(K/128) % kSfbBoxK == 0, as [G * ceil(N/128), ceil(K/128)], box {kSfbBoxK, 2}
+    TmaDescriptor tma_sfb;
     const int* groups;      // grouped kinds: see GemmType
     u8* d;                  // D itself, for the row-by-row stores
     u32 m, n, k;            // kMasked: m = max_M, the rows of each expert
@@ -61,6 +63,7 @@ struct Fp8GemmParams {
     u32 k_blocks_per_split;  // split-K: K blocks per CTA of a cluster (the last may get fewer)
     u32 num_groups;
     u32 ld_d;  // elements between rows of D
+    u32 sfb_box_rows;  // SFB rows one box of tma_sfb holds: 1 (flat view) or 2 (2-D view)
 };
 
 template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, u32 kSplitK_, bool kOutFp32_, bool kAccumulate_,
@@ -100,7 +103,8 @@ struct Fp8GemmConfig {
     // SFB rows a tile needs, each a TMA box of SFB seen as one flat row (its rows need not be 16
     // bytes apart, as a 2-D view's would): boxes start at 16-byte aligned elements and are 16 bytes
     // wide, so each holds the aligned quad of scales around the one wanted. Slots are aligned as TMA
-    // destinations must be.
+    // destinations must be. Where the rows are 16-byte aligned, one 2-D box brings both rows into
+    // the first slot (H100: BLOCK_N 192 at 4096 x 2112 x 7168 ran 115-117 us so, 120-135 with two).
     static constexpr u32 kSfbRows = kUniformSfb ? 1 : 2;
     static constexpr u32 kSfbBoxK = 4;
     static constexpr u32 kSfbRowSlotBytes = 128;
@@ -132,10 +136,15 @@ struct Fp8GemmConfig {
                   "multicast halves of B must stay 1024-byte aligned (8-row swizzle groups)");
 };
 
+// The tile's first SFB row (of all experts' [G * ceil(N/128), ceil(K/128)] rows).
+__device__ __forceinline__ u32 sfb_first_row(const Tile& tile, u32 block_n, u32 n) {
+    return tile.group * ceil_div(n, 128u) + tile.n_block * block_n / 128;
+}
+
 // Flat index (SFB seen as one row) of the first scale of the tile's first SFB row; the producer's
 // boxes and the consumer's lookups must agree on it.
 __device__ __forceinline__ u32 sfb_first_index(const Tile& tile, u32 block_n, u32 n, u32 num_k_blocks) {
-    return (tile.group * ceil_div(n, 128u) + tile.n_block * block_n / 128) * num_k_blocks;
+    return sfb_first_row(tile, block_n, n) * num_k_blocks;
 }
 
 // Row of this thread's first accumulator row inside its warpgroup's 64-row slab (the second is 8
@@ -189,12 +198,16 @@ __device__ __forceinline__ void fp8_gemm_producer(const Fp8GemmParams& p, u8* sm
                 tma_load_2d(slice_b, &p.tma_b, &full[s], k, b_row);
             }
             tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, &full[s], sfa_row, sfa_k + k_block);
+            if (Config::kSfbRows == 2 && p.sfb_box_rows == 2) {
+                tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, &full[s],
+                            k_block / Config::kSfbBoxK * Config::kSfbBoxK, sfb_first_row(tile, BN, p.n));
+            } else {
 #pragma unroll
-            for (u32 r = 0; r < Config::kSfbRows; ++r) {
-                const u32 index = sfb_row + r * num_k_blocks + k_block;
-                tma_load_2d(smem_sfb + (s * Config::kSfbSlotBytes + r * Config::kSfbRowSlotBytes) / 4, &p.tma_sfb,
-                            &full[s],
-                            index / Config::kSfbBoxK * Config::kSfbBoxK, 0);
+                for (u32 r = 0; r < Config::kSfbRows; ++r) {
+                    const u32 index = sfb_row + r * num_k_blocks + k_block;
+                    tma_load_2d(smem_sfb + (s * Config::kSfbSlotBytes + r * Config::kSfbRowSlotBytes) / 4,
+                                &p.tma_sfb, &full[s], index / Config::kSfbBoxK * Config::kSfbBoxK, 0);
+                }
             }
         }
     }
@@ -239,9 +252,10 @@ struct BlockScales {
 
 // For each of a tile's SFB rows, the flat index of its first scale modulo the box width: added to a
 // K block (modulo the width again) it gives where that block's scale sits in the stage's box of the
-// row, whose start the producer aligned down.
+// row, whose start the producer aligned down. row1_offset: floats from the stage's SFB slot to the
+// second row's box.
 struct SfbShifts {
-    u32 row0, row1;
+    u32 row0, row1, row1_offset;
 };
 
 // Wait for the stage of K block `k_block`, read its scales, and issue its four WGMMAs into `scratch`.
@@ -260,7 +274,7 @@ __device__ __forceinline__ BlockScales fp8_gemm_issue(u32 k_block, SfbShifts sfb
     scales.b0 = sfb[(k_block + sfb_shifts.row0) % Config::kSfbBoxK];
     scales.b1 = Config::kUniformSfb
                     ? scales.b0
-                    : sfb[Config::kSfbRowSlotBytes / 4 + (k_block + sfb_shifts.row1) % Config::kSfbBoxK];
+                    : sfb[sfb_shifts.row1_offset + (k_block + sfb_shifts.row1) % Config::kSfbBoxK];
     desc_a = smem_descriptor_advance(desc_a, stage * Config::kTileABytes);
     desc_b = smem_descriptor_advance(desc_b, stage * Config::kTileBBytes);
     // No register fence here: touching one scratch buffer while the other's WGMMAs are in flight
@@ -489,7 +503,8 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         // Columns at or past `boundary` take the second SFB row's scale.
         const u32 boundary = (n0 / 128 + 1) * 128 - n0;
         const u32 sfb_row = sfb_first_index(tile, BN, p.n, num_k_blocks);
-        const SfbShifts sfb_shifts{sfb_row % Config::kSfbBoxK, (sfb_row + num_k_blocks) % Config::kSfbBoxK};
+        const SfbShifts sfb_shifts{sfb_row % Config::kSfbBoxK, (sfb_row + num_k_blocks) % Config::kSfbBoxK,
+                                   p.sfb_box_rows == 2 ? Config::kSfbBoxK : Config::kSfbRowSlotBytes / 4};
         SlabRows slab_rows;
         slab_rows.load<Config>(p, tile.row + wg * 64);
         u32 next_k_block = k_begin;  // of the next issue
