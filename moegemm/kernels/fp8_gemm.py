@@ -30,8 +30,9 @@ FP8_FLOPS_PER_SM = 1450e12 / 132  # dense FP8 tensor-core rate
 DRAM_BYTES_PER_S = 2.9e12
 SM_LOAD_BYTES_PER_S = 90e9  # what one SM's TMA loads sustain
 K_BLOCK_LATENCY_S = 200e-9  # the consumer's floor per K block: four dependent WGMMAs, promotion, barriers
-# ...and its extra for tiles over two SFB blocks (a second SFB box per stage to load and index): H100,
-# 2026-11-25, BLOCK_N 64 instead of 56 ran 2-5% faster at M <= 64, N = 7168 (BENCHMARKS.md).
+# ...and its extra for tiles over two SFB blocks (a second SFB row to load and index): H100,
+# 2026-11-25, BLOCK_N 64 instead of 56 ran 2-5% faster at M <= 64, N = 7168 (BENCHMARKS.md; measured
+# with one TMA box per SFB row, before two-row boxes of a 2-D view).
 TWO_SFB_ROWS_LATENCY_S = 20e-9
 KERNEL_FIXED_S = 3e-6  # ramp-up (first loads) and drain (last stores)
 SPLIT_K_REDUCE_S = 1e-6  # one split-K exchange: barrier round trips...
