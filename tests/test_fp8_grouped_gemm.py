@@ -143,9 +143,12 @@ GROUPED_CONFIGS = [
     Fp8GemmConfig(128, 128, 5, False, False), Fp8GemmConfig(128, 64, 6, False, False),
     Fp8GemmConfig(128, 96, 4, True, False), Fp8GemmConfig(64, 48, 6, False, False),
 ]
-# Masked only: B multicast across the CTA pair of two block-rows.
+# Masked only: B multicast across the CTA pair of two block-rows; blocks of 192 rows (three math
+# warpgroups).
 MASKED_CONFIGS = [Fp8GemmConfig(128, 128, 5, False, False, 2), Fp8GemmConfig(64, 48, 6, False, False, 2),
-                  Fp8GemmConfig(128, 96, 4, True, False, 2), Fp8GemmConfig(128, 192, 4, False, False, 2)]
+                  Fp8GemmConfig(128, 96, 4, True, False, 2), Fp8GemmConfig(128, 192, 4, False, False, 2),
+                  Fp8GemmConfig(192, 128, 4, False, False), Fp8GemmConfig(192, 96, 4, True, False),
+                  Fp8GemmConfig(192, 48, 6, False, False)]
 
 
 def grouped_case(kind, sizes, n, k, max_m, dtype=torch.bfloat16):
@@ -301,8 +304,11 @@ def test_masked_m_on_cpu_raises():
 
 def test_grouped_heuristic_never_splits_k():
     for kind in ("contiguous", "psum", "masked"):
-        for m, groups in ((32, 32), (192, 32), (8192, 4), (1, 8)):
+        for m, groups in ((32, 32), (129, 32), (192, 32), (193, 32), (8192, 4), (1, 8)):
             config = fp8_gemm.select_grouped_config(kind, m, 4096, 7168, False, 132, groups)
             assert config.split_k == 1 and config.gemm_type == kind
-            # Multicast only where a masked expert spans two block-rows.
+            # Masked experts of 129 to 192 rows: one block of three warpgroups; larger ones span two
+            # block-rows, which share B by multicast.
+            assert config.block_m == (192 if kind == "masked" and 128 < m <= 192 else config.block_m)
+            assert config.block_m in ((64, 128, 192) if kind == "masked" else (64, 128))
             assert config.cluster_m == (2 if kind == "masked" and m > config.block_m else 1)

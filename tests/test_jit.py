@@ -510,7 +510,7 @@ def _heuristic_configs() -> list:
                 for out_fp32, accumulate in ((False, False), (True, False), (True, True)):
                     grid.add(fp8_gemm.select_config(m, n, k, out_fp32, accumulate, 132))
     for kind in ("contiguous", "psum", "masked"):
-        for m, groups in ((1, 32), (32, 32), (192, 32), (4096, 8), (8192, 4)):
+        for m, groups in ((1, 32), (32, 32), (160, 32), (256, 32), (4096, 8), (8192, 4)):
             for n, k in ((4096, 7168), (7168, 2048), (576, 512)):
                 grid.add(fp8_gemm.select_grouped_config(kind, m, n, k, False, 132, groups))
     return sorted(grid | set(_explicit_configs()), key=fp8_gemm.kernel_name)

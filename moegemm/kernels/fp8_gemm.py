@@ -118,6 +118,8 @@ def _math_efficiency(block_m: int, block_n: int) -> float:
     BLOCK_N = 128 (one scratch accumulator) less of it is hidden. Fitted to H100 runs at M = 4096
     (2026-11-25: BLOCK_N 64 ran 19% slower than 192 on N = 2112, BLOCK_M 64 45% slower on
     N = 32768, BLOCK_N 192 6% slower than 128 on N = 7168, K = 16384)."""
+    if block_m == 192:  # three math warpgroups: while one promotes, the other two keep the tensor cores busy
+        return block_n / (block_n + 32)
     single_buffer = 0.9 if block_n > 128 else 1.0
     return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * single_buffer
 
@@ -145,14 +147,14 @@ def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_s
 
 
 def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_sms: int, num_groups: int = 1,
-                  grouped: bool = False) -> Fp8GemmConfig:
+                  grouped: bool = False, block_ms: tuple[int, ...] = (64, 128)) -> Fp8GemmConfig:
     """The config with the least estimated time; ties (DRAM-bound problems) go to less splitting,
     then to fewer padding rows (no wasted tensor work), then to the least busy SMs (slack for the
     last wave), then to the larger tile (fewer re-reads). Split-K is considered only while the tiles
     alone leave SMs idle, and not for grouped GEMMs (``num_groups`` products of ``m`` rows)."""
     out_bytes = 4 if out_fp32 else 2
     best, best_key = None, None
-    for block_m in (64, 128):
+    for block_m in block_ms:
         # Grouped kernels keep more live state (expert, row limit): above 128 columns they spill.
         for block_n in range(8, (128 if grouped else 192) + 1, 8):
             num_tiles = num_groups * ceil_div(m, block_m) * ceil_div(n, block_n)
@@ -228,11 +230,14 @@ class Plan:
     def launch(self, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
                groups: torch.Tensor | None = None) -> None:
         """Run on inputs of the planned signature (``sfa`` M-major TMA-aligned, ``sfb`` contiguous, both
-        16-byte aligned;
-        ``groups`` the grouped kinds' int32 layout or masked_m)."""
-        d_ptr = d.data_ptr()  # D's TMA descriptor, and the pointer of the row-by-row stores
-        self.kernel.launch(self.record, d.get_device(), a.data_ptr(), b.data_ptr(), sfa.data_ptr(), d_ptr,
-                           sfb.data_ptr(), 0 if groups is None else groups.data_ptr(), d_ptr)
+        16-byte aligned; ``groups`` the grouped kinds' int32 layout or masked_m)."""
+        self.launch_pointers(d.get_device(), a.data_ptr(), b.data_ptr(), sfa.data_ptr(), sfb.data_ptr(), d.data_ptr(),
+                             0 if groups is None else groups.data_ptr())
+
+    def launch_pointers(self, device: int, a: int, b: int, sfa: int, sfb: int, d: int, groups: int = 0) -> None:
+        """``launch`` given the tensors' device index and data pointers (the dense call's hot path)."""
+        # D's pointer twice: its TMA descriptor's address, and the pointer of the row-by-row stores.
+        self.kernel.launch(self.record, device, a, b, sfa, d, sfb, groups, d)
 
 
 def _grid(config: Fp8GemmConfig, m: int, n: int, num_groups: int, num_sms: int, device: int) -> tuple:
@@ -306,8 +311,15 @@ def plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool, nu
 
 def select_grouped_config(kind: str, expected_m: int, n: int, k: int, out_fp32: bool, num_sms: int,
                           num_groups: int) -> Fp8GemmConfig:
-    """The grouped heuristic: select_config for ``num_groups`` products of ``expected_m`` rows, and for
-    masked experts of more than one block-row, B multicast across the CTA pair of each two block-rows."""
+    """The grouped heuristic: select_config for ``num_groups`` products of ``expected_m`` rows; masked
+    experts of 129 to 192 rows in one block of three math warpgroups, larger ones with B multicast
+    across the CTA pair of each two block-rows."""
+    if kind == "masked" and 128 < expected_m <= 192:
+        # In 128-row blocks the second block of such an expert would keep one warpgroup idle while
+        # its pair runs the full block.
+        config = select_config(expected_m, n, k, out_fp32, False, num_sms, num_groups=num_groups, grouped=True,
+                               block_ms=(192,))
+        return dataclasses.replace(config, gemm_type=kind)
     config = select_config(max(expected_m, 1), n, k, out_fp32, False, num_sms, num_groups=num_groups, grouped=True)
     if kind == "masked" and expected_m > config.block_m and config.block_n % 16 == 0:
         # Each block-row of an expert reads all of its B: at 192 rows the L2 was the busiest unit

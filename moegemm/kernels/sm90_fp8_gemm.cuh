@@ -10,7 +10,9 @@
 // kMasked, a warpgroup whose 64 rows all lie past the expert's count skips the tile's math.
 //
 // Warp roles (kNumMathWarpgroups + 1 warpgroups, persistent grid, one CTA per SM):
-//   warpgroups 0..kNumMathWarpgroups-1  math: each owns 64 rows of the BLOCK_M x BLOCK_N tile.
+//   warpgroups 0..kNumMathWarpgroups-1  math: each owns 64 rows of the BLOCK_M x BLOCK_N tile
+//                                       (BLOCK_M 64 or 128; 192 for kMasked, whose experts of 129 to
+//                                       192 rows would otherwise take two blocks, one mostly idle).
 //   last warpgroup                      producer: its first thread issues every TMA load.
 // Stage ring of kStages shared-memory slots, each holding a 128-wide K slice of A, B and SFA, and
 // the SFB of the tile's one or two 128-column blocks (all scales arrive by TMA with the data, so the
@@ -76,9 +78,10 @@ struct Fp8GemmConfig {
     static constexpr u32 kNumMathWarpgroups = kBlockM / 64;
     static constexpr u32 kNumMathThreads = 128 * kNumMathWarpgroups;
     static constexpr u32 kNumThreads = kNumMathThreads + 128;
-    // Register split after setmaxnreg: the producer needs few; the totals must fit the math warps.
+    // Register split after setmaxnreg: the producer needs few; the totals must fit the math warps
+    // (64K registers per SM: 128 x 40 + 384 x 152 with three math warpgroups).
     static constexpr u32 kProducerRegisters = 40;
-    static constexpr u32 kMathRegisters = kNumMathWarpgroups == 1 ? 240 : 232;
+    static constexpr u32 kMathRegisters = kNumMathWarpgroups == 1 ? 240 : kNumMathWarpgroups == 2 ? 232 : 152;
 
     static constexpr u32 kOutBytes = kOutFp32 ? 4 : 2;
     static constexpr u32 kChunkCols = 128 / kOutBytes;
@@ -88,14 +91,15 @@ struct Fp8GemmConfig {
     static constexpr u32 kStoreCols = kSwizzleD ? kChunkCols : kOutCols;
     // A tile never straddles two 128-wide SFB blocks when BLOCK_N divides 128.
     static constexpr bool kUniformSfb = 128 % kBlockN == 0;
-    // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128.
-    static constexpr bool kDoubleBuffer = kBlockN <= 128;
+    // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128 (with three math
+    // warpgroups, not at all: each then promotes while the other two keep the tensor cores busy).
+    static constexpr bool kDoubleBuffer = kBlockN <= 128 && kNumMathWarpgroups < 3;
     // kMasked with two math warpgroups: the second skips the tiles whose rows all lie past its
     // expert's count (at 192 rows per expert, the second block's tiles do half the work). Only
     // there: in the other kinds such slabs are rare (M's last block, an expert's last block), and
     // the branch costs a grouped main loop its uniform registers (ptxas cannot prove the warps
     // converged: contiguous SASS IMAD 134 -> 250), the dense kernels their current schedule.
-    static constexpr bool kSkipIdleSlabs = kType == GemmType::kMasked && kNumMathWarpgroups == 2;
+    static constexpr bool kSkipIdleSlabs = kType == GemmType::kMasked && kNumMathWarpgroups >= 2;
 
     static constexpr u32 kTileABytes = kBlockM * kBlockK;
     static constexpr u32 kTileBBytes = kBlockN * kBlockK;
@@ -119,7 +123,8 @@ struct Fp8GemmConfig {
     static constexpr u32 kSmemBytes =
         kSmemDBytes + kStages * kStageBytes + kReduceBytes + kNumBarriers * sizeof(Barrier);
 
-    static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M is 64 or 128 (one or two math warpgroups)");
+    static_assert(kBlockM == 64 || kBlockM == 128 || (kBlockM == 192 && kType == GemmType::kMasked),
+                  "BLOCK_M is 64 or 128 (one or two math warpgroups), or 192 (three) for kMasked");
     static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "WGMMA needs N in [8, 256], N % 8 == 0");
     static_assert(!kSwizzleD || kOutCols % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
     static_assert(kBlockN % (8 * kSplitK) == 0, "split-K slices are whole 8-column groups");

@@ -43,7 +43,8 @@ struct TileScheduler {
     static_assert(kClusterM == 1 || kSplitK == 1, "a cluster either stacks tiles along M or splits K");
     static_assert(kType == GemmType::kNormal || (kSplitK == 1 && (kClusterM == 1 || kType == GemmType::kMasked)),
                   "of the grouped kinds, only kMasked multicasts");
-    static_assert(kContiguousAlignment % kBlockM == 0, "a block never straddles two experts' segments");
+    static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || kContiguousAlignment % kBlockM == 0,
+                  "a block never straddles two experts' segments");
     static constexpr u32 kClusterSize = kClusterM * kSplitK;
 
     u32 m, num_n_blocks, num_item_rows, num_items;
