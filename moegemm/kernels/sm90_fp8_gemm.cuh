@@ -541,9 +541,15 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             fp8_gemm_retire<Config>(stage, scales, scratch, totals, boundary, empty, peer);
         };
 
-        // The first K block, then the previous tile's epilogue while its WGMMAs run.
-        const u32 first_stage = ring.stage;
-        const BlockScales first_scales = issue(scratch0);
+        // The first K block, then the previous tile's epilogue while its WGMMAs run. Under split-K a
+        // CTA may have no K blocks (its partial sums are zeros).
+        const bool any_k = Config::kSplitK == 1 || k_begin < k_end;
+        u32 first_stage = 0;
+        BlockScales first_scales{};
+        if (any_k) {
+            first_stage = ring.stage;
+            first_scales = issue(scratch0);
+        }
         flush_epilogue();
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
@@ -556,8 +562,10 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             // second block too, to promote the first under it: H200, 1-1.5% slower at K = 2048,
             // 2% faster at K = 512.)
             u32 k_block = k_begin + 1;
-            wgmma_wait<0>();
-            retire(first_stage, first_scales, scratch0);
+            if (any_k) {
+                wgmma_wait<0>();
+                retire(first_stage, first_scales, scratch0);
+            }
             for (; k_block + 4 <= k_end; k_block += 4) {
                 u32 stage0 = ring.stage;
                 BlockScales scales0 = issue(scratch0);
@@ -592,8 +600,10 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
                 }
             }
         } else {
-            wgmma_wait<0>();
-            retire(first_stage, first_scales, scratch0);
+            if (any_k) {
+                wgmma_wait<0>();
+                retire(first_stage, first_scales, scratch0);
+            }
             for (u32 k_block = k_begin + 1; k_block < k_end; ++k_block) {
                 const u32 stage = ring.stage;
                 const BlockScales scales = issue(scratch0);
