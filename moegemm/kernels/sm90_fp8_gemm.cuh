@@ -102,11 +102,13 @@ struct Fp8GemmConfig {
     // the branch costs a grouped main loop its uniform registers (ptxas cannot prove the warps
     // converged: contiguous SASS IMAD 134 -> 250), the dense kernels their current schedule.
     static constexpr bool kSkipIdleSlabs = kType == GemmType::kMasked && kNumMathWarpgroups >= 2;
-    // A tile's epilogue waits until the next tile's first WGMMAs are in flight; not where registers
+    // A tile's epilogue waits until the next tile's first WGMMAs are in flight. Not where registers
     // cannot hold a scratch accumulator beside the totals being stored (three math warpgroups; grouped
-    // tiles over 128 columns, which also keep an expert and a row limit live): ptxas would spill.
+    // tiles over 128 columns, which also keep an expert and a row limit live): ptxas would spill. Not
+    // under split-K, where a CTA may have no K blocks: a WGMMA issued under a condition makes ptxas
+    // serialize them all (C7514).
     static constexpr bool kDeferEpilogue =
-        kNumMathWarpgroups < 3 && (kType == GemmType::kNormal || kBlockN <= 128);
+        kNumMathWarpgroups < 3 && (kType == GemmType::kNormal || kBlockN <= 128) && kSplitK == 1;
 
     static constexpr u32 kTileABytes = kBlockM * kBlockK;
     static constexpr u32 kTileBBytes = kBlockN * kBlockK;
@@ -541,18 +543,21 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             fp8_gemm_retire<Config>(stage, scales, scratch, totals, boundary, empty, peer);
         };
 
-        // The first K block, then the previous tile's epilogue while its WGMMAs run. Under split-K a
-        // CTA may have no K blocks (its partial sums are zeros).
-        const bool any_k = Config::kSplitK == 1 || k_begin < k_end;
-        u32 first_stage = 0;
-        BlockScales first_scales{};
-        if (any_k) {
-            first_stage = ring.stage;
-            first_scales = issue(scratch0);
-        }
-        flush_epilogue();
+        // kDeferEpilogue: the first K block, then the previous tile's epilogue while its WGMMAs run.
+        u32 k_block = k_begin;
+        if constexpr (Config::kDeferEpilogue) {
+            const u32 stage = ring.stage;
+            const BlockScales scales = issue(scratch0);
+            flush_epilogue();
 #pragma unroll
-        for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
+            for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
+            wgmma_wait<0>();
+            retire(stage, scales, scratch0);
+            ++k_block;
+        } else {
+#pragma unroll
+            for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
+        }
 
         if constexpr (Config::kDoubleBuffer) {
             // The two scratch accumulators alternate: each K block's WGMMAs are issued before the
@@ -561,11 +566,6 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             // promotion in four not overlapped), a second loop the remaining pairs. (Peeling the
             // second block too, to promote the first under it: H200, 1-1.5% slower at K = 2048,
             // 2% faster at K = 512.)
-            u32 k_block = k_begin + 1;
-            if (any_k) {
-                wgmma_wait<0>();
-                retire(first_stage, first_scales, scratch0);
-            }
             for (; k_block + 4 <= k_end; k_block += 4) {
                 u32 stage0 = ring.stage;
                 BlockScales scales0 = issue(scratch0);
@@ -600,11 +600,7 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
                 }
             }
         } else {
-            if (any_k) {
-                wgmma_wait<0>();
-                retire(first_stage, first_scales, scratch0);
-            }
-            for (u32 k_block = k_begin + 1; k_block < k_end; ++k_block) {
+            for (; k_block < k_end; ++k_block) {
                 const u32 stage = ring.stage;
                 const BlockScales scales = issue(scratch0);
                 wgmma_wait<0>();
