@@ -129,7 +129,7 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
     if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
         sfa, sfb = _kernel_sfa(sfa), _kernel_sfb(sfb)  # each returns its input when already fit
         sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
-    plan.launch_pointers(key[19], a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
+    plan.launch_pointers(d.get_device(), a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
 
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
