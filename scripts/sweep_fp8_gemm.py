@@ -1,8 +1,10 @@
-"""Time fp8_gemm_nt configs around the heuristic's pick on the small-M benchmark shapes (the sweep
-the config model in moegemm/kernels/fp8_gemm.py was fitted to). Needs an SM90 GPU:
-    python scripts/sweep_fp8_gemm.py
+"""Time fp8_gemm_nt configs around the heuristic's pick (the sweeps the config model in
+moegemm/kernels/fp8_gemm.py was fitted to). Needs an SM90 GPU:
+    python scripts/sweep_fp8_gemm.py            # M in {1, 64, 128}: BLOCK_N and split-K
+    python scripts/sweep_fp8_gemm.py --large    # M = 4096: every BLOCK_N, with and without B multicast
 """
 
+import argparse
 import functools
 
 import torch
@@ -12,11 +14,10 @@ from moegemm.bench import _fp8_inputs, kernel_time_us
 from moegemm.kernels import fp8_gemm
 from moegemm.kernels.fp8_gemm import Fp8GemmConfig
 
-SHAPES = [(m, n, k) for m in (1, 64, 128)
-          for n, k in ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))]
+PAIRS = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
 
 
-def candidates(m: int, n: int, k: int, num_sms: int) -> set:
+def small_m_candidates(m: int, n: int, k: int, num_sms: int) -> set:
     block_m = 64 if m <= 64 else 128
     configs = {fp8_gemm.select_config(m, n, k, False, False, num_sms)}
     for block_n in (32, 64, 96, 128, 192):
@@ -28,20 +29,42 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> set:
     return configs
 
 
+def large_m_candidates(m: int, n: int, k: int, num_sms: int) -> set:
+    """BF16-out tiles with and without multicast, and FP32-out ones, whose 32-column store chunks
+    allow BLOCK_N 96 and 160 (what finer BLOCK_N would gain on the last wave)."""
+    configs = {fp8_gemm.select_config(m, n, k, False, False, num_sms)}
+    for out_fp32 in (False, True):
+        for block_n in range(64, 193, 8):
+            if fp8_gemm.valid_block_n(block_n, 4 if out_fp32 else 2):
+                stages = fp8_gemm._max_stages(128, block_n, 4 if out_fp32 else 2)
+                configs.add(Fp8GemmConfig(128, block_n, stages, out_fp32, False))
+                if not out_fp32:
+                    configs.add(Fp8GemmConfig(128, block_n, stages, False, False, cluster_m=2))
+    return configs
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--large", action="store_true", help="M = 4096 instead of M in {1, 64, 128}")
+    large = parser.parse_args().large
+    shapes = [(m, n, k) for m in ((4096,) if large else (1, 64, 128)) for n, k in PAIRS]
+    candidates = large_m_candidates if large else small_m_candidates
     num_sms = moegemm.get_num_sms()
-    for m, n, k in SHAPES:
+    for m, n, k in shapes:
         _, _, a, sfa, b, sfb = _fp8_inputs(m, n, k)
         sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa)
         d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        d32 = torch.empty(m, n, device="cuda", dtype=torch.float32)
         pick = fp8_gemm.select_config(m, n, k, False, False, num_sms)
         results = []
-        for config in sorted(candidates(m, n, k, num_sms), key=lambda c: (c.block_n, c.split_k)):
-            plan = fp8_gemm.plan(a, b, d, False, num_sms, config)
-            launch = functools.partial(plan.launch, a, sfa, b, sfb, d)
-            results.append((kernel_time_us(launch, iters=15), config))
-        cells = " ".join(f"{'*' if c == pick else ''}m{c.block_m}n{c.block_n}k{c.split_k}:{t:.1f}"
-                         for t, c in results)
+        order = sorted(candidates(m, n, k, num_sms), key=lambda c: (c.out_fp32, c.block_n, c.split_k, c.cluster_m))
+        for config in order:
+            out = d32 if config.out_fp32 else d
+            plan = fp8_gemm.plan(a, b, out, False, num_sms, config)
+            launch = functools.partial(plan.launch, a, sfa, b, sfb, out)
+            results.append((kernel_time_us(launch, iters=15), plan.config))
+        cells = " ".join(f"{'*' if c == pick else ''}m{c.block_m}n{c.block_n}k{c.split_k}"
+                         f"{'c2' if c.cluster_m > 1 else ''}{'f32' if c.out_fp32 else ''}:{t:.1f}" for t, c in results)
         print(f"{m:4d} {n:6d} {k:6d} | {cells}", flush=True)
 
 
