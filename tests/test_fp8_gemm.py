@@ -290,3 +290,12 @@ def test_heuristic_splits_k_only_when_tiles_leave_sms_idle():
                 assert tiles < 132 // config.split_k and config.split_k <= -(-k // 128), (m, n, k, config)
                 assert config.block_n % (8 * config.split_k) == 0
     assert fp8_gemm.select_config(4096, 7168, 16384, False, False, 132).split_k == 1
+
+
+@pytest.mark.parametrize("n, k", [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168),
+                                  (7168, 2048)])
+def test_heuristic_picks_the_measured_best_tile_at_large_m(n, k):
+    # H200 sweep of 2026-12-02 (BENCHMARKS.md): 128 x 128 tiles beat 64- and 192-column ones on all six
+    # DeepSeek shapes, N = 2112 included (112 us against 118 for 192, which needs fewer waves).
+    config = fp8_gemm.select_config(4096, n, k, False, False, 132)
+    assert (config.block_m, config.block_n, config.split_k) == (128, 128, 1)

@@ -34,6 +34,11 @@ K_BLOCK_LATENCY_S = 200e-9  # the consumer's floor per K block: four dependent W
 # 2026-11-25, BLOCK_N 64 instead of 56 ran 2-5% faster at M <= 64, N = 7168 (BENCHMARKS.md; measured
 # with one TMA box per SFB row, before two-row boxes of a 2-D view).
 TWO_SFB_ROWS_LATENCY_S = 20e-9
+# Shared-memory traffic per K block, WGMMA operand reads (every warpgroup reads its A rows and all
+# of B) plus the TMA writes, at what one SM sustains: set so that a 128 x 128 tile is as busy here as
+# on its tensor cores (ncu, H200, 2026-12-02: tensor pipe 80% busy, flagged the bottleneck). Narrow
+# tiles re-read A per column: BLOCK_N 64 ran 0.66-0.76x as fast per column as 128 at M = 4096.
+SMEM_BYTES_PER_S = 172e9
 KERNEL_FIXED_S = 3e-6  # ramp-up (first loads) and drain (last stores)
 SPLIT_K_REDUCE_S = 1e-6  # one split-K exchange: barrier round trips...
 SPLIT_K_REDUCE_BYTES_PER_S = 20e9  # ...and each CTA's partial sums sent to the others
@@ -116,28 +121,31 @@ def _math_efficiency(block_m: int, block_n: int) -> float:
     """Share of the tensor-core rate a tile keeps: the per-K-block promotion costs about as much as
     32 columns of WGMMA; with one math warpgroup (BLOCK_M = 64) nothing hides it, and above
     BLOCK_N = 128 (one scratch accumulator) less of it is hidden. Fitted to H100 runs at M = 4096
-    (2026-11-25: BLOCK_N 64 ran 19% slower than 192 on N = 2112, BLOCK_M 64 45% slower on
-    N = 32768, BLOCK_N 192 6% slower than 128 on N = 7168, K = 16384)."""
+    (2026-11-25: BLOCK_M 64 45% slower on N = 32768) and H200 runs (2026-12-02: per column, BLOCK_N
+    192 ran 0.86-0.95x as fast as 128 on the six DeepSeek shapes)."""
     if block_m == 192:  # three math warpgroups: while one promotes, the other two keep the tensor cores busy
         return block_n / (block_n + 32)
-    single_buffer = 0.9 if block_n > 128 else 1.0
+    single_buffer = 0.83 if block_n > 128 else 1.0
     return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * single_buffer
 
 
 def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, out_bytes: int,
                        split_k: int = 1, num_groups: int = 1) -> tuple[float, float]:
     """(Fixed ramp plus the slower of the two below, the busiest SM's time): the busiest SM's K
-    blocks (each the longest of its tensor-core time, its load time and the consumer's latency
-    floor) with its split-K exchanges; the problem's DRAM traffic (A and B once, D written).
+    blocks (each the longest of its tensor-core time, its shared-memory traffic, its load time and
+    the consumer's latency floor) with its split-K exchanges; the problem's DRAM traffic (A and B once, D written).
     Grouped: ``num_groups`` products of M = ``m`` rows each."""
     num_tiles = num_groups * ceil_div(m, block_m) * ceil_div(n, block_n)
     clusters = min(num_sms // split_k, RESIDENT_CLUSTERS[split_k])
     waves = ceil_div(num_tiles, clusters)
     k_blocks = ceil_div(ceil_div(k, BLOCK_K), split_k)
     latency = K_BLOCK_LATENCY_S + (TWO_SFB_ROWS_LATENCY_S if sfb_rows(block_n) == 2 else 0.0)
+    loaded_rows = min(block_m, m) + block_n
+    wgmma_rows = block_m + block_m // 64 * block_n
     per_block = max(latency,
                     2 * block_m * block_n * BLOCK_K / (FP8_FLOPS_PER_SM * _math_efficiency(block_m, block_n)),
-                    (min(block_m, m) + block_n) * BLOCK_K / SM_LOAD_BYTES_PER_S)
+                    (loaded_rows + wgmma_rows) * BLOCK_K / SMEM_BYTES_PER_S,
+                    loaded_rows * BLOCK_K / SM_LOAD_BYTES_PER_S)
     reduce = 0.0
     if split_k > 1:
         reduce = SPLIT_K_REDUCE_S + (split_k - 1) / split_k * block_m * block_n * 4 / SPLIT_K_REDUCE_BYTES_PER_S
