@@ -299,3 +299,11 @@ def test_heuristic_picks_the_measured_best_tile_at_large_m(n, k):
     # DeepSeek shapes, N = 2112 included (112 us against 118 for 192, which needs fewer waves).
     config = fp8_gemm.select_config(4096, n, k, False, False, 132)
     assert (config.block_m, config.block_n, config.split_k) == (128, 128, 1)
+
+
+@pytest.mark.parametrize("k", [2048, 16384])
+def test_heuristic_avoids_tiles_over_two_sfb_blocks_where_one_wave_fits_either(k):
+    # H200 sweep of 2026-12-02: at M = 128, N = 7168, BLOCK_N 56 (tiles over two 128-column SFB
+    # blocks, 128 tiles) ran 11-19% slower than BLOCK_N 64 (112 tiles), though both fill one wave.
+    config = fp8_gemm.select_config(128, 7168, k, False, False, 132)
+    assert fp8_gemm.sfb_rows(config.block_n) == 1, config

@@ -25,7 +25,9 @@ SFB_SLOT_BYTES = 128  # per stage and SFB row: a TMA box of SFB, aligned as TMA 
 SFB_BOX_K = 4  # K blocks per SFB box: boxes are at least 16 bytes wide
 MAX_STAGES = 12
 # The time model that ranks configs (H100 SXM; fitted on 2026-11-25 to 100 small-M runs of
-# 18 shapes, L2 flushed: mean error 9%, the pick 1.6% slower than the best config on average).
+# 18 shapes, L2 flushed: mean error 9%, the pick 1.6% slower than the best config on average;
+# refitted on 2026-12-02 to H200 sweeps, scripts/sweep_fp8_gemm.py: the pick 1.8% slower than the
+# best config timed on those 18 shapes, the best on the six M = 4096 ones).
 FP8_FLOPS_PER_SM = 1450e12 / 132  # dense FP8 tensor-core rate
 DRAM_BYTES_PER_S = 2.9e12
 SM_LOAD_BYTES_PER_S = 90e9  # what one SM's TMA loads sustain
@@ -120,13 +122,16 @@ def _max_stages(block_m: int, block_n: int, out_bytes: int, split_k: int = 1) ->
 def _math_efficiency(block_m: int, block_n: int) -> float:
     """Share of the tensor-core rate a tile keeps: the per-K-block promotion costs about as much as
     32 columns of WGMMA; with one math warpgroup (BLOCK_M = 64) nothing hides it, and above
-    BLOCK_N = 128 (one scratch accumulator) less of it is hidden. Fitted to H100 runs at M = 4096
+    BLOCK_N = 128 (one scratch accumulator) less of it is hidden; a tile over two SFB blocks picks
+    each column's scale at run time, which makes the promotion dearer. Fitted to H100 runs at M = 4096
     (2026-11-25: BLOCK_M 64 45% slower on N = 32768) and H200 runs (2026-12-02: per column, BLOCK_N
-    192 ran 0.86-0.95x as fast as 128 on the six DeepSeek shapes)."""
+    192 ran 0.86-0.95x as fast as 128 on the six DeepSeek shapes; at M = 128, N = 7168, BLOCK_N 56 ran
+    1.36x slower per column than 64 on the same single wave)."""
     if block_m == 192:  # three math warpgroups: while one promotes, the other two keep the tensor cores busy
         return block_n / (block_n + 32)
     single_buffer = 0.83 if block_n > 128 else 1.0
-    return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * single_buffer
+    two_sfb_rows = 0.75 if sfb_rows(block_n) == 2 else 1.0
+    return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * single_buffer * two_sfb_rows
 
 
 def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, out_bytes: int,
