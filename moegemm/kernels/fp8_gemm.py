@@ -129,9 +129,9 @@ def _math_efficiency(block_m: int, block_n: int) -> float:
     1.36x slower per column than 64 on the same single wave)."""
     if block_m == 192:  # three math warpgroups: while one promotes, the other two keep the tensor cores busy
         return block_n / (block_n + 32)
-    single_buffer = 0.83 if block_n > 128 else 1.0
-    two_sfb_rows = 0.75 if sfb_rows(block_n) == 2 else 1.0
-    return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * single_buffer * two_sfb_rows
+    # Tiles over 128 columns (one scratch accumulator) all span two SFB blocks too: one factor for both.
+    promotion = 0.83 if block_n > 128 else 0.75 if sfb_rows(block_n) == 2 else 1.0
+    return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * promotion
 
 
 def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, out_bytes: int,
