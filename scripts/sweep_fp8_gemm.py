@@ -1,7 +1,7 @@
 """Time fp8_gemm_nt configs around the heuristic's pick (the sweeps the config model in
 moegemm/kernels/fp8_gemm.py was fitted to). Needs an SM90 GPU:
     python scripts/sweep_fp8_gemm.py            # M in {1, 64, 128}: BLOCK_N and split-K
-    python scripts/sweep_fp8_gemm.py --large    # M = 4096: every BLOCK_N, with and without B multicast
+    python scripts/sweep_fp8_gemm.py --large    # M = 4096: each BLOCK_N, with and without B multicast
 """
 
 import argparse

@@ -26,7 +26,7 @@ SFB_BOX_K = 4  # K blocks per SFB box: boxes are at least 16 bytes wide
 MAX_STAGES = 12
 # The time model that ranks configs (H100 SXM; fitted on 2026-11-25 to 100 small-M runs of
 # 18 shapes, L2 flushed: mean error 9%, the pick 1.6% slower than the best config on average;
-# refitted on 2026-12-02 to H200 sweeps, scripts/sweep_fp8_gemm.py: the pick 1.8% slower than the
+# refitted on 2026-12-02 to H200 sweeps, scripts/sweep_fp8_gemm.py: the pick 1.3% slower than the
 # best config timed on those 18 shapes, the best on the six M = 4096 ones).
 FP8_FLOPS_PER_SM = 1450e12 / 132  # dense FP8 tensor-core rate
 DRAM_BYTES_PER_S = 2.9e12
@@ -139,7 +139,8 @@ def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_s
                        split_k: int = 1, num_groups: int = 1) -> tuple[float, float]:
     """(Fixed ramp plus the slower of the two below, the busiest SM's time): the busiest SM's K
     blocks (each the longest of its tensor-core time, its shared-memory traffic, its load time and
-    the consumer's latency floor) with its split-K exchanges; the problem's DRAM traffic (A and B once, D written).
+    the consumer's latency floor) with its split-K exchanges; the problem's DRAM traffic (A and B
+    once, D written).
     Grouped: ``num_groups`` products of M = ``m`` rows each."""
     num_tiles = num_groups * ceil_div(m, block_m) * ceil_div(n, block_n)
     clusters = min(num_sms // split_k, RESIDENT_CLUSTERS[split_k])
