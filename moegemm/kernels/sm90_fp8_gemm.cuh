@@ -529,7 +529,7 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         const u32 sfb_row = sfb_first_index(tile, BN, p.n, num_k_blocks);
         const SfbShifts sfb_shifts{sfb_row % Config::kSfbBoxK, (sfb_row + num_k_blocks) % Config::kSfbBoxK,
                                    p.sfb_box_rows == 2 ? Config::kSfbBoxK : Config::kSfbRowSlotBytes / 4};
-        SlabRows slab_rows;
+        SlabRows slab_rows{};  // filled by load() for kContiguous only
         slab_rows.load<Config>(p, tile.row + wg * 64);
         u32 next_k_block = k_begin;  // of the next issue
         auto issue = [&](float* scratch) {
