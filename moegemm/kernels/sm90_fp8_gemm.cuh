@@ -93,6 +93,8 @@ struct Fp8GemmConfig {
     static constexpr u32 kStoreCols = kSwizzleD ? kChunkCols : kOutCols;
     // A tile never straddles two 128-wide SFB blocks when BLOCK_N divides 128.
     static constexpr bool kUniformSfb = 128 % kBlockN == 0;
+    // Columns that share their SFB scale in every tile: gcd(BLOCK_N, 128).
+    static constexpr u32 kScaleRun = (kBlockN & (0u - kBlockN)) < 128 ? (kBlockN & (0u - kBlockN)) : 128;
     // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128 (with three math
     // warpgroups, not at all: each then promotes while the other two keep the tensor cores busy).
     static constexpr bool kDoubleBuffer = kBlockN <= 128 && kNumMathWarpgroups < 3;
@@ -315,15 +317,19 @@ __device__ __forceinline__ void fp8_gemm_retire(u32 stage, const BlockScales& sc
         empty[stage].arrive();
         if constexpr (Config::kClusterM > 1) empty[stage].arrive_cluster(peer);
     }
-    const float s00 = scales.a0 * scales.b0, s01 = scales.a0 * scales.b1;
-    const float s10 = scales.a1 * scales.b0, s11 = scales.a1 * scales.b1;
+    // Tiles start at multiples of BLOCK_N, so the SFB boundary is a multiple of kScaleRun: each run of
+    // kScaleRun columns has one scale per row, chosen once, and the first run (boundary >= kScaleRun)
+    // and runs at or past column 128 (boundary <= 128) need no choice at all.
+    constexpr u32 kRun = Config::kScaleRun, kRuns = Config::kBlockN / kRun;
+    float run_scale[2][kRuns];
 #pragma unroll
-    for (u32 i = 0; i < Config::kBlockN / 2; ++i) {
-        const bool next_block = !Config::kUniformSfb && (i / 4) * 8 >= boundary;
-        const bool lower_row = (i / 2) % 2;
-        const float scale = lower_row ? (next_block ? s11 : s10) : (next_block ? s01 : s00);
-        totals[i] += scale * scratch[i];
+    for (u32 r = 0; r < kRuns; ++r) {
+        const bool next_block = !Config::kUniformSfb && (r * kRun >= 128 || (r > 0 && r * kRun >= boundary));
+        run_scale[0][r] = scales.a0 * (next_block ? scales.b1 : scales.b0);
+        run_scale[1][r] = scales.a1 * (next_block ? scales.b1 : scales.b0);
     }
+#pragma unroll
+    for (u32 i = 0; i < Config::kBlockN / 2; ++i) totals[i] += run_scale[(i / 2) % 2][(i / 4) * 8 / kRun] * scratch[i];
 }
 
 // The warpgroup of an idle slab still keeps pace with the stage ring, whose empty barriers count
