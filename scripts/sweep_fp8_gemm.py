@@ -1,7 +1,7 @@
 """Time fp8_gemm_nt configs around the heuristic's pick (the sweeps the config model in
 moegemm/kernels/fp8_gemm.py was fitted to). Needs an SM90 GPU:
     python scripts/sweep_fp8_gemm.py            # M in {1, 64, 128}: BLOCK_N and split-K
-    python scripts/sweep_fp8_gemm.py --large    # M = 4096: each BLOCK_N, with and without B multicast
+    python scripts/sweep_fp8_gemm.py --large    # M = 4096: each BLOCK_M and BLOCK_N, B multicast or not
 """
 
 import argparse
@@ -30,8 +30,9 @@ def small_m_candidates(m: int, n: int, k: int, num_sms: int) -> set:
 
 
 def large_m_candidates(m: int, n: int, k: int, num_sms: int) -> set:
-    """BF16-out tiles with and without multicast, and FP32-out ones, whose 32-column store chunks
-    allow BLOCK_N 96 and 160 (what finer BLOCK_N would gain on the last wave)."""
+    """BF16-out tiles of 128 rows with and without multicast and of 192 rows, and FP32-out ones,
+    whose 32-column store chunks allow BLOCK_N 96 and 160 (what finer BLOCK_N would gain on the last
+    wave)."""
     configs = {fp8_gemm.select_config(m, n, k, False, False, num_sms)}
     for out_fp32 in (False, True):
         for block_n in range(64, 193, 8):
@@ -40,6 +41,9 @@ def large_m_candidates(m: int, n: int, k: int, num_sms: int) -> set:
                 configs.add(Fp8GemmConfig(128, block_n, stages, out_fp32, False))
                 if not out_fp32:
                     configs.add(Fp8GemmConfig(128, block_n, stages, False, False, cluster_m=2))
+                if block_n <= 128:
+                    stages = fp8_gemm._max_stages(192, block_n, 4 if out_fp32 else 2)
+                    configs.add(Fp8GemmConfig(192, block_n, stages, out_fp32, False))
     return configs
 
 

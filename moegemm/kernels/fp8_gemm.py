@@ -8,6 +8,7 @@ heuristic picks.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 
@@ -121,17 +122,17 @@ def _max_stages(block_m: int, block_n: int, out_bytes: int, split_k: int = 1) ->
 
 def _math_efficiency(block_m: int, block_n: int) -> float:
     """Share of the tensor-core rate a tile keeps: the per-K-block promotion costs about as much as
-    32 columns of WGMMA; with one math warpgroup (BLOCK_M = 64) nothing hides it, and above
-    BLOCK_N = 128 (one scratch accumulator) less of it is hidden; a tile over two SFB blocks picks
-    each column's scale at run time, which makes the promotion dearer. Fitted to H100 runs at M = 4096
-    (2026-11-25: BLOCK_M 64 45% slower on N = 32768) and H200 sweeps (2026-12-02: at M = 128,
-    N = 7168, BLOCK_N 56 ran 1.36x slower per column than 64 in the same single wave; the factor for
-    wide tiles is the one range, 0.70-0.74, in which every pick of the M <= 128 and M = 4096 sweeps
-    is a config they timed, on average 1.3% slower than the best)."""
-    if block_m == 192:  # three math warpgroups: while one promotes, the other two keep the tensor cores busy
-        return block_n / (block_n + 32)
-    # Tiles over 128 columns (one scratch accumulator) all span two SFB blocks too: one factor for both.
-    promotion = 0.72 if block_n > 128 else 0.75 if sfb_rows(block_n) == 2 else 1.0
+    32 columns of WGMMA. With one math warpgroup (BLOCK_M = 64) nothing hides it; three (BLOCK_M =
+    192) hide more of it than two. A tile over two SFB blocks chooses its columns' scales at run
+    time, once per run of gcd(BLOCK_N, 128) columns sharing one: runs of 8 or 16 columns make that
+    promotion dearer than runs of 32 or more. Fitted to H100 runs at M = 4096 (2026-11-25: BLOCK_M 64
+    45% slower on N = 32768) and H200 sweeps (2026-12-02: at M = 128, N = 7168, BLOCK_N 56 ran 1.36x
+    slower per column than 64 in the same single wave; later, with per-run scales, 192 x 128 and
+    128 x 192 tiles ran 4% faster per FLOP than 128 x 128 at K >= 2048; every pick of those sweeps at
+    M <= 128 and M = 4096 is a config they timed, on average 0.4% slower than the best)."""
+    if block_m == 192:
+        return block_n / (block_n + 24)
+    promotion = 1.0 if sfb_rows(block_n) == 1 else 0.85 if math.gcd(block_n, 128) >= 32 else 0.75
     return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * promotion
 
 
@@ -162,18 +163,19 @@ def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_s
 
 
 def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_sms: int, num_groups: int = 1,
-                  grouped: bool = False, block_ms: tuple[int, ...] = (64, 128)) -> Fp8GemmConfig:
+                  grouped: bool = False, block_ms: tuple[int, ...] | None = None) -> Fp8GemmConfig:
     """The config with the least estimated time; ties (DRAM-bound problems) go to less splitting,
     then to fewer padding rows (no wasted tensor work), then to the least busy SMs (slack for the
     last wave), then to the larger tile (fewer re-reads). Split-K is considered only while the tiles
     alone leave SMs idle, and not for grouped GEMMs (``num_groups`` products of ``m`` rows)."""
     out_bytes = 4 if out_fp32 else 2
     best, best_key = None, None
-    for block_m in block_ms:
-        # Grouped kernels keep more live state (expert, row limit): above 128 columns they spill.
-        for block_n in range(8, (128 if grouped else 192) + 1, 8):
+    for block_m in block_ms or ((64, 128) if grouped else (64, 128, 192)):
+        # Grouped kernels keep more live state (expert, row limit), and three math warpgroups have
+        # fewer registers each: above 128 columns they would spill.
+        for block_n in range(8, (128 if grouped or block_m == 192 else 192) + 1, 8):
             num_tiles = num_groups * ceil_div(m, block_m) * ceil_div(n, block_n)
-            for split_k in range(1, 2 if grouped else MAX_SPLIT_K + 1):
+            for split_k in range(1, 2 if grouped or block_m == 192 else MAX_SPLIT_K + 1):
                 if split_k > 1 and (num_tiles >= num_sms // split_k or split_k > ceil_div(k, BLOCK_K)):
                     break
                 if not valid_block_n(block_n, out_bytes, split_k):

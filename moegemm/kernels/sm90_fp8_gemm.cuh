@@ -11,8 +11,9 @@
 //
 // Warp roles (kNumMathWarpgroups + 1 warpgroups, persistent grid, one CTA per SM):
 //   warpgroups 0..kNumMathWarpgroups-1  math: each owns 64 rows of the BLOCK_M x BLOCK_N tile
-//                                       (BLOCK_M 64 or 128; 192 for kMasked, whose experts of 129 to
-//                                       192 rows would otherwise take two blocks, one mostly idle).
+//                                       (BLOCK_M 64, 128 or 192; three warpgroups share each B
+//                                       tile's shared-memory writes and hide each other's promotion
+//                                       best, and hold masked experts of 129 to 192 rows in one block).
 //   last warpgroup                      producer: its first thread issues every TMA load.
 // Stage ring of kStages shared-memory slots, each holding a 128-wide K slice of A, B and SFA, and
 // the SFB of the tile's one or two 128-column blocks (all scales arrive by TMA with the data, so the
@@ -134,8 +135,11 @@ struct Fp8GemmConfig {
     static constexpr u32 kSmemBytes =
         kSmemDBytes + kStages * kStageBytes + kReduceBytes + kNumBarriers * sizeof(Barrier);
 
-    static_assert(kBlockM == 64 || kBlockM == 128 || (kBlockM == 192 && kType == GemmType::kMasked),
-                  "BLOCK_M is 64 or 128 (one or two math warpgroups), or 192 (three) for kMasked");
+    static_assert(kBlockM == 64 || kBlockM == 128 ||
+                      (kBlockM == 192 && kBlockN <= 128 && kSplitK == 1 &&
+                       (kType == GemmType::kNormal || kType == GemmType::kMasked)),
+                  "BLOCK_M is 64 or 128 (one or two math warpgroups), or 192 (three: BLOCK_N <= 128, no "
+                  "split-K, not for the contiguous kinds, whose experts are 128-row aligned)");
     static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "WGMMA needs N in [8, 256], N % 8 == 0");
     static_assert(!kSwizzleD || kOutCols % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
     static_assert(kBlockN % (8 * kSplitK) == 0, "split-K slices are whole 8-column groups");
