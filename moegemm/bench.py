@@ -325,10 +325,12 @@ def print_cast_table(rows: list[CastRow]) -> None:
 def main(json_path: str | None = None) -> None:
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    # Host time first: once torch.profiler has run in a process, every kernel launch costs ~6 us more
+    # (H200, 2026-12-02: fp8_gemm_nt 8.7 -> 15.3 us, torch's add_ 6.8 -> 13.6), which users don't pay.
+    overhead = launch_overhead()
     limits = ceilings()
     print(f"ceilings measured now: device-to-device copy {limits['copy_tbps']:.2f} TB/s, cuBLAS FP8 8192^3 "
           f"per-tensor {limits['fp8_per_tensor_tflops']:.0f} TFLOPS")
-    overhead = launch_overhead()
     print(f"host overhead per cached call: fp8_gemm_nt {overhead['fp8_gemm_nt_us']:.2f} us, its planned "
           f"launch alone {overhead['planned_launch_us']:.2f} us; for scale, torch's x.add_(1) "
           f"{overhead['torch_add_us']:.2f} us")
