@@ -295,8 +295,8 @@ def test_heuristic_splits_k_only_when_tiles_leave_sms_idle():
 
 
 # H200 sweeps of 2026-12-02 (BENCHMARKS.md, second and third sessions), us: 192-row tiles fill fewer
-# waves on N = 2112 (99 against 112 for 128 x 128) and hide more of each short tile's epilogue on
-# K = 512 (133-136 against 146-149); on N = 24576 they ran within 0.6% of the best (128 x 192).
+# waves on N = 2112 (99 against 112 for 128 x 128) and ran faster at K = 512 (133-136 against
+# 146-149); on N = 24576 they ran within 0.6% of the best (128 x 192).
 # 128 x 128 is best where 192 rows leave a last wave two thirds empty (N = 7168, 4096).
 @pytest.mark.parametrize("n, k, tile", [
     (2112, 7168, (192, 128)), (24576, 1536, (192, 128)), (32768, 512, (192, 128)),

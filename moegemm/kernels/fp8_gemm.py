@@ -122,14 +122,16 @@ def _max_stages(block_m: int, block_n: int, out_bytes: int, split_k: int = 1) ->
 
 def _math_efficiency(block_m: int, block_n: int) -> float:
     """Share of the tensor-core rate a tile keeps: the per-K-block promotion costs about as much as
-    32 columns of WGMMA. With one math warpgroup (BLOCK_M = 64) nothing hides it; three (BLOCK_M =
-    192) hide more of it than two. A tile over two SFB blocks chooses its columns' scales at run
-    time, once per run of gcd(BLOCK_N, 128) columns sharing one: runs of 8 or 16 columns make that
-    promotion dearer than runs of 32 or more. Fitted to H100 runs at M = 4096 (2026-11-25: BLOCK_M 64
-    45% slower on N = 32768) and H200 sweeps (2026-12-02: at M = 128, N = 7168, BLOCK_N 56 ran 1.36x
-    slower per column than 64 in the same single wave; later, with per-run scales, 192 x 128 and
-    128 x 192 tiles ran 4% faster per FLOP than 128 x 128 at K >= 2048; every pick of those sweeps at
-    M <= 128 and M = 4096 is a config they timed, on average 0.4% slower than the best)."""
+    32 columns of WGMMA. With one math warpgroup (BLOCK_M = 64) nothing hides it. With three (BLOCK_M
+    = 192) each B tile loaded serves 192 rows: such tiles ran 4-6% faster per FLOP, fitted as a
+    promotion worth 24 columns (the promotion itself takes 9-11% of the main loop with two warpgroups
+    or three). A tile over two SFB blocks chooses its columns' scales at run time, once per run of
+    gcd(BLOCK_N, 128) columns sharing one: runs of 8 or 16 columns make that promotion dearer than
+    runs of 32 or more. Fitted to H100 runs at M = 4096 (2026-11-25: BLOCK_M 64 45% slower on
+    N = 32768) and H200 sweeps (2026-12-02: at M = 128, N = 7168, BLOCK_N 56 ran 1.36x slower per
+    column than 64 in the same single wave; later, with per-run scales, 192 x 128 and 128 x 192 tiles
+    ran 4% faster per FLOP than 128 x 128 at K >= 2048; every pick of those sweeps at M <= 128 and
+    M = 4096 is a config they timed, on average 0.4% slower than the best)."""
     if block_m == 192:
         return block_n / (block_n + 24)
     promotion = 1.0 if sfb_rows(block_n) == 1 else 0.85 if math.gcd(block_n, 128) >= 32 else 0.75

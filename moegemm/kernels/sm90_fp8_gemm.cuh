@@ -11,9 +11,9 @@
 //
 // Warp roles (kNumMathWarpgroups + 1 warpgroups, persistent grid, one CTA per SM):
 //   warpgroups 0..kNumMathWarpgroups-1  math: each owns 64 rows of the BLOCK_M x BLOCK_N tile
-//                                       (BLOCK_M 64, 128 or 192; three warpgroups share each B
-//                                       tile's shared-memory writes and hide each other's promotion
-//                                       best, and hold masked experts of 129 to 192 rows in one block).
+//                                       (BLOCK_M 64, 128 or 192: with three, each B tile loaded
+//                                       serves 192 rows, and a masked expert of 129 to 192 rows fits
+//                                       one block).
 //   last warpgroup                      producer: its first thread issues every TMA load.
 // Stage ring of kStages shared-memory slots, each holding a 128-wide K slice of A, B and SFA, and
 // the SFB of the tile's one or two 128-column blocks (all scales arrive by TMA with the data, so the
