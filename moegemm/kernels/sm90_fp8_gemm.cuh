@@ -96,14 +96,15 @@ struct Fp8GemmConfig {
     static constexpr bool kUniformSfb = 128 % kBlockN == 0;
     // Columns that share their SFB scale in every tile: gcd(BLOCK_N, 128).
     static constexpr u32 kScaleRun = (kBlockN & (0u - kBlockN)) < 128 ? (kBlockN & (0u - kBlockN)) : 128;
-    // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128 (with three math
-    // warpgroups, not at all: each then promotes while the other two keep the tensor cores busy).
+    // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128; with three math
+    // warpgroups (152 registers each) only one does.
     static constexpr bool kDoubleBuffer = kBlockN <= 128 && kNumMathWarpgroups < 3;
-    // kMasked with two math warpgroups: the second skips the tiles whose rows all lie past its
-    // expert's count (at 192 rows per expert, the second block's tiles do half the work). Only
-    // there: in the other kinds such slabs are rare (M's last block, an expert's last block), and
-    // the branch costs a grouped main loop its uniform registers (ptxas cannot prove the warps
-    // converged: contiguous SASS IMAD 134 -> 250), the dense kernels their current schedule.
+    // kMasked with two or three math warpgroups: a warpgroup skips the tiles whose rows all lie past
+    // its expert's count (at 192 rows per expert in 128-row blocks, the second block's tiles do half
+    // the work). Only there: in the other kinds such slabs are rare (M's last block, an expert's last
+    // block), and the branch costs a grouped main loop its uniform registers (ptxas cannot prove the
+    // warps converged: contiguous SASS IMAD 134 -> 250), the dense kernels their current schedule
+    // (H200, dense 192-row tiles: no faster at 4096 x 7168 x 16384).
     static constexpr bool kSkipIdleSlabs = kType == GemmType::kMasked && kNumMathWarpgroups >= 2;
     // A tile's epilogue waits until the next tile's first WGMMAs are in flight. Not where registers
     // cannot hold a scratch accumulator beside the totals being stored (three math warpgroups; grouped
