@@ -28,22 +28,26 @@ MAX_STAGES = 12
 # The time model that ranks configs (H100 SXM; fitted on 2026-11-25 to 100 small-M runs of
 # 18 shapes, L2 flushed: mean error 9%, the pick 1.6% slower than the best config on average;
 # refitted on 2026-12-02 to H200 sweeps, scripts/sweep_fp8_gemm.py: the pick 1.3% slower than the
-# best config timed on those 18 shapes, the best on the six M = 4096 ones).
+# best config timed on those 18 shapes, the best on the six M = 4096 ones; the split-K terms below
+# refitted on 2026-12-02 (fourth session) to 54 A/Bs of picks at M <= 512, BENCHMARKS.md).
 FP8_FLOPS_PER_SM = 1450e12 / 132  # dense FP8 tensor-core rate
 DRAM_BYTES_PER_S = 2.9e12
 SM_LOAD_BYTES_PER_S = 90e9  # what one SM's TMA loads sustain
-K_BLOCK_LATENCY_S = 200e-9  # the consumer's floor per K block: four dependent WGMMAs, promotion, barriers
+K_BLOCK_LATENCY_S = 300e-9  # the consumer's floor per K block: four dependent WGMMAs, promotion, barriers
 # ...and its extra for tiles over two SFB blocks (a second SFB row to load and index): H100,
 # 2026-11-25, BLOCK_N 64 instead of 56 ran 2-5% faster at M <= 64, N = 7168 (BENCHMARKS.md; measured
 # with one TMA box per SFB row, before two-row boxes of a 2-D view).
 TWO_SFB_ROWS_LATENCY_S = 20e-9
+# ...and for tiles of a dense GEMM whose last block-row is partial (TMA fills the missing rows of its
+# A box): H200, 64 x 64 tiles split in two, 96 x 2112 x 7168 11.2 us against 8.9 at M = 128.
+PARTIAL_ROWS_LATENCY_S = 80e-9
 # Shared-memory traffic per K block, WGMMA operand reads (every warpgroup reads its A rows and all
 # of B) plus the TMA writes, at what one SM sustains: set so that a 128 x 128 tile is as busy here as
 # on its tensor cores (ncu, H200, 2026-12-02: tensor pipe 80% busy, flagged the bottleneck). Narrow
 # tiles re-read A per column: BLOCK_N 64 ran 0.66-0.76x as fast per column as 128 at M = 4096.
 SMEM_BYTES_PER_S = 172e9
 KERNEL_FIXED_S = 3e-6  # ramp-up (first loads) and drain (last stores)
-SPLIT_K_REDUCE_S = 1e-6  # one split-K exchange: barrier round trips...
+SPLIT_K_REDUCE_S = 0.75e-6  # one split-K exchange, per CTA of the cluster: barrier round trips...
 SPLIT_K_REDUCE_BYTES_PER_S = 20e9  # ...and each CTA's partial sums sent to the others
 MAX_SPLIT_K = 8  # portable cluster size
 # Clusters of each size that fit on an H100 at once (cuOccupancyMaxActiveClusters, one CTA per SM):
@@ -150,6 +154,8 @@ def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_s
     waves = ceil_div(num_tiles, clusters)
     k_blocks = ceil_div(ceil_div(k, BLOCK_K), split_k)
     latency = K_BLOCK_LATENCY_S + (TWO_SFB_ROWS_LATENCY_S if sfb_rows(block_n) == 2 else 0.0)
+    if num_groups == 1 and m > block_m and m % block_m:
+        latency += PARTIAL_ROWS_LATENCY_S
     loaded_rows = min(block_m, m) + block_n
     wgmma_rows = block_m + block_m // 64 * block_n
     per_block = max(latency,
@@ -158,7 +164,8 @@ def _estimated_seconds(m: int, n: int, k: int, block_m: int, block_n: int, num_s
                     loaded_rows * BLOCK_K / SM_LOAD_BYTES_PER_S)
     reduce = 0.0
     if split_k > 1:
-        reduce = SPLIT_K_REDUCE_S + (split_k - 1) / split_k * block_m * block_n * 4 / SPLIT_K_REDUCE_BYTES_PER_S
+        partial_bytes = (split_k - 1) / split_k * block_m * block_n * 4
+        reduce = SPLIT_K_REDUCE_S * split_k + partial_bytes / SPLIT_K_REDUCE_BYTES_PER_S
     busiest_sm = waves * (k_blocks * per_block + reduce)
     dram = num_groups * (m * k + n * k + m * n * out_bytes) / DRAM_BYTES_PER_S
     return KERNEL_FIXED_S + max(busiest_sm, dram), busiest_sm
@@ -168,8 +175,8 @@ def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_
                   grouped: bool = False, block_ms: tuple[int, ...] | None = None) -> Fp8GemmConfig:
     """The config with the least estimated time; ties (DRAM-bound problems) go to less splitting,
     then to fewer padding rows (no wasted tensor work), then to the least busy SMs (slack for the
-    last wave), then to the larger tile (fewer re-reads). Split-K is considered only while the tiles
-    alone leave SMs idle, and not for grouped GEMMs (``num_groups`` products of ``m`` rows)."""
+    last wave), then to the larger tile (fewer re-reads). Split-K is considered only while the split
+    tiles fit on the SMs at once, and not for grouped GEMMs (``num_groups`` products of ``m`` rows)."""
     out_bytes = 4 if out_fp32 else 2
     best, best_key = None, None
     for block_m in block_ms or ((64, 128) if grouped else (64, 128, 192)):
@@ -179,7 +186,7 @@ def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_
         for block_n in range(8, (128 if grouped or block_m == 192 else 192) + 1, 8):
             num_tiles = num_groups * ceil_div(m, block_m) * ceil_div(n, block_n)
             for split_k in range(1, 2 if grouped or block_m == 192 else MAX_SPLIT_K + 1):
-                if split_k > 1 and (num_tiles >= num_sms // split_k or split_k > ceil_div(k, BLOCK_K)):
+                if split_k > 1 and (num_tiles * split_k > num_sms or split_k > ceil_div(k, BLOCK_K)):
                     break
                 if not valid_block_n(block_n, out_bytes, split_k):
                     continue
