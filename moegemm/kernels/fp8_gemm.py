@@ -29,7 +29,7 @@ MAX_STAGES = 12
 # 18 shapes, L2 flushed: mean error 9%, the pick 1.6% slower than the best config on average;
 # refitted on 2026-12-02 to H200 sweeps, scripts/sweep_fp8_gemm.py: the pick 1.3% slower than the
 # best config timed on those 18 shapes, the best on the six M = 4096 ones; the split-K terms below
-# refitted on 2026-12-02 (fourth session) to 54 A/Bs of picks at M <= 512, BENCHMARKS.md).
+# refitted on 2026-12-02 (fourth session) to 55 A/Bs of picks at M <= 512, BENCHMARKS.md).
 FP8_FLOPS_PER_SM = 1450e12 / 132  # dense FP8 tensor-core rate
 DRAM_BYTES_PER_S = 2.9e12
 SM_LOAD_BYTES_PER_S = 90e9  # what one SM's TMA loads sustain
