@@ -49,6 +49,9 @@ def _check_fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb:
         checks.sm90(device)
 
 
+_SIGNATURE_D_DEVICE = 19  # where _signature holds d's device index
+
+
 def _signature(a, sfa, b, sfb, d, c) -> tuple:
     """What the checks and the plan depend on: dtypes, shapes, strides, devices, and the launch
     settings. One flat tuple: this runs on every call, and each attribute read costs ~0.1 us."""
@@ -129,7 +132,7 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
     if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
         sfa, sfb = _kernel_sfa(sfa), _kernel_sfb(sfb)  # each returns its input when already fit
         sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
-    plan.launch_pointers(d.get_device(), a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
+    plan.launch_pointers(key[_SIGNATURE_D_DEVICE], a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
 
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
