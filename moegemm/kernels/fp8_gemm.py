@@ -25,6 +25,10 @@ BARRIER_BYTES = 8
 SFB_SLOT_BYTES = 128  # per stage and SFB row: a TMA box of SFB, aligned as TMA destinations must be
 SFB_BOX_K = 4  # K blocks per SFB box: boxes are at least 16 bytes wide
 MAX_STAGES = 12
+# B bytes one SM keeps in flight: more only queue at the DRAM (H100, M = 1, 1x4096x7168 8 / 12 stages
+# of 64 columns: 13.09 / 13.31 us; 1x24576x1536 3 / 6 stages of 192: 15.01 / 15.36 us).
+B_BYTES_IN_FLIGHT = 80 * 1024
+MIN_CAPPED_STAGES = 4
 # The time model that ranks configs (H100 SXM; fitted on 2026-11-25 to 100 small-M runs of
 # 18 shapes, L2 flushed: mean error 9%, the pick 1.6% slower than the best config on average;
 # refitted on 2026-12-02 to H200 sweeps, scripts/sweep_fp8_gemm.py: the pick 1.3% slower than the
@@ -193,6 +197,7 @@ def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_
                 stages = _max_stages(block_m, block_n, out_bytes, split_k)
                 if stages < 3:
                     continue
+                stages = min(stages, max(MIN_CAPPED_STAGES, B_BYTES_IN_FLIGHT // (block_n * BLOCK_K)))
                 seconds, busiest_sm = _estimated_seconds(m, n, k, block_m, block_n, num_sms, out_bytes, split_k,
                                                          num_groups)
                 key = (round(seconds * 1e9), split_k, ceil_div(m, block_m) * block_m, round(busiest_sm * 1e9),
