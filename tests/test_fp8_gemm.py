@@ -317,6 +317,16 @@ def test_heuristic_picks_the_measured_best_tile_at_large_m(n, k, tile):
     assert (config.block_m, config.block_n, config.split_k) == (*tile, 1)
 
 
+# H100 and H200 A/Bs of 2026-12-02 (fifth session, BENCHMARKS.md): memory-bound tiles run faster
+# with at most 80 KB of B in flight per SM, except those split over three or more CTAs.
+@pytest.mark.parametrize("m, n, k, stages", [
+    (1, 24576, 1536, 4), (64, 32768, 512, 5), (64, 7168, 16384, 10), (1, 4096, 7168, 10), (1, 2112, 7168, 10),
+    (4096, 7168, 16384, 5)])
+def test_heuristic_caps_the_b_bytes_in_flight(m, n, k, stages):
+    config = fp8_gemm.select_config(m, n, k, False, False, 132)
+    assert config.stages == stages, config
+
+
 @pytest.mark.parametrize("k", [2048, 16384])
 def test_heuristic_avoids_tiles_over_two_sfb_blocks_where_one_wave_fits_either(k):
     # H200 sweep of 2026-12-02: at M = 128, N = 7168, BLOCK_N 56 (tiles over two 128-column SFB

@@ -25,8 +25,11 @@ BARRIER_BYTES = 8
 SFB_SLOT_BYTES = 128  # per stage and SFB row: a TMA box of SFB, aligned as TMA destinations must be
 SFB_BOX_K = 4  # K blocks per SFB box: boxes are at least 16 bytes wide
 MAX_STAGES = 12
-# B bytes one SM keeps in flight: more only queue at the DRAM (H100, M = 1, 1x4096x7168 8 / 12 stages
-# of 64 columns: 13.09 / 13.31 us; 1x24576x1536 3 / 6 stages of 192: 15.01 / 15.36 us).
+# B bytes one SM keeps in flight: more only queue at the DRAM (H100 at M = 1: 1 x 4096 x 7168 in
+# 8 / 12 stages of 64 columns 13.09 / 13.31 us, 1 x 24576 x 1536 in 3 / 6 stages of 192 15.01 /
+# 15.36 us; capped picks 0.5-2.2% faster at M <= 64 on H100, up to 2.9% on H200). Not for splits of
+# three or more CTAs, whose few K blocks per CTA are all ramp: on H200 1 x 2112 x 7168 (96 columns,
+# split 4) took 8.03 us in 6 stages, 7.65 in 10.
 B_BYTES_IN_FLIGHT = 80 * 1024
 MIN_CAPPED_STAGES = 4
 # The time model that ranks configs (H100 SXM; fitted on 2026-11-25 to 100 small-M runs of
@@ -197,7 +200,8 @@ def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_
                 stages = _max_stages(block_m, block_n, out_bytes, split_k)
                 if stages < 3:
                     continue
-                stages = min(stages, max(MIN_CAPPED_STAGES, B_BYTES_IN_FLIGHT // (block_n * BLOCK_K)))
+                if split_k <= 2:
+                    stages = min(stages, max(MIN_CAPPED_STAGES, B_BYTES_IN_FLIGHT // (block_n * BLOCK_K)))
                 seconds, busiest_sm = _estimated_seconds(m, n, k, block_m, block_n, num_sms, out_bytes, split_k,
                                                          num_groups)
                 key = (round(seconds * 1e9), split_k, ceil_div(m, block_m) * block_m, round(busiest_sm * 1e9),
