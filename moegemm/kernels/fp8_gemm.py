@@ -27,9 +27,9 @@ SFB_BOX_K = 4  # K blocks per SFB box: boxes are at least 16 bytes wide
 MAX_STAGES = 12
 # B bytes one SM keeps in flight: more only queue at the DRAM (H100 at M = 1: 1 x 4096 x 7168 in
 # 8 / 12 stages of 64 columns 13.09 / 13.31 us, 1 x 24576 x 1536 in 3 / 6 stages of 192 15.01 /
-# 15.36 us; capped picks 0.5-2.2% faster at M <= 64 on H100, up to 2.9% on H200). Not for splits of
-# three or more CTAs, whose few K blocks per CTA are all ramp: on H200 1 x 2112 x 7168 (96 columns,
-# split 4) took 8.03 us in 6 stages, 7.65 in 10.
+# 15.36 us; A/Bs of the capped picks at M <= 64: up to 2.2% faster on H100, 2.9% on H200, none more
+# than 0.7% slower). Not for splits of three or more CTAs, whose few K blocks per CTA are all ramp:
+# on H200 1 x 2112 x 7168 (96 columns, split 4) took 8.03 us in 6 stages, 7.65 in 10.
 B_BYTES_IN_FLIGHT = 80 * 1024
 MIN_CAPPED_STAGES = 4
 # The time model that ranks configs (H100 SXM; fitted on 2026-11-25 to 100 small-M runs of
