@@ -24,7 +24,7 @@ def small_m_candidates(m: int, n: int, k: int, num_sms: int) -> set:
         for split_k in (1, 2, 3, 4):
             tiles = -(-m // block_m) * -(-n // block_n)
             if fp8_gemm.valid_block_n(block_n, 2, split_k) and tiles * split_k <= num_sms * (2 if split_k == 1 else 1):
-                stages = fp8_gemm._max_stages(block_m, block_n, 2, split_k)
+                stages = fp8_gemm.stages_for(block_m, block_n, 2, split_k)
                 configs.add(Fp8GemmConfig(block_m, block_n, stages, False, False, split_k=split_k))
     return configs
 
@@ -37,12 +37,12 @@ def large_m_candidates(m: int, n: int, k: int, num_sms: int) -> set:
     for out_fp32 in (False, True):
         for block_n in range(64, 193, 8):
             if fp8_gemm.valid_block_n(block_n, 4 if out_fp32 else 2):
-                stages = fp8_gemm._max_stages(128, block_n, 4 if out_fp32 else 2)
+                stages = fp8_gemm.stages_for(128, block_n, 4 if out_fp32 else 2)
                 configs.add(Fp8GemmConfig(128, block_n, stages, out_fp32, False))
                 if not out_fp32:
                     configs.add(Fp8GemmConfig(128, block_n, stages, False, False, cluster_m=2))
                 if block_n <= 128:
-                    stages = fp8_gemm._max_stages(192, block_n, 4 if out_fp32 else 2)
+                    stages = fp8_gemm.stages_for(192, block_n, 4 if out_fp32 else 2)
                     configs.add(Fp8GemmConfig(192, block_n, stages, out_fp32, False))
     return configs
 

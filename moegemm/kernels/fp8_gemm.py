@@ -131,6 +131,15 @@ def _max_stages(block_m: int, block_n: int, out_bytes: int, split_k: int = 1) ->
     return stages
 
 
+def stages_for(block_m: int, block_n: int, out_bytes: int, split_k: int = 1) -> int:
+    """The stages the heuristic gives a tile: as many as fit, up to B_BYTES_IN_FLIGHT of B where the
+    cap applies; fewer than 3 (the tile does not pay) when shared memory holds no more."""
+    stages = _max_stages(block_m, block_n, out_bytes, split_k)
+    if stages < 3 or split_k > 2:
+        return stages
+    return min(stages, max(MIN_CAPPED_STAGES, B_BYTES_IN_FLIGHT // (block_n * BLOCK_K)))
+
+
 def _math_efficiency(block_m: int, block_n: int) -> float:
     """Share of the tensor-core rate a tile keeps: the per-K-block promotion costs about as much as
     32 columns of WGMMA. With one math warpgroup (BLOCK_M = 64) nothing hides it. With three (BLOCK_M
@@ -197,11 +206,9 @@ def select_config(m: int, n: int, k: int, out_fp32: bool, accumulate: bool, num_
                     break
                 if not valid_block_n(block_n, out_bytes, split_k):
                     continue
-                stages = _max_stages(block_m, block_n, out_bytes, split_k)
+                stages = stages_for(block_m, block_n, out_bytes, split_k)
                 if stages < 3:
                     continue
-                if split_k <= 2:
-                    stages = min(stages, max(MIN_CAPPED_STAGES, B_BYTES_IN_FLIGHT // (block_n * BLOCK_K)))
                 seconds, busiest_sm = _estimated_seconds(m, n, k, block_m, block_n, num_sms, out_bytes, split_k,
                                                          num_groups)
                 key = (round(seconds * 1e9), split_k, ceil_div(m, block_m) * block_m, round(busiest_sm * 1e9),
@@ -383,4 +390,4 @@ def plan_grouped(kind: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, n
 
 
 __all__ = ["Fp8GemmConfig", "Plan", "build", "generate_source", "plan", "plan_grouped", "select_config",
-           "select_grouped_config"]
+           "select_grouped_config", "stages_for"]
