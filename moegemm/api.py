@@ -49,9 +49,6 @@ def _check_fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb:
         checks.sm90(device)
 
 
-_SIGNATURE_D_DEVICE = 19  # where _signature holds d's device index
-
-
 def _signature(a, sfa, b, sfb, d, c) -> tuple:
     """What the checks and the plan depend on: dtypes, shapes, strides, devices, and the launch
     settings. One flat tuple: this runs on every call, and each attribute read costs ~0.1 us."""
@@ -67,7 +64,8 @@ def _sfa_ready(sfa: torch.Tensor, m: int) -> bool:
 
 
 # Call signatures already checked, mapped to (kernel plan or None for an empty problem, whether SFA
-# and SFB arrive in the kernel's layout). CPU calls map to None.
+# and SFB arrive in the kernel's layout, d's device index: part of the signature, so fixed per entry).
+# CPU calls map to None.
 _fp8_gemm_plans = PlanCache()
 
 
@@ -80,7 +78,7 @@ def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
             from .kernels import fp8_gemm
 
             plan = fp8_gemm.plan(a, b, d, c is not None, num_sms=num_sms_of(d.get_device()), pdl=get_pdl())
-        entry = (plan, _sfa_ready(sfa, a.shape[0]) and sfb.is_contiguous())
+        entry = (plan, _sfa_ready(sfa, a.shape[0]) and sfb.is_contiguous(), d.get_device())
     return _fp8_gemm_plans.store(key, entry)
 
 
@@ -119,7 +117,7 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
     if entry is None:
         reference.fp8_gemm_nt((a, sfa), (b, sfb), d, c)
         return
-    plan, scales_ready = entry
+    plan, scales_ready, device = entry
     a_ptr, b_ptr, d_ptr, sfa_ptr, sfb_ptr = a.data_ptr(), b.data_ptr(), d.data_ptr(), sfa.data_ptr(), sfb.data_ptr()
     if (a_ptr | b_ptr | d_ptr) & 15:
         _check_pointers_aligned(a, b, d)
@@ -132,7 +130,7 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
     if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
         sfa, sfb = _kernel_sfa(sfa), _kernel_sfb(sfb)  # each returns its input when already fit
         sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
-    plan.launch_pointers(key[_SIGNATURE_D_DEVICE], a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
+    plan.launch_pointers(device, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
 
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
