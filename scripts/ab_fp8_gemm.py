@@ -1,7 +1,8 @@
 """Kernel times of the heuristic's fp8_gemm_nt picks at M = 4096 (beside cuBLASLt) and of the grouped
 GEMMs, one line per run: the A/B comparisons of two builds in BENCHMARKS.md. Machines lent for a
 session differ by several percent, so both builds run alternately in one session, each from its own
-checkout and kernel cache (needs an SM90 GPU; `--grouped` / `--dense` times only those GEMMs):
+checkout and kernel cache (needs an SM90 GPU; `--grouped` / `--dense` times only those GEMMs, `--small`
+only the dense picks at M in {1, 64, 128}):
 
     for round in 1 2; do for tree in new old; do
         PYTHONPATH=$tree MOEGEMM_CACHE_DIR=/tmp/cache-$tree python3 scripts/ab_fp8_gemm.py $tree
@@ -20,6 +21,7 @@ DENSE = ((4096, 7168, 16384), (4096, 4096, 7168), (4096, 7168, 2048), (4096, 211
          (4096, 32768, 512))
 MASKED = ((32, 192, 4096, 7168), (32, 192, 7168, 2048), (32, 32, 4096, 7168))
 CONTIGUOUS = ((8, 8192, 4096, 7168), (4, 4096, 4096, 7168), (8, 4096, 7168, 2048))
+SMALL = tuple((m, n, k) for m in (1, 64, 128) for n, k in bench.FP8_GEMM_NK)
 
 
 def dense_us(m: int, n: int, k: int) -> tuple[float, float]:
@@ -50,7 +52,18 @@ def contiguous_us(num_groups: int, m: int, n: int, k: int) -> float:
     return bench.kernel_time_us(lambda: plan.launch(a, sfa, b, sfb, d, groups), iters=20)
 
 
-def main(tag: str, dense: bool, grouped: bool) -> None:
+def small_us(m: int, n: int, k: int) -> float:
+    _, _, a, sfa, b, sfb = bench._fp8_inputs(m, n, k)
+    sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa)
+    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    plan = fp8_gemm.plan(a, b, d, False, moegemm.get_num_sms())
+    return bench.kernel_time_us(lambda: plan.launch(a, sfa, b, sfb, d), iters=30)
+
+
+def main(tag: str, dense: bool, grouped: bool, small: bool) -> None:
+    if small:
+        print(tag, " | ".join(f"{m}x{n}x{k} {small_us(m, n, k):.2f}" for m, n, k in SMALL), flush=True)
+        return
     parts = [f"{n}x{k} %.1f/%.1f" % dense_us(m, n, k) for m, n, k in DENSE] if dense else []
     if grouped:
         parts += [f"masked {g}x{m}x{n}x{k} {masked_us(g, m, n, k):.1f}" for g, m, n, k in MASKED]
@@ -61,4 +74,4 @@ def main(tag: str, dense: bool, grouped: bool) -> None:
 if __name__ == "__main__":
     flags = {arg for arg in sys.argv[1:] if arg.startswith("--")}
     args = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
-    main(args[0] if args else "", "--grouped" not in flags, "--dense" not in flags)
+    main(args[0] if args else "", "--grouped" not in flags, "--dense" not in flags, "--small" in flags)
