@@ -116,8 +116,8 @@ def test_every_config(config, m, n, k, seed):
 @pytest.mark.parametrize("m", [257, 40, 20])
 def test_split_k_many_tiles_per_cluster(config, m, seed):
     """Few SMs: each cluster reduces many tiles in turn, reusing its reduce buffers. The last
-    block-row holds rows for 1, 3 or 2 of a warpgroup's warps (only those exchange partial sums),
-    or none (a 128-row block's second warpgroup)."""
+    block-row holds rows of 1, 3 or 2 of a warpgroup's four 16-row warps, or of none (a 128-row
+    block's second warpgroup)."""
     n, k = 1000, 1040
     _, _, a, b = make_inputs(m, n, k)
     sfa = get_mn_major_tma_aligned_tensor(a[1])
