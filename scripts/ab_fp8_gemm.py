@@ -24,14 +24,19 @@ CONTIGUOUS = ((8, 8192, 4096, 7168), (4, 4096, 4096, 7168), (8, 4096, 7168, 2048
 SMALL = tuple((m, n, k) for m in (1, 64, 128) for n, k in bench.FP8_GEMM_NK)
 
 
+def pick_us(a, sfa, b, sfb, iters: int) -> float:
+    """Kernel time of the heuristic's pick on these inputs (``sfa`` as the cast returns it)."""
+    sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa)
+    d = torch.empty(a.shape[0], b.shape[0], device="cuda", dtype=torch.bfloat16)
+    plan = fp8_gemm.plan(a, b, d, False, moegemm.get_num_sms())
+    return bench.kernel_time_us(lambda: plan.launch(a, sfa, b, sfb, d), iters=iters)
+
+
 def dense_us(m: int, n: int, k: int) -> tuple[float, float]:
     """(moegemm, cuBLASLt) kernel times."""
     _, _, a, sfa, b, sfb = bench._fp8_inputs(m, n, k)
     cublas = bench.kernel_time_us(bench._cublaslt_blockwise(a, sfa, b, sfb)[0], iters=20)
-    sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa)
-    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    plan = fp8_gemm.plan(a, b, d, False, moegemm.get_num_sms())
-    return bench.kernel_time_us(lambda: plan.launch(a, sfa, b, sfb, d), iters=20), cublas
+    return pick_us(a, sfa, b, sfb, iters=20), cublas
 
 
 def masked_us(num_groups: int, m: int, n: int, k: int) -> float:
@@ -52,17 +57,10 @@ def contiguous_us(num_groups: int, m: int, n: int, k: int) -> float:
     return bench.kernel_time_us(lambda: plan.launch(a, sfa, b, sfb, d, groups), iters=20)
 
 
-def small_us(m: int, n: int, k: int) -> float:
-    _, _, a, sfa, b, sfb = bench._fp8_inputs(m, n, k)
-    sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa)
-    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    plan = fp8_gemm.plan(a, b, d, False, moegemm.get_num_sms())
-    return bench.kernel_time_us(lambda: plan.launch(a, sfa, b, sfb, d), iters=30)
-
-
 def main(tag: str, dense: bool, grouped: bool, small: bool) -> None:
     if small:
-        print(tag, " | ".join(f"{m}x{n}x{k} {small_us(m, n, k):.2f}" for m, n, k in SMALL), flush=True)
+        parts = [f"{m}x{n}x{k} {pick_us(*bench._fp8_inputs(m, n, k)[2:], iters=30):.2f}" for m, n, k in SMALL]
+        print(tag, " | ".join(parts), flush=True)
         return
     parts = [f"{n}x{k} %.1f/%.1f" % dense_us(m, n, k) for m, n, k in DENSE] if dense else []
     if grouped:
