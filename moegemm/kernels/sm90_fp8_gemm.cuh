@@ -353,19 +353,24 @@ __device__ __forceinline__ void fp8_gemm_pass_stages(u32 num_k_blocks, Ring& rin
 }
 
 // Split-K: sum the cluster's partial tiles into this CTA's column slice (see the top of the file).
-// `round` counts the tiles this CTA has reduced before.
+// `round` counts the tiles this CTA has reduced before. Only the first `row_warps` warps of the
+// warpgroup hold rows of D (16 each): the others exchange nothing (at M = 1 a quarter of the traffic).
+// At least one warp exchanges in every round, even with no rows: waiting for a peer's bytes keeps the
+// cluster's CTAs within a round of each other. Without it a CTA could arrive twice on a peer's
+// reduce_free before the peer waits once, and the parity the peer polls would never show completion.
 template <class Config>
 __device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, u32 reduce_wg, Barrier& reduce_full,
-                                                        Barrier& reduce_free, u32 rank, u32 round) {
+                                                        Barrier& reduce_free, u32 rank, u32 round, u32 row_warps) {
     constexpr u32 S = Config::kSplitK, kGroups = Config::kOutCols / 8;
     const u32 thread_offset = threadIdx.x % 128 * 16;
     auto piece = [&](u32 slot, u32 group) { return reduce_wg + (slot * kGroups + group) * 128 * 16 + thread_offset; };
+    const bool has_rows = warp_id() % 4 < row_warps;
     // The owners must have read the previous tile's partials before they are overwritten.
     if (round > 0) reduce_free.wait((round - 1) & 1);
-    if (threadIdx.x % 128 == 0) reduce_full.arrive_expect_tx((S - 1) * Config::kReduceSlotBytes);
+    if (threadIdx.x % 128 == 0) reduce_full.arrive_expect_tx((S - 1) * Config::kReduceSlotBytes / 4 * row_warps);
 #pragma unroll
     for (u32 owner = 0; owner < S; ++owner) {
-        if (owner == rank) continue;
+        if (owner == rank || !has_rows) continue;
         const u32 slot = rank - (rank > owner);
 #pragma unroll
         for (u32 g = 0; g < kGroups; ++g) {
@@ -373,10 +378,10 @@ __device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, u32 reduc
             st_async_cluster_v4_f32(piece(slot, g), &reduce_full, owner, v[0], v[1], v[2], v[3]);
         }
     }
-    reduce_full.wait(round & 1);
+    if (has_rows) reduce_full.wait(round & 1);
 #pragma unroll
     for (u32 owner = 0; owner < S; ++owner) {
-        if (owner != rank) continue;
+        if (owner != rank || !has_rows) continue;
 #pragma unroll
         for (u32 g = 0; g < kGroups; ++g) {
             float* mine = totals + (owner * kGroups + g) * 4;
@@ -619,8 +624,12 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             }
         }
 
-        if constexpr (Config::kSplitK > 1)
-            fp8_gemm_reduce_split_k<Config>(totals, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++);
+        if constexpr (Config::kSplitK > 1) {
+            const u32 y = tile.row + wg * 64;
+            const u32 row_warps = tile.row_limit > y ? min(4u, ceil_div(tile.row_limit - y, 16u)) : 1;
+            fp8_gemm_reduce_split_k<Config>(totals, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++,
+                                            row_warps);
+        }
 
         done = tile;
         done_rows = slab_rows;
