@@ -25,8 +25,8 @@
 // Split-K (kSplitK > 1, for few tiles): a cluster of kSplitK CTAs shares a tile, CTA r taking the
 // r-th run of K blocks. The partial tiles are then reduced through distributed shared memory:
 // CTA r owns columns [r, r + 1) * BLOCK_N / kSplitK of the tile, receives the other CTAs' partial
-// sums of those columns into its reduce buffer, adds all of them in split order (deterministic) and
-// stores them. Per math warpgroup: the senders' asynchronous remote stores (st.async) complete the
+// sums of those columns (from the 16-row warps whose rows exist) into its reduce buffer, adds all of
+// them in split order (deterministic) and stores them. Per math warpgroup: the senders' asynchronous remote stores (st.async) complete the
 // transaction bytes of the owner's reduce_full (its wait makes the data visible, no fences), and
 // reduce_free counts the owners' arrivals (they have read the buffer: the next tile's partials may
 // overwrite it).
@@ -625,6 +625,7 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         }
 
         if constexpr (Config::kSplitK > 1) {
+            // Warps holding rows of D; one even with none (fp8_gemm_reduce_split_k says why).
             const u32 y = tile.row + wg * 64;
             const u32 row_warps = tile.row_limit > y ? min(4u, ceil_div(tile.row_limit - y, 16u)) : 1;
             fp8_gemm_reduce_split_k<Config>(totals, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++,
