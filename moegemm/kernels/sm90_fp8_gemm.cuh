@@ -26,10 +26,10 @@
 // r-th run of K blocks. The partial tiles are then reduced through distributed shared memory:
 // CTA r owns columns [r, r + 1) * BLOCK_N / kSplitK of the tile, receives the other CTAs' partial
 // sums of those columns (from the 16-row warps whose rows exist) into its reduce buffer, adds all of
-// them in split order (deterministic) and stores them. Per math warpgroup: the senders' asynchronous remote stores (st.async) complete the
-// transaction bytes of the owner's reduce_full (its wait makes the data visible, no fences), and
-// reduce_free counts the owners' arrivals (they have read the buffer: the next tile's partials may
-// overwrite it).
+// them in split order (deterministic) and stores them. Per math warpgroup: the senders'
+// asynchronous remote stores (st.async) complete the transaction bytes of the owner's reduce_full
+// (its wait makes the data visible, no fences), and reduce_free counts the owners' arrivals (they
+// have read the buffer: the next tile's partials may overwrite it).
 // With kClusterM == 2 the two CTAs of a cluster compute vertically adjacent tiles with the same B
 // tile: each loads half of B's rows and multicasts them into both CTAs' slots, halving B's L2
 // traffic (kMasked: on an expert of one block-row the pair takes adjacent column blocks instead, each
@@ -353,17 +353,21 @@ __device__ __forceinline__ void fp8_gemm_pass_stages(u32 num_k_blocks, Ring& rin
 }
 
 // Split-K: sum the cluster's partial tiles into this CTA's column slice (see the top of the file).
-// `round` counts the tiles this CTA has reduced before. Only the first `row_warps` warps of the
-// warpgroup hold rows of D (16 each): the others exchange nothing (at M = 1 a quarter of the traffic).
-// At least one warp exchanges in every round, even with no rows: waiting for a peer's bytes keeps the
-// cluster's CTAs within a round of each other. Without it a CTA could arrive twice on a peer's
-// reduce_free before the peer waits once, and the parity the peer polls would never show completion.
+// `round` counts the tiles this CTA has reduced before. Only the warps of the warpgroup that hold rows
+// of D (16 each) exchange: the others send, wait for and add nothing (at M = 1 a quarter of the
+// traffic). At least one warp exchanges in every round, even with no rows: waiting for a peer's bytes
+// keeps the cluster's CTAs within a round of each other. Without it a CTA could arrive twice on a
+// peer's reduce_free before the peer waits once, and the parity the peer polls would never show
+// completion.
 template <class Config>
-__device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, u32 reduce_wg, Barrier& reduce_full,
-                                                        Barrier& reduce_free, u32 rank, u32 round, u32 row_warps) {
+__device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, const Tile& tile, u32 reduce_wg,
+                                                        Barrier& reduce_full, Barrier& reduce_free, u32 rank,
+                                                        u32 round) {
     constexpr u32 S = Config::kSplitK, kGroups = Config::kOutCols / 8;
     const u32 thread_offset = threadIdx.x % 128 * 16;
     auto piece = [&](u32 slot, u32 group) { return reduce_wg + (slot * kGroups + group) * 128 * 16 + thread_offset; };
+    const u32 y = tile.row + threadIdx.x / 128 * 64;
+    const u32 row_warps = tile.row_limit > y ? min(4u, ceil_div(tile.row_limit - y, 16u)) : 1;
     const bool has_rows = warp_id() % 4 < row_warps;
     // The owners must have read the previous tile's partials before they are overwritten.
     if (round > 0) reduce_free.wait((round - 1) & 1);
@@ -624,13 +628,8 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
             }
         }
 
-        if constexpr (Config::kSplitK > 1) {
-            // Warps holding rows of D; one even with none (fp8_gemm_reduce_split_k says why).
-            const u32 y = tile.row + wg * 64;
-            const u32 row_warps = tile.row_limit > y ? min(4u, ceil_div(tile.row_limit - y, 16u)) : 1;
-            fp8_gemm_reduce_split_k<Config>(totals, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++,
-                                            row_warps);
-        }
+        if constexpr (Config::kSplitK > 1)
+            fp8_gemm_reduce_split_k<Config>(totals, tile, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++);
 
         done = tile;
         done_rows = slab_rows;
