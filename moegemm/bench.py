@@ -258,6 +258,7 @@ class GroupedRow:
     tbps: float
     cublaslt_loop_us: float | None
     speedup: float | None
+    unscaled_loop_us: float
     diff_dequant: float
 
 
@@ -277,16 +278,27 @@ def _grouped_inputs(num_groups: int, m: int, n: int, k: int, masked: bool):
     return a, sfa, b, sfb
 
 
+def _expert_operands(a, sfa, num_groups: int, m: int):
+    """Each expert's rows of A and of its scales."""
+    for g in range(num_groups):
+        rows = slice(g * m, (g + 1) * m)
+        yield (a[g], sfa[g]) if a.dim() == 3 else (a[rows], sfa[rows])
+
+
 def _cublaslt_loop(a, sfa, b, sfb, num_groups: int, m: int):
     """One cuBLASLt blockwise call per expert, scale layouts prepared outside the timing."""
     calls = []
-    for g in range(num_groups):
-        rows = slice(g * m, (g + 1) * m)
-        a_g, sfa_g = (a[g], sfa[g]) if a.dim() == 3 else (a[rows], sfa[rows])
+    for g, (a_g, sfa_g) in enumerate(_expert_operands(a, sfa, num_groups, m)):
         call, _ = _cublaslt_blockwise(a_g, sfa_g, b[g], sfb[g])
         if call is None:
             return None
         calls.append(call)
+    return lambda: [call() for call in calls]
+
+
+def _unscaled_loop(a, sfa, b, num_groups: int, m: int):
+    """One cuBLAS call per expert on the same FP8 operands with per-tensor scales (the unscaled bound)."""
+    calls = [_cublas_per_tensor(a_g, b[g]) for g, (a_g, _) in enumerate(_expert_operands(a, sfa, num_groups, m))]
     return lambda: [call() for call in calls]
 
 
@@ -313,10 +325,11 @@ def bench_grouped_shape(layout: str, num_groups: int, m: int, n: int, k: int, it
     del ref
     cublas = _cublaslt_loop(a, sfa, b, sfb, num_groups, m)
     t_cublas = kernel_time_us(cublas, iters) if cublas else None
+    t_unscaled = kernel_time_us(_unscaled_loop(a, sfa, b, num_groups, m), iters)
     rows = num_groups * m
     bytes_moved = rows * k + b.numel() + 4 * (sfa.numel() + sfb.numel()) + 2 * rows * n
     return GroupedRow(layout, num_groups, m, n, k, t_ours, 2 * rows * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6,
-                      t_cublas, (t_cublas / t_ours) if t_cublas else None, diff)
+                      t_cublas, (t_cublas / t_ours) if t_cublas else None, t_unscaled, diff)
 
 
 def bench_grouped(iters: int = 20) -> list[GroupedRow]:
@@ -326,13 +339,15 @@ def bench_grouped(iters: int = 20) -> list[GroupedRow]:
 
 def print_grouped_table(rows: list[GroupedRow]) -> None:
     print("\nMoE grouped FP8 GEMMs (BF16 out) vs one cuBLASLt blockwise call per expert "
-          "(torch._scaled_grouped_mm has no 1x128/128x128 blockwise scaling)")
+          "(torch._scaled_grouped_mm has no 1x128/128x128 blockwise scaling) and one unscaled cuBLAS call "
+          "(per-tensor scales) per expert")
     print(f"{'layout':>10} {'G':>3} {'M/G':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} {'TB/s':>5} | "
-          f"{'cuBLASLt loop us':>16} {'x':>5} | {'diff':>8}")
+          f"{'cuBLASLt loop us':>16} {'x':>5} | {'unscaled loop us':>16} {'TFLOPS':>7} | {'diff':>8}")
     for r in rows:
+        unscaled_tflops = 2 * r.groups * r.m_per_group * r.n * r.k / r.unscaled_loop_us / 1e6
         print(f"{r.layout:>10} {r.groups:3d} {r.m_per_group:5d} {r.n:6d} {r.k:6d} | {r.moegemm_us:8.1f} "
               f"{r.tflops:7.0f} {r.tbps:5.2f} | {_fmt(r.cublaslt_loop_us, '16.1f')} {_fmt(r.speedup, '5.2f')} | "
-              f"{r.diff_dequant:8.1e}")
+              f"{r.unscaled_loop_us:16.1f} {unscaled_tflops:7.0f} | {r.diff_dequant:8.1e}")
 
 
 def print_cast_table(rows: list[CastRow]) -> None:
