@@ -88,7 +88,7 @@ class GemmRow:
     tbps: float
     cublaslt_us: float | None
     speedup: float | None
-    per_tensor_us: float | None
+    unscaled_us: float | None
     bf16_us: float
     diff_dequant: float
     diff_bf16: float
@@ -122,7 +122,7 @@ def _cublaslt_blockwise(a, sfa, b, sfb):
 
 def _cublas_per_tensor(a, b):
     """A callable running torch._scaled_mm on the same FP8 operands with one scale per tensor: the
-    product without the fine-grained scaling, which bounds what a blockwise-scaled kernel can reach
+    product without the fine-grained scaling's work, a practical bound for a blockwise-scaled kernel
     on the shape. cuBLASLt wants M a multiple of 16, so A is padded outside the timing."""
     pad = -a.shape[0] % 16
     if pad:
@@ -143,11 +143,11 @@ def bench_fp8_gemm_shape(m: int, n: int, k: int, iters: int = 30) -> GemmRow:
     exact = x.float() @ w.float().t()
     cublas, _ = _cublaslt_blockwise(a, sfa, b, sfb)
     t_cublas = kernel_time_us(cublas, iters) if cublas else None
-    t_per_tensor = kernel_time_us(_cublas_per_tensor(a, b), iters)
+    t_unscaled = kernel_time_us(_cublas_per_tensor(a, b), iters)
     t_bf16 = kernel_time_us(lambda: x @ w.t(), iters)
     bytes_moved = m * k + n * k + 4 * (sfa.numel() + sfb.numel()) + 2 * m * n
     return GemmRow(m, n, k, t_ours, 2 * m * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6, t_cublas,
-                   (t_cublas / t_ours) if t_cublas else None, t_per_tensor, t_bf16,
+                   (t_cublas / t_ours) if t_cublas else None, t_unscaled, t_bf16,
                    utils.calc_diff(d.float(), ref), utils.calc_diff(d.float(), exact))
 
 
@@ -167,15 +167,15 @@ def print_gemm_table(title: str, rows: list[GemmRow]) -> None:
     print(f"{'M':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} {'TB/s':>5} | {'cuBLASLt us':>11} {'x':>5} | "
           f"{'unscaled us':>11} {'TFLOPS':>7} | {'bf16 us':>8} | {'diff':>8}")
     for r in rows:
-        unscaled_tflops = 2 * r.m * r.n * r.k / r.per_tensor_us / 1e6 if r.per_tensor_us else None
+        unscaled_tflops = 2 * r.m * r.n * r.k / r.unscaled_us / 1e6 if r.unscaled_us else None
         print(f"{r.m:>5} {r.n:>6} {r.k:>6} | {r.moegemm_us:>8.1f} {r.tflops:>7.0f} {r.tbps:>5.2f} | "
-              f"{_fmt(r.cublaslt_us, '>11.1f')} {_fmt(r.speedup, '>5.2f')} | {_fmt(r.per_tensor_us, '>11.1f')} "
+              f"{_fmt(r.cublaslt_us, '>11.1f')} {_fmt(r.speedup, '>5.2f')} | {_fmt(r.unscaled_us, '>11.1f')} "
               f"{_fmt(unscaled_tflops, '>7.0f')} | {r.bf16_us:>8.1f} | {r.diff_dequant:>8.1e}")
     large = [r for r in rows if r.m >= 4096]
     speedups = [r.speedup for r in large if r.speedup]
     if speedups:
         print(f"geometric-mean speed-up over cuBLASLt at M >= 4096: {statistics.geometric_mean(speedups):.3f}")
-    unscaled = [r.per_tensor_us / r.moegemm_us for r in large if r.per_tensor_us]
+    unscaled = [r.unscaled_us / r.moegemm_us for r in large if r.unscaled_us]
     if unscaled:
         print(f"geometric mean of the unscaled product's time over ours at M >= 4096: "
               f"{statistics.geometric_mean(unscaled):.3f}")
