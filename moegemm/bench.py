@@ -88,7 +88,7 @@ class GemmRow:
     tbps: float
     cublaslt_us: float | None
     speedup: float | None
-    unscaled_us: float | None
+    unscaled_us: float
     bf16_us: float
     diff_dequant: float
     diff_bf16: float
@@ -167,15 +167,15 @@ def print_gemm_table(title: str, rows: list[GemmRow]) -> None:
     print(f"{'M':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} {'TB/s':>5} | {'cuBLASLt us':>11} {'x':>5} | "
           f"{'unscaled us':>11} {'TFLOPS':>7} | {'bf16 us':>8} | {'diff':>8}")
     for r in rows:
-        unscaled_tflops = 2 * r.m * r.n * r.k / r.unscaled_us / 1e6 if r.unscaled_us else None
+        unscaled_tflops = 2 * r.m * r.n * r.k / r.unscaled_us / 1e6
         print(f"{r.m:>5} {r.n:>6} {r.k:>6} | {r.moegemm_us:>8.1f} {r.tflops:>7.0f} {r.tbps:>5.2f} | "
-              f"{_fmt(r.cublaslt_us, '>11.1f')} {_fmt(r.speedup, '>5.2f')} | {_fmt(r.unscaled_us, '>11.1f')} "
-              f"{_fmt(unscaled_tflops, '>7.0f')} | {r.bf16_us:>8.1f} | {r.diff_dequant:>8.1e}")
+              f"{_fmt(r.cublaslt_us, '>11.1f')} {_fmt(r.speedup, '>5.2f')} | {r.unscaled_us:>11.1f} "
+              f"{unscaled_tflops:>7.0f} | {r.bf16_us:>8.1f} | {r.diff_dequant:>8.1e}")
     large = [r for r in rows if r.m >= 4096]
     speedups = [r.speedup for r in large if r.speedup]
     if speedups:
         print(f"geometric-mean speed-up over cuBLASLt at M >= 4096: {statistics.geometric_mean(speedups):.3f}")
-    unscaled = [r.unscaled_us / r.moegemm_us for r in large if r.unscaled_us]
+    unscaled = [r.unscaled_us / r.moegemm_us for r in large]
     if unscaled:
         print(f"geometric mean of the unscaled product's time over ours at M >= 4096: "
               f"{statistics.geometric_mean(unscaled):.3f}")
