@@ -278,27 +278,25 @@ def _grouped_inputs(num_groups: int, m: int, n: int, k: int, masked: bool):
     return a, sfa, b, sfb
 
 
-def _expert_operands(a, sfa, num_groups: int, m: int):
-    """Each expert's rows of A and of its scales."""
-    for g in range(num_groups):
-        rows = slice(g * m, (g + 1) * m)
-        yield (a[g], sfa[g]) if a.dim() == 3 else (a[rows], sfa[rows])
+def _expert_rows(t: torch.Tensor, g: int, m: int) -> torch.Tensor:
+    """Expert ``g``'s ``m`` rows of A or of its scales ([G, m, ...] masked, [G * m, ...] contiguous)."""
+    return t[g] if t.dim() == 3 else t[g * m:(g + 1) * m]
 
 
 def _cublaslt_loop(a, sfa, b, sfb, num_groups: int, m: int):
     """One cuBLASLt blockwise call per expert, scale layouts prepared outside the timing."""
     calls = []
-    for g, (a_g, sfa_g) in enumerate(_expert_operands(a, sfa, num_groups, m)):
-        call, _ = _cublaslt_blockwise(a_g, sfa_g, b[g], sfb[g])
+    for g in range(num_groups):
+        call, _ = _cublaslt_blockwise(_expert_rows(a, g, m), _expert_rows(sfa, g, m), b[g], sfb[g])
         if call is None:
             return None
         calls.append(call)
     return lambda: [call() for call in calls]
 
 
-def _unscaled_loop(a, sfa, b, num_groups: int, m: int):
+def _unscaled_loop(a, b, num_groups: int, m: int):
     """One cuBLAS call per expert on the same FP8 operands with per-tensor scales (the unscaled bound)."""
-    calls = [_cublas_per_tensor(a_g, b[g]) for g, (a_g, _) in enumerate(_expert_operands(a, sfa, num_groups, m))]
+    calls = [_cublas_per_tensor(_expert_rows(a, g, m), b[g]) for g in range(num_groups)]
     return lambda: [call() for call in calls]
 
 
@@ -325,7 +323,7 @@ def bench_grouped_shape(layout: str, num_groups: int, m: int, n: int, k: int, it
     del ref
     cublas = _cublaslt_loop(a, sfa, b, sfb, num_groups, m)
     t_cublas = kernel_time_us(cublas, iters) if cublas else None
-    t_unscaled = kernel_time_us(_unscaled_loop(a, sfa, b, num_groups, m), iters)
+    t_unscaled = kernel_time_us(_unscaled_loop(a, b, num_groups, m), iters)
     rows = num_groups * m
     bytes_moved = rows * k + b.numel() + 4 * (sfa.numel() + sfb.numel()) + 2 * rows * n
     return GroupedRow(layout, num_groups, m, n, k, t_ours, 2 * rows * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6,
