@@ -131,6 +131,7 @@ struct Fp8GemmConfig {
     // Split-K reduce buffer, per math warpgroup: one slot per sender, holding each thread's 16-byte
     // pieces (four floats of an 8-column group) thread-contiguous, so accesses are conflict-free.
     static constexpr u32 kReduceSlotBytes = kOutCols / 8 * 128 * 16;
+    static constexpr u32 kReduceWarpBytes = kReduceSlotBytes / 4;  // one warp's pieces of a slot
     static constexpr u32 kReduceBytes = kSplitK > 1 ? kNumMathWarpgroups * (kSplitK - 1) * kReduceSlotBytes : 0;
     static constexpr u32 kNumBarriers = 2 * kStages + (kSplitK > 1 ? 2 * kNumMathWarpgroups : 0);
     static constexpr u32 kSmemBytes =
@@ -353,25 +354,24 @@ __device__ __forceinline__ void fp8_gemm_pass_stages(u32 num_k_blocks, Ring& rin
 }
 
 // Split-K: sum the cluster's partial tiles into this CTA's column slice (see the top of the file).
-// `round` counts the tiles this CTA has reduced before. Only the warps of the warpgroup that hold rows
-// of D (16 each) exchange: the others send, wait for and add nothing (at M = 1 a quarter of the
-// traffic). At least one warp exchanges in every round, even with no rows: waiting for a peer's bytes
-// keeps the cluster's CTAs within a round of each other. Without it a CTA could arrive twice on a
-// peer's reduce_free before the peer waits once, and the parity the peer polls would never show
-// completion.
+// `y` is the warpgroup's first row; `round` counts the tiles this CTA has reduced before. Only the
+// warps of the warpgroup that hold rows of D (16 each) exchange: the others send, wait for and add
+// nothing (at M = 1 a quarter of the traffic). At least one warp exchanges in every round, even with
+// no rows: waiting for a peer's bytes keeps the cluster's CTAs within a round of each other. Without
+// it a CTA could arrive twice on a peer's reduce_free before the peer waits once, and the parity the
+// peer polls would never show completion.
 template <class Config>
-__device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, const Tile& tile, u32 reduce_wg,
+__device__ __forceinline__ void fp8_gemm_reduce_split_k(float* totals, const Tile& tile, u32 y, u32 reduce_wg,
                                                         Barrier& reduce_full, Barrier& reduce_free, u32 rank,
                                                         u32 round) {
     constexpr u32 S = Config::kSplitK, kGroups = Config::kOutCols / 8;
     const u32 thread_offset = threadIdx.x % 128 * 16;
     auto piece = [&](u32 slot, u32 group) { return reduce_wg + (slot * kGroups + group) * 128 * 16 + thread_offset; };
-    const u32 y = tile.row + threadIdx.x / 128 * 64;
     const u32 row_warps = tile.row_limit > y ? min(4u, ceil_div(tile.row_limit - y, 16u)) : 1;
     const bool has_rows = warp_id() % 4 < row_warps;
     // The owners must have read the previous tile's partials before they are overwritten.
     if (round > 0) reduce_free.wait((round - 1) & 1);
-    if (threadIdx.x % 128 == 0) reduce_full.arrive_expect_tx((S - 1) * Config::kReduceSlotBytes / 4 * row_warps);
+    if (threadIdx.x % 128 == 0) reduce_full.arrive_expect_tx((S - 1) * Config::kReduceWarpBytes * row_warps);
 #pragma unroll
     for (u32 owner = 0; owner < S; ++owner) {
         if (owner == rank || !has_rows) continue;
@@ -549,8 +549,9 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         const u32 sfb_row = sfb_first_index(tile, BN, p.n, num_k_blocks);
         const SfbShifts sfb_shifts{sfb_row % Config::kSfbBoxK, (sfb_row + num_k_blocks) % Config::kSfbBoxK,
                                    p.sfb_box_rows == 2 ? Config::kSfbBoxK : Config::kSfbRowSlotBytes / 4};
+        const u32 y = tile.row + wg * 64;  // the warpgroup's first row
         SlabRows slab_rows{};  // filled by load() for kContiguous only
-        slab_rows.load<Config>(p, tile.row + wg * 64);
+        slab_rows.load<Config>(p, y);
         u32 next_k_block = k_begin;  // of the next issue
         auto issue = [&](float* scratch) {
             const BlockScales scales = fp8_gemm_issue<Config>(next_k_block++, sfb_shifts, ring.stage, ring.phase,
@@ -629,7 +630,8 @@ __device__ __forceinline__ void fp8_gemm_consumer(const Fp8GemmParams& p, u8* sm
         }
 
         if constexpr (Config::kSplitK > 1)
-            fp8_gemm_reduce_split_k<Config>(totals, tile, reduce_wg, reduce_full[wg], reduce_free[wg], rank, round++);
+            fp8_gemm_reduce_split_k<Config>(totals, tile, y, reduce_wg, reduce_full[wg], reduce_free[wg], rank,
+                                            round++);
 
         done = tile;
         done_rows = slab_rows;
