@@ -1,8 +1,9 @@
-"""Command line: ``python -m moegemm info | bench [--json PATH] | cache clear``."""
+"""Command line: ``python -m moegemm info | bench [--json PATH] | cache clear | --version``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -56,25 +57,52 @@ def _bench(json_path: str | None) -> int:
 def _cache_clear() -> int:
     from .jit import compiler
 
-    freed = compiler.clear_cache()
-    print(f"removed {compiler.cache_dir()} ({freed / 2**20:.1f} MiB)")
+    root = compiler.cache_dir()
+    try:
+        removed, freed = compiler.clear_cache(root)
+    except compiler.CacheClearRefused as error:
+        print(f"moegemm cache clear: {error}", file=sys.stderr)
+        return 2
+    if not removed:
+        print(f"nothing to remove: {root} does not exist")
+    for path in removed:
+        print(f"removed {path}")
+    if removed:
+        print(f"freed {freed / 2**20:.1f} MiB")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moegemm", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="GPU, compiler, cache and which kernels this GPU runs")
-    bench = commands.add_parser("bench", help="benchmarks beside cuBLAS (needs an SM90 GPU)")
-    bench.add_argument("--json", help="also write the results to this file")
-    cache = commands.add_parser("cache", help="manage the kernel cache")
-    cache.add_argument("action", choices=["clear"])
-    args = parser.parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     if args.command == "info":
         return _info()
     if args.command == "bench":
         return _bench(args.json)
     return _cache_clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="python -m moegemm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"moegemm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="GPU, compiler, cache and which kernels this GPU runs")
+    bench = commands.add_parser("bench", help="benchmarks beside cuBLAS (needs an SM90 GPU)")
+    bench.add_argument("--json", help="also write the results to this file")
+    cache = commands.add_parser("cache", help="manage the kernel cache: `clear` deletes the kernels/ and host/ "
+                                "folders moegemm wrote under MOEGEMM_CACHE_DIR, its marker file, and the folder "
+                                "itself once empty")
+    cache.add_argument("action", choices=["clear"])
+    args = parser.parse_args(argv)
+    try:
+        code = _run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`python -m moegemm info | head -2`): stop quietly. Output still
+        # buffered for the closed pipe goes to /dev/null, so the flush at exit cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code
 
 
 if __name__ == "__main__":

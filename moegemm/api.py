@@ -53,9 +53,9 @@ def _signature(a, sfa, b, sfb, d, c) -> tuple:
     """What the checks and the plan depend on: dtypes, shapes, strides, devices, and the launch
     settings. One flat tuple: this runs on every call, and each attribute read costs ~0.1 us."""
     return (a.dtype, a.shape, a.stride(), sfa.dtype, sfa.shape, sfa.stride(), b.dtype, b.shape, b.stride(),
-            sfb.dtype, sfb.shape, sfb.stride(), d.dtype, d.shape, d.stride(), a.get_device(), sfa.get_device(),
-            b.get_device(), sfb.get_device(), d.get_device(),
-            None if c is None else (c.dtype, c.shape, c.stride(), c.get_device()), get_pdl(), utils._num_sms_override)
+            sfb.dtype, sfb.shape, sfb.stride(), d.dtype, d.shape, d.stride(), a.device, sfa.device,
+            b.device, sfb.device, d.device,
+            None if c is None else (c.dtype, c.shape, c.stride(), c.device), get_pdl(), utils._num_sms_override)
 
 
 def _sfa_ready(sfa: torch.Tensor, m: int) -> bool:
@@ -63,23 +63,29 @@ def _sfa_ready(sfa: torch.Tensor, m: int) -> bool:
     return sfa.stride(0) == 1 and (sfa.shape[1] == 1 or sfa.stride(1) == get_tma_aligned_size(m, 4))
 
 
-# Call signatures already checked, mapped to (kernel plan or None for an empty problem, whether SFA
-# and SFB arrive in the kernel's layout, d's device index: part of the signature, so fixed per entry).
-# CPU calls map to None.
+# Call signatures already checked, mapped to the tuple _fp8_gemm_nt_plan describes.
 _fp8_gemm_plans = PlanCache()
+_DENSE_NAMES = ("d", "a", "sfa", "b", "sfb")
+_DENSE_NAMES_C = ("c", *_DENSE_NAMES)
 
 
-def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple | None:
+def _fp8_gemm_nt_plan(key: tuple, a, sfa, b, sfb, d, c) -> tuple:
+    """(kernel plan, None for the CPU or an empty problem; d's CUDA device index, None
+    on the CPU; whether SFA and SFB arrive in the kernel's layout; the byte spans of d, a, sfa, b, sfb;
+    those of c and the same five, None without c; whether c has d's strides, so that it may be d)."""
     _check_fp8_gemm_nt(a, sfa, b, sfb, d, c)
-    entry = None
-    if d.is_cuda:
-        plan = None
-        if a.shape[0] > 0 and d.shape[1] > 0 and a.shape[1] > 0:
-            from .kernels import fp8_gemm
+    spans = tuple(checks.byte_span(t) for t in (d, a, sfa, b, sfb))
+    c_spans = None if c is None else (checks.byte_span(c), *spans)
+    c_like_d = c is not None and c.stride() == d.stride()
+    if not d.is_cuda:
+        return _fp8_gemm_plans.store(key, (None, None, False, spans, c_spans, c_like_d))
+    plan = None
+    if a.shape[0] > 0 and d.shape[1] > 0 and a.shape[1] > 0:
+        from .kernels import fp8_gemm
 
-            plan = fp8_gemm.plan(a, b, d, c is not None, num_sms=num_sms_of(d.get_device()), pdl=get_pdl())
-        entry = (plan, _sfa_ready(sfa, a.shape[0]) and sfb.is_contiguous(), d.get_device())
-    return _fp8_gemm_plans.store(key, entry)
+        plan = fp8_gemm.plan(a, b, d, c is not None, num_sms=num_sms_of(d.get_device()), pdl=get_pdl())
+    scales_ready = _sfa_ready(sfa, a.shape[0]) and sfb.is_contiguous()
+    return _fp8_gemm_plans.store(key, (plan, d.get_device(), scales_ready, spans, c_spans, c_like_d))
 
 
 def _check_pointers_aligned(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
@@ -114,19 +120,27 @@ def _fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch
     entry = _fp8_gemm_plans.lookup(key)
     if entry is PlanCache.MISSING:
         entry = _fp8_gemm_nt_plan(key, a, sfa, b, sfb, d, c)
-    if entry is None:
+    plan, device, scales_ready, spans, c_spans, c_like_d = entry
+    a_ptr, b_ptr, d_ptr, sfa_ptr, sfb_ptr = a.data_ptr(), b.data_ptr(), d.data_ptr(), sfa.data_ptr(), sfb.data_ptr()
+    # Pointers change between calls of one signature: d must not overlap what the kernel reads.
+    checks.no_overlap(_DENSE_NAMES, (d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr), spans)
+    separate_c = c is not None and (c.data_ptr() != d_ptr or not c_like_d)
+    if separate_c:
+        checks.no_overlap(_DENSE_NAMES_C, (c.data_ptr(), d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr), c_spans)
+    if device is None:
         reference.fp8_gemm_nt((a, sfa), (b, sfb), d, c)
         return
-    plan, scales_ready, device = entry
-    a_ptr, b_ptr, d_ptr, sfa_ptr, sfb_ptr = a.data_ptr(), b.data_ptr(), d.data_ptr(), sfa.data_ptr(), sfb.data_ptr()
+    if plan is None:  # an empty problem: M, N or K is 0
+        if a.shape[1] == 0 and d.numel():
+            if separate_c:
+                d.copy_(c)
+            elif c is None:
+                d.zero_()
+        return
     if (a_ptr | b_ptr | d_ptr) & 15:
         _check_pointers_aligned(a, b, d)
-    if c is not None and c.data_ptr() != d_ptr:
+    if separate_c:
         d.copy_(c)
-    if plan is None:  # an empty problem: M, N or K is 0
-        if c is None and a.shape[1] == 0:
-            d.zero_()
-        return
     if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
         sfa, sfb = _kernel_sfa(sfa), _kernel_sfb(sfb)  # each returns its input when already fit
         sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
@@ -174,7 +188,7 @@ def get_mk_alignment_for_contiguous_layout() -> int:
 def _check_experts_stacked(name: str, t: torch.Tensor) -> None:
     """A [G, rows, K]-like tensor whose experts follow each other at the row pitch, so the kernels
     can see it as one [G * rows, K] matrix."""
-    if t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1):
+    if t.shape[0] > 1 and t.numel() and t.stride(0) != t.shape[1] * t.stride(1):
         raise ValueError(f"{name}: expected the experts stacked without gaps (stride(0) == shape[1] * stride(1)), "
                          f"got strides {tuple(t.stride())} for shape {tuple(t.shape)}")
 
@@ -188,9 +202,6 @@ def _check_grouped_operands(a, sfa, b, sfb, d, a_dims: int) -> tuple[int, int, i
     checks.tensor("d", d, GEMM_OUT, a_dims)
     k = a.shape[-1]
     num_groups, n = b.shape[:2]
-    if k == 0 or num_groups == 0:
-        raise ValueError(f"a, b: expected K > 0 and at least one expert, got shapes {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
     if b.shape[2] != k:
         raise ValueError(f"b: expected shape (G, N, K) with K = {k} (from a), got {tuple(b.shape)}")
     if a_dims == 3 and a.shape[0] != num_groups:
@@ -253,49 +264,75 @@ def _check_group_values(kind: str, groups: torch.Tensor, num_groups: int, rows: 
         raise ValueError(f"{name}: expected {what}; {bad.numel()} entries are not: {shown}")
 
 
+def _zero_expert_rows(kind: str, d: torch.Tensor, groups: torch.Tensor, num_groups: int) -> None:
+    """K = 0: the rows of D that belong to an expert are zero (an empty sum), as the kernels' row
+    rules would pick them; the rest stays untouched. Whole-tensor ops on the GPU, no host read, so
+    CUDA graphs can capture it."""
+    if kind == "masked":
+        counts = groups.clamp(0, d.shape[1])
+        owned = torch.arange(d.shape[1], device=d.device) < counts[:, None]
+    elif kind == "contiguous":
+        owned = (groups >= 0) & (groups < num_groups)
+    else:  # psum: the first expert whose aligned end lies past the row owns it if the row is below its end
+        rows = torch.arange(d.shape[0], device=d.device)
+        ends = groups.clamp(min=0).long()
+        first = torch.searchsorted((ends + 127) // 128 * 128, rows, right=True)
+        owned = (first < num_groups) & (rows < ends.clamp(max=d.shape[0])[first.clamp(max=num_groups - 1)])
+    d.masked_fill_(owned[..., None], 0)
+
+
 _grouped_plans = PlanCache()
+_GROUPED_NAMES = ("d", "a", "sfa", "b", "sfb", "grouped_layout")
+_MASKED_NAMES = ("d", "a", "sfa", "b", "sfb", "masked_m")
 
 
 def _grouped_call(kind: str, a, sfa, b, sfb, d, groups, expected_m: int, check) -> None:
-    """A grouped GEMM on CUDA tensors: checks (once per signature), then the kernel."""
+    """A grouped GEMM: checks (once per signature), then the kernel, or the reference for CPU tensors."""
     try:
         key = (kind, _signature(a, sfa, b, sfb, d, None), groups.dtype, groups.shape, groups.stride(),
-               groups.get_device(), expected_m)
+               groups.device, expected_m)
     except AttributeError:  # an argument is not a tensor: let the checks name it
         check()
         raise
-    plan = _grouped_plans.lookup(key)
-    if plan is PlanCache.MISSING:
+    entry = _grouped_plans.lookup(key)
+    if entry is PlanCache.MISSING:
         check()
         plan = None
-        if d.is_cuda and d.numel() > 0 and a.shape[-1] > 0:
+        num_groups, k = b.shape[0], a.shape[-1]
+        if d.is_cuda and d.numel() > 0 and k > 0 and num_groups > 0:
             from .kernels import fp8_gemm
 
             plan = fp8_gemm.plan_grouped(kind, a, b, d, num_sms_of(d.get_device()), expected_m, pdl=get_pdl())
-        _grouped_plans.store(key, plan)
-    _check_pointers_aligned(a, b, d)
-    if plan is None:
+        zero_rows = d.numel() > 0 and k == 0 and num_groups > 0
+        spans = tuple(checks.byte_span(t) for t in (d, a, sfa, b, sfb, groups))
+        entry = _grouped_plans.store(key, (plan, zero_rows, spans))
+    plan, zero_rows, spans = entry
+    checks.no_overlap(_MASKED_NAMES if kind == "masked" else _GROUPED_NAMES,
+                      (d.data_ptr(), a.data_ptr(), sfa.data_ptr(), b.data_ptr(), sfb.data_ptr(), groups.data_ptr()),
+                      spans)
+    if not d.is_cuda:
+        if kind == "masked":
+            reference.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, groups, expected_m)
+        else:
+            reference.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, groups, kind == "psum")
         return
+    if plan is None:  # an empty problem (no rows, columns or experts: nothing to write) or K = 0
+        if zero_rows:
+            _zero_expert_rows(kind, d, groups, b.shape[0])
+        return
+    _check_pointers_aligned(a, b, d)
     if env.flag("MOEGEMM_CHECK_GROUPS"):
         _check_group_values(kind, groups, b.shape[0], a.shape[-2] if kind == "masked" else a.shape[0])
     plan.launch(a, _kernel_sfa(sfa), b, _kernel_sfb(sfb), d, groups)
 
 
 def _m_grouped_contiguous(a, sfa, b, sfb, d, grouped_layout, use_psum_layout: bool) -> None:
-    if not d.is_cuda:
-        _check_contiguous(a, sfa, b, sfb, d, grouped_layout, use_psum_layout)
-        reference.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, grouped_layout, use_psum_layout)
-        return
-    expected_m = a.shape[0] // max(b.shape[0], 1)
+    expected_m = a.shape[0] // max(b.shape[0], 1) if hasattr(a, "shape") and hasattr(b, "shape") else 0
     _grouped_call("psum" if use_psum_layout else "contiguous", a, sfa, b, sfb, d, grouped_layout, expected_m,
                   lambda: _check_contiguous(a, sfa, b, sfb, d, grouped_layout, use_psum_layout))
 
 
 def _m_grouped_masked(a, sfa, b, sfb, d, masked_m, expected_m: int) -> None:
-    if not d.is_cuda:
-        _check_masked(a, sfa, b, sfb, d, masked_m, expected_m)
-        reference.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, masked_m, expected_m)
-        return
     _grouped_call("masked", a, sfa, b, sfb, d, masked_m, expected_m,
                   lambda: _check_masked(a, sfa, b, sfb, d, masked_m, expected_m))
 

@@ -36,7 +36,10 @@ def fp8_pair(name: str, value: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tma_rows(name: str, value: torch.Tensor) -> None:
-    """Row-major with unit inner stride, 16-byte aligned base and row pitch (what TMA can address)."""
+    """Row-major with unit inner stride, 16-byte aligned base and row pitch (what TMA can address).
+    An empty tensor addresses nothing, so any strides do."""
+    if value.numel() == 0:
+        return
     size = value.element_size()
     if value.stride(-1) != 1 and value.shape[-1] > 1:
         raise ValueError(f"{name}: expected the last dimension contiguous (K-major / row-major), "
@@ -50,12 +53,37 @@ def tma_rows(name: str, value: torch.Tensor) -> None:
 
 
 def same_device(**tensors: torch.Tensor) -> torch.device:
+    """The one device of all ``tensors``: a CUDA GPU (the kernels) or the CPU (the reference)."""
     devices = {name: t.device for name, t in tensors.items()}
+    for name, dev in devices.items():
+        if dev.type not in ("cuda", "cpu"):
+            raise ValueError(f"{name}: expected a CUDA or CPU tensor, got one on {dev} (meta tensors have no data; "
+                             f"under torch.compile the ops trace without it)")
     first = next(iter(devices.values()))
     if any(dev != first for dev in devices.values()):
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"expected all tensors on one device, got {listing}")
     return first
+
+
+def byte_span(value: torch.Tensor) -> int:
+    """Bytes from the data pointer to the end of the last element (0 for an empty tensor)."""
+    if value.numel() == 0:
+        return 0
+    return (sum((size - 1) * stride for size, stride in zip(value.shape, value.stride(), strict=True)) + 1) \
+        * value.element_size()
+
+
+def no_overlap(names: tuple[str, ...], pointers: tuple[int, ...], spans: tuple[int, ...]) -> None:
+    """The tensor written (first: its data pointer and byte span) shares no byte with the others: a
+    kernel would read what it has already overwritten. Byte ranges, so two strided views that
+    interleave without sharing an element count as overlapping too."""
+    low = pointers[0]
+    high = low + spans[0]
+    for i in range(1, len(pointers)):
+        if spans[i] and pointers[i] < high and low < pointers[i] + spans[i]:
+            raise ValueError(f"{names[0]}: expected memory apart from {names[i]}'s, got bytes "
+                             f"[{low:#x}, {high:#x}) overlapping its [{pointers[i]:#x}, {pointers[i] + spans[i]:#x})")
 
 
 @functools.cache

@@ -42,8 +42,10 @@ _BY_NAME = {v.name: v for v in VARIABLES}
 
 
 def get(name: str) -> str:
-    """The variable's value, or its declared default."""
-    return os.environ.get(name, _BY_NAME[name].default)
+    """The variable's value, or its declared default when it is unset or blank (an empty
+    MOEGEMM_CACHE_DIR must not turn into the current directory)."""
+    value = os.environ.get(name, "")
+    return value if value.strip() else _BY_NAME[name].default
 
 
 def flag(name: str) -> bool:

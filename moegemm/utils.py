@@ -200,11 +200,16 @@ def _scale_from_amax(amax: torch.Tensor, use_ue8m0: bool) -> torch.Tensor:
     return _ceil_pow2(sf) if use_ue8m0 else sf
 
 
-def _check_cast_input(name: str, x: torch.Tensor, dims: tuple[int, ...]) -> None:
+def _check_cast_input(name: str, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``x`` checked, and detached: quantised copies never carry autograd history (weights that
+    require grad are what these casts are first used on)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in dims:
         raise ValueError(f"`{name}` must have {' or '.join(map(str, dims))} dims, got shape {tuple(x.shape)}")
     if not x.is_floating_point() or x.element_size() < 2:
         raise ValueError(f"`{name}` must be a 16- or 32-bit float tensor, got {x.dtype}")
+    return x.detach()
 
 
 def _pad_dims(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -254,7 +259,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[tor
     A 2-D bf16/fp32 CUDA tensor with unit inner stride on an SM90 GPU runs one CUDA kernel with identical
     results (then ``x_fp8`` and ``sf`` are views of one allocation); anything else runs in PyTorch.
     """
-    _check_cast_input("x", x, (2, 3))
+    x = _check_cast_input("x", x, (2, 3))
     if _use_cast_kernel(x):
         from .kernels import fp8_cast
 
@@ -286,7 +291,7 @@ def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[tor
     A 2-D bf16/fp32 CUDA tensor with unit inner stride on an SM90 GPU runs one CUDA kernel with identical
     results (then ``x_fp8`` and ``sf`` are views of one allocation); anything else runs in PyTorch.
     """
-    _check_cast_input("x", x, (2, 3))
+    x = _check_cast_input("x", x, (2, 3))
     if _use_cast_kernel(x):
         from .kernels import fp8_cast
 
@@ -317,7 +322,7 @@ def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[t
         ``(x_fp8, sf)``: ``x_fp8`` float8_e4m3fn, same shape as ``x``, contiguous;
         ``sf`` float32 ``[ceil(M/128), N]`` (or with leading G), contiguous.
     """
-    _check_cast_input("x", x, (2, 3))
+    x = _check_cast_input("x", x, (2, 3))
     m = x.shape[-2]
     padded = _pad_dims(x, (-2,))
     blocks = padded.reshape(*x.shape[:-2], padded.shape[-2] // BLOCK, BLOCK, x.shape[-1])

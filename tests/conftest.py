@@ -1,4 +1,8 @@
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,3 +30,14 @@ def seed(request):
     value = random.randrange(2**31)
     torch.manual_seed(value)
     return value
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` on this checkout, with this process's environment (and its cache)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    popen.setdefault("capture_output", True)
+    popen.setdefault("cwd", REPO)
+    return subprocess.run([sys.executable, "-c", code, *args], text=True, env=env, timeout=timeout, **popen)

@@ -336,3 +336,65 @@ def test_heuristic_avoids_tiles_over_two_sfb_blocks_where_one_wave_fits_either(k
     # blocks, 128 tiles) ran 11-19% slower than BLOCK_N 64 (112 tiles), though both fill one wave.
     config = fp8_gemm.select_config(128, 7168, k, False, False, 132)
     assert fp8_gemm.sfb_rows(config.block_n) == 1, config
+
+
+# ---- bad memory: meta tensors, overlapping operands; empty problems ---------------------------------------
+
+
+@pytest.mark.parametrize("which", ["a", "d"])
+def test_meta_tensor_raises_even_after_a_cpu_call_of_the_same_shapes(which):
+    """The checks are cached per signature, which once keyed on get_device() (-1 for CPU and meta)."""
+    _, _, a, b = make_inputs(8, 256, 256, device="cpu")
+    d = torch.empty(8, 256, dtype=torch.bfloat16)
+    moegemm.fp8_gemm_nt(a, b, d)
+    if which == "a":
+        a = (a[0].to("meta"), a[1])
+    else:
+        d = d.to("meta")
+    with pytest.raises(ValueError, match=f"{which}: expected a CUDA or CPU tensor, got one on meta"):
+        moegemm.fp8_gemm_nt(a, b, d)
+
+
+@pytest.mark.parametrize("case", ["d in a", "d in sfb", "d in b", "c overlaps d", "c in a"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_output_overlapping_an_input_raises(case, device):
+    """d (64 x 256 FP32, 64 KB) or c laid over the bytes of an input: the kernel would read what it
+    already overwrote."""
+    _, _, a, b = make_inputs(64, 256, 1024, device=device)
+    d = torch.empty(64, 256, device=device)
+    c = None
+
+    def holding(t):  # t's values in fresh memory that is also a 64 x 256 FP32 matrix
+        storage = torch.zeros(max(t.numel() * t.element_size(), 64 * 256 * 4), dtype=torch.uint8, device=device)
+        view = storage[:t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+        return view, storage[:64 * 256 * 4].view(torch.float32).view(64, 256)
+
+    if case == "d in a":
+        a_fp8, d = holding(a[0])
+        a = (a_fp8, a[1])
+    elif case == "d in sfb":
+        sfb, d = holding(b[1])
+        b = (b[0], sfb)
+    elif case == "d in b":
+        b_fp8, d = holding(b[0])
+        b = (b_fp8, b[1])
+    elif case == "c overlaps d":
+        storage = torch.zeros(65, 256, device=device)
+        d, c = storage[1:], storage[:64]
+    else:
+        a_fp8, c = holding(a[0])
+        a = (a_fp8, a[1])
+    with pytest.raises(ValueError, match="expected memory apart from"):
+        moegemm.fp8_gemm_nt(a, b, d, c)
+
+
+@pytest.mark.parametrize("m,n,k", [(0, 256, 256), (8, 0, 256), (8, 256, 0), (0, 0, 0)])
+@pytest.mark.parametrize("with_c", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_empty_problems(m, n, k, with_c, device):
+    """M or N of 0: nothing to write. K of 0: D = C, or 0 without C (an empty sum)."""
+    _, _, a, b = make_inputs(m, n, k, device=device)
+    d = torch.full((m, n), float("nan"), device=device)
+    c = torch.randn(m, n, device=device) if with_c else None
+    moegemm.fp8_gemm_nt(a, b, d, c)
+    assert torch.equal(d, c if with_c else torch.zeros_like(d))

@@ -15,15 +15,11 @@ ALIGNMENT = moegemm.get_mk_alignment_for_contiguous_layout()
 
 
 def grouped_weights(num_groups, n, k, device="cuda"):
-    w = torch.randn(num_groups, n, k, device=device, dtype=torch.bfloat16)
-    casts = [per_block_cast_to_fp8(w[g]) for g in range(num_groups)]
-    return torch.stack([c[0] for c in casts]), torch.stack([c[1] for c in casts])
+    return per_block_cast_to_fp8(torch.randn(num_groups, n, k, device=device, dtype=torch.bfloat16))
 
 
 def tokens(shape, device="cuda"):
-    x = torch.randn(*shape, device=device, dtype=torch.bfloat16)
-    fp8, sf = per_token_cast_to_fp8(x.view(-1, shape[-1]))
-    return fp8.view(*shape), sf.view(*shape[:-1], -1)
+    return per_token_cast_to_fp8(torch.randn(*shape, device=device, dtype=torch.bfloat16))
 
 
 def contiguous_layout(sizes, device="cuda"):
@@ -311,3 +307,88 @@ def test_grouped_heuristic_never_splits_k():
             # block-rows, which share B by multicast.
             assert config.block_m == 192 if kind == "masked" and 128 < m <= 192 else config.block_m in (64, 128)
             assert config.cluster_m == (2 if kind == "masked" and m > config.block_m else 1)
+
+
+# ---- bad memory: meta tensors, overlapping operands; empty problems ---------------------------------------
+
+
+def test_meta_tensor_raises_even_after_a_cpu_call_of_the_same_shapes():
+    a, b, d, ids = _contiguous_args()
+    moegemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, ids)
+    with pytest.raises(ValueError, match="d: expected a CUDA or CPU tensor, got one on meta"):
+        moegemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d.to("meta"), ids)
+    a, b, d, masked_m = _masked_args()
+    moegemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, 16)
+    with pytest.raises(ValueError, match="masked_m: expected a CUDA or CPU tensor"):
+        moegemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m.to("meta"), 16)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_output_overlapping_an_input_raises(device):
+    b = grouped_weights(2, 128, 256, device=device)
+    a = tokens((2, 32, 256), device=device)
+    masked_m = torch.tensor([3, 32], dtype=torch.int32, device=device)
+    d = a[0].view(torch.bfloat16)  # [2, 32, 128]: A's own bytes
+    with pytest.raises(ValueError, match="d: expected memory apart from a's"):
+        moegemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, 16)
+    ids = torch.zeros(128, dtype=torch.int32, device=device)
+    a = tokens((128, 256), device=device)
+    d = torch.empty(129, 128, device=device, dtype=torch.bfloat16)
+    ids = d.view(torch.int32).view(-1)[:128]  # the layout lies in D
+    with pytest.raises(ValueError, match="d: expected memory apart from grouped_layout's"):
+        moegemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d[1:], ids)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("use_psum", [False, True])
+@pytest.mark.parametrize("m_groups_n_k", [(0, 2, 128, 256), (256, 2, 0, 256), (256, 2, 128, 0), (256, 0, 128, 256)],
+                         ids=["M=0", "N=0", "K=0", "G=0"])
+def test_contiguous_empty_problems(device, use_psum, m_groups_n_k):
+    """Nothing to compute: D untouched, except that with K = 0 the experts' rows are 0 (an empty sum)."""
+    m_total, num_groups, n, k = m_groups_n_k
+    ids, ends = contiguous_layout([100, 28][:num_groups] if m_total else [0] * num_groups, device=device)
+    ids = torch.cat([ids, ids.new_full((m_total,), -1)])[:m_total]
+    layout = ends if use_psum else ids
+    b = grouped_weights(num_groups, n, k, device=device)
+    a = tokens((m_total, k), device=device)
+    d = torch.full((m_total, n), float("nan"), device=device, dtype=torch.bfloat16)
+    moegemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, layout, use_psum_layout=use_psum)
+    assert_matches(d, expected_contiguous(a, b, n, layout, use_psum))
+    if k == 0 and num_groups:
+        owned = ids >= 0
+        assert (d[owned] == 0).all() and torch.isnan(d[~owned].float()).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("shape", [(2, 0, 128, 256), (2, 32, 0, 256), (2, 32, 128, 0), (0, 32, 128, 256)],
+                         ids=["max_M=0", "N=0", "K=0", "G=0"])
+def test_masked_empty_problems(device, shape):
+    num_groups, max_m, n, k = shape
+    b = grouped_weights(num_groups, n, k, device=device)
+    a = tokens((num_groups, max_m, k), device=device)
+    masked_m = torch.tensor([5, 40][:num_groups], dtype=torch.int32, device=device)
+    d = torch.full((num_groups, max_m, n), float("nan"), device=device, dtype=torch.bfloat16)
+    moegemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, max_m)
+    assert_matches(d, expected_masked(a, b, n, masked_m))
+    if k == 0:
+        assert (d[0, :5] == 0).all() and torch.isnan(d[0, 5:].float()).all() and (d[1] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "psum", "masked"])
+def test_k0_row_rule_matches_the_reference(kind):
+    """The GPU's K = 0 path (whole-tensor ops, no host read) zeroes the rows the reference writes."""
+    from moegemm import api
+
+    b = grouped_weights(3, 64, 0, device="cpu")
+    if kind == "masked":
+        a = tokens((3, 40, 0), device="cpu")
+        groups = torch.tensor([5, 0, 99], dtype=torch.int32)
+        ref = expected_masked(a, b, 64, groups)
+    else:
+        ids, ends = contiguous_layout([100, 0, 129], device="cpu")
+        groups = ends if kind == "psum" else ids
+        a = tokens((ids.numel(), 0), device="cpu")
+        ref = expected_contiguous(a, b, 64, groups, kind == "psum")
+    d = torch.full(ref.shape, float("nan"))
+    api._zero_expert_rows(kind, d, groups, 3)
+    assert torch.equal(d.isnan(), ref.isnan()) and (d[~d.isnan()] == 0).all()

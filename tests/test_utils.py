@@ -281,6 +281,21 @@ def test_casts_reject_bad_inputs(cast) -> None:
         cast(torch.ones(128))
     with pytest.raises(ValueError, match="`x`"):
         cast(torch.ones(2, 128, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        cast([[1.0] * 128] * 2)
+
+
+@pytest.mark.parametrize(
+    "cast", [utils.per_token_cast_to_fp8, utils.per_block_cast_to_fp8, utils.per_channel_cast_to_fp8]
+)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_casts_take_weights_that_require_grad(cast, device) -> None:
+    """Quantising a model's weights: the copies carry no autograd history."""
+    weight = torch.nn.Linear(256, 256, device=device).weight
+    q, sf = cast(weight)
+    assert not q.requires_grad and not sf.requires_grad
+    q_ref, sf_ref = cast(weight.detach())
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sf, sf_ref)
 
 
 # ---------------------------------------------------------------------------------------------------------

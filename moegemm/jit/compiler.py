@@ -86,8 +86,26 @@ def parse_ptxas_report(log: str) -> ResourceReport:
     return ResourceReport(int(regs[0]), stores, loads, stack)
 
 
+# Written into every cache directory moegemm creates; `cache clear` touches no directory without it.
+CACHE_MARKER = ".moegemm-cache"
+# The subdirectories moegemm writes: compiled kernels and the host launch helper.
+CACHE_SUBDIRS = ("kernels", "host")
+
+
 def cache_dir() -> Path:
     return Path(os.path.expanduser(env.get("MOEGEMM_CACHE_DIR")))
+
+
+def cache_subdir(name: str) -> Path:
+    """``<cache>/<name>`` (one of CACHE_SUBDIRS), created with the cache's marker file if need be."""
+    root = cache_dir()
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    marker = root / CACHE_MARKER
+    if not marker.exists():
+        _write_atomic(marker, b"moegemm's kernel cache: `python -m moegemm cache clear` removes what moegemm "
+                              b"wrote here (kernels/, host/ and this file).\n")
+    return path
 
 
 def use_nvrtc() -> bool:
@@ -238,7 +256,7 @@ def build(name: str, source: str) -> Build:
     """Compile ``source`` (a stub defining ``extern "C" __global__ moegemm_kernel``) unless the cache
     has it; returns the cache entry. Safe against concurrent processes building the same source."""
     key = cache_key(source)
-    entry = Build(name, cache_dir() / "kernels" / f"{name}_{key}")
+    entry = Build(name, cache_subdir("kernels") / f"{name}_{key}")
     if _is_valid(entry):
         _debug(f"cache hit {entry.directory}")
         return entry
@@ -314,20 +332,60 @@ def disassemble(cubin_path: Path) -> str:
     return result.stdout
 
 
-def clear_cache() -> int:
-    """Delete every cached kernel; returns the bytes freed."""
-    root = cache_dir()
-    freed = cache_size()
-    # ignore_errors: another process may be adding or replacing entries meanwhile.
-    shutil.rmtree(root, ignore_errors=True)
-    return freed
+class CacheClearRefused(ValueError):
+    """``clear_cache`` was pointed at a directory that is not (only) moegemm's cache."""
+
+
+def clear_cache(root: str | Path | None = None) -> tuple[list[Path], int]:
+    """Delete what moegemm wrote into the cache ``root`` (default: ``cache_dir()``): its
+    CACHE_SUBDIRS and marker, then ``root`` itself if nothing else is left in it. Returns the paths
+    removed (none when there was no cache) and the bytes freed.
+
+    Raises:
+        CacheClearRefused: ``root`` is empty, ``/`` or the home directory, or a directory without the
+            marker file moegemm writes when it creates a cache.
+    """
+    if root is None:
+        root = cache_dir()
+    if not str(root).strip():
+        raise CacheClearRefused("cache directory: expected a path, got an empty string")
+    root = Path(os.path.expanduser(str(root)))
+    if not root.exists():
+        return [], 0
+    resolved = root.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise CacheClearRefused(f"cache directory: refusing to clear {root} (the filesystem root or the home "
+                                f"directory); point MOEGEMM_CACHE_DIR at moegemm's own cache")
+    if not (root / CACHE_MARKER).is_file():
+        raise CacheClearRefused(f"cache directory: {root} has no {CACHE_MARKER} marker, so moegemm did not create "
+                                f"it; not deleting anything (remove it by hand if it is an old moegemm cache)")
+    removed, freed = [], 0
+    for name in CACHE_SUBDIRS:
+        path = root / name
+        if path.exists():
+            freed += _tree_size(path)
+            # ignore_errors: another process may be adding or replacing entries meanwhile.
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    marker = root / CACHE_MARKER
+    freed += marker.stat().st_size
+    marker.unlink()
+    removed.append(marker)
+    with contextlib.suppress(OSError):  # something else lives there too: leave the directory
+        root.rmdir()
+        removed.append(root)
+    return removed, freed
 
 
 def cache_size() -> int:
+    return _tree_size(cache_dir())
+
+
+def _tree_size(root: Path) -> int:
     # Concurrent builds rename and remove their temporary files while we look: os.walk skips a
     # directory that vanishes mid-walk, and a file may vanish between the listing and its stat.
     total = 0
-    for parent, _, files in os.walk(cache_dir()):
+    for parent, _, files in os.walk(root):
         for name in files:
             with contextlib.suppress(FileNotFoundError):
                 total += os.stat(os.path.join(parent, name)).st_size

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .. import env
-from .compiler import Build, CompileError, cache_dir
+from .compiler import Build, CompileError, cache_subdir
 from .compiler import build as compile_source
 
 _HEADER = "Q9I5I4I"
@@ -54,9 +54,8 @@ def host_library() -> ctypes.CDLL:
     """The launch helper, compiled once per source version into the cache and loaded."""
     source = Path(__file__).with_name("launch.c")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    path = cache_dir() / "host" / f"launch_{digest}.so"
+    path = cache_subdir("host") / f"launch_{digest}.so"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
         cmd = [_host_compiler(), "-O2", "-shared", "-fPIC", str(source), "-o", str(tmp), "-ldl"]
         result = subprocess.run(cmd, capture_output=True, text=True)
