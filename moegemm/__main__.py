@@ -10,7 +10,8 @@ import sys
 def _info() -> int:
     import torch
 
-    from . import __version__, env
+    from . import device, env
+    from ._version import __version__
     from .jit import compiler
 
     print(f"moegemm {__version__}, torch {torch.__version__} (CUDA {torch.version.cuda})")
@@ -21,6 +22,13 @@ def _info() -> int:
             runs = "yes" if (props.major, props.minor) == (9, 0) else "no (needs sm_90)"
             print(f"GPU {index}: {props.name}, {arch}, {props.multi_processor_count} SMs; "
                   f"fp8_gemm_nt kernels run here: {runs}")
+            if (props.major, props.minor) == (9, 0):
+                try:
+                    facts = device.device_facts(index)
+                    print(f"  shared memory per block {facts.smem_per_block} B; clusters of 1..8 CTAs resident at "
+                          f"once: {', '.join(map(str, facts.resident_clusters))}")
+                except (compiler.CompileError, RuntimeError) as error:  # no compiler for the probe kernel
+                    print(f"  device facts unavailable: {str(error).splitlines()[0]}")
     else:
         print("GPU: none visible (CPU tensors use the pure-PyTorch reference)")
     try:
@@ -32,7 +40,7 @@ def _info() -> int:
     print(f"cuobjdump: {cuobjdump or 'not found'}")
     size = compiler.cache_size()
     print(f"cache: {compiler.cache_dir()} ({size / 2**20:.1f} MiB)")
-    overridden = [v.name for v in env.VARIABLES if v.name in __import__("os").environ]
+    overridden = [v.name for v in env.VARIABLES if v.name in os.environ]
     print(f"environment: {', '.join(overridden) or 'defaults'}")
     return 0
 
@@ -81,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="python -m moegemm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"moegemm {__version__}")

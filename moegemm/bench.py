@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import api, utils
+from . import api, device, quant, testing
 
 FP8_GEMM_MS = (1, 64, 128, 4096)
 # DeepSeek-V3 (N, K) pairs of the dense layers.
@@ -28,16 +28,16 @@ def kernel_time_us(fn: Callable[[], object], iters: int = 30) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    utils._flush_l2()  # the first flush also allocates its buffer
+    testing.flush_l2()  # the first flush also allocates its buffer
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        utils._flush_l2()
+        testing.flush_l2()
         torch.cuda.synchronize()
     # The flush's kernel sequence, found again before each call (the calls may launch the same
     # kernels, memsets say, so single names cannot mark the boundaries).
     flush = [e.name for e in _device_events(prof)]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
-            utils._flush_l2()
+            testing.flush_l2()
             torch.cuda.synchronize()
             fn()
         torch.cuda.synchronize()
@@ -97,8 +97,8 @@ class GemmRow:
 def _fp8_inputs(m: int, n: int, k: int):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    a, sfa = utils.per_token_cast_to_fp8(x)
-    b, sfb = utils.per_block_cast_to_fp8(w)
+    a, sfa = api.per_token_cast_to_fp8(x)
+    b, sfb = api.per_block_cast_to_fp8(w)
     return x, w, a, sfa, b, sfb
 
 
@@ -135,7 +135,7 @@ def bench_fp8_gemm_shape(m: int, n: int, k: int, iters: int = 30) -> GemmRow:
     from . import reference
 
     x, w, a, sfa, b, sfb = _fp8_inputs(m, n, k)
-    sfa_required = utils.get_mn_major_tma_aligned_tensor(sfa)
+    sfa_required = api.get_mn_major_tma_aligned_tensor(sfa)
     d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     t_ours = kernel_time_us(lambda: api.fp8_gemm_nt((a, sfa_required), (b, sfb), d), iters)
     ref = torch.empty(m, n, device="cuda", dtype=torch.float32)
@@ -148,7 +148,7 @@ def bench_fp8_gemm_shape(m: int, n: int, k: int, iters: int = 30) -> GemmRow:
     bytes_moved = m * k + n * k + 4 * (sfa.numel() + sfb.numel()) + 2 * m * n
     return GemmRow(m, n, k, t_ours, 2 * m * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6, t_cublas,
                    (t_cublas / t_ours) if t_cublas else None, t_unscaled, t_bf16,
-                   utils.calc_diff(d.float(), ref), utils.calc_diff(d.float(), exact))
+                   api.calc_diff(d.float(), ref), api.calc_diff(d.float(), exact))
 
 
 def bench_fp8_gemm(ms=FP8_GEMM_MS, nks=FP8_GEMM_NK, iters: int = 30) -> list[GemmRow]:
@@ -199,11 +199,12 @@ def ceilings() -> dict[str, float]:
 def launch_overhead() -> dict[str, float]:
     """Host microseconds per cached fp8_gemm_nt call (four TMA descriptors) on a tiny problem."""
     _, _, a, sfa, b, sfb = _fp8_inputs(128, 256, 256)
-    sfa = utils.get_mn_major_tma_aligned_tensor(sfa)
+    sfa = api.get_mn_major_tma_aligned_tensor(sfa)
     d = torch.empty(128, 256, device="cuda", dtype=torch.bfloat16)
     from .kernels import fp8_gemm
 
-    plan = fp8_gemm.plan(a, b, d, False, utils.get_num_sms())
+    desc = fp8_gemm.describe(fp8_gemm.GemmType.NORMAL, a, b, d)
+    plan = fp8_gemm.plan(desc, a, b, d, device.device_facts(d.get_device()))
     x = torch.zeros(16, device="cuda")
     return {"fp8_gemm_nt_us": host_overhead_us(lambda: api.fp8_gemm_nt((a, sfa), (b, sfb), d)),
             "planned_launch_us": host_overhead_us(lambda: plan.launch(a, sfa, b, sfb, d)),
@@ -227,8 +228,8 @@ def bench_casts(shapes=((8192, 7168), (4096, 16384)), iters: int = 30) -> list[C
     bytes = input + FP8 output + float32 scales."""
     from .kernels import fp8_cast
 
-    casts = (("per_token", fp8_cast.per_token_cast, utils._per_token_cast_torch),
-             ("per_block", fp8_cast.per_block_cast, utils._per_block_cast_torch))
+    casts = (("per_token", fp8_cast.per_token_cast, quant._per_token_cast_torch),
+             ("per_block", fp8_cast.per_block_cast, quant._per_block_cast_torch))
     rows = []
     for m, k in shapes:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -268,11 +269,11 @@ GROUPED_MASKED = [(32, m, n, k) for m in (32, 192) for n, k in ((4096, 7168), (7
 
 def _grouped_inputs(num_groups: int, m: int, n: int, k: int, masked: bool):
     x = torch.randn(num_groups * m, k, device="cuda", dtype=torch.bfloat16)
-    a, sfa = utils.per_token_cast_to_fp8(x)
+    a, sfa = api.per_token_cast_to_fp8(x)
     b = torch.empty(num_groups, n, k, device="cuda", dtype=torch.float8_e4m3fn)
     sfb = torch.empty(num_groups, -(-n // 128), -(-k // 128), device="cuda")
     for g in range(num_groups):
-        b[g], sfb[g] = utils.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        b[g], sfb[g] = api.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
     if masked:
         a, sfa = a.view(num_groups, m, k), sfa.view(num_groups, m, -1)
     return a, sfa, b, sfb
@@ -305,7 +306,7 @@ def bench_grouped_shape(layout: str, num_groups: int, m: int, n: int, k: int, it
 
     masked = layout == "masked"
     a, sfa, b, sfb = _grouped_inputs(num_groups, m, n, k, masked)
-    sfa_required = utils.get_mn_major_tma_aligned_tensor(sfa)
+    sfa_required = api.get_mn_major_tma_aligned_tensor(sfa)
     if masked:
         groups = torch.full((num_groups,), m, dtype=torch.int32, device="cuda")
         d = torch.empty(num_groups, m, n, device="cuda", dtype=torch.bfloat16)
@@ -319,7 +320,7 @@ def bench_grouped_shape(layout: str, num_groups: int, m: int, n: int, k: int, it
         ref = torch.empty(d.shape, device="cuda")
         reference.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), ref, groups)
     t_ours = kernel_time_us(run, iters)
-    diff = utils.calc_diff(d.float(), ref)
+    diff = api.calc_diff(d.float(), ref)
     del ref
     cublas = _cublaslt_loop(a, sfa, b, sfb, num_groups, m)
     t_cublas = kernel_time_us(cublas, iters) if cublas else None
@@ -360,8 +361,8 @@ def print_cast_table(rows: list[CastRow]) -> None:
 def main(json_path: str | None = None) -> None:
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    # Host time first: once torch.profiler has run in a process, every kernel launch costs ~6 us more
-    # (H200, 2026-12-02: fp8_gemm_nt 8.7 -> 15.3 us, torch's add_ 6.8 -> 13.6), which users don't pay.
+    # Host time first: once torch.profiler has run in a process, every kernel launch costs several us
+    # more (BENCHMARKS.md, 2026-12-02), which users don't pay.
     overhead = launch_overhead()
     limits = ceilings()
     print(f"ceilings measured now: device-to-device copy {limits['copy_tbps']:.2f} TB/s, cuBLAS FP8 8192^3 "

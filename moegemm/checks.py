@@ -3,24 +3,30 @@ what came. They run on every call, so each is a handful of attribute reads."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
-class UnsupportedGPUError(RuntimeError):
-    """The GPU is not one moegemm's kernels run on (they need SM90, e.g. H100 or H200)."""
-
-
 def tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...], ndim: int) -> torch.Tensor:
+    is_tensor(name, value)
+    dtype(name, value, dtypes)
+    dims(name, value, ndim)
+    return value
+
+
+def is_tensor(name: str, value: object) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+
+def dtype(name: str, value: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
     if value.dtype not in dtypes:
         expected = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name}: expected dtype {expected}, got {value.dtype}")
+
+
+def dims(name: str, value: torch.Tensor, ndim: int) -> None:
     if value.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
-    return value
 
 
 def shape(name: str, value: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -84,19 +90,3 @@ def no_overlap(names: tuple[str, ...], pointers: tuple[int, ...], spans: tuple[i
         if spans[i] and pointers[i] < high and low < pointers[i] + spans[i]:
             raise ValueError(f"{names[0]}: expected memory apart from {names[i]}'s, got bytes "
                              f"[{low:#x}, {high:#x}) overlapping its [{pointers[i]:#x}, {pointers[i] + spans[i]:#x})")
-
-
-@functools.cache
-def _sm90_message(index: int) -> str | None:
-    major, minor = torch.cuda.get_device_capability(index)
-    if (major, minor) == (9, 0):
-        return None
-    name = torch.cuda.get_device_name(index)
-    return (f"moegemm's kernels need an SM90 GPU (H100, H200, H20, H800); device {index} is {name} "
-            f"with compute capability {major}.{minor}")
-
-
-def sm90(device: torch.device) -> None:
-    message = _sm90_message(device.index if device.index is not None else torch.cuda.current_device())
-    if message:
-        raise UnsupportedGPUError(message)

@@ -1,8 +1,8 @@
 """Every environment variable moegemm reads, declared in one place.
 
-README.md has one row per entry of ``VARIABLES``; a test keeps the two in step. Values are read
-on each call (cheap) so tests and users can change them at run time, except on the launch path,
-which reads nothing from the environment.
+README.md has one row per entry of ``VARIABLES``; a test keeps the two in step. The JIT reads its
+variables on each compile, so they can change at run time; the launch path reads none: the settings
+it needs (PDL, group checks) are read once and then changed with their setters.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MOEGEMM_JIT_DEBUG", "0", "1: log every compile and cache lookup, compile with -lineinfo."),
     Variable("MOEGEMM_CHECK_GROUPS", "0", "1: the grouped GEMMs read their layout / masked_m on the host "
              "before each launch (a synchronisation) and raise on values the kernels would treat as padding "
-             "or clamp."),
+             "or clamp (default of `set_check_groups`; read at the first grouped call)."),
     Variable("MOEGEMM_ENABLE_PDL", "0", "1: launch GEMM kernels with programmatic dependent launch "
              "(default of `set_pdl`; read at the first GEMM call)."),
     Variable("MOEGEMM_PRINT_CONFIGS", "0", "1: print the config the heuristic picks for each new shape."),

@@ -7,7 +7,7 @@ into row chunks so float32 temporaries stay bounded, and grouped variants loop o
 
 Scale-factor conventions: A (activations) uses one float32 scale per 1x128 block of a row,
 ``sfa [M, ceil(K/128)]``; B (weights) uses one per 128x128 tile, ``sfb [ceil(N/128), ceil(K/128)]``.
-Scales may have any strides; int32 tensors are taken as packed UE8M0 (see ``utils.pack_ue8m0``).
+Scales may have any strides; int32 tensors are taken as packed UE8M0 (see ``moegemm.pack_ue8m0``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from collections.abc import Iterator
 
 import torch
 
-from .utils import BLOCK, align, ceil_div, unpack_ue8m0
+from . import checks
+from .intmath import align, ceil_div
+from .quant import BLOCK, unpack_ue8m0
 
 __all__ = [
     "bf16_gemm_nt",
@@ -40,19 +42,17 @@ _OUTPUT_DTYPES = (torch.bfloat16, torch.float32)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {tuple(expected)}")
+_check_shape = checks.shape
 
 
 def _check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
-    if t.dtype not in allowed:
-        raise ValueError(f"`{name}` must be {' or '.join(map(str, allowed))}, got {t.dtype}")
+    checks.is_tensor(name, t)
+    checks.dtype(name, t, allowed)
 
 
-def _check_dims(name: str, t: torch.Tensor, dims: int) -> None:
-    if t.dim() != dims:
-        raise ValueError(f"`{name}` must be {dims}-D, got shape {tuple(t.shape)}")
+def _check_dims(name: str, t: torch.Tensor, ndim: int) -> None:
+    checks.is_tensor(name, t)
+    checks.dims(name, t, ndim)
 
 
 def _float_scales(name: str, sf: torch.Tensor, k_blocks: int) -> torch.Tensor:
@@ -61,18 +61,16 @@ def _float_scales(name: str, sf: torch.Tensor, k_blocks: int) -> torch.Tensor:
         return sf
     if sf.dtype == torch.int32:
         if sf.dim() == 0 or sf.shape[-1] != ceil_div(k_blocks, 4):
-            raise ValueError(
-                f"`{name}` (packed UE8M0) has shape {tuple(sf.shape)}, "
-                f"expected last dim ceil({k_blocks}/4) = {ceil_div(k_blocks, 4)}"
-            )
+            raise ValueError(f"{name}: expected packed UE8M0 scales with last dim ceil({k_blocks}/4) = "
+                             f"{ceil_div(k_blocks, 4)}, got shape {tuple(sf.shape)}")
         return unpack_ue8m0(sf, k_blocks)
-    raise ValueError(f"`{name}` must be float32 or int32 (packed UE8M0), got {sf.dtype}")
+    raise TypeError(f"{name}: expected dtype torch.float32 or torch.int32 (packed UE8M0), got {sf.dtype}")
 
 
 def _unpack_fp8_operand(name: str, operand: FP8Operand, dims: int) -> FP8Operand:
     """Validate ``(x_fp8, sf)``; returns ``(x_fp8, float32 sf)``. Shapes of ``sf`` are checked later."""
     if not isinstance(operand, (tuple, list)) or len(operand) != 2:
-        raise ValueError(f"`{name}` must be a (tensor_fp8, scale_factors) pair")
+        raise TypeError(f"{name}: expected a (float8_e4m3fn tensor, scales) pair, got {type(operand).__name__}")
     x, sf = operand
     _check_dims(f"{name}[0]", x, dims)
     _check_dtype(f"{name}[0]", x, (torch.float8_e4m3fn,))
@@ -197,8 +195,9 @@ def _check_grouped_b(b_fp8: torch.Tensor, sfb: torch.Tensor, k: int) -> tuple[in
 
 
 def _check_index_dtype(name: str, t: torch.Tensor) -> None:
+    checks.is_tensor(name, t)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"`{name}` must be an integer tensor (int32), got {t.dtype}")
+        raise TypeError(f"{name}: expected an integer dtype (torch.int32), got {t.dtype}")
 
 
 def _rows_by_expert_id(layout: torch.Tensor, num_groups: int) -> list[torch.Tensor]:
@@ -220,7 +219,7 @@ def _rows_by_psum(ends: torch.Tensor, num_groups: int, m_total: int) -> list[sli
     previous_end = 0
     for end in ends.tolist():
         if end > m_total:
-            raise ValueError(f"`grouped_layout` (psum) has end row {end} beyond M = {m_total}")
+            raise ValueError(f"grouped_layout: expected end rows (psum) in [0, {m_total}], got {end}")
         start = align(previous_end, BLOCK)
         segments.append(slice(start, max(start, end)))
         previous_end = end

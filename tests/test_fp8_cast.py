@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 
-from moegemm import utils
+import moegemm
+from moegemm import intmath, quant
 from moegemm.jit import compiler
 from moegemm.jit.compiler import CompileError
 from moegemm.kernels import fp8_cast
@@ -20,8 +21,8 @@ gpu = pytest.mark.gpu
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # kind -> (kernel launcher, torch reference)
 KINDS = {
-    "per_token": (fp8_cast.per_token_cast, utils._per_token_cast_torch),
-    "per_block": (fp8_cast.per_block_cast, utils._per_block_cast_torch),
+    "per_token": (fp8_cast.per_token_cast, quant._per_token_cast_torch),
+    "per_block": (fp8_cast.per_block_cast, quant._per_block_cast_torch),
 }
 
 
@@ -44,7 +45,7 @@ def assert_same(out: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor,
     (q, sf), (q_ref, sf_ref) = out, ref
     assert q.dtype == torch.float8_e4m3fn and sf.dtype == torch.float32
     assert q.shape == q_ref.shape and sf.shape == sf_ref.shape, (q.shape, q_ref.shape, sf.shape, sf_ref.shape)
-    assert q.is_contiguous() and sf.is_contiguous()
+    assert q.is_contiguous() and sf.stride() == sf_ref.stride(), (sf.stride(), sf_ref.stride())
     sf_bits, sf_ref_bits = sf.view(torch.int32).cpu(), sf_ref.view(torch.int32).cpu()
     assert torch.equal(sf_bits, sf_ref_bits), "sf: " + _first_mismatch(sf_bits, sf_ref_bits)
     q_bits, q_ref_bits = q.view(torch.uint8).cpu(), q_ref.view(torch.uint8).cpu()
@@ -161,15 +162,15 @@ def test_matches_cpu_reference(kind, seed):
 @gpu
 def test_public_functions_dispatch(seed):
     x = make_x(200, 640, torch.bfloat16)
-    assert utils._use_cast_kernel(x)
-    for public, kind in ((utils.per_token_cast_to_fp8, "per_token"), (utils.per_block_cast_to_fp8, "per_block")):
+    assert quant._use_cast_kernel(x)
+    for public, kind in ((moegemm.per_token_cast_to_fp8, "per_token"), (moegemm.per_block_cast_to_fp8, "per_block")):
         for ue8m0 in (False, True):
             assert_same(public(x, ue8m0), KINDS[kind][1](x, ue8m0))
             assert_same(public(x, use_ue8m0=ue8m0), KINDS[kind][1](x, ue8m0))
     # Inputs the kernel does not take still work, through torch.
     for other in (x.view(2, 100, 640), x.half(), x.t()):
-        assert not utils._use_cast_kernel(other)
-        q, sf = utils.per_token_cast_to_fp8(other)
+        assert not quant._use_cast_kernel(other)
+        q, sf = moegemm.per_token_cast_to_fp8(other)
         assert q.shape == other.shape
 
 
@@ -191,7 +192,7 @@ def test_cuda_graph_and_side_stream(seed):
     with torch.cuda.stream(stream):
         out = fp8_cast.per_token_cast(x, False)
     torch.cuda.current_stream().wait_stream(stream)
-    assert_same(out, utils._per_token_cast_torch(x, False))
+    assert_same(out, quant._per_token_cast_torch(x, False))
 
     # Compile, load and plan outside the capture (as any warm-up before capturing does).
     fp8_cast.per_token_cast(x, True)
@@ -205,8 +206,8 @@ def test_cuda_graph_and_side_stream(seed):
         x.copy_(make_x(1000, 7168, torch.bfloat16, "wide"))
         graph.replay()
         torch.cuda.synchronize()
-        assert_same(token, utils._per_token_cast_torch(x, True))
-        assert_same(block, utils._per_block_cast_torch(x, False))
+        assert_same(token, quant._per_token_cast_torch(x, True))
+        assert_same(block, quant._per_block_cast_torch(x, False))
 
 
 # ---- CPU: every variant compiles cleanly ----------------------------------------------------------------
@@ -282,10 +283,14 @@ def test_geometry(per_block, input_bytes, m, k):
     sf_rows = -(-m // 128) if per_block else m
     assert g.sf_shape == (sf_rows, k_blocks)
     assert g.sf_offset % 16 == 0 and m * k <= g.sf_offset < m * k + 16
-    assert g.buffer_bytes == g.sf_offset + 4 * sf_rows * k_blocks
+    # Per token, the scales' columns are M-major and 16-byte aligned, as the GEMMs read them.
+    sf_ld = intmath.get_tma_aligned_size(m, 4)
+    assert g.sf_strides == ((k_blocks, 1) if per_block else (1, sf_ld))
+    assert g.buffer_bytes == g.sf_offset + 4 * (sf_rows if per_block else sf_ld) * k_blocks
     # The grid covers every unit, with less than one CTA to spare.
     assert (g.grid - 1) * config.units_per_cta < sf_rows * k_blocks <= g.grid * config.units_per_cta
-    assert g.params == (0, 0, k + 8, g.sf_offset, m, k, k_blocks, sf_rows * k_blocks)
+    assert g.values == dict(x_pitch=k + 8, sf_offset=g.sf_offset, m=m, k=k, num_k_blocks=k_blocks,
+                            num_units=sf_rows * k_blocks)
 
 
 def test_config_constants():
@@ -317,10 +322,10 @@ def test_is_aligned():
 def test_cpu_inputs_take_the_torch_path(seed):
     for dtype in DTYPES.values():
         x = make_x(130, 300, dtype, "wide", device="cpu")
-        assert not utils._use_cast_kernel(x)
+        assert not quant._use_cast_kernel(x)
         for ue8m0 in (False, True):
-            assert_same(utils.per_token_cast_to_fp8(x, ue8m0), utils._per_token_cast_torch(x, ue8m0))
-            assert_same(utils.per_block_cast_to_fp8(x, ue8m0), utils._per_block_cast_torch(x, ue8m0))
+            assert_same(moegemm.per_token_cast_to_fp8(x, ue8m0), quant._per_token_cast_torch(x, ue8m0))
+            assert_same(moegemm.per_block_cast_to_fp8(x, ue8m0), quant._per_block_cast_torch(x, ue8m0))
 
 
 def test_launcher_rejects_what_it_cannot_cast():

@@ -2,19 +2,26 @@
 
 import pytest
 import torch
+from conftest import H100, gpu_facts
 
 import moegemm
-from moegemm import reference
+from moegemm import calc_diff, get_mn_major_tma_aligned_tensor, per_block_cast_to_fp8, per_token_cast_to_fp8, reference
+from moegemm.gemm.desc import GemmDesc, GemmType
 from moegemm.kernels import fp8_gemm
 from moegemm.kernels.fp8_gemm import Fp8GemmConfig
-from moegemm.utils import (
-    calc_diff,
-    get_mn_major_tma_aligned_tensor,
-    per_block_cast_to_fp8,
-    per_token_cast_to_fp8,
-)
 
 gpu = pytest.mark.gpu
+
+
+def pick(m, n, k, facts=H100, out_dtype=torch.bfloat16):
+    """The heuristic's config for a dense m x n x k GEMM."""
+    return fp8_gemm.select_config(GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype), facts)
+
+
+def plan(a, b, d, config, num_sms=None):
+    """The kernel plan of ``config`` on these tensors (A [M, K], B [N, K], D [M, N])."""
+    desc = fp8_gemm.describe(GemmType.NORMAL, a, b, d, accumulate=config.accumulate)
+    return fp8_gemm.plan(desc, a, b, d, gpu_facts(num_sms), config)
 
 
 def make_inputs(m, n, k, device="cuda"):
@@ -106,8 +113,7 @@ def test_every_config(config, m, n, k, seed):
     dtype = torch.float32 if config.out_fp32 else torch.bfloat16
     c = torch.randn(m, n, device="cuda") if config.accumulate else None
     d = c.clone() if config.accumulate else poisoned(m, n, dtype)
-    plan = fp8_gemm.plan(a[0], b[0], d, config.accumulate, moegemm.get_num_sms(), config)
-    plan.launch(a[0], sfa, b[0], b[1], d)
+    plan(a[0], b[0], d, config).launch(a[0], sfa, b[0], b[1], d)
     assert_close(d, expected(a, b, c))
 
 
@@ -125,15 +131,14 @@ def test_split_k_many_tiles_per_cluster(config, m, seed):
     c = torch.randn(m, n, device="cuda") if config.accumulate else None
     for num_sms in (config.split_k, 3 * config.split_k):
         d = c.clone() if config.accumulate else poisoned(m, n, dtype)
-        plan = fp8_gemm.plan(a[0], b[0], d, config.accumulate, num_sms, config)
-        plan.launch(a[0], sfa, b[0], b[1], d)
+        plan(a[0], b[0], d, config, num_sms).launch(a[0], sfa, b[0], b[1], d)
         assert_close(d, expected(a, b, c))
 
 
 @gpu
 def test_split_k_is_deterministic(seed):
     _, _, a, b = make_inputs(64, 4096, 7168)
-    assert fp8_gemm.select_config(64, 4096, 7168, False, False, moegemm.get_num_sms()).split_k > 1
+    assert pick(64, 4096, 7168, gpu_facts()).split_k > 1
     first = torch.empty(64, 4096, device="cuda", dtype=torch.bfloat16)
     moegemm.fp8_gemm_nt(a, b, first)
     for _ in range(3):
@@ -286,15 +291,15 @@ def test_c_requires_fp32_d():
 
 
 def test_heuristic_splits_k_only_where_split_tiles_fit_the_sms():
-    assert fp8_gemm.select_config(1, 2112, 7168, False, False, 132).split_k > 1
+    assert pick(1, 2112, 7168).split_k > 1
     for m in (1, 64, 128, 256, 4096):
         for n, k in ((2112, 7168), (7168, 16384), (32768, 512), (256, 128), (1000, 384)):
-            config = fp8_gemm.select_config(m, n, k, False, False, 132)
+            config = pick(m, n, k)
             tiles = -(-m // config.block_m) * -(-n // config.block_n)
             if config.split_k > 1:
                 assert tiles * config.split_k <= 132 and config.split_k <= -(-k // 128), (m, n, k, config)
                 assert config.block_n % (8 * config.split_k) == 0
-    assert fp8_gemm.select_config(4096, 7168, 16384, False, False, 132).split_k == 1
+    assert pick(4096, 7168, 16384).split_k == 1
 
 
 # H200 A/B of 2026-12-02 (fourth session, BENCHMARKS.md), us: split tiles filling all 132 SMs beat
@@ -304,7 +309,7 @@ def test_heuristic_splits_k_only_where_split_tiles_fit_the_sms():
 @pytest.mark.parametrize("m, n, k, tile", [
     (128, 2112, 7168, (64, 64, 2)), (256, 2112, 7168, (128, 64, 2)), (96, 2112, 16384, (128, 96, 4))])
 def test_heuristic_picks_the_measured_best_split(m, n, k, tile):
-    config = fp8_gemm.select_config(m, n, k, False, False, 132)
+    config = pick(m, n, k)
     assert (config.block_m, config.block_n, config.split_k) == tile
 
 
@@ -316,7 +321,7 @@ def test_heuristic_picks_the_measured_best_split(m, n, k, tile):
     (2112, 7168, (192, 128)), (24576, 1536, (192, 128)), (32768, 512, (192, 128)),
     (7168, 16384, (128, 128)), (4096, 7168, (128, 128)), (7168, 2048, (128, 128))])
 def test_heuristic_picks_the_measured_best_tile_at_large_m(n, k, tile):
-    config = fp8_gemm.select_config(4096, n, k, False, False, 132)
+    config = pick(4096, n, k)
     assert (config.block_m, config.block_n, config.split_k) == (*tile, 1)
 
 
@@ -326,7 +331,7 @@ def test_heuristic_picks_the_measured_best_tile_at_large_m(n, k, tile):
     (1, 24576, 1536, 4), (64, 32768, 512, 5), (64, 7168, 16384, 10), (1, 4096, 7168, 10), (1, 2112, 7168, 10),
     (4096, 7168, 16384, 5)])
 def test_heuristic_caps_the_b_bytes_in_flight(m, n, k, stages):
-    config = fp8_gemm.select_config(m, n, k, False, False, 132)
+    config = pick(m, n, k)
     assert config.stages == stages, config
 
 
@@ -334,7 +339,7 @@ def test_heuristic_caps_the_b_bytes_in_flight(m, n, k, stages):
 def test_heuristic_avoids_tiles_over_two_sfb_blocks_where_one_wave_fits_either(k):
     # H200 sweep of 2026-12-02: at M = 128, N = 7168, BLOCK_N 56 (tiles over two 128-column SFB
     # blocks, 128 tiles) ran 11-19% slower than BLOCK_N 64 (112 tiles), though both fill one wave.
-    config = fp8_gemm.select_config(128, 7168, k, False, False, 132)
+    config = pick(128, 7168, k)
     assert fp8_gemm.sfb_rows(config.block_n) == 1, config
 
 

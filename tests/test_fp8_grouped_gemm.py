@@ -3,15 +3,17 @@ SM90 kernels against the reference (GPU)."""
 
 import pytest
 import torch
+from conftest import H100, gpu_facts
 
 import moegemm
-from moegemm import reference
+from moegemm import align, calc_diff, per_block_cast_to_fp8, per_token_cast_to_fp8, reference
+from moegemm.gemm.desc import GemmDesc, GemmType
 from moegemm.kernels import fp8_gemm
 from moegemm.kernels.fp8_gemm import Fp8GemmConfig
-from moegemm.utils import align, calc_diff, per_block_cast_to_fp8, per_token_cast_to_fp8
 
 gpu = pytest.mark.gpu
 ALIGNMENT = moegemm.get_mk_alignment_for_contiguous_layout()
+KINDS = {"contiguous": GemmType.CONTIGUOUS, "psum": GemmType.PSUM, "masked": GemmType.MASKED}
 
 
 def grouped_weights(num_groups, n, k, device="cuda"):
@@ -164,7 +166,8 @@ def grouped_case(kind, sizes, n, k, max_m, dtype=torch.bfloat16):
 
 
 def run_plan(kind, a, b, groups, d, num_sms, config):
-    plan = fp8_gemm.plan_grouped(kind, a[0], b[0], d, num_sms, 64, config)
+    desc = fp8_gemm.describe(KINDS[kind], a[0], b[0], d, expected_m=64)
+    plan = fp8_gemm.plan(desc, a[0], b[0], d, gpu_facts(num_sms), config)
     plan.launch(a[0], moegemm.get_mn_major_tma_aligned_tensor(a[1]), b[0], b[1], d, groups)
 
 
@@ -179,7 +182,7 @@ EVERY_CONFIG = ([(config, kind) for kind in ("contiguous", "psum", "masked") for
 def test_every_config(config, kind, k, seed):
     dtype = torch.float32 if config.out_fp32 else torch.bfloat16
     a, b, groups, d, ref = grouped_case(kind, [130, 0, 1, 64, 300], 1000, k, 320, dtype)
-    run_plan(kind, a, b, groups, d, moegemm.get_num_sms(), config)
+    run_plan(kind, a, b, groups, d, None, config)
     assert_matches(d, ref)
 
 
@@ -195,9 +198,17 @@ def test_many_tiles_per_sm(num_sms, kind, seed):
     assert_matches(d, ref)
 
 
+@pytest.fixture
+def check_groups():
+    saved = moegemm.get_check_groups()
+    moegemm.set_check_groups(True)
+    yield
+    moegemm.set_check_groups(saved)
+
+
 @gpu
-def test_check_groups_names_bad_values(monkeypatch):
-    monkeypatch.setenv("MOEGEMM_CHECK_GROUPS", "1")
+@pytest.mark.usefixtures("check_groups")
+def test_check_groups_names_bad_values():
     b = grouped_weights(2, 256, 256)
     a = tokens((2, 64, 256))
     d = torch.empty(2, 64, 256, device="cuda", dtype=torch.bfloat16)
@@ -301,8 +312,8 @@ def test_masked_m_on_cpu_raises():
 def test_grouped_heuristic_never_splits_k():
     for kind in ("contiguous", "psum", "masked"):
         for m, groups in ((32, 32), (129, 32), (192, 32), (193, 32), (8192, 4), (1, 8)):
-            config = fp8_gemm.select_grouped_config(kind, m, 4096, 7168, False, 132, groups)
-            assert config.split_k == 1 and config.gemm_type == kind
+            config = fp8_gemm.select_config(GemmDesc(KINDS[kind], m, 4096, 7168, groups), H100)
+            assert config.split_k == 1 and config.gemm_type is KINDS[kind]
             # Masked experts of 129 to 192 rows: one block of three warpgroups; larger ones span two
             # block-rows, which share B by multicast.
             assert config.block_m == 192 if kind == "masked" and 128 < m <= 192 else config.block_m in (64, 128)
@@ -377,7 +388,7 @@ def test_masked_empty_problems(device, shape):
 @pytest.mark.parametrize("kind", ["contiguous", "psum", "masked"])
 def test_k0_row_rule_matches_the_reference(kind):
     """The GPU's K = 0 path (whole-tensor ops, no host read) zeroes the rows the reference writes."""
-    from moegemm import api
+    from moegemm.ops import fp8_gemm as ops
 
     b = grouped_weights(3, 64, 0, device="cpu")
     if kind == "masked":
@@ -390,5 +401,17 @@ def test_k0_row_rule_matches_the_reference(kind):
         a = tokens((ids.numel(), 0), device="cpu")
         ref = expected_contiguous(a, b, 64, groups, kind == "psum")
     d = torch.full(ref.shape, float("nan"))
-    api._zero_expert_rows(kind, d, groups, 3)
+    ops._zero_expert_rows(KINDS[kind], d, groups, 3)
     assert torch.equal(d.isnan(), ref.isnan()) and (d[~d.isnan()] == 0).all()
+
+
+def test_check_groups_default_from_environment(monkeypatch):
+    from moegemm.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_check_groups", None)  # restored afterwards, whatever the setter does
+    monkeypatch.setenv("MOEGEMM_CHECK_GROUPS", "1")
+    assert moegemm.get_check_groups() is True
+    moegemm.set_check_groups(False)
+    assert moegemm.get_check_groups() is False
+    with pytest.raises(ValueError, match="enabled: expected a bool"):
+        moegemm.set_check_groups(1)

@@ -218,7 +218,7 @@ def kernel_stub(header: str, config: str, params: str, entry: str, checks: tuple
 
 
 def cache_key(source: str) -> str:
-    from .. import __version__
+    from .._version import __version__
 
     digest = hashlib.sha256()
     for part in (source, _headers_digest(), " ".join(_flags()), compiler_version(), ARCH, __version__):

@@ -33,26 +33,29 @@ typedef mg_result (*encode_tiled_fn)(mg_tensor_map *, int, uint32_t, void *, con
 typedef mg_result (*launch_ex_fn)(const mg_launch_config *, void *, void **, void **);
 
 /* A launch record, packed once per (kernel, problem shape) by moegemm/jit/runtime.py (struct formats
- * _HEADER and _TMA_SPEC): header, num_tma TMA specs, then the parameter block. Device pointers
- * change from call to call, so they are not in the record but passed to mg_launch: the first
- * num_tma become the descriptors' global addresses, the rest are written into the parameter block
- * at param_pointer_offsets. */
+ * _HEADER and _TMA_SPEC, laid out by its ParamsLayout): header, num_tma TMA specs, then the parameter
+ * block. Device pointers change from call to call, so they are not in the record but passed to
+ * mg_launch as the kernel's operands, in the order of its ParamsLayout: each TMA spec and each
+ * pointer member of the parameter block names the operand whose address it takes. */
 enum { MG_MAX_PARAM_POINTERS = 4, MG_MAX_POINTERS = 8 };
 typedef struct {
     uint64_t function;
     uint32_t grid[3], block[3], cluster[3];
     uint32_t smem_bytes, pdl, num_tma, params_bytes, num_param_pointers;
     uint32_t param_pointer_offsets[MG_MAX_PARAM_POINTERS];
+    uint32_t param_pointer_operands[MG_MAX_PARAM_POINTERS];
 } mg_header;
 
 typedef struct {
     uint64_t dims[MG_MAX_TMA_RANK];    /* elements, innermost first */
     uint64_t strides[MG_MAX_TMA_RANK]; /* bytes, of dims 1..rank-1; strides[rank-1..] unused */
     uint32_t box[MG_MAX_TMA_RANK];
-    uint32_t rank, dtype, swizzle, offset; /* offset of the descriptor in the parameter block */
+    uint32_t rank, dtype, swizzle;
+    uint32_t offset;  /* of the descriptor in the parameter block */
+    uint32_t operand; /* whose address the descriptor takes */
 } mg_tma_spec;
 
-_Static_assert(sizeof(mg_header) == 80, "record header layout");
+_Static_assert(sizeof(mg_header) == 96, "record header layout");
 _Static_assert(sizeof(mg_tma_spec) == 80, "record TMA spec layout");
 
 static encode_tiled_fn encode_tiled;
@@ -100,7 +103,7 @@ int mg_init(void) {
 }
 
 /* Returns a CUresult. When a TMA descriptor is the cause, its index goes to *failed_tma. */
-/* `dynamic` holds what changes from call to call: the stream, then eight device pointers (unused ones 0).
+/* `dynamic` holds what changes from call to call: the stream, then eight operand addresses (unused ones 0).
  * One bytes argument converts faster in ctypes than seven integers. */
 int mg_launch(const unsigned char *record, const unsigned char *dynamic, int *failed_tma) {
     uint64_t stream, pointers[MG_MAX_POINTERS];
@@ -108,27 +111,27 @@ int mg_launch(const unsigned char *record, const unsigned char *dynamic, int *fa
     memcpy(pointers, dynamic + 8, sizeof pointers);
     mg_header header;
     memcpy(&header, record, sizeof header);
-    if (header.params_bytes > MG_MAX_PARAM_BYTES || header.num_param_pointers > MG_MAX_PARAM_POINTERS ||
-        header.num_tma + header.num_param_pointers > MG_MAX_POINTERS)
+    if (header.params_bytes > MG_MAX_PARAM_BYTES || header.num_param_pointers > MG_MAX_PARAM_POINTERS)
         return MG_ERROR_INVALID_VALUE;
     _Alignas(64) unsigned char params[MG_MAX_PARAM_BYTES];
     const unsigned char *specs = record + sizeof header;
     memcpy(params, specs + header.num_tma * sizeof(mg_tma_spec), header.params_bytes);
     for (uint32_t i = 0; i < header.num_param_pointers; ++i) {
-        if (header.param_pointer_offsets[i] % 8 || header.param_pointer_offsets[i] + 8 > header.params_bytes)
+        if (header.param_pointer_offsets[i] % 8 || header.param_pointer_offsets[i] + 8 > header.params_bytes ||
+            header.param_pointer_operands[i] >= MG_MAX_POINTERS)
             return MG_ERROR_INVALID_VALUE;
-        memcpy(params + header.param_pointer_offsets[i], &pointers[header.num_tma + i], 8);
+        memcpy(params + header.param_pointer_offsets[i], &pointers[header.param_pointer_operands[i]], 8);
     }
 
     for (uint32_t i = 0; i < header.num_tma; ++i) {
         mg_tma_spec spec;
         memcpy(&spec, specs + i * sizeof spec, sizeof spec);
         if (spec.offset % 64 || spec.offset + sizeof(mg_tensor_map) > header.params_bytes ||
-            spec.rank < 1 || spec.rank > MG_MAX_TMA_RANK) {
+            spec.rank < 1 || spec.rank > MG_MAX_TMA_RANK || spec.operand >= MG_MAX_POINTERS) {
             *failed_tma = (int)i;
             return MG_ERROR_INVALID_VALUE;
         }
-        mg_result err = encode_cached((mg_tensor_map *)(params + spec.offset), &spec, pointers[i]);
+        mg_result err = encode_cached((mg_tensor_map *)(params + spec.offset), &spec, pointers[spec.operand]);
         if (err) {
             *failed_tma = (int)i;
             return err;

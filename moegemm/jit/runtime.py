@@ -1,10 +1,12 @@
 """Load compiled kernels through the CUDA driver API and launch them on torch's current stream.
 
-Every kernel takes one ``__grid_constant__`` parameter struct whose first members are its TMA
-descriptors. A launch packs one record (grid, block, cluster, stream, the TMA descriptors' tensor
-geometry and the scalar parameters) with a precompiled ``struct.Struct`` and hands it to the C
-helper in ``launch.c``, which encodes the descriptors and calls ``cuLaunchKernelEx``: one ctypes call
-per launch. Loading (``cuLibraryLoadData``) and attribute setup happen once per process and device.
+Every kernel takes one ``__grid_constant__`` parameter struct, described member by member by a
+``ParamsLayout`` (TMA descriptors, device pointers, scalars; the generated stub asserts the layout
+against the C++ struct). A plan packs one launch record per problem shape (grid, block, cluster, the
+TMA descriptors' tensor geometry, the scalars); each launch hands it with the stream and the
+operands' addresses to the C helper in ``launch.c``, which encodes the descriptors and calls
+``cuLaunchKernelEx``: one ctypes call per launch. Loading (``cuLibraryLoadData``) and attribute setup
+happen once per process and device.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import struct
 import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,9 @@ from .. import env
 from .compiler import Build, CompileError, cache_subdir
 from .compiler import build as compile_source
 
-_HEADER = "Q9I5I4I"
-_TMA_SPEC = "3Q3Q3I4I4x"
-_MAX_POINTERS = 8  # MG_MAX_POINTERS in launch.c
+_HEADER = "Q9I5I4I4I"
+_TMA_SPEC = "3Q3Q3I5I"
+MAX_POINTERS = 8  # MG_MAX_POINTERS in launch.c: operands a launch passes
 TMA_DESCRIPTOR_BYTES = 128
 MAX_PARAM_BYTES = 4096
 MAX_PARAM_POINTERS = 4  # MG_MAX_PARAM_POINTERS in launch.c
@@ -89,54 +92,107 @@ def _error_name(code: int) -> str:
         return f"CUresult {code}"
 
 
-def tma_2d(dtype: torch.dtype, inner: int, outer: int, pitch: int, box_inner: int, box_outer: int, swizzle: int,
-           offset: int) -> tuple:
-    """Geometry of a 2-D TMA descriptor ([outer, inner] elements, ``pitch`` bytes between rows), to be
-    encoded at byte ``offset`` of the parameter struct. Its address is passed at launch."""
-    return (inner, outer, 1, pitch, 0, 0, box_inner, box_outer, 1, 2, TMA_DTYPES[dtype], swizzle, offset)
+def tma_2d(dtype: torch.dtype, inner: int, outer: int, pitch: int, box_inner: int, box_outer: int,
+           swizzle: int) -> tuple:
+    """Geometry of a 2-D TMA descriptor ([outer, inner] elements, ``pitch`` bytes between rows): the
+    fields of launch.c's mg_tma_spec up to the slot's offset and operand, which the layout adds."""
+    return (inner, outer, 1, pitch, 0, 0, box_inner, box_outer, 1, 2, TMA_DTYPES[dtype], swizzle)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One member of a kernel's parameter struct, in declaration order. ``kind``: "tma" (a 128-byte
+    CUtensorMap, encoded at launch), "ptr" (a device pointer, filled in at launch), "u64" or "u32" (a
+    value of the launch record). "tma" and "ptr" slots name the launch ``operand`` whose address they
+    take."""
+
+    name: str
+    kind: str
+    operand: str | None = None
+
+
+_SLOT_FORMATS = {"tma": (f"{TMA_DESCRIPTOR_BYTES}x", 64), "ptr": ("Q", 8), "u64": ("Q", 8), "u32": ("I", 4)}
+
+
+class ParamsLayout:
+    """A kernel's ``__grid_constant__`` parameter struct, member by member, with C's alignment rules:
+    the launch record is packed from named values, and the generated stub asserts ``sizeof`` and
+    every ``offsetof`` against the C++ struct, so host and device cannot drift apart. ``operands``:
+    what a launch passes, in order (data pointers); each "tma" and "ptr" slot takes one of them."""
+
+    def __init__(self, cpp_type: str, slots: Sequence[Slot], operands: Sequence[str]):
+        self.cpp_type, self.slots, self.operands = cpp_type, tuple(slots), tuple(operands)
+        if len(self.operands) > MAX_POINTERS:
+            raise ValueError(f"at most {MAX_POINTERS} launch operands, got {self.operands}")
+        fmt, offset, self.offsets = "<", 0, {}
+        for slot in self.slots:
+            code, alignment = _SLOT_FORMATS[slot.kind]
+            if (slot.kind in ("tma", "ptr")) != (slot.operand in self.operands):
+                raise ValueError(f"slot {slot.name}: a tma or ptr slot takes one of {self.operands}")
+            pad = -offset % alignment
+            fmt += f"{pad}x{code}" if pad else code
+            self.offsets[slot.name] = offset + pad
+            offset += pad + struct.calcsize("<" + code)
+        alignment = max((_SLOT_FORMATS[slot.kind][1] for slot in self.slots), default=1)
+        fmt += f"{-offset % alignment}x"
+        self._struct = struct.Struct(fmt)
+        self.size = self._struct.size
+        if self.size > MAX_PARAM_BYTES:
+            raise ValueError(f"kernel parameters of {self.size} bytes exceed {MAX_PARAM_BYTES}")
+        self.tma = tuple(slot for slot in self.slots if slot.kind == "tma")
+        self.pointers = tuple(slot for slot in self.slots if slot.kind == "ptr")
+        if len(self.pointers) > MAX_PARAM_POINTERS:
+            raise ValueError(f"at most {MAX_PARAM_POINTERS} pointer members, got {len(self.pointers)}")
+
+    def static_asserts(self) -> tuple[str, ...]:
+        """C++ checks for the generated stub: the struct's size and each member's offset."""
+        checks = [f'sizeof({self.cpp_type}) == {self.size}, "host and device disagree on the parameters"']
+        checks += [f"__builtin_offsetof({self.cpp_type}, {slot.name}) == {self.offsets[slot.name]}"
+                   for slot in self.slots]
+        return tuple(checks)
+
+    def pack(self, values: dict[str, int]) -> bytes:
+        """The parameter block: ``values`` for the "u32" and "u64" slots, zeros for the rest."""
+        expected = {slot.name for slot in self.slots if slot.kind in ("u32", "u64")}
+        if set(values) != expected:
+            raise ValueError(f"parameter values: expected {sorted(expected)}, got {sorted(values)}")
+        return self._struct.pack(*(0 if slot.kind == "ptr" else values[slot.name]
+                                   for slot in self.slots if slot.kind != "tma"))
 
 
 class Kernel:
-    """One compiled kernel, ``extern "C" __global__ void moegemm_kernel(const __grid_constant__ P)``.
+    """One compiled kernel, ``extern "C" __global__ void moegemm_kernel(const __grid_constant__ P)``,
+    P described by ``layout``."""
 
-    P starts with ``num_tma`` TMA descriptors; ``params_format`` is the ``struct`` format of the
-    members after them, in declaration order, with P's natural alignment written out as padding.
-    """
-
-    def __init__(self, build: Build, *, num_threads: int, smem_bytes: int, num_tma: int, params_format: str,
-                 cluster: int = 1):
+    def __init__(self, build: Build, *, num_threads: int, smem_bytes: int, layout: ParamsLayout, cluster: int = 1):
         self.build = build
         self.num_threads = num_threads
         self.smem_bytes = smem_bytes
         self.cluster = cluster
-        self.num_tma = num_tma
-        self.params_format = params_format
-        self.params_bytes = num_tma * TMA_DESCRIPTOR_BYTES + struct.calcsize("<" + params_format)
-        if self.params_bytes > MAX_PARAM_BYTES:
-            raise ValueError(f"kernel parameters of {self.params_bytes} bytes exceed {MAX_PARAM_BYTES}")
+        self.layout = layout
         self._library = None  # the CUlibrary: kept referenced so the driver does not unload it
         self._kernel = None  # its CUkernel, loaded on first use
         self._ready_devices: set[int] = set()
         self._failed = ctypes.c_int(-1)
 
-    def record(self, grid: int, tma: Sequence[tuple], params: Sequence, num_pointer_params: int = 0,
-               pdl: bool = False) -> bytes:
-        """The launch record of one problem shape. ``tma``: ``num_tma`` ``tma_2d`` tuples. ``params``:
-        the members after the descriptors; the first ``num_pointer_params`` are device pointers
-        (``params_format`` "Q"), given as 0 here and filled in by ``launch``."""
-        if len(tma) != self.num_tma:
-            raise ValueError(f"expected {self.num_tma} TMA descriptors, got {len(tma)}")
-        if not self.params_format.startswith("Q" * num_pointer_params):
-            raise ValueError(f"pointer parameters must lead params_format, got {self.params_format!r}")
-        if num_pointer_params > MAX_PARAM_POINTERS:
-            raise ValueError(f"at most {MAX_PARAM_POINTERS} pointer parameters, got {num_pointer_params}")
+    def record(self, grid: int, tma: dict[str, tuple], values: dict[str, int], pdl: bool = False) -> bytes:
+        """The launch record of one problem shape: the grid, a ``tma_2d`` geometry for each "tma" slot
+        and the values of the "u32" / "u64" slots, by name. The operands' addresses come with each
+        launch."""
+        layout = self.layout
+        if set(tma) != {slot.name for slot in layout.tma}:
+            raise ValueError(f"TMA descriptors: expected {[slot.name for slot in layout.tma]}, got {sorted(tma)}")
         self._load_library()
-        base = self.num_tma * TMA_DESCRIPTOR_BYTES
-        offsets = [base + 8 * i for i in range(num_pointer_params)] + [0] * (MAX_PARAM_POINTERS - num_pointer_params)
-        layout = struct.Struct("<" + _HEADER + _TMA_SPEC * self.num_tma + f"{base}x" + self.params_format)
-        return layout.pack(int(self._kernel), grid, 1, 1, self.num_threads, 1, 1, self.cluster, 1, 1, self.smem_bytes,
-                           int(pdl), self.num_tma, self.params_bytes, num_pointer_params, *offsets,
-                           *(field for spec in tma for field in spec), *params)
+        operand = layout.operands.index
+        pointers = [(layout.offsets[slot.name], operand(slot.operand)) for slot in layout.pointers]
+        pointers += [(0, 0)] * (MAX_PARAM_POINTERS - len(pointers))
+        specs = [field for slot in layout.tma
+                 for field in (*tma[slot.name], layout.offsets[slot.name], operand(slot.operand))]
+        head = struct.pack("<" + _HEADER + _TMA_SPEC * len(layout.tma), int(self._kernel), grid, 1, 1,
+                           self.num_threads, 1, 1, self.cluster, 1, 1, self.smem_bytes, int(pdl), len(layout.tma),
+                           layout.size, len(layout.pointers), *(offset for offset, _ in pointers),
+                           *(index for _, index in pointers), *specs)
+        return head + layout.pack(values)
 
     def _load_library(self) -> None:
         from cuda.bindings import driver
@@ -160,42 +216,42 @@ class Kernel:
                      f"setting {self.smem_bytes} bytes of dynamic shared memory")
         self._ready_devices.add(device)
 
-    def max_active_clusters(self, device: int) -> int:
-        """How many clusters of this kernel fit on ``device`` at once. Not always SMs / cluster size:
-        a cluster must fit in one GPC, so a persistent grid sized by SMs alone could leave some
-        clusters waiting for a second wave."""
+    def max_active_clusters(self, device: int, cluster: int | None = None) -> int:
+        """How many clusters of this kernel (of ``cluster`` CTAs, default its own) fit on ``device`` at
+        once. Not always SMs / cluster size: a cluster must fit in one GPC."""
         from cuda.bindings import driver
 
         self._load_library()
         if device not in self._ready_devices:
             self._setup_device(device)
+        cluster = cluster or self.cluster
         config = driver.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = self.cluster, 1, 1
+        config.gridDimX, config.gridDimY, config.gridDimZ = cluster, 1, 1
         config.blockDimX, config.blockDimY, config.blockDimZ = self.num_threads, 1, 1
         config.sharedMemBytes = self.smem_bytes
         attribute = driver.CUlaunchAttribute()
         attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-        attribute.value.clusterDim.x, attribute.value.clusterDim.y, attribute.value.clusterDim.z = self.cluster, 1, 1
+        attribute.value.clusterDim.x, attribute.value.clusterDim.y, attribute.value.clusterDim.z = cluster, 1, 1
         config.attrs = [attribute]
         config.numAttrs = 1
         with torch.cuda.device(device):
             return _driver_call(driver.cuOccupancyMaxActiveClusters(driver.CUfunction(int(self._kernel)), config),
                                 "cuOccupancyMaxActiveClusters")
 
-    def launch(self, record: bytes, device: int, *pointers: int) -> None:
-        """Launch ``record`` on ``device``'s current torch stream. ``pointers``: the TMA descriptors'
-        global addresses in order, then the pointer parameters."""
+    def launch(self, record: bytes, device: int, *operands: int) -> None:
+        """Launch ``record`` on ``device``'s current torch stream. ``operands``: the data pointers of
+        ``layout.operands``, in that order."""
         if device not in self._ready_devices:
             self._setup_device(device)
-        err = self._mg_launch(record, _DYNAMIC[len(pointers)](current_stream(device), *pointers), self._failed)
+        err = self._mg_launch(record, _DYNAMIC[len(operands)](current_stream(device), *operands), self._failed)
         if err:
             which = f" (TMA descriptor {self._failed.value})" if self._failed.value >= 0 else ""
             self._failed.value = -1
             raise LaunchError(f"launching {self.build.name} failed{which}: {_error_name(err)}")
 
 
-# struct.pack of (stream, pointers...) zero-padded to the C side's eight pointers, by pointer count.
-_DYNAMIC = [struct.Struct(f"<{1 + n}Q{8 * (_MAX_POINTERS - n)}x").pack for n in range(_MAX_POINTERS + 1)]
+# struct.pack of (stream, operands...) zero-padded to the C side's eight pointers, by operand count.
+_DYNAMIC = [struct.Struct(f"<{1 + n}Q{8 * (MAX_POINTERS - n)}x").pack for n in range(MAX_POINTERS + 1)]
 
 
 if hasattr(torch._C, "_cuda_getCurrentRawStream"):
@@ -246,3 +302,14 @@ class PlanCache:
             self._plans.clear()
         self._plans[key] = plan
         return plan
+
+
+_PROBE = 'extern "C" __global__ void moegemm_kernel() {}\n'
+
+
+def max_active_clusters_per_size(device: int, smem_bytes: int, max_size: int) -> tuple[int, ...]:
+    """Clusters of 1 .. ``max_size`` CTAs of one CTA per SM (``smem_bytes`` of shared memory each)
+    that fit on ``device`` at once, asked of the driver with an empty probe kernel."""
+    probe = Kernel(compile_source("occupancy_probe", _PROBE), num_threads=128, smem_bytes=smem_bytes,
+                   layout=ParamsLayout("", (), ()))
+    return tuple(probe.max_active_clusters(device, size) for size in range(1, max_size + 1))

@@ -8,19 +8,22 @@ kernel's parameters: x and this buffer). The returned tensors are views of it.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import torch
 
+from ..intmath import align, ceil_div, get_tma_aligned_size
 from ..jit import compiler
-from ..jit.runtime import Kernel, KernelFamily, PlanCache
+from ..jit.runtime import Kernel, KernelFamily, ParamsLayout, PlanCache, Slot
 
 BLOCK = 128
 INPUT_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 # Largest unit (block) count: unit indices, plus one CTA's overrun, stay below 2**31 in the kernel.
 MAX_UNITS = 2**31 - 2**16
-PARAMS_FORMAT = "QQQQIIII"  # Fp8CastParams: x, out, x_pitch, sf_offset, m, k, num_k_blocks, num_units
+# Fp8CastParams in sm90_fp8_cast.cuh; a launch passes the addresses of x and of the output buffer.
+PARAMS = ParamsLayout("moegemm::Fp8CastParams", (
+    Slot("x", "ptr", "x"), Slot("out", "ptr", "out"), Slot("x_pitch", "u64"), Slot("sf_offset", "u64"),
+    *(Slot(name, "u32") for name in ("m", "k", "num_k_blocks", "num_units"))), ("x", "out"))
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def generate_source(config: Fp8CastConfig) -> str:
         "moegemm::Fp8CastParams", "moegemm::sm90_fp8_cast",
         (f"Config::kNumThreads == {config.num_threads}",
          f'Config::kUnitsPerCta == {config.units_per_cta}, "host and device disagree on the split"',
-         f"sizeof(moegemm::Fp8CastParams) == {struct.calcsize('<' + PARAMS_FORMAT)}"),
+         *PARAMS.static_asserts()),
         min_blocks="Config::kMinBlocks")
 
 
@@ -77,7 +80,7 @@ def all_configs() -> list[Fp8CastConfig]:
 
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
-    num_threads=config.num_threads, smem_bytes=0, num_tma=0, params_format=PARAMS_FORMAT))
+    num_threads=config.num_threads, smem_bytes=0, layout=PARAMS))
 build = KERNELS.build
 
 
@@ -89,22 +92,25 @@ class Geometry:
     m: int
     k: int
     sf_shape: tuple[int, int]
+    sf_strides: tuple[int, int]  # per token: M-major, columns 16-byte aligned; per block: row-major
     sf_offset: int
     buffer_bytes: int
     grid: int
-    params: tuple[int, ...]  # PARAMS_FORMAT, the two pointers as 0
+    values: dict[str, int]  # of PARAMS' u32 and u64 slots
 
 
 def geometry(config: Fp8CastConfig, m: int, k: int, x_pitch: int) -> Geometry:
-    num_k_blocks = -(-k // BLOCK)
-    sf_rows = -(-m // BLOCK) if config.per_block else m
+    num_k_blocks = ceil_div(k, BLOCK)
+    sf_rows = ceil_div(m, BLOCK) if config.per_block else m
     num_units = sf_rows * num_k_blocks
     if m >= 2**31 or k >= 2**31 or num_units > MAX_UNITS:
         raise ValueError(f"x of shape ({m}, {k}) is too large for the FP8 cast kernel")
-    sf_offset = -(-(m * k) // 16) * 16
-    grid = -(-num_units // config.units_per_cta)
-    params = (0, 0, x_pitch, sf_offset, m, k, num_k_blocks, num_units)
-    return Geometry(m, k, (sf_rows, num_k_blocks), sf_offset, sf_offset + 4 * num_units, grid, params)
+    sf_offset = align(m * k, 16)
+    grid = ceil_div(num_units, config.units_per_cta)
+    values = dict(x_pitch=x_pitch, sf_offset=sf_offset, m=m, k=k, num_k_blocks=num_k_blocks, num_units=num_units)
+    sf_strides = (num_k_blocks, 1) if config.per_block else (1, get_tma_aligned_size(m, 4))
+    sf_bytes = 4 * (num_units if config.per_block else num_k_blocks * get_tma_aligned_size(m, 4))
+    return Geometry(m, k, (sf_rows, num_k_blocks), sf_strides, sf_offset, sf_offset + sf_bytes, grid, values)
 
 
 def is_aligned(x: torch.Tensor) -> bool:
@@ -142,7 +148,7 @@ class Plan:
             else:
                 self.kernel.launch(self.record, device, x.data_ptr(), buffer.data_ptr())
         x_fp8 = buffer[:g.m * g.k].view(torch.float8_e4m3fn).view(g.m, g.k)
-        sf = buffer[g.sf_offset:].view(torch.float32).view(g.sf_shape)
+        sf = buffer[g.sf_offset:].view(torch.float32).as_strided(g.sf_shape, g.sf_strides)
         return x_fp8, sf
 
 
@@ -160,10 +166,10 @@ def plan(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> Plan:
     m, k = x.shape
     config = Fp8CastConfig(x.element_size(), bool(use_ue8m0), bool(per_block), is_aligned(x))
     g = geometry(config, m, k, x.stride(0))
-    if g.params[-1] == 0:  # M or K is 0
+    if g.values["num_units"] == 0:  # M or K is 0
         return Plan(config, g, None, b"")
     kernel = KERNELS.kernel(config)
-    return Plan(config, g, kernel, kernel.record(g.grid, (), g.params, num_pointer_params=2))
+    return Plan(config, g, kernel, kernel.record(g.grid, {}, g.values))
 
 
 _plans = PlanCache()
@@ -182,16 +188,15 @@ def _cast(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> tuple[torch.Tens
 
 
 def per_token_cast(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``moegemm.utils.per_token_cast_to_fp8`` on the GPU, bit for bit: ``x`` [M, K] bf16/fp32 CUDA tensor
-    with unit inner stride (any row pitch) -> ``(x_fp8 [M, K] e4m3, sf [M, ceil(K/128)] float32)``, both
-    contiguous."""
+    """``moegemm.per_token_cast_to_fp8`` on the GPU, bit for bit: ``x`` [M, K] bf16/fp32 CUDA tensor with
+    unit inner stride (any row pitch) -> ``(x_fp8 [M, K] e4m3 contiguous, sf [M, ceil(K/128)] float32
+    M-major with 16-byte aligned columns)``."""
     return _cast(x, use_ue8m0, False)
 
 
 def per_block_cast(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``moegemm.utils.per_block_cast_to_fp8`` on the GPU, bit for bit: ``x`` [M, K] bf16/fp32 CUDA tensor
-    with unit inner stride -> ``(x_fp8 [M, K] e4m3, sf [ceil(M/128), ceil(K/128)] float32)``, both
-    contiguous."""
+    """``moegemm.per_block_cast_to_fp8`` on the GPU, bit for bit: ``x`` [M, K] bf16/fp32 CUDA tensor with
+    unit inner stride -> ``(x_fp8 [M, K] e4m3, sf [ceil(M/128), ceil(K/128)] float32)``, both contiguous."""
     return _cast(x, use_ue8m0, True)
 
 

@@ -1,9 +1,11 @@
 // FP8 (e4m3) casts with fine-grained scales on sm_90a; memory-bound element-wise kernels.
 //
 // x: [M, K] bf16 or fp32, row-major (unit inner stride, row pitch x_pitch elements).
-// x_fp8: [M, K] e4m3, contiguous. sf: float32, contiguous, at byte sf_offset of the same buffer:
-//   per token (kPerBlock false): one scale per 1x128 block of a row,  sf [M, ceil(K/128)];
-//   per block (kPerBlock true):  one scale per 128x128 tile,          sf [ceil(M/128), ceil(K/128)].
+// x_fp8: [M, K] e4m3, contiguous. sf: float32 at byte sf_offset of the same buffer, in the layout the
+// GEMM kernels read:
+//   per token (kPerBlock false): one scale per 1x128 block of a row, sf [M, ceil(K/128)] M-major, its
+//                                columns align(M, 4) floats apart (16-byte aligned, as TMA needs);
+//   per block (kPerBlock true):  one scale per 128x128 tile, sf [ceil(M/128), ceil(K/128)] row-major.
 //
 // Bit-identical to the torch path of moegemm.utils: amax = max |x| over the block (a ragged last block
 // counts its real elements only, which equals torch's zero padding), clamped to >= 1e-4 (NaN passes);
@@ -196,6 +198,7 @@ __device__ __forceinline__ void fp8_cast_per_token(const Fp8CastParams& p) {
     }
 
     float* sf_out = reinterpret_cast<float*>(p.out + p.sf_offset);
+    const u32 sf_ld = (p.m + 3) & ~3u;  // floats between the M-major columns of sf
 #pragma unroll
     for (u32 i = 0; i < kUnroll; ++i) {
         // Every lane takes part in the shuffles, including those of units past the end.
@@ -203,8 +206,7 @@ __device__ __forceinline__ void fp8_cast_per_token(const Fp8CastParams& p) {
         const float sf = fp8_cast_scale<Config>(amax);
         const float inv = Config::kUe8m0 ? __frcp_rn(sf) : 0.0f;
         fp8_cast_store<Config>(p, valid[i], rows[i], cols[i], words[i], sf, inv);
-        // sf is [M, num_k_blocks] contiguous: the unit index is the offset.
-        if (valid[i] && col_in_block == 0) sf_out[first + i * kRowsPerWarp] = sf;
+        if (valid[i] && col_in_block == 0) sf_out[cols[i] / Config::kBlock * sf_ld + rows[i]] = sf;
     }
 }
 

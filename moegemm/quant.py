@@ -1,89 +1,41 @@
-"""Host-side helpers: FP8/FP4 casts, scale-factor layouts, SM-count override, accuracy and timing tools.
+"""Quantisation: the FP8 casts with fine-grained scales, scale-factor layouts, UE8M0 and FP4 packing.
 
 Everything here is plain PyTorch and works on CPU and CUDA tensors alike, except that the per-token and
 per-block FP8 casts of 2-D bf16/fp32 CUDA tensors on SM90 GPUs run one CUDA kernel (moegemm.kernels.fp8_cast)
 with bit-identical results; the PyTorch casts, written as a handful of whole-tensor ops (no Python loops over
-rows or groups), are its reference. Importing this module never touches CUDA; the GPU is only queried inside
-the functions that need it.
+rows or groups), are its reference. Importing this module never touches CUDA.
 
-Scale-factor conventions (same as DeepGEMM):
+Scale-factor conventions (DeepGEMM's):
 
 * FP8 values are ``torch.float8_e4m3fn`` (max finite magnitude 448).
 * A "1x128" (per-token) scale covers 128 consecutive elements of one row along K; a "128x128" (per-block)
   scale covers a 128x128 tile; a "128x1" (per-channel) scale covers 128 consecutive rows of one column.
   Ragged edges (sizes that are not multiples of 128) get a scale computed over the partial block.
 * Dequantisation is ``x_fp8.float() * sf`` broadcast over each block.
+* Per-token scales come out in the layout the GEMM kernels read (MN-major, the MN stride padded to
+  16 bytes), so they feed the GEMMs without a copy; per-block scales are contiguous, as the kernels
+  read them.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import operator
-import statistics
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import env
-
-__all__ = [
-    "align",
-    "bench_graph",
-    "bench_kernel",
-    "calc_diff",
-    "ceil_div",
-    "get_mn_major_tma_aligned_tensor",
-    "get_num_sms",
-    "get_tma_aligned_size",
-    "pack_fp4",
-    "pack_ue8m0",
-    "per_block_cast_to_fp8",
-    "per_channel_cast_to_fp8",
-    "per_token_cast_to_fp8",
-    "set_num_sms",
-    "transform_sf_into_required_layout",
-    "unpack_fp4",
-    "unpack_ue8m0",
-]
+from .device import is_sm90
+from .intmath import align, ceil_div, get_tma_aligned_size
 
 BLOCK = 128
 FP8_E4M3_MAX = 448.0
 # Floor on a block's amax so all-zero blocks get a finite, non-zero scale instead of 0 (which would make
 # x / sf produce NaN).
 AMAX_FLOOR = 1e-4
-TMA_ALIGNMENT_BYTES = 16
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Integer helpers
-# ---------------------------------------------------------------------------------------------------------
-
-
-def ceil_div(a: int, b: int) -> int:
-    """Return ``ceil(a / b)`` for integers, ``b > 0``."""
-    return (a + b - 1) // b
-
-
-def align(x: int, a: int) -> int:
-    """Round ``x`` up to the next multiple of ``a`` (``a > 0``)."""
-    return ceil_div(x, a) * a
-
-
-def get_tma_aligned_size(x: int, element_size: int) -> int:
-    """Round ``x`` (an element count) up so that ``x * element_size`` is a multiple of 16 bytes.
-
-    TMA requires every non-innermost global stride to be a multiple of 16 bytes.
-    """
-    if element_size <= 0 or TMA_ALIGNMENT_BYTES % element_size != 0:
-        raise ValueError(f"`element_size` must divide {TMA_ALIGNMENT_BYTES}, got {element_size}")
-    return align(x, TMA_ALIGNMENT_BYTES // element_size)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Scale-factor layouts
-# ---------------------------------------------------------------------------------------------------------
+# ---- scale-factor layouts -------------------------------------------------------------------------
 
 
 def _mn_major_strides(shape: torch.Size, element_size: int) -> tuple[int, ...]:
@@ -108,7 +60,7 @@ def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
         exactly these strides; otherwise the data is copied once.
     """
     if sf.dim() not in (2, 3):
-        raise ValueError(f"`sf` must be 2-D [MN, K'] or 3-D [G, MN, K'], got shape {tuple(sf.shape)}")
+        raise ValueError(f"sf: expected a 2-D [MN, K'] or 3-D [G, MN, K'] tensor, got shape {tuple(sf.shape)}")
     strides = _mn_major_strides(sf.shape, sf.element_size())
     if sf.stride() == strides:
         return sf
@@ -123,7 +75,7 @@ def _normalize_recipe(recipe: tuple[int, ...], is_sfa: bool) -> tuple[int, int]:
         recipe = (recipe[0] if is_sfa else recipe[1], recipe[2])
     if recipe not in ((1, BLOCK), (BLOCK, BLOCK)):
         raise ValueError(
-            f"`recipe` must be (1, 128), (128, 128) or a DeepGEMM 3-tuple such as (1, 128, 128); "
+            f"recipe: expected (1, 128), (128, 128) or a DeepGEMM 3-tuple such as (1, 128, 128); "
             f"resolved to {recipe} (is_sfa={is_sfa})"
         )
     return recipe
@@ -164,12 +116,10 @@ def transform_sf_into_required_layout(
     elif sf.dtype == torch.float32:
         expected = (*lead, mn_blocks, k_blocks)
     else:
-        raise ValueError(f"`sf` must be float32 or int32 (packed UE8M0), got {sf.dtype}")
+        raise TypeError(f"sf: expected dtype torch.float32 or torch.int32 (packed UE8M0), got {sf.dtype}")
     if tuple(sf.shape) != expected:
-        raise ValueError(
-            f"`sf` has shape {tuple(sf.shape)}, expected {expected} "
-            f"(mn={mn}, k={k}, recipe={(gran_mn, gran_k)}, num_groups={num_groups}, dtype={sf.dtype})"
-        )
+        raise ValueError(f"sf: expected shape {expected} (mn={mn}, k={k}, recipe={(gran_mn, gran_k)}, "
+                         f"num_groups={num_groups}, dtype={sf.dtype}), got {tuple(sf.shape)}")
 
     if sf.dtype == torch.int32:
         sf = unpack_ue8m0(sf, k_blocks)
@@ -178,9 +128,7 @@ def transform_sf_into_required_layout(
     return sf.contiguous()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# FP8 casts
-# ---------------------------------------------------------------------------------------------------------
+# ---- fp8 casts ------------------------------------------------------------------------------------
 
 
 def _ceil_pow2(x: torch.Tensor) -> torch.Tensor:
@@ -206,9 +154,9 @@ def _check_cast_input(name: str, x: torch.Tensor, dims: tuple[int, ...]) -> torc
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in dims:
-        raise ValueError(f"`{name}` must have {' or '.join(map(str, dims))} dims, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected a {' or '.join(map(str, dims))}-D tensor, got shape {tuple(x.shape)}")
     if not x.is_floating_point() or x.element_size() < 2:
-        raise ValueError(f"`{name}` must be a 16- or 32-bit float tensor, got {x.dtype}")
+        raise TypeError(f"{name}: expected a 16- or 32-bit float dtype, got {x.dtype}")
     return x.detach()
 
 
@@ -233,16 +181,11 @@ def _divide_to_fp8(x: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
     return torch.div(x, sf, out=out)
 
 
-@functools.cache
-def _is_sm90(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) == (9, 0)
-
-
 def _use_cast_kernel(x: torch.Tensor) -> bool:
     """Whether the SM90 cast kernel (moegemm.kernels.fp8_cast) handles ``x``: a 2-D bf16/fp32 CUDA tensor
     with unit inner stride on an SM90 GPU, outside torch.compile tracing. Everything else takes the torch path."""
     return (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float32) and x.stride(1) == 1
-            and _is_sm90(x.device) and not torch.compiler.is_compiling())
+            and is_sm90(x.device) and not torch.compiler.is_compiling())
 
 
 def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +197,8 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[tor
 
     Returns:
         ``(x_fp8, sf)``: ``x_fp8`` float8_e4m3fn, same shape as ``x``, contiguous;
-        ``sf`` float32 ``[M, ceil(K/128)]`` (or ``[G, M, ceil(K/128)]``), contiguous (K-major).
+        ``sf`` float32 ``[M, ceil(K/128)]`` (or ``[G, M, ceil(K/128)]``) in the GEMM kernels' layout:
+        M-major, its K' stride ``get_tma_aligned_size(M, 4)`` (see :func:`get_mn_major_tma_aligned_tensor`).
 
     A 2-D bf16/fp32 CUDA tensor with unit inner stride on an SM90 GPU runs one CUDA kernel with identical
     results (then ``x_fp8`` and ``sf`` are views of one allocation); anything else runs in PyTorch.
@@ -274,7 +218,7 @@ def _per_token_cast_torch(x: torch.Tensor, use_ue8m0: bool) -> tuple[torch.Tenso
     blocks = padded.reshape(*x.shape[:-1], padded.shape[-1] // BLOCK, BLOCK)
     sf = _scale_from_amax(_abs_max(blocks, -1), use_ue8m0)
     x_fp8 = _divide_to_fp8(blocks, sf.unsqueeze(-1))
-    return x_fp8.view(padded.shape)[..., :k].contiguous(), sf
+    return x_fp8.view(padded.shape)[..., :k].contiguous(), get_mn_major_tma_aligned_tensor(sf)
 
 
 def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,9 +275,7 @@ def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[t
     return x_fp8.view(padded.shape)[..., :m, :].contiguous(), sf
 
 
-# ---------------------------------------------------------------------------------------------------------
-# UE8M0 packing
-# ---------------------------------------------------------------------------------------------------------
+# ---- ue8m0 packing --------------------------------------------------------------------------------
 
 
 def pack_ue8m0(sf: torch.Tensor) -> torch.Tensor:
@@ -350,14 +292,14 @@ def pack_ue8m0(sf: torch.Tensor) -> torch.Tensor:
         ValueError: if ``sf`` is not float32 or holds a value that is not a positive power of two.
     """
     if sf.dtype != torch.float32 or sf.dim() == 0:
-        raise ValueError(f"`sf` must be a float32 tensor with at least 1 dim, got {sf.dtype} {sf.dim()}-D")
+        raise ValueError(f"sf: expected a float32 tensor of at least 1 dim, got {sf.dtype} {sf.dim()}-D")
     bits = sf.view(torch.int32)
     exponent = bits >> 23
     # bits > 0 rejects negatives, +-0; a zero mantissa rejects non-powers and subnormals; 255 is inf/NaN.
     valid = (bits > 0) & ((bits & 0x007FFFFF) == 0) & (exponent < 255)
     if not bool(valid.all()):
         bad = sf[~valid].flatten()[:4].tolist()
-        raise ValueError(f"`sf` must hold only positive powers of two for UE8M0 packing, found e.g. {bad}")
+        raise ValueError(f"sf: expected only positive powers of two (UE8M0 packing), got e.g. {bad}")
     k = sf.shape[-1]
     exponent = F.pad(exponent.to(torch.uint8), (0, align(k, 4) - k))
     # Reinterpreting 4 consecutive bytes as one int32 gives exactly the little-endian packing (x86, Arm
@@ -376,16 +318,14 @@ def unpack_ue8m0(packed: torch.Tensor, k: int) -> torch.Tensor:
         float32 ``[..., k]``, contiguous; biased exponent ``e`` becomes ``2**(e - 127)`` (0 becomes 0.0).
     """
     if packed.dtype != torch.int32 or packed.dim() == 0:
-        raise ValueError(f"`packed` must be an int32 tensor with at least 1 dim, got {packed.dtype}")
+        raise ValueError(f"packed: expected an int32 tensor of at least 1 dim, got {packed.dtype}")
     if k < 0 or ceil_div(k, 4) != packed.shape[-1]:
-        raise ValueError(f"`packed` has last dim {packed.shape[-1]}, expected ceil(k/4) = {ceil_div(k, 4)}")
+        raise ValueError(f"packed: expected last dim ceil(k/4) = {ceil_div(k, 4)}, got {packed.shape[-1]}")
     exponent = packed.contiguous().view(torch.uint8)[..., :k]
     return (exponent.to(torch.int32) << 23).view(torch.float32)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# FP4 (e2m1) packing
-# ---------------------------------------------------------------------------------------------------------
+# ---- fp4 (e2m1) packing ---------------------------------------------------------------------------
 
 FP4_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -425,7 +365,7 @@ def pack_fp4(x: torch.Tensor) -> torch.Tensor:
         high nibble.
     """
     if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] % 2:
-        raise ValueError(f"`x` must be a float tensor with an even last dim, got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(f"x: expected a float tensor with an even last dim, got {x.dtype} {tuple(x.shape)}")
     # Compare in float64 for float64 input so no value is rounded onto a boundary before bucketing.
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     magnitude = x.abs().to(dtype)
@@ -437,190 +377,8 @@ def pack_fp4(x: torch.Tensor) -> torch.Tensor:
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_fp4`: uint8 ``[..., K']`` -> float32 ``[..., 2*K']``."""
     if packed.dtype != torch.uint8 or packed.dim() == 0:
-        raise ValueError(f"`packed` must be a uint8 tensor with at least 1 dim, got {packed.dtype}")
+        raise ValueError(f"packed: expected a uint8 tensor of at least 1 dim, got {packed.dtype}")
     codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
     return _fp4_decode_table(packed.device)[codes.long()]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# SM count
-# ---------------------------------------------------------------------------------------------------------
-
-_num_sms_override: int | None = None
-
-
-def _device_num_sms() -> int | None:
-    """SM count of the current CUDA device, or None without a GPU."""
-    if not torch.cuda.is_available():
-        return None
-    return _sm_count(torch.cuda.current_device())
-
-
-@functools.cache
-def _sm_count(device: int) -> int:
-    # Queried once per device: get_num_sms runs on every kernel launch.
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def set_num_sms(n: int) -> None:
-    """Limit the number of SMs the kernels use (persistent grid size).
-
-    Raises:
-        ValueError: unless ``1 <= n <= `` the current device's SM count (upper bound checked only when a
-            GPU is present).
-    """
-    global _num_sms_override
-    if isinstance(n, bool):
-        raise ValueError(f"`num_sms` must be an int, got {n!r}")
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise ValueError(f"`num_sms` must be an int, got {n!r}") from None
-    device_sms = _device_num_sms()
-    if n < 1 or (device_sms is not None and n > device_sms):
-        raise ValueError(f"`num_sms` must be in [1, {device_sms or 'device SM count'}], got {n}")
-    _num_sms_override = n
-
-
-def num_sms_of(device: int) -> int:
-    """SM count the kernels use on CUDA device ``device``: the :func:`set_num_sms` override, else its SMs."""
-    return _num_sms_override if _num_sms_override is not None else _sm_count(device)
-
-
-def get_num_sms() -> int:
-    """SM count the kernels use: the :func:`set_num_sms` override, else the current device's SM count."""
-    if _num_sms_override is not None:
-        return _num_sms_override
-    # torch.cuda.is_available() reads the environment on every call; this runs on every launch.
-    try:
-        return _sm_count(torch.cuda.current_device())
-    except (AssertionError, RuntimeError):
-        raise RuntimeError("get_num_sms needs a CUDA GPU (or an explicit set_num_sms)") from None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Programmatic dependent launch
-# ---------------------------------------------------------------------------------------------------------
-
-_pdl: bool | None = None
-
-
-def set_pdl(enabled: bool) -> None:
-    """Launch the GEMM kernels with programmatic dependent launch: a kernel's blocks may start while
-    the previous kernel on the stream finishes, and wait (``griddepcontrol.wait``) before touching
-    memory. Hides part of the launch gap between back-to-back kernels; results are unchanged.
-    Default: the ``MOEGEMM_ENABLE_PDL`` environment variable."""
-    global _pdl
-    if not isinstance(enabled, bool):
-        raise ValueError(f"`enabled` must be a bool, got {enabled!r}")
-    _pdl = enabled
-
-
-def get_pdl() -> bool:
-    """Whether GEMM kernels are launched with programmatic dependent launch (see :func:`set_pdl`)."""
-    global _pdl
-    if _pdl is None:
-        _pdl = env.flag("MOEGEMM_ENABLE_PDL")
-    return _pdl
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Accuracy
-# ---------------------------------------------------------------------------------------------------------
-
-
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Normalised difference ``1 - 2*sum(x*y) / sum(x*x + y*y)``, computed in float64.
-
-    0 for identical tensors, 1 against zeros, 2 for ``y == -x``; invariant to scaling both. Returns 0.0
-    when both tensors are all zero.
-    """
-    if x.shape != y.shape:
-        raise ValueError(f"calc_diff needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
-    x, y = x.double(), y.double()
-    denominator = (x * x + y * y).sum()
-    if denominator.item() == 0:
-        return 0.0
-    return float(1 - 2 * (x * y).sum() / denominator)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------------------
-
-L2_FLUSH_BYTES = 256 << 20
-_l2_flush_buffers: dict[int, torch.Tensor] = {}
-
-
-def _require_cuda(name: str) -> None:
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"{name} needs a CUDA GPU")
-
-
-def _flush_l2() -> None:
-    """Read 256 MB (five times the H100's 50 MB L2) so the timed call finds none of its inputs in L2.
-    A read, not a rewrite: a rewrite leaves the L2 full of dirty lines whose write-backs then add to
-    the timed call's DRAM traffic (up to 50 MB: it slowed 15 MB GEMMs by a third). The profiler-based
-    timing in moegemm.bench tells calls apart by this reduction kernel, which no benchmarked operation
-    launches."""
-    device = torch.cuda.current_device()
-    buffer = _l2_flush_buffers.get(device)
-    if buffer is None:
-        buffer = torch.zeros(L2_FLUSH_BYTES, dtype=torch.int8, device=f"cuda:{device}")
-        _l2_flush_buffers[device] = buffer
-    buffer.sum(dtype=torch.int32)
-
-
-def _time_calls(call: Callable[[], object], iters: int, flush_l2: bool) -> float:
-    """Median GPU time of ``call`` in microseconds, one event pair per call, flush outside the pair."""
-    if iters < 1:
-        raise ValueError(f"`iters` must be >= 1, got {iters}")
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for start, end in zip(starts, ends, strict=True):
-        if flush_l2:
-            _flush_l2()
-        start.record()
-        call()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) * 1e3
-
-
-def bench_kernel(
-    fn: Callable[[], object], *, warmup: int = 5, iters: int = 30, flush_l2: bool = True
-) -> float:
-    """Median time of ``fn()`` on the current stream in microseconds (CUDA events, L2 flushed before each).
-
-    Raises:
-        RuntimeError: without a CUDA GPU.
-    """
-    _require_cuda("bench_kernel")
-    for _ in range(warmup):
-        fn()
-    return _time_calls(fn, iters, flush_l2)
-
-
-def _capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    # Run once on a side stream first so lazy work (JIT loads, workspace allocation) is not captured.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def bench_graph(fn: Callable[[], object], *, iters: int = 30, flush_l2: bool = True) -> float:
-    """Capture ``fn`` into a CUDA graph once and return the median replay time in microseconds.
-
-    Raises:
-        RuntimeError: without a CUDA GPU.
-    """
-    _require_cuda("bench_graph")
-    graph = _capture_graph(fn)
-    graph.replay()
-    return _time_calls(graph.replay, iters, flush_l2)

@@ -1,0 +1,384 @@
+"""The FP8 GEMMs with fine-grained scaling: ``fp8_gemm_nt`` and the MoE grouped forms (contiguous,
+masked). Checks, the bound calls of the dispatch path, and the public functions."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checks, device, reference
+from ..gemm.desc import GemmType
+from ..intmath import ceil_div, get_tma_aligned_size
+from ..kernels import fp8_gemm
+from ..quant import get_mn_major_tma_aligned_tensor
+from .dispatch import Op, get_check_groups
+
+FP8 = (torch.float8_e4m3fn,)
+FP32 = (torch.float32,)
+GEMM_OUT = (torch.bfloat16, torch.float32)
+_INPUT_NAMES = ("a", "sfa", "b", "sfb")
+
+
+# ---- checks (once per call signature) ---------------------------------------------------------------------
+
+
+def _check_cuda(tensors: dict[str, torch.Tensor]) -> None:
+    dev = checks.same_device(**tensors)
+    if dev.type == "cuda":
+        device.require_sm90(dev)
+
+
+def _check_dense(a, sfa, b, sfb, d, c) -> None:
+    checks.tensor("a", a, FP8, 2)
+    checks.tensor("b", b, FP8, 2)
+    checks.tensor("sfa", sfa, FP32, 2)
+    checks.tensor("sfb", sfb, FP32, 2)
+    checks.tensor("d", d, GEMM_OUT, 2)
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"b: expected shape (N, K) with K = {k} (from a), got {tuple(b.shape)}")
+    checks.shape("sfa", sfa, (m, ceil_div(k, 128)))
+    checks.shape("sfb", sfb, (ceil_div(n, 128), ceil_div(k, 128)))
+    checks.shape("d", d, (m, n))
+    tensors = {"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d}
+    if c is not None:
+        checks.tensor("c", c, FP32, 2)
+        checks.shape("c", c, (m, n))
+        if d.dtype != torch.float32:
+            raise TypeError(f"d: with c given (D = C + A @ B^T) d must be torch.float32, got {d.dtype}")
+        tensors["c"] = c
+    _check_cuda(tensors)
+    for name in ("a", "b", "d"):
+        checks.tma_rows(name, tensors[name])
+
+
+def _check_experts_stacked(name: str, t: torch.Tensor) -> None:
+    """A [G, rows, K]-like tensor whose experts follow each other at the row pitch, so the kernels
+    can see it as one [G * rows, K] matrix."""
+    if t.shape[0] > 1 and t.numel() and t.stride(0) != t.shape[1] * t.stride(1):
+        raise ValueError(f"{name}: expected the experts stacked without gaps (stride(0) == shape[1] * stride(1)), "
+                         f"got strides {tuple(t.stride())} for shape {tuple(t.shape)}")
+
+
+def _check_grouped_operands(a, sfa, b, sfb, d, a_dims: int) -> int:
+    """Checks shared by the grouped forms; returns G."""
+    checks.tensor("a", a, FP8, a_dims)
+    checks.tensor("sfa", sfa, FP32, a_dims)
+    checks.tensor("b", b, FP8, 3)
+    checks.tensor("sfb", sfb, FP32, 3)
+    checks.tensor("d", d, GEMM_OUT, a_dims)
+    k = a.shape[-1]
+    num_groups, n = b.shape[:2]
+    if b.shape[2] != k:
+        raise ValueError(f"b: expected shape (G, N, K) with K = {k} (from a), got {tuple(b.shape)}")
+    if a_dims == 3 and a.shape[0] != num_groups:
+        raise ValueError(f"a: expected G = {num_groups} experts (from b), got shape {tuple(a.shape)}")
+    checks.shape("sfa", sfa, (*a.shape[:-1], ceil_div(k, 128)))
+    checks.shape("sfb", sfb, (num_groups, ceil_div(n, 128), ceil_div(k, 128)))
+    checks.shape("d", d, (*a.shape[:-1], n))
+    for name, t in (("a", a), ("b", b), ("d", d)):
+        checks.tma_rows(name, t)
+    _check_experts_stacked("b", b)
+    return num_groups
+
+
+def _check_contiguous(a, sfa, b, sfb, d, layout, use_psum_layout) -> None:
+    num_groups = _check_grouped_operands(a, sfa, b, sfb, d, 2)
+    checks.tensor("grouped_layout", layout, (torch.int32,), 1)
+    m_total = a.shape[0]
+    checks.shape("grouped_layout", layout, (num_groups,) if use_psum_layout else (m_total,))
+    if m_total % fp8_gemm.CONTIGUOUS_ALIGNMENT:
+        raise ValueError(f"a: expected M_total a multiple of {fp8_gemm.CONTIGUOUS_ALIGNMENT} "
+                         f"(get_mk_alignment_for_contiguous_layout()), got {m_total}")
+    if layout.stride(0) != 1 and layout.shape[0] > 1:
+        raise ValueError(f"grouped_layout: expected a contiguous tensor, got stride {layout.stride(0)}")
+    _check_cuda({"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d, "grouped_layout": layout})
+
+
+def _check_masked(a, sfa, b, sfb, d, masked_m, expected_m) -> None:
+    num_groups = _check_grouped_operands(a, sfa, b, sfb, d, 3)
+    checks.tensor("masked_m", masked_m, (torch.int32,), 1)
+    checks.shape("masked_m", masked_m, (num_groups,))
+    if isinstance(expected_m, bool) or not isinstance(expected_m, int) or expected_m < 0:
+        raise ValueError(f"expected_m: expected an int >= 0, got {expected_m!r}")
+    _check_experts_stacked("a", a)
+    _check_experts_stacked("d", d)
+    _check_cuda({"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d, "masked_m": masked_m})
+
+
+def _check_group_values(kind: GemmType, groups: torch.Tensor, num_groups: int, rows: int) -> None:
+    """set_check_groups: read the layout or masked_m (a synchronisation) and name bad entries, which
+    the kernels would otherwise treat as padding or clamp."""
+    values = groups.cpu()
+    if kind is GemmType.CONTIGUOUS:
+        bad = ((values < -1) | (values >= num_groups)).nonzero().flatten()
+        what = f"expert ids in [0, {num_groups}) or -1 (padding)"
+    elif kind is GemmType.PSUM:
+        previous = torch.cat([values.new_zeros(1), values[:-1]])
+        bad = ((values < previous) | (values > rows)).nonzero().flatten()
+        what = f"non-decreasing end rows in [0, {rows}]"
+    else:
+        bad = ((values < 0) | (values > rows)).nonzero().flatten()
+        what = f"row counts in [0, {rows}]"
+    if bad.numel():
+        name = "masked_m" if kind is GemmType.MASKED else "grouped_layout"
+        shown = ", ".join(f"[{i}] = {values[i].item()}" for i in bad[:8].tolist())
+        raise ValueError(f"{name}: expected {what}; {bad.numel()} entries are not: {shown}")
+
+
+# ---- per-call pieces of the bound calls -----------------------------------------------------------------
+
+
+def _sfa_ready(sfa: torch.Tensor) -> bool:
+    """SFA's strides are already the kernel's: M-major, columns TMA-aligned (as the casts make it)."""
+    return sfa.stride(-2) == 1 and (sfa.shape[-1] == 1 or sfa.stride(-1) == get_tma_aligned_size(sfa.shape[-2], 4))
+
+
+def _scales_ready(sfa: torch.Tensor, sfb: torch.Tensor) -> bool:
+    """Whether SFA and SFB (shapes checked) arrive in the kernel's layout; their addresses are
+    checked per call."""
+    stacked = sfa.dim() == 2 or sfa.shape[0] <= 1 or sfa.stride(0) == sfa.shape[-1] * sfa.stride(-1)
+    return _sfa_ready(sfa) and stacked and sfb.is_contiguous()
+
+
+def _kernel_sfa(sfa: torch.Tensor) -> torch.Tensor:
+    """SFA in the kernels' layout (M-major, TMA-aligned) at a 16-byte aligned address."""
+    if sfa.data_ptr() & 15:  # the right strides at a misaligned address: re-lay out a fresh copy
+        sfa = sfa.clone(memory_format=torch.contiguous_format)
+    return get_mn_major_tma_aligned_tensor(sfa)
+
+
+def _kernel_sfb(sfb: torch.Tensor) -> torch.Tensor:
+    """SFB as the kernels read it through TMA: contiguous at a 16-byte aligned address."""
+    if sfb.is_contiguous() and not sfb.data_ptr() & 15:
+        return sfb
+    return sfb.clone(memory_format=torch.contiguous_format)
+
+
+def _check_aligned(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
+    """TMA's 16-byte alignment of the data pointers, which change between calls of one signature."""
+    for name, t in (("a", a), ("b", b), ("d", d)):
+        checks.tma_rows(name, t)
+
+
+def _spans(*tensors: torch.Tensor) -> tuple[int, ...]:
+    return tuple(checks.byte_span(t) for t in tensors)
+
+
+# ---- fp8_gemm_nt ---------------------------------------------------------------------------------------------
+
+_DENSE_NAMES = ("d", *_INPUT_NAMES)
+_DENSE_NAMES_C = ("c", *_DENSE_NAMES)
+
+
+def _bind_dense(a, sfa, b, sfb, d, c):
+    spans = _spans(d, a, sfa, b, sfb)
+    c_spans = None if c is None else _spans(c, d, a, sfa, b, sfb)
+    c_like_d = c is not None and c.stride() == d.stride()
+    empty_k = a.shape[1] == 0 and d.numel() > 0
+
+    def guard(a, sfa, b, sfb, d, c) -> tuple[int, int, int, int, int, bool]:
+        """The data pointers, checked for overlap; whether C is a tensor apart from D."""
+        a_ptr, b_ptr, d_ptr, sfa_ptr, sfb_ptr = a.data_ptr(), b.data_ptr(), d.data_ptr(), sfa.data_ptr(), sfb.data_ptr()
+        checks.no_overlap(_DENSE_NAMES, (d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr), spans)
+        separate_c = c is not None and (c.data_ptr() != d_ptr or not c_like_d)
+        if separate_c:
+            checks.no_overlap(_DENSE_NAMES_C, (c.data_ptr(), d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr), c_spans)
+        return a_ptr, b_ptr, d_ptr, sfa_ptr, sfb_ptr, separate_c
+
+    if not d.is_cuda:
+        def run_reference(a, sfa, b, sfb, d, c):
+            guard(a, sfa, b, sfb, d, c)
+            reference.fp8_gemm_nt((a, sfa), (b, sfb), d, c)
+        return run_reference
+
+    if min(a.shape[0], d.shape[1], a.shape[1]) == 0:
+        def run_empty(a, sfa, b, sfb, d, c):  # M, N or K is 0; with K = 0, D = C (or 0: an empty sum)
+            separate_c = guard(a, sfa, b, sfb, d, c)[-1]
+            if empty_k and separate_c:
+                d.copy_(c)
+            elif empty_k and c is None:
+                d.zero_()
+        return run_empty
+
+    index = d.get_device()
+    desc = fp8_gemm.describe(GemmType.NORMAL, a, b, d, accumulate=c is not None)
+    launch = fp8_gemm.plan(desc, a, b, d, device.device_facts(index), pdl=device.get_pdl()).launch_pointers
+    scales_ready = _scales_ready(sfa, sfb)
+
+    def run_kernel(a, sfa, b, sfb, d, c):
+        a_ptr, b_ptr, d_ptr, sfa_ptr, sfb_ptr, separate_c = guard(a, sfa, b, sfb, d, c)
+        if (a_ptr | b_ptr | d_ptr) & 15:
+            _check_aligned(a, b, d)
+        if separate_c:
+            d.copy_(c)
+        if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
+            sfa, sfb = _kernel_sfa(sfa), _kernel_sfb(sfb)  # each returns its input when already fit
+            sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
+        launch(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
+    return run_kernel
+
+
+_FP8_GEMM_NT = Op("fp8_gemm_nt", "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, Tensor? c) -> ()",
+                  ("d",), _check_dense, _bind_dense)
+
+
+def _fp8_pair(name: str, value: object) -> tuple[object, object]:
+    """An (FP8 data, FP32 scales) pair."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name}: expected a (float8_e4m3fn tensor, float32 scales) pair, got {type(value).__name__}")
+    return value[0], value[1]
+
+
+def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
+                c: torch.Tensor | None = None) -> None:
+    """D = C + A @ B^T with FP8 operands and fine-grained scales, written into ``d``.
+
+    Args:
+        a: ``(A, SFA)``. A: float8_e4m3fn [M, K], K-major (row pitch a multiple of 16 bytes).
+            SFA: float32 [M, ceil(K/128)], one scale per 1x128 block of a row, any strides (the
+            kernel's M-major TMA-aligned layout, which ``per_token_cast_to_fp8`` returns, avoids a copy).
+        b: ``(B, SFB)``. B: float8_e4m3fn [N, K], K-major. SFB: float32 [ceil(N/128), ceil(K/128)],
+            one scale per 128x128 block.
+        d: bfloat16 or float32 [M, N], row-major (row pitch a multiple of 16 bytes). Overwritten; must
+            not overlap the inputs.
+        c: optional float32 [M, N]; then ``d`` must be float32 and D = C + A @ B^T (``c`` may be ``d``).
+
+    Any M, N, K >= 0 (K = 0: D = C, or 0); K need not be a multiple of 128 (the last block is
+    ragged). Accumulates in FP32, promoting the tensor cores' partial sums every 128 of K. SM90 GPUs
+    only; CPU tensors use the reference.
+    """
+    a_data, sfa = _fp8_pair("a", a)
+    b_data, sfb = _fp8_pair("b", b)
+    _FP8_GEMM_NT(a_data, sfa, b_data, sfb, d, c)
+
+
+# ---- the MoE grouped GEMMs ---------------------------------------------------------------------------------
+
+
+def get_mk_alignment_for_contiguous_layout() -> int:
+    """Row alignment of each expert's segment in the contiguous grouped layout (and of M_total)."""
+    return fp8_gemm.CONTIGUOUS_ALIGNMENT
+
+
+def _zero_expert_rows(kind: GemmType, d: torch.Tensor, groups: torch.Tensor, num_groups: int) -> None:
+    """K = 0: the rows of D that belong to an expert are zero (an empty sum), as the kernels' row
+    rules would pick them; the rest stays untouched. Whole-tensor ops on the GPU, no host read, so
+    CUDA graphs can capture it."""
+    if kind is GemmType.MASKED:
+        counts = groups.clamp(0, d.shape[1])
+        owned = torch.arange(d.shape[1], device=d.device) < counts[:, None]
+    elif kind is GemmType.CONTIGUOUS:
+        owned = (groups >= 0) & (groups < num_groups)
+    else:  # psum: the first expert whose aligned end lies past the row owns it if the row is below its end
+        rows = torch.arange(d.shape[0], device=d.device)
+        ends = groups.clamp(min=0).long()
+        first = torch.searchsorted((ends + 127) // 128 * 128, rows, right=True)
+        owned = (first < num_groups) & (rows < ends.clamp(max=d.shape[0])[first.clamp(max=num_groups - 1)])
+    d.masked_fill_(owned[..., None], 0)
+
+
+def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
+    names = ("d", *_INPUT_NAMES, "masked_m" if kind is GemmType.MASKED else "grouped_layout")
+    spans = _spans(d, a, sfa, b, sfb, groups)
+    num_groups, k = b.shape[0], a.shape[-1]
+    rows = a.shape[-2] if kind is GemmType.MASKED else a.shape[0]
+
+    def guard(a, sfa, b, sfb, d, groups) -> tuple[int, ...]:
+        pointers = (d.data_ptr(), a.data_ptr(), sfa.data_ptr(), b.data_ptr(), sfb.data_ptr(), groups.data_ptr())
+        checks.no_overlap(names, pointers, spans)
+        return pointers
+
+    if not d.is_cuda:
+        def run_reference(a, sfa, b, sfb, d, groups, _):
+            guard(a, sfa, b, sfb, d, groups)
+            if kind is GemmType.MASKED:
+                reference.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, groups, expected_m)
+            else:
+                reference.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, groups, kind is GemmType.PSUM)
+        return run_reference
+
+    if d.numel() == 0 or num_groups == 0 or k == 0:
+        def run_empty(a, sfa, b, sfb, d, groups, _):  # nothing to compute; with K = 0 the experts' rows are 0
+            guard(a, sfa, b, sfb, d, groups)
+            if d.numel() and num_groups and k == 0:
+                _zero_expert_rows(kind, d, groups, num_groups)
+        return run_empty
+
+    index = d.get_device()
+    desc = fp8_gemm.describe(kind, a, b, d, expected_m=expected_m)
+    launch = fp8_gemm.plan(desc, a, b, d, device.device_facts(index), pdl=device.get_pdl()).launch_pointers
+    scales_ready = _scales_ready(sfa, sfb)
+
+    def run_kernel(a, sfa, b, sfb, d, groups, _):
+        d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr, groups_ptr = guard(a, sfa, b, sfb, d, groups)
+        if (a_ptr | b_ptr | d_ptr) & 15:
+            _check_aligned(a, b, d)
+        if get_check_groups():
+            _check_group_values(kind, groups, num_groups, rows)
+        if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
+            sfa, sfb = _kernel_sfa(sfa), _kernel_sfb(sfb)
+            sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
+        launch(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr, groups_ptr)
+    return run_kernel
+
+
+def _bind_contiguous(a, sfa, b, sfb, d, layout, use_psum_layout):
+    kind = GemmType.PSUM if use_psum_layout else GemmType.CONTIGUOUS
+    return _bind_grouped(kind, a, sfa, b, sfb, d, layout, a.shape[0] // max(b.shape[0], 1))
+
+
+def _bind_masked(a, sfa, b, sfb, d, masked_m, expected_m):
+    return _bind_grouped(GemmType.MASKED, a, sfa, b, sfb, d, masked_m, expected_m)
+
+
+_CONTIGUOUS = Op("m_grouped_fp8_gemm_nt_contiguous",
+                 "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, Tensor grouped_layout, "
+                 "bool use_psum_layout) -> ()", ("d",), _check_contiguous, _bind_contiguous)
+_MASKED = Op("m_grouped_fp8_gemm_nt_masked",
+             "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, Tensor masked_m, int expected_m) -> ()",
+             ("d",), _check_masked, _bind_masked)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                                     d: torch.Tensor, grouped_layout: torch.Tensor,
+                                     use_psum_layout: bool = False) -> None:
+    """MoE prefill: ``D[rows of expert g] = A[rows of expert g] @ B[g]^T`` for every expert g.
+
+    Args:
+        a: ``(A, SFA)``: float8_e4m3fn [M_total, K] holding the experts' rows back to back, each
+            expert's segment starting at a multiple of ``get_mk_alignment_for_contiguous_layout()``
+            rows (M_total too); float32 [M_total, ceil(K/128)] 1x128 scales.
+        b: ``(B, SFB)``: float8_e4m3fn [G, N, K], K-major; float32 [G, ceil(N/128), ceil(K/128)].
+        d: bfloat16 (or float32) [M_total, N]. Rows of no expert (padding) are left untouched.
+        grouped_layout: int32 on the GPU. [M_total]: each row's expert, -1 (any value outside [0, G))
+            for padding. With ``use_psum_layout``: [G], the cumulative end row of each expert's
+            rows; expert g owns rows [align(end[g - 1], 128), end[g]).
+
+    The GPU never trusts the layout's values (``set_check_groups(True)`` has them checked) and the
+    CPU never reads them. K = 0 sets the experts' rows to 0. CPU tensors run the reference.
+    """
+    a_data, sfa = _fp8_pair("a", a)
+    b_data, sfb = _fp8_pair("b", b)
+    _CONTIGUOUS(a_data, sfa, b_data, sfb, d, grouped_layout, bool(use_psum_layout))
+
+
+def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                                 d: torch.Tensor, masked_m: torch.Tensor, expected_m: int) -> None:
+    """MoE decode: ``D[g, :masked_m[g]] = A[g, :masked_m[g]] @ B[g]^T`` for every expert g.
+
+    Args:
+        a: ``(A, SFA)``: float8_e4m3fn [G, max_M, K]; float32 [G, max_M, ceil(K/128)].
+        b: ``(B, SFB)``: float8_e4m3fn [G, N, K], K-major; float32 [G, ceil(N/128), ceil(K/128)].
+        d: bfloat16 (or float32) [G, max_M, N]; rows at or past ``masked_m[g]`` stay untouched.
+        masked_m: int32 [G] on the GPU, clamped to [0, max_M] there. The CPU never reads it, so the
+            call can sit in a CUDA graph whose token counts change between replays.
+        expected_m: the rows per expert the config heuristic plans for (a hint only; any masked_m
+            gives the right result). From 129 to 192 rows, one CTA of three math warpgroups takes
+            an expert's 192-row block; above 192, pairs of CTAs share each B tile over an expert's
+            two 128-row blocks (experts that then hold 128 rows or fewer give the pair two column
+            blocks instead).
+    """
+    a_data, sfa = _fp8_pair("a", a)
+    b_data, sfb = _fp8_pair("b", b)
+    _MASKED(a_data, sfa, b_data, sfb, d, masked_m, expected_m)

@@ -1,0 +1,97 @@
+"""Every config of the FP8 GEMM the heuristic emits, or a GPU test forces, compiles for sm_90a with no
+local-memory spills, with FP8 WGMMA (QGMMA) in its SASS, and with no WGMMA serialized by ptxas. CPU
+only; skipped without nvcc and cuobjdump."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COMPILE_VARIABLES, H100, needs_sass_tools
+
+from moegemm.gemm.desc import GemmDesc, GemmType
+from moegemm.jit import compiler
+from moegemm.kernels import fp8_gemm
+
+
+def _heuristic_configs() -> list:
+    grid = set()
+    for m in (1, 64, 128, 129, 1000, 4096, 16384):
+        for n in (8, 16, 24, 48, 64, 136, 256, 576, 1000, 2112, 4096, 7168, 16384, 24576, 32768):
+            for k in (128, 512, 7168):
+                for out_fp32, accumulate in ((False, False), (True, False), (True, True)):
+                    out_dtype = torch.float32 if out_fp32 else torch.bfloat16
+                    desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype, accumulate=accumulate)
+                    grid.add(fp8_gemm.select_config(desc, H100))
+    for kind in (GemmType.CONTIGUOUS, GemmType.PSUM, GemmType.MASKED):
+        for m, groups in ((1, 32), (32, 32), (160, 32), (256, 32), (4096, 8), (8192, 4)):
+            for n, k in ((4096, 7168), (7168, 2048), (576, 512)):
+                grid.add(fp8_gemm.select_config(GemmDesc(kind, m, n, k, groups), H100))
+    return sorted(grid | set(_explicit_configs()), key=fp8_gemm.kernel_name)
+
+
+def _test_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"_moegemm_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _explicit_configs() -> list:
+    """The configs the GPU tests force (test_fp8_gemm.CONFIGS, test_fp8_grouped_gemm.EVERY_CONFIG): they
+    must compile too."""
+    grouped_tests = _test_module("test_fp8_grouped_gemm")
+    grouped = [dataclasses.replace(config, gemm_type=grouped_tests.KINDS[kind])
+               for config, kind in grouped_tests.EVERY_CONFIG]
+    return _test_module("test_fp8_gemm").CONFIGS + grouped
+
+
+_SPILLS = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(LDL|STL)\b", re.M)
+
+
+# ptxas' notes that it serialized WGMMAs or inserted waits for them: each costs the overlap of tensor
+# cores with everything else.
+_WGMMA_SERIALIZED = re.compile(r"\((C751[0-9])\)[^\n]*")
+
+
+def _compile_and_inspect(config) -> tuple[compiler.ResourceReport, int, list[str], list[str]]:
+    build = fp8_gemm.build(config)
+    sass = compiler.disassemble(build.cubin_path)
+    serialized = [m.group(0) for m in _WGMMA_SERIALIZED.finditer(build.log)]
+    return (build.resources(), sass.count("QGMMA"), [m.group(0).strip() for m in _SPILLS.finditer(sass)],
+            serialized)
+
+
+@pytest.fixture(scope="module")
+def compiled_configs(tmp_path_factory) -> dict:
+    """Every config compiled and disassembled once, in parallel (nvcc runs outside the GIL), into a
+    cache shared by this module's config tests. A failure is kept and raised by its own test."""
+    configs = _heuristic_configs()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOEGEMM_CACHE_DIR", str(tmp_path_factory.mktemp("config-cache")))
+        for name in COMPILE_VARIABLES:
+            patch.delenv(name, raising=False)
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+            futures = {config: pool.submit(_compile_and_inspect, config) for config in configs}
+            return {config: future.exception() or future.result() for config, future in futures.items()}
+
+
+@needs_sass_tools
+@pytest.mark.parametrize("config", _heuristic_configs(), ids=fp8_gemm.kernel_name)
+def test_config_compiles_without_spills(compiled_configs, config):
+    outcome = compiled_configs[config]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    report, num_qgmma, local_memory, serialized = outcome
+    assert (report.spill_stores, report.spill_loads, report.stack_bytes) == (0, 0, 0), report
+    assert num_qgmma > 0, "no FP8 WGMMA (QGMMA) in the SASS"
+    assert local_memory == [], "local-memory traffic in the SASS"
+    assert serialized == [], f"ptxas serialized the WGMMAs: {serialized}"
+
+
