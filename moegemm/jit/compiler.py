@@ -202,12 +202,15 @@ def _flags() -> list[str]:
 
 
 def kernel_stub(header: str, config: str, params: str, entry: str, checks: tuple[str, ...] = (),
-                min_blocks: str = "1") -> str:
+                min_blocks: str = "1", nvcc_checks: tuple[str, ...] = ()) -> str:
     """The generated source of one kernel: include the family's header, instantiate its config
     template (``config``, a C++ type) as ``Config``, assert what the host assumed about it, and
-    define the ``moegemm_kernel`` entry point that calls ``entry<Config>`` with the ``params`` struct."""
+    define the ``moegemm_kernel`` entry point that calls ``entry<Config>`` with the ``params`` struct.
+    ``nvcc_checks`` need what NVRTC lacks (``__builtin_offsetof``): nvcc builds of the stub check them."""
     lines = [f'#include "{header}"', f"using Config = {config};"]
     lines += [f"static_assert({check});" for check in checks]
+    if nvcc_checks:
+        lines += ["#ifndef __CUDACC_RTC__", *(f"static_assert({check});" for check in nvcc_checks), "#endif"]
     lines += [
         f'extern "C" __global__ void __launch_bounds__(Config::kNumThreads, {min_blocks})',
         f"moegemm_kernel(const __grid_constant__ {params} params) {{",

@@ -144,12 +144,14 @@ class ParamsLayout:
         if len(self.pointers) > MAX_PARAM_POINTERS:
             raise ValueError(f"at most {MAX_PARAM_POINTERS} pointer members, got {len(self.pointers)}")
 
-    def static_asserts(self) -> tuple[str, ...]:
-        """C++ checks for the generated stub: the struct's size and each member's offset."""
-        checks = [f'sizeof({self.cpp_type}) == {self.size}, "host and device disagree on the parameters"']
-        checks += [f"__builtin_offsetof({self.cpp_type}, {slot.name}) == {self.offsets[slot.name]}"
-                   for slot in self.slots]
-        return tuple(checks)
+    def size_check(self) -> str:
+        """A C++ check of the struct's size, for the generated stub."""
+        return f'sizeof({self.cpp_type}) == {self.size}, "host and device disagree on the parameters"'
+
+    def offset_checks(self) -> tuple[str, ...]:
+        """C++ checks of each member's offset (``__builtin_offsetof``: nvcc only), for the stub."""
+        return tuple(f"__builtin_offsetof({self.cpp_type}, {slot.name}) == {self.offsets[slot.name]}"
+                     for slot in self.slots)
 
     def pack(self, values: dict[str, int]) -> bytes:
         """The parameter block: ``values`` for the "u32" and "u64" slots, zeros for the rest."""
@@ -234,9 +236,16 @@ class Kernel:
         attribute.value.clusterDim.x, attribute.value.clusterDim.y, attribute.value.clusterDim.z = cluster, 1, 1
         config.attrs = [attribute]
         config.numAttrs = 1
-        with torch.cuda.device(device):
+        # The query needs a current context: the device's primary one (torch's), which may not exist yet.
+        cu_device = _driver_call(driver.cuDeviceGet(device), "cuDeviceGet")
+        context = _driver_call(driver.cuDevicePrimaryCtxRetain(cu_device), "cuDevicePrimaryCtxRetain")
+        _driver_call(driver.cuCtxPushCurrent(context), "cuCtxPushCurrent")
+        try:
             return _driver_call(driver.cuOccupancyMaxActiveClusters(driver.CUfunction(int(self._kernel)), config),
                                 "cuOccupancyMaxActiveClusters")
+        finally:
+            driver.cuCtxPopCurrent()
+            driver.cuDevicePrimaryCtxRelease(cu_device)
 
     def launch(self, record: bytes, device: int, *operands: int) -> None:
         """Launch ``record`` on ``device``'s current torch stream. ``operands``: the data pointers of

@@ -62,8 +62,8 @@ def generate_source(config: Fp8CastConfig) -> str:
         "moegemm::Fp8CastParams", "moegemm::sm90_fp8_cast",
         (f"Config::kNumThreads == {config.num_threads}",
          f'Config::kUnitsPerCta == {config.units_per_cta}, "host and device disagree on the split"',
-         *PARAMS.static_asserts()),
-        min_blocks="Config::kMinBlocks")
+         PARAMS.size_check()),
+        min_blocks="Config::kMinBlocks", nvcc_checks=PARAMS.offset_checks())
 
 
 def kernel_name(config: Fp8CastConfig) -> str:

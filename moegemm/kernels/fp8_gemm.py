@@ -205,7 +205,7 @@ def generate_source(config: Fp8GemmConfig) -> str:
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}",
          f'moegemm::kContiguousAlignment == {CONTIGUOUS_ALIGNMENT}, "host and device disagree on the alignment"',
-         *PARAMS.static_asserts()))
+         PARAMS.size_check()), nvcc_checks=PARAMS.offset_checks())
 
 
 _KIND_NAMES = {GemmType.NORMAL: "", GemmType.CONTIGUOUS: "_contiguous", GemmType.PSUM: "_psum",
