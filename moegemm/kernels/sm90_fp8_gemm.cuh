@@ -47,9 +47,9 @@
 // the next tile's first WGMMAs are issued, so the tensor cores have work meanwhile (H200, A/B:
 // 4096 x 2112 x 7168 8% faster, 1-3% elsewhere).
 #pragma once
+#include <moegemm/mma/wgmma.cuh>
 #include <moegemm/ptx.cuh>
 #include <moegemm/scheduler.cuh>
-#include <moegemm/wgmma_ops.cuh>
 
 namespace moegemm {
 
@@ -168,10 +168,6 @@ __device__ __forceinline__ u32 sfb_first_row(const Tile& tile, u32 block_n, u32 
 __device__ __forceinline__ u32 sfb_first_index(const Tile& tile, u32 block_n, u32 n, u32 num_k_blocks) {
     return sfb_first_row(tile, block_n, n) * num_k_blocks;
 }
-
-// Row of this thread's first accumulator row inside its warpgroup's 64-row slab (the second is 8
-// rows below): the m64nNk32 WGMMA accumulator layout.
-__device__ __forceinline__ u32 slab_row() { return (warp_id() % 4) * 16 + lane_id() / 4; }
 
 // Whether this warpgroup's 64-row slab of the tile lies wholly at or past the rows that may be
 // written: it has nothing to compute. A warp vote, so that the compiler knows it warp-uniform.
