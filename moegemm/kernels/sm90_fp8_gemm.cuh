@@ -1,5 +1,5 @@
 // FP8 GEMM with fine-grained scaling on sm_90a: D[M, N] (+)= (A * SFA) @ (B * SFB)^T, and the MoE
-// grouped forms (GemmType in scheduler.cuh): D rows of expert g = A rows of expert g @ B[g]^T.
+// grouped forms (GemmType in sm90/scheduler.cuh): D rows of expert g = A rows of expert g @ B[g]^T.
 //
 // A: e4m3 [M, K] K-major, SFA: fp32, one per 1x128 block of a row, stored M-major [ceil(K/128), M'].
 // B: e4m3 [N, K] K-major, SFB: fp32, one per 128x128 block, [ceil(N/128), ceil(K/128)] row-major.
@@ -49,7 +49,7 @@
 #pragma once
 #include <moegemm/mma/wgmma.cuh>
 #include <moegemm/ptx.cuh>
-#include <moegemm/scheduler.cuh>
+#include <moegemm/sm90/scheduler.cuh>
 
 namespace moegemm {
 
