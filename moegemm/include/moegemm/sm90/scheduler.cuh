@@ -167,18 +167,4 @@ struct TileScheduler {
     }
 };
 
-// Position in a ring of kStages shared-memory stages and the mbarrier phase parity of that lap.
-template <u32 kStages>
-struct StageRing {
-    u32 stage = 0;
-    u32 phase = 0;
-
-    __device__ __forceinline__ void advance() {
-        if (++stage == kStages) {
-            stage = 0;
-            phase ^= 1;
-        }
-    }
-};
-
 }  // namespace moegemm
