@@ -187,13 +187,15 @@ struct Fp8GemmKernel {
 
     // ---- math warpgroups: WGMMAs into scratch accumulators, promotion into the totals ---------------
 
-    // Per tile: where the tile's SFB scales sit in the stages' SFB boxes.
+    // Per tile: where the tile's SFB scales sit in the stages' SFB boxes. boundary: the tile's first
+    // column of the second SFB block (columns at or past it take the second SFB row's scale).
     struct TileScales {
-        u32 boundary;  // the tile's first column of the second SFB block: columns at or past it take its scale
+        u32 boundary;
         SfbShifts sfb_shifts;
     };
 
-    __device__ __forceinline__ static TileScales begin_tile(const Params& p, const Tile& tile, const u32& num_k_blocks) {
+    __device__ __forceinline__ static TileScales begin_tile(const Params& p, const Tile& tile,
+                                                            const u32& num_k_blocks) {
         TileScales t;
         const u32 n0 = tile.n_block * BN;
         t.boundary = (n0 / 128 + 1) * 128 - n0;

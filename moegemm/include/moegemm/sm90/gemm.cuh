@@ -77,7 +77,7 @@ struct GemmConfigChecks {
     static_assert(Config::kSmemBytes == Config::smem_bytes(Config::kExtraStageBytes),
                   "kSmemBytes is the skeleton's carve-up");
     static_assert(Config::kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a block may use");
-    static_assert(Config::kExtraStageBytes % 128 == 0, "the reduce buffer and TMA destinations stay aligned");
+    static_assert(Config::kExtraStageBytes % 16 == 0, "the reduce buffer after the extras stays 16-byte aligned");
     static_assert(Config::kProducerRegisters % 8 == 0 && Config::kMathRegisters % 8 == 0 &&
                       Config::kProducerRegisters >= 24 && Config::kMathRegisters <= 256,
                   "setmaxnreg takes multiples of 8 in [24, 256]");

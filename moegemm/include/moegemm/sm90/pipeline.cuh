@@ -49,6 +49,8 @@ template <class Kernel>
 __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, u8* smem_a, u8* smem_b,
                                               u8* smem_extra, Barrier* full, Barrier* empty) {
     using Config = typename Kernel::Config;
+    static_assert(Config::kStages >= 2, "a slot fills while another drains");
+    static_assert(Config::kClusterM == 1 || Config::kClusterM == 2, "a CTA pair: the peer is rank ^ 1");
     constexpr u32 BN = Config::kBlockN;
     constexpr u32 kCluster = Config::kClusterM;
     constexpr u32 kSliceRows = BN / kCluster;
@@ -96,6 +98,7 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
 // here and, with a CTA pair, in the peer CTA, whose producer multicasts into this CTA's slot too.
 template <class Config>
 __device__ __forceinline__ void consumer_release_stage(Barrier* empty, u32 stage, u32 peer) {
+    static_assert(Config::kClusterM == 1 || Config::kClusterM == 2, "one peer CTA at most");
     if (lane_id() == 0) {
         empty[stage].arrive();
         if constexpr (Config::kClusterM > 1) empty[stage].arrive_cluster(peer);

@@ -14,12 +14,14 @@
 //   reduce_free  arrive count kSplitK - 1: every other CTA of the cluster arrives on it (remotely)
 //                once it has read the pieces this CTA sent it this round; this CTA waits on it
 //                before sending the next tile's partials over them.
-// Only the warps of a warpgroup that hold rows of D (16 each) exchange: the others send, wait for
-// and add nothing (at M = 1 a quarter of the traffic). At least one warp exchanges in every round,
-// even with no rows: waiting for a peer's bytes keeps the cluster's CTAs within a round of each
-// other. Without it a CTA could arrive twice on a peer's reduce_free before the peer waits once,
-// and the parity the peer polls would never show completion. Before exiting, a CTA waits for the
-// last round's reduce_free (gemm.cuh), so no peer's arrival targets an exited CTA.
+// The warpgroup's threads meet on named barrier 1 + warpgroup (the epilogue's, used in turn) before
+// one thread releases the buffer. Only the warps of a warpgroup that hold rows of D (16 each)
+// exchange: the others send, wait for and add nothing (at M = 1 a quarter of the traffic). At least
+// one warp exchanges in every round, even with no rows: waiting for a peer's bytes keeps the
+// cluster's CTAs within a round of each other. Without it a CTA could arrive twice on a peer's
+// reduce_free before the peer waits once, and the parity the peer polls would never show
+// completion. Before exiting, a CTA waits for the last round's reduce_free (gemm.cuh), so no peer's
+// arrival targets an exited CTA.
 #pragma once
 #include "../ptx.cuh"
 #include "scheduler.cuh"
