@@ -1,6 +1,7 @@
 // Thin wrappers over the sm_90a PTX that moegemm kernels use: mbarriers, TMA (bulk tensor copies),
-// proxy fences, warpgroup MMA control and shared-memory matrix descriptors, register reallocation,
-// streaming global loads, warp reductions and FP8 conversion.
+// proxy fences, warpgroup MMA control (the instructions themselves and their shared-memory
+// descriptors are in mma/), register reallocation, streaming global loads, warp reductions and FP8
+// conversion.
 // Device code only; no standard headers, so the same sources compile under nvcc and NVRTC.
 #pragma once
 
@@ -168,23 +169,6 @@ __device__ __forceinline__ void wgmma_wait() {
 
 // Keep the compiler from moving accumulator reads/writes across wgmma fences.
 __device__ __forceinline__ void fence_register(float& reg) { asm volatile("" : "+f"(reg)::"memory"); }
-
-// Shared-memory matrix descriptor of a K-major tile stored with the 128-byte swizzle that TMA
-// writes (rows of 128 bytes, 8-row core groups 1024 bytes apart). `start` must lie in a tile whose
-// base is 1024-byte aligned; advancing along K within the 128-byte row moves `start` only.
-__device__ __forceinline__ u64 smem_descriptor_k_major_sw128(const void* start) {
-    const u64 address = smem_addr(start);
-    u64 desc = (address & 0x3FFFF) >> 4;  // bits 0-13: start address / 16
-    desc |= u64(1) << 16;                   // bits 16-29: leading byte offset (unused when swizzled)
-    desc |= u64(1024 >> 4) << 32;           // bits 32-45: stride byte offset between 8-row groups
-    desc |= u64(1) << 62;                   // bits 62-63: layout 1 = 128-byte swizzle
-    return desc;
-}
-
-// The descriptor of the tile `bytes` (a multiple of 16) further on: the start address field cannot
-// carry into the next field since shared memory ends below 256 KB. (Adding to the low half only and
-// recombining ran 10% slower at M = 4096, K = 16384 on an H100: worse WGMMA issue code.)
-__device__ __forceinline__ u64 smem_descriptor_advance(u64 desc, u32 bytes) { return desc + (bytes >> 4); }
 
 // ---- registers and conversions ----------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 // WgmmaFp8<N>::mma: D[64 x N] (+)= A[64 x 32] * B[N x 32]^T, e4m3 inputs from shared-memory
 // descriptors (both K-major), FP32 accumulators, N/2 per thread of the warpgroup.
 #pragma once
-#include "ptx.cuh"
+#include "layout.cuh"
 
 namespace moegemm {
 

@@ -1,6 +1,9 @@
-// Persistent tile scheduling shared by the GEMM kernels.
+// Persistent tile scheduling shared by the sm90 GEMM kernels: what a GEMM's rows are (GemmType),
+// the output tile (Tile) and the order in which a persistent grid of clusters takes the tiles
+// (TileScheduler). The producer thread and every math warp of a CTA each run their own scheduler
+// over the same sequence of tiles, so no tile index passes through shared memory.
 #pragma once
-#include "ptx.cuh"
+#include "../ptx.cuh"
 
 namespace moegemm {
 
@@ -161,20 +164,6 @@ struct TileScheduler {
             cursor_first_item += group_items;
         }
         return false;
-    }
-};
-
-// Position in a ring of kStages shared-memory stages and the mbarrier phase parity of that lap.
-template <u32 kStages>
-struct StageRing {
-    u32 stage = 0;
-    u32 phase = 0;
-
-    __device__ __forceinline__ void advance() {
-        if (++stage == kStages) {
-            stage = 0;
-            phase ^= 1;
-        }
     }
 };
 

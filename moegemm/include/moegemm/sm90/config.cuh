@@ -1,0 +1,68 @@
+// The constants every sm90 GEMM family's config shares (GemmConfigBase): tile shape, warp roles,
+// cluster shape, the output's shared-memory staging and the split-K reduce buffer. A family's
+// config derives from it and adds its own constants: its extra bytes per stage, register split and
+// main-loop choices (see the Kernel policy in gemm.cuh, and Fp8GemmConfig for an example).
+#pragma once
+#include "../ptx.cuh"
+#include "scheduler.cuh"
+
+namespace moegemm {
+
+// kOperandBytes: bytes of one element of A and B; a stage holds kBlockK of them per row, in rows of
+// 128 bytes (the 128-byte swizzle's width) for the K-major operands the skeleton loads.
+template <u32 kBlockM_, u32 kBlockN_, u32 kBlockK_, u32 kOperandBytes_, u32 kStages_, u32 kClusterM_, u32 kSplitK_,
+          bool kOutFp32_, bool kAccumulate_, GemmType kType_>
+struct GemmConfigBase {
+    static constexpr GemmType kType = kType_;
+    static constexpr u32 kBlockM = kBlockM_, kBlockN = kBlockN_, kBlockK = kBlockK_, kStages = kStages_;
+    static constexpr u32 kOperandBytes = kOperandBytes_;
+    static constexpr u32 kClusterM = kClusterM_, kSplitK = kSplitK_, kClusterSize = kClusterM * kSplitK;
+    static constexpr bool kOutFp32 = kOutFp32_, kAccumulate = kAccumulate_;
+
+    // Warp roles: kNumMathWarpgroups math warpgroups of 64 tile rows each, then one producer warpgroup.
+    static constexpr u32 kNumMathWarpgroups = kBlockM / 64;
+    static constexpr u32 kNumMathThreads = 128 * kNumMathWarpgroups;
+    static constexpr u32 kNumThreads = kNumMathThreads + 128;
+
+    // The output staged for TMA: D's descriptor boxes are kStoreCols columns by 64 rows.
+    static constexpr u32 kOutBytes = kOutFp32 ? 4 : 2;
+    static constexpr u32 kChunkCols = 128 / kOutBytes;
+    // Columns of the tile this CTA stores: its slice under split-K.
+    static constexpr u32 kOutCols = kBlockN / kSplitK;
+    static constexpr bool kSwizzleD = kOutCols >= kChunkCols;
+    static constexpr u32 kStoreCols = kSwizzleD ? kChunkCols : kOutCols;
+
+    static constexpr u32 kStageRowBytes = kBlockK * kOperandBytes;  // one row of A or B in a stage
+    static constexpr u32 kTileABytes = kBlockM * kBlockK * kOperandBytes;
+    static constexpr u32 kTileBBytes = kBlockN * kBlockK * kOperandBytes;
+    static constexpr u32 kSmemDBytes = kBlockM * kOutCols * kOutBytes;
+    // Split-K reduce buffer, per math warpgroup: one slot per sender, holding each thread's 16-byte
+    // pieces (four floats of an 8-column group) thread-contiguous, so accesses are conflict-free.
+    static constexpr u32 kReduceSlotBytes = kOutCols / 8 * 128 * 16;
+    static constexpr u32 kReduceWarpBytes = kReduceSlotBytes / 4;  // one warp's pieces of a slot
+    static constexpr u32 kReduceBytes = kSplitK > 1 ? kNumMathWarpgroups * (kSplitK - 1) * kReduceSlotBytes : 0;
+    // full and empty per stage; reduce_full and reduce_free per math warpgroup under split-K.
+    static constexpr u32 kNumBarriers = 2 * kStages + (kSplitK > 1 ? 2 * kNumMathWarpgroups : 0);
+
+    // Shared memory of the skeleton's carve-up (gemm.cuh) given the family's extra bytes per stage.
+    __host__ __device__ static constexpr u32 smem_bytes(u32 extra_stage_bytes) {
+        return kSmemDBytes + kStages * (kTileABytes + kTileBBytes + extra_stage_bytes) + kReduceBytes +
+               kNumBarriers * sizeof(Barrier);
+    }
+
+    static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 192, "one, two or three math warpgroups");
+    static_assert(kStageRowBytes == 128, "stage rows are one 128-byte swizzle row");
+    static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "WGMMA needs N in [8, 256], N % 8 == 0");
+    static_assert(!kSwizzleD || kOutCols % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
+    static_assert(kBlockN % (8 * kSplitK) == 0, "split-K slices are whole 8-column groups");
+    static_assert(kSplitK >= 1 && kSplitK <= 8 && (kClusterM == 1 || kSplitK == 1), "portable clusters of <= 8");
+    static_assert(kType == GemmType::kNormal || (kSplitK == 1 && !kAccumulate), "grouped: no split-K, no C");
+    static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || kClusterM == 1,
+                  "contiguous kinds: no multicast");
+    // 128-byte-swizzled tiles need 1024-byte alignment; the carve-up keeps every A/B/D tile so.
+    static_assert(kSmemDBytes % 1024 == 0 && kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0);
+    static_assert(kClusterM == 1 || (kClusterM == 2 && kBlockN % 16 == 0),
+                  "multicast halves of B must stay 1024-byte aligned (8-row swizzle groups)");
+};
+
+}  // namespace moegemm
