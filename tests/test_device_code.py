@@ -5,28 +5,19 @@ is needed; compile tests skip with the reason when nvcc or cuobjdump is missing.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, needs_sass_tools
 
 from moegemm.jit import compiler
-from moegemm.jit.compiler import CompileError
 
 N_VALUES = (8, 64, 128, 256)
 MAX_HEADER_LINES = 450
 
-
-def _missing_sass_tools() -> str | None:
-    try:
-        compiler.find_nvcc()
-    except CompileError as error:
-        return f"nvcc not found: {error}"
-    if compiler.find_cuobjdump() is None:
-        return "cuobjdump not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
-    return None
-
-
-needs_sass_tools = pytest.mark.skipif(_missing_sass_tools() is not None, reason=str(_missing_sass_tools()))
 
 # One WGMMA into fresh accumulators, retired, summed so that every accumulator is live.
 _PRELUDE = """#include <moegemm/mma/wgmma.cuh>
@@ -87,13 +78,6 @@ def _families() -> dict[str, tuple[str, str, tuple[str, str]]]:
 FAMILIES = _families()
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEGEMM_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("MOEGEMM_NVCC_FLAGS", "MOEGEMM_USE_NVRTC", "MOEGEMM_JIT_DEBUG", "MOEGEMM_DUMP_SASS"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @needs_sass_tools
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_wgmma_wrappers_compile_to_tensor_core_instructions(cache, family):
@@ -131,3 +115,27 @@ def _device_headers() -> list:
 def test_device_headers_stay_short(header):
     lines = len(header.read_text().splitlines())
     assert lines < MAX_HEADER_LINES, f"{header.name}: {lines} lines; split it by role"
+
+
+# ---- generated code ------------------------------------------------------------------------------------
+
+
+def test_wgmma_headers_are_fresh():
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "gen_wgmma.py"), "--check"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_wgmma_check_detects_a_stale_header(tmp_path):
+    """--check must fail on a stale header, or the freshness test above could never fail."""
+    # The generator finds the headers relative to itself: give a copy of it stale headers of its own.
+    (tmp_path / "tools").mkdir()
+    shutil.copy(REPO / "tools" / "gen_wgmma.py", tmp_path / "tools" / "gen_wgmma.py")
+    mma = Path("moegemm", "include", "moegemm", "mma")
+    shutil.copytree(REPO / mma, tmp_path / mma)
+    header = tmp_path / mma / "wgmma_fp8.cuh"
+    header.write_text(header.read_text() + "// edited\n")
+    result = subprocess.run([sys.executable, str(tmp_path / "tools" / "gen_wgmma.py"), "--check"], capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    assert "stale" in result.stderr

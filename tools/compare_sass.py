@@ -7,7 +7,7 @@ diff excerpt where they differ.
 
     python tools/compare_sass.py --base /work/wt-base --new . [--configs NAME ...] [--quick] [-j 2]
 
-The config list is the one tests/test_jit.py compiles (``_heuristic_configs``: every config the host
+The config list is the one tests/test_fp8_gemm_sass.py compiles (``_heuristic_configs``: every config the host
 heuristics emit plus the GPU tests' explicit ones), taken from the new checkout; ``--quick`` takes a
 handful of representative ones, ``--configs`` names kernels (``fp8_gemm.kernel_name``) or substrings
 of them. Each checkout is built in a subprocess that imports that checkout's package. Only the
@@ -70,7 +70,11 @@ def _worker(out_dir: Path, jobs: int) -> None:
     from moegemm.jit import compiler
     from moegemm.kernels import fp8_gemm
 
-    configs = [fp8_gemm.Fp8GemmConfig(**fields) for fields in json.load(sys.stdin)]
+    configs = []
+    for fields in json.load(sys.stdin):
+        if hasattr(fp8_gemm, "GemmType"):  # checkouts since the GemmType enum; before, the kind's name
+            fields["gemm_type"] = fp8_gemm.GemmType[fields["gemm_type"].upper()]
+        configs.append(fp8_gemm.Fp8GemmConfig(**fields))
 
     def one(config) -> str:
         name = fp8_gemm.kernel_name(config)
@@ -98,9 +102,16 @@ def _worker(out_dir: Path, jobs: int) -> None:
 
 def _config_list(checkout: Path) -> list:
     sys.path[:0] = [str(checkout), str(checkout / "tests")]
-    from test_jit import _heuristic_configs  # noqa: PLC0415 (needs the checkout on sys.path)
+    from test_fp8_gemm_sass import _heuristic_configs  # noqa: PLC0415 (needs the checkout on sys.path)
 
     return _heuristic_configs()
+
+
+def _fields(config) -> dict:
+    """A config as JSON: its fields, the GemmType by its lower-case name."""
+    fields = dataclasses.asdict(config)
+    fields["gemm_type"] = config.gemm_type.name.lower()
+    return fields
 
 
 def _build_all(label: str, checkout: Path, configs: list, cache: Path, out_dir: Path, jobs: int) -> None:
@@ -109,7 +120,7 @@ def _build_all(label: str, checkout: Path, configs: list, cache: Path, out_dir: 
     for name in ("MOEGEMM_NVCC_FLAGS", "MOEGEMM_USE_NVRTC", "MOEGEMM_JIT_DEBUG", "MOEGEMM_DUMP_SASS"):
         env.pop(name, None)
     print(f"{label}: building {len(configs)} configs in {checkout} (cache {cache})", file=sys.stderr, flush=True)
-    payload = json.dumps([dataclasses.asdict(c) for c in configs])
+    payload = json.dumps([_fields(c) for c in configs])
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(out_dir), "-j", str(jobs)],
                    input=payload, text=True, env=env, cwd=checkout, check=True)
 

@@ -39,7 +39,7 @@ K_BLOCK_LATENCY_S = 300e-9  # the consumer's floor per K block: four dependent W
 TWO_SFB_ROWS_LATENCY_S = 20e-9  # ...plus a second SFB row to load and index (tiles over two SFB blocks)
 PARTIAL_ROWS_LATENCY_S = 80e-9  # ...plus TMA's zero fill of a dense GEMM's partial last block-row
 MAX_SPLIT_K = 8  # portable cluster size
-CONTIGUOUS_ALIGNMENT = 128  # kContiguousAlignment in scheduler.cuh: rows per expert-segment boundary
+CONTIGUOUS_ALIGNMENT = 128  # kContiguousAlignment in sm90/scheduler.cuh: rows per expert-segment boundary
 
 # Fp8GemmParams in sm90_fp8_gemm.cuh, member by member; a launch passes OPERANDS' addresses in order.
 OPERANDS = ("a", "b", "sfa", "sfb", "d", "groups")
