@@ -1,5 +1,5 @@
 """Kernel times of the FP8 GEMMs through the public API (the heuristic's picks): the dense GEMMs at
-M = 4096 (beside cuBLASLt), the grouped GEMMs, and with ``--small`` the dense GEMMs at M in
+M = 4096, the grouped GEMMs and the FP8 casts, and with ``--small`` the dense GEMMs at M in
 {1, 64, 128}; one line per run. The A/B comparisons of two builds in BENCHMARKS.md: machines lent for
 a session differ by several percent, so both builds run alternately in one session, each from its
 own checkout and kernel cache. Only public names and ``moegemm.bench.kernel_time_us`` are used, so
@@ -23,6 +23,7 @@ DENSE = ((4096, 7168, 16384), (4096, 4096, 7168), (4096, 7168, 2048), (4096, 211
 MASKED = ((32, 192, 4096, 7168), (32, 192, 7168, 2048), (32, 32, 4096, 7168))
 CONTIGUOUS = ((8, 8192, 4096, 7168), (4, 4096, 4096, 7168), (8, 4096, 7168, 2048))
 SMALL = tuple((m, n, k) for m in (1, 64, 128) for n, k in FP8_GEMM_NK)
+CASTS = ((8192, 7168), (4096, 16384))
 
 
 def _tokens(rows: int, k: int):
@@ -58,6 +59,11 @@ def contiguous_us(groups: int, m: int, n: int, k: int) -> float:
     return kernel_time_us(run, iters=20)
 
 
+def cast_us(cast, m: int, k: int) -> float:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    return kernel_time_us(functools.partial(cast, x), iters=20)
+
+
 def main(tag: str, dense: bool, grouped: bool, small: bool) -> None:
     if small:
         print(tag, " | ".join(f"{m}x{n}x{k} {dense_us(m, n, k, iters=30):.2f}" for m, n, k in SMALL), flush=True)
@@ -66,6 +72,8 @@ def main(tag: str, dense: bool, grouped: bool, small: bool) -> None:
     if grouped:
         parts += [f"masked {g}x{m}x{n}x{k} {masked_us(g, m, n, k):.1f}" for g, m, n, k in MASKED]
         parts += [f"contiguous {g}x{m}x{n}x{k} {contiguous_us(g, m, n, k):.1f}" for g, m, n, k in CONTIGUOUS]
+        parts += [f"{cast.__name__} {m}x{k} {cast_us(cast, m, k):.1f}" for m, k in CASTS
+                  for cast in (moegemm.per_token_cast_to_fp8, moegemm.per_block_cast_to_fp8)]
     print(tag, " | ".join(parts), flush=True)
 
 

@@ -287,8 +287,11 @@ def test_geometry(per_block, input_bytes, m, k):
     sf_ld = intmath.get_tma_aligned_size(m, 4)
     assert g.sf_strides == ((k_blocks, 1) if per_block else (1, sf_ld))
     assert g.buffer_bytes == g.sf_offset + 4 * (sf_rows if per_block else sf_ld) * k_blocks
-    # The grid covers every unit, with less than one CTA to spare.
-    assert (g.grid - 1) * config.units_per_cta < sf_rows * k_blocks <= g.grid * config.units_per_cta
+    # One CTA per 128x128 tile, or per token one per rectangle of cta_rows x 4 blocks.
+    if per_block:
+        assert g.grid == sf_rows * k_blocks
+    else:
+        assert g.grid == -(-m // config.cta_rows) * -(-k_blocks // 4)
     assert g.values == dict(x_pitch=k + 8, sf_offset=g.sf_offset, m=m, k=k, num_k_blocks=k_blocks,
                             num_units=sf_rows * k_blocks)
 
@@ -297,6 +300,7 @@ def test_config_constants():
     # Mirrors of the device constants (the generated stub static_asserts them too).
     assert Fp8CastConfig(2, False, False, True).units_per_cta == 64  # 8 warps x 2 block rows x 4
     assert Fp8CastConfig(4, False, False, True).units_per_cta == 32  # 8 warps x 1 block row x 4
+    assert Fp8CastConfig(2, False, False, True).cta_rows == 16
     assert Fp8CastConfig(2, True, True, False).num_threads == 512
     assert Fp8CastConfig(4, False, True, True).units_per_cta == 1
     source = fp8_cast.generate_source(Fp8CastConfig(2, True, False, False))

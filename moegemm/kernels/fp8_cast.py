@@ -18,6 +18,7 @@ from ..jit.runtime import Kernel, KernelFamily, ParamsLayout, PlanCache, Slot
 
 BLOCK = 128
 INPUT_BYTES = {torch.bfloat16: 2, torch.float32: 4}
+UNROLL = 4  # per token: 1x128 blocks of one row a lane holds (Fp8CastConfig::kUnroll)
 # Largest unit (block) count: unit indices, plus one CTA's overrun, stay below 2**31 in the kernel.
 MAX_UNITS = 2**31 - 2**16
 # Fp8CastParams in sm90_fp8_cast.cuh; a launch passes the addresses of x and of the output buffer.
@@ -46,12 +47,14 @@ class Fp8CastConfig:
         return 512 if self.per_block else 256
 
     @property
+    def cta_rows(self) -> int:
+        """Per token: the rows of the rectangle of 1x128 blocks one CTA quantises (UNROLL blocks wide)."""
+        return self.num_threads // 32 * (32 // self.lanes_per_row)
+
+    @property
     def units_per_cta(self) -> int:
         """1x128 blocks (per token) or 128x128 tiles (per block) one CTA quantises."""
-        if self.per_block:
-            return 1
-        rows_per_warp = 32 // self.lanes_per_row
-        return self.num_threads // 32 * rows_per_warp * 4
+        return 1 if self.per_block else self.cta_rows * UNROLL
 
 
 def generate_source(config: Fp8CastConfig) -> str:
@@ -62,6 +65,7 @@ def generate_source(config: Fp8CastConfig) -> str:
         "moegemm::Fp8CastParams", "moegemm::sm90_fp8_cast",
         (f"Config::kNumThreads == {config.num_threads}",
          f'Config::kUnitsPerCta == {config.units_per_cta}, "host and device disagree on the split"',
+         f"Config::kPerBlock || Config::kUnroll == {UNROLL}",
          PARAMS.size_check()),
         min_blocks="Config::kMinBlocks", nvcc_checks=PARAMS.offset_checks())
 
@@ -106,7 +110,7 @@ def geometry(config: Fp8CastConfig, m: int, k: int, x_pitch: int) -> Geometry:
     if m >= 2**31 or k >= 2**31 or num_units > MAX_UNITS:
         raise ValueError(f"x of shape ({m}, {k}) is too large for the FP8 cast kernel")
     sf_offset = align(m * k, 16)
-    grid = ceil_div(num_units, config.units_per_cta)
+    grid = num_units if config.per_block else ceil_div(m, config.cta_rows) * ceil_div(num_k_blocks, UNROLL)
     values = dict(x_pitch=x_pitch, sf_offset=sf_offset, m=m, k=k, num_k_blocks=num_k_blocks, num_units=num_units)
     sf_strides = (num_k_blocks, 1) if config.per_block else (1, get_tma_aligned_size(m, 4))
     sf_bytes = 4 * (num_units if config.per_block else num_k_blocks * get_tma_aligned_size(m, 4))

@@ -19,10 +19,11 @@
 // consecutive lanes hold the 128 elements of one block row, one chunk each, so a warp's load
 // instruction reads kRowsPerWarp (2 or 1) block rows of 256 (bf16) or 512 (fp32) contiguous bytes,
 // and its store writes each block row's 128 e4m3 bytes contiguously (8 or 4 bytes a lane).
-//   per token: a lane holds chunks of kUnroll different blocks (loads in flight). Blocks are numbered
-//     in sf order (unit = row * num_k_blocks + k_block); the CTA's warps take consecutive runs of
-//     kRowsPerWarp * kUnroll units, instruction i of warp w covering units
-//     run(w) + i * kRowsPerWarp + [0, kRowsPerWarp). amax: shuffle reduction inside the lane group.
+//   per token: a CTA quantises a kCtaRows x kUnroll rectangle of blocks (rows x 128-wide K blocks),
+//     warp w rows [w, w + 1) * kRowsPerWarp of it, a lane kUnroll blocks of one row (loads in flight,
+//     each row's kUnroll blocks contiguous in x). The CTA's scales of a K block are kCtaRows
+//     consecutive floats of sf's M-major column: whole 32-byte sectors. amax: shuffle reduction
+//     inside the lane group.
 //   per block: one CTA of 512 threads per 128x128 tile (tile = m_block * num_k_blocks + k_block, sf
 //     order), kPassRows = 32 (bf16) or 16 (fp32) rows a pass, kUnroll = 4 or 8 passes; every thread
 //     keeps its chunks in registers. amax: warp shuffles, then the warps' maxima through shared
@@ -62,7 +63,9 @@ struct Fp8CastConfig {
     // CTAs per SM the register budget must allow (__launch_bounds__): 1024 threads, so loads of some
     // CTAs are in flight while others compute.
     static constexpr u32 kMinBlocks = 1024 / kNumThreads;
-    static constexpr u32 kUnitsPerCta = kPerBlock ? 1 : kNumWarps * kRowsPerWarp * kUnroll;
+    // Per token: rows of the CTA's rectangle of blocks (16 bf16, 8 fp32), each kUnroll blocks wide.
+    static constexpr u32 kCtaRows = kNumWarps * kRowsPerWarp;
+    static constexpr u32 kUnitsPerCta = kPerBlock ? 1 : kCtaRows * kUnroll;
 
     static_assert(kInputBytes == 2 || kInputBytes == 4, "bf16 or fp32 input");
     static_assert(!kPerBlock || kPassRows * kUnroll == kBlock, "the passes cover the tile's 128 rows");
@@ -170,43 +173,35 @@ __device__ __forceinline__ void fp8_cast_store(const Fp8CastParams& p, bool row_
 
 template <class Config>
 __device__ __forceinline__ void fp8_cast_per_token(const Fp8CastParams& p) {
-    constexpr u32 kUnroll = Config::kUnroll, kRowsPerWarp = Config::kRowsPerWarp;
+    constexpr u32 kUnroll = Config::kUnroll;
     const u32 lane = lane_id();
     const u32 col_in_block = (lane % Config::kLanesPerRow) * Config::kChunkElems;
-    // This lane's first unit; instruction i covers first + i * kRowsPerWarp.
-    const u32 first = (blockIdx.x * Config::kNumWarps + warp_id()) * (kRowsPerWarp * kUnroll) +
-                      lane / Config::kLanesPerRow;
-    u32 row = first / p.num_k_blocks, k_block = first - row * p.num_k_blocks;
+    // The CTA's rectangle: kCtaRows rows from row_tile, kUnroll K blocks from k_tile.
+    const u32 k_tiles = ceil_div(p.num_k_blocks, kUnroll);
+    const u32 row_tile = blockIdx.x / k_tiles, k_tile = blockIdx.x - row_tile * k_tiles;
+    const u32 row = row_tile * Config::kCtaRows + warp_id() * Config::kRowsPerWarp + lane / Config::kLanesPerRow;
 
-    u32 rows[kUnroll], cols[kUnroll];
+    u32 cols[kUnroll];
     bool valid[kUnroll];
     u32 words[kUnroll][4];
 #pragma unroll
     for (u32 i = 0; i < kUnroll; ++i) {
-        valid[i] = first + i * kRowsPerWarp < p.num_units;
-        rows[i] = row;
+        const u32 k_block = k_tile * kUnroll + i;
+        valid[i] = row < p.m && k_block < p.num_k_blocks;
         cols[i] = k_block * Config::kBlock + col_in_block;
-        fp8_cast_load<Config>(p, valid[i], rows[i], cols[i], words[i]);
-        // Step to unit + kRowsPerWarp without dividing.
-#pragma unroll
-        for (u32 j = 0; j < kRowsPerWarp; ++j) {
-            if (++k_block == p.num_k_blocks) {
-                k_block = 0;
-                ++row;
-            }
-        }
+        fp8_cast_load<Config>(p, valid[i], row, cols[i], words[i]);
     }
 
     float* sf_out = reinterpret_cast<float*>(p.out + p.sf_offset);
     const u32 sf_ld = (p.m + 3) & ~3u;  // floats between the M-major columns of sf
 #pragma unroll
     for (u32 i = 0; i < kUnroll; ++i) {
-        // Every lane takes part in the shuffles, including those of units past the end.
+        // Every lane takes part in the shuffles, including those of blocks past the end.
         const float amax = warp_reduce_max_nan<Config::kLanesPerRow>(fp8_cast_chunk_amax<Config>(words[i]));
         const float sf = fp8_cast_scale<Config>(amax);
         const float inv = Config::kUe8m0 ? __frcp_rn(sf) : 0.0f;
-        fp8_cast_store<Config>(p, valid[i], rows[i], cols[i], words[i], sf, inv);
-        if (valid[i] && col_in_block == 0) sf_out[cols[i] / Config::kBlock * sf_ld + rows[i]] = sf;
+        fp8_cast_store<Config>(p, valid[i], row, cols[i], words[i], sf, inv);
+        if (valid[i] && col_in_block == 0) sf_out[(k_tile * kUnroll + i) * sf_ld + row] = sf;
     }
 }
 

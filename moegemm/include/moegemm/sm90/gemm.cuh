@@ -152,7 +152,10 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
             ring.advance();
             return token;
         };
-        auto retire = [&](u32 stage, const auto& token, float* scratch) {
+        // The token's type by name: NVRTC takes a lambda with an `auto` parameter for a host function.
+        using Token = decltype(Kernel::issue(tile_state, 0u, 0u, 0u, desc_a, desc_b, smem_extra, full, acc_row,
+                                             scratch0));
+        auto retire = [&](u32 stage, const Token& token, float* scratch) {
             Kernel::retire(tile_state, stage, token, scratch, totals, empty, peer);
         };
 
