@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api, device, quant, testing
+from .gemm.desc import GemmType
 
 FP8_GEMM_MS = (1, 64, 128, 4096)
 # DeepSeek-V3 (N, K) pairs of the dense layers.
@@ -203,7 +204,7 @@ def launch_overhead() -> dict[str, float]:
     d = torch.empty(128, 256, device="cuda", dtype=torch.bfloat16)
     from .kernels import fp8_gemm
 
-    desc = fp8_gemm.describe(fp8_gemm.GemmType.NORMAL, a, b, d)
+    desc = fp8_gemm.describe(GemmType.NORMAL, a, b, d)
     plan = fp8_gemm.plan(desc, a, b, d, device.device_facts(d.get_device()))
     x = torch.zeros(16, device="cuda")
     return {"fp8_gemm_nt_us": host_overhead_us(lambda: api.fp8_gemm_nt((a, sfa), (b, sfb), d)),

@@ -132,7 +132,7 @@ def get_num_sms() -> int:
 
 # ---- programmatic dependent launch -----------------------------------------------------------------------
 
-_pdl: bool | None = None
+_PDL = env.Toggle("MOEGEMM_ENABLE_PDL")
 
 
 def set_pdl(enabled: bool) -> None:
@@ -140,15 +140,9 @@ def set_pdl(enabled: bool) -> None:
     the previous kernel on the stream finishes, and wait (``griddepcontrol.wait``) before touching
     memory. Hides part of the launch gap between back-to-back kernels; results are unchanged.
     Default: the ``MOEGEMM_ENABLE_PDL`` environment variable."""
-    global _pdl
-    if not isinstance(enabled, bool):
-        raise ValueError(f"enabled: expected a bool, got {enabled!r}")
-    _pdl = enabled
+    _PDL.set(enabled)
 
 
 def get_pdl() -> bool:
     """Whether GEMM kernels are launched with programmatic dependent launch (see :func:`set_pdl`)."""
-    global _pdl
-    if _pdl is None:
-        _pdl = env.flag("MOEGEMM_ENABLE_PDL")
-    return _pdl
+    return _PDL.get()

@@ -51,3 +51,22 @@ def get(name: str) -> str:
 def flag(name: str) -> bool:
     """True when the variable is set to a true-looking value (1, true, yes, on)."""
     return get(name).strip().lower() in ("1", "true", "yes", "on")
+
+
+class Toggle:
+    """A process-wide on/off setting whose default is a variable's flag, read at first use (not on
+    every call: the launch path reads no environment)."""
+
+    def __init__(self, variable: str):
+        self.variable = variable
+        self._value: bool | None = None
+
+    def set(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled: expected a bool, got {enabled!r}")
+        self._value = enabled
+
+    def get(self) -> bool:
+        if self._value is None:
+            self._value = flag(self.variable)
+        return self._value

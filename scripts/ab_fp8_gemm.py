@@ -24,6 +24,7 @@ MASKED = ((32, 192, 4096, 7168), (32, 192, 7168, 2048), (32, 32, 4096, 7168))
 CONTIGUOUS = ((8, 8192, 4096, 7168), (4, 4096, 4096, 7168), (8, 4096, 7168, 2048))
 SMALL = tuple((m, n, k) for m in (1, 64, 128) for n, k in FP8_GEMM_NK)
 CASTS = ((8192, 7168), (4096, 16384))
+PIPELINES = ((4096, 7168, 2048), (64, 4096, 7168))
 
 
 def _tokens(rows: int, k: int):
@@ -64,6 +65,15 @@ def cast_us(cast, m: int, k: int) -> float:
     return kernel_time_us(functools.partial(cast, x), iters=20)
 
 
+def pipeline_us(m: int, n: int, k: int) -> float:
+    """per_token_cast_to_fp8 and fp8_gemm_nt on its output as it comes: what a caller that does not
+    re-lay out the scales itself pays (every kernel launched counts)."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = moegemm.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    return kernel_time_us(lambda: moegemm.fp8_gemm_nt(moegemm.per_token_cast_to_fp8(x), b, d), iters=20)
+
+
 def main(tag: str, dense: bool, grouped: bool, small: bool) -> None:
     if small:
         print(tag, " | ".join(f"{m}x{n}x{k} {dense_us(m, n, k, iters=30):.2f}" for m, n, k in SMALL), flush=True)
@@ -74,6 +84,7 @@ def main(tag: str, dense: bool, grouped: bool, small: bool) -> None:
         parts += [f"contiguous {g}x{m}x{n}x{k} {contiguous_us(g, m, n, k):.1f}" for g, m, n, k in CONTIGUOUS]
         parts += [f"{cast.__name__} {m}x{k} {cast_us(cast, m, k):.1f}" for m, k in CASTS
                   for cast in (moegemm.per_token_cast_to_fp8, moegemm.per_block_cast_to_fp8)]
+        parts += [f"cast+gemm {m}x{n}x{k} {pipeline_us(m, n, k):.1f}" for m, n, k in PIPELINES]
     print(tag, " | ".join(parts), flush=True)
 
 

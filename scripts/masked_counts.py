@@ -12,6 +12,7 @@ import torch
 import moegemm
 from moegemm import bench
 from moegemm.device import device_facts
+from moegemm.gemm.desc import GemmType
 from moegemm.kernels import fp8_gemm
 from moegemm.kernels.fp8_gemm import Fp8GemmConfig
 
@@ -28,7 +29,7 @@ def main(num_groups: int = 32, max_m: int = 192, n: int = 4096, k: int = 7168) -
         masked_m = torch.full((num_groups,), rows, dtype=torch.int32, device="cuda")
         times = []
         for name, config in CONFIGS.items():
-            desc = fp8_gemm.describe(fp8_gemm.GemmType.MASKED, a, b, d, expected_m=max_m)
+            desc = fp8_gemm.describe(GemmType.MASKED, a, b, d, expected_m=max_m)
             plan = fp8_gemm.plan(desc, a, b, d, device_facts(torch.cuda.current_device()), config)
             us = bench.kernel_time_us(functools.partial(plan.launch, a, sfa, b, sfb, d, masked_m), iters=20)
             times.append(f"{name} {us:.1f} us")

@@ -59,7 +59,7 @@ def test_num_sms_bounded_by_device() -> None:
 
 
 def test_pdl_default_from_environment_and_setter(monkeypatch) -> None:
-    monkeypatch.setattr(device, "_pdl", None)  # restored afterwards, whatever set_pdl does here
+    monkeypatch.setattr(device._PDL, "_value", None)  # restored afterwards, whatever set_pdl does here
     monkeypatch.setenv("MOEGEMM_ENABLE_PDL", "1")
     assert device.get_pdl() is True
     device.set_pdl(False)

@@ -408,7 +408,7 @@ def test_k0_row_rule_matches_the_reference(kind):
 def test_check_groups_default_from_environment(monkeypatch):
     from moegemm.ops import dispatch
 
-    monkeypatch.setattr(dispatch, "_check_groups", None)  # restored afterwards, whatever the setter does
+    monkeypatch.setattr(dispatch._CHECK_GROUPS, "_value", None)  # restored afterwards, whatever the setter does
     monkeypatch.setenv("MOEGEMM_CHECK_GROUPS", "1")
     assert moegemm.get_check_groups() is True
     moegemm.set_check_groups(False)

@@ -332,5 +332,5 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
     return Plan(config, KERNELS.kernel(config), _record(config, grid, a, b, d, rows, group_rows, num_groups, pdl))
 
 
-__all__ = ["CONTIGUOUS_ALIGNMENT", "OPERANDS", "PARAMS", "Fp8GemmConfig", "GemmType", "Plan", "build", "describe",
+__all__ = ["CONTIGUOUS_ALIGNMENT", "OPERANDS", "PARAMS", "Fp8GemmConfig", "Plan", "build", "describe",
            "generate_source", "kernel_name", "plan", "select_config", "stages_for"]

@@ -20,24 +20,19 @@ Tensor = torch.Tensor
 # Bound calls kept per op; cleared when full, so a stream of distinct shapes cannot grow it unbounded.
 MAX_CACHED_SIGNATURES = 4096
 
-_check_groups: bool | None = None
+_CHECK_GROUPS = env.Toggle("MOEGEMM_CHECK_GROUPS")
 
 
 def set_check_groups(enabled: bool) -> None:
     """Have the grouped GEMMs read their layout / ``masked_m`` on the host before each launch (a
     synchronisation) and raise, naming the entries, on values the kernels would treat as padding or
     clamp. Default: the ``MOEGEMM_CHECK_GROUPS`` environment variable."""
-    global _check_groups
-    if not isinstance(enabled, bool):
-        raise ValueError(f"enabled: expected a bool, got {enabled!r}")
-    _check_groups = enabled
+    _CHECK_GROUPS.set(enabled)
 
 
 def get_check_groups() -> bool:
-    global _check_groups
-    if _check_groups is None:
-        _check_groups = env.flag("MOEGEMM_CHECK_GROUPS")
-    return _check_groups
+    """Whether the grouped GEMMs check their layout / ``masked_m`` (see :func:`set_check_groups`)."""
+    return _CHECK_GROUPS.get()
 
 
 class Op:
