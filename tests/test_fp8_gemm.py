@@ -267,6 +267,7 @@ def test_cpu_runs_reference(seed):
     (lambda a, b, d: ((a[0].t().contiguous().t(), a[1]), b, d), ValueError, "a: expected the last dimension"),
     (lambda a, b, d: (a, b, d.t().contiguous().t()), ValueError, "d: expected the last dimension"),
     (lambda a, b, d: (a[0], b, d), TypeError, "a: expected a"),
+    (lambda a, b, d: (a[0][:2], b, d), TypeError, "a: expected a"),  # two rows unpack like a pair
     (lambda a, b, d: (a, b, None), TypeError, "d: expected a torch.Tensor"),
 ])
 def test_bad_arguments_raise(mutate, error, match):

@@ -223,11 +223,18 @@ _FP8_GEMM_NT = Op("fp8_gemm_nt", "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, T
                   ("d",), _check_dense, _bind_dense)
 
 
-def _fp8_pair(name: str, value: object) -> tuple[object, object]:
-    """An (FP8 data, FP32 scales) pair."""
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{name}: expected a (float8_e4m3fn tensor, float32 scales) pair, got {type(value).__name__}")
-    return value[0], value[1]
+_PAIRS = (tuple, list)
+
+
+def _operands(a: object, b: object) -> tuple:
+    """(A, SFA, B, SFB) of the (FP8 data, FP32 scales) pairs ``a`` and ``b``, or a TypeError naming
+    the one that is not a pair."""
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, _PAIRS) or len(value) != 2:
+            raise TypeError(f"{name}: expected a (float8_e4m3fn tensor, float32 scales) pair, got "
+                            f"{type(value).__name__}")
+    (a_data, sfa), (b_data, sfb) = a, b
+    return a_data, sfa, b_data, sfb
 
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
@@ -248,8 +255,7 @@ def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, tor
     ragged). Accumulates in FP32, promoting the tensor cores' partial sums every 128 of K. SM90 GPUs
     only; CPU tensors use the reference.
     """
-    a_data, sfa = _fp8_pair("a", a)
-    b_data, sfb = _fp8_pair("b", b)
+    a_data, sfa, b_data, sfb = _operands(a, b)
     _FP8_GEMM_NT(a_data, sfa, b_data, sfb, d, c)
 
 
@@ -358,8 +364,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tu
     The GPU never trusts the layout's values (``set_check_groups(True)`` has them checked) and the
     CPU never reads them. K = 0 sets the experts' rows to 0. CPU tensors run the reference.
     """
-    a_data, sfa = _fp8_pair("a", a)
-    b_data, sfb = _fp8_pair("b", b)
+    a_data, sfa, b_data, sfb = _operands(a, b)
     _CONTIGUOUS(a_data, sfa, b_data, sfb, d, grouped_layout, bool(use_psum_layout))
 
 
@@ -379,6 +384,5 @@ def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[
             two 128-row blocks (experts that then hold 128 rows or fewer give the pair two column
             blocks instead).
     """
-    a_data, sfa = _fp8_pair("a", a)
-    b_data, sfb = _fp8_pair("b", b)
+    a_data, sfa, b_data, sfb = _operands(a, b)
     _MASKED(a_data, sfa, b_data, sfb, d, masked_m, expected_m)
