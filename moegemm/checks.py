@@ -34,13 +34,6 @@ def shape(name: str, value: torch.Tensor, expected: tuple[int, ...]) -> None:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(value.shape)}")
 
 
-def fp8_pair(name: str, value: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """An (FP8 data, FP32 scales) pair."""
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{name}: expected a (float8_e4m3fn tensor, float32 scales) pair, got {type(value).__name__}")
-    return value[0], value[1]
-
-
 def tma_rows(name: str, value: torch.Tensor) -> None:
     """Row-major with unit inner stride, 16-byte aligned base and row pitch (what TMA can address).
     An empty tensor addresses nothing, so any strides do."""
