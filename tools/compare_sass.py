@@ -5,7 +5,8 @@ checkout (each with its own kernel cache), disassembles the cubins and reports p
 the SASS is identical, the registers and spills of both, the instruction-count delta and a short
 diff excerpt where they differ.
 
-    python tools/compare_sass.py --base /work/wt-base --new . [--configs NAME ...] [--quick] [-j 2]
+    git worktree add ../base <commit>
+    python tools/compare_sass.py --base ../base --new . [--configs NAME ...] [--quick] [-j 2]
 
 The config list is the one tests/test_fp8_gemm_sass.py compiles (``_heuristic_configs``: every config the host
 heuristics emit plus the GPU tests' explicit ones), taken from the new checkout; ``--quick`` takes a
