@@ -188,6 +188,16 @@ def _use_cast_kernel(x: torch.Tensor) -> bool:
             and is_sm90(x.device) and not torch.compiler.is_compiling())
 
 
+def _cast(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token or per-block cast: the SM90 kernel where it applies, else the torch path."""
+    x = _check_cast_input("x", x, (2, 3))
+    if _use_cast_kernel(x):
+        from .kernels import fp8_cast
+
+        return (fp8_cast.per_block_cast if per_block else fp8_cast.per_token_cast)(x, use_ue8m0)
+    return (_per_block_cast_torch if per_block else _per_token_cast_torch)(x, use_ue8m0)
+
+
 def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise with one scale per 1x128 block of each row.
 
@@ -203,12 +213,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[tor
     A 2-D bf16/fp32 CUDA tensor with unit inner stride on an SM90 GPU runs one CUDA kernel with identical
     results (then ``x_fp8`` and ``sf`` are views of one allocation); anything else runs in PyTorch.
     """
-    x = _check_cast_input("x", x, (2, 3))
-    if _use_cast_kernel(x):
-        from .kernels import fp8_cast
-
-        return fp8_cast.per_token_cast(x, use_ue8m0)
-    return _per_token_cast_torch(x, use_ue8m0)
+    return _cast(x, use_ue8m0, per_block=False)
 
 
 def _per_token_cast_torch(x: torch.Tensor, use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,12 +240,7 @@ def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[tor
     A 2-D bf16/fp32 CUDA tensor with unit inner stride on an SM90 GPU runs one CUDA kernel with identical
     results (then ``x_fp8`` and ``sf`` are views of one allocation); anything else runs in PyTorch.
     """
-    x = _check_cast_input("x", x, (2, 3))
-    if _use_cast_kernel(x):
-        from .kernels import fp8_cast
-
-        return fp8_cast.per_block_cast(x, use_ue8m0)
-    return _per_block_cast_torch(x, use_ue8m0)
+    return _cast(x, use_ue8m0, per_block=True)
 
 
 def _per_block_cast_torch(x: torch.Tensor, use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:

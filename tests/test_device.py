@@ -58,12 +58,20 @@ def test_num_sms_bounded_by_device() -> None:
 # ---- programmatic dependent launch -----------------------------------------------------------------
 
 
-def test_pdl_default_from_environment_and_setter(monkeypatch) -> None:
-    monkeypatch.setattr(device._PDL, "_value", None)  # restored afterwards, whatever set_pdl does here
-    monkeypatch.setenv("MOEGEMM_ENABLE_PDL", "1")
-    assert device.get_pdl() is True
-    device.set_pdl(False)
-    assert device.get_pdl() is False
-    with pytest.raises(ValueError, match="enabled"):
-        device.set_pdl(1)
-    assert device.get_pdl() is False
+@pytest.mark.parametrize("setting", ["pdl", "check_groups"])
+def test_toggle_default_from_environment_and_setter(monkeypatch, setting) -> None:
+    """set_pdl / set_check_groups: the variable gives the default, read at first use; the setter wins."""
+    import moegemm
+    from moegemm.ops import dispatch
+
+    toggle, variable = {"pdl": (device._PDL, "MOEGEMM_ENABLE_PDL"),
+                        "check_groups": (dispatch._CHECK_GROUPS, "MOEGEMM_CHECK_GROUPS")}[setting]
+    setter, getter = getattr(moegemm, f"set_{setting}"), getattr(moegemm, f"get_{setting}")
+    monkeypatch.setattr(toggle, "_value", None)  # restored afterwards, whatever the setter does here
+    monkeypatch.setenv(variable, "1")
+    assert getter() is True
+    setter(False)
+    assert getter() is False
+    with pytest.raises(ValueError, match="enabled: expected a bool"):
+        setter(1)
+    assert getter() is False

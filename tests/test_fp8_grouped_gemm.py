@@ -403,15 +403,3 @@ def test_k0_row_rule_matches_the_reference(kind):
     d = torch.full(ref.shape, float("nan"))
     ops._zero_expert_rows(KINDS[kind], d, groups, 3)
     assert torch.equal(d.isnan(), ref.isnan()) and (d[~d.isnan()] == 0).all()
-
-
-def test_check_groups_default_from_environment(monkeypatch):
-    from moegemm.ops import dispatch
-
-    monkeypatch.setattr(dispatch._CHECK_GROUPS, "_value", None)  # restored afterwards, whatever the setter does
-    monkeypatch.setenv("MOEGEMM_CHECK_GROUPS", "1")
-    assert moegemm.get_check_groups() is True
-    moegemm.set_check_groups(False)
-    assert moegemm.get_check_groups() is False
-    with pytest.raises(ValueError, match="enabled: expected a bool"):
-        moegemm.set_check_groups(1)

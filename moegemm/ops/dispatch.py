@@ -15,10 +15,9 @@ from collections.abc import Callable
 import torch
 
 from .. import device, env
+from ..jit.runtime import PlanCache
 
 Tensor = torch.Tensor
-# Bound calls kept per op; cleared when full, so a stream of distinct shapes cannot grow it unbounded.
-MAX_CACHED_SIGNATURES = 4096
 
 _CHECK_GROUPS = env.Toggle("MOEGEMM_CHECK_GROUPS")
 
@@ -44,7 +43,7 @@ class Op:
                  bind: Callable[..., Callable[..., None]]):
         self.name, self.schema, self.mutates = name, schema, mutates
         self._check, self._bind = check, bind
-        self._calls: dict[tuple, Callable[..., None]] = {}
+        self._calls = PlanCache()
         OPS.append(self)
 
     def __call__(self, *args: object) -> None:
@@ -58,16 +57,14 @@ class Op:
         key = (device.get_pdl(), device.num_sms_override(),
                *[(x.dtype, x.shape, x.stride(), x.device) if isinstance(x, Tensor) else x for x in args])
         try:
-            call = self._calls.get(key)
+            call = self._calls.lookup(key)
         except TypeError:  # an unhashable argument (a list, say): the check names it
-            key, call = None, None
-        if call is None:
+            key, call = None, PlanCache.MISSING
+        if call is PlanCache.MISSING:
             self._check(*args)
             call = self._bind(*args)
             if key is not None:
-                if len(self._calls) >= MAX_CACHED_SIGNATURES:
-                    self._calls.clear()
-                self._calls[key] = call
+                self._calls.store(key, call)
         call(*args)
 
 
