@@ -1,7 +1,9 @@
-"""Benchmarks behind ``python -m moegemm bench``: moegemm beside cuBLAS in one run.
+"""Benchmarks behind ``python -m moegemm bench``: moegemm beside cuBLAS and, when ``deep_gemm``
+imports, DeepGEMM, in one run.
 
 Kernel times come from the CUDA profiler (CUPTI), L2 flushed before every call, median over calls;
-inputs and scale layouts are prepared outside the timed region, for cuBLAS exactly as for moegemm.
+inputs and scale layouts are prepared outside the timed region, for each library in its own layout.
+Ratios "x" are the other library's time over ours: above 1, moegemm is faster.
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ def kernel_time_us(fn: Callable[[], object], iters: int = 30) -> float:
     return statistics.median(per_call)
 
 
+def deep_gemm():
+    """The DeepGEMM module when it imports (its columns are left out otherwise)."""
+    return _import_deep_gemm()
+
+
+@functools.cache
+def _import_deep_gemm():
+    try:
+        import deep_gemm as module
+    except Exception as error:  # not installed, or built for another torch: the bench runs without it
+        print(f"DeepGEMM not importable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+              "its columns are left out")
+        return None
+    return module
+
+
 def _device_events(prof):
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
               and "memcpy" not in e.name.lower()]
@@ -93,6 +111,9 @@ class GemmRow:
     bf16_us: float
     diff_dequant: float
     diff_bf16: float
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None  # DeepGEMM's time over ours
+    deepgemm_diff: float | None = None
 
 
 def _fp8_inputs(m: int, n: int, k: int):
@@ -147,9 +168,17 @@ def bench_fp8_gemm_shape(m: int, n: int, k: int, iters: int = 30) -> GemmRow:
     t_unscaled = kernel_time_us(_cublas_per_tensor(a, b), iters)
     t_bf16 = kernel_time_us(lambda: x @ w.t(), iters)
     bytes_moved = m * k + n * k + 4 * (sfa.numel() + sfb.numel()) + 2 * m * n
-    return GemmRow(m, n, k, t_ours, 2 * m * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6, t_cublas,
-                   (t_cublas / t_ours) if t_cublas else None, t_unscaled, t_bf16,
-                   api.calc_diff(d.float(), ref), api.calc_diff(d.float(), exact))
+    row = GemmRow(m, n, k, t_ours, 2 * m * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6, t_cublas,
+                  (t_cublas / t_ours) if t_cublas else None, t_unscaled, t_bf16,
+                  api.calc_diff(d.float(), ref), api.calc_diff(d.float(), exact))
+    dg = deep_gemm()
+    if dg is not None:
+        sfa_dg = dg.get_mn_major_tma_aligned_tensor(sfa)
+        d_dg = torch.empty_like(d)
+        row.deepgemm_us = kernel_time_us(lambda: dg.fp8_gemm_nt((a, sfa_dg), (b, sfb), d_dg), iters)
+        row.vs_deepgemm = row.deepgemm_us / t_ours
+        row.deepgemm_diff = api.calc_diff(d_dg.float(), ref)
+    return row
 
 
 def bench_fp8_gemm(ms=FP8_GEMM_MS, nks=FP8_GEMM_NK, iters: int = 30) -> list[GemmRow]:
@@ -163,16 +192,27 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
+def _summary(label: str, ratios: list[float | None]) -> None:
+    """Geometric mean and least of the ratios that exist."""
+    ratios = [r for r in ratios if r]
+    if ratios:
+        print(f"{label}: geometric mean {statistics.geometric_mean(ratios):.3f}, least {min(ratios):.3f}")
+
+
 def print_gemm_table(title: str, rows: list[GemmRow]) -> None:
     print(f"\n{title}")
-    print(f"{'M':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} {'TB/s':>5} | {'cuBLASLt us':>11} {'x':>5} | "
-          f"{'unscaled us':>11} {'TFLOPS':>7} | {'bf16 us':>8} | {'diff':>8}")
+    print(f"{'M':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} {'TB/s':>5} | {'DeepGEMM us':>11} {'x':>5} | "
+          f"{'cuBLASLt us':>11} {'x':>5} | {'unscaled us':>11} {'TFLOPS':>7} | {'bf16 us':>8} | {'diff':>8}")
     for r in rows:
         unscaled_tflops = 2 * r.m * r.n * r.k / r.unscaled_us / 1e6
         print(f"{r.m:>5} {r.n:>6} {r.k:>6} | {r.moegemm_us:>8.1f} {r.tflops:>7.0f} {r.tbps:>5.2f} | "
+              f"{_fmt(r.deepgemm_us, '>11.1f')} {_fmt(r.vs_deepgemm, '>5.3f')} | "
               f"{_fmt(r.cublaslt_us, '>11.1f')} {_fmt(r.speedup, '>5.2f')} | {r.unscaled_us:>11.1f} "
               f"{unscaled_tflops:>7.0f} | {r.bf16_us:>8.1f} | {r.diff_dequant:>8.1e}")
     large = [r for r in rows if r.m >= 4096]
+    small = [r for r in rows if r.m <= 128]
+    _summary("DeepGEMM's time over ours at M >= 4096", [r.vs_deepgemm for r in large])
+    _summary("DeepGEMM's time over ours at M <= 128", [r.vs_deepgemm for r in small])
     speedups = [r.speedup for r in large if r.speedup]
     if speedups:
         print(f"geometric-mean speed-up over cuBLASLt at M >= 4096: {statistics.geometric_mean(speedups):.3f}")
@@ -252,9 +292,10 @@ def bench_casts(shapes=((8192, 7168), (4096, 16384)), iters: int = 30) -> list[C
 class GroupedRow:
     layout: str
     groups: int
-    m_per_group: int
+    m_per_group: int  # the mean rows per expert (expected_m)
     n: int
     k: int
+    rows: int  # rows of all experts together
     moegemm_us: float
     tflops: float
     tbps: float
@@ -262,43 +303,84 @@ class GroupedRow:
     speedup: float | None
     unscaled_loop_us: float
     diff_dequant: float
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None
+    deepgemm_diff: float | None = None
 
 
-GROUPED_CONTIGUOUS = [(g, m, n, k) for g in (4, 8) for m in (8192, 4096) for n, k in ((4096, 7168), (7168, 2048))]
-GROUPED_MASKED = [(32, m, n, k) for m in (32, 192) for n, k in ((4096, 7168), (7168, 2048))]
+# (experts, mean rows per expert, N, K); the counts vary per expert as routing makes them.
+GROUPED_CONTIGUOUS = [(g, 32768 // g, n, k) for g in (4, 8, 16, 32) for n, k in ((4096, 7168), (7168, 2048))]
+GROUPED_MASKED = [(g, m, n, k) for g in (8, 32) for m in (32, 128, 192, 256) for n, k in ((4096, 7168), (7168, 2048))]
+ROUTING_SPREAD = (0.7, 1.3)  # an expert's count over the mean, drawn uniformly
+ROUTING_SEED = 0
 
 
-def _grouped_inputs(num_groups: int, m: int, n: int, k: int, masked: bool):
-    x = torch.randn(num_groups * m, k, device="cuda", dtype=torch.bfloat16)
+def routing_counts(num_groups: int, mean: int, seed: int = ROUTING_SEED) -> list[int]:
+    """Rows per expert drawn uniformly in ROUTING_SPREAD times ``mean`` (a fixed seed: every run
+    and library sees the same counts)."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = ROUTING_SPREAD
+    factors = low + (high - low) * torch.rand(num_groups, generator=generator)
+    return [round(mean * float(f)) for f in factors]
+
+
+def _grouped_inputs(counts: list[int], n: int, k: int, masked: bool, alignment: int = 128):
+    """A and its scales (masked: [G, max_M, ...], max_M the largest count rounded up to 64;
+    contiguous: the experts' rows back to back, each segment padded to ``alignment``), B, SFB, the
+    int32 layout (masked_m, or each row's expert with -1 for padding) and a mask of the real rows."""
+    num_groups = len(counts)
+    if masked:
+        max_m = -(-max(counts) // 64) * 64
+        rows = num_groups * max_m
+        real = torch.zeros(num_groups, max_m, dtype=torch.bool, device="cuda")
+        for g, count in enumerate(counts):
+            real[g, :count] = True
+        layout = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    else:
+        segments = [-(-c // alignment) * alignment for c in counts]
+        rows = sum(segments)
+        ids = torch.full((rows,), -1, dtype=torch.int32)
+        start = 0
+        for g, (count, segment) in enumerate(zip(counts, segments, strict=True)):
+            ids[start:start + count] = g
+            start += segment
+        layout = ids.cuda()
+        real = layout >= 0
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     a, sfa = api.per_token_cast_to_fp8(x)
     b = torch.empty(num_groups, n, k, device="cuda", dtype=torch.float8_e4m3fn)
     sfb = torch.empty(num_groups, -(-n // 128), -(-k // 128), device="cuda")
     for g in range(num_groups):
         b[g], sfb[g] = api.per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
     if masked:
-        a, sfa = a.view(num_groups, m, k), sfa.view(num_groups, m, -1)
-    return a, sfa, b, sfb
+        a, sfa = a.view(num_groups, max_m, k), sfa.view(num_groups, max_m, -1)
+    return a, sfa, b, sfb, layout, real
 
 
-def _expert_rows(t: torch.Tensor, g: int, m: int) -> torch.Tensor:
-    """Expert ``g``'s ``m`` rows of A or of its scales ([G, m, ...] masked, [G * m, ...] contiguous)."""
-    return t[g] if t.dim() == 3 else t[g * m:(g + 1) * m]
+def _expert_rows(t: torch.Tensor, counts: list[int], g: int, alignment: int = 128) -> torch.Tensor:
+    """Expert ``g``'s real rows of A or of its scales ([G, max_M, ...] masked, contiguous otherwise)."""
+    if t.dim() == 3:
+        return t[g, :counts[g]]
+    start = sum(-(-c // alignment) * alignment for c in counts[:g])
+    return t[start:start + counts[g]]
 
 
-def _cublaslt_loop(a, sfa, b, sfb, num_groups: int, m: int):
-    """One cuBLASLt blockwise call per expert, scale layouts prepared outside the timing."""
+def _cublaslt_loop(a, sfa, b, sfb, counts: list[int]):
+    """One cuBLASLt blockwise call per expert with rows, scale layouts prepared outside the timing."""
     calls = []
-    for g in range(num_groups):
-        call, _ = _cublaslt_blockwise(_expert_rows(a, g, m), _expert_rows(sfa, g, m), b[g], sfb[g])
+    for g, count in enumerate(counts):
+        if count == 0:
+            continue
+        call, _ = _cublaslt_blockwise(_expert_rows(a, counts, g), _expert_rows(sfa, counts, g), b[g], sfb[g])
         if call is None:
             return None
         calls.append(call)
     return lambda: [call() for call in calls]
 
 
-def _unscaled_loop(a, b, num_groups: int, m: int):
+def _unscaled_loop(a, b, counts: list[int]):
     """One cuBLAS call per expert on the same FP8 operands with per-tensor scales (the unscaled bound)."""
-    calls = [_cublas_per_tensor(_expert_rows(a, g, m), b[g]) for g in range(num_groups)]
+    calls = [_cublas_per_tensor(_expert_rows(a, counts, g), b[g]) for g, count in enumerate(counts) if count]
     return lambda: [call() for call in calls]
 
 
@@ -306,30 +388,40 @@ def bench_grouped_shape(layout: str, num_groups: int, m: int, n: int, k: int, it
     from . import reference
 
     masked = layout == "masked"
-    a, sfa, b, sfb = _grouped_inputs(num_groups, m, n, k, masked)
+    counts = routing_counts(num_groups, m)
+    a, sfa, b, sfb, groups, real = _grouped_inputs(counts, n, k, masked)
     sfa_required = api.get_mn_major_tma_aligned_tensor(sfa)
+    d = torch.empty(*a.shape[:-1], n, device="cuda", dtype=torch.bfloat16)
+    ref = torch.zeros(d.shape, device="cuda")
     if masked:
-        groups = torch.full((num_groups,), m, dtype=torch.int32, device="cuda")
-        d = torch.empty(num_groups, m, n, device="cuda", dtype=torch.bfloat16)
         run = functools.partial(api.m_grouped_fp8_gemm_nt_masked, (a, sfa_required), (b, sfb), d, groups, m)
-        ref = torch.empty(d.shape, device="cuda")
         reference.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), ref, groups, m)
     else:
-        groups = torch.arange(num_groups, device="cuda", dtype=torch.int32).repeat_interleave(m)
-        d = torch.empty(num_groups * m, n, device="cuda", dtype=torch.bfloat16)
         run = functools.partial(api.m_grouped_fp8_gemm_nt_contiguous, (a, sfa_required), (b, sfb), d, groups)
-        ref = torch.empty(d.shape, device="cuda")
         reference.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), ref, groups)
     t_ours = kernel_time_us(run, iters)
-    diff = api.calc_diff(d.float(), ref)
+    diff = api.calc_diff(d.float()[real], ref[real])
+    rows = sum(counts)
+    bytes_moved = rows * k + b.numel() + 4 * (rows * sfa.shape[-1] + sfb.numel()) + 2 * rows * n
+    row = GroupedRow(layout, num_groups, m, n, k, rows, t_ours, 2 * rows * n * k / t_ours / 1e6,
+                     bytes_moved / t_ours / 1e6, None, None, 0.0, diff)
+    dg = deep_gemm()
+    if dg is not None:
+        sfa_dg = dg.get_mn_major_tma_aligned_tensor(sfa)
+        d_dg = torch.empty_like(d)
+        if masked:
+            call = functools.partial(dg.m_grouped_fp8_gemm_nt_masked, (a, sfa_dg), (b, sfb), d_dg, groups, m)
+        else:
+            call = functools.partial(dg.m_grouped_fp8_gemm_nt_contiguous, (a, sfa_dg), (b, sfb), d_dg, groups)
+        row.deepgemm_us = kernel_time_us(call, iters)
+        row.vs_deepgemm = row.deepgemm_us / t_ours
+        row.deepgemm_diff = api.calc_diff(d_dg.float()[real], ref[real])
     del ref
-    cublas = _cublaslt_loop(a, sfa, b, sfb, num_groups, m)
-    t_cublas = kernel_time_us(cublas, iters) if cublas else None
-    t_unscaled = kernel_time_us(_unscaled_loop(a, b, num_groups, m), iters)
-    rows = num_groups * m
-    bytes_moved = rows * k + b.numel() + 4 * (sfa.numel() + sfb.numel()) + 2 * rows * n
-    return GroupedRow(layout, num_groups, m, n, k, t_ours, 2 * rows * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e6,
-                      t_cublas, (t_cublas / t_ours) if t_cublas else None, t_unscaled, diff)
+    cublas = _cublaslt_loop(a, sfa, b, sfb, counts)
+    row.cublaslt_loop_us = kernel_time_us(cublas, iters) if cublas else None
+    row.speedup = (row.cublaslt_loop_us / t_ours) if row.cublaslt_loop_us else None
+    row.unscaled_loop_us = kernel_time_us(_unscaled_loop(a, b, counts), iters)
+    return row
 
 
 def bench_grouped(iters: int = 20) -> list[GroupedRow]:
@@ -338,16 +430,21 @@ def bench_grouped(iters: int = 20) -> list[GroupedRow]:
 
 
 def print_grouped_table(rows: list[GroupedRow]) -> None:
-    print("\nMoE grouped FP8 GEMMs (BF16 out) vs one cuBLASLt blockwise call per expert "
+    low, high = ROUTING_SPREAD
+    print(f"\nMoE grouped FP8 GEMMs (BF16 out), rows per expert drawn uniformly in {low}-{high}x the mean "
+          f"(seed {ROUTING_SEED}), beside DeepGEMM, one cuBLASLt blockwise call per expert "
           "(torch._scaled_grouped_mm has no 1x128/128x128 blockwise scaling) and one unscaled cuBLAS call "
           "(per-tensor scales) per expert")
-    print(f"{'layout':>10} {'G':>3} {'M/G':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} {'TB/s':>5} | "
-          f"{'cuBLASLt loop us':>16} {'x':>5} | {'unscaled loop us':>16} {'TFLOPS':>7} | {'diff':>8}")
+    print(f"{'layout':>10} {'G':>3} {'M/G':>5} {'N':>6} {'K':>6} {'rows':>6} | {'us':>8} {'TFLOPS':>7} {'TB/s':>5} | "
+          f"{'DeepGEMM us':>11} {'x':>5} | {'cuBLASLt loop us':>16} {'x':>5} | {'unscaled loop us':>16} | "
+          f"{'diff':>8}")
     for r in rows:
-        unscaled_tflops = 2 * r.groups * r.m_per_group * r.n * r.k / r.unscaled_loop_us / 1e6
-        print(f"{r.layout:>10} {r.groups:3d} {r.m_per_group:5d} {r.n:6d} {r.k:6d} | {r.moegemm_us:8.1f} "
-              f"{r.tflops:7.0f} {r.tbps:5.2f} | {_fmt(r.cublaslt_loop_us, '16.1f')} {_fmt(r.speedup, '5.2f')} | "
-              f"{r.unscaled_loop_us:16.1f} {unscaled_tflops:7.0f} | {r.diff_dequant:8.1e}")
+        print(f"{r.layout:>10} {r.groups:3d} {r.m_per_group:5d} {r.n:6d} {r.k:6d} {r.rows:6d} | {r.moegemm_us:8.1f} "
+              f"{r.tflops:7.0f} {r.tbps:5.2f} | {_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | "
+              f"{_fmt(r.cublaslt_loop_us, '16.1f')} {_fmt(r.speedup, '5.2f')} | {r.unscaled_loop_us:16.1f} | "
+              f"{r.diff_dequant:8.1e}")
+    for layout in ("contiguous", "masked"):
+        _summary(f"DeepGEMM's time over ours, {layout}", [r.vs_deepgemm for r in rows if r.layout == layout])
 
 
 def print_cast_table(rows: list[CastRow]) -> None:

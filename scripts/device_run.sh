@@ -20,4 +20,4 @@ timeout 120 python3 scripts/first_compile.py 2>&1 | tee "$out/first_compile.txt"
 # Compiles dominate the suite: spread it over the host's cores where pytest-xdist is installed.
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout 420 python3 -m pytest -q -rs $parallel tests 2>&1 | tee "$out/tests.txt"
-timeout 240 python3 -m moegemm bench --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+timeout 480 python3 -m moegemm bench --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"

@@ -22,7 +22,7 @@ CONFIGS = {"pair, multicast (m128n128c2)": Fp8GemmConfig(128, 128, 5, False, Fal
 
 
 def main(num_groups: int = 32, max_m: int = 192, n: int = 4096, k: int = 7168) -> None:
-    a, sfa, b, sfb = bench._grouped_inputs(num_groups, max_m, n, k, True)
+    a, sfa, b, sfb, _, _ = bench._grouped_inputs([max_m] * num_groups, n, k, True)
     sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa)
     d = torch.empty(num_groups, max_m, n, device="cuda", dtype=torch.bfloat16)
     for rows in (192, 128, 64, 32):

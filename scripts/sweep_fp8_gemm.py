@@ -1,7 +1,8 @@
 """Time fp8_gemm_nt configs around the heuristic's pick (the sweeps the config model in
-moegemm/kernels/fp8_gemm.py was fitted to). Needs an SM90 GPU:
+moegemm/kernels/fp8_gemm.py was fitted to), beside DeepGEMM where it imports. Needs an SM90 GPU:
     python scripts/sweep_fp8_gemm.py            # M in {1, 64, 128}: BLOCK_N and split-K
-    python scripts/sweep_fp8_gemm.py --large    # M = 4096: each BLOCK_M and BLOCK_N, B multicast or not
+    python scripts/sweep_fp8_gemm.py --large    # M = 4096: each BLOCK_M and BLOCK_N, alone or in pairs
+    python scripts/sweep_fp8_gemm.py --grouped  # the bench's grouped shapes (uneven counts): tiles, pairs
 """
 
 import argparse
@@ -10,6 +11,7 @@ import functools
 import torch
 
 import moegemm
+from moegemm import bench
 from moegemm.bench import _fp8_inputs, kernel_time_us
 from moegemm.device import DeviceFacts, device_facts
 from moegemm.gemm.desc import GemmDesc, GemmType
@@ -37,45 +39,94 @@ def small_m_candidates(m: int, n: int, k: int, facts: DeviceFacts) -> set:
 
 
 def large_m_candidates(m: int, n: int, k: int, facts: DeviceFacts) -> set:
-    """BF16-out tiles of 128 rows with and without multicast and of 192 rows, and FP32-out ones,
-    whose 32-column store chunks allow BLOCK_N 96 and 160 (what finer BLOCK_N would gain on the last
-    wave)."""
+    """BF16-out tiles of 128 rows (BLOCK_N 96-192) and of 192 and 256 rows (BLOCK_N 64-128), each alone,
+    in pairs sharing B (stacked along M) and in pairs sharing A (side by side)."""
     configs = {pick(m, n, k, facts)}
-    for out_fp32 in (False, True):
-        for block_n in range(64, 193, 8):
-            if fp8_gemm.valid_block_n(block_n, 4 if out_fp32 else 2):
-                stages = fp8_gemm.stages_for(128, block_n, 4 if out_fp32 else 2, 1, facts)
-                configs.add(Fp8GemmConfig(128, block_n, stages, out_fp32, False))
-                if not out_fp32:
-                    configs.add(Fp8GemmConfig(128, block_n, stages, False, False, cluster_m=2))
-                if block_n <= 128:
-                    stages = fp8_gemm.stages_for(192, block_n, 4 if out_fp32 else 2, 1, facts)
-                    configs.add(Fp8GemmConfig(192, block_n, stages, out_fp32, False))
+    for block_m, block_ns in ((128, range(96, 193, 16)), (192, (96, 128)), (256, range(64, 129, 16))):
+        for block_n in block_ns:
+            if fp8_gemm.valid_block_n(block_n, 2):
+                stages = fp8_gemm.stages_for(block_m, block_n, 2, 1, facts)
+                for cluster_m, cluster_n in ((1, 1), (2, 1), (1, 2)):
+                    configs.add(Fp8GemmConfig(block_m, block_n, stages, False, False, cluster_m,
+                                              cluster_n=cluster_n))
     return configs
+
+
+def grouped_candidates(kind: GemmType, expected_m: int, n: int, k: int, facts: DeviceFacts) -> set:
+    configs = set()
+    for block_m in (64, 128) + ((192,) if kind is GemmType.MASKED else ()):
+        for block_n in (64, 128):
+            stages = fp8_gemm.stages_for(block_m, block_n, 2, 1, facts)
+            for pair in (1, 2) if block_m < 192 else (1,):
+                if kind is GemmType.MASKED:
+                    configs.add(Fp8GemmConfig(block_m, block_n, stages, False, False, pair))
+                else:
+                    configs.add(Fp8GemmConfig(block_m, block_n, stages, False, False, cluster_n=pair))
+    return configs
+
+
+def name(config: Fp8GemmConfig) -> str:
+    pair = "cm2" if config.cluster_m > 1 else "cn2" if config.cluster_n > 1 else ""
+    return f"m{config.block_m}n{config.block_n}k{config.split_k}{pair}{'f32' if config.out_fp32 else ''}"
+
+
+def sweep_grouped(facts: DeviceFacts) -> None:
+    """Each grouped bench shape (uneven counts, the bench's seed) in each candidate config, beside
+    DeepGEMM; the heuristic's pick is starred."""
+    peer = bench.deep_gemm()
+    shapes = [("contiguous", *s) for s in bench.GROUPED_CONTIGUOUS] + [("masked", *s) for s in bench.GROUPED_MASKED]
+    for layout, num_groups, mean, n, k in shapes:
+        kind = GemmType.MASKED if layout == "masked" else GemmType.CONTIGUOUS
+        counts = bench.routing_counts(num_groups, mean)
+        a, sfa, b, sfb, groups, _ = bench._grouped_inputs(counts, n, k, kind is GemmType.MASKED)
+        sfa_required = moegemm.get_mn_major_tma_aligned_tensor(sfa)
+        d = torch.empty(*a.shape[:-1], n, device="cuda", dtype=torch.bfloat16)
+        desc = fp8_gemm.describe(kind, a, b, d, expected_m=mean)
+        chosen = fp8_gemm.plan(desc, a, b, d, facts).config
+        cells = []
+        for config in sorted(grouped_candidates(kind, mean, n, k, facts) | {chosen}, key=name):
+            plan = fp8_gemm.plan(desc, a, b, d, facts, config)
+            us = kernel_time_us(functools.partial(plan.launch, a, sfa_required, b, sfb, d, groups), iters=10)
+            cells.append(f"{'*' if plan.config == chosen else ''}{name(plan.config)}:{us:.1f}")
+        if peer is not None:
+            sfa_dg = peer.get_mn_major_tma_aligned_tensor(sfa)
+            if kind is GemmType.MASKED:
+                call = functools.partial(peer.m_grouped_fp8_gemm_nt_masked, (a, sfa_dg), (b, sfb), d, groups, mean)
+            else:
+                call = functools.partial(peer.m_grouped_fp8_gemm_nt_contiguous, (a, sfa_dg), (b, sfb), d, groups)
+            cells.append(f"DeepGEMM:{kernel_time_us(call, iters=10):.1f}")
+        print(f"{layout} {num_groups} x {mean} ({sum(counts)} rows) {n} {k} | {' '.join(cells)}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--large", action="store_true", help="M = 4096 instead of M in {1, 64, 128}")
-    large = parser.parse_args().large
-    shapes = [(m, n, k) for m in ((4096,) if large else (1, 64, 128)) for n, k in PAIRS]
-    candidates = large_m_candidates if large else small_m_candidates
+    parser.add_argument("--grouped", action="store_true", help="the grouped bench shapes")
+    args = parser.parse_args()
     facts = device_facts(torch.cuda.current_device())
+    if args.grouped:
+        sweep_grouped(facts)
+        return
+    shapes = [(m, n, k) for m in ((4096,) if args.large else (1, 64, 128)) for n, k in PAIRS]
+    candidates = large_m_candidates if args.large else small_m_candidates
+    peer = bench.deep_gemm()
     for m, n, k in shapes:
-        _, _, a, sfa, b, sfb = _fp8_inputs(m, n, k)
-        sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa)
+        _, _, a, sfa0, b, sfb = _fp8_inputs(m, n, k)
+        sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa0)
         d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         d32 = torch.empty(m, n, device="cuda", dtype=torch.float32)
         chosen = pick(m, n, k, facts)
         results = []
-        order = sorted(candidates(m, n, k, facts), key=lambda c: (c.out_fp32, c.block_n, c.split_k, c.cluster_m))
-        for config in order:
+        for config in sorted(candidates(m, n, k, facts), key=name):
             out = d32 if config.out_fp32 else d
             plan = fp8_gemm.plan(fp8_gemm.describe(GemmType.NORMAL, a, b, out), a, b, out, facts, config)
             launch = functools.partial(plan.launch, a, sfa, b, sfb, out)
             results.append((kernel_time_us(launch, iters=15), plan.config))
-        cells = " ".join(f"{'*' if c == chosen else ''}m{c.block_m}n{c.block_n}k{c.split_k}"
-                         f"{'c2' if c.cluster_m > 1 else ''}{'f32' if c.out_fp32 else ''}:{t:.1f}" for t, c in results)
+        cells = " ".join(f"{'*' if c == chosen else ''}{name(c)}:{t:.1f}" for t, c in results)
+        if peer is not None:
+            sfa_dg = peer.get_mn_major_tma_aligned_tensor(sfa0)
+            call = functools.partial(peer.fp8_gemm_nt, (a, sfa_dg), (b, sfb), d)
+            cells += f" DeepGEMM:{kernel_time_us(call, iters=15):.1f}"
         print(f"{m:4d} {n:6d} {k:6d} | {cells}", flush=True)
 
 

@@ -101,6 +101,11 @@ CONFIGS = [
     Fp8GemmConfig(64, 128, 8, False, False, split_k=2), Fp8GemmConfig(64, 112, 8, False, False, split_k=7),
     Fp8GemmConfig(128, 192, 3, False, False, split_k=8), Fp8GemmConfig(128, 96, 6, True, True, split_k=3),
     Fp8GemmConfig(64, 64, 10, True, False, split_k=4), Fp8GemmConfig(128, 128, 4, False, False, split_k=2),
+    # Two math warpgroups of two slabs (BLOCK_M 256), and pairs sharing A side by side along N.
+    Fp8GemmConfig(256, 128, 3, False, False), Fp8GemmConfig(256, 64, 3, True, True),
+    Fp8GemmConfig(256, 128, 3, False, False, cluster_n=2), Fp8GemmConfig(256, 96, 2, True, False, cluster_m=2),
+    Fp8GemmConfig(128, 128, 5, False, False, cluster_n=2), Fp8GemmConfig(128, 192, 4, False, False, cluster_n=2),
+    Fp8GemmConfig(64, 32, 6, True, True, cluster_n=2),
 ]
 
 
@@ -115,6 +120,25 @@ def test_every_config(config, m, n, k, seed):
     d = c.clone() if config.accumulate else poisoned(m, n, dtype)
     plan(a[0], b[0], d, config).launch(a[0], sfa, b[0], b[1], d)
     assert_close(d, expected(a, b, c))
+
+
+@gpu
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.cluster_size > c.split_k or c.block_m == 256],
+                         ids=fp8_gemm.kernel_name)
+@pytest.mark.parametrize("m,n,k", [(600, 1000, 1168), (1100, 1400, 640), (256, 136, 128)])
+def test_pairs_and_slabs(config, m, n, k, seed):
+    """Pairs and two-slab tiles over odd counts of block-rows and columns (a peer with no rows or
+    columns of its own still runs), partial last slabs, and few SMs: each CTA takes many tiles."""
+    _, _, a, b = make_inputs(m, n, k)
+    sfa = get_mn_major_tma_aligned_tensor(a[1])
+    dtype = torch.float32 if config.out_fp32 else torch.bfloat16
+    c = torch.randn(m, n, device="cuda") if config.accumulate else None
+    for num_sms in (None, 2 * config.cluster_size, 6):
+        d = c.clone() if config.accumulate else poisoned(m, n, dtype)
+        p = plan(a[0], b[0], d, config, num_sms)
+        assert (p.config.cluster_m, p.config.cluster_n) == (config.cluster_m, config.cluster_n)
+        p.launch(a[0], sfa, b[0], b[1], d)
+        assert_close(d, expected(a, b, c))
 
 
 @gpu
@@ -314,23 +338,23 @@ def test_heuristic_picks_the_measured_best_split(m, n, k, tile):
     assert (config.block_m, config.block_n, config.split_k) == tile
 
 
-# H200 sweeps of 2026-12-02 (BENCHMARKS.md, second and third sessions), us: 192-row tiles fill fewer
-# waves on N = 2112 (99 against 112 for 128 x 128) and ran faster at K = 512 (133-136 against
-# 146-149); on N = 24576 they ran within 0.6% of the best (128 x 192).
-# 128 x 128 is best where 192 rows leave a last wave two thirds empty (N = 7168, 4096).
+# H200 sweep of 2026-12-04 (BENCHMARKS.md, eleventh session; `scripts/sweep_fp8_gemm.py --large`), us:
+# 256 x 128 tiles are best at K >= 7168 on N = 7168 and 4096 (682.0 against 712.8 for 192 x 128 and
+# 720.8 for 128 x 128 at K = 16384); 192-row tiles in CTA pairs at K <= 1536 (231.9 / 128.3 against
+# 244.4 / 143.0 for 256 x 128), where the L2 binds; 192 x 128 on N = 2112 (92.6 against 110.0 for
+# 128 x 128).
 @pytest.mark.parametrize("n, k, tile", [
-    (2112, 7168, (192, 128)), (24576, 1536, (192, 128)), (32768, 512, (192, 128)),
-    (7168, 16384, (128, 128)), (4096, 7168, (128, 128)), (7168, 2048, (128, 128))])
+    (2112, 7168, (192, 128, 1)), (24576, 1536, (192, 128, 2)), (7168, 16384, (256, 128, 1)),
+    (4096, 7168, (256, 128, 1))])
 def test_heuristic_picks_the_measured_best_tile_at_large_m(n, k, tile):
     config = pick(4096, n, k)
-    assert (config.block_m, config.block_n, config.split_k) == (*tile, 1)
+    assert (config.block_m, config.block_n, config.cluster_size) == tile
 
 
 # H100 and H200 A/Bs of 2026-12-02 (fifth session, BENCHMARKS.md): memory-bound tiles run faster
 # with at most 80 KB of B in flight per SM, except those split over three or more CTAs.
 @pytest.mark.parametrize("m, n, k, stages", [
-    (1, 24576, 1536, 4), (64, 32768, 512, 5), (64, 7168, 16384, 10), (1, 4096, 7168, 10), (1, 2112, 7168, 10),
-    (4096, 7168, 16384, 5)])
+    (1, 24576, 1536, 4), (64, 32768, 512, 5), (64, 7168, 16384, 10), (1, 4096, 7168, 10), (1, 2112, 7168, 10)])
 def test_heuristic_caps_the_b_bytes_in_flight(m, n, k, stages):
     config = pick(m, n, k)
     assert config.stages == stages, config

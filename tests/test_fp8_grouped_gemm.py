@@ -171,8 +171,13 @@ def run_plan(kind, a, b, groups, d, num_sms, config):
     plan.launch(a[0], moegemm.get_mn_major_tma_aligned_tensor(a[1]), b[0], b[1], d, groups)
 
 
+# Contiguous kinds only: pairs side by side along N sharing A (and the expert).
+CONTIGUOUS_PAIR_CONFIGS = [Fp8GemmConfig(128, 128, 5, False, False, cluster_n=2),
+                           Fp8GemmConfig(64, 32, 6, True, False, cluster_n=2)]
+
 EVERY_CONFIG = ([(config, kind) for kind in ("contiguous", "psum", "masked") for config in GROUPED_CONFIGS]
-                + [(config, "masked") for config in MASKED_CONFIGS])
+                + [(config, "masked") for config in MASKED_CONFIGS]
+                + [(config, kind) for kind in ("contiguous", "psum") for config in CONTIGUOUS_PAIR_CONFIGS])
 
 
 @gpu
@@ -193,8 +198,9 @@ def test_many_tiles_per_sm(num_sms, kind, seed):
     """Each CTA (pair) takes many tiles, padding blocks and idle warpgroups or CTAs among them: the
     stage ring must stay in step across tiles."""
     a, b, groups, d, ref = grouped_case(kind, [513, 0, 190, 1, 64, 129], 384, 512, 520)
-    config = Fp8GemmConfig(128, 128, 5, False, False, 2 if kind == "masked" else 1)
-    run_plan(kind, a, b, groups, d, num_sms, config)
+    # Pairs: sharing B (masked) or A (contiguous kinds); on one SM, single CTAs.
+    pair = {"cluster_m": 2} if kind == "masked" else {"cluster_n": 2}
+    run_plan(kind, a, b, groups, d, num_sms, Fp8GemmConfig(128, 128, 5, False, False, **pair))
     assert_matches(d, ref)
 
 

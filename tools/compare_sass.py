@@ -37,7 +37,7 @@ QUICK = (
     "sm90_fp8_gemm_nt_bf16_m128n128s5",
     "sm90_fp8_gemm_nt_bf16_m192n128s4",
     "sm90_fp8_gemm_nt_bf16_m64n96s10k4",
-    "sm90_fp8_gemm_nt_masked_bf16_m128n128s5c2",
+    "sm90_fp8_gemm_nt_masked_bf16_m128n128s5cm2",
     "sm90_fp8_gemm_nt_contiguous_bf16_m128n128s5",
     "sm90_fp8_gemm_nt_psum_bf16_m64n128s5",
     "sm90_fp8_gemm_nt_masked_bf16_m192n128s4",
@@ -72,13 +72,14 @@ def _worker(out_dir: Path, jobs: int) -> None:
     from moegemm.kernels import fp8_gemm
 
     configs = []
-    for fields in json.load(sys.stdin):
+    for item in json.load(sys.stdin):
+        fields = item["fields"]
         if hasattr(fp8_gemm, "GemmType"):  # checkouts since the GemmType enum; before, the kind's name
             fields["gemm_type"] = fp8_gemm.GemmType[fields["gemm_type"].upper()]
-        configs.append(fp8_gemm.Fp8GemmConfig(**fields))
+        configs.append((item["name"], fp8_gemm.Fp8GemmConfig(**fields)))
 
-    def one(config) -> str:
-        name = fp8_gemm.kernel_name(config)
+    def one(named) -> str:
+        name, config = named  # the new checkout's name, so that both sides' files match
         try:
             build = fp8_gemm.build(config)
             sass = compiler.disassemble(build.cubin_path)
@@ -109,8 +110,10 @@ def _config_list(checkout: Path) -> list:
 
 
 def _fields(config) -> dict:
-    """A config as JSON: its fields, the GemmType by its lower-case name."""
-    fields = dataclasses.asdict(config)
+    """A config as JSON: its fields, the GemmType by its lower-case name. Fields at their defaults are
+    left out, so that a checkout older than a field builds the configs that do not use it."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.default is dataclasses.MISSING or getattr(config, f.name) != f.default}
     fields["gemm_type"] = config.gemm_type.name.lower()
     return fields
 
@@ -121,7 +124,9 @@ def _build_all(label: str, checkout: Path, configs: list, cache: Path, out_dir: 
     for name in ("MOEGEMM_NVCC_FLAGS", "MOEGEMM_USE_NVRTC", "MOEGEMM_JIT_DEBUG", "MOEGEMM_DUMP_SASS"):
         env.pop(name, None)
     print(f"{label}: building {len(configs)} configs in {checkout} (cache {cache})", file=sys.stderr, flush=True)
-    payload = json.dumps([_fields(c) for c in configs])
+    from moegemm.kernels import fp8_gemm
+
+    payload = json.dumps([{"name": fp8_gemm.kernel_name(c), "fields": _fields(c)} for c in configs])
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(out_dir), "-j", str(jobs)],
                    input=payload, text=True, env=env, cwd=checkout, check=True)
 

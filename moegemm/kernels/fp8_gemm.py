@@ -35,11 +35,15 @@ MAX_STAGES = 12
 B_BYTES_IN_FLIGHT = 80 * 1024
 MIN_CAPPED_STAGES = 4
 FP8_FLOPS_PER_SM = 1450e12 / 132  # dense FP8 tensor-core rate of an SM90 SM
+SLABS_PROMOTION_COLUMNS = 32  # BLOCK_M 256: the promotion's cost in WGMMA columns (two slabs per warpgroup)
 K_BLOCK_LATENCY_S = 300e-9  # the consumer's floor per K block: four dependent WGMMAs, promotion, barriers
 TWO_SFB_ROWS_LATENCY_S = 20e-9  # ...plus a second SFB row to load and index (tiles over two SFB blocks)
 PARTIAL_ROWS_LATENCY_S = 80e-9  # ...plus TMA's zero fill of a dense GEMM's partial last block-row
 MAX_SPLIT_K = 8  # portable cluster size
 CONTIGUOUS_ALIGNMENT = 128  # kContiguousAlignment in sm90/scheduler.cuh: rows per expert-segment boundary
+# Masked experts' counts vary around expected_m as routing makes them (the bench draws 0.7x to 1.3x):
+# the tile is planned for the largest, so that the experts above the mean pay no second block-row.
+ROUTING_HEADROOM = 1.3
 
 # Fp8GemmParams in sm90_fp8_gemm.cuh, member by member; a launch passes OPERANDS' addresses in order.
 OPERANDS = ("a", "b", "sfa", "sfb", "d", "groups")
@@ -60,10 +64,11 @@ class Fp8GemmConfig:
     cluster_m: int = 1  # 2: two CTAs stacked along M share (multicast) the B tile
     split_k: int = 1  # > 1: a cluster of split_k CTAs shares each tile, splitting its K blocks
     gemm_type: GemmType = GemmType.NORMAL
+    cluster_n: int = 1  # 2: two CTAs side by side along N share (multicast) the A tile
 
     @property
     def cluster_size(self) -> int:
-        return self.cluster_m * self.split_k
+        return self.cluster_m * self.cluster_n * self.split_k
 
     @property
     def out_cols(self) -> int:
@@ -76,7 +81,7 @@ class Fp8GemmConfig:
 
     @property
     def num_threads(self) -> int:
-        return self.block_m * 2 + 128
+        return 128 * math_warpgroups(self.block_m) + 128
 
     @property
     def store_cols(self) -> int:
@@ -86,6 +91,11 @@ class Fp8GemmConfig:
     @property
     def smem_bytes(self) -> int:
         return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k)
+
+
+def math_warpgroups(block_m: int) -> int:
+    """One per 64 rows, but two (of two 64-row slabs each) for BLOCK_M = 256."""
+    return 2 if block_m == 256 else block_m // 64
 
 
 def sfb_rows(block_n: int) -> int:
@@ -131,6 +141,8 @@ def _math_efficiency(block_m: int, block_n: int) -> float:
     runs of 8 or 16 columns make that promotion dearer than runs of 32 or more."""
     if block_m == 192:
         return block_n / (block_n + 24)
+    if block_m == 256:
+        return block_n / (block_n + SLABS_PROMOTION_COLUMNS)
     promotion = 1.0 if sfb_rows(block_n) == 1 else 0.85 if math.gcd(block_n, 128) >= 32 else 0.75
     return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * promotion
 
@@ -145,15 +157,26 @@ class Fp8CostTerms:
         self.block_ms = block_ms
 
     def tiles(self, desc: GemmDesc, facts: DeviceFacts) -> Iterator[Tile]:
-        grouped = desc.gemm_type.grouped
+        kind = desc.gemm_type
         for block_m in self.block_ms:
-            # Three math warpgroups have registers for 128 columns at most. Grouped tiles over 128
-            # columns keep an expert and a row limit live, which costs them the deferred epilogue.
-            for block_n in range(8, (128 if grouped or block_m == 192 else 192) + 1, 8):
-                num_tiles = desc.num_groups * ceil_div(desc.m, block_m) * ceil_div(desc.n, block_n)
+            # Three math warpgroups, or two of two slabs, have registers for 128 columns at most.
+            # Grouped tiles over 128 columns keep an expert and a row limit live, which costs them the
+            # deferred epilogue.
+            for block_n in range(8, (128 if kind.grouped or block_m > 128 else 192) + 1, 8):
+                if valid_block_n(block_n, desc.out_bytes) and stages_for(block_m, block_n, desc.out_bytes, 1,
+                                                                         facts) >= 3:
+                    yield Tile(block_m, block_n)
+                    # Pairs that share an operand: B (stacked along M) for dense GEMMs, A (side by
+                    # side) for dense and contiguous ones, whose pairs then share the expert. Only
+                    # with whole A tiles.
+                    if kind is not GemmType.MASKED and desc.m >= block_m:
+                        yield Tile(block_m, block_n, cluster_n=2)
+                    if kind is GemmType.NORMAL and desc.m >= 2 * block_m and block_n % 16 == 0:
+                        yield Tile(block_m, block_n, cluster_m=2)
                 # Split-K only while the split tiles fit on the SMs at once, and not for grouped GEMMs.
-                for split_k in range(1, 2 if grouped or block_m == 192 else MAX_SPLIT_K + 1):
-                    if split_k > 1 and (num_tiles * split_k > facts.num_sms or split_k > ceil_div(desc.k, BLOCK_K)):
+                num_tiles = desc.num_groups * ceil_div(desc.m, block_m) * ceil_div(desc.n, block_n)
+                for split_k in range(2, 2 if kind.grouped or block_m > 128 else MAX_SPLIT_K + 1):
+                    if num_tiles * split_k > facts.num_sms or split_k > ceil_div(desc.k, BLOCK_K):
                         break
                     if valid_block_n(block_n, desc.out_bytes, split_k) and \
                             stages_for(block_m, block_n, desc.out_bytes, split_k, facts) >= 3:
@@ -173,17 +196,17 @@ class Fp8CostTerms:
 def _config(desc: GemmDesc, tile: Tile, facts: DeviceFacts, cluster_m: int = 1) -> Fp8GemmConfig:
     stages = stages_for(tile.block_m, tile.block_n, desc.out_bytes, tile.split_k, facts)
     return Fp8GemmConfig(tile.block_m, tile.block_n, stages, desc.out_dtype == torch.float32, desc.accumulate,
-                         cluster_m, tile.split_k, desc.gemm_type)
+                         max(cluster_m, tile.cluster_m), tile.split_k, desc.gemm_type, tile.cluster_n)
 
 
 def select_config(desc: GemmDesc, facts: DeviceFacts) -> Fp8GemmConfig:
-    """The config of the least estimated time (moegemm.gemm.heuristic). Dense GEMMs: BLOCK_M 64, 128
-    or 192, split-K for few tiles. Grouped (``desc.m`` the rows per expert expected): BLOCK_M 64 or
-    128; masked experts of 129 to 192 rows in one block of three math warpgroups (in 128-row blocks
-    the second block would keep one warpgroup idle); larger masked experts with B multicast across
-    the CTA pair of each two block-rows (each block-row of an expert reads all of its B: the L2 was
-    the busiest unit). B multicast is not chosen for dense GEMMs: it ran from 2% slower to 2.8%
-    faster, too little to model (BENCHMARKS.md, "The config model")."""
+    """The config of the least estimated time (moegemm.gemm.heuristic). Dense GEMMs: BLOCK_M 64, 128,
+    192 or 256, split-K for few tiles, CTA pairs sharing A or B where the L2 binds. Grouped (``desc.m``
+    the rows per expert planned for): BLOCK_M 64 or 128, contiguous pairs sharing A; masked experts of
+    129 to 192 rows in one block of three math warpgroups (in 128-row blocks the second block would
+    keep one warpgroup idle); larger masked experts with B multicast across the CTA pair of each two
+    block-rows (each block-row of an expert reads all of its B: the L2 was the busiest unit).
+    BENCHMARKS.md, "The config model"."""
     kind = desc.gemm_type
     if kind is GemmType.MASKED and 128 < desc.m <= 192:
         return _config(desc, heuristic.search(desc, facts, Fp8CostTerms((192,))), facts)
@@ -192,14 +215,14 @@ def select_config(desc: GemmDesc, facts: DeviceFacts) -> Fp8GemmConfig:
         tile = heuristic.search(desc, facts, Fp8CostTerms((64, 128)))
         multicast = kind is GemmType.MASKED and desc.m > tile.block_m and tile.block_n % 16 == 0
         return _config(desc, tile, facts, 2 if multicast else 1)
-    return _config(desc, heuristic.search(desc, facts, Fp8CostTerms((64, 128, 192))), facts)
+    return _config(desc, heuristic.search(desc, facts, Fp8CostTerms((64, 128, 192, 256))), facts)
 
 
 def generate_source(config: Fp8GemmConfig) -> str:
     return compiler.kernel_stub(
         "sm90_fp8_gemm.cuh",
         f"moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.stages}, {config.cluster_m}, "
-        f"{config.split_k}, {str(config.out_fp32).lower()}, {str(config.accumulate).lower()}, "
+        f"{config.cluster_n}, {config.split_k}, {str(config.out_fp32).lower()}, {str(config.accumulate).lower()}, "
         f"moegemm::GemmType::{config.gemm_type.value}>",
         PARAMS.cpp_type, "moegemm::sm90_fp8_gemm",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
@@ -215,7 +238,8 @@ _KIND_NAMES = {GemmType.NORMAL: "", GemmType.CONTIGUOUS: "_contiguous", GemmType
 def kernel_name(config: Fp8GemmConfig) -> str:
     out = "f32" if config.out_fp32 else "bf16"
     acc = "_acc" if config.accumulate else ""
-    cluster = f"c{config.cluster_m}" if config.cluster_m > 1 else ""
+    cluster = (f"cm{config.cluster_m}" if config.cluster_m > 1 else
+               f"cn{config.cluster_n}" if config.cluster_n > 1 else "")
     split = f"k{config.split_k}" if config.split_k > 1 else ""
     return (f"sm90_fp8_gemm_nt{_KIND_NAMES[config.gemm_type]}_{out}{acc}_m{config.block_m}n{config.block_n}"
             f"s{config.stages}{cluster}{split}")
@@ -253,14 +277,15 @@ def grid_size(config: Fp8GemmConfig, desc: GemmDesc, rows: int, facts: DeviceFac
     c = config.cluster_size
     clusters = facts.num_sms // c
     if desc.gemm_type is GemmType.NORMAL:
-        clusters = min(clusters, ceil_div(rows, config.block_m * config.cluster_m) * ceil_div(desc.n, config.block_n))
+        clusters = min(clusters, ceil_div(rows, config.block_m * config.cluster_m) *
+                       ceil_div(ceil_div(desc.n, config.block_n), config.cluster_n))
     if config.split_k > 1:
         clusters = min(clusters, max(facts.resident_clusters[c - 1], 1))
     return clusters * c
 
 
 def _multicast_pays(config: Fp8GemmConfig, grid: int, facts: DeviceFacts) -> bool:
-    """B multicast pays only while (nearly) every SM can hold a CTA of a resident cluster."""
+    """Multicast pays only while (nearly) every SM can hold a CTA of a resident cluster."""
     resident = facts.resident_clusters[config.cluster_size - 1] * config.cluster_size
     return grid > 0 and resident >= 0.95 * min(facts.num_sms, grid)
 
@@ -288,7 +313,7 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
     else:
         sfb = tma_2d(torch.float32, sfb_numel, 1, align(sfb_numel * 4, 16), SFB_BOX_K, 1, SWIZZLE_NONE)
     stage_bytes = (a_rows + config.block_n) * BLOCK_K + sfa_rows * 4 + sfb_rows(config.block_n) * SFB_BOX_K * 4
-    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows, SWIZZLE_128B),
+    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows // config.cluster_n, SWIZZLE_128B),
            "tma_b": tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
                            SWIZZLE_128B),
            "tma_sfa": tma_2d(torch.float32, group_rows, sfa_groups * num_k_blocks,
@@ -321,12 +346,18 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
     rows = a.shape[0] if a.dim() == 2 else num_groups * a.shape[1]
     group_rows = a.shape[1] if kind is GemmType.MASKED else rows
     if config is None:
-        config = select_config(desc, facts)
+        rows_planned = desc.m
+        if kind is GemmType.MASKED:
+            rows_planned = min(math.ceil(desc.m * ROUTING_HEADROOM), max(group_rows, desc.m))
+        config = select_config(dataclasses.replace(desc, m=rows_planned), facts)
     config = dataclasses.replace(config, gemm_type=kind)
+    # A pair sharing A needs whole A tiles (few rows load boxes of only the rows that exist).
+    if config.cluster_n > 1 and group_rows < config.block_m:
+        config = dataclasses.replace(config, cluster_n=1)
+    if config.cluster_size > config.split_k and not _multicast_pays(config, grid_size(config, desc, rows, facts),
+                                                                     facts):
+        config = dataclasses.replace(config, cluster_m=1, cluster_n=1)
     grid = grid_size(config, desc, rows, facts)
-    if config.cluster_m > 1 and not _multicast_pays(config, grid, facts):
-        config = dataclasses.replace(config, cluster_m=1)
-        grid = grid_size(config, desc, rows, facts)
     if env.flag("MOEGEMM_PRINT_CONFIGS"):
         print(f"[moegemm] fp8 gemm {desc}: {config}, grid {grid}", file=sys.stderr)
     return Plan(config, KERNELS.kernel(config), _record(config, grid, a, b, d, rows, group_rows, num_groups, pdl))

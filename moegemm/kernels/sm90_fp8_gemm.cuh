@@ -24,7 +24,8 @@
 //     (BENCHMARKS.md, 2026-11-25);
 //   - the epilogue policy: TMA stores, or TMA reduce-adds with kAccumulate.
 // BLOCK_M 64, 128 or 192 (one to three math warpgroups): with three, each B tile loaded serves 192
-// rows, and a masked expert of 129 to 192 rows fits one block.
+// rows, and a masked expert of 129 to 192 rows fits one block. BLOCK_M 256 (dense): two math
+// warpgroups of two slabs each, so each B tile serves 256 rows.
 #pragma once
 #include <moegemm/mma/wgmma.cuh>
 #include <moegemm/ptx.cuh>
@@ -50,16 +51,18 @@ struct Fp8GemmParams {
     u32 sfb_box_rows;  // SFB rows one box of tma_sfb holds: 1 (flat view) or 2 (2-D view)
 };
 
-template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, u32 kSplitK_, bool kOutFp32_, bool kAccumulate_,
-          GemmType kType_ = GemmType::kNormal>
-struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClusterM_, kSplitK_, kOutFp32_,
-                                      kAccumulate_, kType_> {
-    using Base = GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClusterM_, kSplitK_, kOutFp32_, kAccumulate_,
-                                kType_>;
-    using Base::kBlockM, Base::kBlockN, Base::kNumMathWarpgroups, Base::kSplitK, Base::kStages, Base::kType;
+template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, u32 kClusterN_, u32 kSplitK_, bool kOutFp32_,
+          bool kAccumulate_, GemmType kType_ = GemmType::kNormal>
+struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClusterM_, kClusterN_, kSplitK_,
+                                      kOutFp32_, kAccumulate_, kType_> {
+    using Base = GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClusterM_, kClusterN_, kSplitK_, kOutFp32_,
+                                kAccumulate_, kType_>;
+    using Base::kBlockM, Base::kBlockN, Base::kNumMathWarpgroups, Base::kSlabs, Base::kSplitK, Base::kStages,
+        Base::kType;
 
     // Register split after setmaxnreg: the producer needs few; the totals must fit the math warps
-    // (64K registers per SM: 128 x 40 + 384 x 152 with three math warpgroups).
+    // (64K registers per SM: 128 x 40 + 384 x 152 with three math warpgroups). Two warpgroups of
+    // two slabs hold two slabs' totals and one scratch accumulator: 192 floats at BLOCK_N = 128.
     static constexpr u32 kProducerRegisters = 40;
     static constexpr u32 kMathRegisters = kNumMathWarpgroups == 1 ? 240 : kNumMathWarpgroups == 2 ? 232 : 152;
 
@@ -69,7 +72,7 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
     static constexpr u32 kScaleRun = (kBlockN & (0u - kBlockN)) < 128 ? (kBlockN & (0u - kBlockN)) : 128;
     // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128; with three math
     // warpgroups (152 registers each) only one does.
-    static constexpr bool kDoubleBuffer = kBlockN <= 128 && kNumMathWarpgroups < 3;
+    static constexpr bool kDoubleBuffer = kBlockN <= 128 && kNumMathWarpgroups < 3 && kSlabs == 1;
     // kMasked with two or three math warpgroups: a warpgroup skips the tiles whose rows all lie past
     // its expert's count (at 192 rows per expert in 128-row blocks, the second block's tiles do half
     // the work). Only there: in the other kinds such slabs are rare (M's last block, an expert's last
@@ -100,10 +103,11 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
     static constexpr u32 kStageBytes = Base::kTileABytes + Base::kTileBBytes + kExtraStageBytes;
     static constexpr u32 kSmemBytes = Base::smem_bytes(kExtraStageBytes);
 
-    static_assert(kBlockM != 192 || (kBlockN <= 128 && kSplitK == 1 &&
+    static_assert(kBlockM <= 128 || (kBlockN <= 128 && kSplitK == 1 &&
                                      (kType == GemmType::kNormal || kType == GemmType::kMasked)),
-                  "BLOCK_M is 64 or 128 (one or two math warpgroups), or 192 (three: BLOCK_N <= 128, no "
-                  "split-K, not for the contiguous kinds, whose experts are 128-row aligned)");
+                  "BLOCK_M is 64 or 128 (one or two math warpgroups), or 192 or 256 (three warpgroups, or two of "
+                  "two slabs: BLOCK_N <= 128, no split-K, not for the contiguous kinds, whose experts are 128-row "
+                  "aligned)");
     static_assert(kBlockN <= 128 || kBlockN % 128 == 0 || kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
                   "a tile may span at most two 128-wide SFB blocks");
 };
@@ -205,15 +209,16 @@ struct Fp8GemmKernel {
         return t;
     }
 
-    // Wait for the stage of K block `k_block`, read its scales, and issue its four WGMMAs into
-    // `scratch`. desc_a / desc_b: descriptors of stage 0's tiles (A's at this warpgroup's rows).
+    // Wait for the stage of K block `k_block` (unless `wait_full` is false: a later slab's issue on a
+    // stage already waited for), read its scales, and issue its four WGMMAs into `scratch`.
+    // desc_a / desc_b: descriptors of stage 0's tiles (A's at this slab's rows).
     __device__ __forceinline__ static BlockScales issue(const TileScales& t, u32 k_block, u32 stage, u32 phase,
                                                         u64 desc_a, u64 desc_b, const u8* smem_extra, Barrier* full,
-                                                        u32 sfa_row, float* scratch) {
+                                                        u32 sfa_row, float* scratch, bool wait_full = true) {
         const float* smem_sfa = reinterpret_cast<const float*>(smem_extra);
         const float* smem_sfb = smem_sfa + Config::kStages * BM;
         BlockScales scales;
-        full[stage].wait(phase);
+        if (wait_full) full[stage].wait(phase);
         scales.a0 = smem_sfa[stage * BM + sfa_row];
         scales.a1 = smem_sfa[stage * BM + sfa_row + 8];
         const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
@@ -236,13 +241,14 @@ struct Fp8GemmKernel {
         return scales;
     }
 
-    // After the WGMMAs of a stage have retired: release the stage and add the scaled scratch into the
-    // totals (the promotion to FP32).
+    // After the WGMMAs of a stage have retired: release the stage (kRelease: the last slab's WGMMAs
+    // on it) and add the scaled scratch into the totals (the promotion to FP32).
+    template <bool kRelease = true>
     __device__ __forceinline__ static void retire(const TileScales& t, u32 stage, const BlockScales& scales,
                                                   float* scratch, float* totals, Barrier* empty, u32 peer) {
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) fence_register(scratch[i]);
-        consumer_release_stage<Config>(empty, stage, peer);
+        if constexpr (kRelease) consumer_release_stage<Config>(empty, stage, peer);
         // Tiles start at multiples of BLOCK_N, so the SFB boundary is a multiple of kScaleRun: each run of
         // kScaleRun columns has one scale per row, chosen once, and the first run (boundary >= kScaleRun)
         // and runs at or past column 128 (boundary <= 128) need no choice at all.

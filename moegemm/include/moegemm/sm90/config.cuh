@@ -10,17 +10,25 @@ namespace moegemm {
 
 // kOperandBytes: bytes of one element of A and B; a stage holds kBlockK of them per row, in rows of
 // 128 bytes (the 128-byte swizzle's width) for the K-major operands the skeleton loads.
-template <u32 kBlockM_, u32 kBlockN_, u32 kBlockK_, u32 kOperandBytes_, u32 kStages_, u32 kClusterM_, u32 kSplitK_,
-          bool kOutFp32_, bool kAccumulate_, GemmType kType_>
+// Clusters: kClusterM CTAs stacked along M share (multicast) their B tile; kClusterN CTAs side by side
+// along N share their A tile; kSplitK CTAs split one tile's K blocks. At most one of them exceeds 1.
+template <u32 kBlockM_, u32 kBlockN_, u32 kBlockK_, u32 kOperandBytes_, u32 kStages_, u32 kClusterM_, u32 kClusterN_,
+          u32 kSplitK_, bool kOutFp32_, bool kAccumulate_, GemmType kType_>
 struct GemmConfigBase {
     static constexpr GemmType kType = kType_;
     static constexpr u32 kBlockM = kBlockM_, kBlockN = kBlockN_, kBlockK = kBlockK_, kStages = kStages_;
     static constexpr u32 kOperandBytes = kOperandBytes_;
-    static constexpr u32 kClusterM = kClusterM_, kSplitK = kSplitK_, kClusterSize = kClusterM * kSplitK;
+    static constexpr u32 kClusterM = kClusterM_, kClusterN = kClusterN_, kSplitK = kSplitK_;
+    static constexpr u32 kMulticast = kClusterM * kClusterN;  // CTAs that fill each other's stage slots
+    static constexpr u32 kClusterSize = kMulticast * kSplitK;
     static constexpr bool kOutFp32 = kOutFp32_, kAccumulate = kAccumulate_;
 
-    // Warp roles: kNumMathWarpgroups math warpgroups of 64 tile rows each, then one producer warpgroup.
-    static constexpr u32 kNumMathWarpgroups = kBlockM / 64;
+    // Warp roles: kNumMathWarpgroups math warpgroups, then one producer warpgroup. A math warpgroup
+    // owns kSlabs slabs of 64 consecutive tile rows (two for BLOCK_M = 256, else one), issuing and
+    // promoting them one after the other.
+    static constexpr u32 kNumMathWarpgroups = kBlockM == 256 ? 2 : kBlockM / 64;
+    static constexpr u32 kSlabs = kBlockM / 64 / kNumMathWarpgroups;
+    static constexpr u32 kWarpgroupRows = 64 * kSlabs;
     static constexpr u32 kNumMathThreads = 128 * kNumMathWarpgroups;
     static constexpr u32 kNumThreads = kNumMathThreads + 128;
 
@@ -36,6 +44,7 @@ struct GemmConfigBase {
     static constexpr u32 kTileABytes = kBlockM * kBlockK * kOperandBytes;
     static constexpr u32 kTileBBytes = kBlockN * kBlockK * kOperandBytes;
     static constexpr u32 kSmemDBytes = kBlockM * kOutCols * kOutBytes;
+    static constexpr u32 kSlabDBytes = 64 * kOutCols * kOutBytes;  // one slab's rows of the D staging buffer
     // Split-K reduce buffer, per math warpgroup: one slot per sender, holding each thread's 16-byte
     // pieces (four floats of an 8-column group) thread-contiguous, so accesses are conflict-free.
     static constexpr u32 kReduceSlotBytes = kOutCols / 8 * 128 * 16;
@@ -50,19 +59,26 @@ struct GemmConfigBase {
                kNumBarriers * sizeof(Barrier);
     }
 
-    static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 192, "one, two or three math warpgroups");
+    static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 192 || kBlockM == 256,
+                  "one, two or three math warpgroups of one slab, or two of two");
+    static_assert(kSlabs == 1 || (kType == GemmType::kNormal && kSplitK == 1),
+                  "two slabs per warpgroup: dense GEMMs without split-K (the row-by-row stores and the split-K "
+                  "reduce handle one slab)");
     static_assert(kStageRowBytes == 128, "stage rows are one 128-byte swizzle row");
     static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "WGMMA needs N in [8, 256], N % 8 == 0");
     static_assert(!kSwizzleD || kOutCols % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
     static_assert(kBlockN % (8 * kSplitK) == 0, "split-K slices are whole 8-column groups");
-    static_assert(kSplitK >= 1 && kSplitK <= 8 && (kClusterM == 1 || kSplitK == 1), "portable clusters of <= 8");
+    static_assert(kSplitK >= 1 && kSplitK <= 8 && (kMulticast == 1 || kSplitK == 1), "portable clusters of <= 8");
+    static_assert(kMulticast <= 2, "multicast within a CTA pair: the peer is rank ^ 1");
     static_assert(kType == GemmType::kNormal || (kSplitK == 1 && !kAccumulate), "grouped: no split-K, no C");
     static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || kClusterM == 1,
-                  "contiguous kinds: no multicast");
+                  "contiguous kinds: no B multicast (stacked block-rows may belong to two experts)");
+    static_assert(kType != GemmType::kMasked || kClusterN == 1, "masked: B multicast only");
     // 128-byte-swizzled tiles need 1024-byte alignment; the carve-up keeps every A/B/D tile so.
     static_assert(kSmemDBytes % 1024 == 0 && kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0);
-    static_assert(kClusterM == 1 || (kClusterM == 2 && kBlockN % 16 == 0),
+    static_assert(kClusterM == 1 || kBlockN % 16 == 0,
                   "multicast halves of B must stay 1024-byte aligned (8-row swizzle groups)");
+    static_assert(kClusterN == 1 || kBlockM % 16 == 0, "multicast halves of A likewise");
 };
 
 }  // namespace moegemm

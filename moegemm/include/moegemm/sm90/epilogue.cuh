@@ -1,5 +1,5 @@
-// The epilogue of the sm90 GEMM skeleton (gemm.cuh): each math warpgroup stores its 64 rows of the
-// tile's FP32 totals (the m64nNk* accumulator layout, mma/layout.cuh) into D.
+// The epilogue of the sm90 GEMM skeleton (gemm.cuh): each math warpgroup stores its slabs (64 rows
+// each) of the tile's FP32 totals (the m64nNk* accumulator layout, mma/layout.cuh) into D.
 //
 // The TMA path: totals -> the warpgroup's slice of the D buffer in shared memory, laid out as the D
 // descriptor's boxes (128-byte swizzled chunks of kStoreCols columns, or one plain chunk for tiles
@@ -125,14 +125,15 @@ __device__ __forceinline__ void epilogue_store_rows(const Params& p, const Tile&
     }
 }
 
-// Store this warpgroup's 64 rows of the tile: through shared memory and TMA boxes stored by the
+// Store this warpgroup's rows of the tile: through shared memory and TMA boxes stored by the
 // Epilogue policy, overlapping the next tile's main loop, or row by row (grouped kinds, a slab with
 // rows that must stay untouched). `slice`: the CTA's column slice of the tile (split-K), else 0.
+// With two slabs per warpgroup, both are staged before any is stored.
 template <class Config, class Epilogue, class Params>
 __device__ __forceinline__ void epilogue_store(const Params& p, const Tile& tile, const float* totals, u8* smem_d_wg,
                                                u32 slice, const SlabRows& rows) {
     const u32 n0 = tile.n_block * Config::kBlockN;
-    const u32 y = tile.row + threadIdx.x / 128 * 64;
+    const u32 y = tile.row + threadIdx.x / 128 * Config::kWarpgroupRows;
     const bool store_issuer = threadIdx.x % 128 == 0;
     if constexpr (Config::kType != GemmType::kNormal) {
         if (!epilogue_slab_writable<Config>(tile, y, rows)) {
@@ -144,16 +145,23 @@ __device__ __forceinline__ void epilogue_store(const Params& p, const Tile& tile
     // The previous tile's store must have read the buffer before it is overwritten.
     if (store_issuer) tma_store_wait_read();
     named_barrier_sync(1 + threadIdx.x / 128, 128);
-    epilogue_stage_slab<Config>(totals, smem_d_wg, slice);
+#pragma unroll
+    for (u32 slab = 0; slab < Config::kSlabs; ++slab)
+        epilogue_stage_slab<Config>(totals + slab * Config::kBlockN / 2, smem_d_wg + slab * Config::kSlabDBytes, slice);
     fence_proxy_async();
     named_barrier_sync(1 + threadIdx.x / 128, 128);
     if (store_issuer) {
         constexpr u32 kChunkBytes = 64 * Config::kStoreCols * Config::kOutBytes;
 #pragma unroll
-        for (u32 chunk = 0; chunk < Config::kOutCols / Config::kStoreCols; ++chunk) {
-            const int x = n0 + slice * Config::kOutCols + chunk * Config::kStoreCols;
-            if (x >= int(p.n) || y >= tile.row_limit) break;
-            Epilogue::store_box(&p.tma_d, smem_d_wg + chunk * kChunkBytes, x, int(y));
+        for (u32 slab = 0; slab < Config::kSlabs; ++slab) {
+            const u32 slab_y = y + slab * 64;
+#pragma unroll
+            for (u32 chunk = 0; chunk < Config::kOutCols / Config::kStoreCols; ++chunk) {
+                const int x = n0 + slice * Config::kOutCols + chunk * Config::kStoreCols;
+                if (x >= int(p.n) || slab_y >= tile.row_limit) break;
+                Epilogue::store_box(&p.tma_d, smem_d_wg + slab * Config::kSlabDBytes + chunk * kChunkBytes, x,
+                                    int(slab_y));
+            }
         }
         tma_store_commit();
     }

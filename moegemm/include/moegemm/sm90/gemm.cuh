@@ -2,15 +2,16 @@
 // instantiates with its Kernel policy (described below; sm90_fp8_gemm.cuh holds the FP8 one).
 //
 // Warp roles (Config::kNumMathWarpgroups + 1 warpgroups, persistent grid, one CTA per SM):
-//   warpgroups 0..kNumMathWarpgroups-1  math: each owns 64 rows of the BLOCK_M x BLOCK_N tile: the
-//                                       main loop into FP32 totals, then the split-K reduce
-//                                       (split_k.cuh) and the epilogue (epilogue.cuh).
+//   warpgroups 0..kNumMathWarpgroups-1  math: each owns kSlabs slabs of 64 rows of the BLOCK_M x
+//                                       BLOCK_N tile (two for BLOCK_M 256, else one): the main loop
+//                                       into FP32 totals, then the split-K reduce (split_k.cuh) and
+//                                       the epilogue (epilogue.cuh).
 //   last warpgroup                      producer: its first thread issues every TMA load
 //                                       (gemm_producer, pipeline.cuh); its other threads exit.
 // After setup the producer warpgroup gives up registers (setmaxnreg.dec to kProducerRegisters) and
 // the math warpgroups take them (setmaxnreg.inc to kMathRegisters).
-// Shared memory, in order: the D staging buffer (kSmemDBytes: 64 rows x kOutCols per math
-// warpgroup), kStages A tiles, kStages B tiles, kStages x kExtraStageBytes of the policy's own
+// Shared memory, in order: the D staging buffer (kSmemDBytes: 64 rows x kOutCols per slab),
+// kStages A tiles, kStages B tiles, kStages x kExtraStageBytes of the policy's own
 // per-stage data, the split-K reduce buffer, then the barriers: full[kStages], empty[kStages]
 // (pipeline.cuh), reduce_full[kNumMathWarpgroups], reduce_free[kNumMathWarpgroups] (split-K only,
 // split_k.cuh). Thread 0 initializes them; a cluster sync (__syncthreads without a cluster)
@@ -23,7 +24,8 @@
 //     accumulator (Kernel::issue, which waits for the stage's full barrier), wait for them, and
 //     retire the block (Kernel::retire: release the stage, fold the scratch into the totals). With
 //     two scratch accumulators (kDoubleBuffer) the next block's WGMMAs are issued before the
-//     previous block is retired; no WGMMA stays in flight across a loop's back edge;
+//     previous block is retired; no WGMMA stays in flight across a loop's back edge. With two
+//     slabs, each slab's WGMMAs are issued, waited for and retired in turn;
 //   - split-K: the cluster's partial tiles are summed into this CTA's column slice;
 //   - the epilogue stores the totals. With kDeferEpilogue it waits until the next tile's first
 //     WGMMAs are issued (into a scratch accumulator, while the totals still hold the stored tile),
@@ -47,14 +49,16 @@
 //   begin_tile(const Params&, const Tile&, const u32& num_k_blocks) -> T
 //                                                per-tile values of the math (T: any type).
 //   issue(const T&, u32 k_block, u32 stage, u32 phase, u64 desc_a, u64 desc_b, const u8* smem_extra,
-//         Barrier* full, u32 acc_row, float* scratch) -> B
-//                                                wait for full[stage] (parity `phase`), then issue
+//         Barrier* full, u32 acc_row, float* scratch, bool wait_full = true) -> B
+//                                                wait for full[stage] (parity `phase`; not when
+//                                                wait_full is false: a later slab), then issue
 //                                                and commit the K block's WGMMAs into `scratch`
 //                                                (kBlockN / 2 floats); B: what retire needs of it.
-//   retire(const T&, u32 stage, const B&, float* scratch, float* totals, Barrier* empty, u32 peer)
-//                                                once those WGMMAs are done: consumer_release_stage,
-//                                                then fold `scratch` into `totals`.
-// desc_a / desc_b describe stage 0's A tile (at the warpgroup's 64 rows) and B tile, K-major with
+//   retire<kRelease = true>(const T&, u32 stage, const B&, float* scratch, float* totals, Barrier* empty,
+//          u32 peer)                             once those WGMMAs are done: consumer_release_stage
+//                                                (not for a slab before the last), then fold
+//                                                `scratch` into `totals`.
+// desc_a / desc_b describe stage 0's A tile (at the slab's 64 rows) and B tile, K-major with
 // the 128-byte swizzle (mma/layout.cuh); acc_row is the thread's first accumulator row in the tile.
 // The schedule of the main loop is the skeleton's and the per-block steps the policy's so that the
 // loops stay in one function with the tile loop: the FP8 kernel's SASS was checked identical so
@@ -92,8 +96,9 @@ struct GemmConfigChecks {
 
 // Whether this warpgroup's 64-row slab of the tile lies wholly at or past the rows that may be
 // written: it has nothing to compute. A warp vote, so that the compiler knows it warp-uniform.
+template <class Config>
 __device__ __forceinline__ bool slab_idle(const Tile& tile, u32 wg) {
-    return __all_sync(0xffffffffu, tile.row + wg * 64 >= tile.row_limit);
+    return __all_sync(0xffffffffu, tile.row + wg * Config::kWarpgroupRows >= tile.row_limit);
 }
 
 // The math warpgroups: the persistent tile loop and its main loop (see the top of the file).
@@ -104,8 +109,8 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
     using Config = typename Kernel::Config;
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kAcc = BN / 2;
-    TileScheduler<Config::kType, BM, BN, Config::kClusterM, Config::kSplitK, true> scheduler(p.m, p.n, p.groups,
-                                                                                             p.num_groups);
+    TileScheduler<Config::kType, BM, BN, Config::kClusterM, Config::kClusterN, Config::kSplitK, true> scheduler(
+        p.m, p.n, p.groups, p.num_groups);
     const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
     u32 k_begin, k_end;
     scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);
@@ -113,18 +118,20 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
     const u32 peer = rank ^ 1;
     const u32 slice = Config::kSplitK > 1 ? rank : 0;
     u32 round = 0;
-    const u32 wg = threadIdx.x / 128;
-    const u32 acc_row = wg * 64 + slab_row();  // this thread's first accumulator row in the tile
+    // Broadcast, so that the compiler knows it warp-uniform and keeps the WGMMA descriptors built
+    // from it in uniform registers.
+    const u32 wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
+    const u32 acc_row = wg * Config::kWarpgroupRows + slab_row();  // this thread's first accumulator row
     // Descriptors of stage 0's A (at this warpgroup's rows) and B tiles; adding the stage and K
     // offsets to them is cheaper than building descriptors from addresses.
-    const u64 desc_a = smem_descriptor_k_major_sw128(smem_a + wg * 64 * Config::kStageRowBytes);
+    const u64 desc_a = smem_descriptor_k_major_sw128(smem_a + wg * Config::kWarpgroupRows * Config::kStageRowBytes);
     const u64 desc_b = smem_descriptor_k_major_sw128(smem_b);
-    u8* smem_d_wg = smem_d + wg * 64 * Config::kOutCols * Config::kOutBytes;
+    u8* smem_d_wg = smem_d + wg * Config::kSlabs * Config::kSlabDBytes;
     const u32 reduce_wg = smem_addr(smem_reduce) + wg * (Config::kSplitK - 1) * Config::kReduceSlotBytes;
 
     // Scratch accumulators, two when registers allow (kDoubleBuffer): the WGMMAs of the next K block
     // run while this one is retired, so the tensor cores never wait for the retirement.
-    float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1], totals[kAcc];
+    float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1], totals[Config::kSlabs * kAcc];
     StageRing<Config::kStages> ring;
     // A tile's epilogue is deferred until the next tile's first WGMMAs are in flight (kDeferEpilogue),
     // so the tensor cores work through it instead of waiting for it.
@@ -136,13 +143,13 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
         pending = false;
     };
     for (Tile tile; scheduler.next(tile);) {
-        if (Config::kSkipIdleSlabs && slab_idle(tile, wg)) {
+        if (Config::kSkipIdleSlabs && slab_idle<Config>(tile, wg)) {
             flush_epilogue();
             consumer_pass_stages<Config>(k_end - k_begin, ring, full, empty, peer);
             continue;
         }
         const auto tile_state = Kernel::begin_tile(p, tile, num_k_blocks);
-        const u32 y = tile.row + wg * 64;  // the warpgroup's first row
+        const u32 y = tile.row + wg * Config::kWarpgroupRows;  // the warpgroup's first row
         SlabRows slab_rows{};  // filled by load() for kContiguous only
         slab_rows.load<Config>(p, y);
         u32 next_k_block = k_begin;  // of the next issue
@@ -159,9 +166,40 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
             Kernel::retire(tile_state, stage, token, scratch, totals, empty, peer);
         };
 
-        // kDeferEpilogue: the first K block, then the previous tile's epilogue while its WGMMAs run.
         u32 k_block = k_begin;
-        if constexpr (Config::kDeferEpilogue) {
+        if constexpr (Config::kSlabs > 1) {
+            // Two slabs per warpgroup and one scratch accumulator (the totals of both take the
+            // registers a second one would need): per K block, each slab's WGMMAs are issued, waited
+            // for and retired in turn, the stage released with the last. The tensor cores stay busy
+            // with the other warpgroup's WGMMAs meanwhile. kDeferEpilogue: the previous tile's
+            // epilogue runs under the first slab's first WGMMAs.
+            static_assert(Config::kSlabs == 2 && !Config::kDoubleBuffer, "two slabs, one scratch accumulator");
+            auto issue_slab = [&](u32 slab) {
+                return Kernel::issue(tile_state, k_block, ring.stage, ring.phase,
+                                     smem_descriptor_advance(desc_a, slab * 64 * Config::kStageRowBytes), desc_b,
+                                     smem_extra, full, acc_row + slab * 64, scratch0, slab == 0);
+            };
+            // One K block; the tile's first (`first`) zeroes the totals, with kDeferEpilogue after the
+            // previous tile's epilogue, issued under its first WGMMAs.
+            auto run_k_block = [&](bool first) {
+                auto token = issue_slab(0);
+                if (first) {
+                    if constexpr (Config::kDeferEpilogue) flush_epilogue();
+#pragma unroll
+                    for (u32 i = 0; i < Config::kSlabs * kAcc; ++i) totals[i] = 0.0f;
+                }
+                wgmma_wait<0>();
+                Kernel::template retire<false>(tile_state, ring.stage, token, scratch0, totals, empty, peer);
+                token = issue_slab(1);
+                wgmma_wait<0>();
+                Kernel::template retire<true>(tile_state, ring.stage, token, scratch0, totals + kAcc, empty, peer);
+                ++k_block;
+                ring.advance();
+            };
+            run_k_block(true);
+            while (k_block < k_end) run_k_block(false);
+        } else if constexpr (Config::kDeferEpilogue) {
+            // The first K block, then the previous tile's epilogue while its WGMMAs run.
             const u32 stage = ring.stage;
             const auto token = issue(scratch0);
             flush_epilogue();
@@ -175,7 +213,9 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
             for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
         }
 
-        if constexpr (Config::kDoubleBuffer) {
+        if constexpr (Config::kSlabs > 1) {
+            // Done above.
+        } else if constexpr (Config::kDoubleBuffer) {
             // The two scratch accumulators alternate: each K block's WGMMAs are issued before the
             // previous block is retired. No WGMMA stays in flight across a loop's back edge: ptxas
             // would serialize them all (C7514). So the main loop takes four K blocks per trip (one
@@ -261,7 +301,7 @@ __device__ __forceinline__ void sm90_gemm(const typename Kernel::Params& p) {
 #pragma unroll
         for (u32 s = 0; s < Config::kStages; ++s) {
             full[s].init(1);
-            empty[s].init(Config::kClusterM * Config::kNumMathThreads / 32);
+            empty[s].init(Config::kMulticast * Config::kNumMathThreads / 32);
         }
         if constexpr (Config::kSplitK > 1) {
             for (u32 wg = 0; wg < Config::kNumMathWarpgroups; ++wg) {

@@ -8,7 +8,7 @@
 //   full[s]   arrive count 1: the producer's arrive_expect_tx(stage bytes); the phase completes when
 //             that arrival is in and every TMA byte announced has landed. Every math thread waits on
 //             it before reading the slot.
-//   empty[s]  arrive count kClusterM * kNumMathThreads / 32: lane 0 of every math warp of every CTA
+//   empty[s]  arrive count kMulticast * kNumMathThreads / 32: lane 0 of every math warp of every CTA
 //             in the cluster arrives once its reads of the slot (its WGMMAs) have retired
 //             (consumer_release_stage). The producer waits on it before refilling the slot.
 // Both sides walk the slots in the same order (StageRing); a lap of the ring flips the parity each
@@ -17,9 +17,10 @@
 // With kClusterM == 2 the two CTAs of a cluster compute vertically adjacent tiles with the same B
 // tile: each loads half of B's rows and multicasts them into both CTAs' slots, halving B's L2
 // traffic (kMasked: on an expert of one block-row the pair takes adjacent column blocks instead,
-// each CTA loading its own B; Tile::shares_b). A slot may then be refilled only when both CTAs have
-// released it, hence the cluster-wide empty barrier; before exiting, the producer drains the ring so
-// no remote arrive targets an exited CTA.
+// each CTA loading its own B; Tile::shares_b). With kClusterN == 2 the pair computes horizontally
+// adjacent tiles of the same rows and multicasts halves of A likewise, each CTA loading its own B.
+// A slot may then be refilled only when both CTAs have released it, hence the cluster-wide empty
+// barrier; before exiting, the producer drains the ring so no remote arrive targets an exited CTA.
 #pragma once
 #include "../ptx.cuh"
 #include "scheduler.cuh"
@@ -50,17 +51,15 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
                                               u8* smem_extra, Barrier* full, Barrier* empty) {
     using Config = typename Kernel::Config;
     static_assert(Config::kStages >= 2, "a slot fills while another drains");
-    static_assert(Config::kClusterM == 1 || Config::kClusterM == 2, "a CTA pair: the peer is rank ^ 1");
-    constexpr u32 BN = Config::kBlockN;
-    constexpr u32 kCluster = Config::kClusterM;
-    constexpr u32 kSliceRows = BN / kCluster;
+    constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
+    constexpr u32 kPair = Config::kMulticast;
     constexpr u32 kRowBytes = Config::kStageRowBytes;
-    TileScheduler<Config::kType, Config::kBlockM, BN, kCluster, Config::kSplitK> scheduler(p.m, p.n, p.groups,
-                                                                                         p.num_groups);
+    TileScheduler<Config::kType, BM, BN, Config::kClusterM, Config::kClusterN, Config::kSplitK> scheduler(
+        p.m, p.n, p.groups, p.num_groups);
     const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
     u32 k_begin, k_end;
     scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);
-    const u32 rank = kCluster > 1 ? cluster_cta_rank() : 0;
+    const u32 rank = kPair > 1 ? cluster_cta_rank() : 0;
     StageRing<Config::kStages> ring;
     for (Tile tile; scheduler.next(tile);) {
         const int b_row = tile.group * p.n + tile.n_block * BN;
@@ -70,26 +69,34 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
             empty[s].wait(ring.phase ^ 1);
             full[s].arrive_expect_tx(p.stage_bytes);
             const int k = k_block * Config::kBlockK;
-            tma_load_2d(smem_a + s * Config::kTileABytes, &p.tma_a, &full[s], k, tile.row);
-            u8* slice_b = smem_b + s * Config::kTileBBytes + rank * kSliceRows * kRowBytes;
-            if constexpr (kCluster > 1) {
+            u8* tile_a = smem_a + s * Config::kTileABytes;
+            u8* tile_b = smem_b + s * Config::kTileBBytes;
+            if constexpr (Config::kClusterN > 1) {
+                // Half of A's rows each, into both CTAs of the pair.
+                constexpr u32 kSliceRows = BM / kPair;
+                tma_load_2d_multicast(tile_a + rank * kSliceRows * kRowBytes, &p.tma_a, &full[s], k,
+                                      tile.row + rank * kSliceRows, (1u << kPair) - 1);
+            } else {
+                tma_load_2d(tile_a, &p.tma_a, &full[s], k, tile.row);
+            }
+            if constexpr (Config::kClusterM > 1) {
+                constexpr u32 kSliceRows = BN / kPair;
                 if (tile.shares_b) {
-                    tma_load_2d_multicast(slice_b, &p.tma_b, &full[s], k, b_row + rank * kSliceRows,
-                                          (1u << kCluster) - 1);
+                    tma_load_2d_multicast(tile_b + rank * kSliceRows * kRowBytes, &p.tma_b, &full[s], k,
+                                          b_row + rank * kSliceRows, (1u << kPair) - 1);
                 } else {
                     // This CTA's own column block: every slice of it, loaded here alone.
 #pragma unroll
-                    for (u32 r = 0; r < kCluster; ++r)
-                        tma_load_2d(smem_b + s * Config::kTileBBytes + r * kSliceRows * kRowBytes, &p.tma_b,
-                                    &full[s], k, b_row + r * kSliceRows);
+                    for (u32 r = 0; r < kPair; ++r)
+                        tma_load_2d(tile_b + r * kSliceRows * kRowBytes, &p.tma_b, &full[s], k, b_row + r * kSliceRows);
                 }
             } else {
-                tma_load_2d(slice_b, &p.tma_b, &full[s], k, b_row);
+                tma_load_2d(tile_b, &p.tma_b, &full[s], k, b_row);
             }
             Kernel::load_stage_extras(p, extras, tile, num_k_blocks, k_block, s, &full[s], smem_extra);
         }
     }
-    if constexpr (kCluster > 1) {
+    if constexpr (kPair > 1) {
         for (u32 s = 0; s < Config::kStages; ++s, ring.advance()) empty[ring.stage].wait(ring.phase ^ 1);
     }
 }
@@ -98,10 +105,10 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
 // here and, with a CTA pair, in the peer CTA, whose producer multicasts into this CTA's slot too.
 template <class Config>
 __device__ __forceinline__ void consumer_release_stage(Barrier* empty, u32 stage, u32 peer) {
-    static_assert(Config::kClusterM == 1 || Config::kClusterM == 2, "one peer CTA at most");
+    static_assert(Config::kMulticast <= 2, "one peer CTA at most");
     if (lane_id() == 0) {
         empty[stage].arrive();
-        if constexpr (Config::kClusterM > 1) empty[stage].arrive_cluster(peer);
+        if constexpr (Config::kMulticast > 1) empty[stage].arrive_cluster(peer);
     }
 }
 

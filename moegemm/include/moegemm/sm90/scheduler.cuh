@@ -37,18 +37,23 @@ struct Tile {
 //     kClusterM * item_row + r, so the CTAs of a cluster share the B tile. A CTA whose block-row
 //     lies past M still runs (its stores are skipped): its peer needs it. A kMasked expert of one
 //     block-row instead gives the CTAs of a cluster adjacent column blocks, each loading its own B.
+//   kClusterN CTAs side by side along N (kNormal, contiguous kinds): the CTA of rank r computes
+//     column block kClusterN * item_column + r of the same block-row, so the CTAs share the A tile
+//     (and the expert). A CTA whose column block lies past N still runs, for the same reason.
 //   kSplitK CTAs on one tile: rank r computes the r-th share of the K blocks (split-K).
 // kWholeWarp: next() is called by every lane of the calling warps (the math warps), not by one
 // thread alone (the producer); see load_group.
-template <GemmType kType, u32 kBlockM, u32 kBlockN, u32 kClusterM = 1, u32 kSplitK = 1, bool kWholeWarp = false,
-          u32 kGroupM = 8>
+template <GemmType kType, u32 kBlockM, u32 kBlockN, u32 kClusterM = 1, u32 kClusterN = 1, u32 kSplitK = 1,
+          bool kWholeWarp = false, u32 kGroupM = 8>
 struct TileScheduler {
-    static_assert(kClusterM == 1 || kSplitK == 1, "a cluster either stacks tiles along M or splits K");
+    static_assert(kClusterM * kClusterN == 1 || kSplitK == 1, "a cluster either shares operands or splits K");
+    static_assert(kClusterM == 1 || kClusterN == 1, "a cluster shares A or B, not both");
+    static_assert(kClusterN == 1 || kType != GemmType::kMasked, "kMasked pairs share B only");
     static_assert(kType == GemmType::kNormal || (kSplitK == 1 && (kClusterM == 1 || kType == GemmType::kMasked)),
                   "of the grouped kinds, only kMasked multicasts");
     static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || kContiguousAlignment % kBlockM == 0,
                   "a block never straddles two experts' segments");
-    static constexpr u32 kClusterSize = kClusterM * kSplitK;
+    static constexpr u32 kClusterSize = kClusterM * kClusterN * kSplitK;
 
     u32 m, num_n_blocks, num_item_rows, num_items;
     const int* groups;
@@ -59,7 +64,7 @@ struct TileScheduler {
     // m: rows of A (kMasked: max_M, rows per expert). groups: see GemmType.
     __device__ __forceinline__ TileScheduler(u32 m_, u32 n, const int* groups_ = nullptr, u32 num_groups_ = 1)
         : m(m_), num_n_blocks(ceil_div(n, kBlockN)), num_item_rows(ceil_div(m_, kBlockM * kClusterM)),
-          num_items(num_item_rows * num_n_blocks), groups(groups_), num_groups(num_groups_), max_m(m_),
+          num_items(num_item_rows * ceil_div(num_n_blocks, kClusterN)), groups(groups_), num_groups(num_groups_), max_m(m_),
           item(blockIdx.x / kClusterSize) {}
 
     __device__ __forceinline__ static u32 item_stride() { return gridDim.x / kClusterSize; }
@@ -106,13 +111,13 @@ struct TileScheduler {
     }
 
     __device__ __forceinline__ void raster(u32 index, u32& m_block, u32& n_block) const {
-        const u32 items_per_group = kGroupM * num_n_blocks;
+        const u32 items_per_group = kGroupM * ceil_div(num_n_blocks, kClusterN);
         const u32 group = index / items_per_group;
         const u32 first_row = group * kGroupM;
         const u32 group_rows = min(kGroupM, num_item_rows - first_row);
         const u32 in_group = index - group * items_per_group;
         m_block = (first_row + in_group % group_rows) * kClusterM + (kClusterM > 1 ? blockIdx.x % kClusterM : 0);
-        n_block = in_group / group_rows;
+        n_block = in_group / group_rows * kClusterN + (kClusterN > 1 ? blockIdx.x % kClusterN : 0);
     }
 
     // Contiguous kinds: the expert of the tile's rows; false for a padding block.
