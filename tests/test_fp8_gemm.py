@@ -1,5 +1,7 @@
 """fp8_gemm_nt: argument checks (CPU) and the SM90 kernel against the reference (GPU)."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import H100, gpu_facts
@@ -428,3 +430,9 @@ def test_empty_problems(m, n, k, with_c, device):
     c = torch.randn(m, n, device=device) if with_c else None
     moegemm.fp8_gemm_nt(a, b, d, c)
     assert torch.equal(d, c if with_c else torch.zeros_like(d))
+
+
+def test_heuristic_on_one_sm_offers_no_pairs():
+    """One SM holds no CTA pair: the search must not divide by the pairs that fit (none)."""
+    config = fp8_gemm.select_config(GemmDesc(GemmType.NORMAL, 4096, 4096, 7168), dataclasses.replace(H100, num_sms=1))
+    assert config.cluster_size == 1

@@ -168,10 +168,11 @@ class Fp8CostTerms:
                     yield Tile(block_m, block_n)
                     # Pairs that share an operand: B (stacked along M) for dense GEMMs, A (side by
                     # side) for dense and contiguous ones, whose pairs then share the expert. Only
-                    # with whole A tiles.
-                    if kind is not GemmType.MASKED and desc.m >= block_m:
+                    # with whole A tiles, and SMs for a pair.
+                    pairs = facts.clusters(2) > 0
+                    if pairs and kind is not GemmType.MASKED and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
-                    if kind is GemmType.NORMAL and desc.m >= 2 * block_m and block_n % 16 == 0:
+                    if pairs and kind is GemmType.NORMAL and desc.m >= 2 * block_m and block_n % 16 == 0:
                         yield Tile(block_m, block_n, cluster_m=2)
                 # Split-K only while the split tiles fit on the SMs at once, and not for grouped GEMMs.
                 num_tiles = desc.num_groups * ceil_div(desc.m, block_m) * ceil_div(desc.n, block_n)
