@@ -55,6 +55,21 @@ struct Barrier {
             : "memory");
     }
     // Block until the phase of the given parity has completed.
+    // Whether the phase of this parity has completed, without waiting: a probe issued early, whose
+    // result is read only after independent work, hides the barrier's latency under that work.
+    __device__ __forceinline__ bool test_wait(u32 parity) {
+        u32 done;
+        asm volatile(
+            "{\n"
+            ".reg .pred done;\n"
+            "mbarrier.test_wait.parity.shared::cta.b64 done, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, done;\n"
+            "}\n"
+            : "=r"(done)
+            : "r"(smem_addr(this)), "r"(parity)
+            : "memory");
+        return done != 0;
+    }
     __device__ __forceinline__ void wait(u32 parity) {
         asm volatile(
             "{\n"

@@ -177,11 +177,14 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
             auto issue_slab = [&](u32 slab) {
                 return Kernel::issue(tile_state, k_block, ring.stage, ring.phase,
                                      smem_descriptor_advance(desc_a, slab * 64 * Config::kStageRowBytes), desc_b,
-                                     smem_extra, full, acc_row + slab * 64, scratch0, slab == 0);
+                                     smem_extra, full, acc_row + slab * 64, scratch0, false);
             };
             // One K block; the tile's first (`first`) zeroes the totals, with kDeferEpilogue after the
-            // previous tile's epilogue, issued under its first WGMMAs.
+            // previous tile's epilogue, issued under its first WGMMAs. The next block's stage is
+            // probed before the last slab's promotion, so that the probe's latency passes under it.
+            bool ready = false;
             auto run_k_block = [&](bool first) {
+                if (!ready) full[ring.stage].wait(ring.phase);
                 auto token = issue_slab(0);
                 if (first) {
                     if constexpr (Config::kDeferEpilogue) flush_epilogue();
@@ -192,9 +195,11 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
                 Kernel::template retire<false>(tile_state, ring.stage, token, scratch0, totals, empty, peer);
                 token = issue_slab(1);
                 wgmma_wait<0>();
-                Kernel::template retire<true>(tile_state, ring.stage, token, scratch0, totals + kAcc, empty, peer);
+                const u32 stage = ring.stage;
                 ++k_block;
                 ring.advance();
+                ready = k_block < k_end && full[ring.stage].test_wait(ring.phase);
+                Kernel::template retire<true>(tile_state, stage, token, scratch0, totals + kAcc, empty, peer);
             };
             run_k_block(true);
             while (k_block < k_end) run_k_block(false);
