@@ -54,7 +54,6 @@ struct Barrier {
             "r"(cta_rank)
             : "memory");
     }
-    // Block until the phase of the given parity has completed.
     // Whether the phase of this parity has completed, without waiting: a probe issued early, whose
     // result is read only after independent work, hides the barrier's latency under that work.
     __device__ __forceinline__ bool test_wait(u32 parity) {
@@ -70,6 +69,7 @@ struct Barrier {
             : "memory");
         return done != 0;
     }
+    // Block until the phase of the given parity has completed.
     __device__ __forceinline__ void wait(u32 parity) {
         asm volatile(
             "{\n"

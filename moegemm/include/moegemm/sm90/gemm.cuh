@@ -25,7 +25,8 @@
 //     retire the block (Kernel::retire: release the stage, fold the scratch into the totals). With
 //     two scratch accumulators (kDoubleBuffer) the next block's WGMMAs are issued before the
 //     previous block is retired; no WGMMA stays in flight across a loop's back edge. With two
-//     slabs, each slab's WGMMAs are issued, waited for and retired in turn;
+//     slabs, each slab's WGMMAs are issued, waited for and retired in turn, and the skeleton waits
+//     for the stages itself (probing the next one early);
 //   - split-K: the cluster's partial tiles are summed into this CTA's column slice;
 //   - the epilogue stores the totals. With kDeferEpilogue it waits until the next tile's first
 //     WGMMAs are issued (into a scratch accumulator, while the totals still hold the stored tile),
@@ -51,7 +52,7 @@
 //   issue(const T&, u32 k_block, u32 stage, u32 phase, u64 desc_a, u64 desc_b, const u8* smem_extra,
 //         Barrier* full, u32 acc_row, float* scratch, bool wait_full = true) -> B
 //                                                wait for full[stage] (parity `phase`; not when
-//                                                wait_full is false: a later slab), then issue
+//                                                wait_full is false: the skeleton waited), then issue
 //                                                and commit the K block's WGMMAs into `scratch`
 //                                                (kBlockN / 2 floats); B: what retire needs of it.
 //   retire<kRelease = true>(const T&, u32 stage, const B&, float* scratch, float* totals, Barrier* empty,
@@ -203,69 +204,69 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
             };
             run_k_block(true);
             while (k_block < k_end) run_k_block(false);
-        } else if constexpr (Config::kDeferEpilogue) {
-            // The first K block, then the previous tile's epilogue while its WGMMAs run.
-            const u32 stage = ring.stage;
-            const auto token = issue(scratch0);
-            flush_epilogue();
-#pragma unroll
-            for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
-            wgmma_wait<0>();
-            retire(stage, token, scratch0);
-            ++k_block;
         } else {
+            if constexpr (Config::kDeferEpilogue) {
+                // The first K block, then the previous tile's epilogue while its WGMMAs run.
+                const u32 stage = ring.stage;
+                const auto token = issue(scratch0);
+                flush_epilogue();
 #pragma unroll
-            for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
-        }
-
-        if constexpr (Config::kSlabs > 1) {
-            // Done above.
-        } else if constexpr (Config::kDoubleBuffer) {
-            // The two scratch accumulators alternate: each K block's WGMMAs are issued before the
-            // previous block is retired. No WGMMA stays in flight across a loop's back edge: ptxas
-            // would serialize them all (C7514). So the main loop takes four K blocks per trip (one
-            // retirement in four not overlapped), a second loop the remaining pairs. (Peeling the
-            // second block too, to retire the first under it, was not taken: BENCHMARKS.md,
-            // 2026-12-02.)
-            for (; k_block + 4 <= k_end; k_block += 4) {
-                u32 stage0 = ring.stage;
-                auto token0 = issue(scratch0);
-                u32 stage1 = ring.stage;
-                auto token1 = issue(scratch1);
-                wgmma_wait<1>();
-                retire(stage0, token0, scratch0);
-                stage0 = ring.stage;
-                token0 = issue(scratch0);
-                wgmma_wait<1>();
-                retire(stage1, token1, scratch1);
-                stage1 = ring.stage;
-                token1 = issue(scratch1);
-                wgmma_wait<1>();
-                retire(stage0, token0, scratch0);
+                for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
                 wgmma_wait<0>();
-                retire(stage1, token1, scratch1);
+                retire(stage, token, scratch0);
+                ++k_block;
+            } else {
+#pragma unroll
+                for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
             }
-            for (; k_block < k_end; k_block += 2) {
-                const u32 stage0 = ring.stage;
-                const auto token0 = issue(scratch0);
-                if (k_block + 1 < k_end) {
-                    const u32 stage1 = ring.stage;
-                    const auto token1 = issue(scratch1);
+
+            if constexpr (Config::kDoubleBuffer) {
+                // The two scratch accumulators alternate: each K block's WGMMAs are issued before the
+                // previous block is retired. No WGMMA stays in flight across a loop's back edge: ptxas
+                // would serialize them all (C7514). So the main loop takes four K blocks per trip (one
+                // retirement in four not overlapped), a second loop the remaining pairs. (Peeling the
+                // second block too, to retire the first under it, was not taken: BENCHMARKS.md,
+                // 2026-12-02.)
+                for (; k_block + 4 <= k_end; k_block += 4) {
+                    u32 stage0 = ring.stage;
+                    auto token0 = issue(scratch0);
+                    u32 stage1 = ring.stage;
+                    auto token1 = issue(scratch1);
+                    wgmma_wait<1>();
+                    retire(stage0, token0, scratch0);
+                    stage0 = ring.stage;
+                    token0 = issue(scratch0);
+                    wgmma_wait<1>();
+                    retire(stage1, token1, scratch1);
+                    stage1 = ring.stage;
+                    token1 = issue(scratch1);
                     wgmma_wait<1>();
                     retire(stage0, token0, scratch0);
                     wgmma_wait<0>();
                     retire(stage1, token1, scratch1);
-                } else {
-                    wgmma_wait<0>();
-                    retire(stage0, token0, scratch0);
                 }
-            }
-        } else {
-            for (; k_block < k_end; ++k_block) {
-                const u32 stage = ring.stage;
-                const auto token = issue(scratch0);
-                wgmma_wait<0>();
-                retire(stage, token, scratch0);
+                for (; k_block < k_end; k_block += 2) {
+                    const u32 stage0 = ring.stage;
+                    const auto token0 = issue(scratch0);
+                    if (k_block + 1 < k_end) {
+                        const u32 stage1 = ring.stage;
+                        const auto token1 = issue(scratch1);
+                        wgmma_wait<1>();
+                        retire(stage0, token0, scratch0);
+                        wgmma_wait<0>();
+                        retire(stage1, token1, scratch1);
+                    } else {
+                        wgmma_wait<0>();
+                        retire(stage0, token0, scratch0);
+                    }
+                }
+            } else {
+                for (; k_block < k_end; ++k_block) {
+                    const u32 stage = ring.stage;
+                    const auto token = issue(scratch0);
+                    wgmma_wait<0>();
+                    retire(stage, token, scratch0);
+                }
             }
         }
 
