@@ -26,7 +26,7 @@ from ..intmath import ceil_div
 from .desc import GemmDesc
 
 DRAM_BYTES_PER_S = 2.9e12
-SM_LOAD_BYTES_PER_S = 90e9  # what one SM's TMA loads sustain: its share of the L2's bandwidth
+SM_LOAD_BYTES_PER_S = 90e9  # what one SM's TMA loads sustain
 SMEM_BYTES_PER_S = 172e9  # shared-memory traffic one SM sustains
 L2_BYTES_PER_S = 7.9e12  # what the L2 delivers to all SMs' TMA loads together
 KERNEL_FIXED_S = 3e-6  # ramp-up (first loads) and drain (last stores)
