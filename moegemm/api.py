@@ -5,13 +5,25 @@ from __future__ import annotations
 
 from .device import UnsupportedGPUError, get_num_sms, get_pdl, set_num_sms, set_pdl
 from .intmath import align, ceil_div, get_tma_aligned_size
+from .ops.bf16_gemm import (
+    bf16_gemm_nn,
+    bf16_gemm_nt,
+    bf16_gemm_tn,
+    bf16_gemm_tt,
+    k_grouped_bf16_gemm_tn_contiguous,
+    m_grouped_bf16_gemm_nn_contiguous,
+    m_grouped_bf16_gemm_nt_contiguous,
+    m_grouped_bf16_gemm_nt_masked,
+)
 from .ops.dispatch import get_check_groups, register_custom_ops, set_check_groups
+from .ops.einsum import einsum
 from .ops.fp8_gemm import (
     fp8_gemm_nt,
     get_mk_alignment_for_contiguous_layout,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
 )
+from .ops.hc_prenorm import tf32_hc_prenorm_gemm
 from .quant import (
     get_mn_major_tma_aligned_tensor,
     pack_fp4,
@@ -32,8 +44,13 @@ __all__ = [
     "align",
     "bench_graph",
     "bench_kernel",
+    "bf16_gemm_nn",
+    "bf16_gemm_nt",
+    "bf16_gemm_tn",
+    "bf16_gemm_tt",
     "calc_diff",
     "ceil_div",
+    "einsum",
     "fp8_gemm_nt",
     "get_check_groups",
     "get_mk_alignment_for_contiguous_layout",
@@ -41,6 +58,10 @@ __all__ = [
     "get_num_sms",
     "get_pdl",
     "get_tma_aligned_size",
+    "k_grouped_bf16_gemm_tn_contiguous",
+    "m_grouped_bf16_gemm_nn_contiguous",
+    "m_grouped_bf16_gemm_nt_contiguous",
+    "m_grouped_bf16_gemm_nt_masked",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "pack_fp4",
@@ -51,6 +72,7 @@ __all__ = [
     "set_check_groups",
     "set_num_sms",
     "set_pdl",
+    "tf32_hc_prenorm_gemm",
     "transform_sf_into_required_layout",
     "unpack_fp4",
     "unpack_ue8m0",

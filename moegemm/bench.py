@@ -9,6 +9,7 @@ Ratios "x" are the other library's time over ours: above 1, moegemm is faster.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import statistics
 import time
@@ -19,6 +20,7 @@ import torch
 
 from . import api, device, quant, testing
 from .gemm.desc import GemmType
+from .intmath import align
 
 FP8_GEMM_MS = (1, 64, 128, 4096)
 # DeepSeek-V3 (N, K) pairs of the dense layers.
@@ -447,6 +449,289 @@ def print_grouped_table(rows: list[GroupedRow]) -> None:
         _summary(f"DeepGEMM's time over ours, {layout}", [r.vs_deepgemm for r in rows if r.layout == layout])
 
 
+@dataclass
+class Bf16Row:
+    op: str  # a dense layout (nt, nn, tn, tt) or a grouped form (contiguous, masked)
+    groups: int
+    m: int  # M, or the mean rows per expert
+    n: int
+    k: int
+    moegemm_us: float
+    tflops: float
+    diff: float  # against the FP32 product
+    cublas_us: float  # torch.matmul, one call per expert for the grouped forms
+    vs_cublas: float
+    grouped_mm_us: float | None = None  # torch._grouped_mm (contiguous only)
+    vs_grouped_mm: float | None = None
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None
+
+
+BF16_LAYOUTS = ("nt", "nn", "tn", "tt")
+# (experts, mean rows per expert, N, K): 1k-8k rows per expert, then 256 or fewer over 32-128 experts.
+BF16_GROUPED_CONTIGUOUS = ([(g, 32768 // g, n, k) for g in (4, 8, 16, 32) for n, k in ((4096, 7168), (7168, 2048))]
+                           + [(g, m, 4096, 7168) for g in (32, 128) for m in (64, 256)])
+BF16_GROUPED_MASKED = [(g, m, n, k) for g in (8, 32) for m in (32, 256) for n, k in ((4096, 7168), (7168, 2048))]
+
+
+def _bf16_row(op: str, groups: int, m: int, n: int, k: int, rows: int, ours: Callable[[], object],
+              diff: Callable[[], float], cublas: Callable[[], object], iters: int) -> Bf16Row:
+    """Time ours and cuBLAS; ``diff`` measures our output (after the timed calls) against FP32."""
+    t_ours = kernel_time_us(ours, iters)
+    t_cublas = kernel_time_us(cublas, iters)
+    return Bf16Row(op, groups, m, n, k, t_ours, 2 * rows * n * k / t_ours / 1e6, diff(), t_cublas, t_cublas / t_ours)
+
+
+def bench_bf16_dense(m: int = 4096, nks=FP8_GEMM_NK, iters: int = 30) -> list[Bf16Row]:
+    """The four layouts at M = 4096 beside torch.matmul on the same views (cuBLAS transposes in place)
+    and DeepGEMM's function of the same name."""
+    rows = []
+    for layout in BF16_LAYOUTS:
+        for n, k in nks:
+            a = torch.randn((m, k) if layout[0] == "n" else (k, m), device="cuda", dtype=torch.bfloat16)
+            b = torch.randn((k, n) if layout[1] == "n" else (n, k), device="cuda", dtype=torch.bfloat16)
+            a_mk = a if layout[0] == "n" else a.t()
+            b_kn = b if layout[1] == "n" else b.t()
+            d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            ours = functools.partial(getattr(api, f"bf16_gemm_{layout}"), a, b, d)
+            row = _bf16_row(layout, 1, m, n, k, m, ours,
+                            lambda d=d, a_mk=a_mk, b_kn=b_kn: api.calc_diff(d.float(), a_mk.float() @ b_kn.float()),
+                            lambda a_mk=a_mk, b_kn=b_kn: a_mk @ b_kn, iters)
+            dg = deep_gemm()
+            if dg is not None and hasattr(dg, f"bf16_gemm_{layout}"):
+                d_dg = torch.empty_like(d)
+                row.deepgemm_us = kernel_time_us(functools.partial(getattr(dg, f"bf16_gemm_{layout}"), a, b, d_dg),
+                                                 iters)
+                row.vs_deepgemm = row.deepgemm_us / row.moegemm_us
+            rows.append(row)
+    return rows
+
+
+def bench_bf16_grouped(iters: int = 20) -> list[Bf16Row]:
+    """The grouped forms with routing counts, beside one torch.matmul per expert, torch._grouped_mm
+    (contiguous) and DeepGEMM."""
+    rows = []
+    for op, shapes in (("contiguous", BF16_GROUPED_CONTIGUOUS), ("masked", BF16_GROUPED_MASKED)):
+        for num_groups, mean, n, k in shapes:
+            counts = routing_counts(num_groups, mean)
+            masked = op == "masked"
+            _, _, _, _, layout, real = _grouped_inputs(counts, 128, 128, masked)
+            shape = (num_groups, real.shape[1], k) if masked else (real.shape[0], k)
+            a = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(num_groups, n, k, device="cuda", dtype=torch.bfloat16)
+            d = torch.zeros(*a.shape[:-1], n, device="cuda", dtype=torch.bfloat16)
+            experts = [(_expert_rows(a, counts, g), b[g]) for g in range(num_groups) if counts[g]]
+            if masked:
+                ours = functools.partial(api.m_grouped_bf16_gemm_nt_masked, a, b, d, layout, mean)
+            else:
+                ours = functools.partial(api.m_grouped_bf16_gemm_nt_contiguous, a, b, d, layout)
+
+            def diff(experts=experts, d=d, counts=counts):
+                exact = torch.cat([x.float() @ w.float().t() for x, w in experts])
+                got = torch.cat([_expert_rows(d, counts, g) for g in range(len(counts)) if counts[g]])
+                return api.calc_diff(got.float(), exact)
+
+            row = _bf16_row(op, num_groups, mean, n, k, sum(counts), ours, diff,
+                            lambda experts=experts: [x @ w.t() for x, w in experts], iters)
+            if not masked:
+                row.grouped_mm_us = _grouped_mm_us(a, b, counts, iters)
+                row.vs_grouped_mm = row.grouped_mm_us / row.moegemm_us if row.grouped_mm_us else None
+            dg = deep_gemm()
+            if dg is not None:
+                d_dg = torch.empty_like(d)
+                if masked:
+                    call = functools.partial(dg.m_grouped_bf16_gemm_nt_masked, a, b, d_dg, layout, mean)
+                else:
+                    call = functools.partial(dg.m_grouped_bf16_gemm_nt_contiguous, a, b, d_dg, layout)
+                row.deepgemm_us = kernel_time_us(call, iters)
+                row.vs_deepgemm = row.deepgemm_us / row.moegemm_us
+            rows.append(row)
+    return rows
+
+
+# (experts, mean K per expert, M, N): DeepSeek-V3's expert weight gradients, about 32k tokens in all.
+BF16_K_GROUPED = [(g, 32768 // g, m, n) for g in (4, 8, 16) for m, n in ((4096, 7168), (7168, 2048))]
+
+
+def bench_bf16_k_grouped(iters: int = 20) -> list[Bf16Row]:
+    """The K-grouped GEMM (D[g] += A_g^T @ B_g in place, FP32) with routing counts, beside one torch.matmul
+    per expert and DeepGEMM. The row's ``m`` is M; ``k`` the mean K per expert."""
+    rows = []
+    for num_groups, mean_k, m, n in BF16_K_GROUPED:
+        ks = [align(count, 128) for count in routing_counts(num_groups, mean_k)]
+        layout = torch.tensor(ks, device="cuda", dtype=torch.int32)
+        a = torch.randn(sum(ks), m, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(sum(ks), n, device="cuda", dtype=torch.bfloat16)
+        d = torch.zeros(num_groups, m, n, device="cuda")
+        segments = [(a[start - length:start], b[start - length:start])
+                    for start, length in zip(itertools.accumulate(ks), ks, strict=True)]
+        out = torch.empty(m, n, device="cuda")
+
+        def diff(a=a, b=b, d=d, ks=ks, layout=layout, segments=segments):
+            d.zero_()
+            api.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, layout, d)
+            exact = torch.stack([x.float().t() @ y.float() for x, y in segments])
+            return api.calc_diff(d, exact)
+
+        row = _bf16_row("k_grouped", num_groups, m, n, mean_k, sum(ks),
+                        functools.partial(api.k_grouped_bf16_gemm_tn_contiguous, a, b, d, ks, layout, d), diff,
+                        lambda segments=segments, out=out: [torch.matmul(x.t(), y, out=out) for x, y in segments],
+                        iters)
+        row.tflops = 2 * sum(ks) * m * n / row.moegemm_us / 1e6
+        dg = deep_gemm()
+        if dg is not None and hasattr(dg, "k_grouped_bf16_gemm_tn_contiguous"):
+            d_dg = torch.zeros_like(d)
+            row.deepgemm_us = kernel_time_us(
+                functools.partial(dg.k_grouped_bf16_gemm_tn_contiguous, a, b, d_dg, ks, layout, d_dg), iters)
+            row.vs_deepgemm = row.deepgemm_us / row.moegemm_us
+        rows.append(row)
+    return rows
+
+
+# (expression, sizes): DeepSeek's per-head projections (DeepGEMM's einsum tests) and the batch sum.
+BF16_EINSUM = [(e, dict(b=b, h=h, r=r, d=dd)) for e in ("bhr,hdr->bhd", "bhd,hdr->bhr")
+               for b, h, r, dd in ((128, 128, 512, 128), (4096, 128, 512, 128), (4096, 8, 4096, 1024))] + \
+              [("bmk,bnk->mn", dict(b=s, m=m, n=n, k=k)) for s in (4096, 8192) for m, n, k in ((128, 384, 128),
+                                                                                          (384, 384, 256))]
+
+
+def bench_bf16_einsum(iters: int = 20) -> list[Bf16Row]:
+    """``einsum`` (BF16 out; the batch sum FP32 D += ...) beside torch.einsum and DeepGEMM. The row's
+    groups is the batch (b), m/n/k the product's; op the expression."""
+    rows = []
+    for expr, sizes in BF16_EINSUM:
+        terms = expr.split("->")[0].split(",")
+        a, b = (torch.randn(*(sizes[x] for x in term), device="cuda", dtype=torch.bfloat16) for term in terms)
+        exact = torch.einsum(expr, a.float(), b.float())
+        batch_sum = expr == "bmk,bnk->mn"
+        d = torch.zeros(exact.shape, device="cuda", dtype=torch.float32 if batch_sum else torch.bfloat16)
+        c = d if batch_sum else None
+        if batch_sum:
+            m, n, k, products = sizes["m"], sizes["n"], sizes["k"], sizes["b"]
+        else:
+            m, n, k, products = sizes["b"], d.shape[2], a.shape[2], sizes["h"]
+
+        def diff(expr=expr, a=a, b=b, d=d, c=c, exact=exact):
+            d.zero_()
+            api.einsum(expr, a, b, d, c)
+            return api.calc_diff(d, exact)
+
+        row = _bf16_row(expr, products, m, n, k, products * m, functools.partial(api.einsum, expr, a, b, d, c),
+                        diff, lambda expr=expr, a=a, b=b: torch.einsum(expr, a, b), iters)
+        dg = deep_gemm()
+        if dg is not None and hasattr(dg, "einsum"):
+            d_dg = torch.zeros_like(d)
+            row.deepgemm_us = kernel_time_us(
+                functools.partial(dg.einsum, expr, a, b, d_dg, d_dg if batch_sum else None), iters)
+            row.vs_deepgemm = row.deepgemm_us / row.moegemm_us
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class HcPrenormRow:
+    m: int
+    n: int
+    k: int
+    num_splits: int  # 0: None
+    moegemm_us: float
+    gbps: float  # A, B, D and sqr_sum bytes over the kernel time
+    diff: float  # the summed splits' D against the FP32 product
+    torch_us: float  # torch: A to FP32, the TF32 matmul, the squares' row sums
+    vs_torch: float
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None
+
+
+HC_PRENORM = [(m, 24, k, splits) for m in (4096, 8192) for k in (28672, 7168) for splits in (0, 16)]
+
+
+def bench_hc_prenorm(iters: int = 30) -> list[HcPrenormRow]:
+    """tf32_hc_prenorm_gemm beside the torch ops that compute the same (TF32 on) and DeepGEMM."""
+    rows = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for m, n, k, splits in HC_PRENORM:
+            a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(n, k, device="cuda")
+            lead = (splits,) if splits else ()
+            d, sqr_sum = torch.empty(*lead, m, n, device="cuda"), torch.empty(*lead, m, device="cuda")
+            call = functools.partial(api.tf32_hc_prenorm_gemm, a, b, d, sqr_sum, splits or None)
+            t_ours = kernel_time_us(call, iters)
+            call()
+            diff = api.calc_diff(d.sum(0) if splits else d, a.float() @ b.t())
+
+            def with_torch(a=a, b=b):
+                x = a.float()
+                return x @ b.t(), x.square().sum(-1)
+
+            t_torch = kernel_time_us(with_torch, iters)
+            nbytes = a.numel() * 2 + (b.numel() + d.numel() + sqr_sum.numel()) * 4
+            row = HcPrenormRow(m, n, k, splits, t_ours, nbytes / t_ours / 1e3, diff, t_torch, t_torch / t_ours)
+            dg = deep_gemm()
+            if dg is not None and hasattr(dg, "tf32_hc_prenorm_gemm"):
+                d_dg, s_dg = torch.empty_like(d), torch.empty_like(sqr_sum)
+                row.deepgemm_us = kernel_time_us(
+                    functools.partial(dg.tf32_hc_prenorm_gemm, a, b, d_dg, s_dg, num_splits=splits or None), iters)
+                row.vs_deepgemm = row.deepgemm_us / t_ours
+            rows.append(row)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return rows
+
+
+def print_hc_prenorm_table(rows: list[HcPrenormRow]) -> None:
+    print("\ntf32_hc_prenorm_gemm (A bf16 [M, K], B fp32 [N, K]): GB/s of A, B, D and sqr_sum against the copy "
+          "ceiling; torch = A.float() @ B.T (TF32) and the squares' sums")
+    print(f"{'M':>5} {'N':>4} {'K':>6} {'splits':>6} | {'us':>8} {'GB/s':>6} | {'torch us':>8} {'x':>5} | "
+          f"{'DeepGEMM us':>11} {'x':>5} | {'diff':>8}")
+    for r in rows:
+        print(f"{r.m:5d} {r.n:4d} {r.k:6d} {r.num_splits:6d} | {r.moegemm_us:8.1f} {r.gbps:6.0f} | "
+              f"{r.torch_us:8.1f} {r.vs_torch:5.2f} | {_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | "
+              f"{r.diff:8.1e}")
+    _summary("DeepGEMM's time over ours, tf32_hc_prenorm_gemm", [r.vs_deepgemm for r in rows])
+
+
+def _grouped_mm_us(a, b, counts: list[int], iters: int) -> float | None:
+    """torch._grouped_mm on the experts' rows packed without padding (its layout), or None where
+    torch lacks it or refuses the shapes."""
+    packed = torch.cat([_expert_rows(a, counts, g) for g in range(len(counts))])
+    offsets = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    b_t = b.transpose(-2, -1)
+    try:
+        torch._grouped_mm(packed, b_t, offs=offsets)
+    except (AttributeError, RuntimeError, TypeError) as error:
+        print(f"torch._grouped_mm unavailable: {str(error).splitlines()[0]}")
+        return None
+    return kernel_time_us(lambda: torch._grouped_mm(packed, b_t, offs=offsets), iters)
+
+
+def print_bf16_table(rows: list[Bf16Row]) -> None:
+    print("\nBF16 GEMMs (BF16 out): dense at M = 4096 in four layouts beside torch.matmul on the same views; "
+          "grouped forms (rows per expert drawn as for FP8) beside one torch.matmul per expert and torch._grouped_mm; "
+          "k_grouped: FP32 D += A^T @ B per expert, M and N as given, K the mean per expert; einsum: G the batch "
+          "(bmk,bnk->mn: FP32 D += ..., beside torch.einsum)")
+    print(f"{'op':>12} {'G':>5} {'M':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} | {'cuBLAS us':>9} {'x':>5} | "
+          f"{'grouped_mm us':>13} {'x':>5} | {'DeepGEMM us':>11} {'x':>5} | {'diff':>8}")
+    for r in rows:
+        print(f"{r.op:>12} {r.groups:5d} {r.m:5d} {r.n:6d} {r.k:6d} | {r.moegemm_us:8.1f} {r.tflops:7.0f} | "
+              f"{r.cublas_us:9.1f} {r.vs_cublas:5.3f} | {_fmt(r.grouped_mm_us, '13.1f')} "
+              f"{_fmt(r.vs_grouped_mm, '5.3f')} | {_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | "
+              f"{r.diff:8.1e}")
+    dense = [r for r in rows if r.op in BF16_LAYOUTS]
+    _summary("cuBLAS's time over ours, dense", [r.vs_cublas for r in dense])
+    _summary("DeepGEMM's time over ours, dense", [r.vs_deepgemm for r in dense])
+    large = [r for r in rows if r.op == "contiguous" and r.m >= 1024]
+    small = [r for r in rows if r.op == "contiguous" and r.m <= 256]
+    _summary("DeepGEMM's time over ours, contiguous, >= 1k rows per expert", [r.vs_deepgemm for r in large])
+    _summary("cuBLAS per expert over ours, contiguous, <= 256 rows per expert", [r.vs_cublas for r in small])
+    _summary("torch._grouped_mm over ours, contiguous, <= 256 rows per expert", [r.vs_grouped_mm for r in small])
+    _summary("DeepGEMM's time over ours, masked", [r.vs_deepgemm for r in rows if r.op == "masked"])
+    _summary("DeepGEMM's time over ours, K-grouped", [r.vs_deepgemm for r in rows if r.op == "k_grouped"])
+    _summary("DeepGEMM's time over ours, einsum", [r.vs_deepgemm for r in rows if "->" in r.op])
+
+
 def print_cast_table(rows: list[CastRow]) -> None:
     print("\nFP8 casts (bf16 in), GB/s of bytes read plus written")
     print(f"{'cast':9} {'shape':>11} {'sf':>5} | {'kernel us':>9} {'GB/s':>6} | {'torch us':>8} {'GB/s':>6}")
@@ -473,10 +758,15 @@ def main(json_path: str | None = None) -> None:
                      "scales, same FP8 operands) and BF16 torch.matmul", rows)
     grouped = bench_grouped()
     print_grouped_table(grouped)
+    bf16 = bench_bf16_dense() + bench_bf16_grouped() + bench_bf16_k_grouped() + bench_bf16_einsum()
+    print_bf16_table(bf16)
+    hc = bench_hc_prenorm()
+    print_hc_prenorm_table(hc)
     casts = bench_casts()
     print_cast_table(casts)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": device, "torch": torch.__version__, "ceilings": limits, "overhead": overhead,
                        "fp8_gemm_nt": [asdict(r) for r in rows], "grouped": [asdict(r) for r in grouped],
+                       "bf16": [asdict(r) for r in bf16], "hc_prenorm": [asdict(r) for r in hc],
                        "casts": [asdict(r) for r in casts]}, f, indent=1)

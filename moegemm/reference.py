@@ -1,9 +1,10 @@
 """Pure-PyTorch reference implementations of the public GEMMs (test oracle and CPU fallback).
 
-Signatures and semantics match the CUDA kernels: every function writes its result into the ``d`` it is
-given and returns None. Operands are dequantised to float32 and multiplied with ``torch.matmul`` in
-float32 (so a caller that enabled TF32 for float32 matmuls on the GPU gets TF32 here too). Work is split
-into row chunks so float32 temporaries stay bounded, and grouped variants loop over groups only.
+Signatures and semantics match the CUDA kernels (DeepGEMM's names and argument order): every function
+writes its result into the ``d`` it is given and returns None. FP8 operands are dequantised, BF16 ones
+converted, to float32 and multiplied with ``torch.matmul`` in float32 (so a caller that enabled TF32 for
+float32 matmuls on the GPU gets TF32 here too). Work is split into row chunks so float32 temporaries
+stay bounded, and grouped variants loop over groups only. Transposed operands are read through views.
 
 Scale-factor conventions: A (activations) uses one float32 scale per 1x128 block of a row,
 ``sfa [M, ceil(K/128)]``; B (weights) uses one per 128x128 tile, ``sfb [ceil(N/128), ceil(K/128)]``.
@@ -12,7 +13,8 @@ Scales may have any strides; int32 tensors are taken as packed UE8M0 (see ``moeg
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -21,12 +23,21 @@ from .intmath import align, ceil_div
 from .quant import BLOCK, unpack_ue8m0
 
 __all__ = [
+    "bf16_gemm_nn",
     "bf16_gemm_nt",
+    "bf16_gemm_tn",
+    "bf16_gemm_tt",
     "dequantize_per_block",
     "dequantize_per_token",
+    "einsum",
     "fp8_gemm_nt",
+    "k_grouped_bf16_gemm_tn_contiguous",
+    "m_grouped_bf16_gemm_nn_contiguous",
+    "m_grouped_bf16_gemm_nt_contiguous",
+    "m_grouped_bf16_gemm_nt_masked",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
+    "tf32_hc_prenorm_gemm",
 ]
 
 FP8Operand = tuple[torch.Tensor, torch.Tensor]
@@ -35,6 +46,8 @@ RowIndex = slice | torch.Tensor
 # Upper bound on the float32 temporaries one row chunk creates.
 _CHUNK_BYTES = 1 << 28
 _OUTPUT_DTYPES = (torch.bfloat16, torch.float32)
+_BF16 = (torch.bfloat16,)
+_FP32 = (torch.float32,)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,6 +66,43 @@ def _check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -
 def _check_dims(name: str, t: torch.Tensor, ndim: int) -> None:
     checks.is_tensor(name, t)
     checks.dims(name, t, ndim)
+
+
+def _check_operand(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] = _BF16) -> None:
+    _check_dims(name, t, ndim)
+    _check_dtype(name, t, dtypes)
+
+
+def _check_output(
+    name: str, t: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...] = _OUTPUT_DTYPES
+) -> None:
+    _check_dtype(name, t, dtypes)
+    _check_shape(name, t, shape)
+
+
+def _check_addend(c: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """C of the BF16 GEMMs, when given: float32 with D's shape (it may be D itself)."""
+    if c is not None:
+        _check_output("c", c, shape, _FP32)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    # bool is an Integral too, but True as a count is a caller's slip, not a number.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _b_nk_view(b: torch.Tensor, letter: str, lead: tuple[int, ...], k: int) -> torch.Tensor:
+    """B's ``[*lead, N, K]`` view after checking its shape: DeepGEMM's letter "t" means B is stored
+    ``[*lead, N, K]``, "n" means ``[*lead, K, N]``; N is taken from B, ``lead`` and K from elsewhere."""
+    if letter == "t":
+        _check_shape("b", b, (*lead, b.shape[-2], k))
+        return b
+    _check_shape("b", b, (*lead, k, b.shape[-1]))
+    return b.transpose(-1, -2)
 
 
 def _float_scales(name: str, sf: torch.Tensor, k_blocks: int) -> torch.Tensor:
@@ -136,6 +186,27 @@ def _split_rows(rows: RowIndex, chunk: int) -> Iterator[RowIndex]:
         yield slice(start, min(start + chunk, rows.stop))
 
 
+def _chunked_product_into(
+    d: torch.Tensor,
+    rows: RowIndex,
+    load_a: Callable[[RowIndex], torch.Tensor],
+    b_kn: torch.Tensor,
+    c: torch.Tensor | None = None,
+) -> None:
+    """``d[rows] = c[rows] + A[rows] @ b_kn`` in float32, one chunk of rows at a time.
+
+    ``load_a(idx)`` returns float32 ``[rows in idx, K]``; ``b_kn`` float32 ``[K, N]``, any strides;
+    ``c``/``d`` ``[M, N]``; ``rows`` selects rows of A, ``c`` and ``d`` alike.
+    """
+    k, n = b_kn.shape
+    for idx in _split_rows(rows, _rows_per_chunk(k, n)):
+        out = load_a(idx) @ b_kn
+        if c is not None:
+            out += c[idx].float()
+        # index_put_ (tensor rows) needs matching dtypes; for slices this is a plain copy_.
+        d[idx] = out.to(d.dtype)
+
+
 def _gemm_rows_into(
     d: torch.Tensor,
     rows: RowIndex,
@@ -149,13 +220,25 @@ def _gemm_rows_into(
     ``a_fp8 [M, K]``, ``sfa`` float32 ``[M, ceil(K/128)]``, ``b`` float32 ``[N, K]`` (already dequantised),
     ``c``/``d`` ``[M, N]``; ``rows`` selects rows of ``a``, ``c`` and ``d`` alike.
     """
-    b_t = b.t()
-    for idx in _split_rows(rows, _rows_per_chunk(b.shape[1], b.shape[0])):
-        out = dequantize_per_token(a_fp8[idx], sfa[idx]) @ b_t
-        if c is not None:
-            out += c[idx].float()
-        # index_put_ (tensor rows) needs matching dtypes; for slices this is a plain copy_.
-        d[idx] = out.to(d.dtype)
+    _chunked_product_into(d, rows, lambda idx: dequantize_per_token(a_fp8[idx], sfa[idx]), b.t(), c)
+
+
+def _product_into(
+    d: torch.Tensor,
+    rows: RowIndex,
+    a_mk: torch.Tensor,
+    b_nk: torch.Tensor,
+    c: torch.Tensor | None = None,
+) -> None:
+    """``d[rows] = c[rows] + a_mk[rows] @ b_nk.T`` in float32: the core of every BF16 GEMM.
+
+    ``a_mk [M, *K]`` and ``b_nk [N, *K]``: bf16 or float32 views, any strides (a transposed operand comes
+    as its transposed view); their trailing dims, flattened, are the reduction. ``c`` float32 and ``d``
+    ``[M, N]``; ``rows`` selects rows of ``a_mk``, ``c`` and ``d`` alike. K = 0 gives ``c`` (or 0).
+    """
+    # B is converted once, A chunk by chunk: only A can be as tall as the whole problem.
+    b_kn = b_nk.float().flatten(1).t()
+    _chunked_product_into(d, rows, lambda idx: a_mk[idx].float().flatten(1), b_kn, c)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,6 +313,17 @@ def _row_count(rows: RowIndex) -> int:
     return rows.numel() if isinstance(rows, torch.Tensor) else rows.stop - rows.start
 
 
+def _contiguous_segments(
+    grouped_layout: torch.Tensor, num_groups: int, m_total: int, use_psum_layout: bool
+) -> list[RowIndex]:
+    """Each group's rows in the M-grouped contiguous layout, after checking ``grouped_layout``."""
+    _check_index_dtype("grouped_layout", grouped_layout)
+    if use_psum_layout:
+        return list(_rows_by_psum(grouped_layout, num_groups, m_total))
+    _check_shape("grouped_layout", grouped_layout, (m_total,))
+    return list(_rows_by_expert_id(grouped_layout, num_groups))
+
+
 def m_grouped_fp8_gemm_nt_contiguous(
     a: FP8Operand,
     b: FP8Operand,
@@ -255,13 +349,7 @@ def m_grouped_fp8_gemm_nt_contiguous(
     num_groups, n = _check_grouped_b(b_fp8, sfb, k)
     _check_shape("d", d, (m_total, n))
     _check_dtype("d", d, _OUTPUT_DTYPES)
-    _check_index_dtype("grouped_layout", grouped_layout)
-    if use_psum_layout:
-        segments: list[RowIndex] = list(_rows_by_psum(grouped_layout, num_groups, m_total))
-    else:
-        _check_shape("grouped_layout", grouped_layout, (m_total,))
-        segments = list(_rows_by_expert_id(grouped_layout, num_groups))
-    for group, rows in enumerate(segments):
+    for group, rows in enumerate(_contiguous_segments(grouped_layout, num_groups, m_total, use_psum_layout)):
         if _row_count(rows) == 0:
             continue
         _gemm_rows_into(d, rows, a_fp8, sfa, dequantize_per_block(b_fp8[group], sfb[group]))
@@ -302,28 +390,235 @@ def m_grouped_fp8_gemm_nt_masked(
         _gemm_rows_into(d[group], slice(0, m), a_fp8[group], sfa[group], b_deq)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# BF16 GEMMs (DeepGEMM's letters: n = A [M, K] / B [K, N], t = A [K, M] / B [N, K])
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _bf16_dense(layout: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None) -> None:
+    _check_operand("a", a, 2)
+    _check_operand("b", b, 2)
+    a_mk = a if layout[0] == "n" else a.t()
+    m, k = a_mk.shape
+    b_nk = _b_nk_view(b, layout[1], (), k)
+    n = b_nk.shape[0]
+    _check_output("d", d, (m, n))
+    _check_addend(c, (m, n))
+    _product_into(d, slice(0, m), a_mk, b_nk, c)
+
+
 def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
-    """``D = C + A @ B.T`` computed in float32, written into ``d``.
+    """``D = C + A @ B.T`` in float32, written into ``d``.
 
     Args:
-        a: ``[M, K]`` bf16.
-        b: ``[N, K]`` bf16.
-        d: output ``[M, N]``, bf16 or float32; may alias ``c``.
-        c: optional addend ``[M, N]`` (any float dtype, promoted to float32).
+        a: bf16 ``[M, K]``. b: bf16 ``[N, K]``. Any strides.
+        d: output ``[M, N]``, bf16 or float32; may be ``c``.
+        c: optional float32 addend ``[M, N]``.
     """
-    _check_dims("a", a, 2)
-    _check_dtype("a", a, (torch.bfloat16,))
-    _check_dtype("b", b, (torch.bfloat16,))
+    _bf16_dense("nt", a, b, d, c)
+
+
+def bf16_gemm_nn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
+    """``D = C + A @ B``: A bf16 ``[M, K]``, B bf16 ``[K, N]``; otherwise as ``bf16_gemm_nt``."""
+    _bf16_dense("nn", a, b, d, c)
+
+
+def bf16_gemm_tn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
+    """``D = C + A.T @ B``: A bf16 ``[K, M]``, B bf16 ``[K, N]``; otherwise as ``bf16_gemm_nt``."""
+    _bf16_dense("tn", a, b, d, c)
+
+
+def bf16_gemm_tt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
+    """``D = C + A.T @ B.T``: A bf16 ``[K, M]``, B bf16 ``[N, K]``; otherwise as ``bf16_gemm_nt``."""
+    _bf16_dense("tt", a, b, d, c)
+
+
+def _m_grouped_bf16_contiguous(
+    b_letter: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, grouped_layout: torch.Tensor,
+    use_psum_layout: bool,
+) -> None:
+    _check_operand("a", a, 2)
+    _check_operand("b", b, 3)
+    m_total, k = a.shape
+    num_groups = b.shape[0]
+    b_nk = _b_nk_view(b, b_letter, (num_groups,), k)
+    _check_output("d", d, (m_total, b_nk.shape[1]))
+    for group, rows in enumerate(_contiguous_segments(grouped_layout, num_groups, m_total, use_psum_layout)):
+        if _row_count(rows):
+            _product_into(d, rows, a, b_nk[group])
+
+
+def m_grouped_bf16_gemm_nt_contiguous(
+    a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, grouped_layout: torch.Tensor, use_psum_layout: bool = False
+) -> None:
+    """``d[rows_g] = A[rows_g] @ B[g].T`` per expert g: A bf16 ``[M_total, K]``, B bf16 ``[G, N, K]``,
+    D bf16 or float32 ``[M_total, N]``; ``grouped_layout`` as for ``m_grouped_fp8_gemm_nt_contiguous``."""
+    _m_grouped_bf16_contiguous("t", a, b, d, grouped_layout, use_psum_layout)
+
+
+def m_grouped_bf16_gemm_nn_contiguous(
+    a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, grouped_layout: torch.Tensor, use_psum_layout: bool = False
+) -> None:
+    """As ``m_grouped_bf16_gemm_nt_contiguous`` with B bf16 ``[G, K, N]``: ``d[rows_g] = A[rows_g] @ B[g]``."""
+    _m_grouped_bf16_contiguous("n", a, b, d, grouped_layout, use_psum_layout)
+
+
+def m_grouped_bf16_gemm_nt_masked(
+    a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor, expected_m: int
+) -> None:
+    """``d[g, :m_g] = A[g, :m_g] @ B[g].T`` with ``m_g = clamp(masked_m[g], 0, max_M)``: A bf16
+    ``[G, max_M, K]``, B bf16 ``[G, N, K]``, D bf16 or float32 ``[G, max_M, N]`` (other rows untouched).
+    ``expected_m`` is the kernels' tuning hint, ignored here."""
+    del expected_m
+    _check_operand("a", a, 3)
+    _check_operand("b", b, 3)
+    num_groups, max_m, k = a.shape
+    b_nk = _b_nk_view(b, "t", (num_groups,), k)
+    _check_output("d", d, (num_groups, max_m, b_nk.shape[1]))
+    _check_index_dtype("masked_m", masked_m)
+    _check_shape("masked_m", masked_m, (num_groups,))
+    for group, m in enumerate(masked_m.clamp(0, max_m).tolist()):
+        if m:
+            _product_into(d[group], slice(0, m), a[group], b_nk[group])
+
+
+def _check_k_segments(ks: Sequence[int], sum_k: int, alignment: int) -> list[int]:
+    if isinstance(ks, torch.Tensor) or not isinstance(ks, Sequence):
+        raise TypeError(f"ks: expected a list of ints (the segments' lengths, on the host), got {type(ks).__name__}")
+    lengths = [_check_int(f"ks[{i}]", value, 0) for i, value in enumerate(ks)]
+    for i, length in enumerate(lengths):
+        if length % alignment:
+            raise ValueError(f"ks[{i}]: expected a multiple of {alignment}, got {length}")
+    if sum(lengths) != sum_k:
+        raise ValueError(f"ks: expected lengths summing to {sum_k} (a's rows), got {sum(lengths)}")
+    return lengths
+
+
+def k_grouped_bf16_gemm_tn_contiguous(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    d: torch.Tensor,
+    ks: Sequence[int],
+    grouped_layout: torch.Tensor | None = None,
+    c: torch.Tensor | None = None,
+) -> None:
+    """MoE weight gradients: ``D[g] = C[g] + A_g.T @ B_g`` in float32, A_g and B_g the g-th segment of rows.
+
+    Args:
+        a: bf16 ``[sum_k, M]``. b: bf16 ``[sum_k, N]``: the experts' segments back to back.
+        d: float32 ``[G, M, N]``; may be ``c``.
+        ks: the G segments' lengths, multiples of 128 (0 allowed), summing to ``sum_k``.
+        grouped_layout: the same lengths on the kernels' device (int32 ``[G]``); only its shape and dtype
+            are checked here.
+        c: optional float32 addend ``[G, M, N]``.
+    """
+    _check_operand("a", a, 2)
+    _check_operand("b", b, 2)
+    sum_k, m = a.shape
+    n = b.shape[1]
+    _check_shape("b", b, (sum_k, n))
+    lengths = _check_k_segments(ks, sum_k, BLOCK)
+    if grouped_layout is not None:
+        _check_index_dtype("grouped_layout", grouped_layout)
+        _check_shape("grouped_layout", grouped_layout, (len(lengths),))
+    _check_output("d", d, (len(lengths), m, n), _FP32)
+    _check_addend(c, (len(lengths), m, n))
+    start = 0
+    for group, length in enumerate(lengths):
+        segment = slice(start, start + length)
+        _product_into(d[group], slice(0, m), a[segment].t(), b[segment].t(), None if c is None else c[group])
+        start += length
+
+
+EINSUM_EXPRESSIONS = ("bmk,bnk->mn", "bhr,hdr->bhd", "bhd,hdr->bhr")
+
+
+def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
+    """``D = C + einsum(expr, A, B)`` in float32 for the expressions of ``EINSUM_EXPRESSIONS``.
+
+    Args:
+        expr: ``"bmk,bnk->mn"`` (A ``[B, M, K]``, B ``[B, N, K]``, D ``[M, N]``: reduces over b and k),
+            ``"bhr,hdr->bhd"`` (A ``[B, H, R]``, B ``[H, D, R]``, D ``[B, H, D]``) or
+            ``"bhd,hdr->bhr"`` (A ``[B, H, D]``, B ``[H, D, R]``, D ``[B, H, R]``); spaces are ignored.
+        a, b: bf16, any strides. d: bf16 or float32; may be ``c``. c: optional float32 addend, D's shape.
+    """
+    expr = _einsum_expression(expr)
+    _check_operand("a", a, 3)
+    _check_operand("b", b, 3)
+    if expr == "bmk,bnk->mn":
+        batch, m, k = a.shape
+        _check_shape("b", b, (batch, b.shape[1], k))
+        _check_output("d", d, (m, b.shape[1]))
+        _check_addend(c, tuple(d.shape))
+        # [M, B, K] and [N, B, K]: the product reduces over the flattened (b, k).
+        _product_into(d, slice(0, m), a.permute(1, 0, 2), b.permute(1, 0, 2), c)
+        return
+    batch, heads, k = a.shape
+    # B is [H, D, R]: "bhr,hdr" reduces over its last dim (an [N, K] view per head), "bhd,hdr" over its middle.
+    b_nk = _b_nk_view(b, "t" if expr == "bhr,hdr->bhd" else "n", (heads,), k)
+    _check_output("d", d, (batch, heads, b_nk.shape[1]))
+    _check_addend(c, tuple(d.shape))
+    for head in range(heads):
+        _product_into(d[:, head], slice(0, batch), a[:, head], b_nk[head], None if c is None else c[:, head])
+
+
+def _einsum_expression(expr: object) -> str:
+    if not isinstance(expr, str):
+        raise TypeError(f"expr: expected a str, one of {EINSUM_EXPRESSIONS}, got {type(expr).__name__}")
+    normal = expr.replace(" ", "")
+    if normal not in EINSUM_EXPRESSIONS:
+        raise ValueError(f"expr: expected one of {EINSUM_EXPRESSIONS}, got {expr!r}")
+    return normal
+
+
+# K is cut into blocks of this many columns before the blocks are dealt out to the splits (the kernel's
+# BLOCK_K), so a split's partial sums cover whole blocks.
+HC_PRENORM_BLOCK_K = 64
+
+
+def hc_prenorm_split_ranges(k: int, num_splits: int) -> list[slice]:
+    """The K columns of each split: the ``ceil(K/64)`` blocks of 64 dealt out in order, the first
+    ``blocks % num_splits`` splits one block more than the others (empty splits when blocks run out)."""
+    blocks = ceil_div(k, HC_PRENORM_BLOCK_K)
+    quotient, remainder = divmod(blocks, num_splits)
+    ranges, start = [], 0
+    for split in range(num_splits):
+        stop = start + quotient + (split < remainder)
+        ranges.append(slice(min(start * HC_PRENORM_BLOCK_K, k), min(stop * HC_PRENORM_BLOCK_K, k)))
+        start = stop
+    return ranges
+
+
+def tf32_hc_prenorm_gemm(
+    a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_sum: torch.Tensor, num_splits: int | None = None
+) -> None:
+    """The hyper-connection pre-norm GEMM: ``D = A @ B.T`` and ``sqr_sum`` = the row sums of A's squares.
+
+    Args:
+        a: bf16 ``[M, K]``. b: float32 ``[N, K]``.
+        d: float32 ``[M, N]``, or ``[num_splits, M, N]`` with ``num_splits``.
+        sqr_sum: float32 ``[M]``, or ``[num_splits, M]`` with ``num_splits``.
+        num_splits: None, or K split that many ways (``hc_prenorm_split_ranges``): split s holds the
+            partial results over its columns (0 where it has none); their sum is the whole.
+
+    The kernels multiply on TF32 tensor cores; this runs float32 matmul (TF32 only where the caller
+    enabled it).
+    """
+    _check_operand("a", a, 2)
+    _check_operand("b", b, 2, _FP32)
     m, k = a.shape
     n = b.shape[0]
     _check_shape("b", b, (n, k))
-    _check_shape("d", d, (m, n))
-    _check_dtype("d", d, _OUTPUT_DTYPES)
-    if c is not None:
-        _check_shape("c", c, (m, n))
-    b_t = b.float().t()
-    for idx in _split_rows(slice(0, m), _rows_per_chunk(k, n)):
-        out = a[idx].float() @ b_t
-        if c is not None:
-            out += c[idx].float()
-        d[idx] = out.to(d.dtype)
+    if num_splits is None:
+        _check_output("d", d, (m, n), _FP32)
+        _check_output("sqr_sum", sqr_sum, (m,), _FP32)
+        d, sqr_sum, ranges = d.unsqueeze(0), sqr_sum.unsqueeze(0), [slice(0, k)]
+    else:
+        splits = _check_int("num_splits", num_splits, 1)
+        _check_output("d", d, (splits, m, n), _FP32)
+        _check_output("sqr_sum", sqr_sum, (splits, m), _FP32)
+        ranges = hc_prenorm_split_ranges(k, splits)
+    for split, columns in enumerate(ranges):
+        _product_into(d[split], slice(0, m), a[:, columns], b[:, columns])
+        for idx in _split_rows(slice(0, m), _rows_per_chunk(columns.stop - columns.start, 1)):
+            sqr_sum[split, idx] = a[idx, columns].float().square().sum(-1)

@@ -8,7 +8,7 @@ diff excerpt where they differ.
     git worktree add ../base <commit>
     python tools/compare_sass.py --base ../base --new . [--configs NAME ...] [--quick] [-j 2]
 
-The config list is the one tests/test_fp8_gemm_sass.py compiles (``_heuristic_configs``: every config the host
+The config list is the FP8 one tests/test_gemm_sass.py compiles (``_fp8_configs``: every config the host
 heuristics emit plus the GPU tests' explicit ones), taken from the new checkout; ``--quick`` takes a
 handful of representative ones, ``--configs`` names kernels (``fp8_gemm.kernel_name``) or substrings
 of them. Each checkout is built in a subprocess that imports that checkout's package. Only the
@@ -104,9 +104,9 @@ def _worker(out_dir: Path, jobs: int) -> None:
 
 def _config_list(checkout: Path) -> list:
     sys.path[:0] = [str(checkout), str(checkout / "tests")]
-    from test_fp8_gemm_sass import _heuristic_configs  # noqa: PLC0415 (needs the checkout on sys.path)
+    from test_gemm_sass import _fp8_configs  # noqa: PLC0415 (needs the checkout on sys.path)
 
-    return _heuristic_configs()
+    return _fp8_configs()
 
 
 def _fields(config) -> dict:

@@ -13,17 +13,32 @@ class GemmType(enum.Enum):
 
     NORMAL: one M x N product. CONTIGUOUS: the experts' rows back to back in A, each segment aligned to
     128 rows, a per-row expert id. PSUM: the same rows, cumulative end rows per expert. MASKED: A
-    [G, max_M, K], expert g uses its first masked_m[g] rows.
+    [G, max_M, K], expert g uses its first masked_m[g] rows. K_GROUPED: A [sum_K, M] and B [sum_K, N]
+    hold the experts' K segments back to back, D [G, M, N] one product per expert. BATCHED: G products
+    of one shape, A [G, M, K], B [G, N, K] and D [G, M, N] as 3-D tensors of any pitches. BATCH_SUM:
+    their sum, D [M, N].
     """
 
     NORMAL = "kNormal"
     CONTIGUOUS = "kContiguous"
     PSUM = "kContiguousPsum"
     MASKED = "kMasked"
+    K_GROUPED = "kKGrouped"
+    BATCHED = "kBatched"
+    BATCH_SUM = "kBatchSum"
 
     @property
     def grouped(self) -> bool:
         return self is not GemmType.NORMAL
+
+
+class Major(enum.Enum):
+    """Which dimension of an operand is contiguous (mirrors ``moegemm::Major`` in
+    include/moegemm/mma/layout.cuh): K (a [M, K] / [N, K] row-major tensor) or M / N (a [K, M] /
+    [K, N] one)."""
+
+    K = "kK"
+    MN = "kMN"
 
 
 @dataclass(frozen=True)

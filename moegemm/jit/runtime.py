@@ -99,6 +99,13 @@ def tma_2d(dtype: torch.dtype, inner: int, outer: int, pitch: int, box_inner: in
     return (inner, outer, 1, pitch, 0, 0, box_inner, box_outer, 1, 2, TMA_DTYPES[dtype], swizzle)
 
 
+def tma_3d(dtype: torch.dtype, dims: tuple[int, int, int], pitches: tuple[int, int], box: tuple[int, int, int],
+           swizzle: int) -> tuple:
+    """Geometry of a 3-D TMA descriptor: ``dims`` innermost first, ``pitches`` the bytes between
+    consecutive indices of dims 1 and 2."""
+    return (*dims, *pitches, 0, *box, 3, TMA_DTYPES[dtype], swizzle)
+
+
 @dataclass(frozen=True)
 class Slot:
     """One member of a kernel's parameter struct, in declaration order. ``kind``: "tma" (a 128-byte

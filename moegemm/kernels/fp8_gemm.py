@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .. import env
 from ..device import DeviceFacts
-from ..gemm import heuristic
+from ..gemm.config import KIND_NAMES, GemmConfig, select_tile, settle, smem_layout_bytes
+from ..gemm.config import Plan as GemmPlan
 from ..gemm.desc import GemmDesc, GemmType
 from ..gemm.heuristic import Tile
 from ..intmath import align, ceil_div, get_tma_aligned_size
 from ..jit import compiler
-from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, Kernel, KernelFamily, ParamsLayout, Slot, tma_2d
+from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d
 
 BLOCK_K = 128
-BARRIER_BYTES = 8
 SFB_SLOT_BYTES = 128  # per stage and SFB row: a TMA box of SFB, aligned as TMA destinations must be
 SFB_BOX_K = 4  # K blocks per SFB box: boxes are at least 16 bytes wide
 MAX_STAGES = 12
@@ -55,47 +53,10 @@ PARAMS = ParamsLayout("moegemm::Fp8GemmParams", (
 
 
 @dataclass(frozen=True)
-class Fp8GemmConfig:
-    block_m: int
-    block_n: int
-    stages: int
-    out_fp32: bool
-    accumulate: bool
-    cluster_m: int = 1  # 2: two CTAs stacked along M share (multicast) the B tile
-    split_k: int = 1  # > 1: a cluster of split_k CTAs shares each tile, splitting its K blocks
-    gemm_type: GemmType = GemmType.NORMAL
-    cluster_n: int = 1  # 2: two CTAs side by side along N share (multicast) the A tile
-
-    @property
-    def cluster_size(self) -> int:
-        return self.cluster_m * self.cluster_n * self.split_k
-
-    @property
-    def out_cols(self) -> int:
-        """Columns of a tile one CTA stores (its slice under split-K)."""
-        return self.block_n // self.split_k
-
-    @property
-    def out_bytes(self) -> int:
-        return 4 if self.out_fp32 else 2
-
-    @property
-    def num_threads(self) -> int:
-        return 128 * math_warpgroups(self.block_m) + 128
-
-    @property
-    def store_cols(self) -> int:
-        chunk = 128 // self.out_bytes
-        return chunk if self.out_cols >= chunk else self.out_cols
-
+class Fp8GemmConfig(GemmConfig):
     @property
     def smem_bytes(self) -> int:
         return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k)
-
-
-def math_warpgroups(block_m: int) -> int:
-    """One per 64 rows, but two (of two 64-row slabs each) for BLOCK_M = 256."""
-    return 2 if block_m == 256 else block_m // 64
 
 
 def sfb_rows(block_n: int) -> int:
@@ -106,10 +67,7 @@ def sfb_rows(block_n: int) -> int:
 def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k: int = 1) -> int:
     """Mirrors Fp8GemmConfig::kSmemBytes (the generated source asserts they agree)."""
     stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4 + SFB_SLOT_BYTES * sfb_rows(block_n)
-    out_cols = block_n // split_k
-    reduce_buffer = block_m // 64 * (split_k - 1) * out_cols * 256
-    barriers = 2 * stages + (2 * block_m // 64 if split_k > 1 else 0)
-    return block_m * out_cols * out_bytes + stages * stage + reduce_buffer + barriers * BARRIER_BYTES
+    return smem_layout_bytes(block_m, block_n, stages, out_bytes, split_k, stage)
 
 
 def valid_block_n(block_n: int, out_bytes: int, split_k: int = 1) -> bool:
@@ -194,37 +152,24 @@ class Fp8CostTerms:
         return latency
 
 
-def _config(desc: GemmDesc, tile: Tile, facts: DeviceFacts, cluster_m: int = 1) -> Fp8GemmConfig:
+def _config(desc: GemmDesc, tile: Tile, facts: DeviceFacts) -> Fp8GemmConfig:
     stages = stages_for(tile.block_m, tile.block_n, desc.out_bytes, tile.split_k, facts)
     return Fp8GemmConfig(tile.block_m, tile.block_n, stages, desc.out_dtype == torch.float32, desc.accumulate,
-                         max(cluster_m, tile.cluster_m), tile.split_k, desc.gemm_type, tile.cluster_n)
+                         tile.cluster_m, tile.split_k, desc.gemm_type, tile.cluster_n)
 
 
 def select_config(desc: GemmDesc, facts: DeviceFacts) -> Fp8GemmConfig:
-    """The config of the least estimated time (moegemm.gemm.heuristic). Dense GEMMs: BLOCK_M 64, 128,
-    192 or 256, split-K for few tiles, CTA pairs sharing A or B where the L2 binds. Grouped (``desc.m``
-    the rows per expert planned for): BLOCK_M 64 or 128, contiguous pairs sharing A; masked experts of
-    129 to 192 rows in one block of three math warpgroups (in 128-row blocks the second block would
-    keep one warpgroup idle); larger masked experts with B multicast across the CTA pair of each two
-    block-rows (each block-row of an expert reads all of its B: the L2 was the busiest unit).
-    BENCHMARKS.md, "The config model"."""
-    kind = desc.gemm_type
-    if kind is GemmType.MASKED and 128 < desc.m <= 192:
-        return _config(desc, heuristic.search(desc, facts, Fp8CostTerms((192,))), facts)
-    if kind.grouped:
-        desc = dataclasses.replace(desc, m=max(desc.m, 1))
-        tile = heuristic.search(desc, facts, Fp8CostTerms((64, 128)))
-        multicast = kind is GemmType.MASKED and desc.m > tile.block_m and tile.block_n % 16 == 0
-        return _config(desc, tile, facts, 2 if multicast else 1)
-    return _config(desc, heuristic.search(desc, facts, Fp8CostTerms((64, 128, 192, 256))), facts)
+    """The config of the least estimated time (moegemm.gemm.config.select_tile): dense GEMMs with
+    BLOCK_M 64, 128, 192 or 256, split-K for few tiles, CTA pairs sharing A or B where the L2 binds;
+    grouped ones as select_tile says."""
+    tile = select_tile(desc, facts, Fp8CostTerms, (64, 128, 192, 256))
+    return _config(desc, tile, facts)
 
 
 def generate_source(config: Fp8GemmConfig) -> str:
     return compiler.kernel_stub(
         "sm90_fp8_gemm.cuh",
-        f"moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.stages}, {config.cluster_m}, "
-        f"{config.cluster_n}, {config.split_k}, {str(config.out_fp32).lower()}, {str(config.accumulate).lower()}, "
-        f"moegemm::GemmType::{config.gemm_type.value}>",
+        f"moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.cpp_common_args()}>",
         PARAMS.cpp_type, "moegemm::sm90_fp8_gemm",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}",
@@ -232,18 +177,10 @@ def generate_source(config: Fp8GemmConfig) -> str:
          PARAMS.size_check()), nvcc_checks=PARAMS.offset_checks())
 
 
-_KIND_NAMES = {GemmType.NORMAL: "", GemmType.CONTIGUOUS: "_contiguous", GemmType.PSUM: "_psum",
-               GemmType.MASKED: "_masked"}
-
-
 def kernel_name(config: Fp8GemmConfig) -> str:
     out = "f32" if config.out_fp32 else "bf16"
     acc = "_acc" if config.accumulate else ""
-    cluster = (f"cm{config.cluster_m}" if config.cluster_m > 1 else
-               f"cn{config.cluster_n}" if config.cluster_n > 1 else "")
-    split = f"k{config.split_k}" if config.split_k > 1 else ""
-    return (f"sm90_fp8_gemm_nt{_KIND_NAMES[config.gemm_type]}_{out}{acc}_m{config.block_m}n{config.block_n}"
-            f"s{config.stages}{cluster}{split}")
+    return f"sm90_fp8_gemm_nt{KIND_NAMES[config.gemm_type]}_{out}{acc}_{config.name_suffix()}"
 
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
@@ -251,44 +188,13 @@ KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
 build = KERNELS.build
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Everything about a call that depends only on shapes and strides, made once per signature."""
-
-    config: Fp8GemmConfig
-    kernel: Kernel
-    record: bytes
-
+class Plan(GemmPlan):
     def launch(self, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
                groups: torch.Tensor | None = None) -> None:
         """Run on inputs of the planned signature (``sfa`` M-major TMA-aligned, ``sfb`` contiguous, both
         16-byte aligned; ``groups`` the grouped kinds' int32 layout or masked_m)."""
         self.launch_pointers(d.get_device(), a.data_ptr(), b.data_ptr(), sfa.data_ptr(), sfb.data_ptr(), d.data_ptr(),
                              0 if groups is None else groups.data_ptr())
-
-    def launch_pointers(self, device: int, a: int, b: int, sfa: int, sfb: int, d: int, groups: int = 0) -> None:
-        """``launch`` given the device index and the data pointers of OPERANDS (the ops' hot path)."""
-        self.kernel.launch(self.record, device, a, b, sfa, sfb, d, groups)
-
-
-def grid_size(config: Fp8GemmConfig, desc: GemmDesc, rows: int, facts: DeviceFacts) -> int:
-    """The persistent grid: one CTA per SM in whole clusters and (dense GEMMs) no more than there are
-    tiles; split-K clusters no more than fit at once (a cluster must fit in one GPC: more would run a
-    second, nearly empty wave)."""
-    c = config.cluster_size
-    clusters = facts.num_sms // c
-    if desc.gemm_type is GemmType.NORMAL:
-        clusters = min(clusters, ceil_div(rows, config.block_m * config.cluster_m) *
-                       ceil_div(ceil_div(desc.n, config.block_n), config.cluster_n))
-    if config.split_k > 1:
-        clusters = min(clusters, max(facts.resident_clusters[c - 1], 1))
-    return clusters * c
-
-
-def _multicast_pays(config: Fp8GemmConfig, grid: int, facts: DeviceFacts) -> bool:
-    """Multicast pays only while (nearly) every SM can hold a CTA of a resident cluster."""
-    resident = facts.resident_clusters[config.cluster_size - 1] * config.cluster_size
-    return grid > 0 and resident >= 0.95 * min(facts.num_sms, grid)
 
 
 def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rows: int,
@@ -351,16 +257,7 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
         if kind is GemmType.MASKED:
             rows_planned = min(math.ceil(desc.m * ROUTING_HEADROOM), max(group_rows, desc.m))
         config = select_config(dataclasses.replace(desc, m=rows_planned), facts)
-    config = dataclasses.replace(config, gemm_type=kind)
-    # A pair sharing A needs whole A tiles (few rows load boxes of only the rows that exist).
-    if config.cluster_n > 1 and group_rows < config.block_m:
-        config = dataclasses.replace(config, cluster_n=1)
-    if config.cluster_size > config.split_k and not _multicast_pays(config, grid_size(config, desc, rows, facts),
-                                                                     facts):
-        config = dataclasses.replace(config, cluster_m=1, cluster_n=1)
-    grid = grid_size(config, desc, rows, facts)
-    if env.flag("MOEGEMM_PRINT_CONFIGS"):
-        print(f"[moegemm] fp8 gemm {desc}: {config}, grid {grid}", file=sys.stderr)
+    config, grid = settle(config, desc, rows, group_rows, facts, "fp8")
     return Plan(config, KERNELS.kernel(config), _record(config, grid, a, b, d, rows, group_rows, num_groups, pdl))
 
 

@@ -73,6 +73,7 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
     // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128; with three math
     // warpgroups (152 registers each) only one does.
     static constexpr bool kDoubleBuffer = kBlockN <= 128 && kNumMathWarpgroups < 3 && kSlabs == 1;
+    static constexpr bool kIssueIntoTotals = false;  // every K block is promoted
     // kMasked with two or three math warpgroups: a warpgroup skips the tiles whose rows all lie past
     // its expert's count (at 192 rows per expert in 128-row blocks, the second block's tiles do half
     // the work). Only there: in the other kinds such slabs are rare (M's last block, an expert's last

@@ -10,6 +10,7 @@ from ..gemm.desc import GemmType
 from ..intmath import ceil_div, get_tma_aligned_size
 from ..kernels import fp8_gemm
 from ..quant import get_mn_major_tma_aligned_tensor
+from . import gemm_common
 from .dispatch import Op, get_check_groups
 
 FP8 = (torch.float8_e4m3fn,)
@@ -19,12 +20,6 @@ _INPUT_NAMES = ("a", "sfa", "b", "sfb")
 
 
 # ---- checks (once per call signature) ---------------------------------------------------------------------
-
-
-def _check_cuda(tensors: dict[str, torch.Tensor]) -> None:
-    dev = checks.same_device(**tensors)
-    if dev.type == "cuda":
-        device.require_sm90(dev)
 
 
 def _check_dense(a, sfa, b, sfb, d, c) -> None:
@@ -47,17 +42,9 @@ def _check_dense(a, sfa, b, sfb, d, c) -> None:
         if d.dtype != torch.float32:
             raise TypeError(f"d: with c given (D = C + A @ B^T) d must be torch.float32, got {d.dtype}")
         tensors["c"] = c
-    _check_cuda(tensors)
+    gemm_common.check_cuda(tensors)
     for name in ("a", "b", "d"):
         checks.tma_rows(name, tensors[name])
-
-
-def _check_experts_stacked(name: str, t: torch.Tensor) -> None:
-    """A [G, rows, K]-like tensor whose experts follow each other at the row pitch, so the kernels
-    can see it as one [G * rows, K] matrix."""
-    if t.shape[0] > 1 and t.numel() and t.stride(0) != t.shape[1] * t.stride(1):
-        raise ValueError(f"{name}: expected the experts stacked without gaps (stride(0) == shape[1] * stride(1)), "
-                         f"got strides {tuple(t.stride())} for shape {tuple(t.shape)}")
 
 
 def _check_grouped_operands(a, sfa, b, sfb, d, a_dims: int) -> int:
@@ -78,7 +65,7 @@ def _check_grouped_operands(a, sfa, b, sfb, d, a_dims: int) -> int:
     checks.shape("d", d, (*a.shape[:-1], n))
     for name, t in (("a", a), ("b", b), ("d", d)):
         checks.tma_rows(name, t)
-    _check_experts_stacked("b", b)
+    gemm_common.check_experts_stacked("b", b)
     return num_groups
 
 
@@ -92,7 +79,7 @@ def _check_contiguous(a, sfa, b, sfb, d, layout, use_psum_layout) -> None:
                          f"(get_mk_alignment_for_contiguous_layout()), got {m_total}")
     if layout.stride(0) != 1 and layout.shape[0] > 1:
         raise ValueError(f"grouped_layout: expected a contiguous tensor, got stride {layout.stride(0)}")
-    _check_cuda({"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d, "grouped_layout": layout})
+    gemm_common.check_cuda({"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d, "grouped_layout": layout})
 
 
 def _check_masked(a, sfa, b, sfb, d, masked_m, expected_m) -> None:
@@ -101,29 +88,9 @@ def _check_masked(a, sfa, b, sfb, d, masked_m, expected_m) -> None:
     checks.shape("masked_m", masked_m, (num_groups,))
     if isinstance(expected_m, bool) or not isinstance(expected_m, int) or expected_m < 0:
         raise ValueError(f"expected_m: expected an int >= 0, got {expected_m!r}")
-    _check_experts_stacked("a", a)
-    _check_experts_stacked("d", d)
-    _check_cuda({"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d, "masked_m": masked_m})
-
-
-def _check_group_values(kind: GemmType, groups: torch.Tensor, num_groups: int, rows: int) -> None:
-    """set_check_groups: read the layout or masked_m (a synchronisation) and name bad entries, which
-    the kernels would otherwise treat as padding or clamp."""
-    values = groups.cpu()
-    if kind is GemmType.CONTIGUOUS:
-        bad = ((values < -1) | (values >= num_groups)).nonzero().flatten()
-        what = f"expert ids in [0, {num_groups}) or -1 (padding)"
-    elif kind is GemmType.PSUM:
-        previous = torch.cat([values.new_zeros(1), values[:-1]])
-        bad = ((values < previous) | (values > rows)).nonzero().flatten()
-        what = f"non-decreasing end rows in [0, {rows}]"
-    else:
-        bad = ((values < 0) | (values > rows)).nonzero().flatten()
-        what = f"row counts in [0, {rows}]"
-    if bad.numel():
-        name = "masked_m" if kind is GemmType.MASKED else "grouped_layout"
-        shown = ", ".join(f"[{i}] = {values[i].item()}" for i in bad[:8].tolist())
-        raise ValueError(f"{name}: expected {what}; {bad.numel()} entries are not: {shown}")
+    gemm_common.check_experts_stacked("a", a)
+    gemm_common.check_experts_stacked("d", d)
+    gemm_common.check_cuda({"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d, "masked_m": masked_m})
 
 
 # ---- per-call pieces of the bound calls -----------------------------------------------------------------
@@ -161,10 +128,6 @@ def _check_aligned(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
         checks.tma_rows(name, t)
 
 
-def _spans(*tensors: torch.Tensor) -> tuple[int, ...]:
-    return tuple(checks.byte_span(t) for t in tensors)
-
-
 # ---- fp8_gemm_nt ---------------------------------------------------------------------------------------------
 
 _DENSE_NAMES = ("d", *_INPUT_NAMES)
@@ -172,8 +135,8 @@ _DENSE_NAMES_C = ("c", *_DENSE_NAMES)
 
 
 def _bind_dense(a, sfa, b, sfb, d, c):
-    spans = _spans(d, a, sfa, b, sfb)
-    c_spans = None if c is None else _spans(c, d, a, sfa, b, sfb)
+    spans = gemm_common.spans(d, a, sfa, b, sfb)
+    c_spans = None if c is None else gemm_common.spans(c, d, a, sfa, b, sfb)
     c_like_d = c is not None and c.stride() == d.stride()
     empty_k = a.shape[1] == 0 and d.numel() > 0
 
@@ -267,26 +230,9 @@ def get_mk_alignment_for_contiguous_layout() -> int:
     return fp8_gemm.CONTIGUOUS_ALIGNMENT
 
 
-def _zero_expert_rows(kind: GemmType, d: torch.Tensor, groups: torch.Tensor, num_groups: int) -> None:
-    """K = 0: the rows of D that belong to an expert are zero (an empty sum), as the kernels' row
-    rules would pick them; the rest stays untouched. Whole-tensor ops on the GPU, no host read, so
-    CUDA graphs can capture it."""
-    if kind is GemmType.MASKED:
-        counts = groups.clamp(0, d.shape[1])
-        owned = torch.arange(d.shape[1], device=d.device) < counts[:, None]
-    elif kind is GemmType.CONTIGUOUS:
-        owned = (groups >= 0) & (groups < num_groups)
-    else:  # psum: the first expert whose aligned end lies past the row owns it if the row is below its end
-        rows = torch.arange(d.shape[0], device=d.device)
-        ends = groups.clamp(min=0).long()
-        first = torch.searchsorted((ends + 127) // 128 * 128, rows, right=True)
-        owned = (first < num_groups) & (rows < ends.clamp(max=d.shape[0])[first.clamp(max=num_groups - 1)])
-    d.masked_fill_(owned[..., None], 0)
-
-
 def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
     names = ("d", *_INPUT_NAMES, "masked_m" if kind is GemmType.MASKED else "grouped_layout")
-    spans = _spans(d, a, sfa, b, sfb, groups)
+    spans = gemm_common.spans(d, a, sfa, b, sfb, groups)
     num_groups, k = b.shape[0], a.shape[-1]
     rows = a.shape[-2] if kind is GemmType.MASKED else a.shape[0]
 
@@ -308,7 +254,7 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
         def run_empty(a, sfa, b, sfb, d, groups, _):  # nothing to compute; with K = 0 the experts' rows are 0
             guard(a, sfa, b, sfb, d, groups)
             if d.numel() and num_groups and k == 0:
-                _zero_expert_rows(kind, d, groups, num_groups)
+                gemm_common.zero_expert_rows(kind, d, groups, num_groups)
         return run_empty
 
     index = d.get_device()
@@ -321,7 +267,7 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
         if (a_ptr | b_ptr | d_ptr) & 15:
             _check_aligned(a, b, d)
         if get_check_groups():
-            _check_group_values(kind, groups, num_groups, rows)
+            gemm_common.check_group_values(kind, groups, num_groups, rows)
         if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
             sfa, sfb = _kernel_sfa(sfa), _kernel_sfb(sfb)
             sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()

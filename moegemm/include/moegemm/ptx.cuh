@@ -8,6 +8,7 @@
 namespace moegemm {
 
 using u8 = unsigned char;
+using u16 = unsigned short;
 using u32 = unsigned int;
 using u64 = unsigned long long;
 
@@ -138,6 +139,15 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDescriptor* desc
         : "memory");
 }
 
+// A box of a 3-D tensor (grouped operands: out-of-bounds rows of one expert read as zero instead of
+// the next expert's).
+__device__ __forceinline__ void tma_load_3d(void* dst, const TmaDescriptor* desc, Barrier* bar, int x, int y, int z) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];"
+        ::"r"(smem_addr(dst)), "l"(reinterpret_cast<u64>(desc)), "r"(smem_addr(bar)), "r"(x), "r"(y), "r"(z)
+        : "memory");
+}
+
 // Load a box into the same shared-memory offset of every CTA in `cta_mask`, signalling each CTA's
 // barrier at `bar`'s offset.
 __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaDescriptor* desc, Barrier* bar, int x,
@@ -160,6 +170,20 @@ __device__ __forceinline__ void tma_store_2d(const TmaDescriptor* desc, const vo
 __device__ __forceinline__ void tma_reduce_add_2d(const TmaDescriptor* desc, const void* src, int x, int y) {
     asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.bulk_group [%0, {%2, %3}], [%1];"
                  ::"l"(reinterpret_cast<u64>(desc)), "r"(smem_addr(src)), "r"(x), "r"(y)
+                 : "memory");
+}
+
+// The 3-D forms: a box of the 2-D slice z (per-expert outputs [G, M, N]: rows past M are clipped
+// instead of written into the next expert's).
+__device__ __forceinline__ void tma_store_3d(const TmaDescriptor* desc, const void* src, int x, int y, int z) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];"
+                 ::"l"(reinterpret_cast<u64>(desc)), "r"(smem_addr(src)), "r"(x), "r"(y), "r"(z)
+                 : "memory");
+}
+
+__device__ __forceinline__ void tma_reduce_add_3d(const TmaDescriptor* desc, const void* src, int x, int y, int z) {
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.bulk_group [%0, {%2, %3, %4}], [%1];"
+                 ::"l"(reinterpret_cast<u64>(desc)), "r"(smem_addr(src)), "r"(x), "r"(y), "r"(z)
                  : "memory");
 }
 

@@ -42,6 +42,24 @@ __device__ __forceinline__ u64 smem_descriptor_mn_major_sw128(const void* start,
     return desc;
 }
 
+// Bytes of one MN-major box: 64 indices (128 bytes of 16-bit elements) by 64 K rows.
+constexpr u32 kMnMajorBoxBytes = 64 * 128;
+
+// The descriptor of a stage's tile, or of a slab's rows in it, in the operand's major order; the
+// MN-major boxes lie back to back.
+template <Major kMajor>
+__device__ __forceinline__ u64 smem_descriptor_sw128(const void* start) {
+    if constexpr (kMajor == Major::kK)
+        return smem_descriptor_k_major_sw128(start);
+    else
+        return smem_descriptor_mn_major_sw128(start, kMnMajorBoxBytes);
+}
+
+// Bytes from one 16-wide K slice of a tile (a bf16 WGMMA's K) to the next: along the 128-byte row
+// (K-major) or 16 rows of 128 bytes down (MN-major).
+template <Major kMajor>
+constexpr u32 kK16SliceBytes = kMajor == Major::kK ? 32 : 16 * 128;
+
 // The descriptor of the tile `bytes` (a multiple of 16) further on: the start address field cannot
 // carry into the next field since shared memory ends below 256 KB. (Adding to the low half only and
 // recombining made worse WGMMA issue code and ran slower: BENCHMARKS.md, 2026-11-25.)

@@ -3,19 +3,25 @@
 // config derives from it and adds its own constants: its extra bytes per stage, register split and
 // main-loop choices (see the Kernel policy in gemm.cuh, and Fp8GemmConfig for an example).
 #pragma once
+#include "../mma/layout.cuh"
 #include "../ptx.cuh"
 #include "scheduler.cuh"
 
 namespace moegemm {
 
 // kOperandBytes: bytes of one element of A and B; a stage holds kBlockK of them per row, in rows of
-// 128 bytes (the 128-byte swizzle's width) for the K-major operands the skeleton loads.
+// 128 bytes (the 128-byte swizzle's width). kMajorA / kMajorB: K-major operands fill a stage with
+// one 128-byte row per M (N) index; MN-major ones (16-bit types only) with boxes of 64 M (N)
+// indices by kBlockK = 64 K rows, the box of indices [64j, 64j + 64) where the K-major row 64j
+// would start, so a slab's offset in the tile is the same in both.
 // Clusters: kClusterM CTAs stacked along M share (multicast) their B tile; kClusterN CTAs side by side
 // along N share their A tile; kSplitK CTAs split one tile's K blocks. At most one of them exceeds 1.
 template <u32 kBlockM_, u32 kBlockN_, u32 kBlockK_, u32 kOperandBytes_, u32 kStages_, u32 kClusterM_, u32 kClusterN_,
-          u32 kSplitK_, bool kOutFp32_, bool kAccumulate_, GemmType kType_>
+          u32 kSplitK_, bool kOutFp32_, bool kAccumulate_, GemmType kType_, Major kMajorA_ = Major::kK,
+          Major kMajorB_ = Major::kK>
 struct GemmConfigBase {
     static constexpr GemmType kType = kType_;
+    static constexpr Major kMajorA = kMajorA_, kMajorB = kMajorB_;
     static constexpr u32 kBlockM = kBlockM_, kBlockN = kBlockN_, kBlockK = kBlockK_, kStages = kStages_;
     static constexpr u32 kOperandBytes = kOperandBytes_;
     static constexpr u32 kClusterM = kClusterM_, kClusterN = kClusterN_, kSplitK = kSplitK_;
@@ -70,7 +76,12 @@ struct GemmConfigBase {
     static_assert(kBlockN % (8 * kSplitK) == 0, "split-K slices are whole 8-column groups");
     static_assert(kSplitK >= 1 && kSplitK <= 8 && (kMulticast == 1 || kSplitK == 1), "portable clusters of <= 8");
     static_assert(kMulticast <= 2, "multicast within a CTA pair: the peer is rank ^ 1");
-    static_assert(kType == GemmType::kNormal || (kSplitK == 1 && !kAccumulate), "grouped: no split-K, no C");
+    static_assert(kType == GemmType::kNormal || (kSplitK == 1 && (!kAccumulate || !m_grouped(kType))),
+                  "grouped: no split-K; the M-grouped kinds take no C");
+    static_assert(kType != GemmType::kBatchSum || kAccumulate, "kBatchSum: each run adds its sum into D");
+    static_assert(kType != GemmType::kKGrouped || (kMajorA == Major::kMN && kMajorB == Major::kMN && kClusterM == 1),
+                  "kKGrouped: A [sum_K, M] and B [sum_K, N], MN-major, no B multicast");
+    static_assert(!sliced_operands(kType) || kMulticast == 1, "3-D loads (kBatched, kBatchSum): no multicast");
     static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || kClusterM == 1,
                   "contiguous kinds: no B multicast (stacked block-rows may belong to two experts)");
     static_assert(kType != GemmType::kMasked || kClusterN == 1, "masked: B multicast only");
@@ -79,6 +90,10 @@ struct GemmConfigBase {
     static_assert(kClusterM == 1 || kBlockN % 16 == 0,
                   "multicast halves of B must stay 1024-byte aligned (8-row swizzle groups)");
     static_assert(kClusterN == 1 || kBlockM % 16 == 0, "multicast halves of A likewise");
+    static_assert((kMajorA == Major::kK && kMajorB == Major::kK) || (kOperandBytes == 2 && kBlockK == 64),
+                  "MN-major operands: 16-bit types, stages of one 64-wide box");
+    static_assert(kMajorA == Major::kK || kBlockM % (64 * kClusterN) == 0, "MN-major A: whole 64-row boxes");
+    static_assert(kMajorB == Major::kK || kBlockN % (64 * kClusterM) == 0, "MN-major B: whole 64-column boxes");
 };
 
 }  // namespace moegemm

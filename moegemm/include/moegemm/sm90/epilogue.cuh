@@ -13,7 +13,7 @@
 //   4. barrier: every write is in before the issuing thread starts the TMA;
 //   5. the issuing thread issues the boxes that hold rows and columns of D, and commits them.
 // The skeleton waits for all stores (bulk wait_group 0) before the CTA exits.
-// The row path, for grouped kinds: a slab with rows that must stay untouched (past the tile's row
+// The row path, for the M-grouped kinds: a slab with rows that must stay untouched (past the tile's row
 // limit, or kContiguous rows of another expert or padding) is stored row by row from registers,
 // skipping those rows; the warpgroup decides it by a vote on the same named barrier.
 #pragma once
@@ -25,15 +25,22 @@ namespace moegemm {
 
 // Epilogue policies: how one staged box of D (64 rows x kStoreCols columns at column x, row y)
 // reaches global memory.
+// store_box_3d: the same into slice z of a 3-D D (kKGrouped, kBatched: [G, M, N]).
 struct TmaStoreEpilogue {
     __device__ __forceinline__ static void store_box(const TmaDescriptor* d, const void* box, int x, int y) {
         tma_store_2d(d, box, x, y);
+    }
+    __device__ __forceinline__ static void store_box_3d(const TmaDescriptor* d, const void* box, int x, int y, int z) {
+        tma_store_3d(d, box, x, y, z);
     }
 };
 // D += tile, done by the TMA unit (D = C + A @ B^T with D aliasing C).
 struct TmaReduceAddEpilogue {
     __device__ __forceinline__ static void store_box(const TmaDescriptor* d, const void* box, int x, int y) {
         tma_reduce_add_2d(d, box, x, y);
+    }
+    __device__ __forceinline__ static void store_box_3d(const TmaDescriptor* d, const void* box, int x, int y, int z) {
+        tma_reduce_add_3d(d, box, x, y, z);
     }
 };
 // The policy of a config's kAccumulate.
@@ -135,7 +142,8 @@ __device__ __forceinline__ void epilogue_store(const Params& p, const Tile& tile
     const u32 n0 = tile.n_block * Config::kBlockN;
     const u32 y = tile.row + threadIdx.x / 128 * Config::kWarpgroupRows;
     const bool store_issuer = threadIdx.x % 128 == 0;
-    if constexpr (Config::kType != GemmType::kNormal) {
+    // The other kinds' tiles hold no rows that must stay untouched (rows past M: TMA clips them).
+    if constexpr (m_grouped(Config::kType)) {
         if (!epilogue_slab_writable<Config>(tile, y, rows)) {
             epilogue_store_rows<Config>(p, tile, totals, y, n0, rows);
             return;
@@ -159,8 +167,11 @@ __device__ __forceinline__ void epilogue_store(const Params& p, const Tile& tile
             for (u32 chunk = 0; chunk < Config::kOutCols / Config::kStoreCols; ++chunk) {
                 const int x = n0 + slice * Config::kOutCols + chunk * Config::kStoreCols;
                 if (x >= int(p.n) || slab_y >= tile.row_limit) break;
-                Epilogue::store_box(&p.tma_d, smem_d_wg + slab * Config::kSlabDBytes + chunk * kChunkBytes, x,
-                                    int(slab_y));
+                const u8* box = smem_d_wg + slab * Config::kSlabDBytes + chunk * kChunkBytes;
+                if constexpr (sliced_output(Config::kType))
+                    Epilogue::store_box_3d(&p.tma_d, box, x, int(slab_y), int(tile.group));
+                else
+                    Epilogue::store_box(&p.tma_d, box, x, int(slab_y));
             }
         }
         tma_store_commit();

@@ -27,6 +27,8 @@
 //     previous block is retired; no WGMMA stays in flight across a loop's back edge. With two
 //     slabs, each slab's WGMMAs are issued, waited for and retired in turn, and the skeleton waits
 //     for the stages itself (probing the next one early);
+//     With kIssueIntoTotals (no promotion) the WGMMAs accumulate into the totals themselves, one K
+//     block's in flight while the next block's are issued;
 //   - split-K: the cluster's partial tiles are summed into this CTA's column slice;
 //   - the epilogue stores the totals. With kDeferEpilogue it waits until the next tile's first
 //     WGMMAs are issued (into a scratch accumulator, while the totals still hold the stored tile),
@@ -37,7 +39,8 @@
 // The Kernel policy, a struct of types, constants and static hooks (all __forceinline__):
 //   using Config    GemmConfigBase-derived constants (config.cuh) plus the family's own:
 //                   kExtraStageBytes, kSmemBytes (== Config::smem_bytes(kExtraStageBytes)),
-//                   kProducerRegisters, kMathRegisters, kSkipIdleSlabs, kDeferEpilogue, kDoubleBuffer.
+//                   kProducerRegisters, kMathRegisters, kSkipIdleSlabs, kDeferEpilogue, kDoubleBuffer,
+//                   kIssueIntoTotals (the WGMMAs accumulate into the totals: no scratch, no promotion).
 //   using Params    the kernel's parameter struct; the skeleton reads tma_a, tma_b, tma_d, groups, d,
 //                   m, n, k, stage_bytes, k_blocks_per_split, num_groups and ld_d.
 //   using Epilogue  how staged boxes reach D (epilogue.cuh: TmaStoreEpilogue, TmaReduceAddEpilogue).
@@ -111,7 +114,7 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
     constexpr u32 BM = Config::kBlockM, BN = Config::kBlockN;
     constexpr u32 kAcc = BN / 2;
     TileScheduler<Config::kType, BM, BN, Config::kClusterM, Config::kClusterN, Config::kSplitK, true> scheduler(
-        p.m, p.n, p.groups, p.num_groups);
+        p.m, p.n, p.groups, p.num_groups, scheduler_k<Config>(p), p.k_blocks_per_split);
     const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
     u32 k_begin, k_end;
     scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);
@@ -125,8 +128,9 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
     const u32 acc_row = wg * Config::kWarpgroupRows + slab_row();  // this thread's first accumulator row
     // Descriptors of stage 0's A (at this warpgroup's rows) and B tiles; adding the stage and K
     // offsets to them is cheaper than building descriptors from addresses.
-    const u64 desc_a = smem_descriptor_k_major_sw128(smem_a + wg * Config::kWarpgroupRows * Config::kStageRowBytes);
-    const u64 desc_b = smem_descriptor_k_major_sw128(smem_b);
+    const u64 desc_a =
+        smem_descriptor_sw128<Config::kMajorA>(smem_a + wg * Config::kWarpgroupRows * Config::kStageRowBytes);
+    const u64 desc_b = smem_descriptor_sw128<Config::kMajorB>(smem_b);
     u8* smem_d_wg = smem_d + wg * Config::kSlabs * Config::kSlabDBytes;
     const u32 reduce_wg = smem_addr(smem_reduce) + wg * (Config::kSplitK - 1) * Config::kReduceSlotBytes;
 
@@ -168,7 +172,34 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
         };
 
         u32 k_block = k_begin;
-        if constexpr (Config::kSlabs > 1) {
+        if constexpr (Config::kIssueIntoTotals) {
+            // No promotion: the WGMMAs accumulate into the totals themselves, each K block's issued
+            // before the previous block's are waited for, so the tensor cores go from one straight to
+            // the next; a stage is released once the WGMMAs reading it are done.
+            static_assert(Config::kSlabs == 1 && !Config::kDeferEpilogue, "the totals are the accumulator");
+            // kKGrouped: the expert's own K segment (none: the tile is zero); kBatchSum: the item's run.
+            u32 tile_k_end = k_end;
+            if constexpr (Config::kType == GemmType::kKGrouped) tile_k_end = ceil_div(tile.k_rows, Config::kBlockK);
+            if constexpr (Config::kType == GemmType::kBatchSum) tile_k_end = tile.k_rows;
+#pragma unroll
+            for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
+            if (k_block < tile_k_end) {
+                u32 stage = ring.stage;
+                auto token = issue(totals);
+                for (++k_block; k_block < tile_k_end; ++k_block) {
+                    const u32 next_stage = ring.stage;
+                    const auto next_token = issue(totals);
+                    wgmma_wait<1>();
+                    retire(stage, token, totals);
+                    stage = next_stage;
+                    token = next_token;
+                }
+                wgmma_wait<0>();
+                retire(stage, token, totals);
+            }
+        } else if constexpr (Config::kSlabs > 1) {
+            static_assert(Config::kType != GemmType::kKGrouped && Config::kType != GemmType::kBatchSum,
+                          "kKGrouped and kBatchSum issue into the totals");
             // Two slabs per warpgroup and one scratch accumulator (the totals of both take the
             // registers a second one would need): per K block, each slab's WGMMAs are issued, waited
             // for and retired in turn, the stage released with the last. The tensor cores stay busy

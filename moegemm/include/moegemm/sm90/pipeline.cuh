@@ -3,7 +3,7 @@
 // them apart.
 //
 // Slot s holds one K block (Config::kBlockK wide) of the tile: A [kBlockM rows], B [kBlockN rows]
-// and the kernel's extra per-stage data (FP8: SFA and SFB), loaded by the kernel's
+// (K-major, or in MN-major boxes: config.cuh) and the kernel's extra per-stage data (FP8: SFA and SFB), loaded by the kernel's
 // load_stage_extras hook with the same barrier. Two mbarriers per slot:
 //   full[s]   arrive count 1: the producer's arrive_expect_tx(stage bytes); the phase completes when
 //             that arrival is in and every TMA byte announced has landed. Every math thread waits on
@@ -22,6 +22,7 @@
 // A slot may then be refilled only when both CTAs have released it, hence the cluster-wide empty
 // barrier; before exiting, the producer drains the ring so no remote arrive targets an exited CTA.
 #pragma once
+#include "../mma/layout.cuh"
 #include "../ptx.cuh"
 #include "scheduler.cuh"
 
@@ -41,6 +42,28 @@ struct StageRing {
     }
 };
 
+// One operand's rows [row, row + kRows) of a stage at K offset k into `tile` (multicast to the CTAs
+// of `mask` with kMulticast): one box of K-major rows at (k, row), or kRows / 64 MN-major boxes of 64
+// rows at (row + 64 j, k). kSliced: the operand is a 3-D tensor and the rows lie in its slice `slice`.
+template <Major kMajor, u32 kRows, bool kMulticast, bool kSliced = false>
+__device__ __forceinline__ void load_rows(u8* tile, const TmaDescriptor* desc, Barrier* bar, int k, int row,
+                                          u32 mask = 0, int slice = 0) {
+    static_assert(!(kSliced && kMulticast), "3-D loads are not multicast");
+    static_assert(kMajor == Major::kK || kRows % 64 == 0, "whole MN-major boxes");
+    constexpr bool kKMajor = kMajor == Major::kK;
+#pragma unroll
+    for (u32 box = 0; box < (kKMajor ? 1 : kRows / 64); ++box) {
+        u8* dst = tile + box * kMnMajorBoxBytes;
+        const int x = kKMajor ? k : row + int(box) * 64, y = kKMajor ? row : k;
+        if constexpr (kSliced)
+            tma_load_3d(dst, desc, bar, x, y, slice);
+        else if constexpr (kMulticast)
+            tma_load_2d_multicast(dst, desc, bar, x, y, mask);
+        else
+            tma_load_2d(dst, desc, bar, x, y);
+    }
+}
+
 // The producer: one thread issues every TMA load of the CTA. For each of its tiles (the same
 // sequence the math warps take) and each of the CTA's K blocks of that tile, it waits for the next
 // slot to be empty, announces the stage's bytes (Params::stage_bytes) on its full barrier, and loads
@@ -55,31 +78,52 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
     constexpr u32 kPair = Config::kMulticast;
     constexpr u32 kRowBytes = Config::kStageRowBytes;
     TileScheduler<Config::kType, BM, BN, Config::kClusterM, Config::kClusterN, Config::kSplitK> scheduler(
-        p.m, p.n, p.groups, p.num_groups);
+        p.m, p.n, p.groups, p.num_groups, scheduler_k<Config>(p), p.k_blocks_per_split);
     const u32 num_k_blocks = ceil_div(p.k, Config::kBlockK);
     u32 k_begin, k_end;
     scheduler.k_range(num_k_blocks, p.k_blocks_per_split, k_begin, k_end);
     const u32 rank = kPair > 1 ? cluster_cta_rank() : 0;
+    constexpr bool kSliced = sliced_operands(Config::kType);
     StageRing<Config::kStages> ring;
     for (Tile tile; scheduler.next(tile);) {
         const int b_row = tile.group * p.n + tile.n_block * BN;
         const auto extras = Kernel::producer_tile(p, tile, num_k_blocks);
-        for (u32 k_block = k_begin; k_block < k_end; ++k_block, ring.advance()) {
+        // kKGrouped: the expert's own K segment; kBatchSum: the item's run of (product, K block) pairs.
+        u32 tile_k_end = k_end, k_first = 0;
+        if constexpr (Config::kType == GemmType::kKGrouped) {
+            tile_k_end = ceil_div(tile.k_rows, Config::kBlockK);
+            k_first = tile.k_first;
+        }
+        if constexpr (Config::kType == GemmType::kBatchSum) tile_k_end = tile.k_rows;
+        for (u32 k_block = k_begin; k_block < tile_k_end; ++k_block, ring.advance()) {
             const u32 s = ring.stage;
             empty[s].wait(ring.phase ^ 1);
             full[s].arrive_expect_tx(p.stage_bytes);
-            const int k = k_block * Config::kBlockK;
+            int k = k_first + k_block * Config::kBlockK;
+            int slice = int(tile.group);
+            if constexpr (Config::kType == GemmType::kBatchSum) {
+                const u32 blocks_per_product = ceil_div(p.k, Config::kBlockK), block = tile.k_first + k_block;
+                slice = int(block / blocks_per_product);
+                k = int(block - slice * blocks_per_product) * Config::kBlockK;
+            }
             u8* tile_a = smem_a + s * Config::kTileABytes;
             u8* tile_b = smem_b + s * Config::kTileBBytes;
             if constexpr (Config::kClusterN > 1) {
                 // Half of A's rows each, into both CTAs of the pair.
                 constexpr u32 kSliceRows = BM / kPair;
-                tma_load_2d_multicast(tile_a + rank * kSliceRows * kRowBytes, &p.tma_a, &full[s], k,
-                                      tile.row + rank * kSliceRows, (1u << kPair) - 1);
+                load_rows<Config::kMajorA, kSliceRows, true>(tile_a + rank * kSliceRows * kRowBytes, &p.tma_a, &full[s],
+                                                             k, tile.row + rank * kSliceRows, (1u << kPair) - 1);
             } else {
-                tma_load_2d(tile_a, &p.tma_a, &full[s], k, tile.row);
+                load_rows<Config::kMajorA, BM, false, kSliced>(tile_a, &p.tma_a, &full[s], k, tile.row, 0, slice);
             }
-            if constexpr (Config::kClusterM > 1) {
+            if constexpr (Config::kMajorB == Major::kMN || kSliced) {
+                // B as a 3-D tensor: MN-major [G, K, N], where a ragged last K block reads zeros, not the
+                // next expert's rows (kKGrouped: [1, sum_K, N], the experts' segments along K), or
+                // kBatched's [G, N, K].
+                static_assert(Config::kClusterM == 1, "3-D B is not multicast");
+                load_rows<Config::kMajorB, BN, false, true>(tile_b, &p.tma_b, &full[s], k, tile.n_block * BN, 0,
+                                                           Config::kType == GemmType::kKGrouped ? 0 : slice);
+            } else if constexpr (Config::kClusterM > 1) {
                 constexpr u32 kSliceRows = BN / kPair;
                 if (tile.shares_b) {
                     tma_load_2d_multicast(tile_b + rank * kSliceRows * kRowBytes, &p.tma_b, &full[s], k,

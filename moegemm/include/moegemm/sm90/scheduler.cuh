@@ -14,9 +14,39 @@ namespace moegemm {
 //   kContiguousPsum  the same rows; groups[g] is the end row of expert g's segment (cumulative),
 //                    which starts at the end of g - 1 rounded up to 128.
 //   kMasked          A [G, max_M, K]: expert g's first clamp(groups[g], 0, max_M) rows are real.
+//   kKGrouped        K-grouped (MoE weight gradients): A [sum_K, M] and B [sum_K, N] hold the experts'
+//                    K segments back to back, groups[g] the length of expert g's (a multiple of
+//                    the block K); D [G, M, N], D[g] = A_g^T @ B_g.
+//   kBatched         G independent products of one shape: A [G, M, K], B [G, N, K] and D [G, M, N]
+//                    as 3-D tensors of any pitches (the einsum forms); `groups` is unused.
+//   kBatchSum        D [M, N] = the sum over g of A[g] @ B[g]^T (A, B 3-D as for kBatched): the blocks of
+//                    K of all G products, product by product, are cut into runs of the same length,
+//                    and every run of every tile is a work item that adds its sum into D.
 // Values read from `groups` are never trusted: a tile of no valid expert is skipped, every row
-// range is clamped to the buffers.
-enum class GemmType : u32 { kNormal = 0, kContiguous = 1, kContiguousPsum = 2, kMasked = 3 };
+// range (kKGrouped: every K range) is clamped to the buffers.
+enum class GemmType : u32 {
+    kNormal = 0, kContiguous = 1, kContiguousPsum = 2, kMasked = 3, kKGrouped = 4, kBatched = 5, kBatchSum = 6
+};
+
+// The kinds whose A's rows belong to experts of different lengths (some rows of a tile may be
+// padding or another expert's).
+__host__ __device__ constexpr bool m_grouped(GemmType type) {
+    return type == GemmType::kContiguous || type == GemmType::kContiguousPsum || type == GemmType::kMasked;
+}
+// The kinds whose A and B are addressed as 3-D tensors with the group as the outer coordinate.
+__host__ __device__ constexpr bool sliced_operands(GemmType type) {
+    return type == GemmType::kBatched || type == GemmType::kBatchSum;
+}
+// The kinds that store D into the group's own slice of a 3-D tensor.
+__host__ __device__ constexpr bool sliced_output(GemmType type) {
+    return type == GemmType::kKGrouped || type == GemmType::kBatched;
+}
+
+// The scheduler's k argument for a kernel's parameters: K, or for kBatchSum the K blocks of one product.
+template <class Config, class Params>
+__device__ __forceinline__ u32 scheduler_k(const Params& p) {
+    return Config::kType == GemmType::kBatchSum ? ceil_div(p.k, Config::kBlockK) : p.k;
+}
 
 constexpr u32 kContiguousAlignment = 128;  // rows per expert segment boundary (contiguous kinds)
 
@@ -27,12 +57,15 @@ constexpr u32 kContiguousAlignment = 128;  // rows per expert segment boundary (
 struct Tile {
     u32 m_block, n_block, group, row, row_limit;
     bool shares_b = true;  // kClusterM > 1: the cluster's CTAs share (multicast) this tile's B
+    // kKGrouped: the expert's K segment (rows of A and B); kBatchSum: the item's run of K blocks.
+    u32 k_first, k_rows;
 };
 
 // Tiles handed out round-robin to a persistent grid of clusters (cluster c takes work items c,
 // c + number of clusters, ...). For the kinds other than kMasked, items are ordered in groups of
 // kGroupM item-rows, column by column inside a group, so the tiles in flight at one time share rows
-// of A and columns of B in L2. kMasked items run expert by expert. Two kinds of cluster:
+// of A and columns of B in L2. kMasked items run expert by expert; kKGrouped and kBatched ones too,
+// each group's items rastered as a dense GEMM's. Two kinds of cluster:
 //   kClusterM CTAs stacked along M (kNormal, kMasked): the CTA of rank r computes block-row
 //     kClusterM * item_row + r, so the CTAs of a cluster share the B tile. A CTA whose block-row
 //     lies past M still runs (its stores are skipped): its peer needs it. A kMasked expert of one
@@ -50,8 +83,9 @@ struct TileScheduler {
     static_assert(kClusterM == 1 || kClusterN == 1, "a cluster shares A or B, not both");
     static_assert(kClusterN == 1 || kType != GemmType::kMasked, "kMasked pairs share B only");
     static_assert(kType == GemmType::kNormal || (kSplitK == 1 && (kClusterM == 1 || kType == GemmType::kMasked)),
-                  "of the grouped kinds, only kMasked multicasts");
-    static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || kContiguousAlignment % kBlockM == 0,
+                  "of the grouped kinds, only kMasked multicasts B");
+    static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || !m_grouped(kType) ||
+                      kContiguousAlignment % kBlockM == 0,
                   "a block never straddles two experts' segments");
     static constexpr u32 kClusterSize = kClusterM * kClusterN * kSplitK;
 
@@ -60,12 +94,17 @@ struct TileScheduler {
     u32 num_groups, max_m;
     u32 item;
     u32 cursor_group = 0, cursor_first_item = 0;  // kMasked: the expert whose items start at cursor_first_item
+    u32 k_total, cursor_k = 0;  // kKGrouped: K rows of A and B, the first of the cursor expert's
+    u32 k_blocks_per_item;      // kBatchSum: the length of a run
 
-    // m: rows of A (kMasked: max_M, rows per expert). groups: see GemmType.
-    __device__ __forceinline__ TileScheduler(u32 m_, u32 n, const int* groups_ = nullptr, u32 num_groups_ = 1)
+    // m: rows of A (kMasked: max_M, rows per expert; kKGrouped: M). groups: see GemmType. k
+    // (scheduler_k): kKGrouped's sum_K; kBatchSum's K blocks of one product, in runs of
+    // k_blocks_per_item_.
+    __device__ __forceinline__ TileScheduler(u32 m_, u32 n, const int* groups_ = nullptr, u32 num_groups_ = 1,
+                                             u32 k = 0, u32 k_blocks_per_item_ = 0)
         : m(m_), num_n_blocks(ceil_div(n, kBlockN)), num_item_rows(ceil_div(m_, kBlockM * kClusterM)),
           num_items(num_item_rows * ceil_div(num_n_blocks, kClusterN)), groups(groups_), num_groups(num_groups_), max_m(m_),
-          item(blockIdx.x / kClusterSize) {}
+          item(blockIdx.x / kClusterSize), k_total(k), k_blocks_per_item(k_blocks_per_item_) {}
 
     __device__ __forceinline__ static u32 item_stride() { return gridDim.x / kClusterSize; }
 
@@ -73,13 +112,20 @@ struct TileScheduler {
     __device__ __forceinline__ bool next(Tile& tile) {
         if constexpr (kType == GemmType::kMasked) {
             return next_masked(tile);
+        } else if constexpr (kType == GemmType::kKGrouped) {
+            return next_k_grouped(tile);
+        } else if constexpr (kType == GemmType::kBatchSum) {
+            return next_batch_sum(tile);
         } else {
-            for (; item < num_items; item += item_stride()) {
-                raster(item, tile.m_block, tile.n_block);
+            // kBatched: num_items is one group's, the groups' items follow each other.
+            const u32 total_items = kType == GemmType::kBatched ? num_items * num_groups : num_items;
+            for (; item < total_items; item += item_stride()) {
+                const u32 group = kType == GemmType::kBatched ? item / num_items : 0;
+                raster(item - group * num_items, tile.m_block, tile.n_block);
                 tile.row = tile.m_block * kBlockM;
                 tile.row_limit = m;
-                tile.group = 0;
-                if (kType == GemmType::kNormal || find_group(tile)) {
+                tile.group = group;
+                if (kType == GemmType::kNormal || kType == GemmType::kBatched || find_group(tile)) {
                     item += item_stride();
                     return true;
                 }
@@ -141,6 +187,43 @@ struct TileScheduler {
             tile.row_limit = end;
             return uniform(tile.row < end);
         }
+    }
+
+    // kKGrouped: num_items is one expert's; the experts' K segments follow each other, each clamped
+    // to what is left of sum_K. The segment's length is broadcast from lane 0 so that the main
+    // loop's bound is known warp-uniform.
+    __device__ __forceinline__ bool next_k_grouped(Tile& tile) {
+        for (; cursor_group < num_groups; ++cursor_group) {
+            const u32 k_rows = min(static_cast<u32>(max(load_group(cursor_group), 0)), k_total - cursor_k);
+            if (item < cursor_first_item + num_items) {
+                raster(item - cursor_first_item, tile.m_block, tile.n_block);
+                tile.row = tile.m_block * kBlockM;
+                tile.row_limit = m;
+                tile.group = cursor_group;
+                tile.k_first = cursor_k;
+                tile.k_rows = kWholeWarp ? __shfl_sync(0xffffffff, k_rows, 0) : k_rows;
+                item += item_stride();
+                return true;
+            }
+            cursor_first_item += num_items;
+            cursor_k += k_rows;
+        }
+        return false;
+    }
+
+    // kBatchSum: num_items is one run's; the runs' items follow each other.
+    __device__ __forceinline__ bool next_batch_sum(Tile& tile) {
+        const u32 num_k_blocks = k_total * num_groups;
+        if (item >= num_items * ceil_div(num_k_blocks, k_blocks_per_item)) return false;
+        const u32 run = item / num_items;
+        raster(item - run * num_items, tile.m_block, tile.n_block);
+        tile.row = tile.m_block * kBlockM;
+        tile.row_limit = m;
+        tile.group = 0;
+        tile.k_first = run * k_blocks_per_item;
+        tile.k_rows = min(k_blocks_per_item, num_k_blocks - tile.k_first);
+        item += item_stride();
+        return true;
     }
 
     __device__ __forceinline__ bool next_masked(Tile& tile) {

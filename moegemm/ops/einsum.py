@@ -1,0 +1,149 @@
+"""``einsum`` for the three BF16 contractions DeepGEMM serves, on the BF16 GEMM kernel:
+
+- ``bhr,hdr->bhd`` and ``bhd,hdr->bhr``: one product per head h (``GemmType.BATCHED``), A's, B's and
+  D's heads read and written in place through 3-D TMA descriptors (any 16-byte pitches);
+- ``bmk,bnk->mn``: the sum of B products into one D (``GemmType.BATCH_SUM``), each work item adding
+  the sum of its run of (product, K block) pairs into D, which therefore is FP32 (a BF16 D gets an
+  FP32 workspace and a cast).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checks, device, reference
+from ..gemm.desc import GemmType
+from ..kernels import bf16_gemm
+from . import gemm_common
+from .bf16_gemm import BF16, FP32, GEMM_OUT, _aligned, _kernel_operand
+from .dispatch import Op
+
+EXPRESSIONS = reference.EINSUM_EXPRESSIONS
+
+
+def _views(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor):
+    """The products as the kernel sees them: A [G, M, K] and B [G, N, K] logical views, D [G, M, N]
+    (batch sum: [M, N]), and the GemmType."""
+    if expr == "bmk,bnk->mn":
+        return a, b, d, GemmType.BATCH_SUM
+    a_gmk, d_gmn = a.transpose(0, 1), d.transpose(0, 1)  # heads outermost
+    b_gnk = b if expr == "bhr,hdr->bhd" else b.transpose(1, 2)
+    return a_gmk, b_gnk, d_gmn, GemmType.BATCHED
+
+
+def _expected_shapes(expr: str, a: torch.Tensor, b: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    """B's and D's shapes for this A (B's leading dims and K from A, its free dim from B), and B's name."""
+    x, y, z = a.shape
+    if expr == "bmk,bnk->mn":
+        return (x, b.shape[1], z), (y, b.shape[1]), "[B, N, K]"
+    if expr == "bhr,hdr->bhd":
+        return (y, b.shape[1], z), (x, y, b.shape[1]), "[H, D, R]"
+    return (y, z, b.shape[2]), (x, y, b.shape[2]), "[H, D, R]"
+
+
+def _check(expr, a, b, d, c) -> None:
+    if expr not in EXPRESSIONS:
+        raise ValueError(f"expr: expected one of {EXPRESSIONS}, got {expr!r}")
+    checks.tensor("a", a, BF16, 3)
+    checks.tensor("b", b, BF16, 3)
+    checks.tensor("d", d, GEMM_OUT, 3 if expr != "bmk,bnk->mn" else 2)
+    b_shape, d_shape, b_letters = _expected_shapes(expr, a, b)
+    if tuple(b.shape) != b_shape:
+        raise ValueError(f"b: expected shape {b_letters} = {b_shape} (from a's {tuple(a.shape)}), got {tuple(b.shape)}")
+    checks.shape("d", d, d_shape)
+    tensors = {"a": a, "b": b, "d": d}
+    if c is not None:
+        checks.tensor("c", c, FP32, d.dim())
+        checks.shape("c", c, d_shape)
+        if d.dtype != torch.float32:
+            raise TypeError(f"d: with c given (D = C + ...) d must be torch.float32, got {d.dtype}")
+        tensors["c"] = c
+    gemm_common.check_cuda(tensors)
+    if d.is_cuda:
+        a_gmk, b_gnk, _, _ = _views(expr, a, b, d)
+        _kernel_operand("a", a_gmk)
+        _kernel_operand("b", b_gnk)
+        checks.tma_rows("d", d)
+
+
+def _bind(expr, a, b, d, c):
+    names = ("d", "a", "b")
+    spans = gemm_common.spans(d, a, b)
+    c_spans = None if c is None else gemm_common.spans(c, d, a, b)
+    c_like_d = c is not None and c.stride() == d.stride()
+
+    def guard(a, b, d, c) -> tuple[int, int, int, bool]:
+        """The data pointers, checked for overlap, and whether C is a tensor apart from D."""
+        pointers = (d.data_ptr(), a.data_ptr(), b.data_ptr())
+        checks.no_overlap(names, pointers, spans)
+        separate_c = c is not None and (c.data_ptr() != pointers[0] or not c_like_d)
+        if separate_c:
+            checks.no_overlap(("c", *names), (c.data_ptr(), *pointers), c_spans)
+        return (*pointers, separate_c)
+
+    if not d.is_cuda:
+        def run_reference(expr, a, b, d, c):
+            guard(a, b, d, c)
+            reference.einsum(expr, a, b, d, c)
+        return run_reference
+
+    a_gmk, b_gnk, d_view, kind = _views(expr, a, b, d)
+    num_groups, m, k = a_gmk.shape
+    n = b_gnk.shape[1]
+    if min(num_groups, m, n, k) == 0:
+        def run_empty(expr, a, b, d, c):  # an empty sum: D = C (or 0)
+            separate_c = guard(a, b, d, c)[-1]
+            if separate_c:
+                d.copy_(c)
+            elif c is None:
+                d.zero_()
+        return run_empty
+
+    index = d.get_device()
+    a_kernel, major_a = _kernel_operand("a", a_gmk)
+    b_kernel, major_b = _kernel_operand("b", b_gnk)
+    batch_sum = kind is GemmType.BATCH_SUM
+    # The batch sum adds into FP32: D itself, or a workspace that a BF16 D is cast from.
+    workspace = torch.empty(d.shape, device=d.device) if batch_sum and d.dtype != torch.float32 else None
+    out = d_view if workspace is None else workspace
+    desc = bf16_gemm.describe(kind, m, n, k, out, num_groups, accumulate=batch_sum or c is not None)
+    launch = bf16_gemm.plan(desc, a_kernel, b_kernel, out, major_a, major_b, device.device_facts(index),
+                            pdl=device.get_pdl()).launch_pointers
+
+    def run_kernel(expr, a, b, d, c):
+        _, a_ptr, b_ptr, separate_c = guard(a, b, d, c)
+        if (a_ptr | b_ptr | d.data_ptr()) & 15:
+            _aligned(a, b, d)
+        if separate_c:
+            d.copy_(c)
+        elif batch_sum and c is None:
+            (d if workspace is None else workspace).zero_()
+        out_ptr = d.data_ptr() if workspace is None else workspace.data_ptr()
+        launch(index, a_ptr, b_ptr, out_ptr, 0)
+        if workspace is not None:
+            d.copy_(workspace)
+    return run_kernel
+
+
+_EINSUM = Op("einsum", "(str expr, Tensor a, Tensor b, Tensor(a!) d, Tensor? c) -> ()", ("d",),
+             lambda expr, a, b, d, c: _check(expr, a, b, d, c), lambda expr, a, b, d, c: _bind(expr, a, b, d, c))
+
+
+def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
+    """``D = C + einsum(expr, A, B)`` in BF16 with FP32 accumulation, written into ``d``.
+
+    Args:
+        expr: one of ``EXPRESSIONS`` (spaces ignored):
+            ``"bmk,bnk->mn"``: A bfloat16 [B, M, K], B bfloat16 [B, N, K], D [M, N] (the B products summed);
+            ``"bhr,hdr->bhd"``: A bfloat16 [B, H, R], B bfloat16 [H, D, R], D [B, H, D];
+            ``"bhd,hdr->bhr"``: A bfloat16 [B, H, D], B bfloat16 [H, D, R], D [B, H, R].
+        a, b: any strides with one unit-stride dimension among each product's two (K, or M / N), 16-byte
+            aligned pitches; views are read in place.
+        d: bfloat16 or float32, unit stride in the last dimension, 16-byte pitches. Overwritten.
+        c: optional float32 of D's shape; then ``d`` must be float32 (``c`` may be ``d``).
+
+    CPU tensors run the reference. Other expressions raise ValueError naming the supported ones.
+    """
+    if not isinstance(expr, str):
+        raise TypeError(f"expr: expected a str, one of {EXPRESSIONS}, got {type(expr).__name__}")
+    _EINSUM(expr.replace(" ", ""), a, b, d, c)
