@@ -1,4 +1,4 @@
-"""Command line: ``python -m moegemm info | bench [--json PATH] | cache clear | --version``."""
+"""Command line: ``python -m moegemm info | bench [--json PATH] [--only fp8|bf16] | cache clear | --version``."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _info() -> int:
     return 0
 
 
-def _bench(json_path: str | None) -> int:
+def _bench(json_path: str | None, only: str | None) -> int:
     import torch
 
     if not torch.cuda.is_available():
@@ -58,7 +58,7 @@ def _bench(json_path: str | None) -> int:
         return 1
     from . import bench
 
-    bench.main(json_path)
+    bench.main(json_path, bench.SECTIONS if only is None else (only,))
     return 0
 
 
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "info":
         return _info()
     if args.command == "bench":
-        return _bench(args.json)
+        return _bench(args.json, args.only)
     return _cache_clear()
 
 
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="GPU, compiler, cache and which kernels this GPU runs")
     bench = commands.add_parser("bench", help="benchmarks beside cuBLAS (needs an SM90 GPU)")
     bench.add_argument("--json", help="also write the results to this file")
+    bench.add_argument("--only", choices=["fp8", "bf16"], help="run one section: the FP8 GEMMs and casts, or the "
+                       "BF16 GEMMs, einsum and the hyper-connection GEMM")
     cache = commands.add_parser("cache", help="manage the kernel cache: `clear` deletes the kernels/ and host/ "
                                 "folders moegemm wrote under MOEGEMM_CACHE_DIR, its marker file, and the folder "
                                 "itself once empty")

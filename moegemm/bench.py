@@ -741,7 +741,12 @@ def print_cast_table(rows: list[CastRow]) -> None:
               f"{r.torch_us:8.1f} {r.torch_gbps:6.0f}")
 
 
-def main(json_path: str | None = None) -> None:
+SECTIONS = ("fp8", "bf16")
+
+
+def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> None:
+    """Run the benchmark ``sections``: "fp8" (the FP8 GEMMs and casts), "bf16" (the BF16 GEMMs,
+    einsum and the hyper-connection GEMM)."""
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     # Host time first: once torch.profiler has run in a process, every kernel launch costs several us
@@ -753,20 +758,23 @@ def main(json_path: str | None = None) -> None:
     print(f"host overhead per cached call: fp8_gemm_nt {overhead['fp8_gemm_nt_us']:.2f} us, its planned "
           f"launch alone {overhead['planned_launch_us']:.2f} us; for scale, torch's x.add_(1) "
           f"{overhead['torch_add_us']:.2f} us")
-    rows = bench_fp8_gemm()
-    print_gemm_table("fp8_gemm_nt (BF16 out) vs cuBLASLt blockwise 1x128/128x128, cuBLAS unscaled (per-tensor "
-                     "scales, same FP8 operands) and BF16 torch.matmul", rows)
-    grouped = bench_grouped()
-    print_grouped_table(grouped)
-    bf16 = bench_bf16_dense() + bench_bf16_grouped() + bench_bf16_k_grouped() + bench_bf16_einsum()
-    print_bf16_table(bf16)
-    hc = bench_hc_prenorm()
-    print_hc_prenorm_table(hc)
-    casts = bench_casts()
-    print_cast_table(casts)
+    results = {"device": device, "torch": torch.__version__, "ceilings": limits, "overhead": overhead}
+    if "fp8" in sections:
+        rows = bench_fp8_gemm()
+        print_gemm_table("fp8_gemm_nt (BF16 out) vs cuBLASLt blockwise 1x128/128x128, cuBLAS unscaled (per-tensor "
+                         "scales, same FP8 operands) and BF16 torch.matmul", rows)
+        grouped = bench_grouped()
+        print_grouped_table(grouped)
+        casts = bench_casts()
+        print_cast_table(casts)
+        results.update(fp8_gemm_nt=[asdict(r) for r in rows], grouped=[asdict(r) for r in grouped],
+                       casts=[asdict(r) for r in casts])
+    if "bf16" in sections:
+        bf16 = bench_bf16_dense() + bench_bf16_grouped() + bench_bf16_k_grouped() + bench_bf16_einsum()
+        print_bf16_table(bf16)
+        hc = bench_hc_prenorm()
+        print_hc_prenorm_table(hc)
+        results.update(bf16=[asdict(r) for r in bf16], hc_prenorm=[asdict(r) for r in hc])
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"device": device, "torch": torch.__version__, "ceilings": limits, "overhead": overhead,
-                       "fp8_gemm_nt": [asdict(r) for r in rows], "grouped": [asdict(r) for r in grouped],
-                       "bf16": [asdict(r) for r in bf16], "hc_prenorm": [asdict(r) for r in hc],
-                       "casts": [asdict(r) for r in casts]}, f, indent=1)
+            json.dump(results, f, indent=1)
