@@ -71,7 +71,6 @@ _LAYOUTS = {
 _SHAPES = {"nt": ("[M, K]", "[N, K]"), "nn": ("[M, K]", "[K, N]"), "tn": ("[K, M]", "[K, N]"),
            "tt": ("[K, M]", "[N, K]")}
 _DENSE_NAMES = ("d", "a", "b")
-_DENSE_NAMES_C = ("c", "d", "a", "b")
 
 
 def _check_dense(layout: str, a, b, d, c) -> None:
@@ -99,21 +98,14 @@ def _check_dense(layout: str, a, b, d, c) -> None:
 
 
 def _bind_dense(layout: str, a, b, d, c):
-    spans = gemm_common.spans(d, a, b)
-    c_spans = None if c is None else gemm_common.spans(c, d, a, b)
-    c_like_d = c is not None and c.stride() == d.stride()
+    pointer_guard = gemm_common.overlap_guard(_DENSE_NAMES, (d, a, b), c)
     a_mk, b_nk = (view(t) for view, t in zip(_LAYOUTS[layout], (a, b), strict=True))
     m, k = a_mk.shape
     n = b_nk.shape[0]
 
     def guard(a, b, d, c) -> tuple[int, int, int, bool]:
-        """The data pointers, checked for overlap; whether C is a tensor apart from D."""
-        a_ptr, b_ptr, d_ptr = a.data_ptr(), b.data_ptr(), d.data_ptr()
-        checks.no_overlap(_DENSE_NAMES, (d_ptr, a_ptr, b_ptr), spans)
-        separate_c = c is not None and (c.data_ptr() != d_ptr or not c_like_d)
-        if separate_c:
-            checks.no_overlap(_DENSE_NAMES_C, (c.data_ptr(), d_ptr, a_ptr, b_ptr), c_spans)
-        return a_ptr, b_ptr, d_ptr, separate_c
+        """The data pointers (D, A, B), checked for overlap; whether C is a tensor apart from D."""
+        return pointer_guard((d, a, b), c)
 
     if not d.is_cuda:
         oracle = getattr(reference, f"bf16_gemm_{layout}")
@@ -140,7 +132,7 @@ def _bind_dense(layout: str, a, b, d, c):
                             pdl=device.get_pdl()).launch_pointers
 
     def run_kernel(a, b, d, c):
-        a_ptr, b_ptr, d_ptr, separate_c = guard(a, b, d, c)
+        d_ptr, a_ptr, b_ptr, separate_c = guard(a, b, d, c)
         if (a_ptr | b_ptr | d_ptr) & 15:
             _aligned(a, b, d)
         if separate_c:
@@ -369,21 +361,13 @@ def _check_k_grouped(a, b, d, grouped_layout, c) -> None:
 
 
 def _bind_k_grouped(a, b, d, grouped_layout, c):
-    names = ("d", "a", "b", "grouped_layout")
-    spans = gemm_common.spans(d, a, b, grouped_layout)
-    c_spans = None if c is None else gemm_common.spans(c, d, a, b, grouped_layout)
-    c_like_d = c is not None and c.stride() == d.stride()
+    pointer_guard = gemm_common.overlap_guard(("d", "a", "b", "grouped_layout"), (d, a, b, grouped_layout), c)
     num_groups, m, n = d.shape
     sum_k = a.shape[0]
 
     def guard(a, b, d, grouped_layout, c) -> tuple[int, ...]:
-        """The data pointers, checked for overlap, and whether C is a tensor apart from D."""
-        pointers = (d.data_ptr(), a.data_ptr(), b.data_ptr(), grouped_layout.data_ptr())
-        checks.no_overlap(names, pointers, spans)
-        separate_c = c is not None and (c.data_ptr() != pointers[0] or not c_like_d)
-        if separate_c:
-            checks.no_overlap(("c", *names), (c.data_ptr(), *pointers), c_spans)
-        return (*pointers, separate_c)
+        """The data pointers (D, A, B, layout), checked for overlap, and whether C is a tensor apart from D."""
+        return pointer_guard((d, a, b, grouped_layout), c)
 
     if not d.is_cuda:
         def run_reference(a, b, d, grouped_layout, c):

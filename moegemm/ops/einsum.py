@@ -67,19 +67,11 @@ def _check(expr, a, b, d, c) -> None:
 
 
 def _bind(expr, a, b, d, c):
-    names = ("d", "a", "b")
-    spans = gemm_common.spans(d, a, b)
-    c_spans = None if c is None else gemm_common.spans(c, d, a, b)
-    c_like_d = c is not None and c.stride() == d.stride()
+    pointer_guard = gemm_common.overlap_guard(("d", "a", "b"), (d, a, b), c)
 
-    def guard(a, b, d, c) -> tuple[int, int, int, bool]:
-        """The data pointers, checked for overlap, and whether C is a tensor apart from D."""
-        pointers = (d.data_ptr(), a.data_ptr(), b.data_ptr())
-        checks.no_overlap(names, pointers, spans)
-        separate_c = c is not None and (c.data_ptr() != pointers[0] or not c_like_d)
-        if separate_c:
-            checks.no_overlap(("c", *names), (c.data_ptr(), *pointers), c_spans)
-        return (*pointers, separate_c)
+    def guard(a, b, d, c) -> tuple[int, ...]:
+        """The data pointers (D, A, B), checked for overlap, and whether C is a tensor apart from D."""
+        return pointer_guard((d, a, b), c)
 
     if not d.is_cuda:
         def run_reference(expr, a, b, d, c):

@@ -52,6 +52,24 @@ def spans(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(checks.byte_span(t) for t in tensors)
 
 
+def overlap_guard(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], c: torch.Tensor | None):
+    """A bound call's check of the data pointers of tensors of these shapes and strides, D first:
+    ``guard(tensors, c)`` raises where D shares bytes with another, or a C apart from D with any of
+    them, and returns their pointers and whether C is a tensor apart from D (C given and not D)."""
+    tensor_spans = spans(*tensors)
+    c_spans = None if c is None else spans(c, *tensors)
+    c_like_d = c is not None and c.stride() == tensors[0].stride()
+
+    def guard(tensors: tuple[torch.Tensor, ...], c: torch.Tensor | None) -> tuple[int, ...]:
+        pointers = tuple(t.data_ptr() for t in tensors)
+        checks.no_overlap(names, pointers, tensor_spans)
+        separate_c = c is not None and (c.data_ptr() != pointers[0] or not c_like_d)
+        if separate_c:
+            checks.no_overlap(("c", *names), (c.data_ptr(), *pointers), c_spans)
+        return (*pointers, separate_c)
+    return guard
+
+
 def zero_expert_rows(kind: GemmType, d: torch.Tensor, groups: torch.Tensor, num_groups: int) -> None:
     """K = 0: the rows of D that belong to an expert are zero (an empty sum), as the kernels' row
     rules would pick them; the rest stays untouched. Whole-tensor ops on the GPU, no host read, so
