@@ -555,7 +555,8 @@ BF16_K_GROUPED = [(g, 32768 // g, m, n) for g in (4, 8, 16) for m, n in ((4096, 
 
 def bench_bf16_k_grouped(iters: int = 20) -> list[Bf16Row]:
     """The K-grouped GEMM (D[g] += A_g^T @ B_g in place, FP32) with routing counts, beside one torch.matmul
-    per expert and DeepGEMM. The row's ``m`` is M; ``k`` the mean K per expert."""
+    per expert (BF16 out: torch has no FP32 out for BF16 inputs) and DeepGEMM. The row's ``m`` is M;
+    ``k`` the mean K per expert."""
     rows = []
     for num_groups, mean_k, m, n in BF16_K_GROUPED:
         ks = [align(count, 128) for count in routing_counts(num_groups, mean_k)]
@@ -565,7 +566,7 @@ def bench_bf16_k_grouped(iters: int = 20) -> list[Bf16Row]:
         d = torch.zeros(num_groups, m, n, device="cuda")
         segments = [(a[start - length:start], b[start - length:start])
                     for start, length in zip(itertools.accumulate(ks), ks, strict=True)]
-        out = torch.empty(m, n, device="cuda")
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)  # torch.matmul's out: the inputs' dtype
 
         def diff(a=a, b=b, d=d, ks=ks, layout=layout, segments=segments):
             d.zero_()

@@ -6,11 +6,12 @@ header that includes them:
 
     mma/wgmma_fp8.cuh   WgmmaFp8<N>                      m64nNk32, e4m3 x e4m3, both K-major
     mma/wgmma_bf16.cuh  WgmmaBf16<N, kMajorA, kMajorB>   m64nNk16, bf16 x bf16, each K- or MN-major
-    mma/wgmma_tf32.cuh  WgmmaTf32<N>                     m64nNk8, tf32 x tf32, both K-major (PTX allows no other);
-                                                         A from shared memory or from registers
-    mma/wgmma.cuh       includes the three and mma/layout.cuh (descriptors, Major, the accumulator layout)
+    mma/wgmma_tf32.cuh  WgmmaTf32<N>                     m64nNk8, tf32 x tf32, both K-major (PTX allows no other)
+    mma/wgmma_tf32_registers.cuh  WgmmaTf32RegistersA<N>  the same with A from registers
+    mma/wgmma.cuh       includes the four and mma/layout.cuh (descriptors, Major, the accumulator layout)
 
-Every wrapper has `static void mma(u64 desc_a, u64 desc_b, float* d, bool accumulate)`: D[64 x N]
+Every wrapper has `static void mma(u64 desc_a, u64 desc_b, float* d, bool accumulate)` (the registers-A one `a`
+4 floats instead of `desc_a`): D[64 x N]
 (+)= A * B with FP32 accumulators, N/2 per thread of the warpgroup. Run `python tools/gen_wgmma.py`
 after editing this file; `--check` exits non-zero (naming the stale header) when a committed header
 differs from the generator's output, and a CPU test runs it.
@@ -60,7 +61,7 @@ def _bf16(n: int) -> str:
 
 
 def _tf32_registers_a(n: int) -> str:
-    """``mma_registers_a``: A's 64 x 8 fragment from four registers per thread (fp32 bit patterns)."""
+    """A's 64 x 8 fragment from four registers per thread (fp32 bit patterns)."""
     num_acc = n // 2
     regs = ", ".join(f"%{i}" for i in range(num_acc))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(num_acc))
@@ -69,8 +70,7 @@ def _tf32_registers_a(n: int) -> str:
     b, p = num_acc + 4, num_acc + 5
     instruction = f"wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32"
     return (
-        "    __device__ __forceinline__ static void mma_registers_a(const float* a, u64 desc_b, float* d,\n"
-        "                                                           bool accumulate) {\n"
+        "    __device__ __forceinline__ static void mma(const float* a, u64 desc_b, float* d, bool accumulate) {\n"
         f'        asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{p}, 0;\\n"\n'
         f'                     "{instruction} {{{regs}}}, {{{a}}}, %{b}, p, 1, 1;\\n}}\\n"\n'
         f"                     : {outs}\n"
@@ -80,7 +80,11 @@ def _tf32_registers_a(n: int) -> str:
 
 def _tf32(n: int) -> str:
     body = _asm(n, f"wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32", ", 1, 1")
-    return f"template <>\nstruct WgmmaTf32<{n}> {{\n{_mma(body)}{_tf32_registers_a(n)}}};\n"
+    return f"template <>\nstruct WgmmaTf32<{n}> {{\n{_mma(body)}}};\n"
+
+
+def _tf32_registers(n: int) -> str:
+    return f"template <>\nstruct WgmmaTf32RegistersA<{n}> {{\n{_tf32_registers_a(n)}}};\n"
 
 
 def _family(comment: str, declaration: str, wrapper) -> str:
@@ -105,16 +109,19 @@ def generate() -> dict[str, str]:
         "wgmma_tf32.cuh": _family(
             "// WgmmaTf32<N>::mma: D[64 x N] (+)= A[64 x 8] * B[N x 8]^T, tf32 inputs (fp32 in shared memory)\n"
             "// from shared-memory descriptors, both K-major (the only layout PTX allows for tf32), FP32\n"
-            "// accumulators, N/2 per thread of the warpgroup. mma_registers_a: A from registers instead,\n"
-            "// a[0..3] = A[r][c], A[r + 8][c], A[r][c + 4], A[r + 8][c + 4] with r = 16 * warp + lane / 4,\n"
-            "// c = lane % 4 (PTX ISA, the wgmma .tf32 A fragment).\n",
+            "// accumulators, N/2 per thread of the warpgroup.\n",
             "template <int N>\nstruct WgmmaTf32;\n\n", _tf32),
+        "wgmma_tf32_registers.cuh": _family(
+            "// WgmmaTf32RegistersA<N>::mma: as WgmmaTf32 with A from registers, a[0..3] = A[r][c], A[r + 8][c],\n"
+            "// A[r][c + 4], A[r + 8][c + 4] with r = 16 * warp + lane / 4, c = lane % 4 (PTX ISA, the wgmma\n"
+            "// .tf32 A fragment); B from a shared-memory descriptor, K-major.\n",
+            "template <int N>\nstruct WgmmaTf32RegistersA;\n\n", _tf32_registers),
         "wgmma.cuh": (
             f"{_GENERATED}"
             "// The WGMMA instruction wrappers of every input type, and the descriptor and accumulator-layout\n"
             "// helpers they take (layout.cuh).\n"
             '#pragma once\n#include "layout.cuh"\n#include "wgmma_bf16.cuh"\n#include "wgmma_fp8.cuh"\n'
-            '#include "wgmma_tf32.cuh"\n'),
+            '#include "wgmma_tf32.cuh"\n#include "wgmma_tf32_registers.cuh"\n'),
     }
 
 

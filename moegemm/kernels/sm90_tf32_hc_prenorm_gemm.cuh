@@ -104,7 +104,7 @@ __device__ __forceinline__ void sm90_tf32_hc_prenorm_gemm(const HcPrenormParams&
 #pragma unroll
         for (u32 j = 0; j < 8; ++j) {
             const u32 offset = s * Config::kTileBBytes + (j / 4) * Config::kHalfBBytes + (j % 4) * 32;
-            WgmmaTf32<BN>::mma_registers_a(a[j], smem_descriptor_advance(desc_b, offset), acc, true);
+            WgmmaTf32RegistersA<BN>::mma(a[j], smem_descriptor_advance(desc_b, offset), acc, true);
         }
         wgmma_commit();
         // The registers of A stay read until the WGMMAs are done: the next block reuses them.

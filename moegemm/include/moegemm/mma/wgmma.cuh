@@ -6,3 +6,4 @@
 #include "wgmma_bf16.cuh"
 #include "wgmma_fp8.cuh"
 #include "wgmma_tf32.cuh"
+#include "wgmma_tf32_registers.cuh"
