@@ -95,9 +95,10 @@ def _bind(expr, a, b, d, c):
     a_kernel, major_a = _kernel_operand("a", a_gmk)
     b_kernel, major_b = _kernel_operand("b", b_gnk)
     batch_sum = kind is GemmType.BATCH_SUM
-    # The batch sum adds into FP32: D itself, or a workspace that a BF16 D is cast from.
-    workspace = torch.empty(d.shape, device=d.device) if batch_sum and d.dtype != torch.float32 else None
-    out = d_view if workspace is None else workspace
+    # The batch sum adds into FP32: D itself, or a workspace that a BF16 D is cast from (one per call:
+    # calls on two streams must not share it).
+    needs_workspace = batch_sum and d.dtype != torch.float32
+    out = torch.empty(d.shape, device=d.device) if needs_workspace else d_view
     desc = bf16_gemm.describe(kind, m, n, k, out, num_groups, accumulate=batch_sum or c is not None)
     launch = bf16_gemm.plan(desc, a_kernel, b_kernel, out, major_a, major_b, device.device_facts(index),
                             pdl=device.get_pdl()).launch_pointers
@@ -108,10 +109,10 @@ def _bind(expr, a, b, d, c):
             _aligned(a, b, d)
         if separate_c:
             d.copy_(c)
-        elif batch_sum and c is None:
-            (d if workspace is None else workspace).zero_()
-        out_ptr = d.data_ptr() if workspace is None else workspace.data_ptr()
-        launch(index, a_ptr, b_ptr, out_ptr, 0)
+        workspace = torch.zeros(d.shape, device=d.device) if needs_workspace else None
+        if batch_sum and c is None and workspace is None:
+            d.zero_()
+        launch(index, a_ptr, b_ptr, d.data_ptr() if workspace is None else workspace.data_ptr(), 0)
         if workspace is not None:
             d.copy_(workspace)
     return run_kernel
