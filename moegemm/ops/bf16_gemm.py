@@ -84,12 +84,7 @@ def _check_dense(layout: str, a, b, d, c) -> None:
         raise ValueError(f"b: expected shape {_SHAPES[layout][1]} with K = {k} (from a), got {tuple(b.shape)}")
     checks.shape("d", d, (m, n))
     tensors = {"a": a, "b": b, "d": d}
-    if c is not None:
-        checks.tensor("c", c, FP32, 2)
-        checks.shape("c", c, (m, n))
-        if d.dtype != torch.float32:
-            raise TypeError(f"d: with c given (D = C + A @ B) d must be torch.float32, got {d.dtype}")
-        tensors["c"] = c
+    gemm_common.check_addend(c, d, (m, n), tensors)
     gemm_common.check_cuda(tensors)
     if d.is_cuda:
         _kernel_operand("a", a_mk)
@@ -346,10 +341,7 @@ def _check_k_grouped(a, b, d, grouped_layout, c) -> None:
     checks.tensor("grouped_layout", grouped_layout, (torch.int32,), 1)
     checks.shape("grouped_layout", grouped_layout, (num_groups,))
     tensors = {"a": a, "b": b, "d": d, "grouped_layout": grouped_layout}
-    if c is not None:
-        checks.tensor("c", c, FP32, 3)
-        checks.shape("c", c, tuple(d.shape))
-        tensors["c"] = c
+    gemm_common.check_addend(c, d, tuple(d.shape), tensors)
     gemm_common.check_cuda(tensors)
     if d.is_cuda:
         # The kernel reads A [sum_k, M] and B [sum_k, N] row by row of K: M (N) contiguous.

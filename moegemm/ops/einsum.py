@@ -15,7 +15,7 @@ from .. import checks, device, reference
 from ..gemm.desc import GemmType
 from ..kernels import bf16_gemm
 from . import gemm_common
-from .bf16_gemm import BF16, FP32, GEMM_OUT, _aligned, _kernel_operand
+from .bf16_gemm import BF16, GEMM_OUT, _aligned, _kernel_operand
 from .dispatch import Op
 
 EXPRESSIONS = reference.EINSUM_EXPRESSIONS
@@ -52,12 +52,7 @@ def _check(expr, a, b, d, c) -> None:
         raise ValueError(f"b: expected shape {b_letters} = {b_shape} (from a's {tuple(a.shape)}), got {tuple(b.shape)}")
     checks.shape("d", d, d_shape)
     tensors = {"a": a, "b": b, "d": d}
-    if c is not None:
-        checks.tensor("c", c, FP32, d.dim())
-        checks.shape("c", c, d_shape)
-        if d.dtype != torch.float32:
-            raise TypeError(f"d: with c given (D = C + ...) d must be torch.float32, got {d.dtype}")
-        tensors["c"] = c
+    gemm_common.check_addend(c, d, d_shape, tensors)
     gemm_common.check_cuda(tensors)
     if d.is_cuda:
         a_gmk, b_gnk, _, _ = _views(expr, a, b, d)

@@ -36,12 +36,7 @@ def _check_dense(a, sfa, b, sfb, d, c) -> None:
     checks.shape("sfb", sfb, (ceil_div(n, 128), ceil_div(k, 128)))
     checks.shape("d", d, (m, n))
     tensors = {"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d}
-    if c is not None:
-        checks.tensor("c", c, FP32, 2)
-        checks.shape("c", c, (m, n))
-        if d.dtype != torch.float32:
-            raise TypeError(f"d: with c given (D = C + A @ B^T) d must be torch.float32, got {d.dtype}")
-        tensors["c"] = c
+    gemm_common.check_addend(c, d, (m, n), tensors)
     gemm_common.check_cuda(tensors)
     for name in ("a", "b", "d"):
         checks.tma_rows(name, tensors[name])

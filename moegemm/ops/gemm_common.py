@@ -16,6 +16,19 @@ def check_cuda(tensors: dict[str, torch.Tensor]) -> None:
         device.require_sm90(dev)
 
 
+def check_addend(c: torch.Tensor | None, d: torch.Tensor, shape: tuple[int, ...],
+                 tensors: dict[str, torch.Tensor]) -> None:
+    """C of ``D = C + ...`` when given: float32 of D's ``shape``, D float32 too; added to ``tensors``
+    (for check_cuda)."""
+    if c is None:
+        return
+    checks.tensor("c", c, (torch.float32,), len(shape))
+    checks.shape("c", c, shape)
+    if d.dtype != torch.float32:
+        raise TypeError(f"d: with c given (D = C + ...) d must be torch.float32, got {d.dtype}")
+    tensors["c"] = c
+
+
 def check_experts_stacked(name: str, t: torch.Tensor) -> None:
     """A [G, rows, K]-like tensor whose experts follow each other at the row pitch, so the kernels
     can see it as one [G * rows, K] matrix."""
