@@ -233,6 +233,30 @@ def test_contiguous(b_layout, use_psum_layout, counts, n, k, seed):
 
 
 @gpu
+@pytest.mark.parametrize("use_psum_layout", [False, True])
+@pytest.mark.parametrize("config", [Bf16GemmConfig(128, 256, 3, False, False, cluster_n=2),
+                                    Bf16GemmConfig(128, 256, 3, False, False, cluster_m=2),
+                                    Bf16GemmConfig(64, 128, 8, False, False, cluster_m=2)],
+                         ids=lambda config: bf16_gemm.kernel_name(config))
+def test_contiguous_pairs(config, use_psum_layout, seed):
+    """Pairs sharing A, or B where one expert holds both block-rows (pairs over two experts, over
+    padding and past the last row among them), on few SMs so that each pair takes many tiles."""
+    a, b, per_row, ends = _contiguous_inputs([513, 0, 190, 1, 64, 129], 520, 1000, "nt")
+    layout = ends if use_psum_layout else per_row
+    kind = GemmType.PSUM if use_psum_layout else GemmType.CONTIGUOUS
+    d = poisoned(a.shape[0], 520)
+    desc = bf16_gemm.describe(kind, 128, 520, 1000, d, b.shape[0])
+    config = dataclasses.replace(config, gemm_type=kind)
+    bf16_gemm.plan(desc, a, b, d, Major.K, Major.K, gpu_facts(6), config).launch_pointers(
+        d.get_device(), a.data_ptr(), b.data_ptr(), d.data_ptr(), layout.data_ptr())
+    ref = poisoned(a.shape[0], 520, dtype=torch.float32)
+    reference.m_grouped_bf16_gemm_nt_contiguous(a, b, ref, layout, use_psum_layout)
+    owned = ~torch.isnan(ref[:, 0])
+    assert torch.isnan(d[~owned]).all(), "padding rows must stay untouched"
+    assert_close(d[owned], ref[owned])
+
+
+@gpu
 @pytest.mark.parametrize("num_groups,max_m,expected_m,n,k", [(8, 256, 128, 4096, 7168), (32, 192, 160, 576, 512),
                                                            (4, 64, 1, 7168, 2048), (8, 300, 256, 256, 1000)])
 def test_masked(num_groups, max_m, expected_m, n, k, seed):

@@ -171,9 +171,13 @@ def run_plan(kind, a, b, groups, d, num_sms, config):
     plan.launch(a[0], moegemm.get_mn_major_tma_aligned_tensor(a[1]), b[0], b[1], d, groups)
 
 
-# Contiguous kinds only: pairs side by side along N sharing A (and the expert).
+# Contiguous kinds: pairs side by side along N sharing A (and the expert), and pairs stacked along M
+# sharing B where one expert holds both block-rows.
 CONTIGUOUS_PAIR_CONFIGS = [Fp8GemmConfig(128, 128, 5, False, False, cluster_n=2),
-                           Fp8GemmConfig(64, 32, 6, True, False, cluster_n=2)]
+                           Fp8GemmConfig(64, 32, 6, True, False, cluster_n=2),
+                           Fp8GemmConfig(128, 128, 5, False, False, cluster_m=2),
+                           Fp8GemmConfig(128, 192, 4, False, False, cluster_m=2),
+                           Fp8GemmConfig(64, 64, 6, True, False, cluster_m=2)]
 
 EVERY_CONFIG = ([(config, kind) for kind in ("contiguous", "psum", "masked") for config in GROUPED_CONFIGS]
                 + [(config, "masked") for config in MASKED_CONFIGS]
@@ -193,14 +197,14 @@ def test_every_config(config, kind, k, seed):
 
 @gpu
 @pytest.mark.parametrize("num_sms", [1, 6])
-@pytest.mark.parametrize("kind", ["contiguous", "psum", "masked"])
-def test_many_tiles_per_sm(num_sms, kind, seed):
-    """Each CTA (pair) takes many tiles, padding blocks and idle warpgroups or CTAs among them: the
-    stage ring must stay in step across tiles."""
+@pytest.mark.parametrize("kind,pair", [("contiguous", "cluster_n"), ("contiguous", "cluster_m"), ("psum", "cluster_n"),
+                                       ("psum", "cluster_m"), ("masked", "cluster_m")])
+def test_many_tiles_per_sm(num_sms, kind, pair, seed):
+    """Each CTA (pair) takes many tiles, padding blocks and idle warpgroups or CTAs among them (pairs
+    over two experts' block-rows, a last block-row alone): the stage ring must stay in step across
+    tiles. On one SM, single CTAs."""
     a, b, groups, d, ref = grouped_case(kind, [513, 0, 190, 1, 64, 129], 384, 512, 520)
-    # Pairs: sharing B (masked) or A (contiguous kinds); on one SM, single CTAs.
-    pair = {"cluster_m": 2} if kind == "masked" else {"cluster_n": 2}
-    run_plan(kind, a, b, groups, d, num_sms, Fp8GemmConfig(128, 128, 5, False, False, **pair))
+    run_plan(kind, a, b, groups, d, num_sms, Fp8GemmConfig(128, 128, 5, False, False, **{pair: 2}))
     assert_matches(d, ref)
 
 

@@ -82,8 +82,8 @@ struct GemmConfigBase {
     static_assert(kType != GemmType::kKGrouped || (kMajorA == Major::kMN && kMajorB == Major::kMN && kClusterM == 1),
                   "kKGrouped: A [sum_K, M] and B [sum_K, N], MN-major, no B multicast");
     static_assert(!sliced_operands(kType) || kMulticast == 1, "3-D loads (kBatched, kBatchSum): no multicast");
-    static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || kClusterM == 1,
-                  "contiguous kinds: no B multicast (stacked block-rows may belong to two experts)");
+    static_assert(kType == GemmType::kNormal || m_grouped(kType) || kClusterM == 1,
+                  "B multicast: dense and M-grouped kinds");
     static_assert(kType != GemmType::kMasked || kClusterN == 1, "masked: B multicast only");
     // 128-byte-swizzled tiles need 1024-byte alignment; the carve-up keeps every A/B/D tile so.
     static_assert(kSmemDBytes % 1024 == 0 && kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0);

@@ -153,6 +153,12 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
             consumer_pass_stages<Config>(k_end - k_begin, ring, full, empty, peer);
             continue;
         }
+        if constexpr (Config::kSkipIdleSlabs) {
+            // Past the skip's branch the compiler no longer knows the ring warp-uniform and would keep
+            // it, and the WGMMA descriptors built from it, in ordinary registers: broadcast it.
+            ring.stage = __shfl_sync(0xffffffffu, ring.stage, 0);
+            ring.phase = __shfl_sync(0xffffffffu, ring.phase, 0);
+        }
         const auto tile_state = Kernel::begin_tile(p, tile, num_k_blocks);
         const u32 y = tile.row + wg * Config::kWarpgroupRows;  // the warpgroup's first row
         SlabRows slab_rows{};  // filled by load() for kContiguous only

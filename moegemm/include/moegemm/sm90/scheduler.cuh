@@ -66,10 +66,12 @@ struct Tile {
 // kGroupM item-rows, column by column inside a group, so the tiles in flight at one time share rows
 // of A and columns of B in L2. kMasked items run expert by expert; kKGrouped and kBatched ones too,
 // each group's items rastered as a dense GEMM's. Two kinds of cluster:
-//   kClusterM CTAs stacked along M (kNormal, kMasked): the CTA of rank r computes block-row
+//   kClusterM CTAs stacked along M (kNormal, M-grouped kinds): the CTA of rank r computes block-row
 //     kClusterM * item_row + r, so the CTAs of a cluster share the B tile. A CTA whose block-row
-//     lies past M still runs (its stores are skipped): its peer needs it. A kMasked expert of one
-//     block-row instead gives the CTAs of a cluster adjacent column blocks, each loading its own B.
+//     lies past M (contiguous kinds: or holds only padding) still runs (its stores are skipped):
+//     its peer needs it. Two block-rows of different contiguous experts each load their own B. A
+//     kMasked expert's odd last block-row instead gives the CTAs of a cluster adjacent column
+//     blocks, each loading its own B.
 //   kClusterN CTAs side by side along N (kNormal, contiguous kinds): the CTA of rank r computes
 //     column block kClusterN * item_column + r of the same block-row, so the CTAs share the A tile
 //     (and the expert). A CTA whose column block lies past N still runs, for the same reason.
@@ -82,8 +84,8 @@ struct TileScheduler {
     static_assert(kClusterM * kClusterN == 1 || kSplitK == 1, "a cluster either shares operands or splits K");
     static_assert(kClusterM == 1 || kClusterN == 1, "a cluster shares A or B, not both");
     static_assert(kClusterN == 1 || kType != GemmType::kMasked, "kMasked pairs share B only");
-    static_assert(kType == GemmType::kNormal || (kSplitK == 1 && (kClusterM == 1 || kType == GemmType::kMasked)),
-                  "of the grouped kinds, only kMasked multicasts B");
+    static_assert(kType == GemmType::kNormal || (kSplitK == 1 && (kClusterM == 1 || m_grouped(kType))),
+                  "of the grouped kinds, only the M-grouped ones multicast B");
     static_assert(kType == GemmType::kNormal || kType == GemmType::kMasked || !m_grouped(kType) ||
                       kContiguousAlignment % kBlockM == 0,
                   "a block never straddles two experts' segments");
@@ -125,7 +127,7 @@ struct TileScheduler {
                 tile.row = tile.m_block * kBlockM;
                 tile.row_limit = m;
                 tile.group = group;
-                if (kType == GemmType::kNormal || kType == GemmType::kBatched || find_group(tile)) {
+                if (kType == GemmType::kNormal || kType == GemmType::kBatched || find_pair_group(tile)) {
                     item += item_stride();
                     return true;
                 }
@@ -189,6 +191,28 @@ struct TileScheduler {
         }
     }
 
+    // Contiguous kinds: the expert of the tile's rows. Under kClusterM, the pair's two block-rows
+    // share B only when one expert holds both; a block-row of padding (or past M) still runs, with
+    // nothing to write, while its peer's is real: the pair walks the stage ring in step. False when
+    // neither is real.
+    __device__ __forceinline__ bool find_pair_group(Tile& tile) const {
+        if constexpr (kClusterM == 1) {
+            return find_group(tile);
+        } else {
+            const bool mine = tile.row < m && find_group(tile);
+            Tile peer = tile;
+            peer.m_block = tile.m_block ^ 1;
+            peer.row = peer.m_block * kBlockM;
+            const bool theirs = peer.row < m && find_group(peer);
+            tile.shares_b = mine && theirs && peer.group == tile.group;
+            if (!mine) {
+                tile.group = peer.group;  // an expert whose B is in bounds; no row is written
+                tile.row_limit = tile.row;
+            }
+            return mine || theirs;
+        }
+    }
+
     // kKGrouped: num_items is one expert's; the experts' K segments follow each other, each clamped
     // to what is left of sum_K. The segment's length is broadcast from lane 0 so that the main
     // loop's bound is known warp-uniform.
@@ -227,20 +251,22 @@ struct TileScheduler {
     }
 
     __device__ __forceinline__ bool next_masked(Tile& tile) {
-        const u32 item_rows_per_group = ceil_div(max_m, kBlockM * kClusterM);
         for (; cursor_group < num_groups; ++cursor_group) {
             const u32 rows = min(static_cast<u32>(max(load_group(cursor_group), 0)), max_m);
-            // A cluster on an expert of one block-row would leave all but one CTA idle.
-            const bool shares_b = kClusterM == 1 || !uniform(rows <= kBlockM);
-            const u32 group_items = shares_b
-                                        ? min(ceil_div(rows, kBlockM * kClusterM), item_rows_per_group) * num_n_blocks
-                                        : ceil_div(num_n_blocks, kClusterM) * (rows > 0);
+            // Pairs share B over two block-rows of the expert. An odd last block-row (or the only one)
+            // would leave one CTA of its pair idle: there the pair takes adjacent column blocks
+            // instead, each CTA loading its own B.
+            const u32 block_rows = ceil_div(rows, kBlockM);
+            const u32 paired_items = block_rows / kClusterM * num_n_blocks;
+            const u32 group_items =
+                paired_items + (kClusterM > 1 && block_rows % kClusterM ? ceil_div(num_n_blocks, kClusterM) : 0);
             if (uniform(item < cursor_first_item + group_items)) {
                 const u32 local = item - cursor_first_item;
                 const u32 rank = kClusterM > 1 ? blockIdx.x % kClusterM : 0;
-                const u32 item_row = shares_b ? local / num_n_blocks : 0;
-                tile.m_block = shares_b ? item_row * kClusterM + rank : 0;
-                tile.n_block = shares_b ? local - item_row * num_n_blocks : local * kClusterM + rank;
+                const bool shares_b = kClusterM == 1 || uniform(local < paired_items);
+                const u32 item_row = shares_b ? local / num_n_blocks : block_rows / kClusterM;
+                tile.m_block = item_row * kClusterM + (shares_b ? rank : 0);
+                tile.n_block = shares_b ? local - item_row * num_n_blocks : (local - paired_items) * kClusterM + rank;
                 tile.shares_b = shares_b;
                 tile.group = cursor_group;
                 tile.row = cursor_group * max_m + tile.m_block * kBlockM;
