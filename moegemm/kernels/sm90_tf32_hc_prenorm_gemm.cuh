@@ -84,11 +84,10 @@ __device__ __forceinline__ void sm90_tf32_hc_prenorm_gemm(const HcPrenormParams&
     for (u32 i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
     float sqr_upper = 0.0f, sqr_lower = 0.0f;
     const u64 desc_b = smem_descriptor_sw128<Major::kK>(smem_b);
-    for (u32 i = 0; i < k_blocks; ++i, ring.advance()) {
-        const u32 s = ring.stage;
-        full[s].wait(ring.phase);
-        const u16* tile_a = reinterpret_cast<const u16*>(smem_a + s * Config::kTileABytes);
-        float a[8][4];
+    // Wait for the ring's next stage and read its block of A into a fragment, adding the squares.
+    auto load_fragment = [&](float (&a)[8][4]) {
+        full[ring.stage].wait(ring.phase);
+        const u16* tile_a = reinterpret_cast<const u16*>(smem_a + ring.stage * Config::kTileABytes);
 #pragma unroll
         for (u32 j = 0; j < 8; ++j) {
             const u16* upper = tile_a + r * 64 + ((j ^ (r % 8)) * 8);
@@ -100,6 +99,10 @@ __device__ __forceinline__ void sm90_tf32_hc_prenorm_gemm(const HcPrenormParams&
             sqr_upper += a[j][0] * a[j][0] + a[j][2] * a[j][2];
             sqr_lower += a[j][1] * a[j][1] + a[j][3] * a[j][3];
         }
+    };
+    // Issue the ring's stage's WGMMAs on fragment `a`; returns the stage, released once they are done.
+    auto issue = [&](float (&a)[8][4]) {
+        const u32 s = ring.stage;
         wgmma_fence();
 #pragma unroll
         for (u32 j = 0; j < 8; ++j) {
@@ -107,7 +110,22 @@ __device__ __forceinline__ void sm90_tf32_hc_prenorm_gemm(const HcPrenormParams&
             WgmmaTf32RegistersA<BN>::mma(a[j], smem_descriptor_advance(desc_b, offset), acc, true);
         }
         wgmma_commit();
-        // The registers of A stay read until the WGMMAs are done: the next block reuses them.
+        ring.advance();
+        return s;
+    };
+    // Two fragments: the next block's is read from shared memory while this block's WGMMAs run
+    // (their registers stay read until the WGMMAs are done, hence two). Each trip takes two blocks,
+    // so that the fragments keep their registers.
+    float a0[8][4], a1[8][4];
+    if (k_blocks > 0) load_fragment(a0);
+    for (u32 i = 0; i < k_blocks; i += 2) {
+        u32 s = issue(a0);
+        if (i + 1 < k_blocks) load_fragment(a1);
+        wgmma_wait<0>();
+        if (lane_id() == 0) empty[s].arrive();
+        if (i + 1 == k_blocks) break;
+        s = issue(a1);
+        if (i + 2 < k_blocks) load_fragment(a0);
         wgmma_wait<0>();
         if (lane_id() == 0) empty[s].arrive();
     }
