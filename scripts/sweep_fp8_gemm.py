@@ -3,6 +3,7 @@ moegemm/kernels/fp8_gemm.py was fitted to), beside DeepGEMM where it imports. Ne
     python scripts/sweep_fp8_gemm.py            # M in {1, 64, 128}: BLOCK_N and split-K
     python scripts/sweep_fp8_gemm.py --large    # M = 4096: each BLOCK_M and BLOCK_N, alone or in pairs
     python scripts/sweep_fp8_gemm.py --grouped  # the bench's grouped shapes (uneven counts): tiles, pairs
+    python scripts/sweep_fp8_gemm.py --masked   # only the masked ones of those
 """
 
 import argparse
@@ -55,12 +56,11 @@ def large_m_candidates(m: int, n: int, k: int, facts: DeviceFacts) -> set:
 def grouped_candidates(kind: GemmType, expected_m: int, n: int, k: int, facts: DeviceFacts) -> set:
     configs = set()
     for block_m in (64, 128) + ((192,) if kind is GemmType.MASKED else ()):
-        for block_n in (64, 128):
+        for block_n in (64, 128) + ((192,) if block_m == 128 else ()):
             stages = fp8_gemm.stages_for(block_m, block_n, 2, 1, facts)
             for pair in (1, 2) if block_m < 192 else (1,):
-                if kind is GemmType.MASKED:
-                    configs.add(Fp8GemmConfig(block_m, block_n, stages, False, False, pair))
-                else:
+                configs.add(Fp8GemmConfig(block_m, block_n, stages, False, False, pair))
+                if kind is not GemmType.MASKED and pair > 1:
                     configs.add(Fp8GemmConfig(block_m, block_n, stages, False, False, cluster_n=pair))
     return configs
 
@@ -70,11 +70,12 @@ def name(config: Fp8GemmConfig) -> str:
     return f"m{config.block_m}n{config.block_n}k{config.split_k}{pair}{'f32' if config.out_fp32 else ''}"
 
 
-def sweep_grouped(facts: DeviceFacts) -> None:
+def sweep_grouped(facts: DeviceFacts, masked_only: bool = False) -> None:
     """Each grouped bench shape (uneven counts, the bench's seed) in each candidate config, beside
     DeepGEMM; the heuristic's pick is starred."""
     peer = bench.deep_gemm()
-    shapes = [("contiguous", *s) for s in bench.GROUPED_CONTIGUOUS] + [("masked", *s) for s in bench.GROUPED_MASKED]
+    shapes = [] if masked_only else [("contiguous", *s) for s in bench.GROUPED_CONTIGUOUS]
+    shapes += [("masked", *s) for s in bench.GROUPED_MASKED]
     for layout, num_groups, mean, n, k in shapes:
         kind = GemmType.MASKED if layout == "masked" else GemmType.CONTIGUOUS
         counts = bench.routing_counts(num_groups, mean)
@@ -102,10 +103,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--large", action="store_true", help="M = 4096 instead of M in {1, 64, 128}")
     parser.add_argument("--grouped", action="store_true", help="the grouped bench shapes")
+    parser.add_argument("--masked", action="store_true", help="the masked ones of the grouped bench shapes")
     args = parser.parse_args()
     facts = device_facts(torch.cuda.current_device())
-    if args.grouped:
-        sweep_grouped(facts)
+    if args.grouped or args.masked:
+        sweep_grouped(facts, masked_only=args.masked)
         return
     shapes = [(m, n, k) for m in ((4096,) if args.large else (1, 64, 128)) for n, k in PAIRS]
     candidates = large_m_candidates if args.large else small_m_candidates

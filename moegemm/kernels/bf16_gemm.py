@@ -93,11 +93,8 @@ class Bf16CostTerms:
                         stages_for(block_m, block_n, desc.out_bytes, 1, facts) < 3:
                     continue
                 yield Tile(block_m, block_n)
-                # Pairs that share A (dense and contiguous, whole A tiles, MN-major A in whole boxes
-                # per CTA) or B (dense, K-major B).
-                if pairs and kind in (GemmType.NORMAL, GemmType.CONTIGUOUS, GemmType.PSUM) and desc.m >= block_m and \
-                        (self.major_a is Major.K or block_m % (2 * MN_MAJOR_BOX) == 0):
-                    yield Tile(block_m, block_n, cluster_n=2)
+                # Pairs that share B (dense, K-major B). Pairs sharing A, dense or contiguous, ran
+                # slower than single CTAs on every shape timed: BENCHMARKS.md, "The BF16 config model".
                 if pairs and kind is GemmType.NORMAL and desc.m >= 2 * block_m and block_n % 16 == 0 and \
                         self.major_b is Major.K:
                     yield Tile(block_m, block_n, cluster_m=2)

@@ -124,11 +124,11 @@ class Fp8CostTerms:
                 if valid_block_n(block_n, desc.out_bytes) and stages_for(block_m, block_n, desc.out_bytes, 1,
                                                                          facts) >= 3:
                     yield Tile(block_m, block_n)
-                    # Pairs that share an operand: B (stacked along M) for dense GEMMs, A (side by
-                    # side) for dense and contiguous ones, whose pairs then share the expert. Only
-                    # with whole A tiles, and SMs for a pair.
+                    # Pairs that share an operand, B (stacked along M) or A (side by side), for dense
+                    # GEMMs with whole A tiles and SMs for a pair. Contiguous GEMMs run them (the
+                    # kernel can) but ran no faster in pairs: BENCHMARKS.md, "The config model".
                     pairs = facts.clusters(2) > 0
-                    if pairs and kind is not GemmType.MASKED and desc.m >= block_m:
+                    if pairs and kind is GemmType.NORMAL and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
                     if pairs and kind is GemmType.NORMAL and desc.m >= 2 * block_m and block_n % 16 == 0:
                         yield Tile(block_m, block_n, cluster_m=2)
