@@ -24,6 +24,7 @@ def candidates(kind: GemmType, m: int, out_bytes: int, major_b: Major, facts: De
     """Tiles of 64, 128 and 192 rows and 96-256 columns that the kernel supports with three stages or
     more, alone and (dense, contiguous) in pairs sharing B or A; K-grouped: alone."""
     pairs = ((1, 1), (2, 1), (1, 2)) if kind in (GemmType.NORMAL, GemmType.CONTIGUOUS) else ((1, 1),)
+    major_a = major_b if kind is GemmType.K_GROUPED else Major.K
     configs = set()
     for block_m in (64, 128, 192):
         for block_n in range(96, 257, 32):
@@ -34,8 +35,7 @@ def candidates(kind: GemmType, m: int, out_bytes: int, major_b: Major, facts: De
             for cluster_m, cluster_n in pairs:
                 if cluster_m * block_m <= m:
                     configs.add(Bf16GemmConfig(block_m, block_n, stages, out_bytes == 4, kind is GemmType.K_GROUPED,
-                                               cluster_m, 1, kind, cluster_n, major_b if kind is GemmType.K_GROUPED
-                                               else Major.K, major_b))
+                                               cluster_m, 1, kind, cluster_n, major_a, major_b))
     return configs
 
 

@@ -116,18 +116,18 @@ __device__ __forceinline__ void sm90_tf32_hc_prenorm_gemm(const HcPrenormParams&
     // Two fragments: the next block's is read from shared memory while this block's WGMMAs run
     // (their registers stay read until the WGMMAs are done, hence two). Each trip takes two blocks,
     // so that the fragments keep their registers.
+    // Block i: issue it on `current`, read block i + 1 into `next`, then release block i's stage.
+    auto step = [&](float (&current)[8][4], float (&next)[8][4], u32 i) {
+        const u32 s = issue(current);
+        if (i + 1 < k_blocks) load_fragment(next);
+        wgmma_wait<0>();
+        if (lane_id() == 0) empty[s].arrive();
+    };
     float a0[8][4], a1[8][4];
     if (k_blocks > 0) load_fragment(a0);
     for (u32 i = 0; i < k_blocks; i += 2) {
-        u32 s = issue(a0);
-        if (i + 1 < k_blocks) load_fragment(a1);
-        wgmma_wait<0>();
-        if (lane_id() == 0) empty[s].arrive();
-        if (i + 1 == k_blocks) break;
-        s = issue(a1);
-        if (i + 2 < k_blocks) load_fragment(a0);
-        wgmma_wait<0>();
-        if (lane_id() == 0) empty[s].arrive();
+        step(a0, a1, i);
+        if (i + 1 < k_blocks) step(a1, a0, i + 1);
     }
 
     // The four lanes of a row hold its columns c, c + 4 of every slice: sum them.

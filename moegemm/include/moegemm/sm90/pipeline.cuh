@@ -17,8 +17,9 @@
 // With kClusterM == 2 the two CTAs of a cluster compute vertically adjacent tiles with the same B
 // tile: each loads half of B's rows and multicasts them into both CTAs' slots, halving B's L2
 // traffic (kMasked: on an expert's odd last block-row the pair takes adjacent column blocks
-// instead, each CTA loading its own B; Tile::shares_b). With kClusterN == 2 the pair computes horizontally
-// adjacent tiles of the same rows and multicasts halves of A likewise, each CTA loading its own B.
+// instead, each CTA loading its own B; contiguous kinds: block-rows of two experts each load their
+// own B; Tile::shares_b). With kClusterN == 2 the pair computes horizontally adjacent tiles of the
+// same rows and multicasts halves of A likewise, each CTA loading its own B.
 // A slot may then be refilled only when both CTAs have released it, hence the cluster-wide empty
 // barrier; before exiting, the producer drains the ring so no remote arrive targets an exited CTA.
 #pragma once
