@@ -125,12 +125,13 @@ class Fp8CostTerms:
                                                                          facts) >= 3:
                     yield Tile(block_m, block_n)
                     # Pairs that share an operand, B (stacked along M) or A (side by side), for dense
-                    # GEMMs with whole A tiles and SMs for a pair. Contiguous GEMMs run them (the
-                    # kernel can) but ran no faster in pairs: BENCHMARKS.md, "The config model".
+                    # GEMMs with whole A tiles and SMs for a pair; contiguous GEMMs whose experts hold
+                    # two block-rows share B (pairs sharing A ran slower: BENCHMARKS.md, "The config
+                    # model").
                     pairs = facts.clusters(2) > 0
                     if pairs and kind is GemmType.NORMAL and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
-                    if pairs and kind is GemmType.NORMAL and desc.m >= 2 * block_m and block_n % 16 == 0:
+                    if pairs and kind is not GemmType.MASKED and desc.m >= 2 * block_m and block_n % 16 == 0:
                         yield Tile(block_m, block_n, cluster_m=2)
                 # Split-K only while the split tiles fit on the SMs at once, and not for grouped GEMMs.
                 num_tiles = desc.num_groups * ceil_div(desc.m, block_m) * ceil_div(desc.n, block_n)
