@@ -25,11 +25,13 @@ from .ops.fp8_gemm import (
 )
 from .ops.hc_prenorm import tf32_hc_prenorm_gemm
 from .quant import (
+    cast_back_from_fp4,
     get_mn_major_tma_aligned_tensor,
     pack_fp4,
     pack_ue8m0,
     per_block_cast_to_fp8,
     per_channel_cast_to_fp8,
+    per_token_cast_to_fp4,
     per_token_cast_to_fp8,
     transform_sf_into_required_layout,
     unpack_fp4,
@@ -49,6 +51,7 @@ __all__ = [
     "bf16_gemm_tn",
     "bf16_gemm_tt",
     "calc_diff",
+    "cast_back_from_fp4",
     "ceil_div",
     "einsum",
     "fp8_gemm_nt",
@@ -68,6 +71,7 @@ __all__ = [
     "pack_ue8m0",
     "per_block_cast_to_fp8",
     "per_channel_cast_to_fp8",
+    "per_token_cast_to_fp4",
     "per_token_cast_to_fp8",
     "set_check_groups",
     "set_num_sms",

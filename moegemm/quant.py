@@ -1,4 +1,5 @@
-"""Quantisation: the FP8 casts with fine-grained scales, scale-factor layouts, UE8M0 and FP4 packing.
+"""Quantisation: the FP8 and FP4 casts with fine-grained scales, scale-factor layouts, UE8M0 and FP4
+packing.
 
 Everything here is plain PyTorch and works on CPU and CUDA tensors alike, except that the per-token and
 per-block FP8 casts of 2-D bf16/fp32 CUDA tensors on SM90 GPUs run one CUDA kernel (moegemm.kernels.fp8_cast)
@@ -7,10 +8,12 @@ rows or groups), are its reference. Importing this module never touches CUDA.
 
 Scale-factor conventions (DeepGEMM's):
 
-* FP8 values are ``torch.float8_e4m3fn`` (max finite magnitude 448).
+* FP8 values are ``torch.float8_e4m3fn`` (max finite magnitude 448); FP4 values are e2m1 codes packed
+  two per byte (max magnitude 6), the element of even index in the low nibble.
 * A "1x128" (per-token) scale covers 128 consecutive elements of one row along K; a "128x128" (per-block)
   scale covers a 128x128 tile; a "128x1" (per-channel) scale covers 128 consecutive rows of one column.
-  Ragged edges (sizes that are not multiples of 128) get a scale computed over the partial block.
+  The (1, 32) recipe's per-token scales cover 32 elements. Ragged edges (sizes that are not multiples of
+  the block) get a scale computed over the partial block.
 * Dequantisation is ``x_fp8.float() * sf`` broadcast over each block.
 * Per-token scales come out in the layout the GEMM kernels read (MN-major, the MN stride padded to
   16 bytes), so they feed the GEMMs without a copy; per-block scales are contiguous, as the kernels
@@ -29,7 +32,9 @@ from .device import is_sm90
 from .intmath import align, ceil_div, get_tma_aligned_size
 
 BLOCK = 128
+FINE_GRANULARITIES = (32, BLOCK)  # elements per per-token scale along K: the (1, 32) and (1, 128) recipes
 FP8_E4M3_MAX = 448.0
+FP4_E2M1_MAX = 6.0
 # Floor on a block's amax so all-zero blocks get a finite, non-zero scale instead of 0 (which would make
 # x / sf produce NaN).
 AMAX_FLOOR = 1e-4
@@ -139,12 +144,12 @@ def _ceil_pow2(x: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
 
 
-def _scale_from_amax(amax: torch.Tensor, use_ue8m0: bool) -> torch.Tensor:
-    """Per-block amax (any float dtype) -> float32 scale such that ``amax / scale <= 448``."""
+def _scale_from_amax(amax: torch.Tensor, use_ue8m0: bool, max_value: float = FP8_E4M3_MAX) -> torch.Tensor:
+    """Per-block amax (any float dtype) -> float32 scale such that ``amax / scale <= max_value``."""
     amax = amax.float().clamp(min=AMAX_FLOOR)
     # A Python-scalar divisor makes CUDA multiply by its reciprocal (off by an ulp from the CPU result);
     # a 0-dim device tensor keeps the division correctly rounded on every device.
-    sf = amax / amax.new_full((), FP8_E4M3_MAX)
+    sf = amax / amax.new_full((), max_value)
     return _ceil_pow2(sf) if use_ue8m0 else sf
 
 
@@ -160,12 +165,13 @@ def _check_cast_input(name: str, x: torch.Tensor, dims: tuple[int, ...]) -> torc
     return x.detach()
 
 
-def _pad_dims(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Zero-pad the given negative dims of ``x`` up to multiples of 128 (no copy when already aligned)."""
+def _pad_dims(x: torch.Tensor, dims: tuple[int, ...], multiple: int = BLOCK) -> torch.Tensor:
+    """Zero-pad the given negative dims of ``x`` up to multiples of ``multiple`` (no copy when already
+    aligned)."""
     pad = [0] * (2 * max(-d for d in dims))
     for d in dims:
         # F.pad lists (left, right) pairs starting from the last dim.
-        pad[2 * (-d - 1) + 1] = align(x.shape[d], BLOCK) - x.shape[d]
+        pad[2 * (-d - 1) + 1] = align(x.shape[d], multiple) - x.shape[d]
     return F.pad(x, pad) if any(pad) else x
 
 
@@ -198,29 +204,52 @@ def _cast(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> tuple[torch.Tens
     return (_per_block_cast_torch if per_block else _per_token_cast_torch)(x, use_ue8m0)
 
 
-def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise with one scale per 1x128 block of each row.
+def _check_gran_k(gran_k: int) -> int:
+    if isinstance(gran_k, bool) or not isinstance(gran_k, int) or gran_k not in FINE_GRANULARITIES:
+        raise ValueError(f"gran_k: expected one of {FINE_GRANULARITIES}, got {gran_k!r}")
+    return gran_k
+
+
+def _check_packing(use_ue8m0: bool, use_packed_ue8m0: bool) -> None:
+    if use_packed_ue8m0 and not use_ue8m0:
+        raise ValueError("use_packed_ue8m0: packed UE8M0 scales need use_ue8m0=True (powers of two)")
+
+
+def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int = BLOCK,
+                          use_packed_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise with one scale per 1 x ``gran_k`` block of each row.
 
     Args:
-        x: ``[M, K]`` or ``[G, M, K]``, bf16/fp16/fp32; K need not be a multiple of 128.
+        x: ``[M, K]`` or ``[G, M, K]``, bf16/fp16/fp32; K need not be a multiple of ``gran_k``.
         use_ue8m0: round every scale up to a power of two.
+        gran_k: elements per scale along K: 128 (the FP8 GEMMs' recipe) or 32 (the (1, 32) UE8M0 recipe).
+        use_packed_ue8m0: return the scales as UE8M0 bytes packed four per int32 (:func:`pack_ue8m0`);
+            needs ``use_ue8m0``.
 
     Returns:
-        ``(x_fp8, sf)``: ``x_fp8`` float8_e4m3fn, same shape as ``x``, contiguous;
-        ``sf`` float32 ``[M, ceil(K/128)]`` (or ``[G, M, ceil(K/128)]``) in the GEMM kernels' layout:
-        M-major, its K' stride ``get_tma_aligned_size(M, 4)`` (see :func:`get_mn_major_tma_aligned_tensor`).
+        ``(x_fp8, sf)``: ``x_fp8`` float8_e4m3fn, same shape as ``x``, contiguous. ``sf`` float32
+        ``[M, ceil(K/gran_k)]`` (or ``[G, M, ...]``); at ``gran_k`` 128 in the GEMM kernels' layout:
+        M-major, its K' stride ``get_tma_aligned_size(M, 4)`` (see :func:`get_mn_major_tma_aligned_tensor`),
+        otherwise contiguous. Packed: int32 ``[M, ceil(ceil(K/gran_k)/4)]``, contiguous.
 
-    A 2-D bf16/fp32 CUDA tensor with unit inner stride on an SM90 GPU runs one CUDA kernel with identical
-    results (then ``x_fp8`` and ``sf`` are views of one allocation); anything else runs in PyTorch.
+    At ``gran_k`` 128 without packing, a 2-D bf16/fp32 CUDA tensor with unit inner stride on an SM90 GPU
+    runs one CUDA kernel with identical results (then ``x_fp8`` and ``sf`` are views of one allocation);
+    anything else runs in PyTorch.
     """
-    return _cast(x, use_ue8m0, per_block=False)
+    _check_gran_k(gran_k)
+    _check_packing(use_ue8m0, use_packed_ue8m0)
+    if gran_k == BLOCK and not use_packed_ue8m0:
+        return _cast(x, use_ue8m0, per_block=False)
+    x = _check_cast_input("x", x, (2, 3))
+    x_fp8, sf = _per_token_cast_torch(x, use_ue8m0, gran_k)
+    return x_fp8, pack_ue8m0(sf) if use_packed_ue8m0 else sf.contiguous()
 
 
-def _per_token_cast_torch(x: torch.Tensor, use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_token_cast_torch(x: torch.Tensor, use_ue8m0: bool, gran_k: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch implementation of :func:`per_token_cast_to_fp8`: the reference of the kernel."""
     k = x.shape[-1]
-    padded = _pad_dims(x, (-1,))
-    blocks = padded.reshape(*x.shape[:-1], padded.shape[-1] // BLOCK, BLOCK)
+    padded = _pad_dims(x, (-1,), gran_k)
+    blocks = padded.reshape(*x.shape[:-1], padded.shape[-1] // gran_k, gran_k)
     sf = _scale_from_amax(_abs_max(blocks, -1), use_ue8m0)
     x_fp8 = _divide_to_fp8(blocks, sf.unsqueeze(-1))
     return x_fp8.view(padded.shape)[..., :k].contiguous(), get_mn_major_tma_aligned_tensor(sf)
@@ -382,3 +411,75 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return _fp4_decode_table(packed.device)[codes.long()]
 
 
+def _e2m1_codes(q: torch.Tensor) -> torch.Tensor:
+    """uint8 FP4 codes of ``q`` as DeepGEMM's casts write them: the magnitude rounds to the nearest of
+    {0, 0.5, 1, 1.5, 2, 3, 4, 6}, a tie to the smaller one, saturating at 6; bit 3 is the sign of a
+    non-zero code (zero is always code 0)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mags = torch.tensor(FP4_E2M1_MAGNITUDES, dtype=dtype, device=q.device)
+    # bucketize(right=False) counts the midpoints strictly below each magnitude: ties go down.
+    code = torch.bucketize(q.abs().to(dtype), (mags[:-1] + mags[1:]) / 2).to(torch.uint8)
+    return code | (((q < 0) & (code != 0)).to(torch.uint8) << 3)
+
+
+def per_token_cast_to_fp4(x: torch.Tensor, use_ue8m0: bool, gran_k: int = BLOCK,
+                          use_packed_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise to FP4 e2m1 with one scale per 1 x ``gran_k`` block of each row (DeepGEMM's cast).
+
+    Args:
+        x: ``[M, K]``, bf16/fp16/fp32, K even; K need not be a multiple of ``gran_k``.
+        use_ue8m0: round every scale up to a power of two.
+        gran_k: elements per scale along K, 32 or 128.
+        use_packed_ue8m0: return the scales packed four per int32 (:func:`pack_ue8m0`: a row's last
+            int32 padded with zero bytes); needs ``use_ue8m0``.
+
+    Returns:
+        ``(packed, sf)``: ``packed`` int8 ``[M, K/2]``, element ``2j`` in the low nibble and ``2j+1`` in
+        the high one, each nibble an FP4 code (bit 3 the sign, bits 0-2 indexing
+        {0, 0.5, 1, 1.5, 2, 3, 4, 6}; the magnitude of ``x / sf`` rounded to the nearest, a tie to the
+        smaller); ``sf`` float32 ``[M, ceil(K/gran_k)]`` with ``amax / sf <= 6`` per block, contiguous,
+        or int32 ``[M, ceil(ceil(K/gran_k)/4)]`` packed.
+
+    Plain PyTorch on any device; :func:`cast_back_from_fp4` dequantises.
+    """
+    x = _check_cast_input("x", x, (2,))
+    _check_gran_k(gran_k)
+    _check_packing(use_ue8m0, use_packed_ue8m0)
+    m, k = x.shape
+    if k % 2:
+        raise ValueError(f"x: expected an even K (two FP4 values per byte), got shape {tuple(x.shape)}")
+    padded = _pad_dims(x, (-1,), gran_k)
+    blocks = padded.reshape(m, -1, gran_k)
+    sf = _scale_from_amax(_abs_max(blocks, -1), use_ue8m0, FP4_E2M1_MAX)
+    codes = _e2m1_codes(blocks / sf.unsqueeze(-1)).view(m, -1)[:, :k]
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous().view(torch.int8)
+    return packed, pack_ue8m0(sf) if use_packed_ue8m0 else sf
+
+
+def cast_back_from_fp4(packed: torch.Tensor, sf: torch.Tensor, gran_k: int = BLOCK,
+                       use_packed_ue8m0: bool = False) -> torch.Tensor:
+    """Dequantise the output of :func:`per_token_cast_to_fp4`.
+
+    Args:
+        packed: int8 (or uint8) ``[M, K/2]``, two FP4 codes per byte, the low nibble first.
+        sf: float32 ``[M, ceil(K/gran_k)]``, or with ``use_packed_ue8m0`` int32 UE8M0 scales packed four
+            per element (:func:`pack_ue8m0`).
+        gran_k: elements per scale along K, 32 or 128.
+
+    Returns:
+        float32 ``[M, K]``: each code's value times its block's scale.
+    """
+    _check_gran_k(gran_k)
+    if packed.dtype not in (torch.int8, torch.uint8) or packed.dim() != 2:
+        raise ValueError(f"packed: expected a 2-D int8 or uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    m, k = packed.shape[0], 2 * packed.shape[1]
+    k_blocks = ceil_div(k, gran_k)
+    if use_packed_ue8m0:
+        if sf.dtype != torch.int32 or tuple(sf.shape) != (m, ceil_div(k_blocks, 4)):
+            raise ValueError(f"sf: expected int32 {(m, ceil_div(k_blocks, 4))} (packed UE8M0), "
+                             f"got {sf.dtype} {tuple(sf.shape)}")
+        sf = unpack_ue8m0(sf, k_blocks)
+    elif sf.dtype != torch.float32 or tuple(sf.shape) != (m, k_blocks):
+        raise ValueError(f"sf: expected float32 {(m, k_blocks)}, got {sf.dtype} {tuple(sf.shape)}")
+    values = unpack_fp4(packed.view(torch.uint8))
+    return values * sf.repeat_interleave(gran_k, dim=1)[:, :k]

@@ -430,6 +430,121 @@ def test_pack_fp4_rejects_odd_k() -> None:
         quant.unpack_fp4(torch.ones(2, dtype=torch.int32))
 
 
+# ---- DeepGEMM's FP4 cast and the 1x32 scales ------------------------------------------------------
+
+
+def _deepgemm_e2m1_code(value: float) -> int:
+    """Brute force of DeepGEMM's FP4 rounding: nearest magnitude, a tie to the smaller, saturating at
+    6; the sign only on a non-zero code."""
+    magnitude = min(abs(value), 6.0)
+    best = min(range(8), key=lambda c: (abs(E2M1_VALUES[c] - magnitude), c))
+    return best | (8 if value < 0 and best else 0)
+
+
+def _block_scales(x: torch.Tensor, gran_k: int, max_value: float, use_ue8m0: bool) -> list[list[float]]:
+    """float64 scales of each 1 x gran_k block of a 2-D ``x`` (explicit loops)."""
+    out = []
+    for row in x.double().tolist():
+        scales = []
+        for j in range(0, len(row), gran_k):
+            scale = max(max(abs(v) for v in row[j : j + gran_k]), 1e-4) / max_value
+            scales.append(2.0 ** math.ceil(math.log2(scale)) if use_ue8m0 else scale)
+        out.append(scales)
+    return out
+
+
+@pytest.mark.parametrize("gran_k", [32, 128])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_cast_to_fp4_matches_brute_force(gran_k: int, use_ue8m0: bool, dtype: torch.dtype) -> None:
+    x = (torch.randn(3, 100, generator=torch.Generator().manual_seed(gran_k)) * 5).to(dtype)  # ragged last block
+    x[1, :40] = 0.0  # an all-zero block takes the amax floor
+    packed, sf = quant.per_token_cast_to_fp4(x, use_ue8m0, gran_k)
+    assert packed.dtype == torch.int8 and packed.shape == (3, 50)
+    assert sf.dtype == torch.float32 and sf.shape == (3, math.ceil(100 / gran_k)) and sf.is_contiguous()
+    expected = torch.tensor(_block_scales(x, gran_k, 6.0, use_ue8m0), dtype=torch.float64)
+    assert torch.allclose(sf.double(), expected, rtol=2.0**-23, atol=0.0)
+    codes = packed.view(torch.uint8)
+    codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)
+    x32, sf32 = x.float().numpy(), sf.numpy()
+    for i in range(3):
+        for j in range(100):
+            q = float(np.float32(x32[i, j]) / np.float32(sf32[i, j // gran_k]))
+            assert codes[i, j].item() == _deepgemm_e2m1_code(q), (i, j, q)
+
+
+def test_per_token_cast_to_fp4_ties_signs_and_nibbles() -> None:
+    # amax 6 makes the UE8M0 scale exactly 1: the values are the codes' inputs.
+    x = torch.tensor([[0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.2, -0.75, 6.0]])
+    packed, sf = quant.per_token_cast_to_fp4(x, use_ue8m0=True)
+    assert sf.tolist() == [[1.0]]
+    # Ties go to the smaller magnitude; -0.2 rounds to zero, which carries no sign; element 2j is the
+    # low nibble.
+    assert packed.view(torch.uint8).tolist() == [[0x10, 0x32, 0x54, 0x06, 0x79]]
+
+
+@pytest.mark.parametrize("gran_k", [32, 128])
+def test_cast_back_from_fp4_round_trip(gran_k: int) -> None:
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(11)) * 3
+    for use_ue8m0 in (False, True):
+        packed, sf = quant.per_token_cast_to_fp4(x, use_ue8m0, gran_k)
+        y = quant.cast_back_from_fp4(packed, sf, gran_k)
+        assert y.dtype == torch.float32 and y.shape == x.shape
+        scale = sf.repeat_interleave(gran_k, dim=1)[:, :300]
+        q = (x / scale).abs()
+        # Half the gap between neighbouring e2m1 magnitudes: 0.25 up to 2, 0.5 up to 4, 1 up to 6.
+        half_gap = torch.where(q <= 2, 0.25, torch.where(q <= 4, 0.5, 1.0))
+        assert bool(((y - x).abs() <= half_gap * scale * (1 + 1e-6)).all())
+    # Packed UE8M0 scales (the last loop's): the same codes, the same dequantised values.
+    packed_codes, packed_sf = quant.per_token_cast_to_fp4(x, True, gran_k, use_packed_ue8m0=True)
+    assert packed_sf.dtype == torch.int32 and packed_sf.shape == (4, math.ceil(math.ceil(300 / gran_k) / 4))
+    assert torch.equal(packed_codes, packed)
+    assert torch.equal(quant.unpack_ue8m0(packed_sf, sf.shape[1]), sf)
+    assert torch.equal(quant.cast_back_from_fp4(packed_codes, packed_sf, gran_k, use_packed_ue8m0=True), y)
+
+
+@pytest.mark.parametrize("shape", [(5, 300), (2, 3, 96)])
+def test_per_token_cast_to_fp8_one_scale_per_32(shape) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(12)) * 10
+    x_fp8, sf = quant.per_token_cast_to_fp8(x, gran_k=32)
+    k_blocks = math.ceil(shape[-1] / 32)
+    assert x_fp8.dtype == FP8 and x_fp8.shape == x.shape
+    assert sf.shape == (*shape[:-1], k_blocks) and sf.is_contiguous()
+    rows = x.reshape(-1, shape[-1])
+    expected = torch.tensor(_block_scales(rows, 32, 448.0, False), dtype=torch.float64)
+    assert torch.allclose(sf.reshape(-1, k_blocks).double(), expected, rtol=2.0**-23, atol=0.0)
+    scale = sf.repeat_interleave(32, dim=-1)[..., : shape[-1]]
+    # e4m3: 3 mantissa bits; below 2^-6 subnormals 2^-9 apart
+    assert bool(((x_fp8.float() * scale - x).abs() <= x.abs() * 2.0**-4 + scale * 2.0**-10).all())
+    x_fp8_packed, packed = quant.per_token_cast_to_fp8(x, True, 32, use_packed_ue8m0=True)
+    _, sf_ue8m0 = quant.per_token_cast_to_fp8(x, True, 32)
+    assert packed.dtype == torch.int32 and torch.equal(packed, quant.pack_ue8m0(sf_ue8m0))
+    assert torch.equal(x_fp8_packed.view(torch.uint8), quant.per_token_cast_to_fp8(x, True, 32)[0].view(torch.uint8))
+
+
+def test_fine_grained_casts_reject_bad_arguments() -> None:
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match=r"gran_k: expected one of \(32, 128\), got 64"):
+        quant.per_token_cast_to_fp4(x, True, gran_k=64)
+    with pytest.raises(ValueError, match="gran_k"):
+        quant.per_token_cast_to_fp8(x, gran_k=16)
+    with pytest.raises(ValueError, match="use_packed_ue8m0"):
+        quant.per_token_cast_to_fp4(x, False, use_packed_ue8m0=True)
+    with pytest.raises(ValueError, match="use_packed_ue8m0"):
+        quant.per_token_cast_to_fp8(x, False, 32, use_packed_ue8m0=True)
+    with pytest.raises(ValueError, match="even K"):
+        quant.per_token_cast_to_fp4(torch.randn(4, 63), True)
+    with pytest.raises(ValueError, match="2-D"):
+        quant.per_token_cast_to_fp4(torch.randn(2, 4, 64), True)
+    packed, sf = quant.per_token_cast_to_fp4(x, True, 32)
+    with pytest.raises(ValueError, match=r"sf: expected float32 \(4, 2\)"):
+        quant.cast_back_from_fp4(packed, sf[:, :1], 32)
+    with pytest.raises(ValueError, match="sf: expected int32"):
+        quant.cast_back_from_fp4(packed, sf, 32, use_packed_ue8m0=True)
+    with pytest.raises(ValueError, match="packed: expected a 2-D int8 or uint8"):
+        quant.cast_back_from_fp4(packed.float(), sf, 32)
+
+
 # ---- transform_sf_into_required_layout ------------------------------------------------------------
 
 
