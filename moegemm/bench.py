@@ -13,7 +13,7 @@ import itertools
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -60,6 +60,17 @@ def kernel_time_us(fn: Callable[[], object], iters: int = 30) -> float:
     if len(per_call) != iters:
         raise RuntimeError(f"profiler saw {len(per_call)} L2 flushes for {iters} calls")
     return statistics.median(per_call)
+
+
+def sweep_line(label: str, plans: Iterable[tuple[object, Callable[[], object]]], chosen: object,
+               name: Callable[[object], str], peer_call: Callable[[], object] | None, iters: int) -> str:
+    """One line of a config sweep (scripts/sweep_*.py): each (config, launch) pair's kernel time, the
+    heuristic's ``chosen`` config starred, then DeepGEMM's time where ``peer_call`` is given."""
+    cells = [f"{'*' if config == chosen else ''}{name(config)}:{kernel_time_us(launch, iters=iters):.1f}"
+             for config, launch in plans]
+    if peer_call is not None:
+        cells.append(f"DeepGEMM:{kernel_time_us(peer_call, iters=iters):.1f}")
+    return f"{label} | {' '.join(cells)}"
 
 
 def deep_gemm():

@@ -204,10 +204,9 @@ def _cast(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> tuple[torch.Tens
     return (_per_block_cast_torch if per_block else _per_token_cast_torch)(x, use_ue8m0)
 
 
-def _check_gran_k(gran_k: int) -> int:
+def _check_gran_k(gran_k: int) -> None:
     if isinstance(gran_k, bool) or not isinstance(gran_k, int) or gran_k not in FINE_GRANULARITIES:
         raise ValueError(f"gran_k: expected one of {FINE_GRANULARITIES}, got {gran_k!r}")
-    return gran_k
 
 
 def _check_packing(use_ue8m0: bool, use_packed_ue8m0: bool) -> None:
@@ -242,17 +241,25 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int 
         return _cast(x, use_ue8m0, per_block=False)
     x = _check_cast_input("x", x, (2, 3))
     x_fp8, sf = _per_token_cast_torch(x, use_ue8m0, gran_k)
-    return x_fp8, pack_ue8m0(sf) if use_packed_ue8m0 else sf.contiguous()
+    return x_fp8, pack_ue8m0(sf) if use_packed_ue8m0 else sf
+
+
+def _per_token_blocks(x: torch.Tensor, gran_k: int, max_value: float,
+                      use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., K]`` zero-padded and viewed as ``[..., ceil(K/gran_k), gran_k]`` blocks, and each block's
+    float32 scale (contiguous) for values up to ``max_value``."""
+    padded = _pad_dims(x, (-1,), gran_k)
+    blocks = padded.reshape(*x.shape[:-1], padded.shape[-1] // gran_k, gran_k)
+    return blocks, _scale_from_amax(_abs_max(blocks, -1), use_ue8m0, max_value)
 
 
 def _per_token_cast_torch(x: torch.Tensor, use_ue8m0: bool, gran_k: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch implementation of :func:`per_token_cast_to_fp8`: the reference of the kernel."""
-    k = x.shape[-1]
-    padded = _pad_dims(x, (-1,), gran_k)
-    blocks = padded.reshape(*x.shape[:-1], padded.shape[-1] // gran_k, gran_k)
-    sf = _scale_from_amax(_abs_max(blocks, -1), use_ue8m0)
+    """The PyTorch implementation of :func:`per_token_cast_to_fp8`: the reference of the kernel. The
+    scales of 1x128 blocks come in the GEMM kernels' M-major layout, those of 1x32 blocks contiguous."""
+    blocks, sf = _per_token_blocks(x, gran_k, FP8_E4M3_MAX, use_ue8m0)
     x_fp8 = _divide_to_fp8(blocks, sf.unsqueeze(-1))
-    return x_fp8.view(padded.shape)[..., :k].contiguous(), get_mn_major_tma_aligned_tensor(sf)
+    x_fp8 = x_fp8.flatten(-2)[..., : x.shape[-1]].contiguous()
+    return x_fp8, get_mn_major_tma_aligned_tensor(sf) if gran_k == BLOCK else sf
 
 
 def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,15 +367,18 @@ FP4_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 @functools.cache
-def _fp4_rounding_bounds(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Bucket boundaries for round-to-nearest-even onto the e2m1 magnitudes (7 values, ``dtype``).
+def _fp4_rounding_bounds(device: torch.device, dtype: torch.dtype, ties_to_even: bool = True) -> torch.Tensor:
+    """Bucket boundaries for rounding to the nearest e2m1 magnitude (7 values, ``dtype``): ties to the
+    even code, or (``ties_to_even`` False) to the smaller magnitude.
 
     bucketize(right=False) sends a value equal to a boundary to the lower code. That is the even code for
-    midpoints 0.25, 1.25, 2.5 and 5; for 0.75, 1.75 and 3.5 the even code is the upper one, so those
-    boundaries are moved one ulp down.
+    midpoints 0.25, 1.25, 2.5 and 5; for 0.75, 1.75 and 3.5 the even code is the upper one, so to round
+    ties to even those boundaries are moved one ulp down.
     """
     mags = torch.tensor(FP4_E2M1_MAGNITUDES, dtype=dtype)
     mids = (mags[:-1] + mags[1:]) / 2
+    if not ties_to_even:
+        return mids.to(device)
     lower_is_odd = torch.arange(7) % 2 == 1
     bounds = torch.where(lower_is_odd, torch.nextafter(mids, torch.zeros_like(mids)), mids)
     return bounds.to(device)
@@ -416,9 +426,8 @@ def _e2m1_codes(q: torch.Tensor) -> torch.Tensor:
     {0, 0.5, 1, 1.5, 2, 3, 4, 6}, a tie to the smaller one, saturating at 6; bit 3 is the sign of a
     non-zero code (zero is always code 0)."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mags = torch.tensor(FP4_E2M1_MAGNITUDES, dtype=dtype, device=q.device)
-    # bucketize(right=False) counts the midpoints strictly below each magnitude: ties go down.
-    code = torch.bucketize(q.abs().to(dtype), (mags[:-1] + mags[1:]) / 2).to(torch.uint8)
+    code = torch.bucketize(q.abs().to(dtype), _fp4_rounding_bounds(q.device, dtype, ties_to_even=False))
+    code = code.to(torch.uint8)
     return code | (((q < 0) & (code != 0)).to(torch.uint8) << 3)
 
 
@@ -445,13 +454,11 @@ def per_token_cast_to_fp4(x: torch.Tensor, use_ue8m0: bool, gran_k: int = BLOCK,
     x = _check_cast_input("x", x, (2,))
     _check_gran_k(gran_k)
     _check_packing(use_ue8m0, use_packed_ue8m0)
-    m, k = x.shape
+    k = x.shape[1]
     if k % 2:
         raise ValueError(f"x: expected an even K (two FP4 values per byte), got shape {tuple(x.shape)}")
-    padded = _pad_dims(x, (-1,), gran_k)
-    blocks = padded.reshape(m, -1, gran_k)
-    sf = _scale_from_amax(_abs_max(blocks, -1), use_ue8m0, FP4_E2M1_MAX)
-    codes = _e2m1_codes(blocks / sf.unsqueeze(-1)).view(m, -1)[:, :k]
+    blocks, sf = _per_token_blocks(x, gran_k, FP4_E2M1_MAX, use_ue8m0)
+    codes = _e2m1_codes(blocks / sf.unsqueeze(-1)).flatten(-2)[:, :k]
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous().view(torch.int8)
     return packed, pack_ue8m0(sf) if use_packed_ue8m0 else sf
 

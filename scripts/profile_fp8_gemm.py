@@ -26,14 +26,14 @@ from moegemm.kernels.fp8_gemm import Fp8GemmConfig
 KINDS = {"dense": GemmType.NORMAL, "contiguous": GemmType.CONTIGUOUS, "masked": GemmType.MASKED}
 
 
-def parse_config(text: str, out_fp32: bool) -> Fp8GemmConfig:
-    """`<BLOCK_M>x<BLOCK_N>[cm2|cn2]`, with as many stages as fit (the heuristic's rule)."""
+def parse_config(text: str) -> Fp8GemmConfig:
+    """`<BLOCK_M>x<BLOCK_N>[cm2|cn2]` with BF16 D, as many stages as fit (the heuristic's rule)."""
     match = re.fullmatch(r"(\d+)x(\d+)(cm2|cn2)?", text)
     if match is None:
         raise SystemExit(f"--config: expected e.g. 128x192 or 128x128cm2, got {text!r}")
     block_m, block_n = int(match[1]), int(match[2])
-    stages = fp8_gemm.stages_for(block_m, block_n, 4 if out_fp32 else 2, 1, device_facts(torch.cuda.current_device()))
-    return Fp8GemmConfig(block_m, block_n, stages, out_fp32, False, 2 if match[3] == "cm2" else 1,
+    stages = fp8_gemm.stages_for(block_m, block_n, 2, 1, device_facts(torch.cuda.current_device()))
+    return Fp8GemmConfig(block_m, block_n, stages, False, False, 2 if match[3] == "cm2" else 1,
                          cluster_n=2 if match[3] == "cn2" else 1)
 
 
@@ -67,7 +67,7 @@ def main() -> None:
                 GemmType.MASKED: functools.partial(peer.m_grouped_fp8_gemm_nt_masked, a_dg, b_dg, d, groups,
                                                    args.rows)}[kind]
     else:
-        config = parse_config(args.config, False) if args.config else None
+        config = parse_config(args.config) if args.config else None
         desc = fp8_gemm.describe(kind, a, b, d, expected_m=None if kind is GemmType.NORMAL else args.rows)
         plan = fp8_gemm.plan(desc, a, b, d, facts, config)
         print(f"moegemm config: {plan.config}", file=sys.stderr)

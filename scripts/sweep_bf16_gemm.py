@@ -12,7 +12,6 @@ import functools
 import torch
 
 from moegemm import bench
-from moegemm.bench import kernel_time_us
 from moegemm.device import DeviceFacts, device_facts
 from moegemm.gemm.desc import GemmDesc, GemmType, Major
 from moegemm.intmath import align
@@ -49,14 +48,10 @@ def sweep(desc: GemmDesc, label: str, a, b, d, groups, facts: DeviceFacts, peer_
     major_a = major if desc.gemm_type is GemmType.K_GROUPED else Major.K
     chosen = bf16_gemm.plan(desc, a, b, d, major_a, major, facts).config
     pointers = (a.data_ptr(), b.data_ptr(), d.data_ptr(), groups.data_ptr() if groups is not None else 0)
-    cells = []
-    for config in sorted(candidates(desc.gemm_type, desc.m, desc.out_bytes, major, facts) | {chosen}, key=name):
-        plan = bf16_gemm.plan(desc, a, b, d, major_a, major, facts, config)
-        us = kernel_time_us(functools.partial(plan.launch_pointers, d.get_device(), *pointers), iters=15)
-        cells.append(f"{'*' if plan.config == chosen else ''}{name(plan.config)}:{us:.1f}")
-    if peer_call is not None:
-        cells.append(f"DeepGEMM:{kernel_time_us(peer_call, iters=15):.1f}")
-    print(f"{label} | {' '.join(cells)}", flush=True)
+    configs = sorted(candidates(desc.gemm_type, desc.m, desc.out_bytes, major, facts) | {chosen}, key=name)
+    plans = (bf16_gemm.plan(desc, a, b, d, major_a, major, facts, config) for config in configs)
+    launches = ((plan.config, functools.partial(plan.launch_pointers, d.get_device(), *pointers)) for plan in plans)
+    print(bench.sweep_line(label, launches, chosen, name, peer_call, iters=15), flush=True)
 
 
 def main() -> None:

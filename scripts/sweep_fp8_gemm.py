@@ -13,7 +13,7 @@ import torch
 
 import moegemm
 from moegemm import bench
-from moegemm.bench import _fp8_inputs, kernel_time_us
+from moegemm.bench import _fp8_inputs
 from moegemm.device import DeviceFacts, device_facts
 from moegemm.gemm.desc import GemmDesc, GemmType
 from moegemm.kernels import fp8_gemm
@@ -84,19 +84,19 @@ def sweep_grouped(facts: DeviceFacts, masked_only: bool = False) -> None:
         d = torch.empty(*a.shape[:-1], n, device="cuda", dtype=torch.bfloat16)
         desc = fp8_gemm.describe(kind, a, b, d, expected_m=mean)
         chosen = fp8_gemm.plan(desc, a, b, d, facts).config
-        cells = []
-        for config in sorted(grouped_candidates(kind, mean, n, k, facts) | {chosen}, key=name):
-            plan = fp8_gemm.plan(desc, a, b, d, facts, config)
-            us = kernel_time_us(functools.partial(plan.launch, a, sfa_required, b, sfb, d, groups), iters=10)
-            cells.append(f"{'*' if plan.config == chosen else ''}{name(plan.config)}:{us:.1f}")
+        plans = (fp8_gemm.plan(desc, a, b, d, facts, config)
+                 for config in sorted(grouped_candidates(kind, mean, n, k, facts) | {chosen}, key=name))
+        launches = ((plan.config, functools.partial(plan.launch, a, sfa_required, b, sfb, d, groups))
+                    for plan in plans)
+        call = None
         if peer is not None:
             sfa_dg = peer.get_mn_major_tma_aligned_tensor(sfa)
             if kind is GemmType.MASKED:
                 call = functools.partial(peer.m_grouped_fp8_gemm_nt_masked, (a, sfa_dg), (b, sfb), d, groups, mean)
             else:
                 call = functools.partial(peer.m_grouped_fp8_gemm_nt_contiguous, (a, sfa_dg), (b, sfb), d, groups)
-            cells.append(f"DeepGEMM:{kernel_time_us(call, iters=10):.1f}")
-        print(f"{layout} {num_groups} x {mean} ({sum(counts)} rows) {n} {k} | {' '.join(cells)}", flush=True)
+        label = f"{layout} {num_groups} x {mean} ({sum(counts)} rows) {n} {k}"
+        print(bench.sweep_line(label, launches, chosen, name, call, iters=10), flush=True)
 
 
 def main() -> None:
@@ -117,19 +117,15 @@ def main() -> None:
         sfa = moegemm.get_mn_major_tma_aligned_tensor(sfa0)
         d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         d32 = torch.empty(m, n, device="cuda", dtype=torch.float32)
-        chosen = pick(m, n, k, facts)
-        results = []
-        for config in sorted(candidates(m, n, k, facts), key=name):
-            out = d32 if config.out_fp32 else d
-            plan = fp8_gemm.plan(fp8_gemm.describe(GemmType.NORMAL, a, b, out), a, b, out, facts, config)
-            launch = functools.partial(plan.launch, a, sfa, b, sfb, out)
-            results.append((kernel_time_us(launch, iters=15), plan.config))
-        cells = " ".join(f"{'*' if c == chosen else ''}{name(c)}:{t:.1f}" for t, c in results)
+        outs = {config: d32 if config.out_fp32 else d for config in sorted(candidates(m, n, k, facts), key=name)}
+        plans = ((fp8_gemm.plan(fp8_gemm.describe(GemmType.NORMAL, a, b, out), a, b, out, facts, config), out)
+                 for config, out in outs.items())
+        launches = ((plan.config, functools.partial(plan.launch, a, sfa, b, sfb, out)) for plan, out in plans)
+        call = None
         if peer is not None:
-            sfa_dg = peer.get_mn_major_tma_aligned_tensor(sfa0)
-            call = functools.partial(peer.fp8_gemm_nt, (a, sfa_dg), (b, sfb), d)
-            cells += f" DeepGEMM:{kernel_time_us(call, iters=15):.1f}"
-        print(f"{m:4d} {n:6d} {k:6d} | {cells}", flush=True)
+            call = functools.partial(peer.fp8_gemm_nt, (a, peer.get_mn_major_tma_aligned_tensor(sfa0)), (b, sfb), d)
+        print(bench.sweep_line(f"{m:4d} {n:6d} {k:6d}", launches, pick(m, n, k, facts), name, call, iters=15),
+              flush=True)
 
 
 if __name__ == "__main__":
