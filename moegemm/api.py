@@ -17,6 +17,11 @@ from .ops.bf16_gemm import (
 )
 from .ops.dispatch import get_check_groups, register_custom_ops, set_check_groups
 from .ops.einsum import einsum
+from .ops.fp8_fp4_gemm import (
+    fp8_fp4_gemm_nt,
+    m_grouped_fp8_fp4_gemm_nt_contiguous,
+    m_grouped_fp8_fp4_gemm_nt_masked,
+)
 from .ops.fp8_gemm import (
     fp8_gemm_nt,
     get_mk_alignment_for_contiguous_layout,
@@ -54,6 +59,7 @@ __all__ = [
     "cast_back_from_fp4",
     "ceil_div",
     "einsum",
+    "fp8_fp4_gemm_nt",
     "fp8_gemm_nt",
     "get_check_groups",
     "get_mk_alignment_for_contiguous_layout",
@@ -65,6 +71,8 @@ __all__ = [
     "m_grouped_bf16_gemm_nn_contiguous",
     "m_grouped_bf16_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nt_masked",
+    "m_grouped_fp8_fp4_gemm_nt_contiguous",
+    "m_grouped_fp8_fp4_gemm_nt_masked",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "pack_fp4",

@@ -753,12 +753,115 @@ def print_cast_table(rows: list[CastRow]) -> None:
               f"{r.torch_us:8.1f} {r.torch_gbps:6.0f}")
 
 
-SECTIONS = ("fp8", "bf16")
+@dataclass
+class Fp4Row:
+    layout: str  # dense, contiguous or masked
+    groups: int
+    m: int  # dense: M; grouped: the mean rows per expert
+    n: int
+    k: int
+    rows: int
+    fp4_us: float
+    fp8_us: float
+    speedup: float  # the FP8 kernel's time over the FP8 x FP4 kernel's
+    read_tbps: float  # the bytes the FP4 kernel reads (A, B, scales) over its time
+    copy_share: float  # read_tbps over the measured copy ceiling
+    diff_dequant: float
+    diff_fp8: float  # the FP8 kernel's calc_diff against its own reference
+
+
+FP4_DENSE = [(m, n, k) for m in (1, 64, 128, 4096) for n, k in FP8_GEMM_NK]
+FP4_GROUPED = ([("masked", g, m, n, k) for g in (8, 32) for m in (32, 128, 256) for n, k in ((4096, 7168),
+                                                                                              (7168, 2048))]
+               + [("contiguous", g, 32768 // g, 4096, 7168) for g in (4, 32)])
+
+
+def _fp4_weights(lead: tuple[int, ...], n: int, k: int):
+    """BF16 weights and their FP4 cast (1x32 UE8M0 scales in the kernels' packed layout)."""
+    w = torch.randn(*lead, n, k, device="cuda", dtype=torch.bfloat16)
+    b, sfb = api.per_token_cast_to_fp4(w.flatten(0, -2), use_ue8m0=True, gran_k=32)
+    b, sfb = b.view(*lead, n, k // 2), sfb.view(*lead, n, -1)
+    packed = api.transform_sf_into_required_layout(sfb, n, k, (1, 32), lead[0] if lead else None)
+    return w, b, sfb, packed
+
+
+def bench_fp4_shape(layout: str, groups: int, m: int, n: int, k: int, copy_tbps: float, iters: int = 20) -> Fp4Row:
+    """The FP8 x FP4 kernel beside the FP8 kernel on the same activations and (FP8-cast) weights."""
+    from . import reference
+
+    if layout == "dense":
+        counts = [m]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        a, sfa = api.per_token_cast_to_fp8(x)
+        w, b4, sfb4, packed = _fp4_weights((), n, k)
+        b8, sfb8 = api.per_block_cast_to_fp8(w)
+        real = torch.ones(m, dtype=torch.bool, device="cuda")
+    else:
+        counts = routing_counts(groups, m)
+        a, sfa, b8, sfb8, groups_t, real = _grouped_inputs(counts, n, k, layout == "masked")
+        w, b4, sfb4, packed = _fp4_weights((groups,), n, k)
+    sfa_required = api.get_mn_major_tma_aligned_tensor(sfa)
+    d4 = torch.empty(*a.shape[:-1], n, device="cuda", dtype=torch.bfloat16)
+    d8 = torch.empty_like(d4)
+    ref = torch.zeros(d4.shape, device="cuda")
+    if layout == "dense":
+        fp4 = functools.partial(api.fp8_fp4_gemm_nt, (a, sfa_required), (b4, packed), d4)
+        fp8 = functools.partial(api.fp8_gemm_nt, (a, sfa_required), (b8, sfb8), d8)
+        reference.fp8_fp4_gemm_nt((a, sfa), (b4, sfb4), ref)
+    elif layout == "masked":
+        fp4 = functools.partial(api.m_grouped_fp8_fp4_gemm_nt_masked, (a, sfa_required), (b4, packed), d4, groups_t, m)
+        fp8 = functools.partial(api.m_grouped_fp8_gemm_nt_masked, (a, sfa_required), (b8, sfb8), d8, groups_t, m)
+        reference.m_grouped_fp8_fp4_gemm_nt_masked((a, sfa), (b4, sfb4), ref, groups_t, m)
+    else:
+        fp4 = functools.partial(api.m_grouped_fp8_fp4_gemm_nt_contiguous, (a, sfa_required), (b4, packed), d4,
+                                groups_t)
+        fp8 = functools.partial(api.m_grouped_fp8_gemm_nt_contiguous, (a, sfa_required), (b8, sfb8), d8, groups_t)
+        reference.m_grouped_fp8_fp4_gemm_nt_contiguous((a, sfa), (b4, sfb4), ref, groups_t)
+    t4, t8 = kernel_time_us(fp4, iters), kernel_time_us(fp8, iters)
+    diff4 = api.calc_diff(d4.float()[real], ref[real])
+    ref.zero_()
+    if layout == "dense":
+        reference.fp8_gemm_nt((a, sfa), (b8, sfb8), ref)
+    elif layout == "masked":
+        reference.m_grouped_fp8_gemm_nt_masked((a, sfa), (b8, sfb8), ref, groups_t, m)
+    else:
+        reference.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b8, sfb8), ref, groups_t)
+    diff8 = api.calc_diff(d8.float()[real], ref[real])
+    rows = sum(counts)
+    read = rows * (k + 4 * sfa.shape[-1]) + b4.numel() + 4 * packed.numel()
+    read_tbps = read / t4 / 1e6
+    return Fp4Row(layout, groups, m, n, k, rows, t4, t8, t8 / t4, read_tbps, read_tbps / copy_tbps, diff4, diff8)
+
+
+def bench_fp4(copy_tbps: float, iters: int = 20) -> list[Fp4Row]:
+    """Every FP4 shape, each row printed as soon as it is measured (the table's rows)."""
+    print("\nFP8 x FP4 (e2m1 B, 1x32 UE8M0 scales) beside the FP8 kernel on the same shapes (BF16 out); "
+          "read TB/s: A, B and scales read by the FP4 kernel over its time")
+    print(f"{'layout':>10} {'G':>3} {'M':>5} {'N':>6} {'K':>6} | {'fp4 us':>8} {'fp8 us':>8} {'x fp8':>6} | "
+          f"{'read TB/s':>9} {'of copy':>7} | {'diff':>8} {'fp8 diff':>8}")
+    rows = []
+    for shape in [("dense", 1, *shape) for shape in FP4_DENSE] + FP4_GROUPED:
+        r = bench_fp4_shape(*shape, copy_tbps=copy_tbps, iters=iters)
+        print(f"{r.layout:>10} {r.groups:>3} {r.m:>5} {r.n:>6} {r.k:>6} | {r.fp4_us:>8.1f} {r.fp8_us:>8.1f} "
+              f"{r.speedup:>6.2f} | {r.read_tbps:>9.2f} {r.copy_share:>7.1%} | {r.diff_dequant:>8.1e} "
+              f"{r.diff_fp8:>8.1e}")
+        rows.append(r)
+    return rows
+
+
+def print_fp4_summary(rows: list[Fp4Row]) -> None:
+    decode = [r.speedup for r in rows if r.m <= 256 and r.layout != "contiguous"]
+    if decode:
+        print(f"decode (M <= 128 dense, masked): geometric mean {statistics.geometric_mean(decode):.2f}x the FP8 "
+              f"kernel; least {min(decode):.2f}x")
+
+
+SECTIONS = ("fp8", "bf16", "fp4")
 
 
 def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> None:
     """Run the benchmark ``sections``: "fp8" (the FP8 GEMMs and casts), "bf16" (the BF16 GEMMs,
-    einsum and the hyper-connection GEMM)."""
+    einsum and the hyper-connection GEMM), "fp4" (the FP8 x FP4 GEMMs beside the FP8 ones)."""
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     # Host time first: once torch.profiler has run in a process, every kernel launch costs several us
@@ -781,6 +884,10 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
         print_cast_table(casts)
         results.update(fp8_gemm_nt=[asdict(r) for r in rows], grouped=[asdict(r) for r in grouped],
                        casts=[asdict(r) for r in casts])
+    if "fp4" in sections:
+        fp4 = bench_fp4(limits["copy_tbps"])
+        print_fp4_summary(fp4)
+        results.update(fp4=[asdict(r) for r in fp4])
     if "bf16" in sections:
         bf16 = bench_bf16_dense() + bench_bf16_grouped() + bench_bf16_k_grouped() + bench_bf16_einsum()
         print_bf16_table(bf16)

@@ -78,9 +78,9 @@ def _normalize_recipe(recipe: tuple[int, ...], is_sfa: bool) -> tuple[int, int]:
     recipe = tuple(int(r) for r in recipe)
     if len(recipe) == 3:
         recipe = (recipe[0] if is_sfa else recipe[1], recipe[2])
-    if recipe not in ((1, BLOCK), (BLOCK, BLOCK)):
+    if recipe not in ((1, BLOCK), (BLOCK, BLOCK), (1, 32)):
         raise ValueError(
-            f"recipe: expected (1, 128), (128, 128) or a DeepGEMM 3-tuple such as (1, 128, 128); "
+            f"recipe: expected (1, 128), (128, 128), (1, 32) or a DeepGEMM 3-tuple such as (1, 128, 128); "
             f"resolved to {recipe} (is_sfa={is_sfa})"
         )
     return recipe
@@ -102,7 +102,8 @@ def transform_sf_into_required_layout(
             ``mn_blocks`` is ``mn`` for recipe (1, 128) and ``ceil(mn/128)`` for (128, 128).
         mn: rows of the scaled operand (M for A, N for B).
         k: reduction length of the scaled operand.
-        recipe: ``(1, 128)`` per-token, ``(128, 128)`` per-block, or a DeepGEMM 3-tuple
+        recipe: ``(1, 128)`` per-token, ``(128, 128)`` per-block, ``(1, 32)`` the FP4 weights' UE8M0
+            scales (see :func:`packed_ue8m0_mn_major`, which this returns), or a DeepGEMM 3-tuple
             ``(gran_m, gran_n, gran_k)`` from which ``gran_m`` (A) or ``gran_n`` (B) is picked by ``is_sfa``.
         num_groups: number of groups for a 3-D ``sf``; ``None`` for 2-D.
         is_sfa: whether ``sf`` scales the A operand (only used with a 3-tuple recipe).
@@ -112,6 +113,8 @@ def transform_sf_into_required_layout(
         (see :func:`get_mn_major_tma_aligned_tensor`). (128, 128): contiguous.
     """
     gran_mn, gran_k = _normalize_recipe(recipe, is_sfa)
+    if gran_k == 32:
+        return packed_ue8m0_mn_major(sf, mn, k, num_groups)
     mn_blocks = mn if gran_mn == 1 else ceil_div(mn, gran_mn)
     k_blocks = ceil_div(k, gran_k)
     lead = () if num_groups is None else (num_groups,)
@@ -131,6 +134,30 @@ def transform_sf_into_required_layout(
     if gran_mn == 1:
         return get_mn_major_tma_aligned_tensor(sf)
     return sf.contiguous()
+
+
+def packed_ue8m0_mn_major(sf: torch.Tensor, mn: int, k: int, num_groups: int | None = None) -> torch.Tensor:
+    """1x32 UE8M0 scales in the layout the FP8 x FP4 kernels read: int32 ``[..., mn, ceil(k/128)]``, each
+    element the four exponents of a 128-wide block (byte i: the i-th 1x32 block), MN-major with the
+    MN stride rounded up to 4 elements (DeepGEMM's packed layout).
+
+    Args:
+        sf: float32 ``[..., mn, ceil(k/32)]`` powers of two (the exponent bits are taken, the mantissa
+            ignored), or int32 ``[..., mn, ceil(k/128)]`` already packed (:func:`pack_ue8m0`), any strides.
+    Returns ``sf`` itself when it already is in that layout."""
+    lead = () if num_groups is None else (num_groups,)
+    k_blocks = ceil_div(k, BLOCK)
+    if sf.dtype == torch.float32:
+        if tuple(sf.shape) != (*lead, mn, ceil_div(k, 32)):
+            raise ValueError(f"sf: expected float32 {(*lead, mn, ceil_div(k, 32))} (1x32 scales), got "
+                             f"{tuple(sf.shape)}")
+        exponents = ((sf.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+        exponents = torch.nn.functional.pad(exponents, (0, 4 * k_blocks - exponents.shape[-1]))
+        sf = exponents.contiguous().view(torch.int32)
+    elif sf.dtype != torch.int32 or tuple(sf.shape) != (*lead, mn, k_blocks):
+        raise ValueError(f"sf: expected int32 {(*lead, mn, k_blocks)} (packed 1x32 UE8M0) or float32 "
+                         f"{(*lead, mn, ceil_div(k, 32))}, got {sf.dtype} {tuple(sf.shape)}")
+    return get_mn_major_tma_aligned_tensor(sf)
 
 
 # ---- fp8 casts ------------------------------------------------------------------------------------

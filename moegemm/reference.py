@@ -20,7 +20,7 @@ import torch
 
 from . import checks
 from .intmath import align, ceil_div
-from .quant import BLOCK, unpack_ue8m0
+from .quant import BLOCK, unpack_fp4, unpack_ue8m0
 
 __all__ = [
     "bf16_gemm_nn",
@@ -344,15 +344,22 @@ def m_grouped_fp8_gemm_nt_contiguous(
     """
     a_fp8, sfa = _unpack_fp8_operand("a", a, 2)
     b_fp8, sfb = _unpack_fp8_operand("b", b, 3)
+    num_groups, n = _check_grouped_b(b_fp8, sfb, a_fp8.shape[1])
+    _contiguous_into(a_fp8, sfa, lambda g: dequantize_per_block(b_fp8[g], sfb[g]), num_groups, n, d, grouped_layout,
+                     use_psum_layout)
+
+
+def _contiguous_into(a_fp8: torch.Tensor, sfa: torch.Tensor, b_of: Callable[[int], torch.Tensor], num_groups: int,
+                     n: int, d: torch.Tensor, grouped_layout: torch.Tensor, use_psum_layout: bool) -> None:
+    """The contiguous grouped GEMM given expert g's dequantised B ``b_of(g)`` (float32 [N, K])."""
     m_total, k = a_fp8.shape
     _check_shape("a[1]", sfa, (m_total, ceil_div(k, BLOCK)))
-    num_groups, n = _check_grouped_b(b_fp8, sfb, k)
     _check_shape("d", d, (m_total, n))
     _check_dtype("d", d, _OUTPUT_DTYPES)
     for group, rows in enumerate(_contiguous_segments(grouped_layout, num_groups, m_total, use_psum_layout)):
         if _row_count(rows) == 0:
             continue
-        _gemm_rows_into(d, rows, a_fp8, sfa, dequantize_per_block(b_fp8[group], sfb[group]))
+        _gemm_rows_into(d, rows, a_fp8, sfa, b_of(group))
 
 
 def m_grouped_fp8_gemm_nt_masked(
@@ -376,9 +383,16 @@ def m_grouped_fp8_gemm_nt_masked(
     a_fp8, sfa = _unpack_fp8_operand("a", a, 3)
     b_fp8, sfb = _unpack_fp8_operand("b", b, 3)
     num_groups, max_m, k = a_fp8.shape
-    _check_shape("a[1]", sfa, (num_groups, max_m, ceil_div(k, BLOCK)))
     _, n = _check_grouped_b(b_fp8, sfb, k)
     _check_shape("b[0]", b_fp8, (num_groups, n, k))
+    _masked_into(a_fp8, sfa, lambda g: dequantize_per_block(b_fp8[g], sfb[g]), n, d, masked_m)
+
+
+def _masked_into(a_fp8: torch.Tensor, sfa: torch.Tensor, b_of: Callable[[int], torch.Tensor], n: int, d: torch.Tensor,
+                 masked_m: torch.Tensor) -> None:
+    """The masked grouped GEMM given expert g's dequantised B ``b_of(g)`` (float32 [N, K])."""
+    num_groups, max_m, k = a_fp8.shape
+    _check_shape("a[1]", sfa, (num_groups, max_m, ceil_div(k, BLOCK)))
     _check_shape("d", d, (num_groups, max_m, n))
     _check_dtype("d", d, _OUTPUT_DTYPES)
     _check_index_dtype("masked_m", masked_m)
@@ -386,8 +400,73 @@ def m_grouped_fp8_gemm_nt_masked(
     for group, m in enumerate(masked_m.clamp(0, max_m).tolist()):
         if m == 0:
             continue
-        b_deq = dequantize_per_block(b_fp8[group], sfb[group])
-        _gemm_rows_into(d[group], slice(0, m), a_fp8[group], sfa[group], b_deq)
+        _gemm_rows_into(d[group], slice(0, m), a_fp8[group], sfa[group], b_of(group))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FP8 x FP4 GEMMs: B e2m1 packed two per byte (int8 [..., N, K/2]) with 1x32 UE8M0 scales
+# ---------------------------------------------------------------------------------------------------------
+
+FP4Operand = tuple[torch.Tensor, torch.Tensor]
+
+
+def dequantize_fp4(packed: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
+    """float32 ``[..., N, K]`` of FP4 codes ``packed`` (int8 or uint8 ``[..., N, K/2]``, element 2i in the
+    low nibble) times their 1x32 scales ``sf``: float32 ``[..., N, ceil(K/32)]`` or int32 packed UE8M0
+    ``[..., N, ceil(K/128)]``, any strides."""
+    _check_dtype("b[0]", packed, (torch.int8, torch.uint8))
+    k = 2 * packed.shape[-1]
+    if sf.dtype == torch.int32:
+        sf = unpack_ue8m0(sf.contiguous(), ceil_div(k, 32))
+    _check_dtype("b[1]", sf, (torch.float32, torch.int32))
+    _check_shape("b[1]", sf, (*packed.shape[:-1], ceil_div(k, 32)))
+    values = unpack_fp4(packed.view(torch.uint8))
+    return values * sf.repeat_interleave(32, dim=-1)[..., :k]
+
+
+def _unpack_fp4_operand(operand: FP4Operand, dims: int) -> torch.Tensor:
+    """B of ``(packed, sf)``, dequantised."""
+    if not isinstance(operand, (tuple, list)) or len(operand) != 2:
+        raise TypeError(f"b: expected an (int8 packed FP4 tensor, scales) pair, got {type(operand).__name__}")
+    packed, sf = operand
+    _check_dims("b[0]", packed, dims)
+    return dequantize_fp4(packed, sf)
+
+
+def fp8_fp4_gemm_nt(a: FP8Operand, b: FP4Operand, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
+    """``D = C + dequant(A) @ dequant(B).T`` in float32: A ``(e4m3 [M, K], float32 [M, ceil(K/128)])``,
+    B ``(int8 [N, K/2], 1x32 scales)`` (see :func:`dequantize_fp4`), D bf16 or float32 ``[M, N]``."""
+    a_fp8, sfa = _unpack_fp8_operand("a", a, 2)
+    b_float = _unpack_fp4_operand(b, 2)
+    m, k = a_fp8.shape
+    n = b_float.shape[0]
+    _check_shape("b[0]", b[0], (n, k // 2))
+    _check_shape("a[1]", sfa, (m, ceil_div(k, BLOCK)))
+    _check_shape("d", d, (m, n))
+    _check_dtype("d", d, _OUTPUT_DTYPES)
+    if c is not None:
+        _check_shape("c", c, (m, n))
+    _gemm_rows_into(d, slice(0, m), a_fp8, sfa, b_float, c)
+
+
+def m_grouped_fp8_fp4_gemm_nt_contiguous(a: FP8Operand, b: FP4Operand, d: torch.Tensor,
+                                         grouped_layout: torch.Tensor, use_psum_layout: bool = False) -> None:
+    """:func:`m_grouped_fp8_gemm_nt_contiguous` with B ``(int8 [G, N, K/2], 1x32 scales)``."""
+    a_fp8, sfa = _unpack_fp8_operand("a", a, 2)
+    b_float = _unpack_fp4_operand(b, 3)
+    _check_shape("b[0]", b[0], (b_float.shape[0], b_float.shape[1], a_fp8.shape[1] // 2))
+    _contiguous_into(a_fp8, sfa, lambda g: b_float[g], b_float.shape[0], b_float.shape[1], d, grouped_layout,
+                     use_psum_layout)
+
+
+def m_grouped_fp8_fp4_gemm_nt_masked(a: FP8Operand, b: FP4Operand, d: torch.Tensor, masked_m: torch.Tensor,
+                                     expected_m: int) -> None:
+    """:func:`m_grouped_fp8_gemm_nt_masked` with B ``(int8 [G, N, K/2], 1x32 scales)``."""
+    del expected_m
+    a_fp8, sfa = _unpack_fp8_operand("a", a, 3)
+    b_float = _unpack_fp4_operand(b, 3)
+    _check_shape("b[0]", b[0], (a_fp8.shape[0], b_float.shape[1], a_fp8.shape[2] // 2))
+    _masked_into(a_fp8, sfa, lambda g: b_float[g], b_float.shape[1], d, masked_m)
 
 
 # ---------------------------------------------------------------------------------------------------------

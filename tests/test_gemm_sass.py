@@ -1,5 +1,5 @@
-"""Every config of the FP8 and BF16 GEMMs the heuristics emit, or a GPU test forces, and of the
-hyper-connection GEMM compiles for sm_90a with no local-memory spills, with the family's WGMMA in its
+"""Every config of the FP8, FP8 x FP4 and BF16 GEMMs the heuristics emit, or a GPU test forces, and of
+the hyper-connection GEMM compiles for sm_90a with no local-memory spills, with the family's WGMMA in its
 SASS (QGMMA for FP8, HGMMA for BF16 and TF32), and with no WGMMA serialized by ptxas. CPU only;
 skipped without nvcc and cuobjdump."""
 
@@ -18,7 +18,7 @@ from conftest import COMPILE_VARIABLES, H100, needs_sass_tools
 
 from moegemm.gemm.desc import GemmDesc, GemmType, Major
 from moegemm.jit import compiler
-from moegemm.kernels import bf16_gemm, fp8_gemm, hc_prenorm
+from moegemm.kernels import bf16_gemm, fp8_fp4_gemm, fp8_gemm, hc_prenorm
 
 
 def _fp8_configs() -> list:
@@ -72,10 +72,22 @@ def _hc_prenorm_configs() -> list:
     return [hc_prenorm.select_config(n, H100) for n in (8, 24, 64, 256)]
 
 
+def _fp8_fp4_configs() -> list:
+    """The FP8 x FP4 configs of the heuristic (dense and grouped) and of the GPU tests."""
+    grid = set(_test_module("test_fp8_fp4_gemm").CONFIGS)
+    for kind in (GemmType.CONTIGUOUS, GemmType.MASKED):
+        for m, groups in ((32, 32), (256, 8), (4096, 8)):
+            for n, k in ((4096, 7168), (7168, 2048), (576, 512), (264, 224)):
+                grid.add(fp8_fp4_gemm.select_config(GemmDesc(kind, m, n, k, groups), H100))
+    return sorted(grid, key=fp8_fp4_gemm.kernel_name)
+
+
 def _family(config):
     """(Host module, WGMMA opcode) of a config's family."""
     if isinstance(config, hc_prenorm.HcPrenormConfig):
         return hc_prenorm, "HGMMA"
+    if isinstance(config, fp8_fp4_gemm.Fp8Fp4GemmConfig):
+        return fp8_fp4_gemm, "QGMMA"
     return (bf16_gemm, "HGMMA") if isinstance(config, bf16_gemm.Bf16GemmConfig) else (fp8_gemm, "QGMMA")
 
 
@@ -99,7 +111,7 @@ def _explicit_configs() -> list:
     return _test_module("test_fp8_gemm").CONFIGS + grouped
 
 
-ALL_CONFIGS = _fp8_configs() + _bf16_configs() + _hc_prenorm_configs()
+ALL_CONFIGS = _fp8_configs() + _bf16_configs() + _hc_prenorm_configs() + _fp8_fp4_configs()
 
 _SPILLS = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(LDL|STL)\b", re.M)
 

@@ -48,7 +48,7 @@ int main(void) {
 }
 """
 # TMA has no FP8 element type on sm_90: e4m3 moves as raw bytes.
-_TMA_DTYPE_NAMES = {torch.uint8: "UINT8", torch.float8_e4m3fn: "UINT8", torch.int32: "INT32",
+_TMA_DTYPE_NAMES = {torch.uint8: "UINT8", torch.int8: "UINT8", torch.float8_e4m3fn: "UINT8", torch.int32: "INT32",
                     torch.float32: "FLOAT32", torch.bfloat16: "BFLOAT16"}
 
 

@@ -37,7 +37,8 @@ MAX_PARAM_BYTES = 4096
 MAX_PARAM_POINTERS = 4  # MG_MAX_PARAM_POINTERS in launch.c
 
 # CUtensorMapDataType and CUtensorMapSwizzle values (checked against cuda.h in the tests).
-TMA_DTYPES = {torch.uint8: 0, torch.float8_e4m3fn: 0, torch.int32: 3, torch.float32: 7, torch.bfloat16: 9}
+TMA_DTYPES = {torch.uint8: 0, torch.int8: 0, torch.float8_e4m3fn: 0, torch.int32: 3, torch.float32: 7,
+              torch.bfloat16: 9}
 SWIZZLE_NONE, SWIZZLE_32B, SWIZZLE_64B, SWIZZLE_128B = 0, 1, 2, 3
 
 

@@ -198,20 +198,33 @@ class Plan(GemmPlan):
                              0 if groups is None else groups.data_ptr())
 
 
-def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rows: int,
-            group_rows: int, num_groups: int, pdl: bool) -> bytes:
-    """The launch record; A and D are seen as [rows, K] and [rows, N], B as [G * N, K], SFA as
-    ``[G * ceil(K/128), group_rows]`` M-major (G = 1 but for masked), SFB as one flat row (or as
-    ``[G * ceil(N/128), ceil(K/128)]`` for boxes of two rows)."""
-    k = a.shape[-1]
-    n = b.shape[-2]
-    num_k_blocks = ceil_div(k, BLOCK_K)
+def a_side_tma(config: GemmConfig, a: torch.Tensor, d: torch.Tensor, rows: int, group_rows: int,
+               num_groups: int) -> tuple[dict[str, tuple], int]:
+    """The descriptors of A, SFA and D (A and D seen as [rows, K] and [rows, N], SFA as
+    ``[G * ceil(K/128), group_rows]`` M-major, G = 1 but for masked) and the bytes a stage's loads of
+    A and SFA deliver."""
+    k, n = a.shape[-1], d.shape[-1]
     sfa_groups = num_groups if config.gemm_type is GemmType.MASKED else 1
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
     # Few rows: load only the rows that exist instead of zero-filled boxes (SFA in 16-byte boxes); the
     # rows of shared memory left stale feed only output rows that are never stored.
     a_rows = min(config.block_m, group_rows if group_rows < 8 else align(group_rows, 8))
     sfa_rows = min(config.block_m, align(group_rows, 4))
+    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows // config.cluster_n, SWIZZLE_128B),
+           "tma_sfa": tma_2d(torch.float32, group_rows, sfa_groups * ceil_div(k, BLOCK_K),
+                             get_tma_aligned_size(group_rows, 4) * 4, sfa_rows, 1, SWIZZLE_NONE),
+           "tma_d": tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle)}
+    return tma, a_rows * BLOCK_K + sfa_rows * 4
+
+
+def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rows: int,
+            group_rows: int, num_groups: int, pdl: bool) -> bytes:
+    """The launch record; A, SFA and D as ``a_side_tma`` says, B as [G * N, K], SFB as one flat row
+    (or as ``[G * ceil(N/128), ceil(K/128)]`` for boxes of two rows)."""
+    k = a.shape[-1]
+    n = b.shape[-2]
+    num_k_blocks = ceil_div(k, BLOCK_K)
+    tma, a_side_bytes = a_side_tma(config, a, d, rows, group_rows, num_groups)
     sfb_numel = num_groups * ceil_div(n, 128) * num_k_blocks
     # Tiles over two SFB blocks take both rows in one box where rows are 16-byte aligned.
     sfb_box_rows = 2 if sfb_rows(config.block_n) == 2 and num_k_blocks % SFB_BOX_K == 0 else 1
@@ -220,14 +233,10 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
                      SWIZZLE_NONE)
     else:
         sfb = tma_2d(torch.float32, sfb_numel, 1, align(sfb_numel * 4, 16), SFB_BOX_K, 1, SWIZZLE_NONE)
-    stage_bytes = (a_rows + config.block_n) * BLOCK_K + sfa_rows * 4 + sfb_rows(config.block_n) * SFB_BOX_K * 4
-    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows // config.cluster_n, SWIZZLE_128B),
-           "tma_b": tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
-                           SWIZZLE_128B),
-           "tma_sfa": tma_2d(torch.float32, group_rows, sfa_groups * num_k_blocks,
-                             get_tma_aligned_size(group_rows, 4) * 4, sfa_rows, 1, SWIZZLE_NONE),
-           "tma_d": tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle),
-           "tma_sfb": sfb}
+    stage_bytes = a_side_bytes + config.block_n * BLOCK_K + sfb_rows(config.block_n) * SFB_BOX_K * 4
+    tma["tma_b"] = tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
+                          SWIZZLE_128B)
+    tma["tma_sfb"] = sfb
     values = dict(m=group_rows, n=n, k=k, stage_bytes=stage_bytes,
                   k_blocks_per_split=ceil_div(num_k_blocks, config.split_k), num_groups=num_groups,
                   ld_d=d.stride(-2), sfb_box_rows=sfb_box_rows)
@@ -249,18 +258,26 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
     """The plan of the GEMM ``desc`` (see ``describe``) on tensors of these shapes and strides.
     ``config`` overrides the heuristic (tests use it to cover every kind of config); ``pdl``: launch
     with programmatic dependent launch."""
-    kind = desc.gemm_type
-    num_groups = desc.num_groups
-    rows = a.shape[0] if a.dim() == 2 else num_groups * a.shape[1]
-    group_rows = a.shape[1] if kind is GemmType.MASKED else rows
+    rows, group_rows = row_counts(desc, a)
     if config is None:
-        rows_planned = desc.m
-        if kind is GemmType.MASKED:
-            rows_planned = min(math.ceil(desc.m * ROUTING_HEADROOM), max(group_rows, desc.m))
-        config = select_config(dataclasses.replace(desc, m=rows_planned), facts)
+        config = select_config(planned_desc(desc, group_rows), facts)
     config, grid = settle(config, desc, rows, group_rows, facts, "fp8")
-    return Plan(config, KERNELS.kernel(config), _record(config, grid, a, b, d, rows, group_rows, num_groups, pdl))
+    return Plan(config, KERNELS.kernel(config),
+                _record(config, grid, a, b, d, rows, group_rows, desc.num_groups, pdl))
 
 
-__all__ = ["CONTIGUOUS_ALIGNMENT", "OPERANDS", "PARAMS", "Fp8GemmConfig", "Plan", "build", "describe",
-           "generate_source", "kernel_name", "plan", "select_config", "stages_for"]
+def row_counts(desc: GemmDesc, a: torch.Tensor) -> tuple[int, int]:
+    """A's rows as the kernels see them ([rows, K]) and the rows per expert (masked: max_M)."""
+    rows = a.shape[0] if a.dim() == 2 else desc.num_groups * a.shape[1]
+    return rows, a.shape[1] if desc.gemm_type is GemmType.MASKED else rows
+
+
+def planned_desc(desc: GemmDesc, group_rows: int) -> GemmDesc:
+    """The problem the heuristic plans for: masked experts' counts with ROUTING_HEADROOM."""
+    if desc.gemm_type is not GemmType.MASKED:
+        return desc
+    return dataclasses.replace(desc, m=min(math.ceil(desc.m * ROUTING_HEADROOM), max(group_rows, desc.m)))
+
+
+__all__ = ["CONTIGUOUS_ALIGNMENT", "OPERANDS", "PARAMS", "Fp8GemmConfig", "Plan", "a_side_tma", "build", "describe",
+           "generate_source", "kernel_name", "plan", "planned_desc", "row_counts", "select_config", "stages_for"]

@@ -227,6 +227,12 @@ struct Fp8GemmKernel {
         scales.b1 = Config::kUniformSfb
                         ? scales.b0
                         : sfb[t.sfb_shifts.row1_offset + (k_block + t.sfb_shifts.row1) % Config::kSfbBoxK];
+        issue_wgmmas(stage, desc_a, desc_b, scratch);
+        return scales;
+    }
+
+    // The K block's four WGMMAs on stage `stage`'s tiles into `scratch`, committed as one group.
+    __device__ __forceinline__ static void issue_wgmmas(u32 stage, u64 desc_a, u64 desc_b, float* scratch) {
         desc_a = smem_descriptor_advance(desc_a, stage * Config::kTileABytes);
         desc_b = smem_descriptor_advance(desc_b, stage * Config::kTileBBytes);
         // No register fence here: touching one scratch buffer while the other's WGMMAs are in flight
@@ -239,7 +245,6 @@ struct Fp8GemmKernel {
                               scratch, kk > 0);
         }
         wgmma_commit();
-        return scales;
     }
 
     // After the WGMMAs of a stage have retired: release the stage (kRelease: the last slab's WGMMAs

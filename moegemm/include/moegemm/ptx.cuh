@@ -239,6 +239,31 @@ __device__ __forceinline__ void ld_shared_v4_f32(u32 address, float (&v)[4]) {
                  : "r"(address)
                  : "memory");
 }
+__device__ __forceinline__ u32 ld_shared_u32(u32 address) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address) : "memory");
+    return v;
+}
+__device__ __forceinline__ void ld_shared_v2_f32(u32 address, float& x, float& y) {
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(x), "=f"(y) : "r"(address) : "memory");
+}
+__device__ __forceinline__ void ld_shared_v4_u32(u32 address, u32 (&v)[4]) {
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                 : "r"(address)
+                 : "memory");
+}
+__device__ __forceinline__ void st_shared_v4_u32(u32 address, u32 x, u32 y, u32 z, u32 w) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(x), "r"(y), "r"(z), "r"(w)
+                 : "memory");
+}
+// Byte permute: byte i of the result is byte (selector nibble i & 7) of {hi, lo} (lo's bytes are
+// 0-3), or with the nibble's bit 3 set, that byte's sign bit replicated into all eight bits.
+__device__ __forceinline__ u32 prmt(u32 lo, u32 hi, u32 selector) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(lo), "r"(hi), "r"(selector));
+    return d;
+}
 // Asynchronous store into the shared memory of CTA `cta_rank` of this cluster, at the offset
 // `address` has here; completes 16 bytes of the transaction count of the barrier at `barrier`'s
 // offset there, so the receiver's barrier wait is what makes the data visible (no fences).

@@ -28,6 +28,10 @@ struct GemmConfigBase {
     static constexpr u32 kMulticast = kClusterM * kClusterN;  // CTAs that fill each other's stage slots
     static constexpr u32 kClusterSize = kMulticast * kSplitK;
     static constexpr bool kOutFp32 = kOutFp32_, kAccumulate = kAccumulate_;
+    // The B tile of a stage is not loaded by TMA but written by the producer warpgroup's other warps
+    // from the policy's extras (FP4 weights widened to e4m3: Kernel::transform_stage in gemm.cuh).
+    // A family's config that does so hides this with true.
+    static constexpr bool kTransformsB = false;
 
     // Warp roles: kNumMathWarpgroups math warpgroups, then one producer warpgroup. A math warpgroup
     // owns kSlabs slabs of 64 consecutive tile rows (two for BLOCK_M = 256, else one), issuing and

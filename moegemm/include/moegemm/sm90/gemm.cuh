@@ -7,7 +7,9 @@
 //                                       into FP32 totals, then the split-K reduce (split_k.cuh) and
 //                                       the epilogue (epilogue.cuh).
 //   last warpgroup                      producer: its first thread issues every TMA load
-//                                       (gemm_producer, pipeline.cuh); its other threads exit.
+//                                       (gemm_producer, pipeline.cuh); its other threads exit, or
+//                                       with kTransformsB its warps 1 to 3 write each stage's B
+//                                       tile from the extras (gemm_transformer).
 // After setup the producer warpgroup gives up registers (setmaxnreg.dec to kProducerRegisters) and
 // the math warpgroups take them (setmaxnreg.inc to kMathRegisters).
 // Shared memory, in order: the D staging buffer (kSmemDBytes: 64 rows x kOutCols per slab),
@@ -62,6 +64,13 @@
 //          u32 peer)                             once those WGMMAs are done: consumer_release_stage
 //                                                (not for a slab before the last), then fold
 //                                                `scratch` into `totals`.
+// With Config::kTransformsB, also:
+//   init_barriers(u8* smem_extra)                thread 0 initializes the policy's barriers.
+//   transform_stage(u32 stage, u8* tile_b, u8* smem_extra, u32 thread)
+//                                                thread `thread` (0..95) of the transform warps writes
+//                                                its share of the stage's B tile once the stage has
+//                                                landed, and signals the math warps (whose issue
+//                                                waits for that) when the tile is written.
 // desc_a / desc_b describe stage 0's A tile (at the slab's 64 rows) and B tile, K-major with
 // the 128-byte swizzle (mma/layout.cuh); acc_row is the thread's first accumulator row in the tile.
 // The schedule of the main loop is the skeleton's and the per-block steps the policy's so that the
@@ -89,8 +98,9 @@ struct GemmConfigChecks {
     static_assert(Config::kProducerRegisters % 8 == 0 && Config::kMathRegisters % 8 == 0 &&
                       Config::kProducerRegisters >= 24 && Config::kMathRegisters <= 256,
                   "setmaxnreg takes multiples of 8 in [24, 256]");
-    static_assert(128 * Config::kProducerRegisters + Config::kNumMathThreads * Config::kMathRegisters <= 65536,
-                  "the register split must fit the SM's 64K registers");
+    // Strictly below: a split filling all 64K left setmaxnreg.inc waiting forever (BENCHMARKS.md, "FP8 x FP4").
+    static_assert(128 * Config::kProducerRegisters + Config::kNumMathThreads * Config::kMathRegisters < 65536,
+                  "the register split must leave some of the SM's 64K registers free");
     static_assert(!Config::kSkipIdleSlabs || Config::kNumMathWarpgroups >= 2, "an idle slab needs a busy one");
     // The deferred epilogue's tile issues its first K block unconditionally, but a split-K CTA may
     // have none (and a WGMMA issued under a condition makes ptxas serialize them all: C7514).
@@ -352,6 +362,7 @@ __device__ __forceinline__ void sm90_gemm(const typename Kernel::Params& p) {
                 reduce_free[wg].init(Config::kSplitK - 1);
             }
         }
+        if constexpr (Config::kTransformsB) Kernel::init_barriers(smem_extra);
         fence_barrier_init();
     }
     if constexpr (Config::kClusterSize > 1)
@@ -365,6 +376,9 @@ __device__ __forceinline__ void sm90_gemm(const typename Kernel::Params& p) {
         warpgroup_reg_dealloc<Config::kProducerRegisters>();
         if (threadIdx.x == Config::kNumMathThreads)
             gemm_producer<Kernel>(p, smem_a, smem_b, smem_extra, full, empty);
+        if constexpr (Config::kTransformsB)
+            if (threadIdx.x >= Config::kNumMathThreads + 32)
+                gemm_transformer<Kernel>(p, smem_b, smem_extra, full, threadIdx.x - Config::kNumMathThreads - 32);
     } else {
         warpgroup_reg_alloc<Config::kMathRegisters>();
         gemm_consumer<Kernel>(p, smem_d, smem_a, smem_b, smem_extra, full, empty, smem_reduce, reduce_full,

@@ -117,7 +117,9 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
             } else {
                 load_rows<Config::kMajorA, BM, false, kSliced>(tile_a, &p.tma_a, &full[s], k, tile.row, 0, slice);
             }
-            if constexpr (Config::kMajorB == Major::kMN || kSliced) {
+            if constexpr (Config::kTransformsB) {
+                // B arrives among the extras and the transform warps write the tile (gemm_transformer).
+            } else if constexpr (Config::kMajorB == Major::kMN || kSliced) {
                 // B as a 3-D tensor: MN-major [G, K, N], where a ragged last K block reads zeros, not the
                 // next expert's rows (kKGrouped: [1, sum_K, N], the experts' segments along K), or
                 // kBatched's [G, N, K].
@@ -143,6 +145,31 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
     }
     if constexpr (kPair > 1) {
         for (u32 s = 0; s < Config::kStages; ++s, ring.advance()) empty[ring.stage].wait(ring.phase ^ 1);
+    }
+}
+
+// With Config::kTransformsB, the producer warpgroup's warps 1 to 3 (`thread` 0..95 among them) walk
+// the stage ring as the math warps do: once a stage has landed (full), Kernel::transform_stage writes
+// its B tile from the stage's extras and arrives on the policy's own barrier of the stage, which
+// the math warps wait for beside full. They release nothing: the math warps' release comes after
+// the transform, so the producer never refills a stage still being read.
+template <class Kernel>
+__device__ __forceinline__ void gemm_transformer(const typename Kernel::Params& p, u8* smem_b, u8* smem_extra,
+                                                 Barrier* full, u32 thread) {
+    using Config = typename Kernel::Config;
+    static_assert(Config::kType == GemmType::kNormal || m_grouped(Config::kType),
+                  "dense and M-grouped kinds: the same K blocks for every tile");
+    TileScheduler<Config::kType, Config::kBlockM, Config::kBlockN, Config::kClusterM, Config::kClusterN,
+                  Config::kSplitK>
+        scheduler(p.m, p.n, p.groups, p.num_groups, p.k, p.k_blocks_per_split);
+    u32 k_begin, k_end;
+    scheduler.k_range(ceil_div(p.k, Config::kBlockK), p.k_blocks_per_split, k_begin, k_end);
+    StageRing<Config::kStages> ring;
+    for (Tile tile; scheduler.next(tile);) {
+        for (u32 k_block = k_begin; k_block < k_end; ++k_block, ring.advance()) {
+            full[ring.stage].wait(ring.phase);
+            Kernel::transform_stage(ring.stage, smem_b + ring.stage * Config::kTileBBytes, smem_extra, thread);
+        }
     }
 }
 

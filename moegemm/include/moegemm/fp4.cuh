@@ -1,0 +1,55 @@
+// FP4 (e2m1) on sm_90a, which has no FP4 tensor cores: widening packed e2m1 values to e4m3 for the
+// FP8 WGMMAs, with the power-of-two (UE8M0) scales of 1x32 blocks folded into the widened values.
+//
+// e2m1: bit 3 the sign, bits 0-2 a code indexing the magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6};
+// element 2i of a row in the low nibble of byte i. Every e2m1 value times 2^s is exact in e4m3 for
+// -8 <= s <= 6 (6 * 2^6 = 384 <= 448; 0.5 * 2^-8 is e4m3's least subnormal): a 128-wide block whose
+// four 1x32 scales span at most 2^14 widens exactly with one scale per block (2^(max exponent - 6)),
+// and a wider spread rounds the smaller blocks' values to e4m3 (to nearest even).
+#pragma once
+#include "ptx.cuh"
+
+namespace moegemm {
+
+// The headroom the widening leaves above the largest block's values: they are scaled by 2^6.
+constexpr int kE2m1WidenShift = 6;
+
+// The e4m3 bytes of the eight e2m1 magnitudes times 2^shift (shift <= 6), codes 0-3 in `lo`, 4-7 in `hi`.
+struct E2m1Table {
+    u32 lo, hi;
+};
+
+__device__ __forceinline__ E2m1Table e2m1_table(int shift) {
+    if (shift >= -5) {
+        // Every nonzero magnitude stays a normal e4m3 number: the shift adds to its exponent (bits 3-6).
+        return {0x3C383000u + u32(shift) * 0x08080800u, 0x4C484440u + u32(shift) * 0x08080808u};
+    }
+    const float scale = __uint_as_float(u32(max(shift, -126) + 127) << 23);
+    return {pack_e4m3x4(0.0f, 0.5f * scale, scale, 1.5f * scale),
+            pack_e4m3x4(2.0f * scale, 3.0f * scale, 4.0f * scale, 6.0f * scale)};
+}
+
+// Eight e2m1 values (element i in nibble i of `packed`) to eight e4m3 bytes (element i in byte i of
+// out0, out1): the magnitudes through the table, the signs replicated from the nibbles' top bits
+// (prmt's sign mode reads a byte's bit 7: bytes of `packed` give the odd elements', of packed << 4
+// the even ones').
+__device__ __forceinline__ void widen_e2m1x8(u32 packed, const E2m1Table& table, u32& out0, u32& out1) {
+    const u32 shifted = packed << 4;
+    const u32 signs0 = prmt(packed, shifted, 0x9D8Cu), signs1 = prmt(packed, shifted, 0xBFAEu);
+    out0 = prmt(table.lo, table.hi, packed & 0x7777u) | (signs0 & 0x80808080u);
+    out1 = prmt(table.lo, table.hi, (packed >> 16) & 0x7777u) | (signs1 & 0x80808080u);
+}
+
+// The largest of four UE8M0 exponents packed in a word.
+__device__ __forceinline__ u32 max_ue8m0x4(u32 packed) {
+    const u32 pairs = __vmaxu4(packed, packed >> 16);
+    return __vmaxu4(pairs, pairs >> 8) & 0xFFu;
+}
+
+// The FP32 scale of a block widened with largest exponent `top`: 2^(top - 127 - kE2m1WidenShift);
+// 0 below FP32's normal range (weights under 2^-120).
+__device__ __forceinline__ float widened_block_scale(u32 top) {
+    return top > u32(kE2m1WidenShift) ? __uint_as_float((top - kE2m1WidenShift) << 23) : 0.0f;
+}
+
+}  // namespace moegemm

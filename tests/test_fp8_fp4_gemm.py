@@ -1,0 +1,261 @@
+"""The FP8 x FP4 GEMMs (dense, contiguous, masked): the e2m1 widening's exactness, argument checks
+and the reference (CPU), and the SM90 kernels against the reference (GPU)."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import H100, gpu_facts
+
+import moegemm
+from moegemm import calc_diff, per_token_cast_to_fp4, per_token_cast_to_fp8, reference
+from moegemm.gemm.desc import GemmDesc, GemmType
+from moegemm.kernels import fp8_fp4_gemm
+from moegemm.quant import packed_ue8m0_mn_major
+
+gpu = pytest.mark.gpu
+
+
+def make_inputs(m, n, k, device="cuda", groups=None):
+    """BF16 x and w, and their casts: A per 1x128 (FP32 scales), B FP4 per 1x32 (UE8M0)."""
+    lead = () if groups is None else (groups,)
+    x = torch.randn(*lead, m, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(*lead, n, k, device=device, dtype=torch.bfloat16)
+    a, sfa = per_token_cast_to_fp8(x.flatten(0, -2))
+    b, sfb = per_token_cast_to_fp4(w.flatten(0, -2), use_ue8m0=True, gran_k=32)
+    a, sfa = a.view(*lead, m, k), sfa.view(*lead, m, -1)
+    b, sfb = b.view(*lead, n, k // 2), sfb.view(*lead, n, -1)
+    return x, w, (a, sfa), (b, sfb)
+
+
+def poisoned(shape, dtype, device="cuda"):
+    return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+
+def assert_close(d, ref, tol=1e-5):
+    assert not torch.isnan(d).any(), "unwritten (NaN-poisoned) output elements"
+    diff = calc_diff(d.float(), ref.float())
+    assert diff < tol, f"calc_diff {diff:.3e} >= {tol}"
+
+
+def dense_reference(a, b, c=None):
+    out = torch.empty(a[0].shape[0], b[0].shape[0], device=a[0].device)
+    reference.fp8_fp4_gemm_nt(a, b, out, c)
+    return out
+
+
+# ---- CPU ------------------------------------------------------------------------------------------------------
+
+
+def test_reference_matches_the_dequantised_product(seed):
+    x, w, a, b = make_inputs(40, 72, 256, device="cpu")
+    d = torch.empty(40, 72)
+    moegemm.fp8_fp4_gemm_nt(a, b, d)
+    b_float = moegemm.cast_back_from_fp4(b[0], b[1], gran_k=32)
+    a_float = a[0].float() * a[1].repeat_interleave(128, dim=1)
+    assert calc_diff(d, a_float @ b_float.t()) < 1e-10
+    assert calc_diff(d, x.float() @ w.float().t()) < 0.01  # DeepGEMM's bound against the BF16 inputs
+
+
+def test_packed_and_float_scales_agree(seed):
+    _, _, a, b = make_inputs(8, 40, 384, device="cpu")
+    packed = packed_ue8m0_mn_major(b[1], 40, 384)
+    assert packed.dtype == torch.int32 and packed.shape == (40, 3) and packed.stride() == (1, 40)
+    d_float, d_packed = torch.empty(8, 40), torch.empty(8, 40)
+    moegemm.fp8_fp4_gemm_nt(a, b, d_float)
+    moegemm.fp8_fp4_gemm_nt(a, (b[0], packed), d_packed)
+    assert torch.equal(d_float, d_packed)
+    assert packed_ue8m0_mn_major(packed, 40, 384) is packed
+    transformed = moegemm.transform_sf_into_required_layout(b[1], 40, 384, (1, 32))
+    assert torch.equal(transformed, packed)
+
+
+def test_fp8_b_runs_the_fp8_gemm(seed):
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    w = torch.randn(64, 256, dtype=torch.bfloat16)
+    a, b = per_token_cast_to_fp8(x), moegemm.per_block_cast_to_fp8(w)
+    d, ref = torch.empty(16, 64), torch.empty(16, 64)
+    moegemm.fp8_fp4_gemm_nt(a, b, d)
+    moegemm.fp8_gemm_nt(a, b, ref)
+    assert torch.equal(d, ref)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a, b, d: ((a[0], a[1]), (b[0][:, :-16], b[1]), d), ValueError, "b: expected shape"),
+    (lambda a, b, d: ((a[0][:, :80], a[1][:, :1]), (b[0][:, :40], b[1][:, :3]), d), ValueError, "multiple of 32"),
+    (lambda a, b, d: (a, (b[0], b[1][:, :-1]), d), ValueError, "sfb: expected shape"),
+    (lambda a, b, d: (a, (b[0], b[1].double()), d), TypeError, "sfb: expected dtype"),
+    (lambda a, b, d: (a, b, d.half()), TypeError, "d: expected dtype"),
+])
+def test_bad_arguments_raise(change, error, match):
+    _, _, a, b = make_inputs(8, 64, 256, device="cpu")
+    a, b, d = change(a, b, torch.empty(8, 64))
+    with pytest.raises(error, match=match):
+        moegemm.fp8_fp4_gemm_nt(a, b, d)
+
+
+def test_unsupported_recipes_raise():
+    _, _, a, b = make_inputs(8, 64, 256, device="cpu")
+    with pytest.raises(ValueError, match="recipe_a: expected \\(1, 128\\)"):
+        moegemm.fp8_fp4_gemm_nt(a, b, torch.empty(8, 64), recipe_a=(1, 32))
+    with pytest.raises(ValueError, match="recipe_b: expected \\(1, 32\\)"):
+        moegemm.fp8_fp4_gemm_nt(a, b, torch.empty(8, 64), recipe=(1, 128, 128))
+
+
+def test_heuristic_tiles_fit_the_kernel():
+    for m in (1, 64, 128, 4096):
+        for n, k in ((2112, 7168), (7168, 2048), (24576, 1536), (576, 512)):
+            config = fp8_fp4_gemm.select_config(GemmDesc(GemmType.NORMAL, m, n, k), H100)
+            assert config.block_m <= 128 and config.block_n <= 128 and config.cluster_m == 1
+            assert config.smem_bytes <= H100.smem_per_block and config.stages >= 3
+
+
+# ---- GPU: the widening, exact while a block's scales span at most 2^14 ---------------------------------------
+
+
+def _with_spread(b, sfb, spread_log2):
+    """SFB whose four 1x32 exponents in every 128-wide block span 2^spread_log2."""
+    sfb = sfb.clone()
+    sfb[..., 1::4] *= 2.0 ** -spread_log2
+    return b, sfb
+
+
+@gpu
+@pytest.mark.parametrize("spread_log2", [0, 8, 14])
+def test_scale_spread_within_the_exact_range(spread_log2, seed):
+    _, _, a, b = make_inputs(64, 256, 512)
+    b = _with_spread(*b, spread_log2)
+    d = poisoned((64, 256), torch.float32)
+    moegemm.fp8_fp4_gemm_nt(a, b, d)
+    assert_close(d, dense_reference(a, b), tol=1e-6)
+
+
+@gpu
+def test_scale_spread_past_the_exact_range_rounds_the_small_blocks(seed):
+    _, _, a, b = make_inputs(64, 256, 512)
+    b = _with_spread(*b, 20)
+    d = poisoned((64, 256), torch.float32)
+    moegemm.fp8_fp4_gemm_nt(a, b, d)
+    assert_close(d, dense_reference(a, b), tol=1e-5)
+
+
+# ---- GPU: shapes through the public API ------------------------------------------------------------------------
+
+SHAPES = [(1, 2112, 7168), (1, 128, 128), (7, 256, 384), (64, 4096, 7168), (127, 7168, 2048), (128, 24576, 1536),
+          (129, 136, 512), (300, 32768, 512), (4096, 7168, 2048), (513, 1000, 224), (2, 8, 32), (200, 264, 4096)]
+
+
+@gpu
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_shapes(m, n, k, seed):
+    x, w, a, b = make_inputs(m, n, k)
+    d = poisoned((m, n), torch.bfloat16)
+    moegemm.fp8_fp4_gemm_nt(a, b, d)
+    assert_close(d, dense_reference(a, b))
+    if m * n >= 1024 and k >= 128:
+        assert calc_diff(d.float(), x.float() @ w.float().t()) < 0.01
+
+
+@gpu
+@pytest.mark.parametrize("m,n,k", [(1, 256, 256), (100, 520, 992), (1024, 4096, 1024)])
+def test_fp32_out_and_accumulate(m, n, k, seed):
+    _, _, a, b = make_inputs(m, n, k)
+    d = poisoned((m, n), torch.float32)
+    moegemm.fp8_fp4_gemm_nt(a, b, d)
+    assert_close(d, dense_reference(a, b))
+    c = torch.randn(m, n, device="cuda")
+    d2 = c.clone()
+    moegemm.fp8_fp4_gemm_nt(a, b, d2, c=d2)
+    assert_close(d2, dense_reference(a, b, c))
+
+
+def _configs():
+    configs = set()
+    for m in (1, 64, 128, 1000, 4096):
+        for n, k in ((2112, 7168), (7168, 2048), (576, 512), (24, 512)):
+            for out_dtype in (torch.bfloat16, torch.float32):
+                configs.add(fp8_fp4_gemm.select_config(GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype), H100))
+    base = fp8_fp4_gemm.Fp8Fp4GemmConfig(128, 128, 4, False, False)
+    configs |= {dataclasses.replace(base, block_m=64, block_n=n, stages=6) for n in (8, 40, 64, 128)}
+    configs |= {dataclasses.replace(base, block_n=n) for n in (16, 48, 64)}
+    configs |= {dataclasses.replace(base, cluster_n=2), dataclasses.replace(base, block_m=64, split_k=2)}
+    return sorted(configs, key=fp8_fp4_gemm.kernel_name)
+
+
+CONFIGS = _configs()
+
+
+@gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=fp8_fp4_gemm.kernel_name)
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 384), (200, 968, 1184), (300, 2048, 512)])
+def test_every_config(config, m, n, k, seed):
+    _, _, a, b = make_inputs(m, n, k)
+    out_dtype = torch.float32 if config.out_fp32 else torch.bfloat16
+    d = poisoned((m, n), out_dtype)
+    desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype, accumulate=config.accumulate)
+    plan = fp8_fp4_gemm.plan(desc, a[0], b[0], d, gpu_facts(), config)
+    sfa = moegemm.get_mn_major_tma_aligned_tensor(a[1])
+    plan.launch(a[0], sfa, b[0], packed_ue8m0_mn_major(b[1], n, k), d)
+    assert_close(d, dense_reference(a, b))
+
+
+# ---- GPU: the grouped forms --------------------------------------------------------------------------------------
+
+
+def _contiguous_layout(counts):
+    """Per-row expert ids with each expert's rows padded to 128 (-1), and M_total."""
+    ids = []
+    for g, count in enumerate(counts):
+        ids += [g] * count + [-1] * ((-count) % 128)
+    return torch.tensor(ids, dtype=torch.int32, device="cuda"), len(ids)
+
+
+@gpu
+@pytest.mark.parametrize("counts,n,k", [([300, 0, 128, 77], 512, 1024), ([4096, 3500, 4200, 4000], 4096, 7168),
+                                         ([1, 129, 255], 264, 224)])
+def test_contiguous(counts, n, k, seed):
+    layout, m_total = _contiguous_layout(counts)
+    _, _, a, b = make_inputs(m_total, n, k)
+    _, _, _, b = make_inputs(1, n, k, groups=len(counts))
+    d = poisoned((m_total, n), torch.bfloat16)
+    moegemm.m_grouped_fp8_fp4_gemm_nt_contiguous(a, b, d, layout)
+    ref = poisoned((m_total, n), torch.float32)
+    reference.m_grouped_fp8_fp4_gemm_nt_contiguous(a, b, ref, layout)
+    rows = layout >= 0
+    assert torch.isnan(d[~rows].float()).all(), "padding rows were written"
+    assert_close(d[rows], ref[rows])
+
+
+@gpu
+@pytest.mark.parametrize("groups,max_m,expected_m,n,k", [(8, 256, 64, 4096, 7168), (32, 384, 256, 576, 512),
+                                                         (4, 64, 1, 264, 160)])
+def test_masked(groups, max_m, expected_m, n, k, seed):
+    _, _, a, b = make_inputs(max_m, n, k, groups=groups)
+    masked_m = torch.randint(0, max_m + 1, (groups,), dtype=torch.int32, device="cuda")
+    masked_m[0] = 0
+    d = poisoned((groups, max_m, n), torch.bfloat16)
+    moegemm.m_grouped_fp8_fp4_gemm_nt_masked(a, b, d, masked_m, expected_m)
+    ref = torch.zeros(groups, max_m, n, device="cuda")
+    reference.m_grouped_fp8_fp4_gemm_nt_masked(a, b, ref, masked_m, expected_m)
+    for g, m in enumerate(masked_m.tolist()):
+        assert torch.isnan(d[g, m:].float()).all(), f"expert {g}: rows past masked_m were written"
+        if m:
+            assert_close(d[g, :m], ref[g, :m])
+
+
+@gpu
+def test_masked_cuda_graph_sees_new_counts(seed):
+    _, _, a, b = make_inputs(128, 512, 512, groups=4)
+    b = (b[0], packed_ue8m0_mn_major(b[1], 512, 512, 4))
+    masked_m = torch.tensor([128, 5, 0, 77], dtype=torch.int32, device="cuda")
+    d = torch.zeros(4, 128, 512, device="cuda", dtype=torch.bfloat16)
+    moegemm.m_grouped_fp8_fp4_gemm_nt_masked(a, b, d, masked_m, 64)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moegemm.m_grouped_fp8_fp4_gemm_nt_masked(a, b, d, masked_m, 64)
+    masked_m.copy_(torch.tensor([3, 128, 64, 0], dtype=torch.int32))
+    d.zero_()
+    graph.replay()
+    ref = torch.zeros(4, 128, 512, device="cuda")
+    reference.m_grouped_fp8_fp4_gemm_nt_masked(a, b, ref, masked_m, 64)
+    assert_close(d.float(), ref)
