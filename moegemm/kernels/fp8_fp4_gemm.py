@@ -65,7 +65,8 @@ class Fp8Fp4CostTerms(fp8_gemm.Fp8CostTerms):
 
 
 def select_config(desc: GemmDesc, facts: DeviceFacts) -> Fp8Fp4GemmConfig:
-    """The tile of the least estimated time; B's bytes count half (FP4)."""
+    """The tile of the least estimated time among Fp8Fp4CostTerms' (the model counts B's bytes as
+    FP8's)."""
     desc = dataclasses.replace(desc, m=max(desc.m, 1))
     tile = heuristic.search(desc, facts, Fp8Fp4CostTerms((64, 128)))
     stages = stages_for(tile.block_m, tile.block_n, desc.out_bytes, tile.split_k, facts)

@@ -80,8 +80,17 @@ def _check_grouped(a, sfa, b, sfb, d, groups, a_dims: int, groups_name: str) -> 
 
 
 def _kernel_scales(sfa: torch.Tensor, sfb: torch.Tensor, n: int, k: int, num_groups: int | None):
-    """SFA M-major TMA-aligned, SFB packed MN-major: each returns its input when already so."""
+    """SFA M-major TMA-aligned, SFB packed MN-major, both at 16-byte aligned addresses: each returns
+    its input when already so."""
+    if sfb.data_ptr() & 15:  # the right strides at a misaligned address: re-lay out a fresh copy
+        sfb = sfb.clone(memory_format=torch.contiguous_format)
     return fp8_ops._kernel_sfa(sfa), packed_ue8m0_mn_major(sfb, n, k, num_groups)
+
+
+def _scales_ready(sfa: torch.Tensor, sfb: torch.Tensor, n: int, k: int, num_groups: int | None) -> bool:
+    """Whether SFA and SFB (shapes checked) arrive in the kernel's layout; their addresses are
+    checked per call."""
+    return fp8_ops._sfa_fits(sfa) and packed_ue8m0_mn_major(sfb, n, k, num_groups) is sfb
 
 
 # ---- fp8_fp4_gemm_nt -----------------------------------------------------------------------------------------
@@ -109,14 +118,18 @@ def _bind_dense(a, sfa, b, sfb, d, c):
     index = d.get_device()
     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=d.dtype, accumulate=c is not None)
     launch = fp8_fp4_gemm.plan(desc, a, b, d, device.device_facts(index), pdl=device.get_pdl()).launch_pointers
+    scales_ready = _scales_ready(sfa, sfb, n, k, None)
 
     def run_kernel(a, sfa, b, sfb, d, c):
-        separate_c = guard((d, a, sfa, b, sfb), c)[-1]
-        fp8_ops._check_aligned(a, b, d)
+        d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr, separate_c = guard((d, a, sfa, b, sfb), c)
+        if (a_ptr | b_ptr | d_ptr) & 15:
+            fp8_ops._check_aligned(a, b, d)
         if separate_c:
             d.copy_(c)
-        sfa, sfb = _kernel_scales(sfa, sfb, n, k, None)
-        launch(index, a.data_ptr(), b.data_ptr(), sfa.data_ptr(), sfb.data_ptr(), d.data_ptr())
+        if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
+            sfa, sfb = _kernel_scales(sfa, sfb, n, k, None)
+            sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
+        launch(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
     return run_kernel
 
 
@@ -184,14 +197,18 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
     index = d.get_device()
     desc = GemmDesc(kind, expected_m, n, k, num_groups, out_dtype=d.dtype)
     launch = fp8_fp4_gemm.plan(desc, a, b, d, device.device_facts(index), pdl=device.get_pdl()).launch_pointers
+    scales_ready = _scales_ready(sfa, sfb, n, k, num_groups)
 
     def run_kernel(a, sfa, b, sfb, d, groups, _):
-        guard((d, a, sfa, b, sfb, groups), None)
-        fp8_ops._check_aligned(a, b, d)
+        d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr, groups_ptr, _ = guard((d, a, sfa, b, sfb, groups), None)
+        if (a_ptr | b_ptr | d_ptr) & 15:
+            fp8_ops._check_aligned(a, b, d)
         if get_check_groups():
             gemm_common.check_group_values(kind, groups, num_groups, rows)
-        sfa, sfb = _kernel_scales(sfa, sfb, n, k, num_groups)
-        launch(index, a.data_ptr(), b.data_ptr(), sfa.data_ptr(), sfb.data_ptr(), d.data_ptr(), groups.data_ptr())
+        if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
+            sfa, sfb = _kernel_scales(sfa, sfb, n, k, num_groups)
+            sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
+        launch(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr, groups_ptr)
     return run_kernel
 
 

@@ -96,11 +96,17 @@ def _sfa_ready(sfa: torch.Tensor) -> bool:
     return sfa.stride(-2) == 1 and (sfa.shape[-1] == 1 or sfa.stride(-1) == get_tma_aligned_size(sfa.shape[-2], 4))
 
 
+def _sfa_fits(sfa: torch.Tensor) -> bool:
+    """SFA (shape checked) is in the kernels' layout, a grouped one's experts stacked; its address
+    is checked per call."""
+    stacked = sfa.dim() == 2 or sfa.shape[0] <= 1 or sfa.stride(0) == sfa.shape[-1] * sfa.stride(-1)
+    return _sfa_ready(sfa) and stacked
+
+
 def _scales_ready(sfa: torch.Tensor, sfb: torch.Tensor) -> bool:
     """Whether SFA and SFB (shapes checked) arrive in the kernel's layout; their addresses are
     checked per call."""
-    stacked = sfa.dim() == 2 or sfa.shape[0] <= 1 or sfa.stride(0) == sfa.shape[-1] * sfa.stride(-1)
-    return _sfa_ready(sfa) and stacked and sfb.is_contiguous()
+    return _sfa_fits(sfa) and sfb.is_contiguous()
 
 
 def _kernel_sfa(sfa: torch.Tensor) -> torch.Tensor:
