@@ -121,20 +121,22 @@ def _with_spread(b, sfb, spread_log2):
 
 
 @gpu
-@pytest.mark.parametrize("spread_log2", [0, 8, 14])
-def test_scale_spread_within_the_exact_range(spread_log2, seed):
-    _, _, a, b = make_inputs(64, 256, 512)
+@pytest.mark.parametrize("m", [64, 256])  # the swap-AB kernel, the widening one
+@pytest.mark.parametrize("spread_log2", [0, 8, 11, 12, 14])
+def test_scale_spread_within_the_exact_range(spread_log2, m, seed):
+    _, _, a, b = make_inputs(m, 256, 512)
     b = _with_spread(*b, spread_log2)
-    d = poisoned((64, 256), torch.float32)
+    d = poisoned((m, 256), torch.float32)
     moegemm.fp8_fp4_gemm_nt(a, b, d)
     assert_close(d, dense_reference(a, b), tol=1e-6)
 
 
 @gpu
-def test_scale_spread_past_the_exact_range_rounds_the_small_blocks(seed):
-    _, _, a, b = make_inputs(64, 256, 512)
+@pytest.mark.parametrize("m", [64, 256])
+def test_scale_spread_past_the_exact_range_rounds_the_small_blocks(m, seed):
+    _, _, a, b = make_inputs(m, 256, 512)
     b = _with_spread(*b, 20)
-    d = poisoned((64, 256), torch.float32)
+    d = poisoned((m, 256), torch.float32)
     moegemm.fp8_fp4_gemm_nt(a, b, d)
     assert_close(d, dense_reference(a, b), tol=1e-5)
 
@@ -199,6 +201,40 @@ def test_every_config(config, m, n, k, seed):
     assert_close(d, dense_reference(a, b))
 
 
+# The swap-AB kernel (few tokens): one and two math warpgroups, token tiles of 8 to 64, K split 1 to 8 ways.
+SWAP_AB_CONFIGS = [fp8_fp4_gemm.SwapAbConfig(*args) for args in (
+    (2, 8, 8, 1, False, False), (1, 8, 6, 3, False, False, GemmType.NORMAL, 4), (2, 24, 8, 8, True, False),
+    (2, 64, 6, 2, False, False), (1, 64, 6, 1, True, True, GemmType.NORMAL, 2), (2, 40, 8, 4, True, True),
+    (1, 128, 4, 2, False, False), (2, 96, 4, 1, True, True))]
+
+
+def test_decode_plans_the_swap_ab_kernel():
+    for m, n, k in ((1, 7168, 16384), (64, 2112, 7168), (128, 24576, 1536)):
+        config = fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.NORMAL, m, n, k), H100)
+        assert config is not None and config.smem_bytes <= H100.smem_per_block and config.stages >= 3
+    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.NORMAL, 129, 7168, 2048), H100) is None
+    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.MASKED, 32, 4096, 7168, 32), H100).tokens == 32
+    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.MASKED, 129, 4096, 7168, 32), H100) is None
+    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.CONTIGUOUS, 32, 4096, 7168, 32), H100) is None
+    for config in SWAP_AB_CONFIGS:
+        assert config.smem_bytes <= H100.smem_per_block
+
+
+@gpu
+@pytest.mark.parametrize("config", SWAP_AB_CONFIGS, ids=fp8_fp4_gemm.kernel_name)
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 384), (37, 968, 1184), (64, 2056, 512), (150, 264, 640)])
+def test_every_swap_ab_config(config, m, n, k, seed):
+    _, _, a, b = make_inputs(m, n, k)
+    out_dtype = torch.float32 if config.out_fp32 else torch.bfloat16
+    c = torch.randn(m, n, device="cuda") if config.accumulate else None
+    d = c.clone() if config.accumulate else poisoned((m, n), out_dtype)
+    desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype, accumulate=config.accumulate)
+    plan = fp8_fp4_gemm.plan(desc, a[0], b[0], d, gpu_facts(), config)
+    sfa = moegemm.get_mn_major_tma_aligned_tensor(a[1])
+    plan.launch(a[0], sfa, b[0], packed_ue8m0_mn_major(b[1], n, k), d)
+    assert_close(d, dense_reference(a, b, c))
+
+
 # ---- GPU: the grouped forms --------------------------------------------------------------------------------------
 
 
@@ -228,7 +264,8 @@ def test_contiguous(counts, n, k, seed):
 
 @gpu
 @pytest.mark.parametrize("groups,max_m,expected_m,n,k", [(8, 256, 64, 4096, 7168), (32, 384, 256, 576, 512),
-                                                         (4, 64, 1, 264, 160)])
+                                                         (4, 64, 1, 264, 160), (6, 80, 20, 520, 640),
+                                                         (32, 128, 32, 4096, 7168)])
 def test_masked(groups, max_m, expected_m, n, k, seed):
     _, _, a, b = make_inputs(max_m, n, k, groups=groups)
     masked_m = torch.randint(0, max_m + 1, (groups,), dtype=torch.int32, device="cuda")
@@ -244,18 +281,19 @@ def test_masked(groups, max_m, expected_m, n, k, seed):
 
 
 @gpu
-def test_masked_cuda_graph_sees_new_counts(seed):
+@pytest.mark.parametrize("expected_m", [64, 16])  # the widening kernel, the swap-AB one
+def test_masked_cuda_graph_sees_new_counts(expected_m, seed):
     _, _, a, b = make_inputs(128, 512, 512, groups=4)
     b = (b[0], packed_ue8m0_mn_major(b[1], 512, 512, 4))
     masked_m = torch.tensor([128, 5, 0, 77], dtype=torch.int32, device="cuda")
     d = torch.zeros(4, 128, 512, device="cuda", dtype=torch.bfloat16)
-    moegemm.m_grouped_fp8_fp4_gemm_nt_masked(a, b, d, masked_m, 64)
+    moegemm.m_grouped_fp8_fp4_gemm_nt_masked(a, b, d, masked_m, expected_m)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        moegemm.m_grouped_fp8_fp4_gemm_nt_masked(a, b, d, masked_m, 64)
+        moegemm.m_grouped_fp8_fp4_gemm_nt_masked(a, b, d, masked_m, expected_m)
     masked_m.copy_(torch.tensor([3, 128, 64, 0], dtype=torch.int32))
     d.zero_()
     graph.replay()
     ref = torch.zeros(4, 128, 512, device="cuda")
-    reference.m_grouped_fp8_fp4_gemm_nt_masked(a, b, ref, masked_m, 64)
+    reference.m_grouped_fp8_fp4_gemm_nt_masked(a, b, ref, masked_m, expected_m)
     assert_close(d.float(), ref)

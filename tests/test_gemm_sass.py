@@ -73,12 +73,21 @@ def _hc_prenorm_configs() -> list:
 
 
 def _fp8_fp4_configs() -> list:
-    """The FP8 x FP4 configs of the heuristic (dense and grouped) and of the GPU tests."""
-    grid = set(_test_module("test_fp8_fp4_gemm").CONFIGS)
+    """The FP8 x FP4 configs of the heuristics (dense and grouped, both kernels) and of the GPU tests."""
+    tests = _test_module("test_fp8_fp4_gemm")
+    grid = set(tests.CONFIGS) | set(tests.SWAP_AB_CONFIGS)
     for kind in (GemmType.CONTIGUOUS, GemmType.MASKED):
         for m, groups in ((32, 32), (256, 8), (4096, 8)):
             for n, k in ((4096, 7168), (7168, 2048), (576, 512), (264, 224)):
                 grid.add(fp8_fp4_gemm.select_config(GemmDesc(kind, m, n, k, groups), H100))
+    for kind, groups in ((GemmType.NORMAL, 1), (GemmType.MASKED, 32)):
+        for m in (1, 16, 48, 64, 128):
+            for n, k in ((2112, 7168), (7168, 16384), (24576, 1536), (4096, 7168), (576, 512)):
+                for out_dtype, accumulate in ((torch.bfloat16, False), (torch.float32, kind is GemmType.NORMAL)):
+                    desc = GemmDesc(kind, m, n, k, groups, out_dtype=out_dtype, accumulate=accumulate)
+                    config = fp8_fp4_gemm.select_swap_ab(desc, H100)
+                    if config is not None:
+                        grid.add(config)
     return sorted(grid, key=fp8_fp4_gemm.kernel_name)
 
 
@@ -86,7 +95,7 @@ def _family(config):
     """(Host module, WGMMA opcode) of a config's family."""
     if isinstance(config, hc_prenorm.HcPrenormConfig):
         return hc_prenorm, "HGMMA"
-    if isinstance(config, fp8_fp4_gemm.Fp8Fp4GemmConfig):
+    if isinstance(config, (fp8_fp4_gemm.Fp8Fp4GemmConfig, fp8_fp4_gemm.SwapAbConfig)):
         return fp8_fp4_gemm, "QGMMA"
     return (bf16_gemm, "HGMMA") if isinstance(config, bf16_gemm.Bf16GemmConfig) else (fp8_gemm, "QGMMA")
 

@@ -8,10 +8,11 @@ header that includes them:
     mma/wgmma_bf16.cuh  WgmmaBf16<N, kMajorA, kMajorB>   m64nNk16, bf16 x bf16, each K- or MN-major
     mma/wgmma_tf32.cuh  WgmmaTf32<N>                     m64nNk8, tf32 x tf32, both K-major (PTX allows no other)
     mma/wgmma_tf32_registers.cuh  WgmmaTf32RegistersA<N>  the same with A from registers
-    mma/wgmma.cuh       includes the four and mma/layout.cuh (descriptors, Major, the accumulator layout)
+    mma/wgmma_fp8_registers.cuh   WgmmaFp8RegistersA<N>   m64nNk32 e4m3 with A from registers
+    mma/wgmma.cuh       includes the five and mma/layout.cuh (descriptors, Major, the accumulator layout)
 
-Every wrapper has `static void mma(u64 desc_a, u64 desc_b, float* d, bool accumulate)` (the registers-A one `a`
-4 floats instead of `desc_a`): D[64 x N]
+Every wrapper has `static void mma(u64 desc_a, u64 desc_b, float* d, bool accumulate)` (the registers-A ones `a`,
+four 32-bit registers, instead of `desc_a`): D[64 x N]
 (+)= A * B with FP32 accumulators, N/2 per thread of the warpgroup. Run `python tools/gen_wgmma.py`
 after editing this file; `--check` exits non-zero (naming the stale header) when a committed header
 differs from the generator's output, and a CPU test runs it.
@@ -60,17 +61,16 @@ def _bf16(n: int) -> str:
     return f"template <Major kMajorA, Major kMajorB>\nstruct WgmmaBf16<{n}, kMajorA, kMajorB> {{\n{_mma(body)}}};\n"
 
 
-def _tf32_registers_a(n: int) -> str:
-    """A's 64 x 8 fragment from four registers per thread (fp32 bit patterns)."""
+def _registers_a(n: int, instruction: str, a_type: str, a_value: str) -> str:
+    """A's 64-row fragment from four 32-bit registers per thread (``a_value`` formats element i of ``a``)."""
     num_acc = n // 2
     regs = ", ".join(f"%{i}" for i in range(num_acc))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(num_acc))
     a = ", ".join(f"%{num_acc + i}" for i in range(4))
-    ins = ", ".join(f'"r"(__float_as_uint(a[{i}]))' for i in range(4))
+    ins = ", ".join(f'"r"({a_value.format(i)})' for i in range(4))
     b, p = num_acc + 4, num_acc + 5
-    instruction = f"wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32"
     return (
-        "    __device__ __forceinline__ static void mma(const float* a, u64 desc_b, float* d, bool accumulate) {\n"
+        f"    __device__ __forceinline__ static void mma(const {a_type}* a, u64 desc_b, float* d, bool accumulate) {{\n"
         f'        asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{p}, 0;\\n"\n'
         f'                     "{instruction} {{{regs}}}, {{{a}}}, %{b}, p, 1, 1;\\n}}\\n"\n'
         f"                     : {outs}\n"
@@ -84,7 +84,13 @@ def _tf32(n: int) -> str:
 
 
 def _tf32_registers(n: int) -> str:
-    return f"template <>\nstruct WgmmaTf32RegistersA<{n}> {{\n{_tf32_registers_a(n)}}};\n"
+    body = _registers_a(n, f"wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32", "float", "__float_as_uint(a[{}])")
+    return f"template <>\nstruct WgmmaTf32RegistersA<{n}> {{\n{body}}};\n"
+
+
+def _fp8_registers(n: int) -> str:
+    body = _registers_a(n, f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3", "u32", "a[{}]")
+    return f"template <>\nstruct WgmmaFp8RegistersA<{n}> {{\n{body}}};\n"
 
 
 def _family(comment: str, declaration: str, wrapper) -> str:
@@ -116,11 +122,18 @@ def generate() -> dict[str, str]:
             "// A[r][c + 4], A[r + 8][c + 4] with r = 16 * warp + lane / 4, c = lane % 4 (PTX ISA, the wgmma\n"
             "// .tf32 A fragment); B from a shared-memory descriptor, K-major.\n",
             "template <int N>\nstruct WgmmaTf32RegistersA;\n\n", _tf32_registers),
+        "wgmma_fp8_registers.cuh": _family(
+            "// WgmmaFp8RegistersA<N>::mma: as WgmmaFp8 with A from registers, four e4m3 per register (the\n"
+            "// lowest byte the lowest K): a[0..3] = A[r][4c..4c+3], A[r + 8][4c..], A[r][16 + 4c..],\n"
+            "// A[r + 8][16 + 4c..] with r = 16 * warp + lane / 4, c = lane % 4 (PTX ISA, the wgmma .e4m3\n"
+            "// A fragment); B from a shared-memory descriptor, K-major.\n",
+            "template <int N>\nstruct WgmmaFp8RegistersA;\n\n", _fp8_registers),
         "wgmma.cuh": (
             f"{_GENERATED}"
             "// The WGMMA instruction wrappers of every input type, and the descriptor and accumulator-layout\n"
             "// helpers they take (layout.cuh).\n"
             '#pragma once\n#include "layout.cuh"\n#include "wgmma_bf16.cuh"\n#include "wgmma_fp8.cuh"\n'
+            '#include "wgmma_fp8_registers.cuh"\n'
             '#include "wgmma_tf32.cuh"\n#include "wgmma_tf32_registers.cuh"\n'),
     }
 

@@ -1,25 +1,33 @@
-"""Host side of sm90_fp8_fp4_gemm.cuh: the FP8 x FP4 family's tiles, cost terms, code generation and
-launch plan. The kernel is the FP8 one with B widened on the chip, so the parameters, the time model
-and most of the plan are the FP8 family's (moegemm.kernels.fp8_gemm)."""
+"""Host side of the FP8 x FP4 family's two kernels: their configs, code generation and launch plans.
+
+sm90_fp8_fp4_gemm.cuh is the FP8 kernel with B widened in shared memory by the producer warpgroup's
+spare warps, so its parameters, time model and most of its plan are the FP8 family's
+(moegemm.kernels.fp8_gemm). sm90_fp8_fp4_gemm_swap_ab.cuh serves few tokens (dense M <= 128, masked
+experts planned for <= 64 rows): the weights widen in the math warps' registers as the WGMMAs' A
+operand. ``plan`` picks between them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from .. import env
 from ..device import DeviceFacts
 from ..gemm import heuristic
-from ..gemm.config import GemmConfig, settle, smem_layout_bytes
-from ..gemm.desc import GemmDesc
+from ..gemm.config import KIND_NAMES, GemmConfig, settle, smem_layout_bytes
+from ..gemm.desc import GemmDesc, GemmType
 from ..gemm.heuristic import Tile
-from ..intmath import align, ceil_div
+from ..intmath import align, ceil_div, get_tma_aligned_size
 from ..jit import compiler
-from ..jit.runtime import SWIZZLE_NONE, KernelFamily, tma_2d
+from ..jit.runtime import SWIZZLE_64B, SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d
 from . import fp8_gemm
-from .fp8_gemm import BLOCK_K, CONTIGUOUS_ALIGNMENT, PARAMS
+from .fp8_gemm import BLOCK_K, CONTIGUOUS_ALIGNMENT, OPERANDS, PARAMS
 
 TRANSFORM_THREADS = 96  # kTransformThreads: the producer warpgroup's warps 1 to 3
 # The transform warps' rate in the model, values per second per SM: fitted to the picks, not their
@@ -85,26 +93,214 @@ def generate_source(config: Fp8Fp4GemmConfig) -> str:
          PARAMS.size_check()), nvcc_checks=PARAMS.offset_checks())
 
 
-def kernel_name(config: Fp8Fp4GemmConfig) -> str:
+def _widening_name(config: Fp8Fp4GemmConfig) -> str:
     return fp8_gemm.kernel_name(config).replace("sm90_fp8_gemm", "sm90_fp8_fp4_gemm", 1)
 
 
-KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
+KERNELS = KernelFamily(_widening_name, generate_source, lambda config: dict(
     num_threads=config.num_threads, smem_bytes=config.smem_bytes, layout=PARAMS, cluster=config.cluster_size))
-build = KERNELS.build
 # The FP8 plan's launch (A, SFA, B, SFB, D, groups), with B the packed FP4 bytes and SFB the packed
 # exponents [G * ceil(K/128), N'] that ``quant.transform_sf_into_required_layout`` makes.
 Plan = fp8_gemm.Plan
 
 
+# ---- the swap-AB kernel (sm90_fp8_fp4_gemm_swap_ab.cuh) -------------------------------------------------------
+
+SWAP_AB_MAX_TOKENS = 128  # kTokens: WGMMA columns per CTA (the scratch accumulators and the totals in registers)
+SWAP_AB_DOUBLE_BUFFER_TOKENS = 64  # kDoubleBuffer up to this many
+SWAP_AB_MAX_STAGES = 16
+SWAP_AB_MAX_CTAS_PER_SM = 4
+SWAP_AB_RAMP_K_BLOCKS = 2  # a CTA's fixed cost in the split model, in K blocks of its time...
+SWAP_AB_REDUCE_TOKENS_PER_K_BLOCK = 8  # ...and each further split's partial tile (BENCHMARKS.md, "FP8 x FP4 swap-AB")
+SWAP_AB_BUSY_WARPS = 16  # math warps an SM needs to widen at full rate (BENCHMARKS.md, "FP8 x FP4 swap-AB")
+SM_REGISTERS, SM_SMEM_BYTES, CTA_RESERVED_SMEM = 65536, 233472, 1024
+
+# Fp8Fp4SwapAbParams, member by member; launched with the FP8 operands' order (OPERANDS).
+SWAP_AB_PARAMS = ParamsLayout("moegemm::Fp8Fp4SwapAbParams", (
+    Slot("tma_a", "tma", "a"), Slot("tma_b", "tma", "b"), Slot("tma_sfa", "tma", "sfa"), Slot("tma_sfb", "tma", "sfb"),
+    Slot("groups", "ptr", "groups"), Slot("d", "ptr", "d"),
+    *(Slot(name, "u32") for name in ("m", "n", "k", "stage_bytes", "k_blocks_per_split", "num_groups", "ld_d",
+                                      "n_blocks", "token_tiles"))), OPERANDS)
+
+
+@dataclass(frozen=True)
+class SwapAbConfig:
+    """One compiled swap-AB kernel: 64 * ``math_warpgroups`` weight rows by ``tokens`` tokens per CTA,
+    ``split_k`` CTAs (a cluster) per such unit."""
+
+    math_warpgroups: int
+    tokens: int
+    stages: int
+    split_k: int
+    out_fp32: bool
+    accumulate: bool
+    gemm_type: GemmType = GemmType.NORMAL
+    ctas_per_sm: int = 1  # the launch bounds' minimum: ptxas keeps the registers for that many
+
+    @property
+    def rows(self) -> int:
+        return 64 * self.math_warpgroups
+
+    @property
+    def num_threads(self) -> int:
+        return 128 * self.math_warpgroups + 64
+
+    @property
+    def cluster_size(self) -> int:
+        return self.split_k
+
+    @property
+    def smem_bytes(self) -> int:
+        return swap_ab_smem_bytes(self.math_warpgroups, self.tokens, self.stages, self.split_k)
+
+
+def swap_ab_smem_bytes(math_warpgroups: int, tokens: int, stages: int, split_k: int) -> int:
+    """Mirrors Fp8Fp4SwapAbConfig::kSmemBytes: the stage ring, or the split-K partial sums and the
+    output tile that reuse it, whichever is larger, then the barriers."""
+    rows = 64 * math_warpgroups
+    ring = stages * (tokens * BLOCK_K + rows * 64 + align(tokens * 4, 128) + rows * 4)
+    after = (split_k - 1) * 128 * math_warpgroups * tokens * 2 + tokens * (rows + 4) * 4
+    return align(max(ring, after), 8) + 24 * stages
+
+
+def swap_ab_registers(tokens: int) -> int:
+    """Registers per thread the swap-AB kernel needs (fitted to ptxas' counts: 80 at 8 tokens, 160 at
+    64; one scratch accumulator fewer past SWAP_AB_DOUBLE_BUFFER_TOKENS), rounded up to the
+    allocation's multiple of 8."""
+    accumulators = 3 * tokens // 2 if tokens <= SWAP_AB_DOUBLE_BUFFER_TOKENS else tokens
+    return align(66 + accumulators, 8)
+
+
+def swap_ab_ctas_per_sm(math_warpgroups: int, tokens: int) -> int:
+    """CTAs an SM holds by registers, at most SWAP_AB_MAX_CTAS_PER_SM."""
+    threads = 128 * math_warpgroups + 64
+    return max(1, min(SWAP_AB_MAX_CTAS_PER_SM, SM_REGISTERS // (threads * swap_ab_registers(tokens))))
+
+
+def _swap_ab_stages(math_warpgroups: int, tokens: int, split_k: int, ctas_per_sm: int, facts: DeviceFacts) -> int:
+    """As many stages as fit the shared memory of one of ``ctas_per_sm`` CTAs, up to SWAP_AB_MAX_STAGES."""
+    limit = min(facts.smem_per_block, SM_SMEM_BYTES // ctas_per_sm - CTA_RESERVED_SMEM)
+    stages = 0
+    while stages < SWAP_AB_MAX_STAGES and \
+            swap_ab_smem_bytes(math_warpgroups, tokens, stages + 1, split_k) <= limit:
+        stages += 1
+    return stages
+
+
+def swap_ab_tokens(desc: GemmDesc) -> int | None:
+    """The token tile for the swap-AB kernel, or None where it does not serve ``desc`` (the planned
+    rows per expert: prefill-sized M, contiguous layouts)."""
+    if desc.gemm_type in (GemmType.NORMAL, GemmType.MASKED) and desc.m <= SWAP_AB_MAX_TOKENS:
+        return align(max(desc.m, 1), 8)
+    return None
+
+
+def select_swap_ab(desc: GemmDesc, facts: DeviceFacts) -> SwapAbConfig | None:
+    """The swap-AB config for ``desc`` (masked: the planned rows per expert), or None. Each CTA widens
+    its weight rows' share of K and an SM's widening bounds the time: the split model minimises the
+    most any SM widens, in waves of the CTAs the SMs hold at once (by registers, shared memory sized
+    to match), each SM's rate falling below SWAP_AB_BUSY_WARPS math warps; over one or two math
+    warpgroups and 1 to 8 CTAs splitting K."""
+    tokens = swap_ab_tokens(desc)
+    if tokens is None:
+        return None
+    num_k_blocks = ceil_div(desc.k, BLOCK_K)
+    token_tiles = ceil_div(max(desc.m, 1), tokens)
+    best, best_cost = None, math.inf
+    for math_warpgroups in (1, 2):
+        units = desc.num_groups * ceil_div(desc.n, 64 * math_warpgroups) * token_tiles
+        ctas_per_sm = swap_ab_ctas_per_sm(math_warpgroups, tokens)
+        rate = min(1.0, 4 * math_warpgroups * ctas_per_sm / SWAP_AB_BUSY_WARPS)
+        for split_k in range(1, min(fp8_gemm.MAX_SPLIT_K, num_k_blocks) + 1):
+            stages = _swap_ab_stages(math_warpgroups, tokens, split_k, ctas_per_sm, facts)
+            if stages < 3:
+                break
+            waves = ceil_div(units * split_k, facts.num_sms * ctas_per_sm)
+            fixed = SWAP_AB_RAMP_K_BLOCKS + (split_k - 1) * tokens / SWAP_AB_REDUCE_TOKENS_PER_K_BLOCK
+            cost = waves * ctas_per_sm * math_warpgroups * (ceil_div(num_k_blocks, split_k) + fixed)
+            if cost / rate < best_cost:
+                best_cost = cost / rate
+                best = SwapAbConfig(math_warpgroups, tokens, stages, split_k, desc.out_dtype == torch.float32,
+                                    desc.accumulate, desc.gemm_type, ctas_per_sm)
+    return best
+
+
+def _swap_ab_source(config: SwapAbConfig) -> str:
+    return compiler.kernel_stub(
+        "sm90_fp8_fp4_gemm_swap_ab.cuh",
+        f"moegemm::Fp8Fp4SwapAbConfig<{config.math_warpgroups}, {config.tokens}, {config.stages}, {config.split_k}, "
+        f"{str(config.out_fp32).lower()}, {str(config.accumulate).lower()}, "
+        f"moegemm::GemmType::{config.gemm_type.value}, {config.ctas_per_sm}>",
+        SWAP_AB_PARAMS.cpp_type, "moegemm::sm90_fp8_fp4_gemm_swap_ab",
+        (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
+         f"Config::kNumThreads == {config.num_threads}", SWAP_AB_PARAMS.size_check()),
+        min_blocks="Config::kCtasPerSm", nvcc_checks=SWAP_AB_PARAMS.offset_checks())
+
+
+def _swap_ab_name(config: SwapAbConfig) -> str:
+    out = "f32" if config.out_fp32 else "bf16"
+    acc = "_acc" if config.accumulate else ""
+    split = f"k{config.split_k}" if config.split_k > 1 else ""
+    return (f"sm90_fp8_fp4_gemm_swap_ab{KIND_NAMES[config.gemm_type]}_{out}{acc}_"
+            f"w{config.math_warpgroups}t{config.tokens}s{config.stages}{split}r{config.ctas_per_sm}")
+
+
+SWAP_AB_KERNELS = KernelFamily(_swap_ab_name, _swap_ab_source, lambda config: dict(
+    num_threads=config.num_threads, smem_bytes=config.smem_bytes, layout=SWAP_AB_PARAMS, cluster=config.split_k))
+
+
+def _plan_swap_ab(config: SwapAbConfig, desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
+                  rows: int, group_rows: int, facts: DeviceFacts, pdl: bool) -> Plan:
+    config = dataclasses.replace(config, gemm_type=desc.gemm_type)
+    num_groups, k, n = desc.num_groups, a.shape[-1], b.shape[-2]
+    num_k_blocks = ceil_div(k, BLOCK_K)
+    masked = desc.gemm_type is GemmType.MASKED
+    # Few rows: boxes of only the rows that exist (as fp8_gemm.a_side_tma); stale rows feed columns never stored.
+    a_rows = min(config.tokens, group_rows if group_rows < 8 else align(group_rows, 8))
+    sfa_rows = min(config.tokens, align(group_rows, 4))
+    padded_n = align(n, 4)
+    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows, SWIZZLE_128B),
+           "tma_b": tma_2d(torch.int8, k // 2, num_groups * n, b.stride(-2), BLOCK_K // 2, config.rows, SWIZZLE_64B),
+           "tma_sfa": tma_2d(torch.float32, group_rows, (num_groups if masked else 1) * num_k_blocks,
+                             get_tma_aligned_size(group_rows, 4) * 4, sfa_rows, 1, SWIZZLE_NONE),
+           "tma_sfb": tma_2d(torch.int32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.rows, 1,
+                             SWIZZLE_NONE)}
+    n_blocks, token_tiles = ceil_div(n, config.rows), ceil_div(group_rows, config.tokens)
+    values = dict(m=group_rows, n=n, k=k, stage_bytes=a_rows * BLOCK_K + sfa_rows * 4 + config.rows * (64 + 4),
+                  k_blocks_per_split=ceil_div(num_k_blocks, config.split_k), num_groups=num_groups,
+                  ld_d=d.stride(-2), n_blocks=n_blocks, token_tiles=token_tiles)
+    grid = num_groups * n_blocks * token_tiles * config.split_k
+    if env.flag("MOEGEMM_PRINT_CONFIGS"):
+        print(f"[moegemm] fp8 x fp4 gemm {desc}: {config}, grid {grid}", file=sys.stderr)
+    kernel = SWAP_AB_KERNELS.kernel(config)
+    return Plan(config, kernel, kernel.record(grid, tma, values, pdl=pdl))
+
+
+def kernel_name(config: Fp8Fp4GemmConfig | SwapAbConfig) -> str:
+    return _swap_ab_name(config) if isinstance(config, SwapAbConfig) else _widening_name(config)
+
+
+def build(config: Fp8Fp4GemmConfig | SwapAbConfig):
+    """The compiled kernel of either of the family's configs."""
+    return SWAP_AB_KERNELS.build(config) if isinstance(config, SwapAbConfig) else KERNELS.build(config)
+
+
+# ---- planning -------------------------------------------------------------------------------------------------
+
+
 def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, facts: DeviceFacts,
-         config: Fp8Fp4GemmConfig | None = None, pdl: bool = False) -> Plan:
+         config: Fp8Fp4GemmConfig | SwapAbConfig | None = None, pdl: bool = False) -> Plan:
     """The plan of ``desc`` (fp8_gemm.describe's, with B's K the unpacked one) on these tensors: A
-    e4m3 [rows, K] or [G, max_M, K], B int8 [N, K/2] or [G, N, K/2], D like A with N columns."""
+    e4m3 [rows, K] or [G, max_M, K], B int8 [N, K/2] or [G, N, K/2], D like A with N columns. Without
+    ``config``, the swap-AB kernel where it serves the planned rows, else the widening kernel's
+    heuristic pick."""
     num_groups = desc.num_groups
     rows, group_rows = fp8_gemm.row_counts(desc, a)
     if config is None:
-        config = select_config(fp8_gemm.planned_desc(desc, group_rows), facts)
+        planned = fp8_gemm.planned_desc(desc, group_rows)
+        config = select_swap_ab(planned, facts) or select_config(planned, facts)
+    if isinstance(config, SwapAbConfig):
+        return _plan_swap_ab(config, desc, a, b, d, rows, group_rows, facts, pdl)
     config, grid = settle(config, desc, rows, group_rows, facts, "fp8 x fp4")
     k, n = a.shape[-1], b.shape[-2]
     num_k_blocks = ceil_div(k, BLOCK_K)
@@ -121,4 +317,5 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
     return Plan(config, KERNELS.kernel(config), record)
 
 
-__all__ = ["Fp8Fp4GemmConfig", "Plan", "build", "generate_source", "kernel_name", "plan", "select_config"]
+__all__ = ["SWAP_AB_KERNELS", "Fp8Fp4GemmConfig", "Plan", "SwapAbConfig", "build", "generate_source", "kernel_name",
+           "plan", "select_config", "select_swap_ab"]

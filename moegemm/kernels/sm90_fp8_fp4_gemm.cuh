@@ -128,9 +128,8 @@ struct Fp8Fp4GemmKernel : Fp8GemmKernel<Config_> {
                 const u32 part = first + i * kStride;
                 if (part >= kParts) break;
                 const u32 row = part / 4, quarter = part % 4;
-                const u32 top = max_ue8m0x4(exponents[i]);
-                const int shift = int((exponents[i] >> (8 * quarter)) & 0xFFu) - int(top) + kE2m1WidenShift;
-                const E2m1Table table = e2m1_table(shift);
+                E2m1Table table;
+                const float scale = e2m1_block_table(exponents[i], quarter, table);
                 u32 out[8];
 #pragma unroll
                 for (u32 w = 0; w < 4; ++w) widen_e2m1x8(packed[i][w], table, out[2 * w], out[2 * w + 1]);
@@ -138,7 +137,7 @@ struct Fp8Fp4GemmKernel : Fp8GemmKernel<Config_> {
                 const u32 line = tile + row * 128, swizzle = row % 8;
                 st_shared_v4_u32(line + ((2 * quarter) ^ swizzle) * 16, out[0], out[1], out[2], out[3]);
                 st_shared_v4_u32(line + ((2 * quarter + 1) ^ swizzle) * 16, out[4], out[5], out[6], out[7]);
-                if (quarter == 0) st_shared_u32(column_scales + row * 4, __float_as_uint(widened_block_scale(top)));
+                if (quarter == 0) st_shared_u32(column_scales + row * 4, __float_as_uint(scale));
             }
         }
         // The WGMMAs read the tile through the async proxy.

@@ -1,5 +1,6 @@
 """The FP8 x FP4 GEMMs: FP8 activations against e2m1 weights packed two per byte with 1x32 UE8M0
-scales, widened to e4m3 on the chip (kernels/sm90_fp8_fp4_gemm.cuh). ``fp8_fp4_gemm_nt`` and the MoE
+scales, widened to e4m3 on the chip (kernels/sm90_fp8_fp4_gemm_swap_ab.cuh for few tokens,
+kernels/sm90_fp8_fp4_gemm.cuh otherwise). ``fp8_fp4_gemm_nt`` and the MoE
 grouped forms; FP8 weights through these names run the FP8 kernels."""
 
 from __future__ import annotations
@@ -158,9 +159,9 @@ def fp8_fp4_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor,
         d: bfloat16 or float32 [M, N]. c: optional float32 [M, N] (then d float32; may be d).
         recipe, recipe_a, recipe_b: DeepGEMM's scale granularities; A (1, 128) and B (1, 32) only.
 
-    K a multiple of 32. The weights are widened to e4m3 in shared memory with their four 1x32
-    scales of each 128-wide block folded in: exact while those span at most 2^14 (README, "FP4 on
-    Hopper"). SM90 GPUs only; CPU tensors use the reference.
+    K a multiple of 32. The weights are widened to e4m3 on the chip with the four 1x32 scales of
+    each 128-wide block folded in: exact while those span at most 2^14 (README, "FP4 on Hopper").
+    SM90 GPUs only; CPU tensors use the reference.
     """
     if not _fp4_b(b):
         fp8_ops.fp8_gemm_nt(a, b, d, c)

@@ -40,16 +40,23 @@ __device__ __forceinline__ void widen_e2m1x8(u32 packed, const E2m1Table& table,
     out1 = prmt(table.lo, table.hi, (packed >> 16) & 0x7777u) | (signs1 & 0x80808080u);
 }
 
-// The largest of four UE8M0 exponents packed in a word.
-__device__ __forceinline__ u32 max_ue8m0x4(u32 packed) {
-    const u32 pairs = __vmaxu4(packed, packed >> 16);
-    return __vmaxu4(pairs, pairs >> 8) & 0xFFu;
-}
-
 // The FP32 scale of a block widened with largest exponent `top`: 2^(top - 127 - kE2m1WidenShift);
 // 0 below FP32's normal range (weights under 2^-120).
 __device__ __forceinline__ float widened_block_scale(u32 top) {
     return top > u32(kE2m1WidenShift) ? __uint_as_float((top - kE2m1WidenShift) << 23) : 0.0f;
+}
+
+// The table of 1x32 block `block` (0-3) of a 128-wide block whose four UE8M0 exponents are packed
+// in `exponents` (block j in byte j), scaled relative to the largest, and the 128-wide block's FP32
+// scale. The largest by scalar byte extracts and a three-way max: the packed-byte max is no
+// instruction of sm_90 and costs more.
+__device__ __forceinline__ float e2m1_block_table(u32 exponents, u32 block, E2m1Table& table) {
+    u32 e[4];
+#pragma unroll
+    for (u32 j = 0; j < 4; ++j) e[j] = prmt(exponents, 0u, 0x4440u + j);
+    const u32 top = max(max(e[0], e[1]), max(e[2], e[3]));
+    table = e2m1_table(int(prmt(exponents, 0u, 0x4440u + block)) - int(top) + kE2m1WidenShift);
+    return widened_block_scale(top);
 }
 
 }  // namespace moegemm

@@ -230,6 +230,9 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
 __device__ __forceinline__ void st_shared_u32(u32 address, u32 value) {
     asm volatile("st.shared.u32 [%0], %1;" ::"r"(address), "r"(value) : "memory");
 }
+__device__ __forceinline__ void st_shared_f32(u32 address, float value) {
+    asm volatile("st.shared.f32 [%0], %1;" ::"r"(address), "f"(value) : "memory");
+}
 __device__ __forceinline__ void st_shared_v2_f32(u32 address, float x, float y) {
     asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(address), "f"(x), "f"(y) : "memory");
 }
@@ -277,6 +280,19 @@ __device__ __forceinline__ void st_async_cluster_v4_f32(u32 address, const Barri
         "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [remote], {%3, %4, %5, %6}, [remote_barrier];\n"
         "}\n" ::"r"(address),
         "r"(smem_addr(barrier)), "r"(cta_rank), "f"(x), "f"(y), "f"(z), "f"(w)
+        : "memory");
+}
+
+// Store into the shared memory of CTA `cta_rank` of this cluster, at the offset `address` has here;
+// visible there after a cluster barrier.
+__device__ __forceinline__ void st_cluster_v4_f32(u32 address, u32 cta_rank, float x, float y, float z, float w) {
+    asm volatile(
+        "{\n"
+        ".reg .b32 remote;\n"
+        "mapa.shared::cluster.u32 remote, %0, %1;\n"
+        "st.shared::cluster.v4.f32 [remote], {%2, %3, %4, %5};\n"
+        "}\n" ::"r"(address),
+        "r"(cta_rank), "f"(x), "f"(y), "f"(z), "f"(w)
         : "memory");
 }
 

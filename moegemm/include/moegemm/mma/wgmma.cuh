@@ -5,5 +5,6 @@
 #include "layout.cuh"
 #include "wgmma_bf16.cuh"
 #include "wgmma_fp8.cuh"
+#include "wgmma_fp8_registers.cuh"
 #include "wgmma_tf32.cuh"
 #include "wgmma_tf32_registers.cuh"
