@@ -214,7 +214,8 @@ def test_decode_plans_the_swap_ab_kernel():
         assert config is not None and config.smem_bytes <= H100.smem_per_block and config.stages >= 3
     assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.NORMAL, 129, 7168, 2048), H100) is None
     assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.MASKED, 32, 4096, 7168, 32), H100).tokens == 32
-    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.MASKED, 129, 4096, 7168, 32), H100) is None
+    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.MASKED, 65, 4096, 7168, 32), H100) is None
+    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.NORMAL, 100, 4096, 7168), H100).tokens == 56
     assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.CONTIGUOUS, 32, 4096, 7168, 32), H100) is None
     for config in SWAP_AB_CONFIGS:
         assert config.smem_bytes <= H100.smem_per_block

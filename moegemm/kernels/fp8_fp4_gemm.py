@@ -3,7 +3,7 @@
 sm90_fp8_fp4_gemm.cuh is the FP8 kernel with B widened in shared memory by the producer warpgroup's
 spare warps, so its parameters, time model and most of its plan are the FP8 family's
 (moegemm.kernels.fp8_gemm). sm90_fp8_fp4_gemm_swap_ab.cuh serves few tokens (dense M <= 128, masked
-experts planned for <= 128 rows): the weights widen in the math warps' registers as the WGMMAs' A
+experts planned for <= 64 rows): the weights widen in the math warps' registers as the WGMMAs' A
 operand. ``plan`` picks between them.
 """
 
@@ -108,6 +108,9 @@ Plan = fp8_gemm.Plan
 
 SWAP_AB_MAX_TOKENS = 128  # kTokens: WGMMA columns per CTA (the scratch accumulators and the totals in registers)
 SWAP_AB_DOUBLE_BUFFER_TOKENS = 64  # kDoubleBuffer up to this many
+# The heuristic's token tiles stop at 64 (M up to 128 in two tiles) until the one-scratch tiles of 65
+# to 128 tokens, faster in an A/B, have passed their GPU tests (BENCHMARKS.md, "FP8 x FP4 swap-AB").
+SWAP_AB_PLANNED_TOKENS = 64
 SWAP_AB_MAX_STAGES = 16
 SWAP_AB_MAX_CTAS_PER_SM = 4
 SWAP_AB_RAMP_K_BLOCKS = 2  # a CTA's fixed cost in the split model, in K blocks of its time...
@@ -190,8 +193,11 @@ def _swap_ab_stages(math_warpgroups: int, tokens: int, split_k: int, ctas_per_sm
 def swap_ab_tokens(desc: GemmDesc) -> int | None:
     """The token tile for the swap-AB kernel, or None where it does not serve ``desc`` (the planned
     rows per expert: prefill-sized M, contiguous layouts)."""
-    if desc.gemm_type in (GemmType.NORMAL, GemmType.MASKED) and desc.m <= SWAP_AB_MAX_TOKENS:
-        return align(max(desc.m, 1), 8)
+    m = max(desc.m, 1)
+    if desc.gemm_type is GemmType.NORMAL and m <= 2 * SWAP_AB_PLANNED_TOKENS:
+        return align(ceil_div(m, ceil_div(m, SWAP_AB_PLANNED_TOKENS)), 8)
+    if desc.gemm_type is GemmType.MASKED and m <= SWAP_AB_PLANNED_TOKENS:
+        return align(m, 8)
     return None
 
 
