@@ -23,9 +23,9 @@ from ..gemm import heuristic
 from ..gemm.config import KIND_NAMES, GemmConfig, settle, smem_layout_bytes
 from ..gemm.desc import GemmDesc, GemmType
 from ..gemm.heuristic import Tile
-from ..intmath import align, ceil_div, get_tma_aligned_size
+from ..intmath import align, ceil_div
 from ..jit import compiler
-from ..jit.runtime import SWIZZLE_64B, SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d
+from ..jit.runtime import SWIZZLE_64B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d
 from . import fp8_gemm
 from .fp8_gemm import BLOCK_K, CONTIGUOUS_ALIGNMENT, OPERANDS, PARAMS
 
@@ -146,7 +146,7 @@ class SwapAbConfig:
 
     @property
     def num_threads(self) -> int:
-        return 128 * self.math_warpgroups + 64
+        return swap_ab_threads(self.math_warpgroups)
 
     @property
     def cluster_size(self) -> int:
@@ -166,6 +166,11 @@ def swap_ab_smem_bytes(math_warpgroups: int, tokens: int, stages: int, split_k: 
     return align(max(ring, after), 8) + 24 * stages
 
 
+def swap_ab_threads(math_warpgroups: int) -> int:
+    """Fp8Fp4SwapAbConfig::kNumThreads: the math warpgroups, the producer warp and the permute warp."""
+    return 128 * math_warpgroups + 64
+
+
 def swap_ab_registers(tokens: int) -> int:
     """Registers per thread the swap-AB kernel needs (fitted to ptxas' counts: 80 at 8 tokens, 160 at
     64; one scratch accumulator fewer past SWAP_AB_DOUBLE_BUFFER_TOKENS), rounded up to the
@@ -176,7 +181,7 @@ def swap_ab_registers(tokens: int) -> int:
 
 def swap_ab_ctas_per_sm(math_warpgroups: int, tokens: int) -> int:
     """CTAs an SM holds by registers, at most SWAP_AB_MAX_CTAS_PER_SM."""
-    threads = 128 * math_warpgroups + 64
+    threads = swap_ab_threads(math_warpgroups)
     return max(1, min(SWAP_AB_MAX_CTAS_PER_SM, SM_REGISTERS // (threads * swap_ab_registers(tokens))))
 
 
@@ -256,23 +261,18 @@ SWAP_AB_KERNELS = KernelFamily(_swap_ab_name, _swap_ab_source, lambda config: di
 
 
 def _plan_swap_ab(config: SwapAbConfig, desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
-                  rows: int, group_rows: int, facts: DeviceFacts, pdl: bool) -> Plan:
+                  rows: int, group_rows: int, pdl: bool) -> Plan:
     config = dataclasses.replace(config, gemm_type=desc.gemm_type)
     num_groups, k, n = desc.num_groups, a.shape[-1], b.shape[-2]
     num_k_blocks = ceil_div(k, BLOCK_K)
-    masked = desc.gemm_type is GemmType.MASKED
-    # Few rows: boxes of only the rows that exist (as fp8_gemm.a_side_tma); stale rows feed columns never stored.
-    a_rows = min(config.tokens, group_rows if group_rows < 8 else align(group_rows, 8))
-    sfa_rows = min(config.tokens, align(group_rows, 4))
+    # The tokens' tiles as the FP8 kernel loads A's: stale rows feed columns of D never stored.
+    tma, a_side_bytes = fp8_gemm.activation_tma(a, rows, group_rows, desc.gemm_type, num_groups, config.tokens)
     padded_n = align(n, 4)
-    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows, SWIZZLE_128B),
-           "tma_b": tma_2d(torch.int8, k // 2, num_groups * n, b.stride(-2), BLOCK_K // 2, config.rows, SWIZZLE_64B),
-           "tma_sfa": tma_2d(torch.float32, group_rows, (num_groups if masked else 1) * num_k_blocks,
-                             get_tma_aligned_size(group_rows, 4) * 4, sfa_rows, 1, SWIZZLE_NONE),
-           "tma_sfb": tma_2d(torch.int32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.rows, 1,
-                             SWIZZLE_NONE)}
+    tma["tma_b"] = tma_2d(torch.int8, k // 2, num_groups * n, b.stride(-2), BLOCK_K // 2, config.rows, SWIZZLE_64B)
+    tma["tma_sfb"] = tma_2d(torch.int32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.rows, 1,
+                            SWIZZLE_NONE)
     n_blocks, token_tiles = ceil_div(n, config.rows), ceil_div(group_rows, config.tokens)
-    values = dict(m=group_rows, n=n, k=k, stage_bytes=a_rows * BLOCK_K + sfa_rows * 4 + config.rows * (64 + 4),
+    values = dict(m=group_rows, n=n, k=k, stage_bytes=a_side_bytes + config.rows * (64 + 4),
                   k_blocks_per_split=ceil_div(num_k_blocks, config.split_k), num_groups=num_groups,
                   ld_d=d.stride(-2), n_blocks=n_blocks, token_tiles=token_tiles)
     grid = num_groups * n_blocks * token_tiles * config.split_k
@@ -306,7 +306,7 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
         planned = fp8_gemm.planned_desc(desc, group_rows)
         config = select_swap_ab(planned, facts) or select_config(planned, facts)
     if isinstance(config, SwapAbConfig):
-        return _plan_swap_ab(config, desc, a, b, d, rows, group_rows, facts, pdl)
+        return _plan_swap_ab(config, desc, a, b, d, rows, group_rows, pdl)
     config, grid = settle(config, desc, rows, group_rows, facts, "fp8 x fp4")
     k, n = a.shape[-1], b.shape[-2]
     num_k_blocks = ceil_div(k, BLOCK_K)

@@ -203,17 +203,28 @@ def a_side_tma(config: GemmConfig, a: torch.Tensor, d: torch.Tensor, rows: int, 
     """The descriptors of A, SFA and D (A and D seen as [rows, K] and [rows, N], SFA as
     ``[G * ceil(K/128), group_rows]`` M-major, G = 1 but for masked) and the bytes a stage's loads of
     A and SFA deliver."""
-    k, n = a.shape[-1], d.shape[-1]
-    sfa_groups = num_groups if config.gemm_type is GemmType.MASKED else 1
+    n = d.shape[-1]
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
+    tma, a_side_bytes = activation_tma(a, rows, group_rows, config.gemm_type, num_groups, config.block_m,
+                                       config.cluster_n)
+    tma["tma_d"] = tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle)
+    return tma, a_side_bytes
+
+
+def activation_tma(a: torch.Tensor, rows: int, group_rows: int, gemm_type: GemmType, num_groups: int,
+                   tile_rows: int, box_split: int = 1) -> tuple[dict[str, tuple], int]:
+    """The descriptors of A (``[rows, K]``, boxes of a tile's ``tile_rows`` rows, ``box_split`` CTAs
+    of a pair loading a share each) and SFA (``[G * ceil(K/128), group_rows]`` M-major, G = 1 but for
+    masked), and the bytes a stage's loads of them deliver to each CTA."""
+    k = a.shape[-1]
+    sfa_groups = num_groups if gemm_type is GemmType.MASKED else 1
     # Few rows: load only the rows that exist instead of zero-filled boxes (SFA in 16-byte boxes); the
     # rows of shared memory left stale feed only output rows that are never stored.
-    a_rows = min(config.block_m, group_rows if group_rows < 8 else align(group_rows, 8))
-    sfa_rows = min(config.block_m, align(group_rows, 4))
-    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows // config.cluster_n, SWIZZLE_128B),
+    a_rows = min(tile_rows, group_rows if group_rows < 8 else align(group_rows, 8))
+    sfa_rows = min(tile_rows, align(group_rows, 4))
+    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows // box_split, SWIZZLE_128B),
            "tma_sfa": tma_2d(torch.float32, group_rows, sfa_groups * ceil_div(k, BLOCK_K),
-                             get_tma_aligned_size(group_rows, 4) * 4, sfa_rows, 1, SWIZZLE_NONE),
-           "tma_d": tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle)}
+                             get_tma_aligned_size(group_rows, 4) * 4, sfa_rows, 1, SWIZZLE_NONE)}
     return tma, a_rows * BLOCK_K + sfa_rows * 4
 
 
@@ -279,5 +290,6 @@ def planned_desc(desc: GemmDesc, group_rows: int) -> GemmDesc:
     return dataclasses.replace(desc, m=min(math.ceil(desc.m * ROUTING_HEADROOM), max(group_rows, desc.m)))
 
 
-__all__ = ["CONTIGUOUS_ALIGNMENT", "OPERANDS", "PARAMS", "Fp8GemmConfig", "Plan", "a_side_tma", "build", "describe",
-           "generate_source", "kernel_name", "plan", "planned_desc", "row_counts", "select_config", "stages_for"]
+__all__ = ["CONTIGUOUS_ALIGNMENT", "OPERANDS", "PARAMS", "Fp8GemmConfig", "Plan", "a_side_tma", "activation_tma",
+           "build", "describe", "generate_source", "kernel_name", "plan", "planned_desc", "row_counts", "select_config",
+           "stages_for"]
