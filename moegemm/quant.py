@@ -160,6 +160,44 @@ def packed_ue8m0_mn_major(sf: torch.Tensor, mn: int, k: int, num_groups: int | N
     return get_mn_major_tma_aligned_tensor(sf)
 
 
+def ue8m0_exponents(sf: torch.Tensor, k: int) -> torch.Tensor:
+    """The biased exponents (int32 ``[..., 4 * ceil(k/128)]``, 0 past the last 1x32 block) of 1x32 UE8M0
+    scales: float32 ``[..., ceil(k/32)]`` powers of two (their exponent bits; the mantissa is ignored) or
+    int32 ``[..., ceil(k/128)]`` packed four per element (:func:`pack_ue8m0`)."""
+    k_blocks = ceil_div(k, BLOCK)
+    if sf.dtype == torch.int32:
+        return sf.contiguous().view(torch.uint8).to(torch.int32)
+    exponents = (sf.view(torch.int32) >> 23) & 0xFF
+    return F.pad(exponents, (0, 4 * k_blocks - exponents.shape[-1]))
+
+
+def fold_1x32_scales(x: torch.Tensor, sf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 values with UE8M0 scales per 1x32 as FP8 values with one float32 scale per 1x128: each
+    128-wide block's values times 2^(their 1x32 exponent - the block's largest), the block's scale
+    2^(largest - 127) (0 for exponent 0). Exact while the shifted values stay in e4m3's normal range
+    (>= 2^-6); smaller ones round to nearest even, an error below 2^-10 of the block's scale. This is
+    how the FP8 x FP4 GEMMs take A's (1, 32) recipe.
+
+    Args:
+        x: float8_e4m3fn ``[..., M, K]``, K a multiple of 32.
+        sf: float32 ``[..., M, K/32]`` powers of two (their exponent bits are read), or int32
+            ``[..., M, ceil(K/128)]`` packed UE8M0 (:func:`pack_ue8m0`); any strides.
+
+    Returns:
+        ``(float8_e4m3fn [..., M, K] contiguous, float32 [..., M, ceil(K/128)])``, the scales MN-major and
+        TMA-aligned (:func:`get_mn_major_tma_aligned_tensor`), as the GEMMs read them.
+    """
+    k = x.shape[-1]
+    exponents = ue8m0_exponents(sf, k).unflatten(-1, (ceil_div(k, BLOCK), 4))
+    top = exponents.amax(-1)
+    # Exact powers of two; a shift past -126 leaves no e4m3 value above zero anyway.
+    shift = (exponents - top.unsqueeze(-1)).clamp(min=-126).flatten(-2)[..., :ceil_div(k, 32)]
+    factor = ((shift + 127) << 23).view(torch.float32).repeat_interleave(32, dim=-1)[..., :k]
+    folded = (x.float() * factor).to(torch.float8_e4m3fn)
+    scale = torch.where(top > 0, top << 23, 0).view(torch.float32)
+    return folded, get_mn_major_tma_aligned_tensor(scale)
+
+
 # ---- fp8 casts ------------------------------------------------------------------------------------
 
 

@@ -132,21 +132,22 @@ def _unpack_fp8_operand(name: str, operand: FP8Operand, dims: int) -> FP8Operand
 # ---------------------------------------------------------------------------------------------------------
 
 
-def dequantize_per_token(x_fp8: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
-    """Undo a 1x128 cast.
+def dequantize_per_token(x_fp8: torch.Tensor, sf: torch.Tensor, gran_k: int = BLOCK) -> torch.Tensor:
+    """Undo a 1 x ``gran_k`` cast.
 
     Args:
         x_fp8: ``[..., M, K]``, float8_e4m3fn (any float dtype works).
-        sf: ``[..., M, ceil(K/128)]`` float32 (any strides), or int32 packed UE8M0 ``[..., M, ceil(K/512)]``.
+        sf: ``[..., M, ceil(K/gran_k)]`` float32 (any strides), or int32 packed UE8M0
+            ``[..., M, ceil(K/(4 gran_k))]``.
 
     Returns:
-        float32 ``[..., M, K]``: each element times the scale of its 128-wide block along K.
+        float32 ``[..., M, K]``: each element times the scale of its ``gran_k``-wide block along K.
     """
     k = x_fp8.shape[-1]
-    k_blocks = ceil_div(k, BLOCK)
+    k_blocks = ceil_div(k, gran_k)
     sf = _float_scales("sf", sf, k_blocks)
     _check_shape("sf", sf, (*x_fp8.shape[:-1], k_blocks))
-    return x_fp8.float() * sf.repeat_interleave(BLOCK, dim=-1)[..., :k]
+    return x_fp8.float() * sf.repeat_interleave(gran_k, dim=-1)[..., :k]
 
 
 def dequantize_per_block(x_fp8: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
@@ -214,13 +215,14 @@ def _gemm_rows_into(
     sfa: torch.Tensor,
     b: torch.Tensor,
     c: torch.Tensor | None = None,
+    gran_k: int = BLOCK,
 ) -> None:
     """``d[rows] = c[rows] + dequant(a[rows]) @ b.T`` with float32 accumulation.
 
-    ``a_fp8 [M, K]``, ``sfa`` float32 ``[M, ceil(K/128)]``, ``b`` float32 ``[N, K]`` (already dequantised),
-    ``c``/``d`` ``[M, N]``; ``rows`` selects rows of ``a``, ``c`` and ``d`` alike.
+    ``a_fp8 [M, K]``, ``sfa`` float32 ``[M, ceil(K/gran_k)]``, ``b`` float32 ``[N, K]`` (already
+    dequantised), ``c``/``d`` ``[M, N]``; ``rows`` selects rows of ``a``, ``c`` and ``d`` alike.
     """
-    _chunked_product_into(d, rows, lambda idx: dequantize_per_token(a_fp8[idx], sfa[idx]), b.t(), c)
+    _chunked_product_into(d, rows, lambda idx: dequantize_per_token(a_fp8[idx], sfa[idx], gran_k), b.t(), c)
 
 
 def _product_into(
@@ -350,16 +352,17 @@ def m_grouped_fp8_gemm_nt_contiguous(
 
 
 def _contiguous_into(a_fp8: torch.Tensor, sfa: torch.Tensor, b_of: Callable[[int], torch.Tensor], num_groups: int,
-                     n: int, d: torch.Tensor, grouped_layout: torch.Tensor, use_psum_layout: bool) -> None:
+                     n: int, d: torch.Tensor, grouped_layout: torch.Tensor, use_psum_layout: bool,
+                     gran_k: int = BLOCK) -> None:
     """The contiguous grouped GEMM given expert g's dequantised B ``b_of(g)`` (float32 [N, K])."""
     m_total, k = a_fp8.shape
-    _check_shape("a[1]", sfa, (m_total, ceil_div(k, BLOCK)))
+    _check_shape("a[1]", sfa, (m_total, ceil_div(k, gran_k)))
     _check_shape("d", d, (m_total, n))
     _check_dtype("d", d, _OUTPUT_DTYPES)
     for group, rows in enumerate(_contiguous_segments(grouped_layout, num_groups, m_total, use_psum_layout)):
         if _row_count(rows) == 0:
             continue
-        _gemm_rows_into(d, rows, a_fp8, sfa, b_of(group))
+        _gemm_rows_into(d, rows, a_fp8, sfa, b_of(group), gran_k=gran_k)
 
 
 def m_grouped_fp8_gemm_nt_masked(
@@ -389,10 +392,10 @@ def m_grouped_fp8_gemm_nt_masked(
 
 
 def _masked_into(a_fp8: torch.Tensor, sfa: torch.Tensor, b_of: Callable[[int], torch.Tensor], n: int, d: torch.Tensor,
-                 masked_m: torch.Tensor) -> None:
+                 masked_m: torch.Tensor, gran_k: int = BLOCK) -> None:
     """The masked grouped GEMM given expert g's dequantised B ``b_of(g)`` (float32 [N, K])."""
     num_groups, max_m, k = a_fp8.shape
-    _check_shape("a[1]", sfa, (num_groups, max_m, ceil_div(k, BLOCK)))
+    _check_shape("a[1]", sfa, (num_groups, max_m, ceil_div(k, gran_k)))
     _check_shape("d", d, (num_groups, max_m, n))
     _check_dtype("d", d, _OUTPUT_DTYPES)
     _check_index_dtype("masked_m", masked_m)
@@ -400,7 +403,7 @@ def _masked_into(a_fp8: torch.Tensor, sfa: torch.Tensor, b_of: Callable[[int], t
     for group, m in enumerate(masked_m.clamp(0, max_m).tolist()):
         if m == 0:
             continue
-        _gemm_rows_into(d[group], slice(0, m), a_fp8[group], sfa[group], b_of(group))
+        _gemm_rows_into(d[group], slice(0, m), a_fp8[group], sfa[group], b_of(group), gran_k=gran_k)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -433,40 +436,60 @@ def _unpack_fp4_operand(operand: FP4Operand, dims: int) -> torch.Tensor:
     return dequantize_fp4(packed, sf)
 
 
+def _fp4_gemm_activation(operand: FP8Operand, dims: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A of the FP8 x FP4 GEMMs: ``(e4m3 [..., M, K], float32 scales, the scales' block along K)``, from
+    1x128 float32 scales ``[..., M, ceil(K/128)]`` or 1x32 UE8M0 ones: float32 ``[..., M, ceil(K/32)]``
+    or int32 packed ``[..., M, ceil(K/128)]``."""
+    if not isinstance(operand, (tuple, list)) or len(operand) != 2:
+        raise TypeError(f"a: expected a (float8_e4m3fn tensor, scales) pair, got {type(operand).__name__}")
+    x, sf = operand
+    _check_dims("a[0]", x, dims)
+    _check_dtype("a[0]", x, (torch.float8_e4m3fn,))
+    _check_dtype("a[1]", sf, (torch.float32, torch.int32))
+    k = x.shape[-1]
+    if sf.dtype == torch.int32:
+        _check_shape("a[1]", sf, (*x.shape[:-1], ceil_div(k, BLOCK)))
+        return x, unpack_ue8m0(sf, ceil_div(k, 32)), 32
+    return x, sf, 32 if sf.shape[-1] == ceil_div(k, 32) != ceil_div(k, BLOCK) else BLOCK
+
+
 def fp8_fp4_gemm_nt(a: FP8Operand, b: FP4Operand, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
-    """``D = C + dequant(A) @ dequant(B).T`` in float32: A ``(e4m3 [M, K], float32 [M, ceil(K/128)])``,
-    B ``(int8 [N, K/2], 1x32 scales)`` (see :func:`dequantize_fp4`), D bf16 or float32 ``[M, N]``."""
-    a_fp8, sfa = _unpack_fp8_operand("a", a, 2)
+    """``D = C + dequant(A) @ dequant(B).T`` in float32: A ``(e4m3 [M, K], scales)`` with float32 1x128
+    scales or 1x32 UE8M0 ones (float32 ``[M, ceil(K/32)]`` or packed int32 ``[M, ceil(K/128)]``), B
+    ``(int8 [N, K/2], 1x32 scales)`` (see :func:`dequantize_fp4`), D bf16 or float32 ``[M, N]``."""
+    a_fp8, sfa, gran_k = _fp4_gemm_activation(a, 2)
     b_float = _unpack_fp4_operand(b, 2)
     m, k = a_fp8.shape
     n = b_float.shape[0]
     _check_shape("b[0]", b[0], (n, k // 2))
-    _check_shape("a[1]", sfa, (m, ceil_div(k, BLOCK)))
+    _check_shape("a[1]", sfa, (m, ceil_div(k, gran_k)))
     _check_shape("d", d, (m, n))
     _check_dtype("d", d, _OUTPUT_DTYPES)
     if c is not None:
         _check_shape("c", c, (m, n))
-    _gemm_rows_into(d, slice(0, m), a_fp8, sfa, b_float, c)
+    _gemm_rows_into(d, slice(0, m), a_fp8, sfa, b_float, c, gran_k)
 
 
 def m_grouped_fp8_fp4_gemm_nt_contiguous(a: FP8Operand, b: FP4Operand, d: torch.Tensor,
                                          grouped_layout: torch.Tensor, use_psum_layout: bool = False) -> None:
-    """:func:`m_grouped_fp8_gemm_nt_contiguous` with B ``(int8 [G, N, K/2], 1x32 scales)``."""
-    a_fp8, sfa = _unpack_fp8_operand("a", a, 2)
+    """:func:`m_grouped_fp8_gemm_nt_contiguous` with B ``(int8 [G, N, K/2], 1x32 scales)`` and A's scales as
+    for :func:`fp8_fp4_gemm_nt`."""
+    a_fp8, sfa, gran_k = _fp4_gemm_activation(a, 2)
     b_float = _unpack_fp4_operand(b, 3)
     _check_shape("b[0]", b[0], (b_float.shape[0], b_float.shape[1], a_fp8.shape[1] // 2))
     _contiguous_into(a_fp8, sfa, lambda g: b_float[g], b_float.shape[0], b_float.shape[1], d, grouped_layout,
-                     use_psum_layout)
+                     use_psum_layout, gran_k)
 
 
 def m_grouped_fp8_fp4_gemm_nt_masked(a: FP8Operand, b: FP4Operand, d: torch.Tensor, masked_m: torch.Tensor,
                                      expected_m: int) -> None:
-    """:func:`m_grouped_fp8_gemm_nt_masked` with B ``(int8 [G, N, K/2], 1x32 scales)``."""
+    """:func:`m_grouped_fp8_gemm_nt_masked` with B ``(int8 [G, N, K/2], 1x32 scales)`` and A's scales as for
+    :func:`fp8_fp4_gemm_nt`."""
     del expected_m
-    a_fp8, sfa = _unpack_fp8_operand("a", a, 3)
+    a_fp8, sfa, gran_k = _fp4_gemm_activation(a, 3)
     b_float = _unpack_fp4_operand(b, 3)
     _check_shape("b[0]", b[0], (a_fp8.shape[0], b_float.shape[1], a_fp8.shape[2] // 2))
-    _masked_into(a_fp8, sfa, lambda g: b_float[g], b_float.shape[1], d, masked_m)
+    _masked_into(a_fp8, sfa, lambda g: b_float[g], b_float.shape[1], d, masked_m, gran_k)
 
 
 # ---------------------------------------------------------------------------------------------------------

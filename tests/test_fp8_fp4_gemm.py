@@ -95,11 +95,52 @@ def test_bad_arguments_raise(change, error, match):
 
 
 def test_unsupported_recipes_raise():
-    _, _, a, b = make_inputs(8, 64, 256, device="cpu")
-    with pytest.raises(ValueError, match="recipe_a: expected \\(1, 128\\)"):
-        moegemm.fp8_fp4_gemm_nt(a, b, torch.empty(8, 64), recipe_a=(1, 32))
+    x, _, a, b = make_inputs(8, 64, 256, device="cpu")
+    with pytest.raises(ValueError, match="recipe_a: expected \\(1, 128\\) .* or \\(1, 32\\)"):
+        moegemm.fp8_fp4_gemm_nt(a, b, torch.empty(8, 64), recipe_a=(1, 64))
     with pytest.raises(ValueError, match="recipe_b: expected \\(1, 32\\)"):
         moegemm.fp8_fp4_gemm_nt(a, b, torch.empty(8, 64), recipe=(1, 128, 128))
+    # A recipe that disagrees with the scales given names both.
+    with pytest.raises(ValueError, match="sfa: expected float32 \\[..., ceil\\(K/32\\)\\].*recipe_a \\(1, 32\\)"):
+        moegemm.fp8_fp4_gemm_nt(a, b, torch.empty(8, 64), recipe_a=(1, 32))
+    a32 = per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32)
+    with pytest.raises(ValueError, match="sfa: expected float32 \\[..., ceil\\(K/128\\)\\].*recipe_a \\(1, 128\\)"):
+        moegemm.fp8_fp4_gemm_nt(a32, b, torch.empty(8, 64), recipe_a=(1, 128))
+    with pytest.raises(ValueError, match=r"sfa: expected float32 \(8, 2\) \(1x128 scales\) or \(8, 8\)"):
+        moegemm.fp8_fp4_gemm_nt((a32[0], a32[1][:, :5]), b, torch.empty(8, 64))
+
+
+def _activations_1x32(x, packed):
+    """A cast with UE8M0 scales per 1x32: float32 [..., ceil(K/32)] or packed int32 [..., ceil(K/128)]."""
+    a, sf = per_token_cast_to_fp8(x.flatten(0, -2), use_ue8m0=True, gran_k=32, use_packed_ue8m0=packed)
+    return a.view(x.shape), sf.view(*x.shape[:-1], -1)
+
+
+def _spread_rows(x, spread_log2=20):
+    """x with its 1x32 blocks scaled over 2^spread_log2 (alternate blocks far smaller)."""
+    k = x.shape[-1]
+    scale = torch.ones(k // 32, device=x.device)
+    scale[1::2] = 2.0 ** -spread_log2
+    return x * scale.repeat_interleave(32).to(x.dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_activations_with_1x32_scales(packed, seed):
+    """A's (1, 32) recipe (CPU: the reference): the product of the exactly dequantised operands, and the
+    fold the kernels take it through within 1e-9 of it, even with 1x32 scales 2^20 apart."""
+    x, w, _, b = make_inputs(24, 48, 384, device="cpu")
+    x = _spread_rows(x)
+    a = _activations_1x32(x, packed)
+    assert a[1].shape == ((24, 3) if packed else (24, 12))
+    d = torch.empty(24, 48)
+    moegemm.fp8_fp4_gemm_nt(a, b, d, recipe_a=(1, 32))
+    a_float, b_float = reference.dequantize_per_token(*_activations_1x32(x, False), 32), reference.dequantize_fp4(*b)
+    assert calc_diff(d, a_float @ b_float.t()) < 1e-10
+    folded = moegemm.quant.fold_1x32_scales(*a)
+    assert folded[1].shape == (24, 3) and folded[1].stride() == (1, 24)
+    d_folded = torch.empty(24, 48)
+    moegemm.fp8_fp4_gemm_nt(folded, b, d_folded)
+    assert calc_diff(d_folded, d) < 1e-9
 
 
 def test_heuristic_tiles_fit_the_kernel():
@@ -234,6 +275,44 @@ def test_every_swap_ab_config(config, m, n, k, seed):
     sfa = moegemm.get_mn_major_tma_aligned_tensor(a[1])
     plan.launch(a[0], sfa, b[0], packed_ue8m0_mn_major(b[1], n, k), d)
     assert_close(d, dense_reference(a, b, c))
+
+
+@gpu
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("m,n,k,pitch", [(1, 2112, 7168, 7168), (64, 520, 1024, 1024), (300, 1000, 512, 512),
+                                         (33, 264, 384, 512)])
+def test_activations_with_1x32_scales_on_the_gpu(m, n, k, pitch, packed, seed):
+    """A's (1, 32) recipe, folded per call (both kernels; 1x32 scales 2^20 apart; a row pitch over K)."""
+    x, _, _, b = make_inputs(m, n, k)
+    a = _activations_1x32(_spread_rows(x), packed)
+    if pitch != k:
+        a = (torch.zeros(m, pitch, device="cuda", dtype=a[0].dtype)[:, :k].copy_(a[0]), a[1])
+    d = poisoned((m, n), torch.bfloat16)
+    moegemm.fp8_fp4_gemm_nt(a, b, d, recipe_a=(1, 32))
+    assert_close(d, dense_reference(a, b))
+
+
+@gpu
+def test_grouped_activations_with_1x32_scales(seed):
+    _, _, _, b = make_inputs(1, 264, 512, groups=4)
+    x = torch.randn(4, 96, 512, device="cuda", dtype=torch.bfloat16)
+    a = _activations_1x32(_spread_rows(x), packed=True)
+    masked_m = torch.tensor([0, 96, 40, 7], dtype=torch.int32, device="cuda")
+    d = poisoned((4, 96, 264), torch.bfloat16)
+    moegemm.m_grouped_fp8_fp4_gemm_nt_masked(a, b, d, masked_m, 48)
+    ref = torch.zeros(4, 96, 264, device="cuda")
+    reference.m_grouped_fp8_fp4_gemm_nt_masked(a, b, ref, masked_m, 48)
+    for g, m in enumerate(masked_m.tolist()):
+        if m:
+            assert_close(d[g, :m], ref[g, :m])
+    layout, m_total = _contiguous_layout([130, 0, 64, 1])
+    a = _activations_1x32(torch.randn(m_total, 512, device="cuda", dtype=torch.bfloat16), packed=False)
+    d = poisoned((m_total, 264), torch.bfloat16)
+    moegemm.m_grouped_fp8_fp4_gemm_nt_contiguous(a, b, d, layout)
+    ref = torch.zeros(m_total, 264, device="cuda")
+    reference.m_grouped_fp8_fp4_gemm_nt_contiguous(a, b, ref, layout)
+    rows = layout >= 0
+    assert_close(d[rows], ref[rows])
 
 
 # ---- GPU: the grouped forms --------------------------------------------------------------------------------------

@@ -108,8 +108,9 @@ Plan = fp8_gemm.Plan
 
 SWAP_AB_MAX_TOKENS = 128  # kTokens: WGMMA columns per CTA (the scratch accumulators and the totals in registers)
 SWAP_AB_DOUBLE_BUFFER_TOKENS = 64  # kDoubleBuffer up to this many
-# The heuristic's token tiles stop at 64 (M up to 128 in two tiles) until the one-scratch tiles of 65
-# to 128 tokens, faster in an A/B, have passed their GPU tests (BENCHMARKS.md, "FP8 x FP4 swap-AB").
+# The heuristic's token tiles stop at 64 (M up to 128 in two tiles): the one-scratch tiles of 65 to
+# 128 tokens pass their GPU tests (seventeenth session) but have not been timed against two 64-token
+# tiles in one run (BENCHMARKS.md, "FP8 x FP4 swap-AB").
 SWAP_AB_PLANNED_TOKENS = 64
 SWAP_AB_MAX_STAGES = 16
 SWAP_AB_MAX_CTAS_PER_SM = 4

@@ -11,29 +11,59 @@ from .. import checks, device, reference
 from ..gemm.desc import GemmDesc, GemmType
 from ..intmath import ceil_div
 from ..kernels import fp8_fp4_gemm
-from ..quant import packed_ue8m0_mn_major
+from ..quant import fold_1x32_scales, packed_ue8m0_mn_major
 from . import fp8_gemm as fp8_ops
 from . import gemm_common
 from .dispatch import Op, get_check_groups
 
 FP4 = (torch.int8, torch.uint8)
-SFB_DTYPES = (torch.float32, torch.int32)
+SF_DTYPES = (torch.float32, torch.int32)  # float32, or int32 holding four packed UE8M0 exponents
 
 
-def _check_recipes(recipe, recipe_a, recipe_b) -> None:
-    """The scales these kernels take: A per 1x128 (FP32), B per 1x32 (UE8M0)."""
+def _sfa_block(sfa: torch.Tensor, k: int) -> int:
+    """The elements along K one scale of A covers: 32 for packed UE8M0 (int32) or float32 with
+    ceil(K/32) columns, 128 for float32 with ceil(K/128) (equal for K <= 32, where both mean one
+    block)."""
+    if sfa.dtype == torch.int32:
+        return 32
+    return 32 if sfa.shape[-1] == ceil_div(k, 32) != ceil_div(k, 128) else 128
+
+
+def _check_recipes(recipe, recipe_a, recipe_b, sfa: object, k: int) -> None:
+    """The scales these kernels take, A's (1, 128) or (1, 32) as SFA's shape says, B's (1, 32), against
+    the recipes given."""
     a_gran = recipe_a if recipe_a is not None else None if recipe is None else (recipe[0], recipe[2])
     b_gran = recipe_b if recipe_b is not None else None if recipe is None else (recipe[1], recipe[2])
-    if a_gran is not None and tuple(a_gran) != (1, 128):
-        raise ValueError(f"recipe_a: expected (1, 128) (FP32 scales per 1x128 of A; 1x32 scales of A are not "
-                         f"supported on SM90 yet), got {tuple(a_gran)}")
+    if a_gran is not None and tuple(a_gran) not in ((1, 128), (1, 32)):
+        raise ValueError(f"recipe_a: expected (1, 128) (FP32 scales per 1x128 of A) or (1, 32) (UE8M0 scales "
+                         f"per 1x32), got {tuple(a_gran)}")
     if b_gran is not None and tuple(b_gran) != (1, 32):
         raise ValueError(f"recipe_b: expected (1, 32) (UE8M0 scales per 1x32 of the FP4 B), got {tuple(b_gran)}")
+    if a_gran is not None and isinstance(sfa, torch.Tensor) and sfa.dim() and k > 32 \
+            and _sfa_block(sfa, k) != a_gran[1]:
+        expected = ("float32 [..., ceil(K/32)] or packed int32 [..., ceil(K/128)]" if a_gran[1] == 32
+                    else "float32 [..., ceil(K/128)]")
+        raise ValueError(f"sfa: expected {expected} scales for recipe_a {tuple(a_gran)}, got {sfa.dtype} "
+                         f"{tuple(sfa.shape)} (K = {k})")
+
+
+def _k_of(a: object) -> int:
+    return a.shape[-1] if isinstance(a, torch.Tensor) and a.dim() else 0
+
+
+def _check_sfa(sfa: torch.Tensor, rows: tuple[int, ...], k: int) -> None:
+    """SFA's shape: 1x128 float32 scales, or 1x32 ones (float32, or packed int32)."""
+    per_128, per_32 = (*rows, ceil_div(k, 128)), (*rows, ceil_div(k, 32))
+    if sfa.dtype == torch.int32:
+        checks.shape("sfa", sfa, per_128)
+    elif tuple(sfa.shape) not in (per_128, per_32):
+        raise ValueError(f"sfa: expected float32 {per_128} (1x128 scales) or {per_32} (1x32 UE8M0 scales), got "
+                         f"shape {tuple(sfa.shape)}")
 
 
 def _check_b(b, sfb, k: int, lead: tuple[int, ...]) -> None:
     checks.tensor("b", b, FP4, len(lead) + 2)
-    checks.tensor("sfb", sfb, SFB_DTYPES, len(lead) + 2)
+    checks.tensor("sfb", sfb, SF_DTYPES, len(lead) + 2)
     n = b.shape[-2]
     if k % 32:
         raise ValueError(f"a: expected K a multiple of 32 with FP4 B (16-byte rows of packed B), got K = {k}")
@@ -44,11 +74,11 @@ def _check_b(b, sfb, k: int, lead: tuple[int, ...]) -> None:
 
 def _check_dense(a, sfa, b, sfb, d, c) -> None:
     checks.tensor("a", a, fp8_ops.FP8, 2)
-    checks.tensor("sfa", sfa, fp8_ops.FP32, 2)
+    checks.tensor("sfa", sfa, SF_DTYPES, 2)
     checks.tensor("d", d, fp8_ops.GEMM_OUT, 2)
     m, k = a.shape
     _check_b(b, sfb, k, ())
-    checks.shape("sfa", sfa, (m, ceil_div(k, 128)))
+    _check_sfa(sfa, (m,), k)
     checks.shape("d", d, (m, b.shape[0]))
     tensors = {"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d}
     gemm_common.check_addend(c, d, (m, b.shape[0]), tensors)
@@ -59,7 +89,7 @@ def _check_dense(a, sfa, b, sfb, d, c) -> None:
 
 def _check_grouped(a, sfa, b, sfb, d, groups, a_dims: int, groups_name: str) -> None:
     checks.tensor("a", a, fp8_ops.FP8, a_dims)
-    checks.tensor("sfa", sfa, fp8_ops.FP32, a_dims)
+    checks.tensor("sfa", sfa, SF_DTYPES, a_dims)
     checks.tensor("d", d, fp8_ops.GEMM_OUT, a_dims)
     checks.tensor(groups_name, groups, (torch.int32,), 1)
     k = a.shape[-1]
@@ -67,7 +97,7 @@ def _check_grouped(a, sfa, b, sfb, d, groups, a_dims: int, groups_name: str) -> 
     _check_b(b, sfb, k, (num_groups,))
     if a_dims == 3 and a.shape[0] != num_groups:
         raise ValueError(f"a: expected G = {num_groups} experts (from b), got shape {tuple(a.shape)}")
-    checks.shape("sfa", sfa, (*a.shape[:-1], ceil_div(k, 128)))
+    _check_sfa(sfa, tuple(a.shape[:-1]), k)
     checks.shape("d", d, (*a.shape[:-1], n))
     for name, t in (("a", a), ("b", b), ("d", d)):
         checks.tma_rows(name, t)
@@ -90,8 +120,19 @@ def _kernel_scales(sfa: torch.Tensor, sfb: torch.Tensor, n: int, k: int, num_gro
 
 def _scales_ready(sfa: torch.Tensor, sfb: torch.Tensor, n: int, k: int, num_groups: int | None) -> bool:
     """Whether SFA and SFB (shapes checked) arrive in the kernel's layout; their addresses are
-    checked per call."""
-    return fp8_ops._sfa_fits(sfa) and packed_ue8m0_mn_major(sfb, n, k, num_groups) is sfb
+    checked per call. 1x32 SFA never does: each call folds it (``_fold_a``)."""
+    return _sfa_block(sfa, k) == 128 and fp8_ops._sfa_fits(sfa) and packed_ue8m0_mn_major(sfb, n, k, num_groups) is sfb
+
+
+def _a_for_plan(a: torch.Tensor, fold: bool) -> torch.Tensor:
+    """The A the plan's descriptors describe: with 1x32 scales the folded copy, contiguous."""
+    return torch.empty(a.shape, dtype=a.dtype, device="meta") if fold and not a.is_contiguous() else a
+
+
+def _fold_a(a: torch.Tensor, sfa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """A with 1x32 scales as the kernels take it (quant.fold_1x32_scales), and its addresses."""
+    a, sfa = fold_1x32_scales(a, sfa)
+    return a, sfa, a.data_ptr(), sfa.data_ptr()
 
 
 # ---- fp8_fp4_gemm_nt -----------------------------------------------------------------------------------------
@@ -118,11 +159,15 @@ def _bind_dense(a, sfa, b, sfb, d, c):
 
     index = d.get_device()
     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=d.dtype, accumulate=c is not None)
-    launch = fp8_fp4_gemm.plan(desc, a, b, d, device.device_facts(index), pdl=device.get_pdl()).launch_pointers
+    fold = _sfa_block(sfa, k) == 32
+    launch = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index),
+                               pdl=device.get_pdl()).launch_pointers
     scales_ready = _scales_ready(sfa, sfb, n, k, None)
 
     def run_kernel(a, sfa, b, sfb, d, c):
         d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr, separate_c = guard((d, a, sfa, b, sfb), c)
+        if fold:
+            a, sfa, a_ptr, sfa_ptr = _fold_a(a, sfa)
         if (a_ptr | b_ptr | d_ptr) & 15:
             fp8_ops._check_aligned(a, b, d)
         if separate_c:
@@ -149,7 +194,10 @@ def fp8_fp4_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor,
     """D = C + A @ B^T with FP8 A and FP4 (e2m1) B, written into ``d``.
 
     Args:
-        a: ``(A, SFA)``: float8_e4m3fn [M, K] K-major; float32 [M, ceil(K/128)] 1x128 scales.
+        a: ``(A, SFA)``: float8_e4m3fn [M, K] K-major; SFA float32 [M, ceil(K/128)] 1x128 scales, or
+            UE8M0 scales per 1x32 (the (1, 32) recipe): float32 [M, K/32] powers of two or int32
+            [M, ceil(K/128)] packed four per element, folded into 1x128 scales per call
+            (``quant.fold_1x32_scales``: exact but for values below e4m3's normal range after the shift).
         b: ``(B, SFB)``: int8 [N, K/2], two e2m1 codes per byte (element 2i in the low nibble: bit 3
             the sign, bits 0-2 indexing {0, 0.5, 1, 1.5, 2, 3, 4, 6}), as ``per_token_cast_to_fp4``
             makes it; SFB one power of two per 1x32 block: float32 [N, ceil(K/32)], or int32
@@ -157,7 +205,8 @@ def fp8_fp4_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor,
             ``transform_sf_into_required_layout(sfb, N, K, (1, 32))`` returns: no copy per call).
             FP8 B (float8_e4m3fn [N, K] with 128x128 FP32 scales) runs ``fp8_gemm_nt``.
         d: bfloat16 or float32 [M, N]. c: optional float32 [M, N] (then d float32; may be d).
-        recipe, recipe_a, recipe_b: DeepGEMM's scale granularities; A (1, 128) and B (1, 32) only.
+        recipe, recipe_a, recipe_b: DeepGEMM's scale granularities, checked against SFA and SFB: A
+            (1, 128) or (1, 32), B (1, 32).
 
     K a multiple of 32. The weights are widened to e4m3 on the chip with the four 1x32 scales of
     each 128-wide block folded in: exact while those span at most 2^14 (README, "FP4 on Hopper").
@@ -166,8 +215,8 @@ def fp8_fp4_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor,
     if not _fp4_b(b):
         fp8_ops.fp8_gemm_nt(a, b, d, c)
         return
-    _check_recipes(recipe, recipe_a, recipe_b)
     a_data, sfa, b_data, sfb = fp8_ops._operands(a, b)
+    _check_recipes(recipe, recipe_a, recipe_b, sfa, _k_of(a_data))
     _FP8_FP4_GEMM_NT(a_data, sfa, b_data, sfb, d, c)
 
 
@@ -197,11 +246,15 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
 
     index = d.get_device()
     desc = GemmDesc(kind, expected_m, n, k, num_groups, out_dtype=d.dtype)
-    launch = fp8_fp4_gemm.plan(desc, a, b, d, device.device_facts(index), pdl=device.get_pdl()).launch_pointers
+    fold = _sfa_block(sfa, k) == 32
+    launch = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index),
+                               pdl=device.get_pdl()).launch_pointers
     scales_ready = _scales_ready(sfa, sfb, n, k, num_groups)
 
     def run_kernel(a, sfa, b, sfb, d, groups, _):
         d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr, groups_ptr, _ = guard((d, a, sfa, b, sfb, groups), None)
+        if fold:
+            a, sfa, a_ptr, sfa_ptr = _fold_a(a, sfa)
         if (a_ptr | b_ptr | d_ptr) & 15:
             fp8_ops._check_aligned(a, b, d)
         if get_check_groups():
@@ -248,12 +301,13 @@ def m_grouped_fp8_fp4_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b
                                          recipe_a: tuple[int, int] | None = None,
                                          recipe_b: tuple[int, int] | None = None) -> None:
     """``m_grouped_fp8_gemm_nt_contiguous`` with FP4 B: ``(int8 [G, N, K/2], 1x32 scales)``, the scales
-    float32 [G, N, ceil(K/32)] or packed int32 [G, N, ceil(K/128)] (see ``fp8_fp4_gemm_nt``)."""
+    float32 [G, N, ceil(K/32)] or packed int32 [G, N, ceil(K/128)]; A's scales 1x128 or 1x32 (see
+    ``fp8_fp4_gemm_nt``)."""
     if not _fp4_b(b):
         fp8_ops.m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, use_psum_layout)
         return
-    _check_recipes(recipe, recipe_a, recipe_b)
     a_data, sfa, b_data, sfb = fp8_ops._operands(a, b)
+    _check_recipes(recipe, recipe_a, recipe_b, sfa, _k_of(a_data))
     _CONTIGUOUS(a_data, sfa, b_data, sfb, d, grouped_layout, bool(use_psum_layout))
 
 
@@ -267,6 +321,6 @@ def m_grouped_fp8_fp4_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tu
     if not _fp4_b(b):
         fp8_ops.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m)
         return
-    _check_recipes(recipe, recipe_a, recipe_b)
     a_data, sfa, b_data, sfb = fp8_ops._operands(a, b)
+    _check_recipes(recipe, recipe_a, recipe_b, sfa, _k_of(a_data))
     _MASKED(a_data, sfa, b_data, sfb, d, masked_m, expected_m)
