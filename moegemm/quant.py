@@ -151,13 +151,20 @@ def packed_ue8m0_mn_major(sf: torch.Tensor, mn: int, k: int, num_groups: int | N
         if tuple(sf.shape) != (*lead, mn, ceil_div(k, 32)):
             raise ValueError(f"sf: expected float32 {(*lead, mn, ceil_div(k, 32))} (1x32 scales), got "
                              f"{tuple(sf.shape)}")
-        exponents = ((sf.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
-        exponents = torch.nn.functional.pad(exponents, (0, 4 * k_blocks - exponents.shape[-1]))
-        sf = exponents.contiguous().view(torch.int32)
+        sf = ue8m0_exponents(sf, k).to(torch.uint8).contiguous().view(torch.int32)
     elif sf.dtype != torch.int32 or tuple(sf.shape) != (*lead, mn, k_blocks):
         raise ValueError(f"sf: expected int32 {(*lead, mn, k_blocks)} (packed 1x32 UE8M0) or float32 "
                          f"{(*lead, mn, ceil_div(k, 32))}, got {sf.dtype} {tuple(sf.shape)}")
     return get_mn_major_tma_aligned_tensor(sf)
+
+
+def per_token_scale_block(sf: torch.Tensor, k: int) -> int:
+    """The elements along K one per-token scale covers, by the scales' dtype and shape: 32 for int32
+    (packed UE8M0 of 1x32 blocks) or float32 with ceil(K/32) columns, else 128 (the two agree for
+    K <= 32, where either is one block)."""
+    if sf.dtype == torch.int32:
+        return 32
+    return 32 if sf.shape[-1] == ceil_div(k, 32) != ceil_div(k, BLOCK) else BLOCK
 
 
 def ue8m0_exponents(sf: torch.Tensor, k: int) -> torch.Tensor:

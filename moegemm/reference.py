@@ -20,7 +20,7 @@ import torch
 
 from . import checks
 from .intmath import align, ceil_div
-from .quant import BLOCK, unpack_fp4, unpack_ue8m0
+from .quant import BLOCK, per_token_scale_block, unpack_fp4, unpack_ue8m0
 
 __all__ = [
     "bf16_gemm_nn",
@@ -117,13 +117,19 @@ def _float_scales(name: str, sf: torch.Tensor, k_blocks: int) -> torch.Tensor:
     raise TypeError(f"{name}: expected dtype torch.float32 or torch.int32 (packed UE8M0), got {sf.dtype}")
 
 
-def _unpack_fp8_operand(name: str, operand: FP8Operand, dims: int) -> FP8Operand:
-    """Validate ``(x_fp8, sf)``; returns ``(x_fp8, float32 sf)``. Shapes of ``sf`` are checked later."""
+def _fp8_pair(name: str, operand: FP8Operand, dims: int) -> FP8Operand:
+    """``(x_fp8, sf)`` of an operand pair, ``x_fp8`` checked (``dims``-D e4m3); ``sf`` as given."""
     if not isinstance(operand, (tuple, list)) or len(operand) != 2:
         raise TypeError(f"{name}: expected a (float8_e4m3fn tensor, scales) pair, got {type(operand).__name__}")
     x, sf = operand
     _check_dims(f"{name}[0]", x, dims)
     _check_dtype(f"{name}[0]", x, (torch.float8_e4m3fn,))
+    return x, sf
+
+
+def _unpack_fp8_operand(name: str, operand: FP8Operand, dims: int) -> FP8Operand:
+    """Validate ``(x_fp8, sf)``; returns ``(x_fp8, float32 sf)``. Shapes of ``sf`` are checked later."""
+    x, sf = _fp8_pair(name, operand, dims)
     return x, _float_scales(f"{name}[1]", sf, ceil_div(x.shape[-1], BLOCK))
 
 
@@ -440,17 +446,13 @@ def _fp4_gemm_activation(operand: FP8Operand, dims: int) -> tuple[torch.Tensor, 
     """A of the FP8 x FP4 GEMMs: ``(e4m3 [..., M, K], float32 scales, the scales' block along K)``, from
     1x128 float32 scales ``[..., M, ceil(K/128)]`` or 1x32 UE8M0 ones: float32 ``[..., M, ceil(K/32)]``
     or int32 packed ``[..., M, ceil(K/128)]``."""
-    if not isinstance(operand, (tuple, list)) or len(operand) != 2:
-        raise TypeError(f"a: expected a (float8_e4m3fn tensor, scales) pair, got {type(operand).__name__}")
-    x, sf = operand
-    _check_dims("a[0]", x, dims)
-    _check_dtype("a[0]", x, (torch.float8_e4m3fn,))
+    x, sf = _fp8_pair("a", operand, dims)
     _check_dtype("a[1]", sf, (torch.float32, torch.int32))
     k = x.shape[-1]
     if sf.dtype == torch.int32:
         _check_shape("a[1]", sf, (*x.shape[:-1], ceil_div(k, BLOCK)))
         return x, unpack_ue8m0(sf, ceil_div(k, 32)), 32
-    return x, sf, 32 if sf.shape[-1] == ceil_div(k, 32) != ceil_div(k, BLOCK) else BLOCK
+    return x, sf, per_token_scale_block(sf, k)
 
 
 def fp8_fp4_gemm_nt(a: FP8Operand, b: FP4Operand, d: torch.Tensor, c: torch.Tensor | None = None) -> None:

@@ -11,22 +11,13 @@ from .. import checks, device, reference
 from ..gemm.desc import GemmDesc, GemmType
 from ..intmath import ceil_div
 from ..kernels import fp8_fp4_gemm
-from ..quant import fold_1x32_scales, packed_ue8m0_mn_major
+from ..quant import fold_1x32_scales, packed_ue8m0_mn_major, per_token_scale_block
 from . import fp8_gemm as fp8_ops
 from . import gemm_common
 from .dispatch import Op, get_check_groups
 
 FP4 = (torch.int8, torch.uint8)
 SF_DTYPES = (torch.float32, torch.int32)  # float32, or int32 holding four packed UE8M0 exponents
-
-
-def _sfa_block(sfa: torch.Tensor, k: int) -> int:
-    """The elements along K one scale of A covers: 32 for packed UE8M0 (int32) or float32 with
-    ceil(K/32) columns, 128 for float32 with ceil(K/128) (equal for K <= 32, where both mean one
-    block)."""
-    if sfa.dtype == torch.int32:
-        return 32
-    return 32 if sfa.shape[-1] == ceil_div(k, 32) != ceil_div(k, 128) else 128
 
 
 def _check_recipes(recipe, recipe_a, recipe_b, sfa: object, k: int) -> None:
@@ -40,7 +31,7 @@ def _check_recipes(recipe, recipe_a, recipe_b, sfa: object, k: int) -> None:
     if b_gran is not None and tuple(b_gran) != (1, 32):
         raise ValueError(f"recipe_b: expected (1, 32) (UE8M0 scales per 1x32 of the FP4 B), got {tuple(b_gran)}")
     if a_gran is not None and isinstance(sfa, torch.Tensor) and sfa.dim() and k > 32 \
-            and _sfa_block(sfa, k) != a_gran[1]:
+            and per_token_scale_block(sfa, k) != a_gran[1]:
         expected = ("float32 [..., ceil(K/32)] or packed int32 [..., ceil(K/128)]" if a_gran[1] == 32
                     else "float32 [..., ceil(K/128)]")
         raise ValueError(f"sfa: expected {expected} scales for recipe_a {tuple(a_gran)}, got {sfa.dtype} "
@@ -120,8 +111,9 @@ def _kernel_scales(sfa: torch.Tensor, sfb: torch.Tensor, n: int, k: int, num_gro
 
 def _scales_ready(sfa: torch.Tensor, sfb: torch.Tensor, n: int, k: int, num_groups: int | None) -> bool:
     """Whether SFA and SFB (shapes checked) arrive in the kernel's layout; their addresses are
-    checked per call. 1x32 SFA never does: each call folds it (``_fold_a``)."""
-    return _sfa_block(sfa, k) == 128 and fp8_ops._sfa_fits(sfa) and packed_ue8m0_mn_major(sfb, n, k, num_groups) is sfb
+    checked per call. 1x32 SFA counts as ready: each call's fold (``_fold_a``) writes it so."""
+    fold = per_token_scale_block(sfa, k) == 32
+    return (fold or fp8_ops._sfa_fits(sfa)) and packed_ue8m0_mn_major(sfb, n, k, num_groups) is sfb
 
 
 def _a_for_plan(a: torch.Tensor, fold: bool) -> torch.Tensor:
@@ -159,7 +151,7 @@ def _bind_dense(a, sfa, b, sfb, d, c):
 
     index = d.get_device()
     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=d.dtype, accumulate=c is not None)
-    fold = _sfa_block(sfa, k) == 32
+    fold = per_token_scale_block(sfa, k) == 32
     launch = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index),
                                pdl=device.get_pdl()).launch_pointers
     scales_ready = _scales_ready(sfa, sfb, n, k, None)
@@ -246,7 +238,7 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
 
     index = d.get_device()
     desc = GemmDesc(kind, expected_m, n, k, num_groups, out_dtype=d.dtype)
-    fold = _sfa_block(sfa, k) == 32
+    fold = per_token_scale_block(sfa, k) == 32
     launch = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index),
                                pdl=device.get_pdl()).launch_pointers
     scales_ready = _scales_ready(sfa, sfb, n, k, num_groups)
