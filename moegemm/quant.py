@@ -183,10 +183,11 @@ def fold_1x32_scales(x: torch.Tensor, sf: torch.Tensor) -> tuple[torch.Tensor, t
     128-wide block's values times 2^(their 1x32 exponent - the block's largest), the block's scale
     2^(largest - 127) (0 for exponent 0). Exact while the shifted values stay in e4m3's normal range
     (>= 2^-6); smaller ones round to nearest even, an error below 2^-10 of the block's scale. This is
-    how the FP8 x FP4 GEMMs take A's (1, 32) recipe.
+    how the FP8 x FP4 GEMMs take A's (1, 32) recipe. On an SM90 GPU one CUDA kernel
+    (moegemm.kernels.fp8_fold), bit-identical to the torch path.
 
     Args:
-        x: float8_e4m3fn ``[..., M, K]``, K a multiple of 32.
+        x: float8_e4m3fn ``[..., M, K]`` (2-D or 3-D), K a multiple of 32.
         sf: float32 ``[..., M, K/32]`` powers of two (their exponent bits are read), or int32
             ``[..., M, ceil(K/128)]`` packed UE8M0 (:func:`pack_ue8m0`); any strides.
 
@@ -194,6 +195,24 @@ def fold_1x32_scales(x: torch.Tensor, sf: torch.Tensor) -> tuple[torch.Tensor, t
         ``(float8_e4m3fn [..., M, K] contiguous, float32 [..., M, ceil(K/128)])``, the scales MN-major and
         TMA-aligned (:func:`get_mn_major_tma_aligned_tensor`), as the GEMMs read them.
     """
+    if _use_fold_kernel(x):
+        from .kernels import fp8_fold
+
+        return fp8_fold.fold(x, sf)
+    return _fold_1x32_scales_torch(x, sf)
+
+
+def _use_fold_kernel(x: torch.Tensor) -> bool:
+    """Whether the SM90 fold kernel takes ``x``: 16-byte aligned rows with unit inner stride, 2-D or
+    3-D, on an SM90 GPU outside torch.compile tracing."""
+    if not x.is_cuda or x.dim() not in (2, 3) or x.stride(-1) != 1 or x.shape[-1] % 32:
+        return False
+    aligned = x.data_ptr() % 16 == 0 and all(stride % 16 == 0 for stride in x.stride()[:-1])
+    return aligned and is_sm90(x.device) and not torch.compiler.is_compiling()
+
+
+def _fold_1x32_scales_torch(x: torch.Tensor, sf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch implementation of :func:`fold_1x32_scales`: the reference of the kernel."""
     k = x.shape[-1]
     exponents = ue8m0_exponents(sf, k).unflatten(-1, (ceil_div(k, BLOCK), 4))
     top = exponents.amax(-1)
