@@ -158,6 +158,14 @@ def packed_ue8m0_mn_major(sf: torch.Tensor, mn: int, k: int, num_groups: int | N
     return get_mn_major_tma_aligned_tensor(sf)
 
 
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as uint8, little-endian, from a copy with unit strides where needed: contiguous()
+    keeps a size-1 dimension's odd stride (an M = 1 scale tensor's), which view() refuses."""
+    if t.stride(-1) != 1 or not t.is_contiguous():
+        t = t.new_empty(t.shape).copy_(t)
+    return t.view(torch.uint8)
+
+
 def per_token_scale_block(sf: torch.Tensor, k: int) -> int:
     """The elements along K one per-token scale covers, by the scales' dtype and shape: 32 for int32
     (packed UE8M0 of 1x32 blocks) or float32 with ceil(K/32) columns, else 128 (the two agree for
@@ -173,7 +181,7 @@ def ue8m0_exponents(sf: torch.Tensor, k: int) -> torch.Tensor:
     int32 ``[..., ceil(k/128)]`` packed four per element (:func:`pack_ue8m0`)."""
     k_blocks = ceil_div(k, BLOCK)
     if sf.dtype == torch.int32:
-        return sf.contiguous().view(torch.uint8).to(torch.int32)
+        return _as_bytes(sf).to(torch.int32)
     exponents = (sf.view(torch.int32) >> 23) & 0xFF
     return F.pad(exponents, (0, 4 * k_blocks - exponents.shape[-1]))
 
@@ -448,7 +456,7 @@ def unpack_ue8m0(packed: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"packed: expected an int32 tensor of at least 1 dim, got {packed.dtype}")
     if k < 0 or ceil_div(k, 4) != packed.shape[-1]:
         raise ValueError(f"packed: expected last dim ceil(k/4) = {ceil_div(k, 4)}, got {packed.shape[-1]}")
-    exponent = packed.contiguous().view(torch.uint8)[..., :k]
+    exponent = _as_bytes(packed)[..., :k]
     return (exponent.to(torch.int32) << 23).view(torch.float32)
 
 

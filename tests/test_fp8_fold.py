@@ -72,3 +72,13 @@ def test_variant_compiles_without_spills(cache, packed):
     assert (report.spill_stores, report.spill_loads, report.stack_bytes) == (0, 0, 0), report
     sass = compiler.disassemble(build.cubin_path)
     assert "F2FP.SATFINITE.E4M3" in sass and "HMUL2" in sass
+
+
+def test_packed_scales_of_one_row_with_an_odd_stride(seed):
+    # get_mn_major_tma_aligned_tensor gives M = 1 scales the stride (1, 4), which contiguous() keeps.
+    a, sf = make_activations((1, 128), packed=True, device="cpu")
+    strided = sf.repeat(1, 4).flatten().as_strided((1, 1), (1, 4))
+    folded, scale = quant.fold_1x32_scales(a, strided)
+    ref_folded, ref_scale = quant.fold_1x32_scales(a, sf)
+    assert torch.equal(folded.view(torch.uint8), ref_folded.view(torch.uint8)) and torch.equal(scale, ref_scale)
+    assert torch.equal(quant.unpack_ue8m0(strided, 4), quant.unpack_ue8m0(sf, 4))
