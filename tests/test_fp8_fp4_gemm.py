@@ -242,11 +242,16 @@ def test_every_config(config, m, n, k, seed):
     assert_close(d, dense_reference(a, b))
 
 
-# The swap-AB kernel (few tokens): one and two math warpgroups, token tiles of 8 to 64, K split 1 to 8 ways.
+# The swap-AB kernel (few tokens): one and two math warpgroups, token tiles of 8 to 128, K split 1 to 8
+# ways, one or two K blocks a stage (the test shapes' odd K block counts end on half a stage).
+NORMAL = GemmType.NORMAL
 SWAP_AB_CONFIGS = [fp8_fp4_gemm.SwapAbConfig(*args) for args in (
-    (2, 8, 8, 1, False, False), (1, 8, 6, 3, False, False, GemmType.NORMAL, 4), (2, 24, 8, 8, True, False),
-    (2, 64, 6, 2, False, False), (1, 64, 6, 1, True, True, GemmType.NORMAL, 2), (2, 40, 8, 4, True, True),
-    (1, 128, 4, 2, False, False), (2, 96, 4, 1, True, True))]
+    (2, 8, 8, 1, False, False), (1, 8, 6, 3, False, False, NORMAL, 4), (2, 24, 8, 8, True, False),
+    (2, 64, 6, 2, False, False), (1, 64, 6, 1, True, True, NORMAL, 2), (2, 40, 8, 4, True, True),
+    (1, 128, 4, 2, False, False), (2, 96, 4, 1, True, True),
+    (1, 8, 5, 3, False, False, NORMAL, 4, 2), (2, 24, 4, 8, True, False, NORMAL, 1, 2),
+    (2, 64, 3, 2, False, False, NORMAL, 1, 2), (1, 40, 4, 4, True, True, NORMAL, 2, 2),
+    (1, 128, 2, 2, False, False, NORMAL, 1, 2), (2, 96, 2, 1, True, True, NORMAL, 1, 2))]
 
 
 def test_decode_plans_the_swap_ab_kernel():

@@ -25,7 +25,7 @@ from ..gemm.desc import GemmDesc, GemmType
 from ..gemm.heuristic import Tile
 from ..intmath import align, ceil_div
 from ..jit import compiler
-from ..jit.runtime import SWIZZLE_64B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d
+from ..jit.runtime import SWIZZLE_64B, SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d
 from . import fp8_gemm
 from .fp8_gemm import BLOCK_K, CONTIGUOUS_ALIGNMENT, OPERANDS, PARAMS
 
@@ -114,6 +114,9 @@ SWAP_AB_DOUBLE_BUFFER_TOKENS = 64  # kDoubleBuffer up to this many
 SWAP_AB_PLANNED_TOKENS = 64
 SWAP_AB_MAX_STAGES = 16
 SWAP_AB_MAX_CTAS_PER_SM = 4
+# 128-wide K blocks a stage: two read each weight row's 128 bytes in one box row, not two 64-byte halves
+# (BENCHMARKS.md, eighteenth session).
+SWAP_AB_K_BLOCKS_PER_STAGE = 2
 SWAP_AB_RAMP_K_BLOCKS = 2  # a CTA's fixed cost in the split model, in K blocks of its time...
 SWAP_AB_REDUCE_TOKENS_PER_K_BLOCK = 8  # ...and each further split's partial tile (BENCHMARKS.md, "FP8 x FP4 swap-AB")
 SWAP_AB_BUSY_WARPS = 16  # math warps an SM needs to widen at full rate (BENCHMARKS.md, "FP8 x FP4 swap-AB")
@@ -123,8 +126,8 @@ SM_REGISTERS, SM_SMEM_BYTES, CTA_RESERVED_SMEM = 65536, 233472, 1024
 SWAP_AB_PARAMS = ParamsLayout("moegemm::Fp8Fp4SwapAbParams", (
     Slot("tma_a", "tma", "a"), Slot("tma_b", "tma", "b"), Slot("tma_sfa", "tma", "sfa"), Slot("tma_sfb", "tma", "sfb"),
     Slot("groups", "ptr", "groups"), Slot("d", "ptr", "d"),
-    *(Slot(name, "u32") for name in ("m", "n", "k", "stage_bytes", "k_blocks_per_split", "num_groups", "ld_d",
-                                      "n_blocks", "token_tiles"))), OPERANDS)
+    *(Slot(name, "u32") for name in ("m", "n", "k", "stage_bytes", "block_a_bytes", "k_blocks_per_split",
+                                      "num_groups", "ld_d", "n_blocks", "token_tiles"))), OPERANDS)
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class SwapAbConfig:
     accumulate: bool
     gemm_type: GemmType = GemmType.NORMAL
     ctas_per_sm: int = 1  # the launch bounds' minimum: ptxas keeps the registers for that many
+    k_blocks_per_stage: int = 1
 
     @property
     def rows(self) -> int:
@@ -155,14 +159,15 @@ class SwapAbConfig:
 
     @property
     def smem_bytes(self) -> int:
-        return swap_ab_smem_bytes(self.math_warpgroups, self.tokens, self.stages, self.split_k)
+        return swap_ab_smem_bytes(self.math_warpgroups, self.tokens, self.stages, self.split_k,
+                                  self.k_blocks_per_stage)
 
 
-def swap_ab_smem_bytes(math_warpgroups: int, tokens: int, stages: int, split_k: int) -> int:
+def swap_ab_smem_bytes(math_warpgroups: int, tokens: int, stages: int, split_k: int, k_blocks_per_stage: int) -> int:
     """Mirrors Fp8Fp4SwapAbConfig::kSmemBytes: the stage ring, or the split-K partial sums and the
     output tile that reuse it, whichever is larger, then the barriers."""
     rows = 64 * math_warpgroups
-    ring = stages * (tokens * BLOCK_K + rows * 64 + align(tokens * 4, 128) + rows * 4)
+    ring = stages * k_blocks_per_stage * (tokens * BLOCK_K + rows * 64 + align(tokens * 4, 128) + rows * 4)
     after = (split_k - 1) * 128 * math_warpgroups * tokens * 2 + tokens * (rows + 4) * 4
     return align(max(ring, after), 8) + 24 * stages
 
@@ -186,12 +191,14 @@ def swap_ab_ctas_per_sm(math_warpgroups: int, tokens: int) -> int:
     return max(1, min(SWAP_AB_MAX_CTAS_PER_SM, SM_REGISTERS // (threads * swap_ab_registers(tokens))))
 
 
-def _swap_ab_stages(math_warpgroups: int, tokens: int, split_k: int, ctas_per_sm: int, facts: DeviceFacts) -> int:
-    """As many stages as fit the shared memory of one of ``ctas_per_sm`` CTAs, up to SWAP_AB_MAX_STAGES."""
+def swap_ab_stages(math_warpgroups: int, tokens: int, split_k: int, ctas_per_sm: int, k_blocks_per_stage: int,
+                   facts: DeviceFacts) -> int:
+    """As many stages as fit the shared memory of one of ``ctas_per_sm`` CTAs, up to SWAP_AB_MAX_STAGES
+    K blocks."""
     limit = min(facts.smem_per_block, SM_SMEM_BYTES // ctas_per_sm - CTA_RESERVED_SMEM)
     stages = 0
-    while stages < SWAP_AB_MAX_STAGES and \
-            swap_ab_smem_bytes(math_warpgroups, tokens, stages + 1, split_k) <= limit:
+    while (stages + 1) * k_blocks_per_stage <= SWAP_AB_MAX_STAGES and \
+            swap_ab_smem_bytes(math_warpgroups, tokens, stages + 1, split_k, k_blocks_per_stage) <= limit:
         stages += 1
     return stages
 
@@ -212,28 +219,29 @@ def select_swap_ab(desc: GemmDesc, facts: DeviceFacts) -> SwapAbConfig | None:
     its weight rows' share of K and an SM's widening bounds the time: the split model minimises the
     most any SM widens, in waves of the CTAs the SMs hold at once (by registers, shared memory sized
     to match), each SM's rate falling below SWAP_AB_BUSY_WARPS math warps; over one or two math
-    warpgroups and 1 to 8 CTAs splitting K."""
+    warpgroups and 1 to 8 CTAs splitting K (each a multiple of SWAP_AB_K_BLOCKS_PER_STAGE K blocks)."""
     tokens = swap_ab_tokens(desc)
     if tokens is None:
         return None
     num_k_blocks = ceil_div(desc.k, BLOCK_K)
     token_tiles = ceil_div(max(desc.m, 1), tokens)
+    per_stage = SWAP_AB_K_BLOCKS_PER_STAGE if num_k_blocks > 1 else 1
     best, best_cost = None, math.inf
     for math_warpgroups in (1, 2):
         units = desc.num_groups * ceil_div(desc.n, 64 * math_warpgroups) * token_tiles
         ctas_per_sm = swap_ab_ctas_per_sm(math_warpgroups, tokens)
         rate = min(1.0, 4 * math_warpgroups * ctas_per_sm / SWAP_AB_BUSY_WARPS)
         for split_k in range(1, min(fp8_gemm.MAX_SPLIT_K, num_k_blocks) + 1):
-            stages = _swap_ab_stages(math_warpgroups, tokens, split_k, ctas_per_sm, facts)
-            if stages < 3:
+            stages = swap_ab_stages(math_warpgroups, tokens, split_k, ctas_per_sm, per_stage, facts)
+            if stages * per_stage < 3:
                 break
             waves = ceil_div(units * split_k, facts.num_sms * ctas_per_sm)
             fixed = SWAP_AB_RAMP_K_BLOCKS + (split_k - 1) * tokens / SWAP_AB_REDUCE_TOKENS_PER_K_BLOCK
-            cost = waves * ctas_per_sm * math_warpgroups * (ceil_div(num_k_blocks, split_k) + fixed)
+            cost = waves * ctas_per_sm * math_warpgroups * (align(ceil_div(num_k_blocks, split_k), per_stage) + fixed)
             if cost / rate < best_cost:
                 best_cost = cost / rate
                 best = SwapAbConfig(math_warpgroups, tokens, stages, split_k, desc.out_dtype == torch.float32,
-                                    desc.accumulate, desc.gemm_type, ctas_per_sm)
+                                    desc.accumulate, desc.gemm_type, ctas_per_sm, per_stage)
     return best
 
 
@@ -242,7 +250,7 @@ def _swap_ab_source(config: SwapAbConfig) -> str:
         "sm90_fp8_fp4_gemm_swap_ab.cuh",
         f"moegemm::Fp8Fp4SwapAbConfig<{config.math_warpgroups}, {config.tokens}, {config.stages}, {config.split_k}, "
         f"{str(config.out_fp32).lower()}, {str(config.accumulate).lower()}, "
-        f"moegemm::GemmType::{config.gemm_type.value}, {config.ctas_per_sm}>",
+        f"moegemm::GemmType::{config.gemm_type.value}, {config.ctas_per_sm}, {config.k_blocks_per_stage}>",
         SWAP_AB_PARAMS.cpp_type, "moegemm::sm90_fp8_fp4_gemm_swap_ab",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}", SWAP_AB_PARAMS.size_check()),
@@ -254,7 +262,8 @@ def _swap_ab_name(config: SwapAbConfig) -> str:
     acc = "_acc" if config.accumulate else ""
     split = f"k{config.split_k}" if config.split_k > 1 else ""
     return (f"sm90_fp8_fp4_gemm_swap_ab{KIND_NAMES[config.gemm_type]}_{out}{acc}_"
-            f"w{config.math_warpgroups}t{config.tokens}s{config.stages}{split}r{config.ctas_per_sm}")
+            f"w{config.math_warpgroups}t{config.tokens}s{config.stages}{split}r{config.ctas_per_sm}"
+            f"b{config.k_blocks_per_stage}")
 
 
 SWAP_AB_KERNELS = KernelFamily(_swap_ab_name, _swap_ab_source, lambda config: dict(
@@ -269,12 +278,15 @@ def _plan_swap_ab(config: SwapAbConfig, desc: GemmDesc, a: torch.Tensor, b: torc
     # The tokens' tiles as the FP8 kernel loads A's: stale rows feed columns of D never stored.
     tma, a_side_bytes = fp8_gemm.activation_tma(a, rows, group_rows, desc.gemm_type, num_groups, config.tokens)
     padded_n = align(n, 4)
-    tma["tma_b"] = tma_2d(torch.int8, k // 2, num_groups * n, b.stride(-2), BLOCK_K // 2, config.rows, SWIZZLE_64B)
-    tma["tma_sfb"] = tma_2d(torch.int32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.rows, 1,
+    per_stage = config.k_blocks_per_stage
+    tma["tma_b"] = tma_2d(torch.int8, k // 2, num_groups * n, b.stride(-2), per_stage * BLOCK_K // 2, config.rows,
+                          SWIZZLE_64B if per_stage == 1 else SWIZZLE_128B)
+    tma["tma_sfb"] = tma_2d(torch.int32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.rows, per_stage,
                             SWIZZLE_NONE)
     n_blocks, token_tiles = ceil_div(n, config.rows), ceil_div(group_rows, config.tokens)
-    values = dict(m=group_rows, n=n, k=k, stage_bytes=a_side_bytes + config.rows * (64 + 4),
-                  k_blocks_per_split=ceil_div(num_k_blocks, config.split_k), num_groups=num_groups,
+    values = dict(m=group_rows, n=n, k=k, stage_bytes=per_stage * (a_side_bytes + config.rows * (64 + 4)),
+                  block_a_bytes=a_side_bytes,
+                  k_blocks_per_split=align(ceil_div(num_k_blocks, config.split_k), per_stage), num_groups=num_groups,
                   ld_d=d.stride(-2), n_blocks=n_blocks, token_tiles=token_tiles)
     grid = num_groups * n_blocks * token_tiles * config.split_k
     if env.flag("MOEGEMM_PRINT_CONFIGS"):

@@ -23,9 +23,10 @@
 // Warps: kMathWarpgroups math warpgroups, a producer warp whose first thread issues the TMA loads of
 // the stage ring (full / empty barriers as in sm90/pipeline.cuh), and the permute warp, which
 // reorders each landed tokens' tile in place and then arrives on the stage's `permuted` barrier.
-// Per stage (one 128-wide K block): the tokens' e4m3 tile [kTokens, 128] (128-byte swizzle), the
-// weights' packed tile [kRows, 64] bytes (64-byte swizzle: a warp's 16-byte reads hit distinct
-// banks), SFA [kTokens] and the packed exponents [kRows] (int32, four UE8M0 each).
+// Per stage, kKBlocks 128-wide K blocks: for each, the tokens' e4m3 tile [kTokens, 128] (128-byte
+// swizzle) and SFA [kTokens]; the weights' packed tile [kRows, 64 * kKBlocks] bytes in one box (one
+// K block: 64-byte swizzle, a warp's 16-byte reads hit distinct banks; two: each row's 128 bytes in
+// one request, 128-byte swizzle) and the packed exponents [kKBlocks][kRows] (int32, four UE8M0 each).
 #pragma once
 #include <moegemm/fp4.cuh>
 #include <moegemm/mma/wgmma.cuh>
@@ -43,7 +44,8 @@ struct Fp8Fp4SwapAbParams {
     u8* d;                  // D [rows, N] (kMasked: [G, max_M, N]), ld_d elements between rows
     u32 m, n, k;            // kMasked: m = max_M
     u32 stage_bytes;        // bytes the TMA loads of one stage deliver
-    u32 k_blocks_per_split;
+    u32 block_a_bytes;      // of which each K block's tokens' tile and SFA (not loaded past K)
+    u32 k_blocks_per_split;  // a multiple of kKBlocks
     u32 num_groups;
     u32 ld_d;
     u32 n_blocks;     // ceil(N / kRows)
@@ -51,10 +53,11 @@ struct Fp8Fp4SwapAbParams {
 };
 
 template <u32 kMathWarpgroups_, u32 kTokens_, u32 kStages_, u32 kSplitK_, bool kOutFp32_, bool kAccumulate_,
-          GemmType kType_, u32 kCtasPerSm_>
+          GemmType kType_, u32 kCtasPerSm_, u32 kKBlocks_>
 struct Fp8Fp4SwapAbConfig {
     static constexpr u32 kCtasPerSm = kCtasPerSm_;  // the launch bounds' minimum: registers for that many
     static constexpr u32 kMathWarpgroups = kMathWarpgroups_, kTokens = kTokens_, kStages = kStages_;
+    static constexpr u32 kKBlocks = kKBlocks_;  // 128-wide K blocks per stage
     static constexpr u32 kSplitK = kSplitK_;
     static constexpr bool kOutFp32 = kOutFp32_, kAccumulate = kAccumulate_;
     static constexpr GemmType kType = kType_;
@@ -66,14 +69,15 @@ struct Fp8Fp4SwapAbConfig {
     static constexpr u32 kProducerThread = kNumMathThreads, kPermuteWarp = kNumMathThreads / 32 + 1;
     static constexpr u32 kNumThreads = kNumMathThreads + 64;
 
-    static constexpr u32 kTileABytes = kTokens * 128;
-    static constexpr u32 kTileBBytes = kRows * 64;
+    static constexpr u32 kTileABytes = kTokens * 128;  // per K block, as kSfaBytes and kSfbBytes
+    static constexpr u32 kRowBytes = 64 * kKBlocks;     // a weight row's packed bytes per stage
+    static constexpr u32 kTileBBytes = kRows * kRowBytes;
     static constexpr u32 kSfaBytes = align_up(kTokens * 4, 128u);
     static constexpr u32 kSfbBytes = kRows * 4;
-    static constexpr u32 kTileBOffset = kStages * kTileABytes;
+    static constexpr u32 kTileBOffset = kStages * kKBlocks * kTileABytes;
     static constexpr u32 kSfaOffset = kTileBOffset + kStages * kTileBBytes;
-    static constexpr u32 kSfbOffset = kSfaOffset + kStages * kSfaBytes;
-    static constexpr u32 kRingBytes = kSfbOffset + kStages * kSfbBytes;
+    static constexpr u32 kSfbOffset = kSfaOffset + kStages * kKBlocks * kSfaBytes;
+    static constexpr u32 kRingBytes = kSfbOffset + kStages * kKBlocks * kSfbBytes;
     // After the main loop the ring's memory holds the split-K partial sums the first CTA receives
     // (each thread's 16-byte pieces thread-contiguous), then the output tile, D^T's [kTokens, kRows]
     // in FP32 with rows padded by 4 floats (conflict-free writes from the accumulator layout).
@@ -88,6 +92,7 @@ struct Fp8Fp4SwapAbConfig {
     static_assert(kTokens % 8 == 0 && kTokens >= 8 && kTokens <= 128, "WGMMA N: 8 to 128 tokens, multiples of 8");
     static_assert(kTileABytes % 1024 == 0, "128-byte-swizzled tiles are 1024-byte aligned");
     static_assert(kSplitK >= 1 && kSplitK <= 8, "portable clusters of <= 8");
+    static_assert(kKBlocks == 1 || kKBlocks == 2, "a weight row's 64 or 128 bytes a stage");
     static_assert(kType == GemmType::kNormal || (kType == GemmType::kMasked && !kAccumulate),
                   "dense, or masked without C");
     static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a block may use");
@@ -97,7 +102,8 @@ template <class Config>
 struct Fp8Fp4SwapAbKernel {
     static constexpr u32 BT = Config::kTokens, kAcc = BT / 2, kStages = Config::kStages;
 
-    // The producer thread: the stage ring over this CTA's K blocks.
+    // The producer thread: the stage ring over this CTA's K blocks, kKBlocks a stage (the tokens' tiles
+    // and SFA of a block past the CTA's last are not loaded; the weights' box reads zeros past K).
     __device__ __forceinline__ static void produce(const Fp8Fp4SwapAbParams& p, u8* smem, Barrier* full,
                                                    Barrier* empty, u32 group, u32 n_block, u32 token_begin,
                                                    u32 k_begin, u32 k_end) {
@@ -106,16 +112,19 @@ struct Fp8Fp4SwapAbKernel {
         const int sf_k = int((Config::kType == GemmType::kMasked ? group : 0) * num_k_blocks);
         const int b_row = int(group * p.n + n_block * Config::kRows);
         StageRing<kStages> ring;
-        for (u32 k_block = k_begin; k_block < k_end; ++k_block, ring.advance()) {
-            const u32 s = ring.stage;
+        for (u32 k_block = k_begin; k_block < k_end; k_block += Config::kKBlocks, ring.advance()) {
+            const u32 s = ring.stage, blocks = min(Config::kKBlocks, k_end - k_block);
             empty[s].wait(ring.phase ^ 1);
-            full[s].arrive_expect_tx(p.stage_bytes);
-            tma_load_2d(smem + s * Config::kTileABytes, &p.tma_a, &full[s], int(k_block * 128), a_row);
+            full[s].arrive_expect_tx(p.stage_bytes - (Config::kKBlocks - blocks) * p.block_a_bytes);
+            for (u32 b = 0; b < blocks; ++b) {
+                const u32 slot = s * Config::kKBlocks + b;
+                tma_load_2d(smem + slot * Config::kTileABytes, &p.tma_a, &full[s], int((k_block + b) * 128), a_row);
+                tma_load_2d(smem + Config::kSfaOffset + slot * Config::kSfaBytes, &p.tma_sfa, &full[s],
+                            int(token_begin), sf_k + int(k_block + b));
+            }
             tma_load_2d(smem + Config::kTileBOffset + s * Config::kTileBBytes, &p.tma_b, &full[s], int(k_block * 64),
                         b_row);
-            tma_load_2d(smem + Config::kSfaOffset + s * Config::kSfaBytes, &p.tma_sfa, &full[s], int(token_begin),
-                        sf_k + int(k_block));
-            tma_load_2d(smem + Config::kSfbOffset + s * Config::kSfbBytes, &p.tma_sfb, &full[s],
+            tma_load_2d(smem + Config::kSfbOffset + s * Config::kKBlocks * Config::kSfbBytes, &p.tma_sfb, &full[s],
                         int(n_block * Config::kRows), int(group * num_k_blocks + k_block));
         }
     }
@@ -125,11 +134,15 @@ struct Fp8Fp4SwapAbKernel {
     __device__ __forceinline__ static void permute(u8* smem, Barrier* full, Barrier* permuted, u32 tokens,
                                                    u32 num_k_blocks) {
         StageRing<kStages> ring;
-        for (u32 i = 0; i < num_k_blocks; ++i, ring.advance()) {
+        for (u32 i = 0; i < num_k_blocks; i += Config::kKBlocks, ring.advance()) {
             full[ring.stage].wait(ring.phase);
-            const u32 tile = smem_addr(smem + ring.stage * Config::kTileABytes);
-            for (u32 row = lane_id(); row < tokens; row += 32) {
-                const u32 line = tile + row * 128, swizzle = row % 8;
+            const u32 tiles = smem_addr(smem + ring.stage * Config::kKBlocks * Config::kTileABytes);
+            // A stage's tiles are back to back: its rows run on across them (swizzled by row % 8 all
+            // the same, kTokens being a multiple of 8).
+            const u32 rows = min(Config::kKBlocks, num_k_blocks - i) * Config::kTokens;
+            for (u32 row = lane_id(); row < rows; row += 32) {
+                if (row % Config::kTokens >= tokens) continue;
+                const u32 line = tiles + row * 128, swizzle = row % 8;
                 u32 words[8][4];
 #pragma unroll
                 for (u32 c = 0; c < 8; ++c) ld_shared_v4_u32(line + (c ^ swizzle) * 16, words[c]);
@@ -152,27 +165,42 @@ struct Fp8Fp4SwapAbKernel {
         float r0, r1;
     };
 
-    // Widen the thread's share of a stage's weights into A fragments and issue the stage's four
+    // A K block's place in the stage ring: its stage, the stage's phase, the block within the stage.
+    struct Cursor {
+        StageRing<kStages> ring;
+        u32 block = 0;
+
+        __device__ __forceinline__ void advance() {
+            if (++block == Config::kKBlocks) block = 0, ring.advance();
+        }
+    };
+
+    // Widen the thread's share of a K block's weights into A fragments and issue the block's four
     // WGMMAs (K 32 each) into `scratch`. Thread (warp w, lane 4i + q) holds rows 16w + i and 8 below:
-    // of each its packed bytes 16q to 16q + 15 (16-byte chunk q, at chunk q ^ ((r / 2) % 4) under the
-    // 64-byte swizzle), 1x32 block q. Word j of them (natural K 32q + 8j to + 7) is WGMMA j's halves.
-    __device__ __forceinline__ static RowScales issue(const u8* smem, Barrier* full, Barrier* permuted, u32 stage,
-                                                      u32 phase, u64 desc_a, u32 row, float* scratch) {
-        full[stage].wait(phase);
+    // of each its packed bytes 16q to 16q + 15 of the block (16-byte chunk c = 4 * block + q of the
+    // row, at chunk c ^ ((r / 2) % 4) under the 64-byte swizzle, c ^ (r % 8) under the 128-byte one),
+    // 1x32 block q. Word j of them (natural K 32q + 8j to + 7) is WGMMA j's halves.
+    __device__ __forceinline__ static RowScales issue(const u8* smem, Barrier* full, Barrier* permuted,
+                                                      const Cursor& at, u64 desc_a, u32 row, float* scratch) {
+        const u32 stage = at.ring.stage;
+        const bool first = Config::kKBlocks == 1 || at.block == 0;
+        if (first) full[stage].wait(at.ring.phase);
         const u32 tile = smem_addr(smem + Config::kTileBOffset + stage * Config::kTileBBytes);
-        const u32 sfb = smem_addr(smem + Config::kSfbOffset + stage * Config::kSfbBytes);
-        const u32 quad = lane_id() % 4;
+        const u32 slot = stage * Config::kKBlocks + at.block;
+        const u32 sfb = smem_addr(smem + Config::kSfbOffset + slot * Config::kSfbBytes);
+        const u32 chunk = at.block * 4 + lane_id() % 4;
         u32 packed[2][4], exponents[2];
 #pragma unroll
         for (u32 h = 0; h < 2; ++h) {
             const u32 r = row + 8 * h;
-            ld_shared_v4_u32(tile + r * 64 + (quad ^ ((r / 2) % 4)) * 16, packed[h]);
+            const u32 swizzle = Config::kKBlocks == 1 ? (r / 2) % 4 : r % 8;
+            ld_shared_v4_u32(tile + r * Config::kRowBytes + (chunk ^ swizzle) * 16, packed[h]);
             exponents[h] = ld_shared_u32(sfb + r * 4);
         }
         E2m1Table tables[2];
         RowScales scales;
-        scales.r0 = e2m1_block_table(exponents[0], quad, tables[0]);
-        scales.r1 = e2m1_block_table(exponents[1], quad, tables[1]);
+        scales.r0 = e2m1_block_table(exponents[0], lane_id() % 4, tables[0]);
+        scales.r1 = e2m1_block_table(exponents[1], lane_id() % 4, tables[1]);
         u32 fragments[4][4];
 #pragma unroll
         for (u32 j = 0; j < 4; ++j) {
@@ -181,8 +209,8 @@ struct Fp8Fp4SwapAbKernel {
         }
         // Broadcast, so that the compiler knows the stage warp-uniform and keeps the descriptors in
         // uniform registers.
-        desc_a = smem_descriptor_advance(desc_a, __shfl_sync(0xffffffffu, stage, 0) * Config::kTileABytes);
-        permuted[stage].wait(phase);
+        desc_a = smem_descriptor_advance(desc_a, __shfl_sync(0xffffffffu, slot, 0) * Config::kTileABytes);
+        if (first) permuted[stage].wait(at.ring.phase);
         wgmma_fence();
 #pragma unroll
         for (u32 j = 0; j < 4; ++j)
@@ -191,17 +219,19 @@ struct Fp8Fp4SwapAbKernel {
         return scales;
     }
 
-    // Once the stage's WGMMAs are done: read its SFA, release it, add the scaled scratch into the
-    // totals. Accumulator i of the thread is row (i / 2) % 2 of its two, token 8 (i / 4) + 2 (l % 4) + i % 2.
-    __device__ __forceinline__ static void retire(const u8* smem, Barrier* empty, u32 stage, const RowScales& rows,
-                                                  float* scratch, float* totals) {
+    // Once a K block's WGMMAs are done: read its SFA, release the stage after its last block (`last`),
+    // add the scaled scratch into the totals. Accumulator i of the thread is row (i / 2) % 2 of its
+    // two, token 8 (i / 4) + 2 (l % 4) + i % 2.
+    __device__ __forceinline__ static void retire(const u8* smem, Barrier* empty, const Cursor& at, bool last,
+                                                  const RowScales& rows, float* scratch, float* totals) {
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) fence_register(scratch[i]);
-        const u32 sfa = smem_addr(smem + Config::kSfaOffset + stage * Config::kSfaBytes) + lane_id() % 4 * 8;
+        const u32 slot = at.ring.stage * Config::kKBlocks + at.block;
+        const u32 sfa = smem_addr(smem + Config::kSfaOffset + slot * Config::kSfaBytes) + lane_id() % 4 * 8;
         float columns[kAcc / 2];
 #pragma unroll
         for (u32 g = 0; g < BT / 8; ++g) ld_shared_v2_f32(sfa + g * 32, columns[2 * g], columns[2 * g + 1]);
-        if (lane_id() == 0) empty[stage].arrive();
+        if (last && lane_id() == 0) empty[at.ring.stage].arrive();
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i)
             totals[i] += columns[(i / 4) * 2 + i % 2] * ((i / 2) % 2 ? rows.r1 : rows.r0) * scratch[i];
@@ -209,35 +239,39 @@ struct Fp8Fp4SwapAbKernel {
 
     // The math warpgroups' main loop over K blocks [k_begin, k_end), with kDoubleBuffer two scratch
     // accumulators alternating. No WGMMA stays in flight across the loop's back edge (ptxas would
-    // serialize them all).
+    // serialize them all). A stage is released after its last block, or the CTA's last (k_begin is a
+    // multiple of kKBlocks, so pairs of blocks never straddle two stages of two blocks).
     __device__ __forceinline__ static void consume(const u8* smem, Barrier* full, Barrier* empty, Barrier* permuted,
                                                    u32 k_begin, u32 k_end, float* totals) {
         const u32 wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
         const u32 row = wg * 64 + slab_row();
         const u64 desc_a = smem_descriptor_k_major_sw128(smem);
         float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1];
-        StageRing<kStages> ring;
+        Cursor at;
+        auto last = [&](const Cursor& block, u32 k_block) {
+            return block.block + 1 == Config::kKBlocks || k_block + 1 == k_end;
+        };
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
         u32 k_block = k_begin;
         for (; Config::kDoubleBuffer && k_block + 2 <= k_end; k_block += 2) {
-            const u32 stage0 = ring.stage;
-            const RowScales rows0 = issue(smem, full, permuted, stage0, ring.phase, desc_a, row, scratch0);
-            ring.advance();
-            const u32 stage1 = ring.stage;
-            const RowScales rows1 = issue(smem, full, permuted, stage1, ring.phase, desc_a, row, scratch1);
-            ring.advance();
+            const Cursor at0 = at;
+            const RowScales rows0 = issue(smem, full, permuted, at0, desc_a, row, scratch0);
+            at.advance();
+            const Cursor at1 = at;
+            const RowScales rows1 = issue(smem, full, permuted, at1, desc_a, row, scratch1);
+            at.advance();
             wgmma_wait<1>();
-            retire(smem, empty, stage0, rows0, scratch0, totals);
+            retire(smem, empty, at0, last(at0, k_block), rows0, scratch0, totals);
             wgmma_wait<0>();
-            retire(smem, empty, stage1, rows1, scratch1, totals);
+            retire(smem, empty, at1, last(at1, k_block + 1), rows1, scratch1, totals);
         }
         for (; k_block < k_end; ++k_block) {
-            const u32 stage = ring.stage;
-            const RowScales rows = issue(smem, full, permuted, stage, ring.phase, desc_a, row, scratch0);
-            ring.advance();
+            const Cursor here = at;
+            const RowScales rows = issue(smem, full, permuted, here, desc_a, row, scratch0);
+            at.advance();
             wgmma_wait<0>();
-            retire(smem, empty, stage, rows, scratch0, totals);
+            retire(smem, empty, here, last(here, k_block), rows, scratch0, totals);
         }
     }
 
