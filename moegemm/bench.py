@@ -766,6 +766,9 @@ class Fp4Row:
     speedup: float  # the FP8 kernel's time over the FP8 x FP4 kernel's
     read_tbps: float  # the bytes the FP4 kernel reads (A, B, scales) over its time
     copy_share: float  # read_tbps over the measured copy ceiling
+    # The most `speedup` the GPU allows here: the FP8 kernel's time over the least time of the FP4
+    # kernel's reads at the copy ceiling and of the product's FLOPs at the FP8 ceiling (both measured).
+    bound: float
     diff_dequant: float
     diff_fp8: float  # the FP8 kernel's calc_diff against its own reference
 
@@ -785,7 +788,8 @@ def _fp4_weights(lead: tuple[int, ...], n: int, k: int):
     return w, b, sfb, packed
 
 
-def bench_fp4_shape(layout: str, groups: int, m: int, n: int, k: int, copy_tbps: float, iters: int = 20) -> Fp4Row:
+def bench_fp4_shape(layout: str, groups: int, m: int, n: int, k: int, copy_tbps: float, fp8_tflops: float,
+                    iters: int = 20) -> Fp4Row:
     """The FP8 x FP4 kernel beside the FP8 kernel on the same activations and (FP8-cast) weights."""
     from . import reference
 
@@ -830,30 +834,35 @@ def bench_fp4_shape(layout: str, groups: int, m: int, n: int, k: int, copy_tbps:
     rows = sum(counts)
     read = rows * (k + 4 * sfa.shape[-1]) + b4.numel() + 4 * packed.numel()
     read_tbps = read / t4 / 1e6
-    return Fp4Row(layout, groups, m, n, k, rows, t4, t8, t8 / t4, read_tbps, read_tbps / copy_tbps, diff4, diff8)
+    least_us = max(read / copy_tbps / 1e6, 2 * rows * n * k / fp8_tflops / 1e6)
+    return Fp4Row(layout, groups, m, n, k, rows, t4, t8, t8 / t4, read_tbps, read_tbps / copy_tbps, t8 / least_us,
+                  diff4, diff8)
 
 
-def bench_fp4(copy_tbps: float, iters: int = 20) -> list[Fp4Row]:
+def bench_fp4(copy_tbps: float, fp8_tflops: float, iters: int = 20) -> list[Fp4Row]:
     """Every FP4 shape, each row printed as soon as it is measured (the table's rows)."""
     print("\nFP8 x FP4 (e2m1 B, 1x32 UE8M0 scales) beside the FP8 kernel on the same shapes (BF16 out); "
-          "read TB/s: A, B and scales read by the FP4 kernel over its time")
-    print(f"{'layout':>10} {'G':>3} {'M':>5} {'N':>6} {'K':>6} | {'fp4 us':>8} {'fp8 us':>8} {'x fp8':>6} | "
-          f"{'read TB/s':>9} {'of copy':>7} | {'diff':>8} {'fp8 diff':>8}")
+          "read TB/s: A, B and scales read by the FP4 kernel over its time; bound: the most x fp8 the measured "
+          "ceilings allow (the FP4 reads at the copy ceiling, the FLOPs at the FP8 one)")
+    print(f"{'layout':>10} {'G':>3} {'M':>5} {'N':>6} {'K':>6} | {'fp4 us':>8} {'fp8 us':>8} {'x fp8':>6} "
+          f"{'bound':>6} | {'read TB/s':>9} {'of copy':>7} | {'diff':>8} {'fp8 diff':>8}")
     rows = []
     for shape in [("dense", 1, *shape) for shape in FP4_DENSE] + FP4_GROUPED:
-        r = bench_fp4_shape(*shape, copy_tbps=copy_tbps, iters=iters)
+        r = bench_fp4_shape(*shape, copy_tbps=copy_tbps, fp8_tflops=fp8_tflops, iters=iters)
         print(f"{r.layout:>10} {r.groups:>3} {r.m:>5} {r.n:>6} {r.k:>6} | {r.fp4_us:>8.1f} {r.fp8_us:>8.1f} "
-              f"{r.speedup:>6.2f} | {r.read_tbps:>9.2f} {r.copy_share:>7.1%} | {r.diff_dequant:>8.1e} "
-              f"{r.diff_fp8:>8.1e}")
+              f"{r.speedup:>6.2f} {r.bound:>6.2f} | {r.read_tbps:>9.2f} {r.copy_share:>7.1%} | "
+              f"{r.diff_dequant:>8.1e} {r.diff_fp8:>8.1e}")
         rows.append(r)
     return rows
 
 
 def print_fp4_summary(rows: list[Fp4Row]) -> None:
-    decode = [r.speedup for r in rows if r.m <= 256 and r.layout != "contiguous"]
+    decode = [r for r in rows if r.m <= 256 and r.layout != "contiguous"]
     if decode:
-        print(f"decode (M <= 128 dense, masked): geometric mean {statistics.geometric_mean(decode):.2f}x the FP8 "
-              f"kernel; least {min(decode):.2f}x")
+        speedups = [r.speedup for r in decode]
+        print(f"decode (M <= 128 dense, masked): geometric mean {statistics.geometric_mean(speedups):.2f}x the FP8 "
+              f"kernel; least {min(speedups):.2f}x; rows whose bound is under 1.7x: "
+              f"{sum(r.bound < 1.7 for r in decode)} of {len(decode)}")
 
 
 SECTIONS = ("fp8", "bf16", "fp4")
@@ -885,7 +894,7 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
         results.update(fp8_gemm_nt=[asdict(r) for r in rows], grouped=[asdict(r) for r in grouped],
                        casts=[asdict(r) for r in casts])
     if "fp4" in sections:
-        fp4 = bench_fp4(limits["copy_tbps"])
+        fp4 = bench_fp4(limits["copy_tbps"], limits["fp8_per_tensor_tflops"])
         print_fp4_summary(fp4)
         results.update(fp4=[asdict(r) for r in fp4])
     if "bf16" in sections:
