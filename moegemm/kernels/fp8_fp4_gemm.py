@@ -219,7 +219,7 @@ def select_swap_ab(desc: GemmDesc, facts: DeviceFacts) -> SwapAbConfig | None:
     its weight rows' share of K and an SM's widening bounds the time: the split model minimises the
     most any SM widens, in waves of the CTAs the SMs hold at once (by registers, shared memory sized
     to match), each SM's rate falling below SWAP_AB_BUSY_WARPS math warps; over one or two math
-    warpgroups and 1 to 8 CTAs splitting K (each a multiple of SWAP_AB_K_BLOCKS_PER_STAGE K blocks)."""
+    warpgroups and 1 to 8 CTAs splitting K."""
     tokens = swap_ab_tokens(desc)
     if tokens is None:
         return None
@@ -237,7 +237,7 @@ def select_swap_ab(desc: GemmDesc, facts: DeviceFacts) -> SwapAbConfig | None:
                 break
             waves = ceil_div(units * split_k, facts.num_sms * ctas_per_sm)
             fixed = SWAP_AB_RAMP_K_BLOCKS + (split_k - 1) * tokens / SWAP_AB_REDUCE_TOKENS_PER_K_BLOCK
-            cost = waves * ctas_per_sm * math_warpgroups * (align(ceil_div(num_k_blocks, split_k), per_stage) + fixed)
+            cost = waves * ctas_per_sm * math_warpgroups * (ceil_div(num_k_blocks, split_k) + fixed)
             if cost / rate < best_cost:
                 best_cost = cost / rate
                 best = SwapAbConfig(math_warpgroups, tokens, stages, split_k, desc.out_dtype == torch.float32,
@@ -286,7 +286,7 @@ def _plan_swap_ab(config: SwapAbConfig, desc: GemmDesc, a: torch.Tensor, b: torc
     n_blocks, token_tiles = ceil_div(n, config.rows), ceil_div(group_rows, config.tokens)
     values = dict(m=group_rows, n=n, k=k, stage_bytes=per_stage * (a_side_bytes + config.rows * (64 + 4)),
                   block_a_bytes=a_side_bytes,
-                  k_blocks_per_split=align(ceil_div(num_k_blocks, config.split_k), per_stage), num_groups=num_groups,
+                  k_blocks_per_split=ceil_div(num_k_blocks, config.split_k), num_groups=num_groups,
                   ld_d=d.stride(-2), n_blocks=n_blocks, token_tiles=token_tiles)
     grid = num_groups * n_blocks * token_tiles * config.split_k
     if env.flag("MOEGEMM_PRINT_CONFIGS"):

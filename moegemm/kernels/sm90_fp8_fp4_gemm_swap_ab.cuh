@@ -45,7 +45,7 @@ struct Fp8Fp4SwapAbParams {
     u32 m, n, k;            // kMasked: m = max_M
     u32 stage_bytes;        // bytes the TMA loads of one stage deliver
     u32 block_a_bytes;      // of which each K block's tokens' tile and SFA (not loaded past K)
-    u32 k_blocks_per_split;  // a multiple of kKBlocks
+    u32 k_blocks_per_split;
     u32 num_groups;
     u32 ld_d;
     u32 n_blocks;     // ceil(N / kRows)
@@ -102,8 +102,9 @@ template <class Config>
 struct Fp8Fp4SwapAbKernel {
     static constexpr u32 BT = Config::kTokens, kAcc = BT / 2, kStages = Config::kStages;
 
-    // The producer thread: the stage ring over this CTA's K blocks, kKBlocks a stage (the tokens' tiles
-    // and SFA of a block past the CTA's last are not loaded; the weights' box reads zeros past K).
+    // The producer thread: the stage ring over this CTA's K blocks, kKBlocks a stage. A last stage of one
+    // block loads no tokens' tile and SFA for the other (the weights' box reads the next split's block,
+    // or zeros past K, unused).
     __device__ __forceinline__ static void produce(const Fp8Fp4SwapAbParams& p, u8* smem, Barrier* full,
                                                    Barrier* empty, u32 group, u32 n_block, u32 token_begin,
                                                    u32 k_begin, u32 k_end) {
@@ -239,8 +240,8 @@ struct Fp8Fp4SwapAbKernel {
 
     // The math warpgroups' main loop over K blocks [k_begin, k_end), with kDoubleBuffer two scratch
     // accumulators alternating. No WGMMA stays in flight across the loop's back edge (ptxas would
-    // serialize them all). A stage is released after its last block, or the CTA's last (k_begin is a
-    // multiple of kKBlocks, so pairs of blocks never straddle two stages of two blocks).
+    // serialize them all). A stage is released after its last block, or the CTA's last (stages start
+    // at k_begin, so a pair of blocks never straddles two stages of two).
     __device__ __forceinline__ static void consume(const u8* smem, Barrier* full, Barrier* empty, Barrier* permuted,
                                                    u32 k_begin, u32 k_end, float* totals) {
         const u32 wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
