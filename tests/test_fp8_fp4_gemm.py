@@ -5,12 +5,13 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import H100, gpu_facts
+from conftest import H100, gpu_facts, needs_sass_tools
 
 import moegemm
 from moegemm import calc_diff, per_token_cast_to_fp4, per_token_cast_to_fp8, reference
 from moegemm.gemm.desc import GemmDesc, GemmType
-from moegemm.kernels import fp8_fp4_gemm
+from moegemm.jit import compiler
+from moegemm.kernels import fp4_widen, fp8_fp4_gemm
 from moegemm.quant import packed_ue8m0_mn_major
 
 gpu = pytest.mark.gpu
@@ -321,6 +322,57 @@ def test_grouped_activations_with_1x32_scales(seed):
 
 
 # ---- GPU: the grouped forms --------------------------------------------------------------------------------------
+
+
+# ---- B widened before the GEMM (prefill: fp4_widen.py and the kernel's kWidenedB) --------------------------------
+
+
+def test_prefill_plans_b_widened_before_the_gemm():
+    for kind, m, groups in ((GemmType.NORMAL, 4096, 1), (GemmType.CONTIGUOUS, 1024, 32), (GemmType.MASKED, 256, 8)):
+        config = fp8_fp4_gemm.select_config(GemmDesc(kind, m, 4096, 7168, groups), H100)
+        assert config.widened_b and config.smem_bytes <= H100.smem_per_block and config.stages >= 3
+    assert not fp8_fp4_gemm.select_config(GemmDesc(GemmType.NORMAL, 255, 4096, 7168), H100).widened_b
+
+
+@needs_sass_tools
+def test_widen_kernel_compiles_without_spills(cache):
+    build = fp4_widen.build()
+    report = build.resources()
+    assert (report.spill_stores, report.spill_loads, report.stack_bytes) == (0, 0, 0), report
+    assert "PRMT" in compiler.disassemble(build.cubin_path)
+
+
+@gpu
+@pytest.mark.parametrize("groups,n,k", [(1, 520, 1184), (3, 264, 512), (1, 2048, 7168)])
+def test_widened_weights_times_their_column_scales_are_the_weights(groups, n, k, seed):
+    _, _, _, (b, sfb) = make_inputs(1, n, k, groups=groups)
+    packed = packed_ue8m0_mn_major(sfb, n, k, groups)
+    widened, scales = fp4_widen.widen(b.view(groups * n, k // 2), packed, groups, n, k)
+    num_k_blocks = -(-k // 128)
+    columns = scales.view(groups, num_k_blocks, -1)[:, :, :n].transpose(1, 2)  # [G, N, K blocks]
+    values = widened.float().view(groups, n, k) * columns.repeat_interleave(128, dim=2)[..., :k]
+    exact = moegemm.cast_back_from_fp4(b.view(groups * n, -1), sfb.view(groups * n, -1), 32).view(groups, n, k)
+    assert torch.equal(values, exact)
+
+
+@gpu
+@pytest.mark.parametrize("block_m,block_n", [(128, 128), (64, 48)])
+@pytest.mark.parametrize("m,n,k", [(300, 968, 1184), (1024, 2048, 512)])
+def test_widened_b_gives_the_transform_warps_result_bit_for_bit(block_m, block_n, m, n, k, seed):
+    _, _, a, b = make_inputs(m, n, k)
+    sfa = moegemm.get_mn_major_tma_aligned_tensor(a[1])
+    packed = packed_ue8m0_mn_major(b[1], n, k)
+    desc = GemmDesc(GemmType.NORMAL, m, n, k)
+    transform = fp8_fp4_gemm.Fp8Fp4GemmConfig(block_m, block_n, 4, False, False)
+    outputs = []
+    for config in (transform, dataclasses.replace(transform, widened_b=True)):
+        d = poisoned((m, n), torch.bfloat16)
+        plan = fp8_fp4_gemm.plan(desc, a[0], b[0], d, gpu_facts(), config)
+        operands = fp4_widen.widen(b[0], packed, 1, n, k) if config.widened_b else (b[0], packed)
+        plan.launch(a[0], sfa, operands[0], operands[1], d)
+        outputs.append(d)
+    assert_close(outputs[1], dense_reference(a, b))
+    assert torch.equal(outputs[0].view(torch.int16), outputs[1].view(torch.int16))
 
 
 def _contiguous_layout(counts):

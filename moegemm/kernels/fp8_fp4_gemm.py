@@ -34,25 +34,39 @@ TRANSFORM_THREADS = 96  # kTransformThreads: the producer warpgroup's warps 1 to
 # measured ~10e9, which favoured narrow tiles that ran up to 54% slower (BENCHMARKS.md, "FP8 x FP4").
 TRANSFORM_VALUES_PER_S = 45e9
 MAX_STAGES = 8
+# Planned rows per expert from which B is widened once per call (fp4_widen.py) instead of in every M
+# block's transform warps: the pass reads the FP4 weights and writes them as e4m3 once, so it pays
+# back where several M blocks read each weight (BENCHMARKS.md, eighteenth session).
+WIDEN_MIN_ROWS = 256
 
 
 @dataclass(frozen=True)
 class Fp8Fp4GemmConfig(GemmConfig):
+    widened_b: bool = False  # B widened before the GEMM (kWidenedB), not by the transform warps
+
     @property
     def smem_bytes(self) -> int:
-        return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k)
+        return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k, self.widened_b)
 
 
-def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k: int = 1) -> int:
+def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k: int = 1,
+               widened_b: bool = False) -> int:
     """Mirrors Fp8Fp4GemmConfig::kSmemBytes: per stage A, the widened B, B's packed values (64 bytes a
-    row), SFA, B's packed scales (a 128-byte aligned slot), the column scales and a barrier."""
-    stage = (block_m + block_n) * BLOCK_K + block_n * 64 + block_m * 4 + align(block_n * 4, 128) + block_n * 4 + 16
+    row), SFA, B's packed scales (a 128-byte aligned slot), the column scales and a barrier; with
+    ``widened_b`` A, B, SFA and the column scales (a 128-byte aligned slot)."""
+    tiles = (block_m + block_n) * BLOCK_K + block_m * 4
+    if widened_b:
+        stage = tiles + align(block_n * 4, 128)
+    else:
+        stage = tiles + block_n * 64 + align(block_n * 4, 128) + block_n * 4 + 16
     return smem_layout_bytes(block_m, block_n, stages, out_bytes, split_k, stage)
 
 
-def stages_for(block_m: int, block_n: int, out_bytes: int, split_k: int, facts: DeviceFacts) -> int:
+def stages_for(block_m: int, block_n: int, out_bytes: int, split_k: int, facts: DeviceFacts,
+               widened_b: bool = False) -> int:
     stages = 0
-    while stages < MAX_STAGES and smem_bytes(block_m, block_n, stages + 1, out_bytes, split_k) <= facts.smem_per_block:
+    while stages < MAX_STAGES and \
+            smem_bytes(block_m, block_n, stages + 1, out_bytes, split_k, widened_b) <= facts.smem_per_block:
         stages += 1
     return stages
 
@@ -72,20 +86,30 @@ class Fp8Fp4CostTerms(fp8_gemm.Fp8CostTerms):
         return max(super().tensor_seconds(desc, tile), transform)
 
 
+class WidenedCostTerms(Fp8Fp4CostTerms):
+    """The same tiles with B widened before the call: the FP8 kernel's terms (the widening pass is
+    not in them)."""
+
+    def tensor_seconds(self, desc: GemmDesc, tile: Tile) -> float:
+        return fp8_gemm.Fp8CostTerms.tensor_seconds(self, desc, tile)
+
+
 def select_config(desc: GemmDesc, facts: DeviceFacts) -> Fp8Fp4GemmConfig:
     """The tile of the least estimated time among Fp8Fp4CostTerms' (the model counts B's bytes as
-    FP8's)."""
+    FP8's); B widened before the GEMM from WIDEN_MIN_ROWS planned rows per expert."""
     desc = dataclasses.replace(desc, m=max(desc.m, 1))
-    tile = heuristic.search(desc, facts, Fp8Fp4CostTerms((64, 128)))
-    stages = stages_for(tile.block_m, tile.block_n, desc.out_bytes, tile.split_k, facts)
+    widened = desc.m >= WIDEN_MIN_ROWS
+    tile = heuristic.search(desc, facts, (WidenedCostTerms if widened else Fp8Fp4CostTerms)((64, 128)))
+    stages = stages_for(tile.block_m, tile.block_n, desc.out_bytes, tile.split_k, facts, widened)
     return Fp8Fp4GemmConfig(tile.block_m, tile.block_n, stages, desc.out_dtype == torch.float32, desc.accumulate,
-                            tile.cluster_m, tile.split_k, desc.gemm_type, tile.cluster_n)
+                            tile.cluster_m, tile.split_k, desc.gemm_type, tile.cluster_n, widened)
 
 
 def generate_source(config: Fp8Fp4GemmConfig) -> str:
     return compiler.kernel_stub(
         "sm90_fp8_fp4_gemm.cuh",
-        f"moegemm::Fp8Fp4GemmConfig<{config.block_m}, {config.block_n}, {config.cpp_common_args()}>",
+        f"moegemm::Fp8Fp4GemmConfig<{config.block_m}, {config.block_n}, {config.cpp_common_args()}, "
+        f"{str(config.widened_b).lower()}>",
         PARAMS.cpp_type, "moegemm::sm90_fp8_fp4_gemm",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}", f"Config::kTransformThreads == {TRANSFORM_THREADS}",
@@ -94,7 +118,8 @@ def generate_source(config: Fp8Fp4GemmConfig) -> str:
 
 
 def _widening_name(config: Fp8Fp4GemmConfig) -> str:
-    return fp8_gemm.kernel_name(config).replace("sm90_fp8_gemm", "sm90_fp8_fp4_gemm", 1)
+    name = fp8_gemm.kernel_name(config).replace("sm90_fp8_gemm", "sm90_fp8_fp4_gemm", 1)
+    return name + "_widened" if config.widened_b else name
 
 
 KERNELS = KernelFamily(_widening_name, generate_source, lambda config: dict(
@@ -324,11 +349,18 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
     k, n = a.shape[-1], b.shape[-2]
     num_k_blocks = ceil_div(k, BLOCK_K)
     tma, a_side_bytes = fp8_gemm.a_side_tma(config, a, d, rows, group_rows, num_groups)
-    tma["tma_b"] = tma_2d(torch.int8, k // 2, num_groups * n, b.stride(-2), BLOCK_K // 2, config.block_n, SWIZZLE_NONE)
     padded_n = align(n, 4)
-    tma["tma_sfb"] = tma_2d(torch.int32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.block_n, 1,
-                            SWIZZLE_NONE)
-    stage_bytes = a_side_bytes + config.block_n * (BLOCK_K // 2 + 4)
+    if config.widened_b:  # fp4_widen.widen's e4m3 B [G * N, K] and FP32 column scales
+        tma["tma_b"] = tma_2d(torch.float8_e4m3fn, k, num_groups * n, k, BLOCK_K, config.block_n, SWIZZLE_128B)
+        tma["tma_sfb"] = tma_2d(torch.float32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.block_n, 1,
+                                SWIZZLE_NONE)
+        stage_bytes = a_side_bytes + config.block_n * (BLOCK_K + 4)
+    else:
+        tma["tma_b"] = tma_2d(torch.int8, k // 2, num_groups * n, b.stride(-2), BLOCK_K // 2, config.block_n,
+                              SWIZZLE_NONE)
+        tma["tma_sfb"] = tma_2d(torch.int32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.block_n, 1,
+                                SWIZZLE_NONE)
+        stage_bytes = a_side_bytes + config.block_n * (BLOCK_K // 2 + 4)
     values = dict(m=group_rows, n=n, k=k, stage_bytes=stage_bytes,
                   k_blocks_per_split=ceil_div(num_k_blocks, config.split_k), num_groups=num_groups,
                   ld_d=d.stride(-2), sfb_box_rows=1)

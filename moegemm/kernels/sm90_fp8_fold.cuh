@@ -91,7 +91,8 @@ __device__ __forceinline__ void sm90_fp8_fold(const Fp8FoldParams& p) {
     ld_global_nc_v4(p.x + group * p.x_group + m * p.x_row + chunk * 16, values);
 #pragma unroll
     for (u32 i = 0; i < 4; ++i) values[i] = scale_e4m3x4(values[i], factor);
-    *reinterpret_cast<uint4*>(p.out + u64(row) * p.k + chunk * 16) = make_uint4(values[0], values[1], values[2], values[3]);
+    *reinterpret_cast<uint4*>(p.out + u64(row) * p.k + chunk * 16) =
+        make_uint4(values[0], values[1], values[2], values[3]);
     if (chunk % 8 == 0) {
         const u32 padded_rows = (p.group_rows + 3) & ~3u;
         float* scales = reinterpret_cast<float*>(p.out + p.sf_offset);

@@ -10,7 +10,7 @@ import torch
 from .. import checks, device, reference
 from ..gemm.desc import GemmDesc, GemmType
 from ..intmath import ceil_div
-from ..kernels import fp8_fp4_gemm
+from ..kernels import fp4_widen, fp8_fp4_gemm
 from ..quant import fold_1x32_scales, packed_ue8m0_mn_major, per_token_scale_block
 from . import fp8_gemm as fp8_ops
 from . import gemm_common
@@ -127,6 +127,11 @@ def _fold_a(a: torch.Tensor, sfa: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return a, sfa, a.data_ptr(), sfa.data_ptr()
 
 
+def _widened(plan: fp8_fp4_gemm.Plan) -> bool:
+    """Whether the plan's kernel takes B widened before the call (fp4_widen.widen)."""
+    return getattr(plan.config, "widened_b", False)
+
+
 # ---- fp8_fp4_gemm_nt -----------------------------------------------------------------------------------------
 
 
@@ -152,8 +157,8 @@ def _bind_dense(a, sfa, b, sfb, d, c):
     index = d.get_device()
     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=d.dtype, accumulate=c is not None)
     fold = per_token_scale_block(sfa, k) == 32
-    launch = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index),
-                               pdl=device.get_pdl()).launch_pointers
+    plan = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index), pdl=device.get_pdl())
+    launch, widened = plan.launch_pointers, _widened(plan)
     scales_ready = _scales_ready(sfa, sfb, n, k, None)
 
     def run_kernel(a, sfa, b, sfb, d, c):
@@ -167,6 +172,9 @@ def _bind_dense(a, sfa, b, sfb, d, c):
         if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
             sfa, sfb = _kernel_scales(sfa, sfb, n, k, None)
             sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
+        if widened:
+            b, sfb = fp4_widen.widen(b, sfb, 1, n, k)
+            b_ptr, sfb_ptr = b.data_ptr(), sfb.data_ptr()
         launch(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
     return run_kernel
 
@@ -239,8 +247,8 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
     index = d.get_device()
     desc = GemmDesc(kind, expected_m, n, k, num_groups, out_dtype=d.dtype)
     fold = per_token_scale_block(sfa, k) == 32
-    launch = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index),
-                               pdl=device.get_pdl()).launch_pointers
+    plan = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index), pdl=device.get_pdl())
+    launch, widened = plan.launch_pointers, _widened(plan)
     scales_ready = _scales_ready(sfa, sfb, n, k, num_groups)
 
     def run_kernel(a, sfa, b, sfb, d, groups, _):
@@ -254,6 +262,9 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
         if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
             sfa, sfb = _kernel_scales(sfa, sfb, n, k, num_groups)
             sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
+        if widened:
+            b, sfb = fp4_widen.widen(b, sfb, num_groups, n, k)
+            b_ptr, sfb_ptr = b.data_ptr(), sfb.data_ptr()
         launch(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr, groups_ptr)
     return run_kernel
 
