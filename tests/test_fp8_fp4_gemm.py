@@ -239,7 +239,10 @@ def test_every_config(config, m, n, k, seed):
     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype, accumulate=config.accumulate)
     plan = fp8_fp4_gemm.plan(desc, a[0], b[0], d, gpu_facts(), config)
     sfa = moegemm.get_mn_major_tma_aligned_tensor(a[1])
-    plan.launch(a[0], sfa, b[0], packed_ue8m0_mn_major(b[1], n, k), d)
+    operands = (b[0], packed_ue8m0_mn_major(b[1], n, k))
+    if config.widened_b:
+        operands = fp4_widen.widen(*operands, 1, n, k)
+    plan.launch(a[0], sfa, *operands, d)
     assert_close(d, dense_reference(a, b))
 
 
