@@ -1,7 +1,8 @@
 """Host side of the FP8 x FP4 family's two kernels: their configs, code generation and launch plans.
 
 sm90_fp8_fp4_gemm.cuh is the FP8 kernel with B widened in shared memory by the producer warpgroup's
-spare warps, so its parameters, time model and most of its plan are the FP8 family's
+spare warps, or (``widened_b``, from WIDEN_MIN_ROWS planned rows) reading B that fp4_widen.py widened
+before the call, so its parameters, time model and most of its plan are the FP8 family's
 (moegemm.kernels.fp8_gemm). sm90_fp8_fp4_gemm_swap_ab.cuh serves few tokens (dense M <= 128, masked
 experts planned for <= 64 rows): the weights widen in the math warps' registers as the WGMMAs' A
 operand. ``plan`` picks between them.
