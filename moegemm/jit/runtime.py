@@ -302,8 +302,8 @@ class KernelFamily:
 
 class PlanCache:
     """Launch plans by call signature. ``lookup`` returns ``MISSING`` for a signature not seen yet;
-    the caller checks the arguments, makes the plan and ``store``s it. Cleared when full, so a
-    stream of distinct shapes cannot grow it without bound."""
+    the caller checks the arguments, makes the plan and ``store``s it (``get`` does both with a
+    maker). Cleared when full, so a stream of distinct shapes cannot grow it without bound."""
 
     MISSING = object()
 
@@ -319,6 +319,11 @@ class PlanCache:
             self._plans.clear()
         self._plans[key] = plan
         return plan
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """The plan stored for ``key``, made by ``make()`` and stored the first time."""
+        plan = self._plans.get(key, self.MISSING)
+        return self.store(key, make()) if plan is self.MISSING else plan
 
 
 _PROBE = 'extern "C" __global__ void moegemm_kernel() {}\n'

@@ -43,9 +43,12 @@ class Plan:
     k: int
     scale_offset: int
     scale_shape: tuple[int, int]
-    buffer_bytes: int
     kernel: Kernel
     record: bytes
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.scale_offset + 4 * self.scale_shape[0] * self.scale_shape[1]
 
     def run(self, b: torch.Tensor, sfb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         buffer = torch.empty(self.buffer_bytes, dtype=torch.uint8, device=b.device)
@@ -69,8 +72,7 @@ def plan(b: torch.Tensor, num_groups: int, n: int, k: int) -> Plan:
     scale_shape = (num_groups * num_k_blocks, padded_n)
     values = dict(b_row=b.stride(-2), scale_offset=scale_offset, n=n, k=k, padded_n=padded_n, num_parts=num_parts)
     kernel = KERNELS.kernel(None)
-    return Plan(rows, k, scale_offset, scale_shape, scale_offset + 4 * scale_shape[0] * padded_n, kernel,
-                kernel.record(ceil_div(num_parts, NUM_THREADS), {}, values))
+    return Plan(rows, k, scale_offset, scale_shape, kernel, kernel.record(ceil_div(num_parts, NUM_THREADS), {}, values))
 
 
 _plans = PlanCache()
@@ -80,10 +82,7 @@ def widen(b: torch.Tensor, sfb: torch.Tensor, num_groups: int, n: int, k: int) -
     """``b``'s e4m3 values ``[G * N, K]`` and FP32 column scales ``[G * ceil(K/128), N']`` (see the
     module's docstring); ``sfb`` in the kernels' packed layout."""
     key = (b.shape, b.stride(), num_groups, n, k, b.device)
-    cached = _plans.lookup(key)
-    if cached is PlanCache.MISSING:
-        cached = _plans.store(key, plan(b, num_groups, n, k))
-    return cached.run(b, sfb)
+    return _plans.get(key, lambda: plan(b, num_groups, n, k)).run(b, sfb)
 
 
 __all__ = ["Plan", "build", "generate_source", "plan", "widen"]

@@ -185,10 +185,7 @@ def _cast(x: torch.Tensor, use_ue8m0: bool, per_block: bool) -> tuple[torch.Tens
     except AttributeError:  # not a tensor: let the checks name it
         _check(x)
         raise
-    cached = _plans.lookup(key)
-    if cached is PlanCache.MISSING:
-        cached = _plans.store(key, plan(x, use_ue8m0, per_block))
-    return cached.run(x)
+    return _plans.get(key, lambda: plan(x, use_ue8m0, per_block)).run(x)
 
 
 def per_token_cast(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,10 +92,7 @@ _plans = PlanCache()
 def fold(x: torch.Tensor, sf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``quant.fold_1x32_scales`` on an SM90 GPU, bit for bit (see there)."""
     key = (x.shape, x.stride(), sf.dtype, sf.shape, sf.stride(), x.device)
-    cached = _plans.lookup(key)
-    if cached is PlanCache.MISSING:
-        cached = _plans.store(key, plan(x, sf))
-    return cached.run(x, sf)
+    return _plans.get(key, lambda: plan(x, sf)).run(x, sf)
 
 
 __all__ = ["Plan", "build", "fold", "generate_source", "kernel_name", "plan"]

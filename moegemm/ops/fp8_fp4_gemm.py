@@ -128,8 +128,9 @@ def _fold_a(a: torch.Tensor, sfa: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _widened(plan: fp8_fp4_gemm.Plan) -> bool:
-    """Whether the plan's kernel takes B widened before the call (fp4_widen.widen)."""
-    return getattr(plan.config, "widened_b", False)
+    """Whether the plan's kernel takes B widened before the call (fp4_widen.widen): only the widening
+    kernel's configs can (the swap-AB kernel widens in registers)."""
+    return isinstance(plan.config, fp8_fp4_gemm.Fp8Fp4GemmConfig) and plan.config.widened_b
 
 
 # ---- fp8_fp4_gemm_nt -----------------------------------------------------------------------------------------
