@@ -11,7 +11,7 @@ import moegemm
 from moegemm import calc_diff, per_token_cast_to_fp4, per_token_cast_to_fp8, reference
 from moegemm.gemm.desc import GemmDesc, GemmType
 from moegemm.jit import compiler
-from moegemm.kernels import fp4_widen, fp8_fp4_gemm
+from moegemm.kernels import fp4_widen, fp8_fp4_gemm, fp8_gemm
 from moegemm.quant import packed_ue8m0_mn_major
 
 gpu = pytest.mark.gpu
@@ -239,10 +239,7 @@ def test_every_config(config, m, n, k, seed):
     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype, accumulate=config.accumulate)
     plan = fp8_fp4_gemm.plan(desc, a[0], b[0], d, gpu_facts(), config)
     sfa = moegemm.get_mn_major_tma_aligned_tensor(a[1])
-    operands = (b[0], packed_ue8m0_mn_major(b[1], n, k))
-    if config.widened_b:
-        operands = fp4_widen.widen(*operands, 1, n, k)
-    plan.launch(a[0], sfa, *operands, d)
+    plan.launch(a[0], sfa, b[0], packed_ue8m0_mn_major(b[1], n, k), d)
     assert_close(d, dense_reference(a, b))
 
 
@@ -327,14 +324,21 @@ def test_grouped_activations_with_1x32_scales(seed):
 # ---- GPU: the grouped forms --------------------------------------------------------------------------------------
 
 
-# ---- B widened before the GEMM (prefill: fp4_widen.py and the kernel's kWidenedB) --------------------------------
+# ---- B widened before the GEMM (prefill: fp4_widen.py, then the FP8 kernel) ---------------------------------------
 
 
-def test_prefill_plans_b_widened_before_the_gemm():
-    for kind, m, groups in ((GemmType.NORMAL, 4096, 1), (GemmType.CONTIGUOUS, 1024, 32), (GemmType.MASKED, 256, 8)):
-        config = fp8_fp4_gemm.select_config(GemmDesc(kind, m, 4096, 7168, groups), H100)
-        assert config.widened_b and config.smem_bytes <= H100.smem_per_block and config.stages >= 3
-    assert not fp8_fp4_gemm.select_config(GemmDesc(GemmType.NORMAL, 255, 4096, 7168), H100).widened_b
+@gpu
+def test_prefill_plans_the_fp8_kernel_on_b_widened_first():
+    threshold = fp8_fp4_gemm.WIDEN_MIN_ROWS
+    for m, expected in ((4096, True), (threshold, True), (threshold - 1, False), (128, False)):
+        _, _, a, b = make_inputs(m, 512, 256)
+        desc = GemmDesc(GemmType.NORMAL, m, 512, 256)
+        d = torch.empty(m, 512, device="cuda")
+        plan = fp8_fp4_gemm.plan(desc, a[0], b[0], d, gpu_facts())
+        assert fp8_fp4_gemm.takes_widened_b(plan) == expected, m
+        if expected:
+            fp8_b = torch.empty(512, 256, device="cuda", dtype=torch.float8_e4m3fn)
+            assert plan.config == fp8_gemm.plan(desc, a[0], fp8_b, d, gpu_facts()).config
 
 
 @needs_sass_tools
@@ -345,37 +349,62 @@ def test_widen_kernel_compiles_without_spills(cache):
     assert "PRMT" in compiler.disassemble(build.cubin_path)
 
 
+def _widened_values(b, packed, groups, n, k):
+    """fp4_widen.widen's e4m3 weights times their block scales, [G, N, K] float32."""
+    widened, scales = fp4_widen.widen(b.view(groups * n, k // 2), packed, groups, n, k)
+    assert widened.shape == (groups, n, k) and scales.shape == (groups, -(-n // 128), -(-k // 128))
+    blocks = scales.repeat_interleave(128, dim=1).repeat_interleave(128, dim=2)[:, :n, :k]
+    return widened.float() * blocks, blocks
+
+
 @gpu
-@pytest.mark.parametrize("groups,n,k", [(1, 520, 1184), (3, 264, 512), (1, 2048, 7168)])
-def test_widened_weights_times_their_column_scales_are_the_weights(groups, n, k, seed):
+@pytest.mark.parametrize("groups,n,k", [(1, 520, 1184), (3, 264, 512), (1, 2048, 7168), (2, 100, 96)])
+def test_widened_weights_times_their_block_scales_are_the_weights(groups, n, k, seed):
     _, _, _, (b, sfb) = make_inputs(1, n, k, groups=groups)
     packed = packed_ue8m0_mn_major(sfb, n, k, groups)
-    widened, scales = fp4_widen.widen(b.view(groups * n, k // 2), packed, groups, n, k)
-    num_k_blocks = -(-k // 128)
-    columns = scales.view(groups, num_k_blocks, -1)[:, :, :n].transpose(1, 2)  # [G, N, K blocks]
-    values = widened.float().view(groups, n, k) * columns.repeat_interleave(128, dim=2)[..., :k]
+    values, _ = _widened_values(b, packed, groups, n, k)
     exact = moegemm.cast_back_from_fp4(b.view(groups * n, -1), sfb.view(groups * n, -1), 32).view(groups, n, k)
     assert torch.equal(values, exact)
 
 
 @gpu
-@pytest.mark.parametrize("block_m,block_n", [(128, 128), (64, 48)])
-@pytest.mark.parametrize("m,n,k", [(300, 968, 1184), (1024, 2048, 512)])
-def test_widened_b_gives_the_transform_warps_result_bit_for_bit(block_m, block_n, m, n, k, seed):
+def test_widening_a_wide_spread_of_scales_rounds_only_the_small_ones(seed):
+    """1x32 scales 2^20 apart inside a 128x128 block: the blocks within 2^14 of the largest stay
+    exact, the others round to e4m3's subnormal steps (an error at most 2^-10 of the block's scale)."""
+    n, k = 256, 512
+    _, _, _, (b, sfb) = make_inputs(1, n, k)
+    sfb = sfb.clone()
+    sfb[::3, 1::4] *= 2.0**-20
+    sfb[1::7, 2::4] *= 2.0**-10
+    packed = packed_ue8m0_mn_major(sfb, n, k)
+    values, blocks = _widened_values(b, packed, 1, n, k)
+    exact = moegemm.cast_back_from_fp4(b, sfb, 32).view(1, n, k)
+    far = (sfb.repeat_interleave(32, dim=1)[:, :k] < 2.0**-19).view(1, n, k)
+    assert torch.equal(values[~far], exact[~far])
+    assert ((values - exact).abs() <= blocks * 2.0**-10).all()
+
+
+FP8_CONFIGS_FOR_WIDENED_B = [
+    fp8_gemm.Fp8GemmConfig(block_m, block_n, fp8_gemm.stages_for(block_m, block_n, 4 if fp32 else 2, 1, H100), fp32,
+                           fp32 and block_m == 128, *cluster)
+    for block_m, block_n, fp32, cluster in ((128, 128, False, ()), (256, 128, False, (1, 1, GemmType.NORMAL, 2)),
+                                            (128, 192, True, (2,)), (64, 48, False, ()), (64, 64, True, ()))]
+
+
+@gpu
+@pytest.mark.parametrize("config", FP8_CONFIGS_FOR_WIDENED_B, ids=fp8_gemm.kernel_name)
+@pytest.mark.parametrize("m,n,k", [(300, 968, 1184), (1024, 2048, 512), (1, 264, 128)])
+def test_fp8_configs_on_widened_b(config, m, n, k, seed):
     _, _, a, b = make_inputs(m, n, k)
-    sfa = moegemm.get_mn_major_tma_aligned_tensor(a[1])
-    packed = packed_ue8m0_mn_major(b[1], n, k)
-    desc = GemmDesc(GemmType.NORMAL, m, n, k)
-    transform = fp8_fp4_gemm.Fp8Fp4GemmConfig(block_m, block_n, 4, False, False)
-    outputs = []
-    for config in (transform, dataclasses.replace(transform, widened_b=True)):
-        d = poisoned((m, n), torch.bfloat16)
-        plan = fp8_fp4_gemm.plan(desc, a[0], b[0], d, gpu_facts(), config)
-        operands = fp4_widen.widen(b[0], packed, 1, n, k) if config.widened_b else (b[0], packed)
-        plan.launch(a[0], sfa, operands[0], operands[1], d)
-        outputs.append(d)
-    assert_close(outputs[1], dense_reference(a, b))
-    assert torch.equal(outputs[0].view(torch.int16), outputs[1].view(torch.int16))
+    out_dtype = torch.float32 if config.out_fp32 else torch.bfloat16
+    c = torch.randn(m, n, device="cuda") if config.accumulate else None
+    d = c.clone() if config.accumulate else poisoned((m, n), out_dtype)
+    desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype, accumulate=config.accumulate)
+    plan = fp8_fp4_gemm.plan(desc, a[0], b[0], d, gpu_facts(), config)
+    assert fp8_fp4_gemm.takes_widened_b(plan)
+    widened, scales = fp4_widen.widen(b[0], packed_ue8m0_mn_major(b[1], n, k), 1, n, k)
+    plan.launch(a[0], moegemm.get_mn_major_tma_aligned_tensor(a[1]), widened, scales, d)
+    assert_close(d, dense_reference(a, b, c))
 
 
 def _contiguous_layout(counts):

@@ -1,11 +1,11 @@
 """Host side of the FP8 x FP4 family's two kernels: their configs, code generation and launch plans.
 
 sm90_fp8_fp4_gemm.cuh is the FP8 kernel with B widened in shared memory by the producer warpgroup's
-spare warps, or (``widened_b``, from WIDEN_MIN_ROWS planned rows) reading B that fp4_widen.py widened
-before the call, so its parameters, time model and most of its plan are the FP8 family's
+spare warps, so its parameters, time model and most of its plan are the FP8 family's
 (moegemm.kernels.fp8_gemm). sm90_fp8_fp4_gemm_swap_ab.cuh serves few tokens (dense M <= 128, masked
 experts planned for <= 64 rows): the weights widen in the math warps' registers as the WGMMAs' A
-operand. ``plan`` picks between them.
+operand. From WIDEN_MIN_ROWS planned rows the FP8 kernel itself runs on B that fp4_widen.py widened
+before the call. ``plan`` picks among the three.
 """
 
 from __future__ import annotations
@@ -35,39 +35,29 @@ TRANSFORM_THREADS = 96  # kTransformThreads: the producer warpgroup's warps 1 to
 # measured ~10e9, which favoured narrow tiles that ran up to 54% slower (BENCHMARKS.md, "FP8 x FP4").
 TRANSFORM_VALUES_PER_S = 45e9
 MAX_STAGES = 8
-# Planned rows per expert from which B is widened once per call (fp4_widen.py) instead of in every M
-# block's transform warps: the pass reads the FP4 weights and writes them as e4m3 once, so it pays
-# back where several M blocks read each weight (BENCHMARKS.md, eighteenth session).
-WIDEN_MIN_ROWS = 256
+# Planned rows per expert from which B is widened once per call (fp4_widen.py) and the FP8 kernel
+# runs: the pass reads the FP4 weights and writes them as e4m3 once, so it pays back where several
+# M blocks read each weight (BENCHMARKS.md, nineteenth session).
+WIDEN_MIN_ROWS = 192
 
 
 @dataclass(frozen=True)
 class Fp8Fp4GemmConfig(GemmConfig):
-    widened_b: bool = False  # B widened before the GEMM (kWidenedB), not by the transform warps
-
     @property
     def smem_bytes(self) -> int:
-        return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k, self.widened_b)
+        return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k)
 
 
-def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k: int = 1,
-               widened_b: bool = False) -> int:
+def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k: int = 1) -> int:
     """Mirrors Fp8Fp4GemmConfig::kSmemBytes: per stage A, the widened B, B's packed values (64 bytes a
-    row), SFA, B's packed scales (a 128-byte aligned slot), the column scales and a barrier; with
-    ``widened_b`` A, B, SFA and the column scales (a 128-byte aligned slot)."""
-    tiles = (block_m + block_n) * BLOCK_K + block_m * 4
-    if widened_b:
-        stage = tiles + align(block_n * 4, 128)
-    else:
-        stage = tiles + block_n * 64 + align(block_n * 4, 128) + block_n * 4 + 16
+    row), SFA, B's packed scales (a 128-byte aligned slot), the column scales and a barrier."""
+    stage = (block_m + block_n) * BLOCK_K + block_m * 4 + block_n * 64 + align(block_n * 4, 128) + block_n * 4 + 16
     return smem_layout_bytes(block_m, block_n, stages, out_bytes, split_k, stage)
 
 
-def stages_for(block_m: int, block_n: int, out_bytes: int, split_k: int, facts: DeviceFacts,
-               widened_b: bool = False) -> int:
+def stages_for(block_m: int, block_n: int, out_bytes: int, split_k: int, facts: DeviceFacts) -> int:
     stages = 0
-    while stages < MAX_STAGES and \
-            smem_bytes(block_m, block_n, stages + 1, out_bytes, split_k, widened_b) <= facts.smem_per_block:
+    while stages < MAX_STAGES and smem_bytes(block_m, block_n, stages + 1, out_bytes, split_k) <= facts.smem_per_block:
         stages += 1
     return stages
 
@@ -87,30 +77,20 @@ class Fp8Fp4CostTerms(fp8_gemm.Fp8CostTerms):
         return max(super().tensor_seconds(desc, tile), transform)
 
 
-class WidenedCostTerms(Fp8Fp4CostTerms):
-    """The same tiles with B widened before the call: the FP8 kernel's terms (the widening pass is
-    not in them)."""
-
-    def tensor_seconds(self, desc: GemmDesc, tile: Tile) -> float:
-        return fp8_gemm.Fp8CostTerms.tensor_seconds(self, desc, tile)
-
-
 def select_config(desc: GemmDesc, facts: DeviceFacts) -> Fp8Fp4GemmConfig:
     """The tile of the least estimated time among Fp8Fp4CostTerms' (the model counts B's bytes as
-    FP8's); B widened before the GEMM from WIDEN_MIN_ROWS planned rows per expert."""
+    FP8's)."""
     desc = dataclasses.replace(desc, m=max(desc.m, 1))
-    widened = desc.m >= WIDEN_MIN_ROWS
-    tile = heuristic.search(desc, facts, (WidenedCostTerms if widened else Fp8Fp4CostTerms)((64, 128)))
-    stages = stages_for(tile.block_m, tile.block_n, desc.out_bytes, tile.split_k, facts, widened)
+    tile = heuristic.search(desc, facts, Fp8Fp4CostTerms((64, 128)))
+    stages = stages_for(tile.block_m, tile.block_n, desc.out_bytes, tile.split_k, facts)
     return Fp8Fp4GemmConfig(tile.block_m, tile.block_n, stages, desc.out_dtype == torch.float32, desc.accumulate,
-                            tile.cluster_m, tile.split_k, desc.gemm_type, tile.cluster_n, widened)
+                            tile.cluster_m, tile.split_k, desc.gemm_type, tile.cluster_n)
 
 
 def generate_source(config: Fp8Fp4GemmConfig) -> str:
     return compiler.kernel_stub(
         "sm90_fp8_fp4_gemm.cuh",
-        f"moegemm::Fp8Fp4GemmConfig<{config.block_m}, {config.block_n}, {config.cpp_common_args()}, "
-        f"{str(config.widened_b).lower()}>",
+        f"moegemm::Fp8Fp4GemmConfig<{config.block_m}, {config.block_n}, {config.cpp_common_args()}>",
         PARAMS.cpp_type, "moegemm::sm90_fp8_fp4_gemm",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}", f"Config::kTransformThreads == {TRANSFORM_THREADS}",
@@ -119,14 +99,14 @@ def generate_source(config: Fp8Fp4GemmConfig) -> str:
 
 
 def _widening_name(config: Fp8Fp4GemmConfig) -> str:
-    name = fp8_gemm.kernel_name(config).replace("sm90_fp8_gemm", "sm90_fp8_fp4_gemm", 1)
-    return name + "_widened" if config.widened_b else name
+    return fp8_gemm.kernel_name(config).replace("sm90_fp8_gemm", "sm90_fp8_fp4_gemm", 1)
 
 
 KERNELS = KernelFamily(_widening_name, generate_source, lambda config: dict(
     num_threads=config.num_threads, smem_bytes=config.smem_bytes, layout=PARAMS, cluster=config.cluster_size))
 # The FP8 plan's launch (A, SFA, B, SFB, D, groups), with B the packed FP4 bytes and SFB the packed
-# exponents [G * ceil(K/128), N'] that ``quant.transform_sf_into_required_layout`` makes.
+# exponents [G * ceil(K/128), N'] that ``quant.transform_sf_into_required_layout`` makes, or for a
+# plan of the FP8 kernel (``takes_widened_b``) what ``fp4_widen.widen`` makes of them.
 Plan = fp8_gemm.Plan
 
 
@@ -326,23 +306,31 @@ def kernel_name(config: Fp8Fp4GemmConfig | SwapAbConfig) -> str:
 
 
 def build(config: Fp8Fp4GemmConfig | SwapAbConfig):
-    """The compiled kernel of either of the family's configs."""
+    """The compiled kernel of either of the family's own configs."""
     return SWAP_AB_KERNELS.build(config) if isinstance(config, SwapAbConfig) else KERNELS.build(config)
+
+
+def takes_widened_b(plan: Plan) -> bool:
+    """Whether ``plan`` runs the FP8 kernel, on B as ``fp4_widen.widen`` makes it."""
+    return isinstance(plan.config, fp8_gemm.Fp8GemmConfig)
 
 
 # ---- planning -------------------------------------------------------------------------------------------------
 
 
 def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, facts: DeviceFacts,
-         config: Fp8Fp4GemmConfig | SwapAbConfig | None = None, pdl: bool = False) -> Plan:
+         config: Fp8Fp4GemmConfig | SwapAbConfig | fp8_gemm.Fp8GemmConfig | None = None, pdl: bool = False) -> Plan:
     """The plan of ``desc`` (fp8_gemm.describe's, with B's K the unpacked one) on these tensors: A
     e4m3 [rows, K] or [G, max_M, K], B int8 [N, K/2] or [G, N, K/2], D like A with N columns. Without
-    ``config``, the swap-AB kernel where it serves the planned rows, else the widening kernel's
-    heuristic pick."""
+    ``config``, the swap-AB kernel where it serves the planned rows, the FP8 kernel on B widened
+    before the call from WIDEN_MIN_ROWS of them, else the widening kernel's heuristic pick."""
     num_groups = desc.num_groups
     rows, group_rows = fp8_gemm.row_counts(desc, a)
+    planned = fp8_gemm.planned_desc(desc, group_rows)
+    if config is None and planned.m >= WIDEN_MIN_ROWS or isinstance(config, fp8_gemm.Fp8GemmConfig):
+        widened = torch.empty((*b.shape[:-1], desc.k), dtype=torch.float8_e4m3fn, device="meta")
+        return fp8_gemm.plan(desc, a, widened, d, facts, config, pdl)
     if config is None:
-        planned = fp8_gemm.planned_desc(desc, group_rows)
         config = select_swap_ab(planned, facts) or select_config(planned, facts)
     if isinstance(config, SwapAbConfig):
         return _plan_swap_ab(config, desc, a, b, d, rows, group_rows, pdl)
@@ -351,18 +339,10 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
     num_k_blocks = ceil_div(k, BLOCK_K)
     tma, a_side_bytes = fp8_gemm.a_side_tma(config, a, d, rows, group_rows, num_groups)
     padded_n = align(n, 4)
-    if config.widened_b:  # fp4_widen.widen's e4m3 B [G * N, K] and FP32 column scales
-        tma["tma_b"] = tma_2d(torch.float8_e4m3fn, k, num_groups * n, k, BLOCK_K, config.block_n, SWIZZLE_128B)
-        tma["tma_sfb"] = tma_2d(torch.float32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.block_n, 1,
-                                SWIZZLE_NONE)
-        stage_bytes = a_side_bytes + config.block_n * (BLOCK_K + 4)
-    else:
-        tma["tma_b"] = tma_2d(torch.int8, k // 2, num_groups * n, b.stride(-2), BLOCK_K // 2, config.block_n,
-                              SWIZZLE_NONE)
-        tma["tma_sfb"] = tma_2d(torch.int32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.block_n, 1,
-                                SWIZZLE_NONE)
-        stage_bytes = a_side_bytes + config.block_n * (BLOCK_K // 2 + 4)
-    values = dict(m=group_rows, n=n, k=k, stage_bytes=stage_bytes,
+    tma["tma_b"] = tma_2d(torch.int8, k // 2, num_groups * n, b.stride(-2), BLOCK_K // 2, config.block_n, SWIZZLE_NONE)
+    tma["tma_sfb"] = tma_2d(torch.int32, padded_n, num_groups * num_k_blocks, padded_n * 4, config.block_n, 1,
+                            SWIZZLE_NONE)
+    values = dict(m=group_rows, n=n, k=k, stage_bytes=a_side_bytes + config.block_n * (BLOCK_K // 2 + 4),
                   k_blocks_per_split=ceil_div(num_k_blocks, config.split_k), num_groups=num_groups,
                   ld_d=d.stride(-2), sfb_box_rows=1)
     record = KERNELS.kernel(config).record(grid, tma, values, pdl=pdl)
@@ -370,4 +350,4 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
 
 
 __all__ = ["SWAP_AB_KERNELS", "Fp8Fp4GemmConfig", "Plan", "SwapAbConfig", "build", "generate_source", "kernel_name",
-           "plan", "select_config", "select_swap_ab"]
+           "plan", "select_config", "select_swap_ab", "takes_widened_b"]

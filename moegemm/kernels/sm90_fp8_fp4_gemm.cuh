@@ -13,12 +13,8 @@
 // scales, 2^(largest exponent - 133)) and values scaled by the four 1x32 exponents' differences
 // from the largest, exact while they span at most 2^14. The promotion multiplies each column by its
 // own scale, where the FP8 kernel has one per 128 columns. The widened tile costs no DRAM bytes:
-// decode, bound by the weights' bytes, reads half of the FP8 kernel's.
-//
-// kWidenedB (prefill, where every M block would widen the same weights again): B comes widened
-// already (sm90_fp4_widen.cuh: e4m3 [G * N, K] and the FP32 column scales [G * ceil(K/128), N'] in
-// SFB's place), its tile loaded by TMA as the FP8 kernel's, the column scales among the extras; no
-// transform warps.
+// decode, bound by the weights' bytes, reads half of the FP8 kernel's. (Prefill, where every M block
+// would widen the same weights again, runs the FP8 kernel on B widened once: sm90_fp4_widen.cuh.)
 #pragma once
 #include <moegemm/fp4.cuh>
 #include "sm90_fp8_gemm.cuh"
@@ -26,37 +22,34 @@
 namespace moegemm {
 
 template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, u32 kClusterN_, u32 kSplitK_, bool kOutFp32_,
-          bool kAccumulate_, GemmType kType_ = GemmType::kNormal, bool kWidenedB_ = false>
+          bool kAccumulate_, GemmType kType_ = GemmType::kNormal>
 struct Fp8Fp4GemmConfig
     : Fp8GemmConfig<kBlockM_, kBlockN_, kStages_, kClusterM_, kClusterN_, kSplitK_, kOutFp32_, kAccumulate_, kType_> {
     using Base =
         Fp8GemmConfig<kBlockM_, kBlockN_, kStages_, kClusterM_, kClusterN_, kSplitK_, kOutFp32_, kAccumulate_, kType_>;
     using Base::kBlockM, Base::kBlockN, Base::kNumMathWarpgroups, Base::kStages;
 
-    static constexpr bool kWidenedB = kWidenedB_;
-    static constexpr bool kTransformsB = !kWidenedB;
+    static constexpr bool kTransformsB = true;
     static constexpr u32 kTransformThreads = 96;
     // The transform warps widen kTransformBatch parts of 32 values a trip, all loaded first so that
     // the loads' latencies overlap; two need more registers than the FP8 kernel's split with two math
     // warpgroups leaves them (40 / 232; one filling all 64K registers, 48 / 232, left setmaxnreg.inc
     // waiting forever on the H200: BENCHMARKS.md, "FP8 x FP4").
     static constexpr u32 kTransformBatch = kNumMathWarpgroups == 1 ? 2 : 1;
-    static constexpr u32 kProducerRegisters = kWidenedB ? Base::kProducerRegisters : kNumMathWarpgroups == 1 ? 64 : 40;
-    static constexpr u32 kMathRegisters = kWidenedB ? Base::kMathRegisters : kNumMathWarpgroups == 1 ? 240 : 232;
+    static constexpr u32 kProducerRegisters = kNumMathWarpgroups == 1 ? 64 : 40;
+    static constexpr u32 kMathRegisters = kNumMathWarpgroups == 1 ? 240 : 232;
 
     // Per stage: B's packed values (64 bytes a row), SFA, B's packed scales (one int32 a row, in a
-    // TMA-aligned slot), the column scales the transform writes, and its barrier (16 bytes); with
-    // kWidenedB SFA and the column scales alone (loaded, in a TMA-aligned slot).
-    static constexpr u32 kPackedBBytes = kWidenedB ? 0 : kBlockN * 64;
+    // TMA-aligned slot), the column scales the transform writes, and its barrier (16 bytes).
+    static constexpr u32 kPackedBBytes = kBlockN * 64;
     static constexpr u32 kSfaBytes = kBlockM * 4;
-    static constexpr u32 kPackedSfbBytes = kWidenedB ? 0 : align_up(kBlockN * 4, 128u);
-    static constexpr u32 kColumnScaleBytes = kWidenedB ? align_up(kBlockN * 4, 128u) : kBlockN * 4;
+    static constexpr u32 kPackedSfbBytes = align_up(kBlockN * 4, 128u);
+    static constexpr u32 kColumnScaleBytes = kBlockN * 4;
     static constexpr u32 kSfaOffset = kStages * kPackedBBytes;
     static constexpr u32 kPackedSfbOffset = kSfaOffset + kStages * kSfaBytes;
     static constexpr u32 kColumnScaleOffset = kPackedSfbOffset + kStages * kPackedSfbBytes;
     static constexpr u32 kBarrierOffset = kColumnScaleOffset + kStages * kColumnScaleBytes;
-    static constexpr u32 kExtraStageBytes =
-        kPackedBBytes + kSfaBytes + kPackedSfbBytes + kColumnScaleBytes + (kWidenedB ? 0 : 16);
+    static constexpr u32 kExtraStageBytes = kPackedBBytes + kSfaBytes + kPackedSfbBytes + kColumnScaleBytes + 16;
     static constexpr u32 kStageBytes = Base::kTileABytes + Base::kTileBBytes + kExtraStageBytes;
     static constexpr u32 kSmemBytes = Base::smem_bytes(kExtraStageBytes);
 
@@ -104,14 +97,9 @@ struct Fp8Fp4GemmKernel : Fp8GemmKernel<Config_> {
                                                              u8* smem_extra) {
         tma_load_2d(smem_extra + Config::kSfaOffset + s * Config::kSfaBytes, &p.tma_sfa, full, t.sfa_row,
                     t.sfa_k + k_block);
-        if constexpr (Config::kWidenedB) {
-            tma_load_2d(smem_extra + Config::kColumnScaleOffset + s * Config::kColumnScaleBytes, &p.tma_sfb, full,
-                        t.b_col, t.sfb_row + k_block);
-        } else {
-            tma_load_2d(smem_extra + s * Config::kPackedBBytes, &p.tma_b, full, k_block * 64, t.b_row);
-            tma_load_2d(smem_extra + Config::kPackedSfbOffset + s * Config::kPackedSfbBytes, &p.tma_sfb, full,
-                        t.b_col, t.sfb_row + k_block);
-        }
+        tma_load_2d(smem_extra + s * Config::kPackedBBytes, &p.tma_b, full, k_block * 64, t.b_row);
+        tma_load_2d(smem_extra + Config::kPackedSfbOffset + s * Config::kPackedSfbBytes, &p.tma_sfb, full, t.b_col,
+                    t.sfb_row + k_block);
     }
 
     // ---- transform warps: the stage's e4m3 B tile and column scales -------------------------------------
@@ -178,7 +166,7 @@ struct Fp8Fp4GemmKernel : Fp8GemmKernel<Config_> {
                                                         float* scratch, bool wait_full = true) {
         if (wait_full) {
             full[stage].wait(phase);
-            if constexpr (!Config::kWidenedB) transformed(smem_extra)[stage].wait(phase);
+            transformed(smem_extra)[stage].wait(phase);
         }
         const float* smem_sfa = reinterpret_cast<const float*>(smem_extra + Config::kSfaOffset);
         BlockScales scales;

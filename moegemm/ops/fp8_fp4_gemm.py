@@ -1,7 +1,8 @@
 """The FP8 x FP4 GEMMs: FP8 activations against e2m1 weights packed two per byte with 1x32 UE8M0
 scales, widened to e4m3 on the chip (kernels/sm90_fp8_fp4_gemm_swap_ab.cuh for few tokens,
-kernels/sm90_fp8_fp4_gemm.cuh otherwise). ``fp8_fp4_gemm_nt`` and the MoE
-grouped forms; FP8 weights through these names run the FP8 kernels."""
+kernels/sm90_fp8_fp4_gemm.cuh for more), or at prefill once per call before the FP8 kernel runs
+(kernels/sm90_fp4_widen.cuh). ``fp8_fp4_gemm_nt`` and the MoE grouped forms; FP8 weights through
+these names run the FP8 kernels."""
 
 from __future__ import annotations
 
@@ -127,12 +128,6 @@ def _fold_a(a: torch.Tensor, sfa: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return a, sfa, a.data_ptr(), sfa.data_ptr()
 
 
-def _widened(plan: fp8_fp4_gemm.Plan) -> bool:
-    """Whether the plan's kernel takes B widened before the call (fp4_widen.widen): only the widening
-    kernel's configs can (the swap-AB kernel widens in registers)."""
-    return isinstance(plan.config, fp8_fp4_gemm.Fp8Fp4GemmConfig) and plan.config.widened_b
-
-
 # ---- fp8_fp4_gemm_nt -----------------------------------------------------------------------------------------
 
 
@@ -159,7 +154,7 @@ def _bind_dense(a, sfa, b, sfb, d, c):
     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=d.dtype, accumulate=c is not None)
     fold = per_token_scale_block(sfa, k) == 32
     plan = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index), pdl=device.get_pdl())
-    launch, widened = plan.launch_pointers, _widened(plan)
+    launch, widened = plan.launch_pointers, fp8_fp4_gemm.takes_widened_b(plan)
     scales_ready = _scales_ready(sfa, sfb, n, k, None)
 
     def run_kernel(a, sfa, b, sfb, d, c):
@@ -209,8 +204,9 @@ def fp8_fp4_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor,
         recipe, recipe_a, recipe_b: DeepGEMM's scale granularities, checked against SFA and SFB: A
             (1, 128) or (1, 32), B (1, 32).
 
-    K a multiple of 32. The weights are widened to e4m3 on the chip with the four 1x32 scales of
-    each 128-wide block folded in: exact while those span at most 2^14 (README, "FP4 on Hopper").
+    K a multiple of 32. The weights are widened to e4m3 on the chip with their 1x32 scales folded
+    in: exact while those of each 128-wide block (at prefill sizes, each 128x128 block) span at
+    most 2^14 (README, "FP4 on Hopper").
     SM90 GPUs only; CPU tensors use the reference.
     """
     if not _fp4_b(b):
@@ -249,7 +245,7 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
     desc = GemmDesc(kind, expected_m, n, k, num_groups, out_dtype=d.dtype)
     fold = per_token_scale_block(sfa, k) == 32
     plan = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index), pdl=device.get_pdl())
-    launch, widened = plan.launch_pointers, _widened(plan)
+    launch, widened = plan.launch_pointers, fp8_fp4_gemm.takes_widened_b(plan)
     scales_ready = _scales_ready(sfa, sfb, n, k, num_groups)
 
     def run_kernel(a, sfa, b, sfb, d, groups, _):
