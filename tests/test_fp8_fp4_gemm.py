@@ -260,9 +260,14 @@ def test_decode_plans_the_swap_ab_kernel():
         config = fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.NORMAL, m, n, k), H100)
         assert config is not None and config.smem_bytes <= H100.smem_per_block and config.stages >= 3
     assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.NORMAL, 129, 7168, 2048), H100) is None
-    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.MASKED, 32, 4096, 7168, 32), H100).tokens == 32
-    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.MASKED, 65, 4096, 7168, 32), H100) is None
+    # Masked: one tile of the planned rows, at most 128 tokens, up to 167 rows (128 with the headroom).
+    for m, tokens in ((32, 32), (84, 88), (166, 128), (167, 128), (168, None)):
+        config = fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.MASKED, m, 4096, 7168, 32), H100)
+        assert (config and config.tokens) == tokens, m
+    # Dense: tiles of up to 64 tokens or one tile, by the split model (BENCHMARKS.md, nineteenth session).
+    assert fp8_fp4_gemm.swap_ab_token_tiles(GemmDesc(GemmType.NORMAL, 100, 4096, 7168)) == (56, 104)
     assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.NORMAL, 100, 4096, 7168), H100).tokens == 56
+    assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.NORMAL, 128, 7168, 16384), H100).tokens == 128
     assert fp8_fp4_gemm.select_swap_ab(GemmDesc(GemmType.CONTIGUOUS, 32, 4096, 7168, 32), H100) is None
     for config in SWAP_AB_CONFIGS:
         assert config.smem_bytes <= H100.smem_per_block
@@ -434,7 +439,7 @@ def test_contiguous(counts, n, k, seed):
 @gpu
 @pytest.mark.parametrize("groups,max_m,expected_m,n,k", [(8, 256, 64, 4096, 7168), (32, 384, 256, 576, 512),
                                                          (4, 64, 1, 264, 160), (6, 80, 20, 520, 640),
-                                                         (32, 128, 32, 4096, 7168)])
+                                                         (32, 128, 32, 4096, 7168), (8, 320, 128, 2112, 7168)])
 def test_masked(groups, max_m, expected_m, n, k, seed):
     _, _, a, b = make_inputs(max_m, n, k, groups=groups)
     masked_m = torch.randint(0, max_m + 1, (groups,), dtype=torch.int32, device="cuda")
@@ -450,7 +455,7 @@ def test_masked(groups, max_m, expected_m, n, k, seed):
 
 
 @gpu
-@pytest.mark.parametrize("expected_m", [64, 16])  # the widening kernel, the swap-AB one
+@pytest.mark.parametrize("expected_m", [180, 100, 16])  # the widening kernel, the swap-AB one (128 and 16 tokens)
 def test_masked_cuda_graph_sees_new_counts(expected_m, seed):
     _, _, a, b = make_inputs(128, 512, 512, groups=4)
     b = (b[0], packed_ue8m0_mn_major(b[1], 512, 512, 4))

@@ -3,7 +3,7 @@
 sm90_fp8_fp4_gemm.cuh is the FP8 kernel with B widened in shared memory by the producer warpgroup's
 spare warps, so its parameters, time model and most of its plan are the FP8 family's
 (moegemm.kernels.fp8_gemm). sm90_fp8_fp4_gemm_swap_ab.cuh serves few tokens (dense M <= 128, masked
-experts planned for <= 64 rows): the weights widen in the math warps' registers as the WGMMAs' A
+experts planned for <= 167 rows): the weights widen in the math warps' registers as the WGMMAs' A
 operand. From WIDEN_MIN_ROWS planned rows the FP8 kernel itself runs on B that fp4_widen.py widened
 before the call. ``plan`` picks among the three.
 """
@@ -11,6 +11,7 @@ before the call. ``plan`` picks among the three.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 from collections.abc import Iterator
@@ -114,10 +115,13 @@ Plan = fp8_gemm.Plan
 
 SWAP_AB_MAX_TOKENS = 128  # kTokens: WGMMA columns per CTA (the scratch accumulators and the totals in registers)
 SWAP_AB_DOUBLE_BUFFER_TOKENS = 64  # kDoubleBuffer up to this many
-# The heuristic's token tiles stop at 64 (M up to 128 in two tiles): the one-scratch tiles of 65 to
-# 128 tokens pass their GPU tests (seventeenth session) but have not been timed against two 64-token
-# tiles in one run (BENCHMARKS.md, "FP8 x FP4 swap-AB").
+# Dense M up to 128 runs in tiles of at most this many tokens or in one tile, as the split model
+# says; a masked expert in one tile of its planned rows, up to SWAP_AB_MAX_TOKENS, and the swap-AB
+# kernel serves masked experts planned for up to SWAP_AB_MAX_MASKED_ROWS (128 expected with the
+# routing headroom): one tile of the planned rows beat tiles of half as many, and 128 tokens beat two
+# tiles of 88 (BENCHMARKS.md, nineteenth session).
 SWAP_AB_PLANNED_TOKENS = 64
+SWAP_AB_MAX_MASKED_ROWS = math.ceil(SWAP_AB_MAX_TOKENS * fp8_gemm.ROUTING_HEADROOM)
 SWAP_AB_MAX_STAGES = 16
 SWAP_AB_MAX_CTAS_PER_SM = 4
 # 128-wide K blocks a stage: two read each weight row's 128 bytes in one box row, not two 64-byte halves
@@ -209,32 +213,28 @@ def swap_ab_stages(math_warpgroups: int, tokens: int, split_k: int, ctas_per_sm:
     return stages
 
 
-def swap_ab_tokens(desc: GemmDesc) -> int | None:
-    """The token tile for the swap-AB kernel, or None where it does not serve ``desc`` (the planned
-    rows per expert: prefill-sized M, contiguous layouts)."""
+def swap_ab_token_tiles(desc: GemmDesc) -> tuple[int, ...]:
+    """The token tiles the swap-AB kernel may take for ``desc`` (the planned rows per expert), none
+    where it does not serve it (prefill-sized M, contiguous layouts)."""
     m = max(desc.m, 1)
-    if desc.gemm_type is GemmType.NORMAL and m <= 2 * SWAP_AB_PLANNED_TOKENS:
-        return align(ceil_div(m, ceil_div(m, SWAP_AB_PLANNED_TOKENS)), 8)
-    if desc.gemm_type is GemmType.MASKED and m <= SWAP_AB_PLANNED_TOKENS:
-        return align(m, 8)
-    return None
+    if desc.gemm_type is GemmType.NORMAL and m <= SWAP_AB_MAX_TOKENS:
+        return tuple(dict.fromkeys((align(ceil_div(m, ceil_div(m, SWAP_AB_PLANNED_TOKENS)), 8), align(m, 8))))
+    if desc.gemm_type is GemmType.MASKED and m <= SWAP_AB_MAX_MASKED_ROWS:
+        return (align(min(m, SWAP_AB_MAX_TOKENS), 8),)
+    return ()
 
 
 def select_swap_ab(desc: GemmDesc, facts: DeviceFacts) -> SwapAbConfig | None:
     """The swap-AB config for ``desc`` (masked: the planned rows per expert), or None. Each CTA widens
     its weight rows' share of K and an SM's widening bounds the time: the split model minimises the
     most any SM widens, in waves of the CTAs the SMs hold at once (by registers, shared memory sized
-    to match), each SM's rate falling below SWAP_AB_BUSY_WARPS math warps; over one or two math
-    warpgroups and 1 to 8 CTAs splitting K."""
-    tokens = swap_ab_tokens(desc)
-    if tokens is None:
-        return None
+    to match), each SM's rate falling below SWAP_AB_BUSY_WARPS math warps; over the token tiles
+    (smaller first: a tie keeps it), one or two math warpgroups and 1 to 8 CTAs splitting K."""
     num_k_blocks = ceil_div(desc.k, BLOCK_K)
-    token_tiles = ceil_div(max(desc.m, 1), tokens)
     per_stage = SWAP_AB_K_BLOCKS_PER_STAGE if num_k_blocks > 1 else 1
     best, best_cost = None, math.inf
-    for math_warpgroups in (1, 2):
-        units = desc.num_groups * ceil_div(desc.n, 64 * math_warpgroups) * token_tiles
+    for tokens, math_warpgroups in itertools.product(swap_ab_token_tiles(desc), (1, 2)):
+        units = desc.num_groups * ceil_div(desc.n, 64 * math_warpgroups) * ceil_div(max(desc.m, 1), tokens)
         ctas_per_sm = swap_ab_ctas_per_sm(math_warpgroups, tokens)
         rate = min(1.0, 4 * math_warpgroups * ctas_per_sm / SWAP_AB_BUSY_WARPS)
         for split_k in range(1, min(fp8_gemm.MAX_SPLIT_K, num_k_blocks) + 1):
@@ -350,4 +350,5 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
 
 
 __all__ = ["SWAP_AB_KERNELS", "Fp8Fp4GemmConfig", "Plan", "SwapAbConfig", "build", "generate_source", "kernel_name",
-           "plan", "select_config", "select_swap_ab", "takes_widened_b"]
+           "plan", "select_config", "select_swap_ab", "swap_ab_token_tiles",
+           "takes_widened_b"]
