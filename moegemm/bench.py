@@ -774,8 +774,8 @@ class Fp4Row:
 
 
 FP4_DENSE = [(m, n, k) for m in (1, 64, 128, 4096) for n, k in FP8_GEMM_NK]
-FP4_GROUPED = ([("masked", g, m, n, k) for g in (8, 32) for m in (32, 128, 256) for n, k in ((4096, 7168),
-                                                                                              (7168, 2048))]
+FP4_GROUPED = ([("masked", g, m, n, k) for g in (8, 32) for m in (32, 64, 128, 256)
+                for n, k in ((4096, 7168), (7168, 2048))]
                + [("contiguous", g, 32768 // g, 4096, 7168) for g in (4, 8, 32)])
 
 
