@@ -327,7 +327,7 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
     num_groups = desc.num_groups
     rows, group_rows = fp8_gemm.row_counts(desc, a)
     planned = fp8_gemm.planned_desc(desc, group_rows)
-    if config is None and planned.m >= WIDEN_MIN_ROWS or isinstance(config, fp8_gemm.Fp8GemmConfig):
+    if (config is None and planned.m >= WIDEN_MIN_ROWS) or isinstance(config, fp8_gemm.Fp8GemmConfig):
         widened = torch.empty((*b.shape[:-1], desc.k), dtype=torch.float8_e4m3fn, device="meta")
         return fp8_gemm.plan(desc, a, widened, d, facts, config, pdl)
     if config is None:
@@ -350,5 +350,4 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
 
 
 __all__ = ["SWAP_AB_KERNELS", "Fp8Fp4GemmConfig", "Plan", "SwapAbConfig", "build", "generate_source", "kernel_name",
-           "plan", "select_config", "select_swap_ab", "swap_ab_token_tiles",
-           "takes_widened_b"]
+           "plan", "select_config", "select_swap_ab", "swap_ab_token_tiles", "takes_widened_b"]

@@ -8,7 +8,8 @@
 // an element the UE8M0 exponent of 1x32 block j of the 128-wide block.
 // out: e4m3 [G * N, K] contiguous, each 1x32 block's values times 2^(its exponent - the 128x128
 // block's largest + 6) (fp4.cuh: exact while a block's exponents span at most 14), then at byte
-// scale_offset the FP32 block scales [G, ceil(N/128), ceil(K/128)], 2^(largest - 133).
+// scale_offset the FP32 block scales [G, ceil(N/128), ceil(K/128)], 2^(largest - 133) (0 for weights
+// under 2^-120).
 // A CTA takes one 128x128 block, a thread one 1x32 part of it: 16 packed bytes in, 32 e4m3 bytes out.
 #pragma once
 #include <moegemm/fp4.cuh>
