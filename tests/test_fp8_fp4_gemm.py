@@ -421,16 +421,21 @@ def _contiguous_layout(counts):
 
 
 @gpu
+@pytest.mark.parametrize("use_psum", [False, True])
 @pytest.mark.parametrize("counts,n,k", [([300, 0, 128, 77], 512, 1024), ([4096, 3500, 4200, 4000], 4096, 7168),
                                          ([1, 129, 255], 264, 224)])
-def test_contiguous(counts, n, k, seed):
+def test_contiguous(counts, n, k, use_psum, seed):
     layout, m_total = _contiguous_layout(counts)
     _, _, a, b = make_inputs(m_total, n, k)
     _, _, _, b = make_inputs(1, n, k, groups=len(counts))
+    # The psum layout: each expert's end row, its rows starting at the previous end aligned to 128.
+    starts = torch.tensor([0] + [-(-c // 128) * 128 for c in counts[:-1]]).cumsum(0)
+    ends = (starts + torch.tensor(counts)).to(device="cuda", dtype=torch.int32)
+    groups = ends if use_psum else layout
     d = poisoned((m_total, n), torch.bfloat16)
-    moegemm.m_grouped_fp8_fp4_gemm_nt_contiguous(a, b, d, layout)
+    moegemm.m_grouped_fp8_fp4_gemm_nt_contiguous(a, b, d, groups, use_psum_layout=use_psum)
     ref = poisoned((m_total, n), torch.float32)
-    reference.m_grouped_fp8_fp4_gemm_nt_contiguous(a, b, ref, layout)
+    reference.m_grouped_fp8_fp4_gemm_nt_contiguous(a, b, ref, groups, use_psum)
     rows = layout >= 0
     assert torch.isnan(d[~rows].float()).all(), "padding rows were written"
     assert_close(d[rows], ref[rows])
