@@ -326,9 +326,6 @@ def test_grouped_activations_with_1x32_scales(seed):
     assert_close(d[rows], ref[rows])
 
 
-# ---- GPU: the grouped forms --------------------------------------------------------------------------------------
-
-
 # ---- B widened before the GEMM (prefill: fp4_widen.py, then the FP8 kernel) ---------------------------------------
 
 
@@ -412,6 +409,9 @@ def test_fp8_configs_on_widened_b(config, m, n, k, seed):
     assert_close(d, dense_reference(a, b, c))
 
 
+# ---- GPU: the grouped forms --------------------------------------------------------------------------------------
+
+
 def _contiguous_layout(counts):
     """Per-row expert ids with each expert's rows padded to 128 (-1), and M_total."""
     ids = []
@@ -460,7 +460,8 @@ def test_masked(groups, max_m, expected_m, n, k, seed):
 
 
 @gpu
-@pytest.mark.parametrize("expected_m", [180, 100, 16])  # the widening kernel, the swap-AB one (128 and 16 tokens)
+# B widened first and the FP8 kernel, the widening kernel, the swap-AB one (128 and 16 tokens)
+@pytest.mark.parametrize("expected_m", [256, 180, 100, 16])
 def test_masked_cuda_graph_sees_new_counts(expected_m, seed):
     _, _, a, b = make_inputs(128, 512, 512, groups=4)
     b = (b[0], packed_ue8m0_mn_major(b[1], 512, 512, 4))
