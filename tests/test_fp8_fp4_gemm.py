@@ -352,8 +352,9 @@ def test_widen_kernel_compiles_without_spills(cache):
 
 
 def _widened_values(b, packed, groups, n, k):
-    """fp4_widen.widen's e4m3 weights times their block scales, [G, N, K] float32."""
-    widened, scales = fp4_widen.widen(b.view(groups * n, k // 2), packed, groups, n, k)
+    """The widening's e4m3 weights times their block scales, [G, N, K] float32."""
+    rows = b.view(groups * n, k // 2)
+    widened, scales = fp4_widen.plan(rows, groups, n, k).run(rows, packed)
     assert widened.shape == (groups, n, k) and scales.shape == (groups, -(-n // 128), -(-k // 128))
     blocks = scales.repeat_interleave(128, dim=1).repeat_interleave(128, dim=2)[:, :n, :k]
     return widened.float() * blocks, blocks
@@ -404,7 +405,7 @@ def test_fp8_configs_on_widened_b(config, m, n, k, seed):
     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype, accumulate=config.accumulate)
     plan = fp8_fp4_gemm.plan(desc, a[0], b[0], d, gpu_facts(), config)
     assert fp8_fp4_gemm.takes_widened_b(plan)
-    widened, scales = fp4_widen.widen(b[0], packed_ue8m0_mn_major(b[1], n, k), 1, n, k)
+    widened, scales = fp4_widen.plan(b[0], 1, n, k).run(b[0], packed_ue8m0_mn_major(b[1], n, k))
     plan.launch(a[0], moegemm.get_mn_major_tma_aligned_tensor(a[1]), widened, scales, d)
     assert_close(d, dense_reference(a, b, c))
 

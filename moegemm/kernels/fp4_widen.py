@@ -13,7 +13,7 @@ import torch
 
 from ..intmath import align, ceil_div
 from ..jit import compiler
-from ..jit.runtime import Kernel, KernelFamily, ParamsLayout, PlanCache, Slot
+from ..jit.runtime import Kernel, KernelFamily, ParamsLayout, Slot
 
 NUM_THREADS = 512  # Fp4WidenConfig::kNumThreads: a 128x128 block, one 1x32 part each
 PARAMS = ParamsLayout("moegemm::Fp4WidenParams", (
@@ -36,14 +36,22 @@ def build():
     return KERNELS.build(None)
 
 
+def _scale_offset(shape: tuple[int, int, int]) -> int:
+    """Where the block scales start in the widening's buffer: after the e4m3 weights, 16-byte aligned."""
+    return align(math.prod(shape), 16)
+
+
 @dataclass(frozen=True)
 class Plan:
     """The widening of one signature of B: the kernel's launch record and the output's layout."""
 
     shape: tuple[int, int, int]  # G, N, K
-    scale_offset: int
     kernel: Kernel
     record: bytes
+
+    @property
+    def scale_offset(self) -> int:
+        return _scale_offset(self.shape)
 
     @property
     def scale_shape(self) -> tuple[int, int, int]:
@@ -68,20 +76,10 @@ def plan(b: torch.Tensor, num_groups: int, n: int, k: int) -> Plan:
     num_blocks = num_groups * n_blocks * ceil_div(k, 128)
     if num_blocks >= 2**31:
         raise ValueError(f"b: {num_groups} x {n} x {k} weights are too many to widen in one launch")
-    values = dict(b_row=b.stride(-2), scale_offset=align(num_groups * n * k, 16), n=n, k=k, padded_n=align(n, 4),
+    values = dict(b_row=b.stride(-2), scale_offset=_scale_offset((num_groups, n, k)), n=n, k=k, padded_n=align(n, 4),
                   n_blocks=n_blocks)
     kernel = KERNELS.kernel(None)
-    return Plan((num_groups, n, k), values["scale_offset"], kernel, kernel.record(num_blocks, {}, values))
+    return Plan((num_groups, n, k), kernel, kernel.record(num_blocks, {}, values))
 
 
-_plans = PlanCache()
-
-
-def widen(b: torch.Tensor, sfb: torch.Tensor, num_groups: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``b``'s e4m3 values ``[G, N, K]`` and FP32 block scales ``[G, ceil(N/128), ceil(K/128)]`` (see
-    the module's docstring); ``sfb`` in the kernels' packed layout."""
-    key = (b.shape, b.stride(), num_groups, n, k, b.device)
-    return _plans.get(key, lambda: plan(b, num_groups, n, k)).run(b, sfb)
-
-
-__all__ = ["Plan", "build", "generate_source", "plan", "widen"]
+__all__ = ["Plan", "build", "generate_source", "plan"]

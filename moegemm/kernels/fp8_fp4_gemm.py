@@ -107,7 +107,7 @@ KERNELS = KernelFamily(_widening_name, generate_source, lambda config: dict(
     num_threads=config.num_threads, smem_bytes=config.smem_bytes, layout=PARAMS, cluster=config.cluster_size))
 # The FP8 plan's launch (A, SFA, B, SFB, D, groups), with B the packed FP4 bytes and SFB the packed
 # exponents [G * ceil(K/128), N'] that ``quant.transform_sf_into_required_layout`` makes, or for a
-# plan of the FP8 kernel (``takes_widened_b``) what ``fp4_widen.widen`` makes of them.
+# plan of the FP8 kernel (``takes_widened_b``) what ``fp4_widen.Plan.run`` makes of them.
 Plan = fp8_gemm.Plan
 
 
@@ -311,7 +311,7 @@ def build(config: Fp8Fp4GemmConfig | SwapAbConfig):
 
 
 def takes_widened_b(plan: Plan) -> bool:
-    """Whether ``plan`` runs the FP8 kernel, on B as ``fp4_widen.widen`` makes it."""
+    """Whether ``plan`` runs the FP8 kernel, on B as ``fp4_widen.Plan.run`` makes it."""
     return isinstance(plan.config, fp8_gemm.Fp8GemmConfig)
 
 

@@ -154,7 +154,8 @@ def _bind_dense(a, sfa, b, sfb, d, c):
     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=d.dtype, accumulate=c is not None)
     fold = per_token_scale_block(sfa, k) == 32
     plan = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index), pdl=device.get_pdl())
-    launch, widened = plan.launch_pointers, fp8_fp4_gemm.takes_widened_b(plan)
+    launch = plan.launch_pointers
+    widen = fp4_widen.plan(b, 1, n, k).run if fp8_fp4_gemm.takes_widened_b(plan) else None
     scales_ready = _scales_ready(sfa, sfb, n, k, None)
 
     def run_kernel(a, sfa, b, sfb, d, c):
@@ -168,8 +169,8 @@ def _bind_dense(a, sfa, b, sfb, d, c):
         if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
             sfa, sfb = _kernel_scales(sfa, sfb, n, k, None)
             sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
-        if widened:
-            b, sfb = fp4_widen.widen(b, sfb, 1, n, k)
+        if widen is not None:
+            b, sfb = widen(b, sfb)
             b_ptr, sfb_ptr = b.data_ptr(), sfb.data_ptr()
         launch(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
     return run_kernel
@@ -245,7 +246,8 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
     desc = GemmDesc(kind, expected_m, n, k, num_groups, out_dtype=d.dtype)
     fold = per_token_scale_block(sfa, k) == 32
     plan = fp8_fp4_gemm.plan(desc, _a_for_plan(a, fold), b, d, device.device_facts(index), pdl=device.get_pdl())
-    launch, widened = plan.launch_pointers, fp8_fp4_gemm.takes_widened_b(plan)
+    launch = plan.launch_pointers
+    widen = fp4_widen.plan(b, num_groups, n, k).run if fp8_fp4_gemm.takes_widened_b(plan) else None
     scales_ready = _scales_ready(sfa, sfb, n, k, num_groups)
 
     def run_kernel(a, sfa, b, sfb, d, groups, _):
@@ -259,8 +261,8 @@ def _bind_grouped(kind: GemmType, a, sfa, b, sfb, d, groups, expected_m: int):
         if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
             sfa, sfb = _kernel_scales(sfa, sfb, n, k, num_groups)
             sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
-        if widened:
-            b, sfb = fp4_widen.widen(b, sfb, num_groups, n, k)
+        if widen is not None:
+            b, sfb = widen(b, sfb)
             b_ptr, sfb_ptr = b.data_ptr(), sfb.data_ptr()
         launch(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr, groups_ptr)
     return run_kernel
