@@ -29,6 +29,13 @@ from .ops.fp8_gemm import (
     m_grouped_fp8_gemm_nt_masked,
 )
 from .ops.hc_prenorm import tf32_hc_prenorm_gemm
+from .ops.mega_moe import (
+    MegaMoeBuffer,
+    bf16_mega_moe,
+    fp8_fp4_mega_moe,
+    get_symm_buffer_for_mega_moe,
+    transform_weights_for_mega_moe,
+)
 from .quant import (
     cast_back_from_fp4,
     get_mn_major_tma_aligned_tensor,
@@ -47,6 +54,7 @@ from .testing import bench_graph, bench_kernel, calc_diff
 register_custom_ops()
 
 __all__ = [
+    "MegaMoeBuffer",
     "UnsupportedGPUError",
     "align",
     "bench_graph",
@@ -55,17 +63,20 @@ __all__ = [
     "bf16_gemm_nt",
     "bf16_gemm_tn",
     "bf16_gemm_tt",
+    "bf16_mega_moe",
     "calc_diff",
     "cast_back_from_fp4",
     "ceil_div",
     "einsum",
     "fp8_fp4_gemm_nt",
+    "fp8_fp4_mega_moe",
     "fp8_gemm_nt",
     "get_check_groups",
     "get_mk_alignment_for_contiguous_layout",
     "get_mn_major_tma_aligned_tensor",
     "get_num_sms",
     "get_pdl",
+    "get_symm_buffer_for_mega_moe",
     "get_tma_aligned_size",
     "k_grouped_bf16_gemm_tn_contiguous",
     "m_grouped_bf16_gemm_nn_contiguous",
@@ -86,6 +97,7 @@ __all__ = [
     "set_pdl",
     "tf32_hc_prenorm_gemm",
     "transform_sf_into_required_layout",
+    "transform_weights_for_mega_moe",
     "unpack_fp4",
     "unpack_ue8m0",
 ]

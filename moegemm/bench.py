@@ -865,12 +865,70 @@ def print_fp4_summary(rows: list[Fp4Row]) -> None:
               f"{sum(r.bound < 1.7 for r in decode)} of {len(decode)}")
 
 
-SECTIONS = ("fp8", "bf16", "fp4")
+@dataclass
+class MoeRow:
+    mma_type: str
+    tokens: int
+    experts: int
+    touched: int  # experts that receive a token
+    unfused_us: float  # every kernel of moegemm's unfused pipeline (fp8_fp4_mega_moe today)
+    weight_tbps: float  # the touched experts' weight bytes over unfused_us
+    copy_share: float
+
+
+# DeepSeek-style layers: hidden 7168, intermediate 3072, top-6 (issue 24's shapes).
+MOE_LAYERS = [(tokens, experts) for tokens in (128, 512, 4096, 8192) for experts in (32, 384)]
+MOE_HIDDEN, MOE_INTERMEDIATE, MOE_TOPK = 7168, 3072, 6
+
+
+def _random_fp4(experts: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random e2m1 codes with random 1x32 UE8M0 scales (2^-8 to 2^-1), in the layout the calls take."""
+    packed = torch.randint(-128, 128, (experts, n, k // 2), dtype=torch.int8, device="cuda")
+    sf = torch.exp2(-torch.randint(1, 9, (experts, n, k // 32), device="cuda").float())
+    return packed, api.transform_sf_into_required_layout(sf, n, k, (1, 32), experts)
+
+
+def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
+    """The MoE layer (FP8 tokens, FP4 weights) through moegemm's unfused pipeline, all its kernels timed
+    together, on random routing (top-6 of random scores); GB/s over the weights of the experts touched."""
+    print(f"\nMoE layer, fp8 x fp4 (hidden {MOE_HIDDEN}, intermediate {MOE_INTERMEDIATE}, top-{MOE_TOPK}): moegemm's "
+          f"unfused pipeline (dispatch, grouped GEMM, SwiGLU + FP8 cast, grouped GEMM, combine), all its kernels; "
+          f"weight TB/s: the touched experts' FP4 weights and scales over its time")
+    print(f"{'tokens':>6} {'experts':>7} {'touched':>7} | {'unfused us':>10} | {'weight TB/s':>11} {'of copy':>7}")
+    rows = []
+    for experts in sorted({e for _, e in MOE_LAYERS}):
+        l1 = _random_fp4(experts, 2 * MOE_INTERMEDIATE, MOE_HIDDEN)
+        l2 = _random_fp4(experts, MOE_HIDDEN, MOE_INTERMEDIATE)
+        per_expert = sum(t[0].numel() + 4 * t[1].numel() for t in (l1, l2)) // experts
+        for tokens in sorted(t for t, e in MOE_LAYERS if e == experts):
+            buffer = api.get_symm_buffer_for_mega_moe(None, experts, tokens, MOE_TOPK, MOE_HIDDEN, MOE_INTERMEDIATE)
+            x = torch.randn(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
+            x, sf = api.per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
+            buffer.x.copy_(x)
+            buffer.x_sf.copy_(sf)
+            weights, idx = torch.topk(torch.randn(tokens, experts, device="cuda"), MOE_TOPK, dim=-1)
+            buffer.topk_idx.copy_(idx)
+            buffer.topk_weights.copy_(weights.softmax(-1))
+            y = torch.empty(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
+            us = kernel_time_us(functools.partial(api.fp8_fp4_mega_moe, y, l1, l2, buffer), iters)
+            touched = int(idx.unique().numel())
+            tbps = touched * per_expert / us / 1e6
+            row = MoeRow("fp8xfp4", tokens, experts, touched, us, tbps, tbps / copy_tbps)
+            print(f"{tokens:>6} {experts:>7} {touched:>7} | {us:>10.1f} | {tbps:>11.2f} {row.copy_share:>7.1%}")
+            rows.append(row)
+            buffer.destroy()
+        del l1, l2
+        torch.cuda.empty_cache()
+    return rows
+
+
+SECTIONS = ("fp8", "bf16", "fp4", "moe")
 
 
 def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> None:
     """Run the benchmark ``sections``: "fp8" (the FP8 GEMMs and casts), "bf16" (the BF16 GEMMs,
-    einsum and the hyper-connection GEMM), "fp4" (the FP8 x FP4 GEMMs beside the FP8 ones)."""
+    einsum and the hyper-connection GEMM), "fp4" (the FP8 x FP4 GEMMs beside the FP8 ones), "moe" (the
+    MoE layer of DeepGEMM's Mega MoE API)."""
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     # Host time first: once torch.profiler has run in a process, every kernel launch costs several us
@@ -897,6 +955,9 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
         fp4 = bench_fp4(limits["copy_tbps"], limits["fp8_per_tensor_tflops"])
         print_fp4_summary(fp4)
         results.update(fp4=[asdict(r) for r in fp4])
+    if "moe" in sections:
+        moe = bench_moe_layer(limits["copy_tbps"])
+        results.update(moe=[asdict(r) for r in moe])
     if "bf16" in sections:
         bf16 = bench_bf16_dense() + bench_bf16_grouped() + bench_bf16_k_grouped() + bench_bf16_einsum()
         print_bf16_table(bf16)

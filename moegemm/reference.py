@@ -20,16 +20,18 @@ import torch
 
 from . import checks
 from .intmath import align, ceil_div
-from .quant import BLOCK, per_token_scale_block, unpack_fp4, unpack_ue8m0
+from .quant import BLOCK, per_token_cast_to_fp8, per_token_scale_block, unpack_fp4, unpack_ue8m0
 
 __all__ = [
     "bf16_gemm_nn",
+    "bf16_mega_moe",
     "bf16_gemm_nt",
     "bf16_gemm_tn",
     "bf16_gemm_tt",
     "dequantize_per_block",
     "dequantize_per_token",
     "einsum",
+    "fp8_fp4_mega_moe",
     "fp8_gemm_nt",
     "k_grouped_bf16_gemm_tn_contiguous",
     "m_grouped_bf16_gemm_nn_contiguous",
@@ -726,3 +728,62 @@ def tf32_hc_prenorm_gemm(
         _product_into(d[split], slice(0, m), a[:, columns], b[:, columns])
         for idx in _split_rows(slice(0, m), _rows_per_chunk(columns.stop - columns.start, 1)):
             sqr_sum[split, idx] = a[idx, columns].float().square().sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The MoE layer (DeepGEMM's Mega MoE API)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mega_moe(y: torch.Tensor, buffer, x: torch.Tensor, l1_of: Callable[[int], torch.Tensor],
+              l2_of: Callable[[int], torch.Tensor], requantise: Callable[[torch.Tensor], torch.Tensor],
+              stats: torch.Tensor | None, clamp: float | None) -> None:
+    """The layer expert by expert: ``x`` the tokens in float32, ``l1_of(e)`` / ``l2_of(e)`` expert e's
+    weights in float32, ``requantise`` what becomes of the activation before L2."""
+    num_tokens, hidden = y.shape
+    experts = buffer.topk_idx[:num_tokens].long()
+    weights = buffer.topk_weights[:num_tokens].float()
+    outputs = torch.zeros(num_tokens, buffer.num_topk, hidden, device=y.device)
+    for expert in range(buffer.num_experts):
+        tokens, ks = (experts == expert).nonzero(as_tuple=True)
+        if stats is not None:
+            stats[expert] += tokens.numel()
+        if tokens.numel() == 0:
+            continue
+        h = (x[tokens] @ l1_of(expert).t()).bfloat16().float()
+        gate, up = h.chunk(2, dim=-1)
+        if clamp is not None:
+            gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+        act = requantise(torch.nn.functional.silu(gate) * up * weights[tokens, ks].unsqueeze(-1))
+        outputs[tokens, ks] = (act @ l2_of(expert).t()).bfloat16().float()
+    total = torch.zeros(num_tokens, hidden, device=y.device)
+    for k in range(buffer.num_topk):
+        total += outputs[:, k]
+    y.copy_(total)
+
+
+def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights: FP4Operand, l2_weights: FP4Operand, sym_buffer,
+                     cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+                     recipe: tuple[int, int, int] = (1, 1, 32), activation: str = "swiglu",
+                     activation_clamp: float | None = None, fast_math: bool = True) -> None:
+    """The MoE layer of ``moegemm.fp8_fp4_mega_moe`` from the dequantised tokens and weights, expert by
+    expert in float32, the activation quantised per 1x32 with power-of-two scales."""
+    del recipe, activation, fast_math
+    x = dequantize_per_token(sym_buffer.x[: y.shape[0]], sym_buffer.x_sf[: y.shape[0]], 32)
+    l1, l2 = dequantize_fp4(*l1_weights), dequantize_fp4(*l2_weights)
+
+    def requantise(act: torch.Tensor) -> torch.Tensor:
+        return dequantize_per_token(*per_token_cast_to_fp8(act, use_ue8m0=True, gran_k=32), 32)
+
+    _mega_moe(y, sym_buffer, x, lambda e: l1[e], lambda e: l2[e], requantise, cumulative_local_expert_recv_stats,
+              activation_clamp)
+
+
+def bf16_mega_moe(y: torch.Tensor, l1_weights: torch.Tensor, l2_weights: torch.Tensor, sym_buffer,
+                  cumulative_local_expert_recv_stats: torch.Tensor | None = None, activation: str = "swiglu",
+                  activation_clamp: float | None = None, fast_math: bool = True) -> None:
+    """The MoE layer of ``moegemm.bf16_mega_moe`` in float32, the activation rounded to BF16."""
+    del activation, fast_math
+    _mega_moe(y, sym_buffer, sym_buffer.x[: y.shape[0]].float(), lambda e: l1_weights[e].float(),
+              lambda e: l2_weights[e].float(), lambda act: act.bfloat16().float(), cumulative_local_expert_recv_stats,
+              activation_clamp)

@@ -1,0 +1,361 @@
+"""An MoE layer through DeepGEMM's Mega MoE API: dispatch, linear 1, SwiGLU, linear 2 and combine.
+
+Today this runs moegemm's own kernels one after another (the unfused pipeline that a fused kernel is
+measured against): the routed (token, expert) pairs sorted by expert into the contiguous grouped
+layout (each expert's rows from a multiple of 128, ``use_psum_layout``), the grouped FP8 x FP4 (or
+BF16) GEMM, SwiGLU times the routing weight re-quantised per 1x32 with UE8M0 scales, the second
+grouped GEMM, and the weighted sum back per token. Every step runs on the GPU from the routing the
+caller wrote into the buffer: the CPU reads no GPU value, so a call can be captured in a CUDA graph
+and replayed with other routing. The buffer holds every intermediate, sized for the worst case.
+
+Numerics (DeepGEMM's): for each token t and each k with e = topk_idx[t, k] in [0, E): h = L1_e(x[t])
+in FP32, gate and up rounded to BF16 (with a clamp c: gate = min(gate, c), up = clamp(up, -c, c));
+a = SiLU(gate) * up * topk_weights[t, k] in FP32; FP8: a quantised per 1x32 with power-of-two scales
+(BF16: a rounded to BF16); o_k = BF16(L2_e(a)); y[t] = BF16 of the FP32 sum of o_k over k in
+ascending order (0 for a token with no expert). SiLU is torch's (``fast_math`` changes nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import checks
+from ..intmath import align
+from ..quant import BLOCK, per_token_cast_to_fp8, transform_sf_into_required_layout
+from .bf16_gemm import m_grouped_bf16_gemm_nt_contiguous
+from .fp8_fp4_gemm import m_grouped_fp8_fp4_gemm_nt_contiguous
+from .fp8_gemm import get_mk_alignment_for_contiguous_layout
+
+MMA_TYPES = ("fp8xfp4", "bf16xbf16")
+ACTIVATIONS = ("swiglu",)
+FP8_RECIPE = (1, 1, 32)
+
+
+@dataclass
+class MegaMoeBuffer:
+    """The layer's inputs and scratch for up to ``num_max_tokens_per_rank`` tokens.
+
+    The caller writes its tokens and routing into the first rows of ``x``, ``x_sf`` (fp8xfp4),
+    ``topk_idx`` and ``topk_weights``, then calls ``fp8_fp4_mega_moe`` / ``bf16_mega_moe`` with a
+    ``y`` of as many rows as tokens.
+
+    - ``x``: float8_e4m3fn (bf16xbf16: bfloat16) ``[num_max_tokens_per_rank, hidden]``.
+    - ``x_sf``: int32 ``[num_max_tokens_per_rank, hidden / 128]``, the 1x32 UE8M0 scales packed four
+      per int32 (``per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)``);
+      None for bf16xbf16.
+    - ``topk_idx``: int64 ``[num_max_tokens_per_rank, num_topk]``, the experts (-1: none).
+    - ``topk_weights``: float32 ``[num_max_tokens_per_rank, num_topk]``.
+    """
+
+    group: object
+    num_experts: int
+    num_max_tokens_per_rank: int
+    num_topk: int
+    hidden: int
+    intermediate_hidden: int
+    mma_type: str
+    x: torch.Tensor
+    x_sf: torch.Tensor | None
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    # Scratch, [rows, ...] in the contiguous grouped layout plus one spare row that the routed pairs of
+    # no expert point at: the dispatched tokens (and scales), L1's output, the activation (and
+    # scales), L2's output.
+    rows: int
+    tokens: torch.Tensor
+    tokens_sf: torch.Tensor | None
+    l1_out: torch.Tensor
+    act: torch.Tensor
+    act_sf: torch.Tensor | None
+    l2_out: torch.Tensor
+
+    def destroy(self) -> None:
+        """Drop the buffer's memory (DeepGEMM's name; the tensors are freed once unreferenced)."""
+        for name in ("x", "x_sf", "topk_idx", "topk_weights", "tokens", "tokens_sf", "l1_out", "act", "act_sf",
+                     "l2_out"):
+            setattr(self, name, None)
+
+
+def _positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _group_size(group: object) -> int:
+    return 1 if group is None else int(group.size())
+
+
+def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
+                                 hidden: int, intermediate_hidden: int, use_fp8_dispatch: bool | None = None,
+                                 mma_type: str = "fp8xfp4", activation: str = "swiglu",
+                                 device: torch.device | str | None = None) -> MegaMoeBuffer:
+    """The buffer of ``fp8_fp4_mega_moe`` / ``bf16_mega_moe`` (see :class:`MegaMoeBuffer`).
+
+    Args:
+        group: None or a process group of one rank (plain device memory). Groups of several ranks
+            (torch symmetric memory, experts split over the ranks) are not served yet.
+        num_experts: experts of the layer (all local with one rank).
+        num_max_tokens_per_rank: the most tokens a call takes.
+        num_topk: experts per token.
+        hidden, intermediate_hidden: H and I, multiples of 128; L1 maps H to 2 * I, L2 I to H.
+        use_fp8_dispatch: DeepGEMM's older spelling of ``mma_type`` (True: fp8xfp4).
+        mma_type: "fp8xfp4" (FP8 tokens, FP4 weights) or "bf16xbf16".
+        activation: "swiglu".
+        device: where to allocate (default: the current CUDA device; "cpu" runs the reference GEMMs).
+    """
+    if _group_size(group) != 1:
+        raise NotImplementedError(f"group: expected None or a group of one rank, got {_group_size(group)} ranks "
+                                  f"(the layer across GPUs over symmetric memory is not built yet)")
+    if use_fp8_dispatch is not None and use_fp8_dispatch != (mma_type == "fp8xfp4"):
+        raise ValueError(f"use_fp8_dispatch: {use_fp8_dispatch} contradicts mma_type {mma_type!r}")
+    if mma_type not in MMA_TYPES:
+        raise ValueError(f"mma_type: expected one of {MMA_TYPES}, got {mma_type!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    num_experts, tokens, num_topk = (_positive(name, value) for name, value in (
+        ("num_experts", num_experts), ("num_max_tokens_per_rank", num_max_tokens_per_rank), ("num_topk", num_topk)))
+    for name, value in (("hidden", hidden), ("intermediate_hidden", intermediate_hidden)):
+        if _positive(name, value) % BLOCK:
+            raise ValueError(f"{name}: expected a multiple of {BLOCK}, got {value}")
+    if num_topk > num_experts:
+        raise ValueError(f"num_topk: expected at most num_experts ({num_experts}), got {num_topk}")
+    device = torch.device(device if device is not None else "cuda")
+    fp8 = mma_type == "fp8xfp4"
+    act_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    # Each expert's rows start at a multiple of the alignment: the routed pairs plus at most
+    # alignment - 1 padding rows an expert.
+    alignment = get_mk_alignment_for_contiguous_layout()
+    rows = align(tokens * num_topk + num_experts * (alignment - 1), alignment)
+
+    def scales(n: int, k: int) -> torch.Tensor | None:
+        return torch.empty(n, k // BLOCK, dtype=torch.int32, device=device) if fp8 else None
+
+    return MegaMoeBuffer(
+        group, num_experts, tokens, num_topk, hidden, intermediate_hidden, mma_type,
+        x=torch.empty(tokens, hidden, dtype=act_dtype, device=device), x_sf=scales(tokens, hidden),
+        topk_idx=torch.full((tokens, num_topk), -1, dtype=torch.int64, device=device),
+        topk_weights=torch.zeros(tokens, num_topk, dtype=torch.float32, device=device),
+        rows=rows, tokens=torch.empty(rows, hidden, dtype=act_dtype, device=device), tokens_sf=scales(rows, hidden),
+        l1_out=torch.empty(rows, 2 * intermediate_hidden, dtype=torch.bfloat16, device=device),
+        act=torch.empty(rows + 1, intermediate_hidden, dtype=act_dtype, device=device),
+        act_sf=scales(rows + 1, intermediate_hidden),
+        l2_out=torch.empty(rows + 1, hidden, dtype=torch.bfloat16, device=device))
+
+
+def _fp4_weights(name: str, weights: object, experts: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP4 weights ``(int8 [E, n, k/2], 1x32 scales)`` checked, the scales as the GEMMs take them."""
+    if not isinstance(weights, (tuple, list)) or len(weights) != 2:
+        raise TypeError(f"{name}: expected an (int8 packed FP4 tensor, scales) pair, got {type(weights).__name__}")
+    packed, sf = weights
+    checks.tensor(f"{name}[0]", packed, (torch.int8, torch.uint8), 3)
+    checks.shape(f"{name}[0]", packed, (experts, n, k // 2))
+    checks.is_tensor(f"{name}[1]", sf)
+    if sf.dtype == torch.float32:
+        checks.shape(f"{name}[1]", sf, (experts, n, k // 32))
+        sf = transform_sf_into_required_layout(sf, n, k, (1, 32), experts)
+    checks.dtype(f"{name}[1]", sf, (torch.int32,))
+    checks.shape(f"{name}[1]", sf, (experts, n, k // BLOCK))
+    return packed, sf
+
+
+def _bf16_weights(name: str, weights: object, experts: int, n: int, k: int) -> torch.Tensor:
+    checks.tensor(name, weights, (torch.bfloat16,), 3)
+    checks.shape(name, weights, (experts, n, k))
+    return weights
+
+
+def _layer_dims(l1_weights: object, l2_weights: object) -> tuple[int, int, int]:
+    """(E, H, I) from L1 ``[E, 2I, H(/2)]`` and L2 ``[E, H, I(/2)]`` (FP4 pairs or BF16 tensors)."""
+    l1 = l1_weights[0] if isinstance(l1_weights, (tuple, list)) else l1_weights
+    l2 = l2_weights[0] if isinstance(l2_weights, (tuple, list)) else l2_weights
+    checks.is_tensor("l1_weights", l1)
+    checks.is_tensor("l2_weights", l2)
+    if l1.dim() != 3 or l2.dim() != 3:
+        raise ValueError(f"l1_weights, l2_weights: expected [E, 2I, H] and [E, H, I], got shapes "
+                         f"{tuple(l1.shape)} and {tuple(l2.shape)}")
+    experts, hidden = l2.shape[:2]
+    if l1.shape[1] % 2:
+        raise ValueError(f"l1_weights: expected 2 * I rows (gate, then up), got {l1.shape[1]}")
+    return experts, hidden, l1.shape[1] // 2
+
+
+def transform_weights_for_mega_moe(l1_weights: object, l2_weights: object, activation: str = "swiglu"):
+    """The layer's weights in the layout the calls take: FP4 pairs ``(int8 [E, 2I, H/2], scales)`` and
+    ``(int8 [E, H, I/2], scales)`` with their 1x32 UE8M0 scales (float32 ``[.., K/32]`` or packed int32)
+    as packed int32 ``[E, N, K/128]``; BF16 ``[E, 2I, H]`` and ``[E, H, I]`` as they are. L1's rows are
+    gate (the first I) then up. Do it once, when the weights are loaded."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
+    if isinstance(l1_weights, (tuple, list)):
+        return (_fp4_weights("l1_weights", l1_weights, experts, 2 * inter, hidden),
+                _fp4_weights("l2_weights", l2_weights, experts, hidden, inter))
+    return (_bf16_weights("l1_weights", l1_weights, experts, 2 * inter, hidden),
+            _bf16_weights("l2_weights", l2_weights, experts, hidden, inter))
+
+
+def _check_call(y: torch.Tensor, buffer: MegaMoeBuffer, mma_type: str, experts: int, hidden: int, inter: int,
+                stats: torch.Tensor | None, activation: str, activation_clamp: float | None) -> int:
+    """The call's arguments against the buffer; returns the number of tokens."""
+    if not isinstance(buffer, MegaMoeBuffer):
+        raise TypeError(f"sym_buffer: expected what get_symm_buffer_for_mega_moe returns, got {type(buffer).__name__}")
+    if buffer.x is None:
+        raise ValueError("sym_buffer: destroyed")
+    if buffer.mma_type != mma_type:
+        raise ValueError(f"sym_buffer: expected one made with mma_type={mma_type!r}, got {buffer.mma_type!r}")
+    got = (buffer.num_experts, buffer.hidden, buffer.intermediate_hidden)
+    if got != (experts, hidden, inter):
+        raise ValueError(f"l1_weights, l2_weights: expected (E, H, I) = {got} as the buffer was made, got "
+                         f"{(experts, hidden, inter)}")
+    checks.tensor("y", y, (torch.bfloat16,), 2)
+    if y.shape[1] != hidden or y.shape[0] > buffer.num_max_tokens_per_rank:
+        raise ValueError(f"y: expected [T, {hidden}] with T <= {buffer.num_max_tokens_per_rank}, got "
+                         f"{tuple(y.shape)}")
+    if y.device != buffer.x.device:
+        raise ValueError(f"y: expected a tensor on the buffer's device {buffer.x.device}, got {y.device}")
+    if stats is not None:
+        checks.tensor("cumulative_local_expert_recv_stats", stats, (torch.int32, torch.int64), 1)
+        checks.shape("cumulative_local_expert_recv_stats", stats, (experts,))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if activation_clamp is not None and not activation_clamp > 0:
+        raise ValueError(f"activation_clamp: expected None or a positive number, got {activation_clamp!r}")
+    return y.shape[0]
+
+
+@dataclass
+class _Routing:
+    """Where the routed pairs go: ``pair_rows`` [T * k] each (token, k) pair's row in the contiguous
+    layout (the spare row ``rows`` for a pair of no expert), ``ends`` int32 [E] each expert's end row
+    (the psum layout), ``counts`` [E] the pairs each expert receives."""
+
+    pair_rows: torch.Tensor
+    ends: torch.Tensor
+    counts: torch.Tensor
+
+
+def _route(topk_idx: torch.Tensor, num_experts: int, spare_row: int) -> _Routing:
+    """The pairs sorted by expert (then token, then k: a stable sort), each expert's rows from a multiple
+    of the contiguous layout's alignment; on the device, reading nothing back."""
+    alignment = get_mk_alignment_for_contiguous_layout()
+    experts = topk_idx.flatten()
+    experts = torch.where((experts >= 0) & (experts < num_experts), experts, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=experts.device)
+    counts.index_add_(0, experts, torch.ones_like(experts))
+    order = torch.sort(experts, stable=True).indices
+    sorted_experts = experts[order]
+    first = torch.cumsum(counts, 0) - counts  # each expert's first place in the sorted order
+    padded = (counts[:num_experts] + alignment - 1) // alignment * alignment
+    starts = torch.cat((torch.cumsum(padded, 0) - padded, counts.new_full((1,), spare_row)))
+    rank = torch.arange(experts.numel(), device=experts.device) - first[sorted_experts]
+    rows = torch.where(sorted_experts < num_experts, starts[sorted_experts] + rank, spare_row)
+    pair_rows = torch.empty_like(rows).scatter_(0, order, rows)
+    ends = (starts[:num_experts] + counts[:num_experts]).to(torch.int32)
+    return _Routing(pair_rows, ends, counts[:num_experts])
+
+
+def _swiglu(l1_out: torch.Tensor, weights: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    """SiLU(gate) * up * the routing weight in FP32, gate and up the two halves of ``l1_out`` (BF16)."""
+    inter = l1_out.shape[-1] // 2
+    gate, up = l1_out[..., :inter].float(), l1_out[..., inter:].float()
+    if clamp is not None:
+        gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+    return torch.nn.functional.silu(gate) * up * weights.unsqueeze(-1)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
+           activation_clamp: float | None) -> None:
+    """The unfused pipeline; ``gemm(a, b_index, d, ends)`` runs L1 (b_index 0) or L2 (1) on the
+    contiguous layout."""
+    routing = _route(buffer.topk_idx[:num_tokens], buffer.num_experts, buffer.rows)
+    rows, topk, fp8 = buffer.rows, buffer.num_topk, buffer.mma_type == "fp8xfp4"
+    pair_tokens = torch.arange(num_tokens * topk, device=y.device) // topk
+    # Each row's token (rows of no pair: token 0, whose copy no expert's GEMM reads).
+    row_tokens = torch.zeros(rows + 1, dtype=torch.int64, device=y.device).scatter_(0, routing.pair_rows, pair_tokens)
+    # FP8 moves as bytes: index_select and index_copy_ take no float8 dtype on every device.
+    torch.index_select(_bytes(buffer.x[:num_tokens]), 0, row_tokens[:rows], out=_bytes(buffer.tokens))
+    if fp8:
+        torch.index_select(buffer.x_sf[:num_tokens], 0, row_tokens[:rows], out=buffer.tokens_sf)
+    gemm((buffer.tokens, buffer.tokens_sf) if fp8 else buffer.tokens, 0, buffer.l1_out, routing.ends)
+    # The activation of the routed pairs only (not the layout's padding rows), into their rows.
+    l1_pairs = buffer.l1_out[routing.pair_rows.clamp(max=rows - 1)]
+    act = _swiglu(l1_pairs, buffer.topk_weights[:num_tokens].flatten(), activation_clamp)
+    if fp8:
+        act, act_sf = per_token_cast_to_fp8(act, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
+        buffer.act_sf.index_copy_(0, routing.pair_rows, act_sf)
+    _bytes(buffer.act).index_copy_(0, routing.pair_rows, _bytes(act.to(buffer.act.dtype)))
+    # The spare row of L2's output stays zero: the pairs of no expert add nothing.
+    buffer.l2_out[rows].zero_()
+    gemm((buffer.act[:rows], buffer.act_sf[:rows]) if fp8 else buffer.act[:rows], 1, buffer.l2_out[:rows],
+         routing.ends)
+    outputs = buffer.l2_out[routing.pair_rows].view(num_tokens, topk, -1)
+    total = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    for k in range(topk):
+        total += outputs[:, k]
+    y.copy_(total)
+    if stats is not None:
+        stats += routing.counts.to(stats.dtype)
+
+
+def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights: tuple[torch.Tensor, torch.Tensor],
+                     l2_weights: tuple[torch.Tensor, torch.Tensor], sym_buffer: MegaMoeBuffer,
+                     cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+                     recipe: tuple[int, int, int] = FP8_RECIPE, activation: str = "swiglu",
+                     activation_clamp: float | None = None, fast_math: bool = True) -> None:
+    """The MoE layer with FP8 tokens and FP4 weights: ``y[t] = sum over k of L2_e(act(L1_e(x[t])))``
+    (e = ``topk_idx[t, k]``; the module docstring has the numerics), written into ``y``.
+
+    Args:
+        y: bfloat16 ``[T, H]``, T <= the buffer's ``num_max_tokens_per_rank``; tokens, scales and
+            routing are the buffer's first T rows.
+        l1_weights: ``(int8 [E, 2I, H/2], scales)``: e2m1 codes packed two per byte (element 2i in the
+            low nibble), gate rows then up rows, 1x32 UE8M0 scales (``transform_weights_for_mega_moe``).
+        l2_weights: ``(int8 [E, H, I/2], scales)`` likewise.
+        sym_buffer: from ``get_symm_buffer_for_mega_moe(..., mma_type="fp8xfp4")``.
+        cumulative_local_expert_recv_stats: int32 ``[E]``, each expert's received pairs added.
+        recipe: (1, 1, 32), the only one: 1x32 UE8M0 scales for tokens and weights.
+        activation: "swiglu". activation_clamp: None or c > 0 (see the module docstring).
+        fast_math: accepted for DeepGEMM's signature; SiLU is torch's either way.
+    """
+    del fast_math
+    if tuple(recipe) != FP8_RECIPE:
+        raise ValueError(f"recipe: expected {FP8_RECIPE} (1x32 UE8M0 scales for tokens and weights), got {recipe!r}")
+    experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
+    weights = (_fp4_weights("l1_weights", l1_weights, experts, 2 * inter, hidden),
+               _fp4_weights("l2_weights", l2_weights, experts, hidden, inter))
+    num_tokens = _check_call(y, sym_buffer, "fp8xfp4", experts, hidden, inter, cumulative_local_expert_recv_stats,
+                             activation, activation_clamp)
+    if num_tokens == 0:
+        return
+
+    def gemm(a, index, d, ends):
+        m_grouped_fp8_fp4_gemm_nt_contiguous(a, weights[index], d, ends, use_psum_layout=True)
+
+    _layer(y, sym_buffer, num_tokens, gemm, cumulative_local_expert_recv_stats, activation_clamp)
+
+
+def bf16_mega_moe(y: torch.Tensor, l1_weights: torch.Tensor, l2_weights: torch.Tensor, sym_buffer: MegaMoeBuffer,
+                  cumulative_local_expert_recv_stats: torch.Tensor | None = None, activation: str = "swiglu",
+                  activation_clamp: float | None = None, fast_math: bool = True) -> None:
+    """:func:`fp8_fp4_mega_moe` with BF16 tokens (the buffer's ``x``) and BF16 weights ``[E, 2I, H]``
+    and ``[E, H, I]``; the activation is rounded to BF16 instead of quantised."""
+    del fast_math
+    experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
+    weights = (_bf16_weights("l1_weights", l1_weights, experts, 2 * inter, hidden),
+               _bf16_weights("l2_weights", l2_weights, experts, hidden, inter))
+    num_tokens = _check_call(y, sym_buffer, "bf16xbf16", experts, hidden, inter, cumulative_local_expert_recv_stats,
+                             activation, activation_clamp)
+    if num_tokens == 0:
+        return
+
+    def gemm(a, index, d, ends):
+        m_grouped_bf16_gemm_nt_contiguous(a, weights[index], d, ends, use_psum_layout=True)
+
+    _layer(y, sym_buffer, num_tokens, gemm, cumulative_local_expert_recv_stats, activation_clamp)

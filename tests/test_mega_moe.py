@@ -1,0 +1,192 @@
+"""The MoE layer (DeepGEMM's Mega MoE API): the pipeline of moegemm's kernels against the expert-by-expert
+reference, routing edge cases, the received-token stats, CUDA-graph replay with new routing, and bad
+arguments. On the CPU the pipeline runs the reference GEMMs, so its routing is tested there too."""
+
+import pytest
+import torch
+
+import moegemm
+from moegemm import reference
+from moegemm.testing import calc_diff
+
+gpu = pytest.mark.gpu
+MMA_TYPES = ("fp8xfp4", "bf16xbf16")
+
+
+def _fp4(weights):
+    """FP4 weights ``(int8 [E, N, K/2], packed scales)`` of BF16 ``weights [E, N, K]``."""
+    experts, n, k = weights.shape
+    packed, sf = moegemm.per_token_cast_to_fp4(weights.flatten(0, 1), use_ue8m0=True, gran_k=32)
+    sf = moegemm.transform_sf_into_required_layout(sf.view(experts, n, -1), n, k, (1, 32), experts)
+    return packed.view(experts, n, k // 2), sf
+
+
+def make_layer(mma_type, experts=8, hidden=256, inter=128, topk=3, max_tokens=48, device="cuda"):
+    """A buffer and weights of one layer; ``fill`` writes tokens and routing into the buffer."""
+    buffer = moegemm.get_symm_buffer_for_mega_moe(None, experts, max_tokens, topk, hidden, inter,
+                                                  mma_type=mma_type, device=device)
+    l1 = torch.randn(experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
+    l2 = torch.randn(experts, hidden, inter, device=device, dtype=torch.bfloat16) / inter**0.5
+    if mma_type == "fp8xfp4":
+        l1, l2 = _fp4(l1), _fp4(l2)
+    return buffer, moegemm.transform_weights_for_mega_moe(l1, l2)
+
+
+def fill(buffer, num_tokens, idx=None, masked_ratio=0.0):
+    """Random tokens and routing (top-k of random scores, a share of entries -1) into ``buffer``."""
+    device = buffer.x.device
+    x = torch.randn(num_tokens, buffer.hidden, device=device, dtype=torch.bfloat16)
+    if buffer.mma_type == "fp8xfp4":
+        x, sf = moegemm.per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
+        buffer.x_sf[:num_tokens].copy_(sf)
+    buffer.x[:num_tokens].copy_(x)
+    scores = torch.randn(num_tokens, buffer.num_experts, device=device)
+    weights, chosen = torch.topk(scores, buffer.num_topk, dim=-1)
+    if idx is not None:
+        chosen = idx.to(device)
+    chosen = chosen.masked_fill(torch.rand(chosen.shape, device=device) < masked_ratio, -1)
+    buffer.topk_idx[:num_tokens].copy_(chosen)
+    buffer.topk_weights[:num_tokens].copy_(weights.softmax(-1).masked_fill(chosen < 0, 0))
+
+
+def run(mma_type, buffer, weights, y, stats=None, clamp=None, op=moegemm):
+    fn = op.fp8_fp4_mega_moe if mma_type == "fp8xfp4" else op.bf16_mega_moe
+    fn(y, *weights, buffer, cumulative_local_expert_recv_stats=stats, activation_clamp=clamp)
+
+
+# The FP8 path re-quantises the activation from an L1 output whose FP32 rounding differs from the
+# reference's in the last bit now and then; an activation that lands on the other side of an e4m3
+# rounding boundary moves its token's outputs by up to ~1% at these small I.
+TOLERANCE = {"fp8xfp4": 2e-4, "bf16xbf16": 1e-5}
+
+
+def check_against_reference(mma_type, buffer, weights, num_tokens, clamp=None):
+    device = buffer.x.device
+    stats = torch.randint(0, 100, (buffer.num_experts,), dtype=torch.int32, device=device)
+    expected_stats = stats.clone()
+    y = torch.full((num_tokens, buffer.hidden), float("nan"), dtype=torch.bfloat16, device=device)
+    ref = torch.empty_like(y)
+    run(mma_type, buffer, weights, y, stats, clamp)
+    run(mma_type, buffer, weights, ref, expected_stats, clamp, op=reference)
+    assert torch.equal(stats, expected_stats)
+    assert not y.isnan().any()
+    if num_tokens:
+        assert calc_diff(y.float(), ref.float()) < TOLERANCE[mma_type]
+    return y, ref
+
+
+# ---- CPU: the pipeline (reference GEMMs) against the expert-by-expert reference ------------------------------
+
+
+@pytest.mark.parametrize("mma_type", MMA_TYPES)
+@pytest.mark.parametrize("num_tokens,masked_ratio", [(48, 0.0), (37, 0.3), (1, 0.0), (5, 1.0), (0, 0.0)])
+def test_layer_on_the_cpu(mma_type, num_tokens, masked_ratio, seed):
+    buffer, weights = make_layer(mma_type, device="cpu")
+    fill(buffer, num_tokens, masked_ratio=masked_ratio)
+    y, ref = check_against_reference(mma_type, buffer, weights, num_tokens)
+    if masked_ratio == 1.0:
+        assert torch.equal(y, torch.zeros_like(y))  # no token selects an expert
+
+
+@pytest.mark.parametrize("mma_type", MMA_TYPES)
+def test_one_expert_takes_every_token_and_the_others_none(mma_type, seed):
+    buffer, weights = make_layer(mma_type, device="cpu")
+    idx = torch.full((48, buffer.num_topk), -1)
+    idx[:, 0] = 5
+    idx[::3, 2] = 2
+    fill(buffer, 48, idx=idx)
+    check_against_reference(mma_type, buffer, weights, 48, clamp=0.5)
+
+
+def test_activation_clamp_changes_the_result(seed):
+    buffer, weights = make_layer("bf16xbf16", device="cpu")
+    fill(buffer, 16)
+    y, _ = check_against_reference("bf16xbf16", buffer, weights, 16, clamp=1e-3)
+    free, _ = check_against_reference("bf16xbf16", buffer, weights, 16)
+    assert not torch.equal(y, free)
+
+
+def test_bad_arguments_raise():
+    buffer, weights = make_layer("fp8xfp4", device="cpu")
+    y = torch.empty(4, buffer.hidden, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="recipe"):
+        moegemm.fp8_fp4_mega_moe(y, *weights, buffer, recipe=(1, 128, 128))
+    with pytest.raises(ValueError, match="activation"):
+        moegemm.fp8_fp4_mega_moe(y, *weights, buffer, activation="gelu")
+    with pytest.raises(ValueError, match="activation_clamp"):
+        moegemm.fp8_fp4_mega_moe(y, *weights, buffer, activation_clamp=-1.0)
+    with pytest.raises(ValueError, match=r"y: expected \[T, 256\] with T <= 48"):
+        moegemm.fp8_fp4_mega_moe(torch.empty(49, 256, dtype=torch.bfloat16), *weights, buffer)
+    with pytest.raises(TypeError, match="y: expected dtype torch.bfloat16"):
+        moegemm.fp8_fp4_mega_moe(y.float(), *weights, buffer)
+    with pytest.raises(ValueError, match="mma_type"):
+        moegemm.bf16_mega_moe(y, torch.zeros(8, 256, 256, dtype=torch.bfloat16),
+                              torch.zeros(8, 256, 128, dtype=torch.bfloat16), buffer)
+    with pytest.raises(ValueError, match="cumulative_local_expert_recv_stats: expected shape"):
+        moegemm.fp8_fp4_mega_moe(y, *weights, buffer,
+                                 cumulative_local_expert_recv_stats=torch.zeros(3, dtype=torch.int32))
+    small, _ = make_layer("fp8xfp4", hidden=128, device="cpu")
+    with pytest.raises(ValueError, match=r"expected \(E, H, I\) = \(8, 128, 128\)"):
+        moegemm.fp8_fp4_mega_moe(y, *weights, small)
+    with pytest.raises(ValueError, match="hidden: expected a multiple of 128"):
+        moegemm.get_symm_buffer_for_mega_moe(None, 8, 16, 2, 200, 128, device="cpu")
+    with pytest.raises(ValueError, match="num_topk: expected at most num_experts"):
+        moegemm.get_symm_buffer_for_mega_moe(None, 2, 16, 3, 256, 128, device="cpu")
+    with pytest.raises(ValueError, match="mma_type"):
+        moegemm.get_symm_buffer_for_mega_moe(None, 8, 16, 2, 256, 128, mma_type="fp4xfp4", device="cpu")
+
+    class TwoRanks:
+        def size(self):
+            return 2
+
+    with pytest.raises(NotImplementedError, match="group: expected None or a group of one rank, got 2"):
+        moegemm.get_symm_buffer_for_mega_moe(TwoRanks(), 8, 16, 2, 256, 128, device="cpu")
+
+
+def test_transform_takes_float_or_packed_scales():
+    l1 = torch.randn(2, 256, 256, dtype=torch.bfloat16)
+    l2 = torch.randn(2, 256, 128, dtype=torch.bfloat16)
+    packed1, sf1 = moegemm.per_token_cast_to_fp4(l1.flatten(0, 1), use_ue8m0=True, gran_k=32)
+    packed2, sf2 = moegemm.per_token_cast_to_fp4(l2.flatten(0, 1), use_ue8m0=True, gran_k=32)
+    floats = ((packed1.view(2, 256, 128), sf1.view(2, 256, 8)), (packed2.view(2, 256, 64), sf2.view(2, 256, 4)))
+    once = moegemm.transform_weights_for_mega_moe(*floats)
+    twice = moegemm.transform_weights_for_mega_moe(*once)
+    for a, b in zip(once, twice, strict=True):
+        assert a[1].dtype == torch.int32 and a[1].shape[-1] == a[0].shape[-1] * 2 // 128
+        assert torch.equal(a[1], b[1])
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("mma_type", MMA_TYPES)
+@pytest.mark.parametrize("experts,hidden,inter,topk,num_tokens,masked_ratio", [
+    (8, 256, 128, 3, 48, 0.0), (16, 1024, 512, 6, 200, 0.2), (4, 512, 256, 2, 1, 0.0), (32, 512, 384, 6, 300, 0.5),
+    (6, 384, 256, 6, 130, 0.0), (8, 7168, 3072, 6, 64, 0.1)])
+def test_layer_on_the_gpu(mma_type, experts, hidden, inter, topk, num_tokens, masked_ratio, seed):
+    buffer, weights = make_layer(mma_type, experts, hidden, inter, topk, max_tokens=num_tokens + 7)
+    fill(buffer, num_tokens, masked_ratio=masked_ratio)
+    check_against_reference(mma_type, buffer, weights, num_tokens)
+
+
+@gpu
+@pytest.mark.parametrize("mma_type", MMA_TYPES)
+def test_cuda_graph_replays_new_routing(mma_type, seed):
+    buffer, weights = make_layer(mma_type, 16, 512, 256, 4, max_tokens=96)
+    y = torch.empty(96, buffer.hidden, dtype=torch.bfloat16, device="cuda")
+    fill(buffer, 96)
+    run(mma_type, buffer, weights, y)  # compiles and binds outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(mma_type, buffer, weights, y)
+    for masked_ratio in (0.0, 0.4, 1.0):
+        fill(buffer, 96, masked_ratio=masked_ratio)
+        y.fill_(float("nan"))
+        graph.replay()
+        ref = torch.empty_like(y)
+        run(mma_type, buffer, weights, ref, op=reference)
+        if masked_ratio == 1.0:
+            assert torch.equal(y, torch.zeros_like(y))
+        else:
+            assert calc_diff(y.float(), ref.float()) < TOLERANCE[mma_type]
