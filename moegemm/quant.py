@@ -340,7 +340,9 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int 
         return _cast(x, use_ue8m0, per_block=False)
     x = _check_cast_input("x", x, (2, 3))
     x_fp8, sf = _per_token_cast_torch(x, use_ue8m0, gran_k)
-    return x_fp8, pack_ue8m0(sf) if use_packed_ue8m0 else sf
+    # The scales are powers of two by construction (UE8M0 rounds them up): packed unchecked, so the
+    # cast captures into a CUDA graph.
+    return x_fp8, _pack_exponents(sf) if use_packed_ue8m0 else sf
 
 
 def _per_token_blocks(x: torch.Tensor, gran_k: int, max_value: float,
@@ -435,8 +437,14 @@ def pack_ue8m0(sf: torch.Tensor) -> torch.Tensor:
     if not bool(valid.all()):
         bad = sf[~valid].flatten()[:4].tolist()
         raise ValueError(f"sf: expected only positive powers of two (UE8M0 packing), got e.g. {bad}")
+    return _pack_exponents(sf)
+
+
+def _pack_exponents(sf: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_ue8m0` without the check, which reads the GPU back: for scales that are powers of two
+    by construction, also under CUDA-graph capture."""
     k = sf.shape[-1]
-    exponent = F.pad(exponent.to(torch.uint8), (0, align(k, 4) - k))
+    exponent = F.pad((sf.view(torch.int32) >> 23).to(torch.uint8), (0, align(k, 4) - k))
     # Reinterpreting 4 consecutive bytes as one int32 gives exactly the little-endian packing (x86, Arm
     # and NVIDIA GPUs are all little-endian) without overflowing a signed shift for exponents >= 128.
     return exponent.contiguous().view(torch.int32)

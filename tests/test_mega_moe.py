@@ -78,10 +78,17 @@ def check_against_reference(mma_type, buffer, weights, num_tokens, clamp=None):
 # ---- CPU: the pipeline (reference GEMMs) against the expert-by-expert reference ------------------------------
 
 
+# (experts, max tokens, top-k, the buffer's layout): few pairs an expert take the masked layout, many
+# the contiguous one.
+LAYOUTS = [(8, 48, 3, True), (4, 200, 3, False)]
+
+
 @pytest.mark.parametrize("mma_type", MMA_TYPES)
+@pytest.mark.parametrize("experts,max_tokens,topk,masked", LAYOUTS)
 @pytest.mark.parametrize("num_tokens,masked_ratio", [(48, 0.0), (37, 0.3), (1, 0.0), (5, 1.0), (0, 0.0)])
-def test_layer_on_the_cpu(mma_type, num_tokens, masked_ratio, seed):
-    buffer, weights = make_layer(mma_type, device="cpu")
+def test_layer_on_the_cpu(mma_type, experts, max_tokens, topk, masked, num_tokens, masked_ratio, seed):
+    buffer, weights = make_layer(mma_type, experts, topk=topk, max_tokens=max_tokens, device="cpu")
+    assert buffer.masked == masked
     fill(buffer, num_tokens, masked_ratio=masked_ratio)
     y, ref = check_against_reference(mma_type, buffer, weights, num_tokens)
     if masked_ratio == 1.0:
@@ -89,8 +96,9 @@ def test_layer_on_the_cpu(mma_type, num_tokens, masked_ratio, seed):
 
 
 @pytest.mark.parametrize("mma_type", MMA_TYPES)
-def test_one_expert_takes_every_token_and_the_others_none(mma_type, seed):
-    buffer, weights = make_layer(mma_type, device="cpu")
+@pytest.mark.parametrize("experts,max_tokens,topk,masked", LAYOUTS)
+def test_one_expert_takes_every_token_and_the_others_none(mma_type, experts, max_tokens, topk, masked, seed):
+    buffer, weights = make_layer(mma_type, experts, topk=topk, max_tokens=max_tokens, device="cpu")
     idx = torch.full((48, buffer.num_topk), -1)
     idx[:, 0] = 5
     idx[::3, 2] = 2
@@ -163,7 +171,8 @@ def test_transform_takes_float_or_packed_scales():
 @pytest.mark.parametrize("mma_type", MMA_TYPES)
 @pytest.mark.parametrize("experts,hidden,inter,topk,num_tokens,masked_ratio", [
     (8, 256, 128, 3, 48, 0.0), (16, 1024, 512, 6, 200, 0.2), (4, 512, 256, 2, 1, 0.0), (32, 512, 384, 6, 300, 0.5),
-    (6, 384, 256, 6, 130, 0.0), (8, 7168, 3072, 6, 64, 0.1)])
+    (6, 384, 256, 6, 130, 0.0), (8, 1024, 512, 6, 400, 0.1), (8, 7168, 3072, 6, 64, 0.1),
+    (32, 7168, 3072, 6, 1024, 0.0)])
 def test_layer_on_the_gpu(mma_type, experts, hidden, inter, topk, num_tokens, masked_ratio, seed):
     buffer, weights = make_layer(mma_type, experts, hidden, inter, topk, max_tokens=num_tokens + 7)
     fill(buffer, num_tokens, masked_ratio=masked_ratio)
@@ -172,8 +181,10 @@ def test_layer_on_the_gpu(mma_type, experts, hidden, inter, topk, num_tokens, ma
 
 @gpu
 @pytest.mark.parametrize("mma_type", MMA_TYPES)
-def test_cuda_graph_replays_new_routing(mma_type, seed):
-    buffer, weights = make_layer(mma_type, 16, 512, 256, 4, max_tokens=96)
+@pytest.mark.parametrize("experts,topk,max_tokens,masked", [(16, 4, 96, True), (2, 2, 160, False)])
+def test_cuda_graph_replays_new_routing(mma_type, experts, topk, max_tokens, masked, seed):
+    buffer, weights = make_layer(mma_type, experts, 512, 256, topk, max_tokens=max_tokens)
+    assert buffer.masked == masked
     y = torch.empty(96, buffer.hidden, dtype=torch.bfloat16, device="cuda")
     fill(buffer, 96)
     run(mma_type, buffer, weights, y)  # compiles and binds outside the capture

@@ -1,10 +1,13 @@
 """An MoE layer through DeepGEMM's Mega MoE API: dispatch, linear 1, SwiGLU, linear 2 and combine.
 
 Today this runs moegemm's own kernels one after another (the unfused pipeline that a fused kernel is
-measured against): the routed (token, expert) pairs sorted by expert into the contiguous grouped
-layout (each expert's rows from a multiple of 128, ``use_psum_layout``), the grouped FP8 x FP4 (or
-BF16) GEMM, SwiGLU times the routing weight re-quantised per 1x32 with UE8M0 scales, the second
-grouped GEMM, and the weighted sum back per token. Every step runs on the GPU from the routing the
+measured against): the routed (token, expert) pairs sorted by expert into a grouped layout, the
+grouped FP8 x FP4 (or BF16) GEMM, SwiGLU times the routing weight re-quantised per 1x32 with UE8M0
+scales, the second grouped GEMM, and the weighted sum back per token. The layout is the masked one
+(``[E, num_max_tokens_per_rank]`` rows, each expert's pairs first) where experts get few pairs and
+there are not too many of them (see MASKED_MAX_EXPERTS_PER_TOPK), else the contiguous one (each
+expert's rows from a multiple of 128, ``use_psum_layout``), whose 128-row tiles are mostly padding
+at decode. Every step runs on the GPU from the routing the
 caller wrote into the buffer: the CPU reads no GPU value, so a call can be captured in a CUDA graph
 and replayed with other routing. The buffer holds every intermediate, sized for the worst case.
 
@@ -24,13 +27,18 @@ import torch
 from .. import checks
 from ..intmath import align
 from ..quant import BLOCK, per_token_cast_to_fp8, transform_sf_into_required_layout
-from .bf16_gemm import m_grouped_bf16_gemm_nt_contiguous
-from .fp8_fp4_gemm import m_grouped_fp8_fp4_gemm_nt_contiguous
+from .bf16_gemm import m_grouped_bf16_gemm_nt_contiguous, m_grouped_bf16_gemm_nt_masked
+from .fp8_fp4_gemm import m_grouped_fp8_fp4_gemm_nt_contiguous, m_grouped_fp8_fp4_gemm_nt_masked
 from .fp8_gemm import get_mk_alignment_for_contiguous_layout
 
 MMA_TYPES = ("fp8xfp4", "bf16xbf16")
 ACTIVATIONS = ("swiglu",)
 FP8_RECIPE = (1, 1, 32)
+# The masked layout where experts expect at most this many pairs (the swap-AB kernel's range) and
+# E <= this many times top-k: an expert's T_max rows are E / k times the pairs it expects, and the
+# masked kernels launch CTAs for all of them, most of which find no pair and return.
+MASKED_MAX_EXPECTED_ROWS = 128
+MASKED_MAX_EXPERTS_PER_TOPK = 16
 
 
 @dataclass
@@ -60,9 +68,10 @@ class MegaMoeBuffer:
     x_sf: torch.Tensor | None
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor
-    # Scratch, [rows, ...] in the contiguous grouped layout plus one spare row that the routed pairs of
-    # no expert point at: the dispatched tokens (and scales), L1's output, the activation (and
-    # scales), L2's output.
+    # Scratch, [rows, ...] in the grouped layout (masked: [E, num_max_tokens_per_rank] rows) plus one
+    # spare row that the routed pairs of no expert point at: the dispatched tokens (and scales), L1's
+    # output, the activation (and scales), L2's output.
+    masked: bool
     rows: int
     tokens: torch.Tensor
     tokens_sf: torch.Tensor | None
@@ -125,10 +134,14 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
     device = torch.device(device if device is not None else "cuda")
     fp8 = mma_type == "fp8xfp4"
     act_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
-    # Each expert's rows start at a multiple of the alignment: the routed pairs plus at most
-    # alignment - 1 padding rows an expert.
+    # Contiguous: each expert's rows start at a multiple of the alignment, so the routed pairs plus at
+    # most alignment - 1 padding rows an expert.
     alignment = get_mk_alignment_for_contiguous_layout()
     rows = align(tokens * num_topk + num_experts * (alignment - 1), alignment)
+    masked = (tokens * num_topk <= MASKED_MAX_EXPECTED_ROWS * num_experts
+              and num_experts <= MASKED_MAX_EXPERTS_PER_TOPK * num_topk)
+    if masked:
+        rows = num_experts * tokens
 
     def scales(n: int, k: int) -> torch.Tensor | None:
         return torch.empty(n, k // BLOCK, dtype=torch.int32, device=device) if fp8 else None
@@ -138,8 +151,9 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
         x=torch.empty(tokens, hidden, dtype=act_dtype, device=device), x_sf=scales(tokens, hidden),
         topk_idx=torch.full((tokens, num_topk), -1, dtype=torch.int64, device=device),
         topk_weights=torch.zeros(tokens, num_topk, dtype=torch.float32, device=device),
-        rows=rows, tokens=torch.empty(rows, hidden, dtype=act_dtype, device=device), tokens_sf=scales(rows, hidden),
-        l1_out=torch.empty(rows, 2 * intermediate_hidden, dtype=torch.bfloat16, device=device),
+        masked=masked, rows=rows, tokens=torch.empty(rows + 1, hidden, dtype=act_dtype, device=device),
+        tokens_sf=scales(rows + 1, hidden),
+        l1_out=torch.empty(rows + 1, 2 * intermediate_hidden, dtype=torch.bfloat16, device=device),
         act=torch.empty(rows + 1, intermediate_hidden, dtype=act_dtype, device=device),
         act_sf=scales(rows + 1, intermediate_hidden),
         l2_out=torch.empty(rows + 1, hidden, dtype=torch.bfloat16, device=device))
@@ -228,18 +242,20 @@ def _check_call(y: torch.Tensor, buffer: MegaMoeBuffer, mma_type: str, experts: 
 
 @dataclass
 class _Routing:
-    """Where the routed pairs go: ``pair_rows`` [T * k] each (token, k) pair's row in the contiguous
-    layout (the spare row ``rows`` for a pair of no expert), ``ends`` int32 [E] each expert's end row
-    (the psum layout), ``counts`` [E] the pairs each expert receives."""
+    """Where the routed pairs go: ``pair_rows`` [T * k] each (token, k) pair's row in the layout (the
+    spare row for a pair of no expert), ``groups`` int32 [E] the grouped GEMMs' layout (contiguous:
+    each expert's end row, the psum layout; masked: its pairs), ``counts`` [E] the pairs each expert
+    receives."""
 
     pair_rows: torch.Tensor
-    ends: torch.Tensor
+    groups: torch.Tensor
     counts: torch.Tensor
 
 
-def _route(topk_idx: torch.Tensor, num_experts: int, spare_row: int) -> _Routing:
-    """The pairs sorted by expert (then token, then k: a stable sort), each expert's rows from a multiple
-    of the contiguous layout's alignment; on the device, reading nothing back."""
+def _route(topk_idx: torch.Tensor, num_experts: int, spare_row: int, masked_stride: int | None) -> _Routing:
+    """The pairs sorted by expert (then token, then k: a stable sort), expert e's from row e *
+    ``masked_stride`` (masked) or from a multiple of the contiguous layout's alignment; on the device,
+    reading nothing back."""
     alignment = get_mk_alignment_for_contiguous_layout()
     experts = topk_idx.flatten()
     experts = torch.where((experts >= 0) & (experts < num_experts), experts, num_experts)
@@ -248,13 +264,17 @@ def _route(topk_idx: torch.Tensor, num_experts: int, spare_row: int) -> _Routing
     order = torch.sort(experts, stable=True).indices
     sorted_experts = experts[order]
     first = torch.cumsum(counts, 0) - counts  # each expert's first place in the sorted order
-    padded = (counts[:num_experts] + alignment - 1) // alignment * alignment
-    starts = torch.cat((torch.cumsum(padded, 0) - padded, counts.new_full((1,), spare_row)))
+    if masked_stride is None:
+        padded = (counts[:num_experts] + alignment - 1) // alignment * alignment
+        starts = torch.cumsum(padded, 0) - padded
+    else:
+        starts = torch.arange(num_experts, device=experts.device) * masked_stride
+    starts = torch.cat((starts, counts.new_full((1,), spare_row)))
     rank = torch.arange(experts.numel(), device=experts.device) - first[sorted_experts]
     rows = torch.where(sorted_experts < num_experts, starts[sorted_experts] + rank, spare_row)
     pair_rows = torch.empty_like(rows).scatter_(0, order, rows)
-    ends = (starts[:num_experts] + counts[:num_experts]).to(torch.int32)
-    return _Routing(pair_rows, ends, counts[:num_experts])
+    groups = counts[:num_experts] if masked_stride is not None else starts[:num_experts] + counts[:num_experts]
+    return _Routing(pair_rows, groups.to(torch.int32), counts[:num_experts])
 
 
 def _swiglu(l1_out: torch.Tensor, weights: torch.Tensor, clamp: float | None) -> torch.Tensor:
@@ -266,26 +286,39 @@ def _swiglu(l1_out: torch.Tensor, weights: torch.Tensor, clamp: float | None) ->
     return torch.nn.functional.silu(gate) * up * weights.unsqueeze(-1)
 
 
+def _by_expert(t: torch.Tensor, buffer: MegaMoeBuffer) -> torch.Tensor:
+    """Rows of the masked layout as [E, num_max_tokens_per_rank, ...]."""
+    return t.view(buffer.num_experts, buffer.num_max_tokens_per_rank, *t.shape[1:])
+
+
+def _expected_rows(buffer: MegaMoeBuffer, num_tokens: int) -> int:
+    """The masked GEMMs' planning hint: the mean pairs an expert."""
+    return max(1, -(-num_tokens * buffer.num_topk // buffer.num_experts))
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
            activation_clamp: float | None) -> None:
-    """The unfused pipeline; ``gemm(a, b_index, d, ends)`` runs L1 (b_index 0) or L2 (1) on the
-    contiguous layout."""
-    routing = _route(buffer.topk_idx[:num_tokens], buffer.num_experts, buffer.rows)
+    """The unfused pipeline; ``gemm(a, b_index, d, groups)`` runs L1 (b_index 0) or L2 (1) on the
+    buffer's layout, the tensors given as [rows, ...]."""
     rows, topk, fp8 = buffer.rows, buffer.num_topk, buffer.mma_type == "fp8xfp4"
+    routing = _route(buffer.topk_idx[:num_tokens], buffer.num_experts, rows,
+                     buffer.num_max_tokens_per_rank if buffer.masked else None)
+    # Each routed pair's token into its row, only those: the layout's other rows feed no output. FP8
+    # moves as bytes (index_copy_ takes no float8 dtype on every device).
     pair_tokens = torch.arange(num_tokens * topk, device=y.device) // topk
-    # Each row's token (rows of no pair: token 0, whose copy no expert's GEMM reads).
-    row_tokens = torch.zeros(rows + 1, dtype=torch.int64, device=y.device).scatter_(0, routing.pair_rows, pair_tokens)
-    # FP8 moves as bytes: index_select and index_copy_ take no float8 dtype on every device.
-    torch.index_select(_bytes(buffer.x[:num_tokens]), 0, row_tokens[:rows], out=_bytes(buffer.tokens))
+    _bytes(buffer.tokens).index_copy_(0, routing.pair_rows, _bytes(buffer.x[:num_tokens])[pair_tokens])
     if fp8:
-        torch.index_select(buffer.x_sf[:num_tokens], 0, row_tokens[:rows], out=buffer.tokens_sf)
-    gemm((buffer.tokens, buffer.tokens_sf) if fp8 else buffer.tokens, 0, buffer.l1_out, routing.ends)
-    # The activation of the routed pairs only (not the layout's padding rows), into their rows.
-    l1_pairs = buffer.l1_out[routing.pair_rows.clamp(max=rows - 1)]
+        buffer.tokens_sf.index_copy_(0, routing.pair_rows, buffer.x_sf[:num_tokens][pair_tokens])
+    gemm((buffer.tokens[:rows], buffer.tokens_sf[:rows]) if fp8 else buffer.tokens[:rows], 0, buffer.l1_out[:rows],
+         routing.groups)
+    # The activation of the routed pairs only, into their rows; the pairs of no expert read the spare
+    # row, kept zero so that their (unused) activation is finite.
+    buffer.l1_out[rows].zero_()
+    l1_pairs = buffer.l1_out[routing.pair_rows]
     act = _swiglu(l1_pairs, buffer.topk_weights[:num_tokens].flatten(), activation_clamp)
     if fp8:
         act, act_sf = per_token_cast_to_fp8(act, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
@@ -294,7 +327,7 @@ def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats:
     # The spare row of L2's output stays zero: the pairs of no expert add nothing.
     buffer.l2_out[rows].zero_()
     gemm((buffer.act[:rows], buffer.act_sf[:rows]) if fp8 else buffer.act[:rows], 1, buffer.l2_out[:rows],
-         routing.ends)
+         routing.groups)
     outputs = buffer.l2_out[routing.pair_rows].view(num_tokens, topk, -1)
     total = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
     for k in range(topk):
@@ -335,8 +368,13 @@ def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights: tuple[torch.Tensor, torch.Tens
     if num_tokens == 0:
         return
 
-    def gemm(a, index, d, ends):
-        m_grouped_fp8_fp4_gemm_nt_contiguous(a, weights[index], d, ends, use_psum_layout=True)
+    def gemm(a, index, d, groups):
+        if sym_buffer.masked:
+            a = tuple(_by_expert(t, sym_buffer) for t in a)
+            m_grouped_fp8_fp4_gemm_nt_masked(a, weights[index], _by_expert(d, sym_buffer), groups,
+                                             _expected_rows(sym_buffer, num_tokens))
+        else:
+            m_grouped_fp8_fp4_gemm_nt_contiguous(a, weights[index], d, groups, use_psum_layout=True)
 
     _layer(y, sym_buffer, num_tokens, gemm, cumulative_local_expert_recv_stats, activation_clamp)
 
@@ -355,7 +393,11 @@ def bf16_mega_moe(y: torch.Tensor, l1_weights: torch.Tensor, l2_weights: torch.T
     if num_tokens == 0:
         return
 
-    def gemm(a, index, d, ends):
-        m_grouped_bf16_gemm_nt_contiguous(a, weights[index], d, ends, use_psum_layout=True)
+    def gemm(a, index, d, groups):
+        if sym_buffer.masked:
+            m_grouped_bf16_gemm_nt_masked(_by_expert(a, sym_buffer), weights[index], _by_expert(d, sym_buffer),
+                                          groups, _expected_rows(sym_buffer, num_tokens))
+        else:
+            m_grouped_bf16_gemm_nt_contiguous(a, weights[index], d, groups, use_psum_layout=True)
 
     _layer(y, sym_buffer, num_tokens, gemm, cumulative_local_expert_recv_stats, activation_clamp)
