@@ -204,11 +204,9 @@ def transform_weights_for_mega_moe(l1_weights: object, l2_weights: object, activ
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
-    if isinstance(l1_weights, (tuple, list)):
-        return (_fp4_weights("l1_weights", l1_weights, experts, 2 * inter, hidden),
-                _fp4_weights("l2_weights", l2_weights, experts, hidden, inter))
-    return (_bf16_weights("l1_weights", l1_weights, experts, 2 * inter, hidden),
-            _bf16_weights("l2_weights", l2_weights, experts, hidden, inter))
+    weights_of = _fp4_weights if isinstance(l1_weights, (tuple, list)) else _bf16_weights
+    return (weights_of("l1_weights", l1_weights, experts, 2 * inter, hidden),
+            weights_of("l2_weights", l2_weights, experts, hidden, inter))
 
 
 def _check_call(y: torch.Tensor, buffer: MegaMoeBuffer, mma_type: str, experts: int, hidden: int, inter: int,
@@ -291,9 +289,19 @@ def _by_expert(t: torch.Tensor, buffer: MegaMoeBuffer) -> torch.Tensor:
     return t.view(buffer.num_experts, buffer.num_max_tokens_per_rank, *t.shape[1:])
 
 
-def _expected_rows(buffer: MegaMoeBuffer, num_tokens: int) -> int:
-    """The masked GEMMs' planning hint: the mean pairs an expert."""
-    return max(1, -(-num_tokens * buffer.num_topk // buffer.num_experts))
+def _grouped_gemm(buffer: MegaMoeBuffer, num_tokens: int, weights: tuple, masked_gemm, contiguous_gemm):
+    """``gemm(a, index, d, groups)``: ``weights[index]`` by the grouped GEMM of the buffer's layout, A (a
+    tensor, or FP8 data and scales) and D given as [rows, ...]."""
+    expected_rows = max(1, -(-num_tokens * buffer.num_topk // buffer.num_experts))  # the masked GEMMs' hint
+
+    def gemm(a, index: int, d: torch.Tensor, groups: torch.Tensor) -> None:
+        if not buffer.masked:
+            contiguous_gemm(a, weights[index], d, groups, use_psum_layout=True)
+            return
+        a = tuple(_by_expert(t, buffer) for t in a) if isinstance(a, tuple) else _by_expert(a, buffer)
+        masked_gemm(a, weights[index], _by_expert(d, buffer), groups, expected_rows)
+
+    return gemm
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -302,8 +310,9 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
            activation_clamp: float | None) -> None:
-    """The unfused pipeline; ``gemm(a, b_index, d, groups)`` runs L1 (b_index 0) or L2 (1) on the
-    buffer's layout, the tensors given as [rows, ...]."""
+    """The unfused pipeline; ``gemm`` (``_grouped_gemm``'s) runs L1 (index 0) and L2 (1)."""
+    if num_tokens == 0:
+        return
     rows, topk, fp8 = buffer.rows, buffer.num_topk, buffer.mma_type == "fp8xfp4"
     routing = _route(buffer.topk_idx[:num_tokens], buffer.num_experts, rows,
                      buffer.num_max_tokens_per_rank if buffer.masked else None)
@@ -337,6 +346,25 @@ def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats:
         stats += routing.counts.to(stats.dtype)
 
 
+# Per mma_type: the weights' check (and scale layout), the masked and the contiguous grouped GEMM.
+_FAMILIES = {
+    "fp8xfp4": (_fp4_weights, m_grouped_fp8_fp4_gemm_nt_masked, m_grouped_fp8_fp4_gemm_nt_contiguous),
+    "bf16xbf16": (_bf16_weights, m_grouped_bf16_gemm_nt_masked, m_grouped_bf16_gemm_nt_contiguous),
+}
+
+
+def _run(y: torch.Tensor, l1_weights: object, l2_weights: object, buffer: MegaMoeBuffer, mma_type: str,
+         stats: torch.Tensor | None, activation: str, activation_clamp: float | None) -> None:
+    """Either public call, its arguments checked."""
+    weights_of, masked_gemm, contiguous_gemm = _FAMILIES[mma_type]
+    experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
+    weights = (weights_of("l1_weights", l1_weights, experts, 2 * inter, hidden),
+               weights_of("l2_weights", l2_weights, experts, hidden, inter))
+    num_tokens = _check_call(y, buffer, mma_type, experts, hidden, inter, stats, activation, activation_clamp)
+    _layer(y, buffer, num_tokens, _grouped_gemm(buffer, num_tokens, weights, masked_gemm, contiguous_gemm), stats,
+           activation_clamp)
+
+
 def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights: tuple[torch.Tensor, torch.Tensor],
                      l2_weights: tuple[torch.Tensor, torch.Tensor], sym_buffer: MegaMoeBuffer,
                      cumulative_local_expert_recv_stats: torch.Tensor | None = None,
@@ -360,23 +388,8 @@ def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights: tuple[torch.Tensor, torch.Tens
     del fast_math
     if tuple(recipe) != FP8_RECIPE:
         raise ValueError(f"recipe: expected {FP8_RECIPE} (1x32 UE8M0 scales for tokens and weights), got {recipe!r}")
-    experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
-    weights = (_fp4_weights("l1_weights", l1_weights, experts, 2 * inter, hidden),
-               _fp4_weights("l2_weights", l2_weights, experts, hidden, inter))
-    num_tokens = _check_call(y, sym_buffer, "fp8xfp4", experts, hidden, inter, cumulative_local_expert_recv_stats,
-                             activation, activation_clamp)
-    if num_tokens == 0:
-        return
-
-    def gemm(a, index, d, groups):
-        if sym_buffer.masked:
-            a = tuple(_by_expert(t, sym_buffer) for t in a)
-            m_grouped_fp8_fp4_gemm_nt_masked(a, weights[index], _by_expert(d, sym_buffer), groups,
-                                             _expected_rows(sym_buffer, num_tokens))
-        else:
-            m_grouped_fp8_fp4_gemm_nt_contiguous(a, weights[index], d, groups, use_psum_layout=True)
-
-    _layer(y, sym_buffer, num_tokens, gemm, cumulative_local_expert_recv_stats, activation_clamp)
+    _run(y, l1_weights, l2_weights, sym_buffer, "fp8xfp4", cumulative_local_expert_recv_stats, activation,
+         activation_clamp)
 
 
 def bf16_mega_moe(y: torch.Tensor, l1_weights: torch.Tensor, l2_weights: torch.Tensor, sym_buffer: MegaMoeBuffer,
@@ -385,19 +398,5 @@ def bf16_mega_moe(y: torch.Tensor, l1_weights: torch.Tensor, l2_weights: torch.T
     """:func:`fp8_fp4_mega_moe` with BF16 tokens (the buffer's ``x``) and BF16 weights ``[E, 2I, H]``
     and ``[E, H, I]``; the activation is rounded to BF16 instead of quantised."""
     del fast_math
-    experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
-    weights = (_bf16_weights("l1_weights", l1_weights, experts, 2 * inter, hidden),
-               _bf16_weights("l2_weights", l2_weights, experts, hidden, inter))
-    num_tokens = _check_call(y, sym_buffer, "bf16xbf16", experts, hidden, inter, cumulative_local_expert_recv_stats,
-                             activation, activation_clamp)
-    if num_tokens == 0:
-        return
-
-    def gemm(a, index, d, groups):
-        if sym_buffer.masked:
-            m_grouped_bf16_gemm_nt_masked(_by_expert(a, sym_buffer), weights[index], _by_expert(d, sym_buffer),
-                                          groups, _expected_rows(sym_buffer, num_tokens))
-        else:
-            m_grouped_bf16_gemm_nt_contiguous(a, weights[index], d, groups, use_psum_layout=True)
-
-    _layer(y, sym_buffer, num_tokens, gemm, cumulative_local_expert_recv_stats, activation_clamp)
+    _run(y, l1_weights, l2_weights, sym_buffer, "bf16xbf16", cumulative_local_expert_recv_stats, activation,
+         activation_clamp)
