@@ -890,7 +890,7 @@ def _random_fp4(experts: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
     """The MoE layer (FP8 tokens, FP4 weights) through moegemm's unfused pipeline, all its kernels timed
-    together, on random routing (top-6 of random scores); GB/s over the weights of the experts touched."""
+    together, on random routing (top-6 of random scores); TB/s over the weights of the experts touched."""
     print(f"\nMoE layer, fp8 x fp4 (hidden {MOE_HIDDEN}, intermediate {MOE_INTERMEDIATE}, top-{MOE_TOPK}): moegemm's "
           f"unfused pipeline (dispatch, grouped GEMM, SwiGLU + FP8 cast, grouped GEMM, combine), all its kernels; "
           f"weight TB/s: the touched experts' FP4 weights and scales over its time")

@@ -24,10 +24,10 @@ from .quant import BLOCK, per_token_cast_to_fp8, per_token_scale_block, unpack_f
 
 __all__ = [
     "bf16_gemm_nn",
-    "bf16_mega_moe",
     "bf16_gemm_nt",
     "bf16_gemm_tn",
     "bf16_gemm_tt",
+    "bf16_mega_moe",
     "dequantize_per_block",
     "dequantize_per_token",
     "einsum",
