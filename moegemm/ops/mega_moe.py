@@ -7,9 +7,9 @@ scales, the second grouped GEMM, and the weighted sum back per token. The layout
 (``[E, num_max_tokens_per_rank]`` rows, each expert's pairs first) where experts get few pairs and
 there are not too many of them (see MASKED_MAX_EXPERTS_PER_TOPK), else the contiguous one (each
 expert's rows from a multiple of 128, ``use_psum_layout``), whose 128-row tiles are mostly padding
-at decode. Every step runs on the GPU from the routing the
-caller wrote into the buffer: the CPU reads no GPU value, so a call can be captured in a CUDA graph
-and replayed with other routing. The buffer holds every intermediate, sized for the worst case.
+at decode. Every step runs on the GPU from the routing the caller wrote into the buffer: the CPU
+reads no GPU value, so a call can be captured in a CUDA graph and replayed with other routing. The
+buffer holds every intermediate, sized for the worst case.
 
 Numerics (DeepGEMM's): for each token t and each k with e = topk_idx[t, k] in [0, E): h = L1_e(x[t])
 in FP32, gate and up rounded to BF16 (with a clamp c: gate = min(gate, c), up = clamp(up, -c, c));
