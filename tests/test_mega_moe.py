@@ -143,6 +143,12 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="mma_type"):
         moegemm.get_symm_buffer_for_mega_moe(None, 8, 16, 2, 256, 128, mma_type="fp4xfp4", device="cpu")
 
+    with pytest.raises(ValueError, match="use_fp8_dispatch: False contradicts mma_type 'fp8xfp4'"):
+        moegemm.get_symm_buffer_for_mega_moe(None, 8, 16, 2, 256, 128, use_fp8_dispatch=False, device="cpu")
+    small.destroy()
+    with pytest.raises(ValueError, match="sym_buffer: destroyed"):
+        moegemm.fp8_fp4_mega_moe(y, *weights, small)
+
     class TwoRanks:
         def size(self):
             return 2
