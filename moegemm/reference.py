@@ -735,6 +735,23 @@ def tf32_hc_prenorm_gemm(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def swiglu(h: torch.Tensor, weights: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    """The MoE layer's activation in FP32: SiLU(gate) * up * the routing weight, gate and up the two
+    halves of ``h`` (with a clamp c: gate <= c, -c <= up <= c)."""
+    gate, up = h.float().chunk(2, dim=-1)
+    if clamp is not None:
+        gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+    return torch.nn.functional.silu(gate) * up * weights.unsqueeze(-1)
+
+
+def sum_over_topk(outputs: torch.Tensor, y: torch.Tensor) -> None:
+    """``y`` = the FP32 sum of ``outputs [T, k, H]`` over k in ascending order, rounded to y's dtype."""
+    total = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    for k in range(outputs.shape[1]):
+        total += outputs[:, k]
+    y.copy_(total)
+
+
 def _mega_moe(y: torch.Tensor, buffer, x: torch.Tensor, l1_of: Callable[[int], torch.Tensor],
               l2_of: Callable[[int], torch.Tensor], requantise: Callable[[torch.Tensor], torch.Tensor],
               stats: torch.Tensor | None, clamp: float | None) -> None:
@@ -750,16 +767,10 @@ def _mega_moe(y: torch.Tensor, buffer, x: torch.Tensor, l1_of: Callable[[int], t
             stats[expert] += tokens.numel()
         if tokens.numel() == 0:
             continue
-        h = (x[tokens] @ l1_of(expert).t()).bfloat16().float()
-        gate, up = h.chunk(2, dim=-1)
-        if clamp is not None:
-            gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
-        act = requantise(torch.nn.functional.silu(gate) * up * weights[tokens, ks].unsqueeze(-1))
+        h = (x[tokens] @ l1_of(expert).t()).bfloat16()
+        act = requantise(swiglu(h, weights[tokens, ks], clamp))
         outputs[tokens, ks] = (act @ l2_of(expert).t()).bfloat16().float()
-    total = torch.zeros(num_tokens, hidden, device=y.device)
-    for k in range(buffer.num_topk):
-        total += outputs[:, k]
-    y.copy_(total)
+    sum_over_topk(outputs, y)
 
 
 def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights: FP4Operand, l2_weights: FP4Operand, sym_buffer,

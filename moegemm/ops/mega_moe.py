@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import checks
+from .. import checks, reference
 from ..intmath import align
 from ..quant import BLOCK, per_token_cast_to_fp8, transform_sf_into_required_layout
 from .bf16_gemm import m_grouped_bf16_gemm_nt_contiguous, m_grouped_bf16_gemm_nt_masked
@@ -146,6 +146,12 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
     def scales(n: int, k: int) -> torch.Tensor | None:
         return torch.empty(n, k // BLOCK, dtype=torch.int32, device=device) if fp8 else None
 
+    def outputs(n: int) -> torch.Tensor:
+        """A GEMM's output rows and the spare row, which the GEMMs never write: zero once, here."""
+        out = torch.empty(rows + 1, n, dtype=torch.bfloat16, device=device)
+        out[rows].zero_()
+        return out
+
     return MegaMoeBuffer(
         group, num_experts, tokens, num_topk, hidden, intermediate_hidden, mma_type,
         x=torch.empty(tokens, hidden, dtype=act_dtype, device=device), x_sf=scales(tokens, hidden),
@@ -153,10 +159,10 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
         topk_weights=torch.zeros(tokens, num_topk, dtype=torch.float32, device=device),
         masked=masked, rows=rows, tokens=torch.empty(rows + 1, hidden, dtype=act_dtype, device=device),
         tokens_sf=scales(rows + 1, hidden),
-        l1_out=torch.empty(rows + 1, 2 * intermediate_hidden, dtype=torch.bfloat16, device=device),
+        l1_out=outputs(2 * intermediate_hidden),
         act=torch.empty(rows + 1, intermediate_hidden, dtype=act_dtype, device=device),
         act_sf=scales(rows + 1, intermediate_hidden),
-        l2_out=torch.empty(rows + 1, hidden, dtype=torch.bfloat16, device=device))
+        l2_out=outputs(hidden))
 
 
 def _fp4_weights(name: str, weights: object, experts: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,15 +281,6 @@ def _route(topk_idx: torch.Tensor, num_experts: int, spare_row: int, masked_stri
     return _Routing(pair_rows, groups.to(torch.int32), counts[:num_experts])
 
 
-def _swiglu(l1_out: torch.Tensor, weights: torch.Tensor, clamp: float | None) -> torch.Tensor:
-    """SiLU(gate) * up * the routing weight in FP32, gate and up the two halves of ``l1_out`` (BF16)."""
-    inter = l1_out.shape[-1] // 2
-    gate, up = l1_out[..., :inter].float(), l1_out[..., inter:].float()
-    if clamp is not None:
-        gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
-    return torch.nn.functional.silu(gate) * up * weights.unsqueeze(-1)
-
-
 def _by_expert(t: torch.Tensor, buffer: MegaMoeBuffer) -> torch.Tensor:
     """Rows of the masked layout as [E, num_max_tokens_per_rank, ...]."""
     return t.view(buffer.num_experts, buffer.num_max_tokens_per_rank, *t.shape[1:])
@@ -324,24 +321,18 @@ def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats:
         buffer.tokens_sf.index_copy_(0, routing.pair_rows, buffer.x_sf[:num_tokens][pair_tokens])
     gemm((buffer.tokens[:rows], buffer.tokens_sf[:rows]) if fp8 else buffer.tokens[:rows], 0, buffer.l1_out[:rows],
          routing.groups)
-    # The activation of the routed pairs only, into their rows; the pairs of no expert read the spare
-    # row, kept zero so that their (unused) activation is finite.
-    buffer.l1_out[rows].zero_()
-    l1_pairs = buffer.l1_out[routing.pair_rows]
-    act = _swiglu(l1_pairs, buffer.topk_weights[:num_tokens].flatten(), activation_clamp)
+    # The activation of the routed pairs only, into their rows (the pairs of no expert read the zero
+    # spare row, so their unused activation stays finite).
+    act = reference.swiglu(buffer.l1_out[routing.pair_rows], buffer.topk_weights[:num_tokens].flatten(),
+                           activation_clamp)
     if fp8:
         act, act_sf = per_token_cast_to_fp8(act, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
         buffer.act_sf.index_copy_(0, routing.pair_rows, act_sf)
     _bytes(buffer.act).index_copy_(0, routing.pair_rows, _bytes(act.to(buffer.act.dtype)))
-    # The spare row of L2's output stays zero: the pairs of no expert add nothing.
-    buffer.l2_out[rows].zero_()
     gemm((buffer.act[:rows], buffer.act_sf[:rows]) if fp8 else buffer.act[:rows], 1, buffer.l2_out[:rows],
          routing.groups)
-    outputs = buffer.l2_out[routing.pair_rows].view(num_tokens, topk, -1)
-    total = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-    for k in range(topk):
-        total += outputs[:, k]
-    y.copy_(total)
+    # The pairs of no expert read L2's zero spare row: they add nothing.
+    reference.sum_over_topk(buffer.l2_out[routing.pair_rows].view(num_tokens, topk, -1), y)
     if stats is not None:
         stats += routing.counts.to(stats.dtype)
 
