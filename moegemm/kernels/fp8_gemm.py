@@ -91,17 +91,20 @@ def stages_for(block_m: int, block_n: int, out_bytes: int, split_k: int, facts: 
     return min(stages, max(MIN_CAPPED_STAGES, B_BYTES_IN_FLIGHT // (block_n * BLOCK_K)))
 
 
-def _math_efficiency(block_m: int, block_n: int) -> float:
+def _math_efficiency(block_m: int, block_n: int, grouped: bool = False) -> float:
     """Share of the tensor-core rate a tile keeps. The per-K-block promotion costs about as much as 32
     columns of WGMMA; with one math warpgroup (BLOCK_M = 64) nothing hides it; with three (BLOCK_M =
     192) each B tile loaded serves 192 rows, fitted as a promotion worth 24 columns. A tile over two
     SFB blocks chooses its columns' scales once per run of gcd(BLOCK_N, 128) columns sharing one:
-    runs of 8 or 16 columns make that promotion dearer than runs of 32 or more."""
+    runs of 8 or 16 columns make that promotion dearer than runs of 32 or more. Grouped 128 x 192
+    tiles (runs of 64) pay nothing for it: refitted to the grouped sweep of BENCHMARKS.md, 2026-12-06
+    (twenty-first session); the dense factor awaits its own sweep."""
     if block_m == 192:
         return block_n / (block_n + 24)
     if block_m == 256:
         return block_n / (block_n + SLABS_PROMOTION_COLUMNS)
-    promotion = 1.0 if sfb_rows(block_n) == 1 else 0.85 if math.gcd(block_n, 128) >= 32 else 0.75
+    run = math.gcd(block_n, 128)
+    promotion = 1.0 if sfb_rows(block_n) == 1 or (grouped and run >= 64) else 0.85 if run >= 32 else 0.75
     return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * promotion
 
 
@@ -119,8 +122,12 @@ class Fp8CostTerms:
         for block_m in self.block_ms:
             # Three math warpgroups, or two of two slabs, have registers for 128 columns at most.
             # Grouped tiles over 128 columns keep an expert and a row limit live, which costs them the
-            # deferred epilogue.
-            for block_n in range(8, (128 if kind.grouped or block_m > 128 else 192) + 1, 8):
+            # deferred epilogue; of those, only 128 x 192 paid for it in the grouped sweep
+            # (BENCHMARKS.md, 2026-12-06, twenty-first session).
+            max_block_n = 192 if block_m <= 128 and not (kind.grouped and block_m == 64) else 128
+            for block_n in range(8, max_block_n + 1, 8):
+                if kind.grouped and 128 < block_n < 192:
+                    continue
                 if valid_block_n(block_n, desc.out_bytes) and stages_for(block_m, block_n, desc.out_bytes, 1,
                                                                          facts) >= 3:
                     yield Tile(block_m, block_n)
@@ -131,7 +138,9 @@ class Fp8CostTerms:
                     pairs = facts.clusters(2) > 0
                     if pairs and kind is GemmType.NORMAL and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
-                    if pairs and kind is not GemmType.MASKED and desc.m >= 2 * block_m and block_n % 16 == 0:
+                    # Contiguous 128 x 192 pairs ran slower than the tile alone (the same sweep).
+                    if pairs and kind is not GemmType.MASKED and desc.m >= 2 * block_m and block_n % 16 == 0 \
+                            and not (kind.grouped and block_n > 128):
                         yield Tile(block_m, block_n, cluster_m=2)
                 # Split-K only while the split tiles fit on the SMs at once, and not for grouped GEMMs.
                 num_tiles = desc.num_groups * ceil_div(desc.m, block_m) * ceil_div(desc.n, block_n)
@@ -144,7 +153,7 @@ class Fp8CostTerms:
 
     def tensor_seconds(self, desc: GemmDesc, tile: Tile) -> float:
         flops = 2 * tile.block_m * tile.block_n * BLOCK_K
-        return flops / (FP8_FLOPS_PER_SM * _math_efficiency(tile.block_m, tile.block_n))
+        return flops / (FP8_FLOPS_PER_SM * _math_efficiency(tile.block_m, tile.block_n, desc.gemm_type.grouped))
 
     def latency_seconds(self, desc: GemmDesc, tile: Tile) -> float:
         latency = K_BLOCK_LATENCY_S + (TWO_SFB_ROWS_LATENCY_S if sfb_rows(tile.block_n) == 2 else 0.0)

@@ -207,6 +207,12 @@ struct Fp8GemmKernel {
         const u32 sfb_row = sfb_first_index(tile, BN, p.n, num_k_blocks);
         t.sfb_shifts = SfbShifts{sfb_row % Config::kSfbBoxK, (sfb_row + num_k_blocks) % Config::kSfbBoxK,
                                  p.sfb_box_rows == 2 ? Config::kSfbBoxK : Config::kSfbRowSlotBytes / 4};
+        // Broadcast, so that the compiler knows them warp-uniform and keeps them in uniform registers
+        // instead of recomputing them every K block (the accumulators leave few ordinary ones).
+        t.boundary = __shfl_sync(0xffffffffu, t.boundary, 0);
+        t.sfb_shifts.row0 = __shfl_sync(0xffffffffu, t.sfb_shifts.row0, 0);
+        t.sfb_shifts.row1 = __shfl_sync(0xffffffffu, t.sfb_shifts.row1, 0);
+        t.sfb_shifts.row1_offset = __shfl_sync(0xffffffffu, t.sfb_shifts.row1_offset, 0);
         return t;
     }
 

@@ -138,9 +138,11 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
     const u32 acc_row = wg * Config::kWarpgroupRows + slab_row();  // this thread's first accumulator row
     // Descriptors of stage 0's A (at this warpgroup's rows) and B tiles; adding the stage and K
     // offsets to them is cheaper than building descriptors from addresses.
-    const u64 desc_a =
-        smem_descriptor_sw128<Config::kMajorA>(smem_a + wg * Config::kWarpgroupRows * Config::kStageRowBytes);
-    const u64 desc_b = smem_descriptor_sw128<Config::kMajorB>(smem_b);
+    // Broadcast: the compiler then keeps them in uniform registers rather than rebuilding them from
+    // the shared-memory base every K block.
+    const u64 desc_a = broadcast_u64(
+        smem_descriptor_sw128<Config::kMajorA>(smem_a + wg * Config::kWarpgroupRows * Config::kStageRowBytes));
+    const u64 desc_b = broadcast_u64(smem_descriptor_sw128<Config::kMajorB>(smem_b));
     u8* smem_d_wg = smem_d + wg * Config::kSlabs * Config::kSlabDBytes;
     const u32 reduce_wg = smem_addr(smem_reduce) + wg * (Config::kSplitK - 1) * Config::kReduceSlotBytes;
 
@@ -308,10 +310,17 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
                     }
                 }
             } else {
+                // One scratch accumulator: the tensor cores wait for each retirement, so the next
+                // stage's barrier is probed before it and only waited for after it if not yet ready.
+                bool ready = false;
                 for (; k_block < k_end; ++k_block) {
                     const u32 stage = ring.stage;
-                    const auto token = issue(scratch0);
+                    if (!ready) full[stage].wait(ring.phase);
+                    const auto token = Kernel::issue(tile_state, next_k_block++, stage, ring.phase, desc_a, desc_b,
+                                                     smem_extra, full, acc_row, scratch0, false);
+                    ring.advance();
                     wgmma_wait<0>();
+                    ready = k_block + 1 < k_end && full[ring.stage].test_wait(ring.phase);
                     retire(stage, token, scratch0);
                 }
             }
