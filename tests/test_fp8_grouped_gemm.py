@@ -140,6 +140,7 @@ GROUPED_CONFIGS = [
     Fp8GemmConfig(64, 8, 6, False, False), Fp8GemmConfig(64, 128, 8, False, False),
     Fp8GemmConfig(128, 128, 5, False, False), Fp8GemmConfig(128, 64, 6, False, False),
     Fp8GemmConfig(128, 96, 4, True, False), Fp8GemmConfig(64, 48, 6, False, False),
+    Fp8GemmConfig(128, 192, 4, False, False),
 ]
 # Masked only: B multicast across the CTA pair of two block-rows; blocks of 192 rows (three math
 # warpgroups).
