@@ -122,10 +122,11 @@ class Fp8CostTerms:
         for block_m in self.block_ms:
             # Three math warpgroups, or two of two slabs, have registers for 128 columns at most.
             # Grouped tiles over 128 columns keep an expert and a row limit live, which costs them the
-            # deferred epilogue; of those, only 128 x 192 paid for it in the grouped sweep
-            # (BENCHMARKS.md, 2026-12-06, twenty-first session).
-            max_block_n = 192 if block_m <= 128 and not (kind.grouped and block_m == 64) else 128
-            for block_n in range(8, max_block_n + 1, 8):
+            # deferred epilogue; of those, masked 128 x 192 tiles paid for it in the grouped sweep
+            # (BENCHMARKS.md, 2026-12-06, twenty-first session). Contiguous ones, faster alone in that
+            # sweep, await their GPU test.
+            wide = block_m <= 128 and not kind.grouped or (block_m == 128 and kind is GemmType.MASKED)
+            for block_n in range(8, (192 if wide else 128) + 1, 8):
                 if kind.grouped and 128 < block_n < 192:
                     continue
                 if valid_block_n(block_n, desc.out_bytes) and stages_for(block_m, block_n, desc.out_bytes, 1,
@@ -138,9 +139,7 @@ class Fp8CostTerms:
                     pairs = facts.clusters(2) > 0
                     if pairs and kind is GemmType.NORMAL and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
-                    # Contiguous 128 x 192 pairs ran slower than the tile alone (the same sweep).
-                    if pairs and kind is not GemmType.MASKED and desc.m >= 2 * block_m and block_n % 16 == 0 \
-                            and not (kind.grouped and block_n > 128):
+                    if pairs and kind is not GemmType.MASKED and desc.m >= 2 * block_m and block_n % 16 == 0:
                         yield Tile(block_m, block_n, cluster_m=2)
                 # Split-K only while the split tiles fit on the SMs at once, and not for grouped GEMMs.
                 num_tiles = desc.num_groups * ceil_div(desc.m, block_m) * ceil_div(desc.n, block_n)
