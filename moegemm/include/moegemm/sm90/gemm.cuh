@@ -312,12 +312,13 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
             } else {
                 // One scratch accumulator: the tensor cores wait for each retirement, so the next
                 // stage's barrier is probed before it and only waited for after it if not yet ready.
+                // With kTransformsB the policy's issue still waits, for the transform warps' barrier.
                 bool ready = false;
                 for (; k_block < k_end; ++k_block) {
                     const u32 stage = ring.stage;
                     if (!ready) full[stage].wait(ring.phase);
                     const auto token = Kernel::issue(tile_state, next_k_block++, stage, ring.phase, desc_a, desc_b,
-                                                     smem_extra, full, acc_row, scratch0, false);
+                                                     smem_extra, full, acc_row, scratch0, Config::kTransformsB);
                     ring.advance();
                     wgmma_wait<0>();
                     ready = k_block + 1 < k_end && full[ring.stage].test_wait(ring.phase);
