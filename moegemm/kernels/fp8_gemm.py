@@ -124,8 +124,8 @@ class Fp8CostTerms:
             # Grouped tiles over 128 columns keep an expert and a row limit live, which costs them the
             # deferred epilogue; of those, masked 128 x 192 tiles paid for it in the grouped sweep
             # (BENCHMARKS.md, 2026-12-06, twenty-first session). Contiguous ones, faster alone in that
-            # sweep, await their GPU test.
-            wide = block_m <= 128 and not kind.grouped or (block_m == 128 and kind is GemmType.MASKED)
+            # sweep, await their GPU test. Over 128 columns, grouped tiles take 192 only.
+            wide = (block_m <= 128 and not kind.grouped) or (block_m == 128 and kind is GemmType.MASKED)
             for block_n in range(8, (192 if wide else 128) + 1, 8):
                 if kind.grouped and 128 < block_n < 192:
                     continue

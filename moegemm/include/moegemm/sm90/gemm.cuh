@@ -28,7 +28,7 @@
 //     two scratch accumulators (kDoubleBuffer) the next block's WGMMAs are issued before the
 //     previous block is retired; no WGMMA stays in flight across a loop's back edge. With two
 //     slabs, each slab's WGMMAs are issued, waited for and retired in turn, and the skeleton waits
-//     for the stages itself (probing the next one early);
+//     for the stages itself (probing the next one early), as it does with one scratch accumulator;
 //     With kIssueIntoTotals (no promotion) the WGMMAs accumulate into the totals themselves, one K
 //     block's in flight while the next block's are issued;
 //   - split-K: the cluster's partial tiles are summed into this CTA's column slice;
@@ -137,9 +137,8 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
     const u32 wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
     const u32 acc_row = wg * Config::kWarpgroupRows + slab_row();  // this thread's first accumulator row
     // Descriptors of stage 0's A (at this warpgroup's rows) and B tiles; adding the stage and K
-    // offsets to them is cheaper than building descriptors from addresses.
-    // Broadcast: the compiler then keeps them in uniform registers rather than rebuilding them from
-    // the shared-memory base every K block.
+    // offsets to them is cheaper than building descriptors from addresses. Broadcast, so that the
+    // compiler keeps them in uniform registers rather than rebuilding them every K block.
     const u64 desc_a = broadcast_u64(
         smem_descriptor_sw128<Config::kMajorA>(smem_a + wg * Config::kWarpgroupRows * Config::kStageRowBytes));
     const u64 desc_b = broadcast_u64(smem_descriptor_sw128<Config::kMajorB>(smem_b));
