@@ -164,10 +164,8 @@ struct Fp8Fp4GemmKernel : Fp8GemmKernel<Config_> {
     __device__ __forceinline__ static BlockScales issue(const TileScales&, u32, u32 stage, u32 phase, u64 desc_a,
                                                         u64 desc_b, const u8* smem_extra, Barrier* full, u32 sfa_row,
                                                         float* scratch, bool wait_full = true) {
-        if (wait_full) {
-            full[stage].wait(phase);
-            transformed(smem_extra)[stage].wait(phase);
-        }
+        if (wait_full) full[stage].wait(phase);
+        transformed(smem_extra)[stage].wait(phase);  // the skeleton never waits for this one
         const float* smem_sfa = reinterpret_cast<const float*>(smem_extra + Config::kSfaOffset);
         BlockScales scales;
         scales.a0 = smem_sfa[stage * BM + sfa_row];

@@ -210,7 +210,7 @@ struct Fp8Fp4SwapAbKernel {
         }
         // Broadcast, so that the compiler knows the stage warp-uniform and keeps the descriptors in
         // uniform registers.
-        desc_a = smem_descriptor_advance(desc_a, __shfl_sync(0xffffffffu, slot, 0) * Config::kTileABytes);
+        desc_a = smem_descriptor_advance(desc_a, broadcast(slot) * Config::kTileABytes);
         if (first) permuted[stage].wait(at.ring.phase);
         wgmma_fence();
 #pragma unroll
@@ -244,7 +244,7 @@ struct Fp8Fp4SwapAbKernel {
     // at k_begin, so a pair of blocks never straddles two stages of two).
     __device__ __forceinline__ static void consume(const u8* smem, Barrier* full, Barrier* empty, Barrier* permuted,
                                                    u32 k_begin, u32 k_end, float* totals) {
-        const u32 wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
+        const u32 wg = broadcast(threadIdx.x / 128);
         const u32 row = wg * 64 + slab_row();
         const u64 desc_a = smem_descriptor_k_major_sw128(smem);
         float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1];

@@ -209,10 +209,10 @@ struct Fp8GemmKernel {
                                  p.sfb_box_rows == 2 ? Config::kSfbBoxK : Config::kSfbRowSlotBytes / 4};
         // Broadcast, so that the compiler knows them warp-uniform and keeps them in uniform registers
         // instead of recomputing them every K block (the accumulators leave few ordinary ones).
-        t.boundary = __shfl_sync(0xffffffffu, t.boundary, 0);
-        t.sfb_shifts.row0 = __shfl_sync(0xffffffffu, t.sfb_shifts.row0, 0);
-        t.sfb_shifts.row1 = __shfl_sync(0xffffffffu, t.sfb_shifts.row1, 0);
-        t.sfb_shifts.row1_offset = __shfl_sync(0xffffffffu, t.sfb_shifts.row1_offset, 0);
+        t.boundary = broadcast(t.boundary);
+        t.sfb_shifts.row0 = broadcast(t.sfb_shifts.row0);
+        t.sfb_shifts.row1 = broadcast(t.sfb_shifts.row1);
+        t.sfb_shifts.row1_offset = broadcast(t.sfb_shifts.row1_offset);
         return t;
     }
 

@@ -93,6 +93,11 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
 def _group_size(group: object) -> int:
     return 1 if group is None else int(group.size())
 
@@ -122,8 +127,7 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
         raise ValueError(f"use_fp8_dispatch: {use_fp8_dispatch} contradicts mma_type {mma_type!r}")
     if mma_type not in MMA_TYPES:
         raise ValueError(f"mma_type: expected one of {MMA_TYPES}, got {mma_type!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    _check_activation(activation)
     num_experts, tokens, num_topk = (_positive(name, value) for name, value in (
         ("num_experts", num_experts), ("num_max_tokens_per_rank", num_max_tokens_per_rank), ("num_topk", num_topk)))
     for name, value in (("hidden", hidden), ("intermediate_hidden", intermediate_hidden)):
@@ -202,17 +206,22 @@ def _layer_dims(l1_weights: object, l2_weights: object) -> tuple[int, int, int]:
     return experts, hidden, l1.shape[1] // 2
 
 
+def _checked_weights(l1_weights: object, l2_weights: object, weights_of) -> tuple[tuple[int, int, int], tuple]:
+    """((E, H, I), (L1, L2)): the layer's dimensions and its weights checked by ``weights_of``
+    (``_fp4_weights`` or ``_bf16_weights``), FP4 scales in the GEMMs' layout."""
+    experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
+    return (experts, hidden, inter), (weights_of("l1_weights", l1_weights, experts, 2 * inter, hidden),
+                                      weights_of("l2_weights", l2_weights, experts, hidden, inter))
+
+
 def transform_weights_for_mega_moe(l1_weights: object, l2_weights: object, activation: str = "swiglu"):
     """The layer's weights in the layout the calls take: FP4 pairs ``(int8 [E, 2I, H/2], scales)`` and
     ``(int8 [E, H, I/2], scales)`` with their 1x32 UE8M0 scales (float32 ``[.., K/32]`` or packed int32)
     as packed int32 ``[E, N, K/128]``; BF16 ``[E, 2I, H]`` and ``[E, H, I]`` as they are. L1's rows are
     gate (the first I) then up. Do it once, when the weights are loaded."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
-    weights_of = _fp4_weights if isinstance(l1_weights, (tuple, list)) else _bf16_weights
-    return (weights_of("l1_weights", l1_weights, experts, 2 * inter, hidden),
-            weights_of("l2_weights", l2_weights, experts, hidden, inter))
+    _check_activation(activation)
+    return _checked_weights(l1_weights, l2_weights,
+                            _fp4_weights if isinstance(l1_weights, (tuple, list)) else _bf16_weights)[1]
 
 
 def _check_call(y: torch.Tensor, buffer: MegaMoeBuffer, mma_type: str, experts: int, hidden: int, inter: int,
@@ -237,8 +246,7 @@ def _check_call(y: torch.Tensor, buffer: MegaMoeBuffer, mma_type: str, experts: 
     if stats is not None:
         checks.tensor("cumulative_local_expert_recv_stats", stats, (torch.int32, torch.int64), 1)
         checks.shape("cumulative_local_expert_recv_stats", stats, (experts,))
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    _check_activation(activation)
     if activation_clamp is not None and not activation_clamp > 0:
         raise ValueError(f"activation_clamp: expected None or a positive number, got {activation_clamp!r}")
     return y.shape[0]
@@ -348,9 +356,7 @@ def _run(y: torch.Tensor, l1_weights: object, l2_weights: object, buffer: MegaMo
          stats: torch.Tensor | None, activation: str, activation_clamp: float | None) -> None:
     """Either public call, its arguments checked."""
     weights_of, masked_gemm, contiguous_gemm = _FAMILIES[mma_type]
-    experts, hidden, inter = _layer_dims(l1_weights, l2_weights)
-    weights = (weights_of("l1_weights", l1_weights, experts, 2 * inter, hidden),
-               weights_of("l2_weights", l2_weights, experts, hidden, inter))
+    (experts, hidden, inter), weights = _checked_weights(l1_weights, l2_weights, weights_of)
     num_tokens = _check_call(y, buffer, mma_type, experts, hidden, inter, stats, activation, activation_clamp)
     _layer(y, buffer, num_tokens, _grouped_gemm(buffer, num_tokens, weights, masked_gemm, contiguous_gemm), stats,
            activation_clamp)

@@ -23,15 +23,16 @@ __device__ __forceinline__ u32 smem_addr(const void* ptr) {
 
 __device__ __forceinline__ u32 lane_id() { return threadIdx.x % 32; }
 
-// Lane 0's value in every lane of the warp: the compiler then knows it warp-uniform.
+// Lane 0's value in every lane of the warp: the compiler then knows it warp-uniform (and keeps what
+// is built from it in uniform registers). Every lane must call it.
+__device__ __forceinline__ u32 broadcast(u32 value) { return __shfl_sync(0xffffffffu, value, 0); }
 __device__ __forceinline__ u64 broadcast_u64(u64 value) {
-    const u32 lo = __shfl_sync(0xffffffffu, u32(value), 0), hi = __shfl_sync(0xffffffffu, u32(value >> 32), 0);
-    return (u64(hi) << 32) | lo;
+    return (u64(broadcast(u32(value >> 32))) << 32) | broadcast(u32(value));
 }
 
 // The warp index as a value the compiler knows is uniform across the warp. A whole-warp shuffle:
 // every lane must call it (inside a one-lane branch it never returns).
-__device__ __forceinline__ u32 warp_id() { return __shfl_sync(0xffffffff, threadIdx.x / 32, 0); }
+__device__ __forceinline__ u32 warp_id() { return broadcast(threadIdx.x / 32); }
 
 // ---- mbarrier -------------------------------------------------------------------------------------
 

@@ -57,7 +57,8 @@
 //   issue(const T&, u32 k_block, u32 stage, u32 phase, u64 desc_a, u64 desc_b, const u8* smem_extra,
 //         Barrier* full, u32 acc_row, float* scratch, bool wait_full = true) -> B
 //                                                wait for full[stage] (parity `phase`; not when
-//                                                wait_full is false: the skeleton waited), then issue
+//                                                wait_full is false: the skeleton waited) and for
+//                                                the policy's own barriers of the stage, then issue
 //                                                and commit the K block's WGMMAs into `scratch`
 //                                                (kBlockN / 2 floats); B: what retire needs of it.
 //   retire<kRelease = true>(const T&, u32 stage, const B&, float* scratch, float* totals, Barrier* empty,
@@ -134,7 +135,7 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
     u32 round = 0;
     // Broadcast, so that the compiler knows it warp-uniform and keeps the WGMMA descriptors built
     // from it in uniform registers.
-    const u32 wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
+    const u32 wg = broadcast(threadIdx.x / 128);
     const u32 acc_row = wg * Config::kWarpgroupRows + slab_row();  // this thread's first accumulator row
     // Descriptors of stage 0's A (at this warpgroup's rows) and B tiles; adding the stage and K
     // offsets to them is cheaper than building descriptors from addresses. Broadcast, so that the
@@ -167,17 +168,18 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
         if constexpr (Config::kSkipIdleSlabs) {
             // Past the skip's branch the compiler no longer knows the ring warp-uniform and would keep
             // it, and the WGMMA descriptors built from it, in ordinary registers: broadcast it.
-            ring.stage = __shfl_sync(0xffffffffu, ring.stage, 0);
-            ring.phase = __shfl_sync(0xffffffffu, ring.phase, 0);
+            ring.stage = broadcast(ring.stage);
+            ring.phase = broadcast(ring.phase);
         }
         const auto tile_state = Kernel::begin_tile(p, tile, num_k_blocks);
         const u32 y = tile.row + wg * Config::kWarpgroupRows;  // the warpgroup's first row
         SlabRows slab_rows{};  // filled by load() for kContiguous only
         slab_rows.load<Config>(p, y);
         u32 next_k_block = k_begin;  // of the next issue
-        auto issue = [&](float* scratch) {
+        // wait_full false: the caller has waited for the stage's full barrier.
+        auto issue = [&](float* scratch, bool wait_full = true) {
             const auto token = Kernel::issue(tile_state, next_k_block++, ring.stage, ring.phase, desc_a, desc_b,
-                                             smem_extra, full, acc_row, scratch);
+                                             smem_extra, full, acc_row, scratch, wait_full);
             ring.advance();
             return token;
         };
@@ -311,14 +313,11 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
             } else {
                 // One scratch accumulator: the tensor cores wait for each retirement, so the next
                 // stage's barrier is probed before it and only waited for after it if not yet ready.
-                // With kTransformsB the policy's issue still waits, for the transform warps' barrier.
                 bool ready = false;
                 for (; k_block < k_end; ++k_block) {
                     const u32 stage = ring.stage;
                     if (!ready) full[stage].wait(ring.phase);
-                    const auto token = Kernel::issue(tile_state, next_k_block++, stage, ring.phase, desc_a, desc_b,
-                                                     smem_extra, full, acc_row, scratch0, Config::kTransformsB);
-                    ring.advance();
+                    const auto token = issue(scratch0, false);
                     wgmma_wait<0>();
                     ready = k_block + 1 < k_end && full[ring.stage].test_wait(ring.phase);
                     retire(stage, token, scratch0);

@@ -225,7 +225,7 @@ struct TileScheduler {
                 tile.row_limit = m;
                 tile.group = cursor_group;
                 tile.k_first = cursor_k;
-                tile.k_rows = kWholeWarp ? __shfl_sync(0xffffffff, k_rows, 0) : k_rows;
+                tile.k_rows = kWholeWarp ? broadcast(k_rows) : k_rows;
                 item += item_stride();
                 return true;
             }
