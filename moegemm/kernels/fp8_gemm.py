@@ -122,7 +122,7 @@ class Fp8CostTerms:
         for block_m in self.block_ms:
             # Three math warpgroups, or two of two slabs, have registers for 128 columns at most. Over
             # 128 columns, grouped tiles take 192 only (BENCHMARKS.md, 2026-12-06, twenty-first session).
-            wide = block_m <= 128 and (block_m == 128 or not kind.grouped)
+            wide = block_m == 128 or (block_m < 128 and not kind.grouped)
             for block_n in range(8, (192 if wide else 128) + 1, 8):
                 if kind.grouped and 128 < block_n < 192:
                     continue
@@ -137,8 +137,8 @@ class Fp8CostTerms:
                     pairs = facts.clusters(2) > 0
                     if pairs and kind is GemmType.NORMAL and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
-                    shares_b = kind is GemmType.NORMAL or (kind is not GemmType.MASKED and block_n <= 128)
-                    if pairs and shares_b and desc.m >= 2 * block_m and block_n % 16 == 0:
+                    stacked = kind is GemmType.NORMAL or (kind is not GemmType.MASKED and block_n <= 128)
+                    if pairs and stacked and desc.m >= 2 * block_m and block_n % 16 == 0:
                         yield Tile(block_m, block_n, cluster_m=2)
                 # Split-K only while the split tiles fit on the SMs at once, and not for grouped GEMMs.
                 num_tiles = desc.num_groups * ceil_div(desc.m, block_m) * ceil_div(desc.n, block_n)

@@ -113,7 +113,7 @@ __device__ __forceinline__ void epilogue_store_rows(const Params& p, const Tile&
                                                     u32 n0, const SlabRows& rows) {
     // The thread's first column (even; N is even, so the column after each stored one exists too) and
     // how many columns of D lie from it on: the stores go at constant offsets from one pointer per
-    // row, with constant bounds, which keeps the registers they need few.
+    // row, with constant bounds, so that they need few registers.
     const u32 first_col = n0 + lane_id() % 4 * 2, first_row = y + slab_row();
     const int cols_left = int(p.n) - int(first_col);
 #pragma unroll
