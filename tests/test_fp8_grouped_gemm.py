@@ -326,9 +326,11 @@ def test_grouped_heuristic_never_splits_k():
             config = fp8_gemm.select_config(GemmDesc(KINDS[kind], m, 4096, 7168, groups), H100)
             assert config.split_k == 1 and config.gemm_type is KINDS[kind]
             # Masked experts of 129 to 192 rows: one block of three warpgroups; larger ones span two
-            # block-rows, which share B by multicast, as contiguous experts of two block-rows or more do.
+            # block-rows, which share B by multicast, as contiguous experts of two block-rows or more do
+            # in tiles of up to 128 columns (contiguous 128 x 192 tiles run alone).
             assert config.block_m == 192 if kind == "masked" and 128 < m <= 192 else config.block_m in (64, 128)
-            shares_b = m > config.block_m if kind == "masked" else m >= 2 * config.block_m
+            shares_b = (m > config.block_m if kind == "masked"
+                        else m >= 2 * config.block_m and config.block_n <= 128)
             assert config.cluster_m == (2 if shares_b else 1)
 
 

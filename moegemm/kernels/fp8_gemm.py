@@ -120,12 +120,9 @@ class Fp8CostTerms:
     def tiles(self, desc: GemmDesc, facts: DeviceFacts) -> Iterator[Tile]:
         kind = desc.gemm_type
         for block_m in self.block_ms:
-            # Three math warpgroups, or two of two slabs, have registers for 128 columns at most.
-            # Grouped tiles over 128 columns keep an expert and a row limit live, which costs them the
-            # deferred epilogue; of those, masked 128 x 192 tiles paid for it in the grouped sweep
-            # (BENCHMARKS.md, 2026-12-06, twenty-first session). Contiguous ones, faster alone in that
-            # sweep, await their GPU test. Over 128 columns, grouped tiles take 192 only.
-            wide = (block_m <= 128 and not kind.grouped) or (block_m == 128 and kind is GemmType.MASKED)
+            # Three math warpgroups, or two of two slabs, have registers for 128 columns at most. Over
+            # 128 columns, grouped tiles take 192 only (BENCHMARKS.md, 2026-12-06, twenty-first session).
+            wide = block_m == 128 or (block_m < 128 and not kind.grouped)
             for block_n in range(8, (192 if wide else 128) + 1, 8):
                 if kind.grouped and 128 < block_n < 192:
                     continue
@@ -135,11 +132,13 @@ class Fp8CostTerms:
                     # Pairs that share an operand, B (stacked along M) or A (side by side), for dense
                     # GEMMs with whole A tiles and SMs for a pair; contiguous GEMMs whose experts hold
                     # two block-rows share B (pairs sharing A ran slower: BENCHMARKS.md, "The config
-                    # model").
+                    # model"), in tiles of 128 columns at most (in pairs, 192 ran slower than alone:
+                    # BENCHMARKS.md, 2026-12-06, twenty-first session).
                     pairs = facts.clusters(2) > 0
                     if pairs and kind is GemmType.NORMAL and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
-                    if pairs and kind is not GemmType.MASKED and desc.m >= 2 * block_m and block_n % 16 == 0:
+                    stacked = kind is GemmType.NORMAL or (kind is not GemmType.MASKED and block_n <= 128)
+                    if pairs and stacked and desc.m >= 2 * block_m and block_n % 16 == 0:
                         yield Tile(block_m, block_n, cluster_m=2)
                 # Split-K only while the split tiles fit on the SMs at once, and not for grouped GEMMs.
                 num_tiles = desc.num_groups * ceil_div(desc.m, block_m) * ceil_div(desc.n, block_n)

@@ -83,11 +83,9 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
     static constexpr bool kSkipIdleSlabs = kType == GemmType::kMasked && kNumMathWarpgroups >= 2;
     // A tile's epilogue waits until the next tile's first WGMMAs are in flight (BENCHMARKS.md,
     // 2026-12-02). Not where registers cannot hold a scratch accumulator beside the totals being
-    // stored (three math warpgroups; grouped tiles over 128 columns, which also keep an expert and a
-    // row limit live): ptxas would spill. Not under split-K, where a CTA may have no K blocks: a
-    // WGMMA issued under a condition makes ptxas serialize them all (C7514).
-    static constexpr bool kDeferEpilogue =
-        kNumMathWarpgroups < 3 && (kType == GemmType::kNormal || kBlockN <= 128) && kSplitK == 1;
+    // stored (three math warpgroups): ptxas would spill. Not under split-K, where a CTA may have no K
+    // blocks: a WGMMA issued under a condition makes ptxas serialize them all (C7514).
+    static constexpr bool kDeferEpilogue = kNumMathWarpgroups < 3 && kSplitK == 1;
 
     static constexpr u32 kTileSfaBytes = kBlockM * 4;
     // SFB rows a tile needs, each a TMA box of SFB seen as one flat row (its rows need not be 16

@@ -111,7 +111,11 @@ __device__ __forceinline__ bool epilogue_slab_writable(const Tile& tile, u32 y, 
 template <class Config, class Params>
 __device__ __forceinline__ void epilogue_store_rows(const Params& p, const Tile& tile, const float* totals, u32 y,
                                                     u32 n0, const SlabRows& rows) {
-    const u32 lane = lane_id(), first_row = y + slab_row();
+    // The thread's first column (even; N is even, so the column after each stored one exists too) and
+    // how many columns of D lie from it on: the stores go at constant offsets from one pointer per
+    // row, with constant bounds, so that they need few registers.
+    const u32 first_col = n0 + lane_id() % 4 * 2, first_row = y + slab_row();
+    const int cols_left = int(p.n) - int(first_col);
 #pragma unroll
     for (u32 half = 0; half < 2; ++half) {
         const u32 row = first_row + half * 8;
@@ -119,11 +123,11 @@ __device__ __forceinline__ void epilogue_store_rows(const Params& p, const Tile&
         if constexpr (Config::kType == GemmType::kContiguous)
             writable = writable && rows.group[half] == int(tile.group);
         if (!writable) continue;
-        u8* out = p.d + static_cast<u64>(row) * p.ld_d * Config::kOutBytes;
+        u8* out = p.d + (static_cast<u64>(row) * p.ld_d + first_col) * Config::kOutBytes;
 #pragma unroll
         for (u32 i = half * 2; i < Config::kBlockN / 2; i += 4) {
-            const u32 col = n0 + (i / 4) * 8 + (lane % 4) * 2;  // even; N is even, so col + 1 < N too
-            if (col >= p.n) continue;
+            const int col = int(i / 4 * 8);
+            if (col >= cols_left) break;
             if constexpr (Config::kOutFp32)
                 *reinterpret_cast<float2*>(out + col * 4) = make_float2(totals[i], totals[i + 1]);
             else

@@ -95,6 +95,12 @@ struct TileScheduler {
     const int* groups;
     u32 num_groups, max_m;
     u32 item;
+    // kContiguous tiles alone (kClusterM == 1): the expert of the next tile's first row, loaded while
+    // this tile runs, so that its latency does not fall between two tiles. kWholeWarp: each lane loads
+    // the entry of a row of its own (lane 0 the one wanted), for a load the compiler knows warp-uniform
+    // would be moved into a uniform register at once, which waits for it.
+    u32 prefetched_row = ~0u;
+    int prefetched_groups = -1;
     u32 cursor_group = 0, cursor_first_item = 0;  // kMasked: the expert whose items start at cursor_first_item
     u32 k_total, cursor_k = 0;  // kKGrouped: K rows of A and B, the first of the cursor expert's
     u32 k_blocks_per_item;      // kBatchSum: the length of a run
@@ -129,6 +135,7 @@ struct TileScheduler {
                 tile.group = group;
                 if (kType == GemmType::kNormal || kType == GemmType::kBatched || find_pair_group(tile)) {
                     item += item_stride();
+                    if constexpr (kType == GemmType::kContiguous && kClusterM == 1) prefetch_group(total_items);
                     return true;
                 }
             }
@@ -168,10 +175,24 @@ struct TileScheduler {
         n_block = in_group / group_rows * kClusterN + (kClusterN > 1 ? blockIdx.x % kClusterN : 0);
     }
 
+    // kContiguous: load the expert of the next item's first row (item is the next one already).
+    __device__ __forceinline__ void prefetch_group(u32 total_items) {
+        if (item < total_items) {
+            u32 m_block, n_block;
+            raster(item, m_block, n_block);
+            prefetched_row = m_block * kBlockM;
+            prefetched_groups = load_group(kWholeWarp ? min(prefetched_row + lane_id(), m - 1) : prefetched_row);
+        }
+    }
+
     // Contiguous kinds: the expert of the tile's rows; false for a padding block.
     __device__ __forceinline__ bool find_group(Tile& tile) const {
         if constexpr (kType == GemmType::kContiguous) {
-            const int group = load_group(tile.row);
+            int group;
+            if (tile.row == prefetched_row)
+                group = kWholeWarp ? int(broadcast(u32(prefetched_groups))) : prefetched_groups;
+            else
+                group = load_group(tile.row);
             tile.group = static_cast<u32>(group);
             return uniform(group >= 0 && static_cast<u32>(group) < num_groups);
         } else {
