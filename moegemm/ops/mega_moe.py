@@ -22,6 +22,7 @@ ascending order (0 for a token with no expert). SiLU is torch's (``fast_math`` c
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -45,8 +46,6 @@ FP8_RECIPE = (1, 1, 32)
 # masked kernels launch CTAs for all of them, most of which find no pair and return.
 MASKED_MAX_EXPECTED_ROWS = 128
 MASKED_MAX_EXPERTS_PER_TOPK = 16
-STORAGE_VIEWS = ("x", "x_sf", "topk_idx", "topk_weights", "tokens", "tokens_sf", "l1_out", "act", "act_sf", "l2_out",
-                 "pair_rows", "groups")
 
 
 @dataclass
@@ -96,7 +95,7 @@ class MegaMoeBuffer:
 
     def destroy(self) -> None:
         """Drop the buffer's memory (DeepGEMM's name; it is freed once no view is referenced)."""
-        for name in ("storage", *STORAGE_VIEWS):
+        for name in ("storage", *moe_layer.VIEWS):
             setattr(self, name, None)
         self.plans.clear()
 
@@ -377,21 +376,21 @@ def _gemm_operands(buffer: MegaMoeBuffer, name: str):
 
 def _layer_kernels(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
                    activation_clamp: float | None) -> None:
-    key = (num_tokens, y.stride(0), None if stats is None else stats.dtype, activation_clamp, get_num_sms())
+    num_sms = get_num_sms()
+    key = (num_tokens, y.stride(0), None if stats is None else stats.dtype, activation_clamp, num_sms)
     plan = buffer.plans.get(key)
     if plan is None:
-        views = {name: getattr(buffer, name) for name in STORAGE_VIEWS}
-        # bf16xbf16 has no scales: their offsets point anywhere (its kernels never read them).
-        views = {name: buffer.storage if view is None else view for name, view in views.items()}
+        views = {name: getattr(buffer, name) for name in moe_layer.VIEWS}
         plan = buffer.plans[key] = moe_layer.plan(
             buffer.mma_type == "fp8xfp4", moe_layer.view_offsets(buffer.storage, views), num_tokens=num_tokens,
             num_topk=buffer.num_topk, num_experts=buffer.num_experts, hidden=buffer.hidden,
             intermediate=buffer.intermediate_hidden,
             masked_stride=buffer.num_max_tokens_per_rank if buffer.masked else 0,
             alignment=get_mk_alignment_for_contiguous_layout(), spare_row=buffer.rows, y_pitch=y.stride(0),
-            stats_dtype=None if stats is None else stats.dtype, clamp=activation_clamp, num_sms=get_num_sms())
+            stats_dtype=None if stats is None else stats.dtype, clamp=activation_clamp, num_sms=num_sms)
     rows, storage = buffer.rows, buffer.storage
-    with torch.cuda.device(y.device):
+    # The launches go to the current device's stream: the buffer's device, made current only if it is not.
+    with torch.cuda.device(y.device) if y.get_device() != torch.cuda.current_device() else contextlib.nullcontext():
         plan.launch("route", storage, y, stats)
         plan.launch("dispatch", storage, y, stats)
         gemm(_gemm_operands(buffer, "tokens"), 0, buffer.l1_out[:rows], buffer.groups)
