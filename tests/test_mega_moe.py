@@ -4,9 +4,13 @@ arguments. On the CPU the pipeline runs the reference GEMMs, so its routing is t
 
 import pytest
 import torch
+from conftest import needs_sass_tools
 
 import moegemm
 from moegemm import reference
+from moegemm.jit import compiler
+from moegemm.kernels import moe_layer
+from moegemm.ops import mega_moe
 from moegemm.testing import calc_diff
 
 gpu = pytest.mark.gpu
@@ -133,6 +137,11 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="cumulative_local_expert_recv_stats: expected shape"):
         moegemm.fp8_fp4_mega_moe(y, *weights, buffer,
                                  cumulative_local_expert_recv_stats=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cumulative_local_expert_recv_stats: expected a contiguous tensor"):
+        moegemm.fp8_fp4_mega_moe(y, *weights, buffer,
+                                 cumulative_local_expert_recv_stats=torch.zeros(16, dtype=torch.int32)[::2])
+    with pytest.raises(ValueError, match="y: expected a unit inner stride"):
+        moegemm.fp8_fp4_mega_moe(torch.empty(256, 4, dtype=torch.bfloat16).t(), *weights, buffer)
     small, _ = make_layer("fp8xfp4", hidden=128, device="cpu")
     with pytest.raises(ValueError, match=r"expected \(E, H, I\) = \(8, 128, 128\)"):
         moegemm.fp8_fp4_mega_moe(y, *weights, small)
@@ -155,6 +164,38 @@ def test_bad_arguments_raise():
 
     with pytest.raises(NotImplementedError, match="group: expected None or a group of one rank, got 2"):
         moegemm.get_symm_buffer_for_mega_moe(TwoRanks(), 8, 16, 2, 256, 128, device="cpu")
+
+
+@pytest.mark.parametrize("mma_type", MMA_TYPES)
+def test_check_groups_names_a_token_with_a_repeated_expert(mma_type, seed):
+    buffer, weights = make_layer(mma_type, device="cpu")
+    assert buffer.masked
+    idx = torch.tensor([[0, 1, 2]] * 48)
+    idx[7] = torch.tensor([3, -1, 3])
+    fill(buffer, 48, idx=idx)
+    y = torch.empty(48, buffer.hidden, dtype=torch.bfloat16)
+    moegemm.set_check_groups(True)
+    try:
+        with pytest.raises(ValueError, match=r"sym_buffer.topk_idx: tokens \[7\] name an expert twice"):
+            run(mma_type, buffer, weights, y)
+        idx[7, 2] = -1  # -1 twice is no expert twice
+        fill(buffer, 48, idx=idx)
+        run(mma_type, buffer, weights, y)
+    finally:
+        moegemm.set_check_groups(False)
+
+
+@needs_sass_tools
+@pytest.mark.parametrize("config", moe_layer.all_configs(), ids=moe_layer.kernel_name)
+def test_step_kernel_compiles_without_spills(cache, config):
+    build = moe_layer.build(config)
+    report = build.resources()
+    assert (report.spill_stores, report.spill_loads, report.stack_bytes) == (0, 0, 0), report
+    sass = compiler.disassemble(build.cubin_path)
+    if config.step == "activation" and config.fp8:
+        assert "F2FP.SATFINITE.E4M3" in sass
+    if config.step == "route":
+        assert "MATCH.ANY" in sass
 
 
 def test_transform_takes_float_or_packed_scales():
@@ -183,6 +224,48 @@ def test_layer_on_the_gpu(mma_type, experts, hidden, inter, topk, num_tokens, ma
     buffer, weights = make_layer(mma_type, experts, hidden, inter, topk, max_tokens=num_tokens + 7)
     fill(buffer, num_tokens, masked_ratio=masked_ratio)
     check_against_reference(mma_type, buffer, weights, num_tokens)
+
+
+def _poison_steps_outputs(buffer):
+    """NaN bytes in every row the steps and GEMMs write (the spare rows stay zero)."""
+    for name in ("tokens", "tokens_sf", "l1_out", "act", "act_sf", "l2_out", "pair_rows", "groups"):
+        view = getattr(buffer, name)
+        if view is not None:
+            (view[:buffer.rows] if view.dim() == 2 else view).view(torch.uint8).fill_(0xFF)
+
+
+@gpu
+@pytest.mark.parametrize("mma_type", MMA_TYPES)
+@pytest.mark.parametrize("experts,topk,max_tokens,num_tokens,masked_ratio,masked", [
+    (8, 3, 48, 48, 0.0, True), (8, 3, 48, 37, 0.3, True), (16, 4, 96, 1, 0.0, True), (4, 3, 200, 200, 0.1, False),
+    (384, 6, 64, 64, 0.0, False), (1024, 8, 40, 33, 0.2, False), (32, 6, 2100, 2050, 0.05, False)])
+def test_step_kernels_match_the_pytorch_steps(mma_type, experts, topk, max_tokens, num_tokens, masked_ratio, masked,
+                                              seed):
+    """Route, dispatch, activation and combine kernels against the PyTorch steps on the same buffer:
+    the same rows, groups and stats, and y bit for bit."""
+    buffer, weights = make_layer(mma_type, experts, 256, 128, topk, max_tokens)
+    assert buffer.masked == masked
+    fill(buffer, num_tokens, masked_ratio=masked_ratio)
+    results = []
+    for use_kernels in (False, True):
+        _poison_steps_outputs(buffer)
+        y = torch.full((num_tokens, buffer.hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+        stats = torch.arange(experts, dtype=torch.int64, device="cuda")
+        mega_moe._run(y, *weights, buffer, mma_type, stats, "swiglu", 0.75 if masked else None, use_kernels)
+        results.append((y, stats))
+    routing = mega_moe._route(buffer.topk_idx[:num_tokens], experts, buffer.rows,
+                              max_tokens if masked else None)
+    assert torch.equal(buffer.pair_rows[:num_tokens * topk].long(), routing.pair_rows)
+    assert torch.equal(buffer.groups, routing.groups)
+    (y_torch, stats_torch), (y_kernels, stats_kernels) = results
+    assert torch.equal(stats_kernels, stats_torch)
+    assert torch.equal(y_kernels, y_torch)
+
+
+@gpu
+def test_more_experts_than_the_route_kernel_takes_raise():
+    with pytest.raises(ValueError, match=f"num_experts: at most {moe_layer.MAX_EXPERTS} on the GPU"):
+        moegemm.get_symm_buffer_for_mega_moe(None, moe_layer.MAX_EXPERTS + 1, 16, 2, 256, 128)
 
 
 @gpu

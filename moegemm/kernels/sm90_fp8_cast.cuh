@@ -32,7 +32,7 @@
 // a misaligned address) selects 16-byte loads and 8/4-byte stores; otherwise every element is
 // loaded and stored on its own, with the same work split.
 #pragma once
-#include <moegemm/ptx.cuh>
+#include <moegemm/quant.cuh>
 
 namespace moegemm {
 
@@ -120,26 +120,6 @@ __device__ __forceinline__ float fp8_cast_chunk_amax(const u32 (&words)[4]) {
     return amax;
 }
 
-// The block's scale from its amax, as torch computes it.
-template <class Config>
-__device__ __forceinline__ float fp8_cast_scale(float amax) {
-    // clamp(min=1e-4) keeps NaN: the comparison is false for it.
-    const float clamped = amax < 1e-4f ? 1e-4f : amax;
-    float sf = __fdiv_rn(clamped, 448.0f);
-    if constexpr (Config::kUe8m0) sf = __uint_as_float((__float_as_uint(sf) + 0x007FFFFFu) & 0x7F800000u);
-    return sf;
-}
-
-// x / sf, correctly rounded. A UE8M0 scale is a power of two (or 0 / inf for NaN / inf input), whose
-// reciprocal `inv` is exact, so the product equals the quotient in every case.
-template <class Config>
-__device__ __forceinline__ float fp8_cast_divide(float x, float sf, float inv) {
-    if constexpr (Config::kUe8m0)
-        return x * inv;
-    else
-        return __fdiv_rn(x, sf);
-}
-
 // Quantise one chunk and store it at row `row`, column `col` of x_fp8.
 template <class Config>
 __device__ __forceinline__ void fp8_cast_store(const Fp8CastParams& p, bool row_valid, u32 row, u32 col,
@@ -150,10 +130,10 @@ __device__ __forceinline__ void fp8_cast_store(const Fp8CastParams& p, bool row_
     u32 packed[kOutWords];
 #pragma unroll
     for (u32 i = 0; i < kOutWords; ++i)
-        packed[i] = pack_e4m3x4(fp8_cast_divide<Config>(v[4 * i], sf, inv),
-                                fp8_cast_divide<Config>(v[4 * i + 1], sf, inv),
-                                fp8_cast_divide<Config>(v[4 * i + 2], sf, inv),
-                                fp8_cast_divide<Config>(v[4 * i + 3], sf, inv));
+        packed[i] = pack_e4m3x4(fp8_quotient<Config::kUe8m0>(v[4 * i], sf, inv),
+                                fp8_quotient<Config::kUe8m0>(v[4 * i + 1], sf, inv),
+                                fp8_quotient<Config::kUe8m0>(v[4 * i + 2], sf, inv),
+                                fp8_quotient<Config::kUe8m0>(v[4 * i + 3], sf, inv));
     if (!row_valid) return;
     u8* dst = p.out + u64(row) * p.k + col;
     if constexpr (Config::kAligned) {
@@ -198,7 +178,7 @@ __device__ __forceinline__ void fp8_cast_per_token(const Fp8CastParams& p) {
     for (u32 i = 0; i < kUnroll; ++i) {
         // Every lane takes part in the shuffles, including those of blocks past the end.
         const float amax = warp_reduce_max_nan<Config::kLanesPerRow>(fp8_cast_chunk_amax<Config>(words[i]));
-        const float sf = fp8_cast_scale<Config>(amax);
+        const float sf = fp8_scale_from_amax<Config::kUe8m0>(amax);
         const float inv = Config::kUe8m0 ? __frcp_rn(sf) : 0.0f;
         fp8_cast_store<Config>(p, valid[i], row, cols[i], words[i], sf, inv);
         if (valid[i] && col_in_block == 0) sf_out[(k_tile * kUnroll + i) * sf_ld + row] = sf;
@@ -233,7 +213,7 @@ __device__ __forceinline__ void fp8_cast_per_block(const Fp8CastParams& p) {
 #pragma unroll
     for (u32 w = 1; w < Config::kNumWarps; ++w) amax = fmax_nan(amax, warp_amax[w]);
 
-    const float sf = fp8_cast_scale<Config>(amax);
+    const float sf = fp8_scale_from_amax<Config::kUe8m0>(amax);
     const float inv = Config::kUe8m0 ? __frcp_rn(sf) : 0.0f;
     if (threadIdx.x == 0) reinterpret_cast<float*>(p.out + p.sf_offset)[tile] = sf;
 #pragma unroll

@@ -380,6 +380,13 @@ __device__ __forceinline__ void sm90_fp8_fp4_gemm_swap_ab(const Fp8Fp4SwapAbPara
     const u32 n_block = unit % p.n_blocks, group = unit / p.n_blocks;
     const u32 token_begin = token_tile * Config::kTokens;
 
+    // With programmatic dependent launch, inputs written by the previous kernel are ready only now.
+    grid_dependency_wait();
+    u32 rows = p.m;
+    if constexpr (Config::kType == GemmType::kMasked) rows = min(u32(max(__ldg(p.groups + group), 0)), p.m);
+    // The cluster's CTAs decide alike: none waits at a cluster barrier for one that returned. Most
+    // CTAs of a masked launch over many experts find no token: they return before any setup.
+    if (token_begin >= rows) return;
     if (threadIdx.x == Config::kProducerThread) {
         tma_prefetch_descriptor(&p.tma_a);
         tma_prefetch_descriptor(&p.tma_b);
@@ -396,12 +403,6 @@ __device__ __forceinline__ void sm90_fp8_fp4_gemm_swap_ab(const Fp8Fp4SwapAbPara
         fence_barrier_init();
     }
     __syncthreads();
-    // With programmatic dependent launch, inputs written by the previous kernel are ready only now.
-    grid_dependency_wait();
-    u32 rows = p.m;
-    if constexpr (Config::kType == GemmType::kMasked) rows = min(u32(max(__ldg(p.groups + group), 0)), p.m);
-    // The cluster's CTAs decide alike: none waits at a cluster barrier for one that returned.
-    if (token_begin >= rows) return;
     const u32 tokens = min(Config::kTokens, rows - token_begin);
     const u32 num_k_blocks = ceil_div(p.k, 128u);
     const u32 k_begin = min(rank * p.k_blocks_per_split, num_k_blocks);

@@ -1,15 +1,17 @@
 """An MoE layer through DeepGEMM's Mega MoE API: dispatch, linear 1, SwiGLU, linear 2 and combine.
 
 Today this runs moegemm's own kernels one after another (the unfused pipeline that a fused kernel is
-measured against): the routed (token, expert) pairs sorted by expert into a grouped layout, the
-grouped FP8 x FP4 (or BF16) GEMM, SwiGLU times the routing weight re-quantised per 1x32 with UE8M0
-scales, the second grouped GEMM, and the weighted sum back per token. The layout is the masked one
-(``[E, num_max_tokens_per_rank]`` rows, each expert's pairs first) where experts get few pairs and
-there are not too many of them (see MASKED_MAX_EXPERTS_PER_TOPK), else the contiguous one (each
-expert's rows from a multiple of 128, ``use_psum_layout``), whose 128-row tiles are mostly padding
-at decode. Every step runs on the GPU from the routing the caller wrote into the buffer: the CPU
-reads no GPU value, so a call can be captured in a CUDA graph and replayed with other routing. The
-buffer holds every intermediate, sized for the worst case.
+measured against): route (each routed (token, expert) pair's row in a grouped layout, the pairs of an
+expert in pair order), dispatch (the tokens into their rows), the grouped FP8 x FP4 (or BF16) GEMM,
+the activation (SwiGLU times the routing weight, re-quantised per 1x32 with UE8M0 scales), the second
+grouped GEMM, and combine (the weighted outputs summed back per token). On the GPU the four steps
+around the GEMMs are kernels (kernels/sm90_moe_layer.cuh), elsewhere PyTorch (``_layer_torch``, the
+kernels' reference). The layout is the masked one (``[E, num_max_tokens_per_rank]`` rows, each
+expert's pairs first) where experts get few pairs and there are not too many of them (see
+MASKED_MAX_EXPERTS_PER_TOPK), else the contiguous one (each expert's rows from a multiple of 128,
+``use_psum_layout``), whose 128-row tiles are mostly padding at decode. The CPU reads no GPU value,
+so a call can be captured in a CUDA graph and replayed with other routing. The buffer holds every
+intermediate, sized for the worst case, in one allocation.
 
 Numerics (DeepGEMM's): for each token t and each k with e = topk_idx[t, k] in [0, E): h = L1_e(x[t])
 in FP32, gate and up rounded to BF16 (with a clamp c: gate = min(gate, c), up = clamp(up, -c, c));
@@ -20,14 +22,19 @@ ascending order (0 for a token with no expert). SiLU is torch's (``fast_math`` c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import checks, reference
+from ..device import get_num_sms
 from ..intmath import align
+from ..kernels import moe_layer
 from ..quant import BLOCK, per_token_cast_to_fp8, transform_sf_into_required_layout
 from .bf16_gemm import m_grouped_bf16_gemm_nt_contiguous, m_grouped_bf16_gemm_nt_masked
+from .dispatch import get_check_groups
 from .fp8_fp4_gemm import m_grouped_fp8_fp4_gemm_nt_contiguous, m_grouped_fp8_fp4_gemm_nt_masked
 from .fp8_gemm import get_mk_alignment_for_contiguous_layout
 
@@ -58,6 +65,7 @@ class MegaMoeBuffer:
     """
 
     group: object
+    storage: torch.Tensor  # uint8: every tensor below is a view of it
     num_experts: int
     num_max_tokens_per_rank: int
     num_topk: int
@@ -70,7 +78,8 @@ class MegaMoeBuffer:
     topk_weights: torch.Tensor
     # Scratch, [rows, ...] in the grouped layout (masked: [E, num_max_tokens_per_rank] rows) plus one
     # spare row that the routed pairs of no expert point at: the dispatched tokens (and scales), L1's
-    # output, the activation (and scales), L2's output.
+    # output, the activation (and scales), L2's output (its spare row zeros); each routed pair's row
+    # (int32 [T_max * k]) and the GEMMs' grouped layout (int32 [E]).
     masked: bool
     rows: int
     tokens: torch.Tensor
@@ -79,12 +88,16 @@ class MegaMoeBuffer:
     act: torch.Tensor
     act_sf: torch.Tensor | None
     l2_out: torch.Tensor
+    pair_rows: torch.Tensor
+    groups: torch.Tensor
+    # The GPU steps' launch plans, by call signature.
+    plans: dict = field(default_factory=dict, repr=False)
 
     def destroy(self) -> None:
-        """Drop the buffer's memory (DeepGEMM's name; the tensors are freed once unreferenced)."""
-        for name in ("x", "x_sf", "topk_idx", "topk_weights", "tokens", "tokens_sf", "l1_out", "act", "act_sf",
-                     "l2_out"):
+        """Drop the buffer's memory (DeepGEMM's name; it is freed once no view is referenced)."""
+        for name in ("storage", *moe_layer.VIEWS):
             setattr(self, name, None)
+        self.plans.clear()
 
 
 def _positive(name: str, value: object) -> int:
@@ -136,6 +149,8 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
     if num_topk > num_experts:
         raise ValueError(f"num_topk: expected at most num_experts ({num_experts}), got {num_topk}")
     device = torch.device(device if device is not None else "cuda")
+    if device.type == "cuda" and num_experts > moe_layer.MAX_EXPERTS:
+        raise ValueError(f"num_experts: at most {moe_layer.MAX_EXPERTS} on the GPU, got {num_experts}")
     fp8 = mma_type == "fp8xfp4"
     act_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
     # Contiguous: each expert's rows start at a multiple of the alignment, so the routed pairs plus at
@@ -147,26 +162,40 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
     if masked:
         rows = num_experts * tokens
 
-    def scales(n: int, k: int) -> torch.Tensor | None:
-        return torch.empty(n, k // BLOCK, dtype=torch.int32, device=device) if fp8 else None
+    sf_dtype = torch.int32 if fp8 else None
+    views = _carve(device, (
+        ("x", (tokens, hidden), act_dtype), ("x_sf", (tokens, hidden // BLOCK), sf_dtype),
+        ("topk_idx", (tokens, num_topk), torch.int64), ("topk_weights", (tokens, num_topk), torch.float32),
+        ("tokens", (rows + 1, hidden), act_dtype), ("tokens_sf", (rows + 1, hidden // BLOCK), sf_dtype),
+        ("l1_out", (rows + 1, 2 * intermediate_hidden), torch.bfloat16),
+        ("act", (rows + 1, intermediate_hidden), act_dtype),
+        ("act_sf", (rows + 1, intermediate_hidden // BLOCK), sf_dtype),
+        ("l2_out", (rows + 1, hidden), torch.bfloat16), ("pair_rows", (tokens * num_topk,), torch.int32),
+        ("groups", (num_experts,), torch.int32)))
+    views["topk_idx"].fill_(-1)
+    views["topk_weights"].zero_()
+    # The GEMMs never write the spare row: the pairs of no expert read zeros there.
+    views["l1_out"][rows].zero_()
+    views["l2_out"][rows].zero_()
+    return MegaMoeBuffer(group, num_experts=num_experts, num_max_tokens_per_rank=tokens, num_topk=num_topk,
+                         hidden=hidden, intermediate_hidden=intermediate_hidden, mma_type=mma_type, masked=masked,
+                         rows=rows, **views)
 
-    def outputs(n: int) -> torch.Tensor:
-        """A GEMM's output rows and the spare row, which the GEMMs never write: zero once, here."""
-        out = torch.empty(rows + 1, n, dtype=torch.bfloat16, device=device)
-        out[rows].zero_()
-        return out
 
-    return MegaMoeBuffer(
-        group, num_experts, tokens, num_topk, hidden, intermediate_hidden, mma_type,
-        x=torch.empty(tokens, hidden, dtype=act_dtype, device=device), x_sf=scales(tokens, hidden),
-        topk_idx=torch.full((tokens, num_topk), -1, dtype=torch.int64, device=device),
-        topk_weights=torch.zeros(tokens, num_topk, dtype=torch.float32, device=device),
-        masked=masked, rows=rows, tokens=torch.empty(rows + 1, hidden, dtype=act_dtype, device=device),
-        tokens_sf=scales(rows + 1, hidden),
-        l1_out=outputs(2 * intermediate_hidden),
-        act=torch.empty(rows + 1, intermediate_hidden, dtype=act_dtype, device=device),
-        act_sf=scales(rows + 1, intermediate_hidden),
-        l2_out=outputs(hidden))
+def _carve(device: torch.device, parts: tuple) -> dict:
+    """``{"storage": one uint8 allocation, name: view}`` for ``(name, shape, dtype)`` parts, each at a
+    256-byte aligned offset (dtype None: the view is None)."""
+    offsets, total = {}, 0
+    for name, shape, dtype in parts:
+        if dtype is not None:
+            offsets[name] = total
+            total = align(total + math.prod(shape) * dtype.itemsize, 256)
+    storage = torch.empty(total, dtype=torch.uint8, device=device)
+    views = {"storage": storage}
+    for name, shape, dtype in parts:
+        views[name] = None if dtype is None else (
+            storage[offsets[name]:offsets[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
+    return views
 
 
 def _fp4_weights(name: str, weights: object, experts: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,9 +272,16 @@ def _check_call(y: torch.Tensor, buffer: MegaMoeBuffer, mma_type: str, experts: 
                          f"{tuple(y.shape)}")
     if y.device != buffer.x.device:
         raise ValueError(f"y: expected a tensor on the buffer's device {buffer.x.device}, got {y.device}")
+    if y.shape[0] > 1 and y.stride(1) != 1:
+        raise ValueError(f"y: expected a unit inner stride, got strides {tuple(y.stride())}")
     if stats is not None:
-        checks.tensor("cumulative_local_expert_recv_stats", stats, (torch.int32, torch.int64), 1)
-        checks.shape("cumulative_local_expert_recv_stats", stats, (experts,))
+        name = "cumulative_local_expert_recv_stats"
+        checks.tensor(name, stats, (torch.int32, torch.int64), 1)
+        checks.shape(name, stats, (experts,))
+        if stats.device != buffer.x.device:
+            raise ValueError(f"{name}: expected a tensor on the buffer's device {buffer.x.device}, got {stats.device}")
+        if experts > 1 and stats.stride(0) != 1:
+            raise ValueError(f"{name}: expected a contiguous tensor, got stride {stats.stride(0)}")
     _check_activation(activation)
     if activation_clamp is not None and not activation_clamp > 0:
         raise ValueError(f"activation_clamp: expected None or a positive number, got {activation_clamp!r}")
@@ -267,7 +303,9 @@ class _Routing:
 def _route(topk_idx: torch.Tensor, num_experts: int, spare_row: int, masked_stride: int | None) -> _Routing:
     """The pairs sorted by expert (then token, then k: a stable sort), expert e's from row e *
     ``masked_stride`` (masked) or from a multiple of the contiguous layout's alignment; on the device,
-    reading nothing back."""
+    reading nothing back. The GPU's route kernel (kernels/moe_layer.py) gives the same rows. A masked
+    expert's pairs past its ``masked_stride`` rows (only a token naming an expert twice makes them) get
+    the spare row: ``set_check_groups(True)`` raises on such tokens instead."""
     alignment = get_mk_alignment_for_contiguous_layout()
     experts = topk_idx.flatten()
     experts = torch.where((experts >= 0) & (experts < num_experts), experts, num_experts)
@@ -283,9 +321,13 @@ def _route(topk_idx: torch.Tensor, num_experts: int, spare_row: int, masked_stri
         starts = torch.arange(num_experts, device=experts.device) * masked_stride
     starts = torch.cat((starts, counts.new_full((1,), spare_row)))
     rank = torch.arange(experts.numel(), device=experts.device) - first[sorted_experts]
-    rows = torch.where(sorted_experts < num_experts, starts[sorted_experts] + rank, spare_row)
+    fits = sorted_experts < num_experts
+    if masked_stride is not None:
+        fits &= rank < masked_stride
+    rows = torch.where(fits, starts[sorted_experts] + rank, spare_row)
     pair_rows = torch.empty_like(rows).scatter_(0, order, rows)
-    groups = counts[:num_experts] if masked_stride is not None else starts[:num_experts] + counts[:num_experts]
+    groups = (counts[:num_experts].clamp(max=masked_stride) if masked_stride is not None
+              else starts[:num_experts] + counts[:num_experts])
     return _Routing(pair_rows, groups.to(torch.int32), counts[:num_experts])
 
 
@@ -314,12 +356,53 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
-           activation_clamp: float | None) -> None:
-    """The unfused pipeline; ``gemm`` (``_grouped_gemm``'s) runs L1 (index 0) and L2 (1)."""
+           activation_clamp: float | None, use_kernels: bool) -> None:
+    """The unfused pipeline; ``gemm`` (``_grouped_gemm``'s) runs L1 (index 0) and L2 (1). The steps
+    around the GEMMs run as the GPU's kernels (``use_kernels``) or in PyTorch (on the CPU; on the GPU,
+    the kernels' reference in the tests)."""
     if num_tokens == 0:
         return
-    rows, topk, fp8 = buffer.rows, buffer.num_topk, buffer.mma_type == "fp8xfp4"
-    routing = _route(buffer.topk_idx[:num_tokens], buffer.num_experts, rows,
+    if use_kernels:
+        _layer_kernels(y, buffer, num_tokens, gemm, stats, activation_clamp)
+    else:
+        _layer_torch(y, buffer, num_tokens, gemm, stats, activation_clamp)
+
+
+def _gemm_operands(buffer: MegaMoeBuffer, name: str):
+    """A GEMM's A over the layout's rows: the tensor, or FP8 values and packed scales."""
+    values, sf = getattr(buffer, name)[:buffer.rows], getattr(buffer, f"{name}_sf")
+    return values if sf is None else (values, sf[:buffer.rows])
+
+
+def _layer_kernels(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
+                   activation_clamp: float | None) -> None:
+    num_sms = get_num_sms()
+    key = (num_tokens, y.stride(0), None if stats is None else stats.dtype, activation_clamp, num_sms)
+    plan = buffer.plans.get(key)
+    if plan is None:
+        views = {name: getattr(buffer, name) for name in moe_layer.VIEWS}
+        plan = buffer.plans[key] = moe_layer.plan(
+            buffer.mma_type == "fp8xfp4", moe_layer.view_offsets(buffer.storage, views), num_tokens=num_tokens,
+            num_topk=buffer.num_topk, num_experts=buffer.num_experts, hidden=buffer.hidden,
+            intermediate=buffer.intermediate_hidden,
+            masked_stride=buffer.num_max_tokens_per_rank if buffer.masked else 0,
+            alignment=get_mk_alignment_for_contiguous_layout(), spare_row=buffer.rows, y_pitch=y.stride(0),
+            stats_dtype=None if stats is None else stats.dtype, clamp=activation_clamp, num_sms=num_sms)
+    rows, storage = buffer.rows, buffer.storage
+    # The launches go to the current device's stream: the buffer's device, made current only if it is not.
+    with torch.cuda.device(y.device) if y.get_device() != torch.cuda.current_device() else contextlib.nullcontext():
+        plan.launch("route", storage, y, stats)
+        plan.launch("dispatch", storage, y, stats)
+        gemm(_gemm_operands(buffer, "tokens"), 0, buffer.l1_out[:rows], buffer.groups)
+        plan.launch("activation", storage, y, stats)
+        gemm(_gemm_operands(buffer, "act"), 1, buffer.l2_out[:rows], buffer.groups)
+        plan.launch("combine", storage, y, stats)
+
+
+def _layer_torch(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
+                 activation_clamp: float | None) -> None:
+    topk, fp8 = buffer.num_topk, buffer.mma_type == "fp8xfp4"
+    routing = _route(buffer.topk_idx[:num_tokens], buffer.num_experts, buffer.rows,
                      buffer.num_max_tokens_per_rank if buffer.masked else None)
     # Each routed pair's token into its row, only those: the layout's other rows feed no output. FP8
     # moves as bytes (index_copy_ takes no float8 dtype on every device).
@@ -327,8 +410,7 @@ def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats:
     _bytes(buffer.tokens).index_copy_(0, routing.pair_rows, _bytes(buffer.x[:num_tokens])[pair_tokens])
     if fp8:
         buffer.tokens_sf.index_copy_(0, routing.pair_rows, buffer.x_sf[:num_tokens][pair_tokens])
-    gemm((buffer.tokens[:rows], buffer.tokens_sf[:rows]) if fp8 else buffer.tokens[:rows], 0, buffer.l1_out[:rows],
-         routing.groups)
+    gemm(_gemm_operands(buffer, "tokens"), 0, buffer.l1_out[:buffer.rows], routing.groups)
     # The activation of the routed pairs only, into their rows (the pairs of no expert read the zero
     # spare row, so their unused activation stays finite).
     act = reference.swiglu(buffer.l1_out[routing.pair_rows], buffer.topk_weights[:num_tokens].flatten(),
@@ -337,12 +419,22 @@ def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats:
         act, act_sf = per_token_cast_to_fp8(act, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
         buffer.act_sf.index_copy_(0, routing.pair_rows, act_sf)
     _bytes(buffer.act).index_copy_(0, routing.pair_rows, _bytes(act.to(buffer.act.dtype)))
-    gemm((buffer.act[:rows], buffer.act_sf[:rows]) if fp8 else buffer.act[:rows], 1, buffer.l2_out[:rows],
-         routing.groups)
+    gemm(_gemm_operands(buffer, "act"), 1, buffer.l2_out[:buffer.rows], routing.groups)
     # The pairs of no expert read L2's zero spare row: they add nothing.
     reference.sum_over_topk(buffer.l2_out[routing.pair_rows].view(num_tokens, topk, -1), y)
     if stats is not None:
         stats += routing.counts.to(stats.dtype)
+
+
+def _check_distinct_experts(buffer: MegaMoeBuffer, num_tokens: int) -> None:
+    """set_check_groups: a token naming an expert twice overflows that expert's masked rows (a
+    synchronisation)."""
+    experts = buffer.topk_idx[:num_tokens].sort(dim=1).values
+    valid = (experts[:, 1:] >= 0) & (experts[:, 1:] < buffer.num_experts)
+    repeated = (valid & (experts[:, 1:] == experts[:, :-1])).any(dim=1).nonzero().flatten()
+    if repeated.numel():
+        raise ValueError(f"sym_buffer.topk_idx: tokens {repeated[:8].tolist()} name an expert twice, which the "
+                         f"masked layout does not take")
 
 
 # Per mma_type: the weights' check (and scale layout), the masked and the contiguous grouped GEMM.
@@ -353,13 +445,18 @@ _FAMILIES = {
 
 
 def _run(y: torch.Tensor, l1_weights: object, l2_weights: object, buffer: MegaMoeBuffer, mma_type: str,
-         stats: torch.Tensor | None, activation: str, activation_clamp: float | None) -> None:
-    """Either public call, its arguments checked."""
+         stats: torch.Tensor | None, activation: str, activation_clamp: float | None,
+         use_kernels: bool | None = None) -> None:
+    """Either public call, its arguments checked; ``use_kernels``: see ``_layer`` (default: on the GPU)."""
     weights_of, masked_gemm, contiguous_gemm = _FAMILIES[mma_type]
     (experts, hidden, inter), weights = _checked_weights(l1_weights, l2_weights, weights_of)
     num_tokens = _check_call(y, buffer, mma_type, experts, hidden, inter, stats, activation, activation_clamp)
+    if buffer.masked and get_check_groups():
+        _check_distinct_experts(buffer, num_tokens)
+    if use_kernels is None:
+        use_kernels = y.is_cuda
     _layer(y, buffer, num_tokens, _grouped_gemm(buffer, num_tokens, weights, masked_gemm, contiguous_gemm), stats,
-           activation_clamp)
+           activation_clamp, use_kernels)
 
 
 def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights: tuple[torch.Tensor, torch.Tensor],
