@@ -798,3 +798,74 @@ def bf16_mega_moe(y: torch.Tensor, l1_weights: torch.Tensor, l2_weights: torch.T
     _mega_moe(y, sym_buffer, sym_buffer.x[: y.shape[0]].float(), lambda e: l1_weights[e].float(),
               lambda e: l2_weights[e].float(), lambda act: act.bfloat16().float(), cumulative_local_expert_recv_stats,
               activation_clamp)
+
+
+def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
+                   cu_seq_len_k_start: torch.Tensor, cu_seq_len_k_end: torch.Tensor, clean_logits: bool = True,
+                   max_seqlen_k: int = 0, logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The lightning indexer's logits in FP32: ``logits[i, j] = sum_h w[i, h] * relu(q[i, h] . k[j])`` with
+    k = kv's e4m3 rows times their scales, for ``ks[i] <= j < ke[i]``, -inf elsewhere; with
+    ``max_seqlen_k`` > 0 the compressed form, column c of row i being key ``ks[i] + c`` (-inf past
+    ``ke[i]`` and past the keys). ``clean_logits`` changes nothing here: every element outside a row's
+    range is -inf (the GPU leaves them unwritten without it). Keys are taken in chunks, so that the
+    [H, S, chunk] scores stay near 256 MB."""
+    kv_fp8, kv_sf = kv
+    seq_len, heads, _ = q.shape
+    seq_len_kv = kv_fp8.shape[0]
+    queries = q.float()
+    keys = kv_fp8.float() * kv_sf.float().unsqueeze(1)
+    w = weights.float().t()  # [H, S]
+    ks, ke = cu_seq_len_k_start.long(), cu_seq_len_k_end.long()
+    full = torch.full((seq_len, seq_len_kv), float("-inf"), device=q.device)
+    chunk = max(1, 2**26 // max(1, seq_len * heads))
+    for begin in range(0, seq_len_kv, chunk):
+        end = min(begin + chunk, seq_len_kv)
+        scores = torch.einsum("shd,nd->hsn", queries, keys[begin:end]).relu()
+        logits = torch.einsum("hsn,hs->sn", scores, w)
+        columns = torch.arange(begin, end, device=q.device)
+        inside = (columns[None, :] >= ks[:, None]) & (columns[None, :] < ke[:, None])
+        full[:, begin:end] = logits.masked_fill(~inside, float("-inf"))
+    if max_seqlen_k > 0:
+        columns = ks[:, None] + torch.arange(max_seqlen_k, device=q.device)[None, :]
+        valid = (columns < ke[:, None]) & (columns >= 0) & (columns < seq_len_kv)
+        full = full.gather(1, columns.clamp(0, max(seq_len_kv - 1, 0))) if seq_len_kv else full.new_empty(
+            seq_len, max_seqlen_k)
+        full = full.masked_fill(~valid, float("-inf"))
+    return full.to(logits_dtype)
+
+
+def _paged_keys(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The keys of a paged cache (uint8 [pages, block_kv, 1, D + 4]: per page the block_kv rows of e4m3
+    values, then their block_kv fp32 scales) as float32 [pages, block_kv, D], rows times scales."""
+    pages, block_kv, _, row_bytes = kv_cache.shape
+    head_dim = row_bytes - 4
+    flat = kv_cache.reshape(pages, block_kv * row_bytes)
+    values = flat[:, :block_kv * head_dim].contiguous().view(torch.float8_e4m3fn).float()
+    scales = flat[:, block_kv * head_dim:].contiguous().view(torch.float32)
+    return values.view(pages, block_kv, head_dim) * scales.unsqueeze(-1)
+
+
+def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                         block_table: torch.Tensor, schedule_meta: torch.Tensor | None, max_context_len: int,
+                         clean_logits: bool = False) -> torch.Tensor:
+    """The indexer's logits of decode over a paged cache, in FP32 ``[B * next_n, max_context_len]``: row
+    b * next_n + t holds, for each key j < ``context_lens[b, t]``, ``sum_h w[row, h] * relu(q[b, t, h] .
+    k_b[j])``, key j of batch b being row j % block_kv of page ``block_table[b, j // block_kv]``; -inf
+    elsewhere (``clean_logits`` and ``schedule_meta`` change nothing here)."""
+    batch, next_n, _, _ = q.shape
+    keys = _paged_keys(kv_cache)
+    pages, block_kv = keys.shape[:2]
+    logits = torch.full((batch * next_n, max_context_len), float("-inf"), device=q.device)
+    table_pages = min(block_table.shape[1], -(-max_context_len // block_kv))
+    lens = context_lens.clamp(min=0, max=min(max_context_len, table_pages * block_kv)).tolist()
+    for b in range(batch):
+        length = max(lens[b])
+        if length == 0:
+            continue
+        table = block_table[b, :-(-length // block_kv)].long().clamp(0, pages - 1)
+        k = keys[table].reshape(-1, keys.shape[-1])[:length]
+        scores = torch.einsum("thd,nd->thn", q[b].float(), k).relu()
+        rows = torch.einsum("thn,th->tn", scores, weights[b * next_n:(b + 1) * next_n].float())
+        for t in range(next_n):
+            logits[b * next_n + t, :lens[b][t]] = rows[t, :lens[b][t]]
+    return logits
