@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks, device, reference
+from ..gemm.config import tma_pitch
 from ..kernels import mqa_logits
 from . import gemm_common
 from .dispatch import Op
@@ -68,9 +69,8 @@ def _bind(q, kv_fp8, kv_sf, weights, ks, ke, logits, clean_logits, max_seqlen_k)
             float("-inf"))
 
     index = q.get_device()
-    pitch = weights.stride(0) * 4 if seq_len > 1 else 16 * -(-heads * 4 // 16)
-    plan = mqa_logits.plan(seq_len, seq_len_kv, heads, head_dim, pitch, logits, max_seqlen_k > 0, clean_logits,
-                           device.device_facts(index), pdl=device.get_pdl())
+    plan = mqa_logits.plan(seq_len, seq_len_kv, heads, head_dim, tma_pitch(weights), logits, max_seqlen_k > 0,
+                           clean_logits, device.device_facts(index), pdl=device.get_pdl())
 
     def run_kernel(q, kv_fp8, kv_sf, weights, ks, ke, logits, clean_logits, max_seqlen_k):
         pointers = (q.data_ptr(), kv_fp8.data_ptr(), kv_sf.data_ptr(), weights.data_ptr())
@@ -163,10 +163,9 @@ def _bind_paged(q, kv_cache, weights, context_lens, block_table, schedule, logit
     if kv_cache.shape[0] == 0:
         raise ValueError("kv_cache: expected at least one page")
     index = q.get_device()
-    pitch = weights.stride(0) * 4 if weights.shape[0] > 1 else 16 * -(-heads * 4 // 16)
-    plan = mqa_logits.plan_paged(batch, next_n, heads, head_dim, kv_cache.shape[0], block_table.shape[1], pitch,
-                                 logits, clean_logits, schedule.shape[0] - 1, device.device_facts(index),
-                                 pdl=device.get_pdl())
+    plan = mqa_logits.plan_paged(batch, next_n, heads, head_dim, kv_cache.shape[0], block_table.shape[1],
+                                 tma_pitch(weights), logits, clean_logits, schedule.shape[0] - 1,
+                                 device.device_facts(index), pdl=device.get_pdl())
 
     def run_kernel(q, kv_cache, weights, context_lens, block_table, schedule, logits, clean_logits):
         pointers = (q.data_ptr(), kv_cache.data_ptr(), weights.data_ptr())
