@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from .device import UnsupportedGPUError, get_num_sms, get_pdl, set_num_sms, set_pdl
 from .intmath import align, ceil_div, get_tma_aligned_size
-from .ops.attention import fp8_mqa_logits, fp8_paged_mqa_logits, get_paged_mqa_logits_metadata
+from .ops.attention import (
+    fp8_fp4_mqa_logits,
+    fp8_fp4_paged_mqa_logits,
+    fp8_mqa_logits,
+    fp8_paged_mqa_logits,
+    get_paged_mqa_logits_metadata,
+)
 from .ops.bf16_gemm import (
     bf16_gemm_nn,
     bf16_gemm_nt,
@@ -71,6 +77,8 @@ __all__ = [
     "einsum",
     "fp8_fp4_gemm_nt",
     "fp8_fp4_mega_moe",
+    "fp8_fp4_mqa_logits",
+    "fp8_fp4_paged_mqa_logits",
     "fp8_gemm_nt",
     "fp8_mqa_logits",
     "fp8_paged_mqa_logits",
