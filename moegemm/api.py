@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from .device import UnsupportedGPUError, get_num_sms, get_pdl, set_num_sms, set_pdl
 from .intmath import align, ceil_div, get_tma_aligned_size
+from .ops.attention import (
+    fp8_fp4_mqa_logits,
+    fp8_fp4_paged_mqa_logits,
+    fp8_mqa_logits,
+    fp8_paged_mqa_logits,
+    get_paged_mqa_logits_metadata,
+)
 from .ops.bf16_gemm import (
     bf16_gemm_nn,
     bf16_gemm_nt,
@@ -70,11 +77,16 @@ __all__ = [
     "einsum",
     "fp8_fp4_gemm_nt",
     "fp8_fp4_mega_moe",
+    "fp8_fp4_mqa_logits",
+    "fp8_fp4_paged_mqa_logits",
     "fp8_gemm_nt",
+    "fp8_mqa_logits",
+    "fp8_paged_mqa_logits",
     "get_check_groups",
     "get_mk_alignment_for_contiguous_layout",
     "get_mn_major_tma_aligned_tensor",
     "get_num_sms",
+    "get_paged_mqa_logits_metadata",
     "get_pdl",
     "get_symm_buffer_for_mega_moe",
     "get_tma_aligned_size",

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import api, device, quant, testing
+from . import api, device, quant, reference, testing
 from .gemm.desc import GemmType
 from .intmath import align
 
@@ -922,7 +922,71 @@ def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
     return rows
 
 
-SECTIONS = ("fp8", "bf16", "fp4", "moe")
+@dataclass
+class MqaRow:
+    heads: int
+    seq_len: int
+    seq_len_kv: int
+    pairs: int  # (query, key) pairs inside the ranges
+    moegemm_us: float
+    tflops: float  # 2 * H * D per pair over the time
+    diff: float  # against the reference on the same FP8 inputs, over the pairs
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None
+
+
+# Issue 25's shapes: D = 128, FP32 logits, cleaned; the keys of two chunks of a context-parallel rank.
+MQA_SHAPES = [(heads, s, s_kv) for heads in (64, 32) for s, s_kv in ((2048, 8192), (2048, 65536), (8192, 65536))]
+MQA_HEAD_DIM = 128
+
+
+def bench_mqa_logits(iters: int = 10) -> list[MqaRow]:
+    """fp8_mqa_logits beside DeepGEMM's on the same inputs."""
+    rows = []
+    for heads, seq_len, seq_len_kv in MQA_SHAPES:
+        q = torch.randn(seq_len, heads, MQA_HEAD_DIM, device="cuda").to(torch.float8_e4m3fn)
+        kv = torch.randn(seq_len_kv, MQA_HEAD_DIM, device="cuda").to(torch.float8_e4m3fn)
+        scales = torch.rand(seq_len_kv, device="cuda") + 0.5
+        weights = torch.randn(seq_len, heads, device="cuda")
+        half, ranks = seq_len // 2, seq_len_kv // seq_len
+        rank = ranks // 3  # DeepGEMM's tests' pick
+        ke = torch.cat([torch.arange(half) + rank * half + 1,
+                        torch.arange(half) + (2 * ranks - 1 - rank) * half + 1]).to(torch.int32).cuda()
+        ks = torch.zeros(seq_len, dtype=torch.int32, device="cuda")
+        call = functools.partial(api.fp8_mqa_logits, q, (kv, scales), weights, ks, ke)
+        us = kernel_time_us(call, iters)
+        pairs = int((ke.clamp(max=seq_len_kv) - ks).clamp(min=0).sum())
+        logits = call()
+        inside = torch.isfinite(logits)
+        sample = slice(0, seq_len, max(1, seq_len // 256))  # the reference on every few queries
+        ref = reference.fp8_mqa_logits(q[sample], (kv, scales), weights[sample], ks[sample], ke[sample])
+        diff = api.calc_diff(logits[sample][inside[sample]].double(), ref[inside[sample]].double())
+        row = MqaRow(heads, seq_len, seq_len_kv, pairs, us, 2 * heads * MQA_HEAD_DIM * pairs / us / 1e6, diff)
+        dg = deep_gemm()
+        if dg is not None and hasattr(dg, "fp8_mqa_logits"):
+            try:
+                row.deepgemm_us = kernel_time_us(
+                    functools.partial(dg.fp8_mqa_logits, q, (kv, scales), weights, ks, ke, clean_logits=True), iters)
+                row.vs_deepgemm = row.deepgemm_us / us
+            except (RuntimeError, TypeError) as error:
+                print(f"DeepGEMM's fp8_mqa_logits failed: {str(error).splitlines()[0]}")
+        rows.append(row)
+        del logits
+    return rows
+
+
+def print_mqa_table(rows: list[MqaRow]) -> None:
+    print(f"\nfp8_mqa_logits (D = {MQA_HEAD_DIM}, FP32 logits, cleaned; two context-parallel chunks of keys): "
+          f"TFLOPS over the pairs inside the ranges")
+    print(f"{'H':>3} {'S':>5} {'S_kv':>6} {'pairs':>11} | {'us':>9} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | "
+          f"{'diff':>8}")
+    for r in rows:
+        print(f"{r.heads:3d} {r.seq_len:5d} {r.seq_len_kv:6d} {r.pairs:11d} | {r.moegemm_us:9.1f} {r.tflops:7.0f} | "
+              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
+    _summary("DeepGEMM's time over ours, fp8_mqa_logits", [r.vs_deepgemm for r in rows])
+
+
+SECTIONS = ("fp8", "bf16", "fp4", "moe", "mqa")
 
 
 def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> None:
@@ -958,6 +1022,10 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
     if "moe" in sections:
         moe = bench_moe_layer(limits["copy_tbps"])
         results.update(moe=[asdict(r) for r in moe])
+    if "mqa" in sections:
+        mqa = bench_mqa_logits()
+        print_mqa_table(mqa)
+        results.update(mqa=[asdict(r) for r in mqa])
     if "bf16" in sections:
         bf16 = bench_bf16_dense() + bench_bf16_grouped() + bench_bf16_k_grouped() + bench_bf16_einsum()
         print_bf16_table(bf16)

@@ -798,3 +798,122 @@ def bf16_mega_moe(y: torch.Tensor, l1_weights: torch.Tensor, l2_weights: torch.T
     _mega_moe(y, sym_buffer, sym_buffer.x[: y.shape[0]].float(), lambda e: l1_weights[e].float(),
               lambda e: l2_weights[e].float(), lambda act: act.bfloat16().float(), cumulative_local_expert_recv_stats,
               activation_clamp)
+
+
+def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
+                   cu_seq_len_k_start: torch.Tensor, cu_seq_len_k_end: torch.Tensor, clean_logits: bool = True,
+                   max_seqlen_k: int = 0, logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The lightning indexer's logits in FP32: ``logits[i, j] = sum_h w[i, h] * relu(q[i, h] . k[j])`` with
+    k = kv's e4m3 rows times their scales, for ``ks[i] <= j < ke[i]``, -inf elsewhere; with
+    ``max_seqlen_k`` > 0 the compressed form, column c of row i being key ``ks[i] + c`` (-inf past
+    ``ke[i]`` and past the keys). ``clean_logits`` changes nothing here: every element outside a row's
+    range is -inf (the GPU leaves them unwritten without it). Keys are taken in chunks, so that the
+    [H, S, chunk] scores stay near 256 MB."""
+    kv_fp8, kv_sf = kv
+    return _mqa_logits(q.float(), kv_fp8.float() * kv_sf.float().unsqueeze(1), weights, cu_seq_len_k_start,
+                       cu_seq_len_k_end, max_seqlen_k, logits_dtype)
+
+
+def _dequantize_fp4_rows(packed: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
+    """float32 rows of packed e2m1 ``[..., D/2]`` with one int32 of packed 1x32 UE8M0 scales each ``[...]``."""
+    return dequantize_fp4(packed, sf.unsqueeze(-1))
+
+
+def fp8_fp4_mqa_logits(q: tuple[torch.Tensor, torch.Tensor | None], kv: tuple[torch.Tensor, torch.Tensor],
+                       weights: torch.Tensor, cu_seq_len_k_start: torch.Tensor, cu_seq_len_k_end: torch.Tensor,
+                       clean_logits: bool = True, max_seqlen_k: int = 0,
+                       logits_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`fp8_mqa_logits` of FP4 inputs, dequantised: q ``(int8 [S, H, D/2], int32 [S, H])`` and kv
+    ``(int8 [S_kv, D/2], int32 [S_kv])``, e2m1 codes with packed 1x32 UE8M0 scales; ``(q, None)`` with
+    e4m3 q takes the FP8 inputs of :func:`fp8_mqa_logits`."""
+    q_values, q_sf = q
+    if q_sf is None:
+        return fp8_mqa_logits(q_values, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits,
+                              max_seqlen_k, logits_dtype)
+    return _mqa_logits(_dequantize_fp4_rows(q_values, q_sf), _dequantize_fp4_rows(*kv), weights, cu_seq_len_k_start,
+                       cu_seq_len_k_end, max_seqlen_k, logits_dtype)
+
+
+def _mqa_logits(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, cu_seq_len_k_start: torch.Tensor,
+                cu_seq_len_k_end: torch.Tensor, max_seqlen_k: int, logits_dtype: torch.dtype) -> torch.Tensor:
+    """The logits of float32 queries [S, H, D] and keys [S_kv, D]."""
+    seq_len, heads, _ = queries.shape
+    seq_len_kv = keys.shape[0]
+    w = weights.float().t()  # [H, S]
+    ks, ke = cu_seq_len_k_start.long(), cu_seq_len_k_end.long()
+    full = torch.full((seq_len, seq_len_kv), float("-inf"), device=queries.device)
+    chunk = max(1, 2**26 // max(1, seq_len * heads))
+    for begin in range(0, seq_len_kv, chunk):
+        end = min(begin + chunk, seq_len_kv)
+        scores = torch.einsum("shd,nd->hsn", queries, keys[begin:end]).relu()
+        logits = torch.einsum("hsn,hs->sn", scores, w)
+        columns = torch.arange(begin, end, device=queries.device)
+        inside = (columns[None, :] >= ks[:, None]) & (columns[None, :] < ke[:, None])
+        full[:, begin:end] = logits.masked_fill(~inside, float("-inf"))
+    if max_seqlen_k > 0:
+        columns = ks[:, None] + torch.arange(max_seqlen_k, device=queries.device)[None, :]
+        valid = (columns < ke[:, None]) & (columns >= 0) & (columns < seq_len_kv)
+        full = full.gather(1, columns.clamp(0, max(seq_len_kv - 1, 0))) if seq_len_kv else full.new_empty(
+            seq_len, max_seqlen_k)
+        full = full.masked_fill(~valid, float("-inf"))
+    return full.to(logits_dtype)
+
+
+def _paged_keys(kv_cache: torch.Tensor, fp4: bool = False) -> torch.Tensor:
+    """The keys of a paged cache (uint8 [pages, block_kv, 1, R + 4]: per page the block_kv rows of R
+    bytes, then their block_kv 4-byte scales: e4m3 rows and fp32 scales, or with ``fp4`` packed e2m1
+    rows and int32 packed 1x32 UE8M0 scales) as float32 [pages, block_kv, D], rows times scales."""
+    pages, block_kv, _, row_bytes = kv_cache.shape
+    row = row_bytes - 4
+    flat = kv_cache.reshape(pages, block_kv * row_bytes)
+    values = flat[:, :block_kv * row].contiguous().view(pages, block_kv, row)
+    if fp4:
+        return _dequantize_fp4_rows(values, flat[:, block_kv * row:].contiguous().view(torch.int32))
+    scales = flat[:, block_kv * row:].contiguous().view(torch.float32)
+    return values.view(torch.float8_e4m3fn).float() * scales.unsqueeze(-1)
+
+
+def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                         block_table: torch.Tensor, schedule_meta: torch.Tensor | None, max_context_len: int,
+                         clean_logits: bool = False) -> torch.Tensor:
+    """The indexer's logits of decode over a paged cache, in FP32 ``[B * next_n, max_context_len]``: row
+    b * next_n + t holds, for each key j < ``context_lens[b, t]``, ``sum_h w[row, h] * relu(q[b, t, h] .
+    k_b[j])``, key j of batch b being row j % block_kv of page ``block_table[b, j // block_kv]``; -inf
+    elsewhere (``clean_logits`` and ``schedule_meta`` change nothing here)."""
+    return _paged_logits(q.float(), _paged_keys(kv_cache), weights, context_lens, block_table, max_context_len)
+
+
+def fp8_fp4_paged_mqa_logits(q: tuple[torch.Tensor, torch.Tensor | None], kv_cache: torch.Tensor,
+                             weights: torch.Tensor, context_lens: torch.Tensor, block_table: torch.Tensor,
+                             schedule_meta: torch.Tensor | None, max_context_len: int,
+                             clean_logits: bool = False) -> torch.Tensor:
+    """:func:`fp8_paged_mqa_logits` of FP4 inputs, dequantised: q ``(int8 [B, next_n, H, D/2], int32
+    [B, next_n, H])``, the cache uint8 [pages, block_kv, 1, D/2 + 4] (packed e2m1 rows, then int32
+    scales); ``(q, None)`` with e4m3 q takes the FP8 inputs."""
+    q_values, q_sf = q
+    if q_sf is None:
+        return fp8_paged_mqa_logits(q_values, kv_cache, weights, context_lens, block_table, schedule_meta,
+                                    max_context_len, clean_logits)
+    return _paged_logits(_dequantize_fp4_rows(q_values, q_sf), _paged_keys(kv_cache, fp4=True), weights, context_lens,
+                         block_table, max_context_len)
+
+
+def _paged_logits(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                  block_table: torch.Tensor, max_context_len: int) -> torch.Tensor:
+    """The paged logits of float32 queries [B, next_n, H, D] and keys [pages, block_kv, D]."""
+    batch, next_n, _, _ = queries.shape
+    pages, block_kv = keys.shape[:2]
+    logits = torch.full((batch * next_n, max_context_len), float("-inf"), device=queries.device)
+    table_pages = min(block_table.shape[1], -(-max_context_len // block_kv))
+    lens = context_lens.clamp(min=0, max=min(max_context_len, table_pages * block_kv)).tolist()
+    for b in range(batch):
+        length = max(lens[b])
+        if length == 0:
+            continue
+        table = block_table[b, :-(-length // block_kv)].long().clamp(0, pages - 1)
+        k = keys[table].reshape(-1, keys.shape[-1])[:length]
+        scores = torch.einsum("thd,nd->thn", queries[b], k).relu()
+        rows = torch.einsum("thn,th->tn", scores, weights[b * next_n:(b + 1) * next_n].float())
+        for t in range(next_n):
+            logits[b * next_n + t, :lens[b][t]] = rows[t, :lens[b][t]]
+    return logits

@@ -46,15 +46,23 @@ __device__ __forceinline__ float widened_block_scale(u32 top) {
     return top > u32(kE2m1WidenShift) ? __uint_as_float((top - kE2m1WidenShift) << 23) : 0.0f;
 }
 
-// The table of 1x32 block `block` (0-3) of a 128-wide block whose four UE8M0 exponents are packed
-// in `exponents` (block j in byte j), scaled relative to the largest, and the 128-wide block's FP32
-// scale. The largest by scalar byte extracts and a three-way max: the packed-byte max is no
+// The largest of the kBlocks (1-4) UE8M0 exponents packed in `exponents` (block j in byte j; the
+// bytes past kBlocks are padding), by scalar byte extracts and a max: the packed-byte max is no
 // instruction of sm_90 and costs more.
-__device__ __forceinline__ float e2m1_block_table(u32 exponents, u32 block, E2m1Table& table) {
-    u32 e[4];
+template <u32 kBlocks = 4>
+__device__ __forceinline__ u32 e2m1_top_exponent(u32 exponents) {
+    static_assert(kBlocks >= 1 && kBlocks <= 4, "one to four 1x32 blocks a packed exponent word");
+    u32 top = prmt(exponents, 0u, 0x4440u);
 #pragma unroll
-    for (u32 j = 0; j < 4; ++j) e[j] = prmt(exponents, 0u, 0x4440u + j);
-    const u32 top = max(max(e[0], e[1]), max(e[2], e[3]));
+    for (u32 j = 1; j < kBlocks; ++j) top = max(top, prmt(exponents, 0u, 0x4440u + j));
+    return top;
+}
+
+// The table of 1x32 block `block` of a row of kBlocks blocks with those exponents, scaled relative to
+// the largest, and the row's FP32 scale.
+template <u32 kBlocks = 4>
+__device__ __forceinline__ float e2m1_block_table(u32 exponents, u32 block, E2m1Table& table) {
+    const u32 top = e2m1_top_exponent<kBlocks>(exponents);
     table = e2m1_table(int(prmt(exponents, 0u, 0x4440u + block)) - int(top) + kE2m1WidenShift);
     return widened_block_scale(top);
 }

@@ -263,6 +263,17 @@ __device__ __forceinline__ void ld_shared_v4_u32(u32 address, u32 (&v)[4]) {
                  : "r"(address)
                  : "memory");
 }
+// kWords (1, 2 or 4) consecutive 32-bit words in one shared-memory load (address aligned to their size).
+template <u32 kWords>
+__device__ __forceinline__ void ld_shared_words(u32 address, u32 (&v)[kWords]) {
+    static_assert(kWords == 1 || kWords == 2 || kWords == 4, "one, two or four words");
+    if constexpr (kWords == 4)
+        ld_shared_v4_u32(address, v);
+    else if constexpr (kWords == 2)
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v[0]), "=r"(v[1]) : "r"(address) : "memory");
+    else
+        v[0] = ld_shared_u32(address);
+}
 __device__ __forceinline__ void st_shared_v4_u32(u32 address, u32 x, u32 y, u32 z, u32 w) {
     asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(address), "r"(x), "r"(y), "r"(z), "r"(w)
                  : "memory");

@@ -27,6 +27,18 @@ __device__ __forceinline__ u64 smem_descriptor_k_major_sw128(const void* start) 
     return desc;
 }
 
+// The same for K-major rows of kRowBytes (32, 64 or 128) stored with the swizzle of that width, as
+// TMA writes a box of that many bytes per row: 8-row core groups 8 * kRowBytes apart. The tile's
+// base must be 8 * kRowBytes aligned.
+template <u32 kRowBytes>
+__device__ __forceinline__ u64 smem_descriptor_k_major(const void* start) {
+    static_assert(kRowBytes == 32 || kRowBytes == 64 || kRowBytes == 128, "a 32-, 64- or 128-byte swizzle");
+    if constexpr (kRowBytes == 128) return smem_descriptor_k_major_sw128(start);
+    constexpr u64 kLayout = kRowBytes == 64 ? 2 : 3;  // bits 62-63: 2 = 64-byte, 3 = 32-byte swizzle
+    const u64 address = smem_addr(start);
+    return ((address & 0x3FFFF) >> 4) | (u64(1) << 16) | (u64(8 * kRowBytes >> 4) << 32) | (kLayout << 62);
+}
+
 // Descriptor of an MN-major tile stored with the 128-byte swizzle: TMA boxes of 128 bytes of M (or
 // N) by the tile's K rows, each 8-K-row group 1024 bytes on from the previous one (the stride byte
 // offset), and the next 128 bytes of M (or N), the next box, `atom_stride_bytes` on (the leading

@@ -1,0 +1,508 @@
+// The lightning indexer's MQA logits on sm_90a (DeepSeek-V3.2):
+//   logits[i, j] = sum_h w[i, h] * relu(q[i, h] . k[j]) * k_scale[j]   for the keys j query i sees
+// q: e4m3 (no scale), keys: e4m3 with one fp32 scale each, w: fp32; logits fp32 or bf16, row i at
+// i * ld. k_scale > 0 is taken out of the relu.
+// kFp4 (fp8_fp4_mqa_logits): q and keys e2m1, two per byte, with one UE8M0 exponent per 1x32 block
+// (four packed in an int32 a row), widened to e4m3 on the chip (fp4.cuh) with a row's blocks folded
+// into one power-of-two row scale: a key's is its k_scale, a query head's multiplies its weight
+// (relu commutes with a positive scale). The keys widen in registers straight into the WGMMA's A
+// fragments, as in sm90_fp8_fp4_gemm_swap_ab.cuh, taking K in that kernel's order (quad lane q's 32
+// values of a 128-wide row are its 16 contiguous packed bytes); the math warps widen each q block
+// into its e4m3 tile in the same order.
+//
+// Two problems share one kernel body (sm90_mqa_logits below):
+//   MqaDense (fp8_mqa_logits): q [S, H, D], keys [S_kv, D], query i sees [ks[i], ke[i]). A q block is
+//     kQueries = 128 / H queries; a CTA takes q blocks blockIdx.x + n * gridDim.x in turn and streams
+//     the keys of each block's window, [min ks, max ke) over its queries clamped to [0, S_kv), the
+//     start rounded down to 4 (the scales' 16-byte TMA boxes). kCompressed: row i holds key ks[i] + c
+//     at column c; only keys inside the range are written.
+//   MqaPaged (fp8_paged_mqa_logits): decode over a paged cache of 64-key pages (in each page the
+//     64 e4m3 rows, then their 64 scales), q [B, next_n, H, D]: a q block is one batch's kQueries =
+//     next_n tokens, token t sees the keys j < context_lens[b, t], page j / 64 of the batch being
+//     block_table[b, j / 64]. A batch's keys come in units of 128 (two pages; at least one unit a
+//     batch); CTA c takes the units from schedule[c] to schedule[c + 1] (batch, unit), a q block
+//     for each batch it touches.
+// A q block's kQueries * H query heads are the WGMMA's B (N = 32 to 128), each 128-key block of the
+// window its A (64 keys per math warpgroup, m64), K = D: accumulator rows are keys, columns (query,
+// head). A thread sums its columns of each query, relu'd and weighted, its quad's four lanes add
+// their sums, and lane q % 4 of the quad stores query q's two keys.
+//   kClean: every element of a row outside the keys it sees becomes -inf: the math warps write it
+//     inside the window, the producer warpgroup's three spare warps outside it.
+// Warps: two math warpgroups, then the producer warpgroup (its first thread issues the TMA loads).
+// Shared memory: kQStages q stages (the tile [kQueries * H, D], D-byte swizzle, and w [kQueries, H];
+// kFp4: also the packed tile as it lands and its exponents) and kKvStages key stages (a [128, D] tile,
+// or [128, D / 2] packed, and its 128 scales or packed exponents).
+#pragma once
+#include <moegemm/fp4.cuh>
+#include <moegemm/mma/wgmma.cuh>
+#include <moegemm/sm90/pipeline.cuh>
+
+namespace moegemm {
+
+struct MqaLogitsParams {
+    TmaDescriptor tma_q;         // q as [S * H, D] e4m3, box {D, kQueries * H}, D-byte swizzle (kFp4:
+                                 // [S * H, D / 2] bytes, box {D / 2, kQueries * H})
+    TmaDescriptor tma_q_scales;  // kFp4: q's exponents as [1, S * H] int32, box {kQueries * H, 1}
+    TmaDescriptor tma_kv;        // keys [S_kv, D] e4m3, box {D, 128}, D-byte swizzle (kFp4: [S_kv, D / 2]
+                                 // bytes, box {D / 2, 128})
+    TmaDescriptor tma_scales;    // their scales as [1, S_kv] fp32 (kFp4: exponents, int32), box {128, 1}
+    TmaDescriptor tma_weights;   // w [S, H] fp32, box {H, kQueries}
+    const int* ks;              // [S]
+    const int* ke;              // [S]
+    u8* logits;
+    u64 ld_logits;  // elements between rows of logits
+    u32 seq_len, seq_len_kv, num_q_blocks;
+    u32 columns;  // logits' columns: S_kv, or max_seqlen_k (kCompressed)
+};
+
+struct PagedMqaLogitsParams {
+    TmaDescriptor tma_q;         // q as [B * next_n * H, D] e4m3, box {D, kQueries * H}, D-byte swizzle
+                                 // (kFp4: as MqaLogitsParams)
+    TmaDescriptor tma_q_scales;  // kFp4: q's exponents as [1, B * next_n * H] int32
+    TmaDescriptor tma_kv;        // the cache as rows of kKeyBytes [pages * kPageRows, kKeyBytes], box
+                                 // {kKeyBytes, 64}
+    TmaDescriptor tma_scales;    // the cache as 4-byte words [pages, 64 * (kKeyBytes + 4) / 4], box {64, 1}
+    TmaDescriptor tma_weights;   // w [B * next_n, H] fp32, box {H, kQueries}
+    const int* context_lens;    // [B, next_n]
+    const int* block_table;     // [B, ld_block_table]
+    const int* schedule;        // [ctas + 1, 2]: (batch, unit) where CTA c starts
+    u8* logits;
+    u64 ld_logits;
+    u32 batch, ld_block_table, columns;  // columns: max_context_len
+};
+
+template <u32 kHeads_, u32 kHeadDim_, u32 kKvStages_, bool kBf16Logits_, bool kCompressed_, bool kClean_, u32 kNextN_,
+          bool kFp4_>
+struct MqaLogitsConfig {
+    static constexpr u32 kHeads = kHeads_, kHeadDim = kHeadDim_, kKvStages = kKvStages_;
+    static constexpr bool kBf16Logits = kBf16Logits_, kCompressed = kCompressed_, kClean = kClean_;
+    static constexpr u32 kNextN = kNextN_;  // 0: MqaDense; 1 or 2: MqaPaged
+    static constexpr bool kPaged = kNextN > 0;
+    static constexpr bool kFp4 = kFp4_;
+    static constexpr u32 kKeyBytes = kFp4 ? kHeadDim / 2 : kHeadDim;  // a key row (or q row) as it lands
+    static constexpr u32 kPartWords = kHeadDim / 32;  // kFp4: packed words of a quarter row (a lane's share)
+    static constexpr u32 kQStages = 2;
+    static constexpr u32 kQueries = kPaged ? kNextN : 128 / kHeads;  // queries a q block
+    static constexpr u32 kQRows = kQueries * kHeads;                  // WGMMA N
+    static constexpr u32 kBlockKv = 128;                              // keys a block: 64 per math warpgroup
+    static constexpr u32 kPageKeys = 64;
+    static constexpr u32 kPageRows = kPageKeys * (kKeyBytes + 4) / kKeyBytes;  // a page in rows of kKeyBytes
+    static constexpr u32 kNumMathThreads = 256;
+    static constexpr u32 kNumThreads = kNumMathThreads + 128;
+    static constexpr u32 kQTileBytes = kQRows * kHeadDim, kKvTileBytes = kBlockKv * kKeyBytes;
+    static constexpr u32 kQPackedBytes = kFp4 ? kQRows * kKeyBytes : 0;
+    static constexpr u32 kWeightsBytes = align_up(kQRows * 4, 128u), kScalesBytes = kBlockKv * 4;
+    static constexpr u32 kQScalesBytes = kFp4 ? kWeightsBytes : 0;
+    static constexpr u32 kQLoadBytes = (kFp4 ? kQPackedBytes + kQRows * 4 : kQTileBytes) + kQRows * 4;
+    static constexpr u32 kKvOffset = kQStages * kQTileBytes;
+    static constexpr u32 kQPackedOffset = kKvOffset + kKvStages * kKvTileBytes;
+    static constexpr u32 kWeightsOffset = kQPackedOffset + kQStages * kQPackedBytes;
+    static constexpr u32 kQScalesOffset = kWeightsOffset + kQStages * kWeightsBytes;
+    static constexpr u32 kScalesOffset = kQScalesOffset + kQStages * kQScalesBytes;
+    static constexpr u32 kBarrierOffset = kScalesOffset + kKvStages * kScalesBytes;
+    static constexpr u32 kSmemBytes = kBarrierOffset + 2 * (kQStages + kKvStages) * 8;
+
+    static_assert(kHeads == 32 || kHeads == 64, "H: 32 or 64");
+    static_assert(kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128, "D: 32, 64 or 128");
+    static_assert(kNextN <= 2, "next_n: 1 or 2");
+    static_assert(kQTileBytes % 1024 == 0, "q tiles 1024-byte aligned");
+    static_assert(!(kCompressed && (kClean || kPaged)), "compressed logits: dense, not cleaned");
+    static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a block may use");
+};
+
+// A q block and the keys its CTA computes for it: [key_begin, key_begin + blocks * 128).
+struct MqaSegment {
+    u32 q_block, key_begin, blocks;
+    bool valid;
+};
+
+__device__ __forceinline__ float negative_infinity() { return -__int_as_float(0x7f800000); }
+
+// One logit (or -inf) at row `row`, column `column` (bounds checked by the caller).
+template <class Config>
+__device__ __forceinline__ void mqa_write(u8* logits, u64 ld, u32 row, u64 column, float value) {
+    const u64 offset = u64(row) * ld + column;
+    if constexpr (Config::kBf16Logits)
+        reinterpret_cast<u16*>(logits)[offset] = u16(pack_bf16x2(value, 0.0f) & 0xFFFFu);
+    else
+        reinterpret_cast<float*>(logits)[offset] = value;
+}
+
+template <class Config>
+struct MqaDense {
+    using Params = MqaLogitsParams;
+
+    __device__ __forceinline__ static MqaSegment segment(const Params& p, u32 index) {
+        const u32 block = blockIdx.x + index * gridDim.x;
+        if (block >= p.num_q_blocks) return {0, 0, 0, false};
+        int begin = int(p.seq_len_kv), end = 0;
+        for (u32 i = 0; i < Config::kQueries; ++i) {
+            const u32 query = min(block * Config::kQueries + i, p.seq_len - 1);
+            begin = min(begin, max(__ldg(p.ks + query), 0));
+            end = max(end, min(__ldg(p.ke + query), int(p.seq_len_kv)));
+        }
+        begin = begin / 4 * 4;
+        return {block, u32(begin), end > begin ? ceil_div(u32(end - begin), Config::kBlockKv) : 0u, true};
+    }
+    __device__ __forceinline__ static int q_row(u32 q_block) { return int(q_block * Config::kQueries); }
+    // Query i of the block: its logits row (or -1 past the last) and the keys it sees.
+    __device__ __forceinline__ static int row(const Params& p, u32 q_block, u32 i) {
+        const u32 query = q_block * Config::kQueries + i;
+        return query < p.seq_len ? int(query) : -1;
+    }
+    __device__ __forceinline__ static void range(const Params& p, u32 q_block, u32 i, int& ks, int& ke) {
+        const u32 query = min(q_block * Config::kQueries + i, p.seq_len - 1);
+        ks = __ldg(p.ks + query);
+        ke = __ldg(p.ke + query);
+    }
+    __device__ __forceinline__ static u32 keys(const Params& p) { return p.seq_len_kv; }
+    // kClean: the keys of the segment's rows no other segment computes, [0, head_end) and
+    // [tail_begin, keys): all but the window.
+    __device__ __forceinline__ static u32 head_end(const Params& p, const MqaSegment& s) {
+        return min(s.key_begin, p.seq_len_kv);
+    }
+    __device__ __forceinline__ static u32 tail_begin(const Params& p, const MqaSegment& s) {
+        return min(s.key_begin + s.blocks * Config::kBlockKv, p.seq_len_kv);
+    }
+    // The 128 keys from `key` and their scales into one stage; returns the bytes they bring.
+    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar, u32,
+                                                    u32 key) {
+        tma_load_2d(tile, &p.tma_kv, bar, 0, int(key));
+        tma_load_2d(scales, &p.tma_scales, bar, int(key), 0);
+        return Config::kKvTileBytes + Config::kScalesBytes;
+    }
+    __device__ __forceinline__ static void store(const Params& p, int row, u32 key, int ks, int ke, float value) {
+        if (row < 0 || key >= p.seq_len_kv) return;
+        const bool inside = int(key) >= ks && int(key) < ke;
+        u64 column = key;
+        if constexpr (Config::kCompressed) {
+            if (!inside || u32(int(key) - ks) >= p.columns) return;
+            column = u64(int(key) - ks);
+        } else if constexpr (Config::kClean) {
+            if (!inside) value = negative_infinity();
+        }
+        mqa_write<Config>(p.logits, p.ld_logits, u32(row), column, value);
+    }
+};
+
+template <class Config>
+struct MqaPaged {
+    using Params = PagedMqaLogitsParams;
+
+    // The units of 128 keys of batch b: at least one, so that every row is written (as
+    // get_paged_mqa_logits_metadata counts them).
+    __device__ __forceinline__ static u32 units(const Params& p, u32 b) {
+        int keys = 0;
+        for (u32 t = 0; t < Config::kNextN; ++t) keys = max(keys, __ldg(p.context_lens + b * Config::kNextN + t));
+        return max(1u, ceil_div(u32(max(keys, 0)), Config::kBlockKv));
+    }
+    __device__ __forceinline__ static MqaSegment segment(const Params& p, u32 index) {
+        const int* start = p.schedule + 2 * blockIdx.x;
+        const u32 first_batch = u32(__ldg(start)), first_unit = u32(__ldg(start + 1));
+        const u32 end_batch = u32(__ldg(start + 2)), end_unit = u32(__ldg(start + 3));
+        const u32 b = first_batch + index;
+        if (b > end_batch || (b == end_batch && end_unit == 0) || b >= p.batch) return {0, 0, 0, false};
+        const u32 begin = index == 0 ? first_unit : 0, end = b == end_batch ? end_unit : units(p, b);
+        return {b, begin * Config::kBlockKv, end > begin ? end - begin : 0u, true};
+    }
+    __device__ __forceinline__ static int q_row(u32 q_block) { return int(q_block * Config::kQueries); }
+    __device__ __forceinline__ static int row(const Params&, u32 q_block, u32 i) {
+        return int(q_block * Config::kQueries + i);
+    }
+    __device__ __forceinline__ static void range(const Params& p, u32 q_block, u32 i, int& ks, int& ke) {
+        ks = 0;
+        ke = __ldg(p.context_lens + q_block * Config::kQueries + i);
+    }
+    __device__ __forceinline__ static u32 keys(const Params& p) { return p.columns; }
+    // kClean: a batch's keys past its last unit, cleaned by the segment that computes that unit.
+    __device__ __forceinline__ static u32 head_end(const Params&, const MqaSegment&) { return 0; }
+    __device__ __forceinline__ static u32 tail_begin(const Params& p, const MqaSegment& s) {
+        const u32 end = s.key_begin + s.blocks * Config::kBlockKv;
+        return end == units(p, s.q_block) * Config::kBlockKv ? min(end, p.columns) : p.columns;
+    }
+    // Keys [key, key + 128) of batch b: two pages (the second only where the table has it).
+    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar, u32 b,
+                                                    u32 key) {
+        u32 bytes = 0;
+        for (u32 half = 0; half < 2; ++half) {
+            const u32 page_index = key / Config::kPageKeys + half;
+            if (page_index >= p.ld_block_table) break;
+            const int page = __ldg(p.block_table + u64(b) * p.ld_block_table + page_index);
+            tma_load_2d(tile + half * Config::kPageKeys * Config::kKeyBytes, &p.tma_kv, bar, 0,
+                        page * int(Config::kPageRows));
+            tma_load_2d(scales + half * Config::kPageKeys * 4, &p.tma_scales, bar,
+                        int(Config::kPageKeys * Config::kKeyBytes / 4), page);
+            bytes += Config::kPageKeys * (Config::kKeyBytes + 4);
+        }
+        return bytes;
+    }
+    __device__ __forceinline__ static void store(const Params& p, int row, u32 key, int, int ke, float value) {
+        if (key >= p.columns) return;
+        if (int(key) >= ke) {
+            if (!Config::kClean) return;
+            value = negative_infinity();
+        }
+        mqa_write<Config>(p.logits, p.ld_logits, u32(row), key, value);
+    }
+};
+
+// kFp4: the math warps widen q stage s's packed tile into its e4m3 tile, a lane one quarter row
+// (a 1x32 block for D = 128) at a time. Packed word j of quarter q (natural K (D / 4) q + 8j to + 7)
+// goes to K positions 32j + 4q (its low four values) and 32j + 16 + 4q (its high four), in 4-byte
+// words 8j + q and 8j + 4 + q of the row: where a key lane's A fragment puts them.
+template <class Config>
+__device__ __forceinline__ void mqa_widen_q(u8* smem, u32 s) {
+    constexpr u32 kD = Config::kHeadDim, kWords = Config::kPartWords;
+    const u32 packed = smem_addr(smem + Config::kQPackedOffset + s * Config::kQPackedBytes);
+    const u32 exponents = smem_addr(smem + Config::kQScalesOffset + s * Config::kQScalesBytes);
+    const u32 tile = smem_addr(smem + s * Config::kQTileBytes);
+    for (u32 part = threadIdx.x; part < Config::kQRows * 4; part += Config::kNumMathThreads) {
+        const u32 row = part / 4, quarter = part % 4;
+        u32 words[kWords];
+        ld_shared_words(packed + row * Config::kKeyBytes + quarter * kWords * 4, words);
+        E2m1Table table;
+        e2m1_block_table<kD / 32>(ld_shared_u32(exponents + row * 4), quarter * kD / 128, table);
+        // The D-byte swizzle TMA would write: 16-byte chunk c of the row at c ^ ((row * D / 128) % (D / 16)).
+        const u32 line = tile + row * kD, swizzle = (row * kD / 128) % (kD / 16);
+#pragma unroll
+        for (u32 j = 0; j < kWords; ++j) {
+            u32 lo, hi;
+            widen_e2m1x8(words[j], table, lo, hi);
+            const u32 low_word = 8 * j + quarter, high_word = low_word + 4;
+            st_shared_u32(line + ((low_word / 4) ^ swizzle) * 16 + (low_word % 4) * 4, lo);
+            st_shared_u32(line + ((high_word / 4) ^ swizzle) * 16 + (high_word % 4) * 4, hi);
+        }
+    }
+    // The WGMMAs read the tile through the async proxy, after both math warpgroups' writes.
+    fence_proxy_async();
+    named_barrier_sync(1, Config::kNumMathThreads);
+}
+
+// The WGMMAs of key stage t's tile [128, D] e4m3 against the q tile: the warpgroup's 64 keys; the
+// thread's two keys' scales (rows key_row, key_row + 8); the stage released once read.
+template <class Config>
+__device__ __forceinline__ void mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t, u32 key_row, u64 desc_q, float* acc,
+                                             float& scale0, float& scale1) {
+    const u8* tile = smem + Config::kKvOffset + t * Config::kKvTileBytes;
+    const u64 desc_kv = smem_descriptor_k_major<Config::kHeadDim>(tile + (key_row / 64) * 64 * Config::kHeadDim);
+    wgmma_fence();
+#pragma unroll
+    for (u32 k = 0; k < Config::kHeadDim / 32; ++k)
+        WgmmaFp8<Config::kQRows>::mma(smem_descriptor_advance(desc_kv, k * 32), smem_descriptor_advance(desc_q, k * 32),
+                                      acc, k > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (u32 i = 0; i < Config::kQRows / 2; ++i) fence_register(acc[i]);
+    const u32 scales = smem_addr(smem + Config::kScalesOffset + t * Config::kScalesBytes);
+    scale0 = __uint_as_float(ld_shared_u32(scales + key_row * 4));
+    scale1 = __uint_as_float(ld_shared_u32(scales + (key_row + 8) * 4));
+    __syncwarp();
+    if (lane_id() == 0) empty_kv[t].arrive();
+}
+
+// kFp4: the same from stage t's packed tile [128, D / 2]: the thread's quarter of its two key rows
+// and their exponents into registers (the stage released at once), widened into the A fragments.
+template <class Config>
+__device__ __forceinline__ void mqa_keys_fp4(u8* smem, Barrier* empty_kv, u32 t, u32 key_row, u64 desc_q, float* acc,
+                                             float& scale0, float& scale1) {
+    constexpr u32 kWords = Config::kPartWords;
+    const u32 tile = smem_addr(smem + Config::kKvOffset + t * Config::kKvTileBytes);
+    const u32 scales = smem_addr(smem + Config::kScalesOffset + t * Config::kScalesBytes);
+    const u32 quarter = lane_id() % 4;
+    u32 packed[2][kWords], exponents[2];
+#pragma unroll
+    for (u32 h = 0; h < 2; ++h) {
+        ld_shared_words(tile + (key_row + 8 * h) * Config::kKeyBytes + quarter * kWords * 4, packed[h]);
+        exponents[h] = ld_shared_u32(scales + (key_row + 8 * h) * 4);
+    }
+    __syncwarp();
+    if (lane_id() == 0) empty_kv[t].arrive();
+    E2m1Table tables[2];
+    scale0 = e2m1_block_table<Config::kHeadDim / 32>(exponents[0], quarter * Config::kHeadDim / 128, tables[0]);
+    scale1 = e2m1_block_table<Config::kHeadDim / 32>(exponents[1], quarter * Config::kHeadDim / 128, tables[1]);
+    u32 fragments[kWords][4];
+#pragma unroll
+    for (u32 j = 0; j < kWords; ++j) {
+#pragma unroll
+        for (u32 h = 0; h < 2; ++h) widen_e2m1x8(packed[h][j], tables[h], fragments[j][h], fragments[j][2 + h]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (u32 j = 0; j < kWords; ++j)
+        WgmmaFp8RegistersA<Config::kQRows>::mma(fragments[j], smem_descriptor_advance(desc_q, j * 32), acc, j > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (u32 i = 0; i < Config::kQRows / 2; ++i) fence_register(acc[i]);
+}
+
+template <class Config, class Problem>
+__device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& p) {
+    extern __shared__ __align__(1024) u8 smem[];
+    Barrier* full_q = reinterpret_cast<Barrier*>(smem + Config::kBarrierOffset);
+    Barrier* empty_q = full_q + Config::kQStages;
+    Barrier* full_kv = empty_q + Config::kQStages;
+    Barrier* empty_kv = full_kv + Config::kKvStages;
+    const u32 warp = warp_id();
+
+    if (threadIdx.x == Config::kNumMathThreads) {
+        tma_prefetch_descriptor(&p.tma_q);
+        if constexpr (Config::kFp4) tma_prefetch_descriptor(&p.tma_q_scales);
+        tma_prefetch_descriptor(&p.tma_kv);
+        tma_prefetch_descriptor(&p.tma_scales);
+        tma_prefetch_descriptor(&p.tma_weights);
+#pragma unroll
+        for (u32 s = 0; s < Config::kQStages; ++s) {
+            full_q[s].init(1);
+            empty_q[s].init(Config::kNumMathThreads / 32);
+        }
+#pragma unroll
+        for (u32 s = 0; s < Config::kKvStages; ++s) {
+            full_kv[s].init(1);
+            empty_kv[s].init(Config::kNumMathThreads / 32);
+        }
+        fence_barrier_init();
+    }
+    __syncthreads();
+    grid_dependency_wait();
+
+    if (threadIdx.x >= Config::kNumMathThreads) {
+        if (threadIdx.x == Config::kNumMathThreads) {
+            StageRing<Config::kQStages> q_ring;
+            StageRing<Config::kKvStages> kv_ring;
+            for (u32 index = 0;; ++index, q_ring.advance()) {
+                const MqaSegment segment = Problem::segment(p, index);
+                if (!segment.valid) break;
+                const u32 s = q_ring.stage;
+                empty_q[s].wait(q_ring.phase ^ 1);
+                full_q[s].arrive_expect_tx(Config::kQLoadBytes);
+                const int q_row = Problem::q_row(segment.q_block) * int(Config::kHeads);
+                if constexpr (Config::kFp4) {
+                    tma_load_2d(smem + Config::kQPackedOffset + s * Config::kQPackedBytes, &p.tma_q, &full_q[s], 0,
+                                q_row);
+                    tma_load_2d(smem + Config::kQScalesOffset + s * Config::kQScalesBytes, &p.tma_q_scales,
+                                &full_q[s], q_row, 0);
+                } else {
+                    tma_load_2d(smem + s * Config::kQTileBytes, &p.tma_q, &full_q[s], 0, q_row);
+                }
+                tma_load_2d(smem + Config::kWeightsOffset + s * Config::kWeightsBytes, &p.tma_weights, &full_q[s], 0,
+                            Problem::q_row(segment.q_block));
+                for (u32 b = 0; b < segment.blocks; ++b, kv_ring.advance()) {
+                    const u32 t = kv_ring.stage;
+                    empty_kv[t].wait(kv_ring.phase ^ 1);
+                    // The bytes are known only once the loads are issued: the arrival comes last.
+                    const u32 bytes = Problem::load_keys(p, smem + Config::kKvOffset + t * Config::kKvTileBytes,
+                                                         smem + Config::kScalesOffset + t * Config::kScalesBytes,
+                                                         &full_kv[t], segment.q_block,
+                                                         segment.key_begin + b * Config::kBlockKv);
+                    full_kv[t].arrive_expect_tx(bytes);
+                }
+            }
+        } else if (Config::kClean && threadIdx.x >= Config::kNumMathThreads + 32) {
+            // The three spare warps: -inf in each row outside the keys the segments compute.
+            const u32 lane = threadIdx.x - Config::kNumMathThreads - 32, keys = Problem::keys(p);
+            for (u32 index = 0;; ++index) {
+                const MqaSegment segment = Problem::segment(p, index);
+                if (!segment.valid) break;
+                const u32 head_end = Problem::head_end(p, segment), tail_begin = Problem::tail_begin(p, segment);
+                const u32 outside = head_end + (keys - tail_begin);
+                for (u32 i = 0; i < Config::kQueries; ++i) {
+                    const int row = Problem::row(p, segment.q_block, i);
+                    if (row < 0) break;
+                    for (u32 c = lane; c < outside; c += 96) {
+                        const u32 key = c < head_end ? c : tail_begin + (c - head_end);
+                        mqa_write<Config>(p.logits, p.ld_logits, u32(row), key, negative_infinity());
+                    }
+                }
+            }
+        }
+        return;
+    }
+
+    // Math warpgroups: warpgroup w's 64 keys of each block from 64 w, its thread's rows `key_row` and
+    // `key_row + 8`.
+    constexpr u32 kAcc = Config::kQRows / 2, kHeadsPerThread = Config::kHeads / 4;
+    const u32 lane = lane_id(), key_row = (warp / 4) * 64 + slab_row();
+    StageRing<Config::kQStages> q_ring;
+    StageRing<Config::kKvStages> kv_ring;
+    float acc[kAcc];
+    for (u32 index = 0;; ++index, q_ring.advance()) {
+        const MqaSegment segment = Problem::segment(p, index);
+        if (!segment.valid) break;
+        const u32 s = q_ring.stage;
+        int ks[Config::kQueries], ke[Config::kQueries], rows[Config::kQueries];
+#pragma unroll
+        for (u32 i = 0; i < Config::kQueries; ++i) {
+            Problem::range(p, segment.q_block, i, ks[i], ke[i]);
+            rows[i] = Problem::row(p, segment.q_block, i);
+        }
+        full_q[s].wait(q_ring.phase);
+        if constexpr (Config::kFp4) mqa_widen_q<Config>(smem, s);
+        // Head h of query i is column i * H + h; the thread's are 8 (j / 2) + 2 (lane % 4) + j % 2.
+        float weights[Config::kQueries][kHeadsPerThread];
+        const u32 weights_smem = smem_addr(smem + Config::kWeightsOffset + s * Config::kWeightsBytes);
+        const u32 q_exponents = smem_addr(smem + Config::kQScalesOffset + s * Config::kQScalesBytes);
+#pragma unroll
+        for (u32 i = 0; i < Config::kQueries; ++i) {
+#pragma unroll
+            for (u32 j = 0; j < kHeadsPerThread; j += 2) {
+                const u32 column = i * Config::kHeads + 8 * (j / 2) + 2 * (lane % 4);
+                ld_shared_v2_f32(weights_smem + column * 4, weights[i][j], weights[i][j + 1]);
+                if constexpr (Config::kFp4) {
+#pragma unroll
+                    for (u32 c = 0; c < 2; ++c) {
+                        const u32 top = e2m1_top_exponent<Config::kHeadDim / 32>(
+                            ld_shared_u32(q_exponents + (column + c) * 4));
+                        weights[i][j + c] *= widened_block_scale(top);
+                    }
+                }
+            }
+        }
+        const u64 desc_q = smem_descriptor_k_major<Config::kHeadDim>(smem + s * Config::kQTileBytes);
+        for (u32 b = 0; b < segment.blocks; ++b, kv_ring.advance()) {
+            const u32 t = kv_ring.stage;
+            full_kv[t].wait(kv_ring.phase);
+            float scale0, scale1;
+            if constexpr (Config::kFp4)
+                mqa_keys_fp4<Config>(smem, empty_kv, t, key_row, desc_q, acc, scale0, scale1);
+            else
+                mqa_keys_fp8<Config>(smem, empty_kv, t, key_row, desc_q, acc, scale0, scale1);
+            const u32 key0 = segment.key_begin + b * Config::kBlockKv + key_row;
+#pragma unroll
+            for (u32 i = 0; i < Config::kQueries; ++i) {
+                float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+                for (u32 j = 0; j < kHeadsPerThread; ++j) {
+                    // Accumulator a: column 8 (a / 4) + 2 (lane % 4) + a % 2, key row + 8 ((a / 2) % 2).
+                    const u32 a0 = i * (Config::kHeads / 2) + (j / 2) * 4 + j % 2;
+                    sum0 += fmaxf(acc[a0], 0.0f) * weights[i][j];
+                    sum1 += fmaxf(acc[a0 + 2], 0.0f) * weights[i][j];
+                }
+#pragma unroll
+                for (u32 offset = 1; offset < 4; offset *= 2) {
+                    sum0 += __shfl_xor_sync(0xffffffffu, sum0, offset);
+                    sum1 += __shfl_xor_sync(0xffffffffu, sum1, offset);
+                }
+                if (lane % 4 == i % 4 && rows[i] >= 0) {
+                    Problem::store(p, rows[i], key0, ks[i], ke[i], sum0 * scale0);
+                    Problem::store(p, rows[i], key0 + 8, ks[i], ke[i], sum1 * scale1);
+                }
+            }
+        }
+        __syncwarp();
+        if (lane == 0) empty_q[s].arrive();
+    }
+}
+
+template <class Config>
+__device__ __forceinline__ void sm90_fp8_mqa_logits(const MqaLogitsParams& p) {
+    sm90_mqa_logits<Config, MqaDense<Config>>(p);
+}
+
+template <class Config>
+__device__ __forceinline__ void sm90_fp8_paged_mqa_logits(const PagedMqaLogitsParams& p) {
+    sm90_mqa_logits<Config, MqaPaged<Config>>(p);
+}
+
+}  // namespace moegemm
