@@ -925,65 +925,177 @@ def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
 @dataclass
 class MqaRow:
     heads: int
+    head_dim: int
     seq_len: int
     seq_len_kv: int
     pairs: int  # (query, key) pairs inside the ranges
     moegemm_us: float
     tflops: float  # 2 * H * D per pair over the time
-    diff: float  # against the reference on the same FP8 inputs, over the pairs
+    diff: float  # against the reference on the same FP8 inputs, over the pairs of every few queries
+    fp4_us: float  # fp8_fp4_mqa_logits on FP4 inputs
+    fp4_diff: float
     deepgemm_us: float | None = None
     vs_deepgemm: float | None = None
 
 
-# Issue 25's shapes: D = 128, FP32 logits, cleaned; the keys of two chunks of a context-parallel rank.
-MQA_SHAPES = [(heads, s, s_kv) for heads in (64, 32) for s, s_kv in ((2048, 8192), (2048, 65536), (8192, 65536))]
-MQA_HEAD_DIM = 128
+# Issue 25's shapes: FP32 logits, cleaned; the keys of two chunks of a context-parallel rank.
+MQA_SHAPES = [(heads, d, s, s_kv) for heads in (64, 32) for d in (128, 64)
+              for s, s_kv in ((2048, 8192), (2048, 65536), (8192, 65536))]
+
+
+def _fp4_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_fp4_mqa_logits' form of the rows of x [..., D]: packed e2m1 and one int32 of exponents a row."""
+    packed, sf = api.per_token_cast_to_fp4(x.reshape(-1, x.shape[-1]), use_ue8m0=True, gran_k=32,
+                                           use_packed_ue8m0=True)
+    return packed.view(*x.shape[:-1], -1), sf.view(x.shape[:-1])
+
+
+def _finite_diff(logits: torch.Tensor, ref: torch.Tensor) -> float:
+    """calc_diff over the elements where the reference is finite."""
+    inside = torch.isfinite(ref)
+    return api.calc_diff(logits[inside].double(), ref[inside].double())
 
 
 def bench_mqa_logits(iters: int = 10) -> list[MqaRow]:
-    """fp8_mqa_logits beside DeepGEMM's on the same inputs."""
+    """fp8_mqa_logits beside DeepGEMM's on the same inputs, and fp8_fp4_mqa_logits on their FP4 casts."""
     rows = []
-    for heads, seq_len, seq_len_kv in MQA_SHAPES:
-        q = torch.randn(seq_len, heads, MQA_HEAD_DIM, device="cuda").to(torch.float8_e4m3fn)
-        kv = torch.randn(seq_len_kv, MQA_HEAD_DIM, device="cuda").to(torch.float8_e4m3fn)
-        scales = torch.rand(seq_len_kv, device="cuda") + 0.5
+    for heads, head_dim, seq_len, seq_len_kv in MQA_SHAPES:
+        q = torch.randn(seq_len, heads, head_dim, device="cuda")
+        kv = torch.randn(seq_len_kv, head_dim, device="cuda")
         weights = torch.randn(seq_len, heads, device="cuda")
+        scales = kv.abs().amax(dim=1) / 448
+        q8, kv8 = q.to(torch.float8_e4m3fn), ((kv / scales[:, None]).to(torch.float8_e4m3fn), scales)
+        q4, kv4 = _fp4_rows(q), _fp4_rows(kv)
+        del q, kv
         half, ranks = seq_len // 2, seq_len_kv // seq_len
         rank = ranks // 3  # DeepGEMM's tests' pick
         ke = torch.cat([torch.arange(half) + rank * half + 1,
                         torch.arange(half) + (2 * ranks - 1 - rank) * half + 1]).to(torch.int32).cuda()
         ks = torch.zeros(seq_len, dtype=torch.int32, device="cuda")
-        call = functools.partial(api.fp8_mqa_logits, q, (kv, scales), weights, ks, ke)
-        us = kernel_time_us(call, iters)
         pairs = int((ke.clamp(max=seq_len_kv) - ks).clamp(min=0).sum())
-        logits = call()
-        inside = torch.isfinite(logits)
+        call = functools.partial(api.fp8_mqa_logits, q8, kv8, weights, ks, ke)
+        call4 = functools.partial(api.fp8_fp4_mqa_logits, q4, kv4, weights, ks, ke)
+        us, fp4_us = kernel_time_us(call, iters), kernel_time_us(call4, iters)
         sample = slice(0, seq_len, max(1, seq_len // 256))  # the reference on every few queries
-        ref = reference.fp8_mqa_logits(q[sample], (kv, scales), weights[sample], ks[sample], ke[sample])
-        diff = api.calc_diff(logits[sample][inside[sample]].double(), ref[inside[sample]].double())
-        row = MqaRow(heads, seq_len, seq_len_kv, pairs, us, 2 * heads * MQA_HEAD_DIM * pairs / us / 1e6, diff)
+        diff = _finite_diff(call()[sample], reference.fp8_mqa_logits(q8[sample], kv8, weights[sample], ks[sample],
+                                                                      ke[sample]))
+        fp4_diff = _finite_diff(call4()[sample], reference.fp8_fp4_mqa_logits(
+            (q4[0][sample], q4[1][sample]), kv4, weights[sample], ks[sample], ke[sample]))
+        row = MqaRow(heads, head_dim, seq_len, seq_len_kv, pairs, us, 2 * heads * head_dim * pairs / us / 1e6, diff,
+                     fp4_us, fp4_diff)
         dg = deep_gemm()
         if dg is not None and hasattr(dg, "fp8_mqa_logits"):
             try:
                 row.deepgemm_us = kernel_time_us(
-                    functools.partial(dg.fp8_mqa_logits, q, (kv, scales), weights, ks, ke, clean_logits=True), iters)
+                    functools.partial(dg.fp8_mqa_logits, q8, kv8, weights, ks, ke, clean_logits=True), iters)
                 row.vs_deepgemm = row.deepgemm_us / us
             except (RuntimeError, TypeError) as error:
                 print(f"DeepGEMM's fp8_mqa_logits failed: {str(error).splitlines()[0]}")
         rows.append(row)
-        del logits
+        del q8, kv8, q4, kv4
+    torch.cuda.empty_cache()
     return rows
 
 
 def print_mqa_table(rows: list[MqaRow]) -> None:
-    print(f"\nfp8_mqa_logits (D = {MQA_HEAD_DIM}, FP32 logits, cleaned; two context-parallel chunks of keys): "
-          f"TFLOPS over the pairs inside the ranges")
-    print(f"{'H':>3} {'S':>5} {'S_kv':>6} {'pairs':>11} | {'us':>9} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | "
-          f"{'diff':>8}")
+    print("\nfp8_mqa_logits (FP32 logits, cleaned; two context-parallel chunks of keys): TFLOPS over the pairs "
+          "inside the ranges; FP4: fp8_fp4_mqa_logits on the same inputs cast to FP4")
+    print(f"{'H':>3} {'D':>4} {'S':>5} {'S_kv':>6} | {'us':>8} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | "
+          f"{'FP4 us':>8} {'FP8/FP4':>7} | {'diff':>8} {'FP4 diff':>8}")
     for r in rows:
-        print(f"{r.heads:3d} {r.seq_len:5d} {r.seq_len_kv:6d} {r.pairs:11d} | {r.moegemm_us:9.1f} {r.tflops:7.0f} | "
-              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
+        print(f"{r.heads:3d} {r.head_dim:4d} {r.seq_len:5d} {r.seq_len_kv:6d} | {r.moegemm_us:8.1f} {r.tflops:7.0f} | "
+              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.fp4_us:8.1f} "
+              f"{r.moegemm_us / r.fp4_us:7.3f} | {r.diff:8.1e} {r.fp4_diff:8.1e}")
     _summary("DeepGEMM's time over ours, fp8_mqa_logits", [r.vs_deepgemm for r in rows])
+
+
+@dataclass
+class PagedMqaRow:
+    batch: int
+    next_n: int
+    context: int  # mean context length (0.7x to 1.3x across the batch, as DeepGEMM's tests draw them)
+    moegemm_us: float
+    tbps: float  # the keys' bytes (values and scales), q and the weights, read over the time
+    copy_share: float
+    fp4_us: float
+    fp4_tbps: float
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None
+
+
+# Issue 25's decode cases: H = 64, D = 128; at most 32M cached tokens (DeepGEMM's tests' bound).
+PAGED_MQA_CASES = [(batch, next_n, context) for batch, context in ((256, 8192), (256, 65536), (4096, 8192))
+                   for next_n in (1, 2)]
+PAGED_MQA_HEADS, PAGED_MQA_HEAD_DIM = 64, 128
+
+
+def _random_paged_caches(pages: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 and an FP4 cache of random keys in DeepGEMM's page layouts (made in parts: no
+    full-size float temporaries)."""
+    fp8 = torch.empty(pages, 64 * (head_dim + 4), dtype=torch.uint8, device="cuda")
+    fp4 = torch.empty(pages, 64 * (head_dim // 2 + 4), dtype=torch.uint8, device="cuda")
+    for begin in range(0, pages, 4096):
+        keys = torch.randn(min(4096, pages - begin), 64, head_dim, device="cuda")
+        scales = keys.abs().amax(dim=2) / 448
+        values = (keys / scales[..., None]).to(torch.float8_e4m3fn).view(torch.uint8)
+        fp8[begin:begin + keys.shape[0]] = torch.cat([values.flatten(1), scales.view(torch.uint8).flatten(1)], 1)
+        packed, sf = _fp4_rows(keys)
+        fp4[begin:begin + keys.shape[0]] = torch.cat([packed.view(torch.uint8).flatten(1),
+                                                       sf.view(torch.uint8).flatten(1)], 1)
+    return fp8.view(pages, 64, 1, head_dim + 4), fp4.view(pages, 64, 1, head_dim // 2 + 4)
+
+
+def bench_paged_mqa_logits(copy_tbps: float, iters: int = 10) -> list[PagedMqaRow]:
+    """fp8_paged_mqa_logits beside DeepGEMM's on the same cache, and fp8_fp4_paged_mqa_logits."""
+    rows = []
+    heads, head_dim = PAGED_MQA_HEADS, PAGED_MQA_HEAD_DIM
+    for batch, next_n, context in PAGED_MQA_CASES:
+        lens = torch.randint(int(0.7 * context), int(1.3 * context), (batch,), device="cuda", dtype=torch.int32)
+        pages_per_batch = -(-int(lens.max()) // 64)
+        table = torch.randperm(batch * pages_per_batch, device="cuda", dtype=torch.int32).view(batch, -1)
+        cache8, cache4 = _random_paged_caches(batch * pages_per_batch, head_dim)
+        q = torch.randn(batch, next_n, heads, head_dim, device="cuda")
+        q8, q4 = q.to(torch.float8_e4m3fn), _fp4_rows(q)
+        del q
+        weights = torch.randn(batch * next_n, heads, device="cuda")
+        context_lens = lens[:, None].expand(batch, next_n).contiguous()
+        schedule = api.get_paged_mqa_logits_metadata(context_lens, 64, api.get_num_sms())
+        columns, keys = pages_per_batch * 64, int(lens.sum())
+        extra = 4 * weights.numel() + 4 * context_lens.numel() + 4 * table.numel()
+        bytes8 = keys * (head_dim + 4) + q8.numel() + extra
+        bytes4 = keys * (head_dim // 2 + 4) + q4[0].numel() + 4 * q4[1].numel() + extra
+        us = kernel_time_us(functools.partial(api.fp8_paged_mqa_logits, q8, cache8, weights, context_lens, table,
+                                              schedule, columns), iters)
+        fp4_us = kernel_time_us(functools.partial(api.fp8_fp4_paged_mqa_logits, q4, cache4, weights, context_lens,
+                                                  table, schedule, columns), iters)
+        row = PagedMqaRow(batch, next_n, context, us, bytes8 / us / 1e6, bytes8 / us / 1e6 / copy_tbps, fp4_us,
+                          bytes4 / fp4_us / 1e6)
+        dg = deep_gemm()
+        if dg is not None and hasattr(dg, "fp8_paged_mqa_logits"):
+            try:
+                dg_schedule = dg.get_paged_mqa_logits_metadata(context_lens, 64, api.get_num_sms())
+                row.deepgemm_us = kernel_time_us(functools.partial(
+                    dg.fp8_paged_mqa_logits, q8, cache8, weights, context_lens, table, dg_schedule, columns,
+                    clean_logits=False), iters)
+                row.vs_deepgemm = row.deepgemm_us / us
+            except (RuntimeError, TypeError) as error:
+                print(f"DeepGEMM's fp8_paged_mqa_logits failed: {str(error).splitlines()[0]}")
+        rows.append(row)
+        del cache8, cache4, q8, q4
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_paged_mqa_table(rows: list[PagedMqaRow]) -> None:
+    print(f"\nfp8_paged_mqa_logits (H = {PAGED_MQA_HEADS}, D = {PAGED_MQA_HEAD_DIM}, 64-key pages, FP32 logits, "
+          "not cleaned): TB/s over the bytes read; FP4: fp8_fp4_paged_mqa_logits on an FP4 cache")
+    print(f"{'B':>5} {'next_n':>6} {'context':>7} | {'us':>8} {'TB/s':>6} {'copy':>6} | {'DeepGEMM us':>11} "
+          f"{'x':>5} | {'FP4 us':>8} {'TB/s':>6} {'FP8/FP4':>7}")
+    for r in rows:
+        print(f"{r.batch:5d} {r.next_n:6d} {r.context:7d} | {r.moegemm_us:8.1f} {r.tbps:6.2f} {r.copy_share:6.1%} | "
+              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.fp4_us:8.1f} {r.fp4_tbps:6.2f} "
+              f"{r.moegemm_us / r.fp4_us:7.3f}")
+    _summary("DeepGEMM's time over ours, fp8_paged_mqa_logits", [r.vs_deepgemm for r in rows])
 
 
 SECTIONS = ("fp8", "bf16", "fp4", "moe", "mqa")
@@ -992,7 +1104,7 @@ SECTIONS = ("fp8", "bf16", "fp4", "moe", "mqa")
 def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> None:
     """Run the benchmark ``sections``: "fp8" (the FP8 GEMMs and casts), "bf16" (the BF16 GEMMs,
     einsum and the hyper-connection GEMM), "fp4" (the FP8 x FP4 GEMMs beside the FP8 ones), "moe" (the
-    MoE layer of DeepGEMM's Mega MoE API)."""
+    MoE layer of DeepGEMM's Mega MoE API), "mqa" (the lightning indexer, dense and paged, FP8 and FP4)."""
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     # Host time first: once torch.profiler has run in a process, every kernel launch costs several us
@@ -1025,7 +1137,9 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
     if "mqa" in sections:
         mqa = bench_mqa_logits()
         print_mqa_table(mqa)
-        results.update(mqa=[asdict(r) for r in mqa])
+        paged = bench_paged_mqa_logits(limits["copy_tbps"])
+        print_paged_mqa_table(paged)
+        results.update(mqa=[asdict(r) for r in mqa], paged_mqa=[asdict(r) for r in paged])
     if "bf16" in sections:
         bf16 = bench_bf16_dense() + bench_bf16_grouped() + bench_bf16_k_grouped() + bench_bf16_einsum()
         print_bf16_table(bf16)
