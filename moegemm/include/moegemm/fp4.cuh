@@ -46,16 +46,18 @@ __device__ __forceinline__ float widened_block_scale(u32 top) {
     return top > u32(kE2m1WidenShift) ? __uint_as_float((top - kE2m1WidenShift) << 23) : 0.0f;
 }
 
-// The largest of the kBlocks (1-4) UE8M0 exponents packed in `exponents` (block j in byte j; the
+// The largest of the kBlocks (1, 2 or 4) UE8M0 exponents packed in `exponents` (block j in byte j; the
 // bytes past kBlocks are padding), by scalar byte extracts and a max: the packed-byte max is no
 // instruction of sm_90 and costs more.
 template <u32 kBlocks = 4>
 __device__ __forceinline__ u32 e2m1_top_exponent(u32 exponents) {
-    static_assert(kBlocks >= 1 && kBlocks <= 4, "one to four 1x32 blocks a packed exponent word");
-    u32 top = prmt(exponents, 0u, 0x4440u);
+    static_assert(kBlocks == 1 || kBlocks == 2 || kBlocks == 4, "one, two or four 1x32 blocks a packed word");
+    u32 e[4];
 #pragma unroll
-    for (u32 j = 1; j < kBlocks; ++j) top = max(top, prmt(exponents, 0u, 0x4440u + j));
-    return top;
+    for (u32 j = 0; j < kBlocks; ++j) e[j] = prmt(exponents, 0u, 0x4440u + j);
+    if constexpr (kBlocks == 4) return max(max(e[0], e[1]), max(e[2], e[3]));
+    if constexpr (kBlocks == 2) return max(e[0], e[1]);
+    return e[0];
 }
 
 // The table of 1x32 block `block` of a row of kBlocks blocks with those exponents, scaled relative to
