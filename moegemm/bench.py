@@ -956,6 +956,19 @@ def _finite_diff(logits: torch.Tensor, ref: torch.Tensor) -> float:
     return api.calc_diff(logits[inside].double(), ref[inside].double())
 
 
+def _deepgemm_us(name: str, iters: int, *args: object, **kwargs: object) -> float | None:
+    """Kernel time of DeepGEMM's ``name`` on the arguments; None where DeepGEMM does not import, lacks
+    it, or refuses them (the error printed)."""
+    dg = deep_gemm()
+    if dg is None or not hasattr(dg, name):
+        return None
+    try:
+        return kernel_time_us(functools.partial(getattr(dg, name), *args, **kwargs), iters)
+    except (RuntimeError, TypeError) as error:
+        print(f"DeepGEMM's {name} failed: {str(error).splitlines()[0]}")
+        return None
+
+
 def bench_mqa_logits(iters: int = 10) -> list[MqaRow]:
     """fp8_mqa_logits beside DeepGEMM's on the same inputs, and fp8_fp4_mqa_logits on their FP4 casts."""
     rows = []
@@ -983,14 +996,8 @@ def bench_mqa_logits(iters: int = 10) -> list[MqaRow]:
             (q4[0][sample], q4[1][sample]), kv4, weights[sample], ks[sample], ke[sample]))
         row = MqaRow(heads, head_dim, seq_len, seq_len_kv, pairs, us, 2 * heads * head_dim * pairs / us / 1e6, diff,
                      fp4_us, fp4_diff)
-        dg = deep_gemm()
-        if dg is not None and hasattr(dg, "fp8_mqa_logits"):
-            try:
-                row.deepgemm_us = kernel_time_us(
-                    functools.partial(dg.fp8_mqa_logits, q8, kv8, weights, ks, ke, clean_logits=True), iters)
-                row.vs_deepgemm = row.deepgemm_us / us
-            except (RuntimeError, TypeError) as error:
-                print(f"DeepGEMM's fp8_mqa_logits failed: {str(error).splitlines()[0]}")
+        row.deepgemm_us = _deepgemm_us("fp8_mqa_logits", iters, q8, kv8, weights, ks, ke, clean_logits=True)
+        row.vs_deepgemm = row.deepgemm_us and row.deepgemm_us / us
         rows.append(row)
         del q8, kv8, q4, kv4
     torch.cuda.empty_cache()
@@ -1071,15 +1078,11 @@ def bench_paged_mqa_logits(copy_tbps: float, iters: int = 10) -> list[PagedMqaRo
         row = PagedMqaRow(batch, next_n, context, us, bytes8 / us / 1e6, bytes8 / us / 1e6 / copy_tbps, fp4_us,
                           bytes4 / fp4_us / 1e6)
         dg = deep_gemm()
-        if dg is not None and hasattr(dg, "fp8_paged_mqa_logits"):
-            try:
-                dg_schedule = dg.get_paged_mqa_logits_metadata(context_lens, 64, api.get_num_sms())
-                row.deepgemm_us = kernel_time_us(functools.partial(
-                    dg.fp8_paged_mqa_logits, q8, cache8, weights, context_lens, table, dg_schedule, columns,
-                    clean_logits=False), iters)
-                row.vs_deepgemm = row.deepgemm_us / us
-            except (RuntimeError, TypeError) as error:
-                print(f"DeepGEMM's fp8_paged_mqa_logits failed: {str(error).splitlines()[0]}")
+        if dg is not None and hasattr(dg, "get_paged_mqa_logits_metadata"):
+            dg_schedule = dg.get_paged_mqa_logits_metadata(context_lens, 64, api.get_num_sms())
+            row.deepgemm_us = _deepgemm_us("fp8_paged_mqa_logits", iters, q8, cache8, weights, context_lens, table,
+                                           dg_schedule, columns, clean_logits=False)
+            row.vs_deepgemm = row.deepgemm_us and row.deepgemm_us / us
         rows.append(row)
         del cache8, cache4, q8, q4
         torch.cuda.empty_cache()

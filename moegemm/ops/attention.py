@@ -94,7 +94,7 @@ def _bind(q, q_sf, kv, kv_sf, weights, ks, ke, logits, clean_logits, max_seqlen_
     if seq_len == 0 or logits.shape[1] == 0:
         return lambda *args: None
     if seq_len_kv == 0:  # no key: every element is outside its row's range
-        return lambda *args: args[7].fill_(float("-inf"))
+        return lambda q, q_sf, kv, kv_sf, weights, ks, ke, logits, *flags: logits.fill_(float("-inf"))
 
     index = q.get_device()
     plan = mqa_logits.plan(seq_len, seq_len_kv, heads, head_dim, tma_pitch(weights), logits, max_seqlen_k > 0,
@@ -102,8 +102,8 @@ def _bind(q, q_sf, kv, kv_sf, weights, ks, ke, logits, clean_logits, max_seqlen_
 
     def run_kernel(q, q_sf, kv, kv_sf, weights, ks, ke, logits, clean_logits, max_seqlen_k):
         q_sf_pointer = q_sf.data_ptr() if fp4 else q.data_ptr()
-        _check_aligned({"q": q.data_ptr(), "q[1]": q_sf_pointer, "kv[0]": kv.data_ptr(), "kv[1]": kv_sf.data_ptr(),
-                        "weights": weights.data_ptr()})
+        _check_aligned({"q[0]" if fp4 else "q": q.data_ptr(), "q[1]": q_sf_pointer, "kv[0]": kv.data_ptr(),
+                        "kv[1]": kv_sf.data_ptr(), "weights": weights.data_ptr()})
         plan.launch(index, q.data_ptr(), q_sf_pointer, kv.data_ptr(), kv_sf.data_ptr(), weights.data_ptr(),
                     ks.data_ptr(), ke.data_ptr(), logits.data_ptr())
     return run_kernel
@@ -241,7 +241,7 @@ def _bind_paged(q, q_sf, kv_cache, weights, context_lens, block_table, schedule,
 
     def run_kernel(q, q_sf, kv_cache, weights, context_lens, block_table, schedule, logits, clean_logits):
         q_sf_pointer = q_sf.data_ptr() if fp4 else q.data_ptr()
-        _check_aligned({"q": q.data_ptr(), "q[1]": q_sf_pointer, "kv_cache": kv_cache.data_ptr(),
+        _check_aligned({"q[0]" if fp4 else "q": q.data_ptr(), "q[1]": q_sf_pointer, "kv_cache": kv_cache.data_ptr(),
                         "weights": weights.data_ptr()})
         plan.launch(index, q.data_ptr(), q_sf_pointer, kv_cache.data_ptr(), weights.data_ptr(),
                     context_lens.data_ptr(), block_table.data_ptr(), schedule.data_ptr(), logits.data_ptr())
