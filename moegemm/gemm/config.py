@@ -15,7 +15,7 @@ import torch
 from .. import env
 from ..device import DeviceFacts
 from ..intmath import align, ceil_div
-from ..jit.runtime import Kernel
+from ..jit.runtime import LaunchPlan
 from . import heuristic
 from .desc import GemmDesc, GemmType
 from .heuristic import CostTerms, Tile
@@ -148,19 +148,7 @@ def settle(config: GemmConfig, desc: GemmDesc, rows: int, group_rows: int, facts
     return config, grid
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Everything about a call that depends only on shapes and strides, made once per signature: the
-    config, its kernel and the launch record (grid, TMA geometry, scalars)."""
-
-    config: GemmConfig
-    kernel: Kernel
-    record: bytes
-
-    def launch_pointers(self, device: int, *pointers: int) -> None:
-        """Launch on ``device`` given the data pointers of the family's operands, in order (the ops'
-        hot path)."""
-        self.kernel.launch(self.record, device, *pointers)
+Plan = LaunchPlan  # a GEMM family's plan: its config is a GemmConfig
 
 
 def tma_pitch(t: torch.Tensor) -> int:

@@ -300,6 +300,21 @@ class KernelFamily:
         return kernel
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything about a call that depends only on shapes and strides, made once per signature: the
+    config, its kernel and the launch record (grid, TMA geometry, scalars)."""
+
+    config: Any
+    kernel: Kernel
+    record: bytes
+
+    def launch_pointers(self, device: int, *pointers: int) -> None:
+        """Launch on ``device`` given the data pointers of the family's operands, in order (the ops'
+        hot path)."""
+        self.kernel.launch(self.record, device, *pointers)
+
+
 class PlanCache:
     """Launch plans by call signature. ``lookup`` returns ``MISSING`` for a signature not seen yet;
     the caller checks the arguments, makes the plan and ``store``s it (``get`` does both with a

@@ -12,7 +12,7 @@ from ..device import DeviceFacts
 from ..gemm.config import tma_pitch
 from ..intmath import align, ceil_div
 from ..jit import compiler
-from ..jit.runtime import SWIZZLE_128B, Kernel, KernelFamily, ParamsLayout, Slot, tma_2d
+from ..jit.runtime import SWIZZLE_128B, KernelFamily, LaunchPlan, ParamsLayout, Slot, tma_2d
 
 BLOCK_M = 64
 BLOCK_K = 64
@@ -69,16 +69,7 @@ KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
 build = KERNELS.build
 
 
-@dataclass(frozen=True)
-class Plan:
-    """One call signature's kernel and launch record; ``launch_pointers`` takes the OPERANDS' addresses."""
-
-    config: HcPrenormConfig
-    kernel: Kernel
-    record: bytes
-
-    def launch_pointers(self, device: int, *pointers: int) -> None:
-        self.kernel.launch(self.record, device, *pointers)
+Plan = LaunchPlan  # launch_pointers takes the OPERANDS' addresses
 
 
 def plan(a: torch.Tensor, b: torch.Tensor, num_splits: int, facts: DeviceFacts, pdl: bool = False) -> Plan:

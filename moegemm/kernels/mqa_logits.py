@@ -16,8 +16,8 @@ from ..jit.runtime import (
     SWIZZLE_64B,
     SWIZZLE_128B,
     SWIZZLE_NONE,
-    Kernel,
     KernelFamily,
+    LaunchPlan,
     ParamsLayout,
     Slot,
     tma_2d,
@@ -51,6 +51,11 @@ PAGED_PARAMS = ParamsLayout("moegemm::PagedMqaLogitsParams", (
     PAGED_OPERANDS)
 
 
+def key_bytes(head_dim: int, fp4: bool) -> int:
+    """A key row (and a q row) as it lands: D e4m3 values, or D / 2 bytes of packed e2m1."""
+    return head_dim // 2 if fp4 else head_dim
+
+
 @dataclass(frozen=True)
 class MqaLogitsConfig:
     heads: int
@@ -71,8 +76,7 @@ class MqaLogitsConfig:
 
     @property
     def key_bytes(self) -> int:
-        """A key row (and a q row) as it lands: D e4m3 values, or D / 2 bytes of packed e2m1."""
-        return self.head_dim // 2 if self.fp4 else self.head_dim
+        return key_bytes(self.head_dim, self.fp4)
 
     @property
     def smem_bytes(self) -> int:
@@ -136,16 +140,7 @@ KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
 build = KERNELS.build
 
 
-@dataclass(frozen=True)
-class Plan:
-    """One call signature's kernel and launch record; ``launch`` takes the OPERANDS' addresses."""
-
-    config: MqaLogitsConfig
-    kernel: Kernel
-    record: bytes
-
-    def launch(self, device: int, *pointers: int) -> None:
-        self.kernel.launch(self.record, device, *pointers)
+Plan = LaunchPlan  # launch_pointers takes the OPERANDS' (or PAGED_OPERANDS') addresses
 
 
 def _q_tma(config: MqaLogitsConfig, rows: int) -> dict[str, tuple]:
@@ -213,5 +208,5 @@ def plan_paged(batch: int, next_n: int, heads: int, head_dim: int, num_pages: in
 
 
 __all__ = ["BLOCK_KV", "HEADS", "HEAD_DIMS", "NEXT_NS", "OPERANDS", "PAGED_OPERANDS", "PAGED_PARAMS", "PAGE_KEYS",
-           "PARAMS", "MqaLogitsConfig", "all_configs", "build", "generate_source", "kernel_name", "paged_schedule",
-           "plan", "plan_paged", "select_config"]
+           "PARAMS", "MqaLogitsConfig", "all_configs", "build", "generate_source", "key_bytes", "kernel_name",
+           "paged_schedule", "plan", "plan_paged", "select_config"]

@@ -41,15 +41,11 @@ def _check_q(q, q_sf, ndim: int) -> tuple[int, ...]:
     return (*q.shape[:-1], 2 * q.shape[-1])
 
 
-def _key_bytes(head_dim: int, fp4: bool) -> int:
-    return head_dim // 2 if fp4 else head_dim
-
-
 def _check(q, q_sf, kv, kv_sf, weights, ks, ke, logits, clean_logits, max_seqlen_k) -> None:
     fp4 = q_sf is not None
     seq_len, heads, head_dim = _check_q(q, q_sf, 3)
     checks.tensor("kv[0]", kv, FP4 if fp4 else (torch.float8_e4m3fn,), 2)
-    seq_len_kv, row = kv.shape[0], _key_bytes(head_dim, fp4)
+    seq_len_kv, row = kv.shape[0], mqa_logits.key_bytes(head_dim, fp4)
     if kv.shape[1] != row:
         raise ValueError(f"kv[0]: expected [S_kv, {row}] ({'D / 2 bytes' if fp4 else 'D'} with D = {head_dim} from q), "
                          f"got {tuple(kv.shape)}")
@@ -76,8 +72,10 @@ def _check(q, q_sf, kv, kv_sf, weights, ks, ke, logits, clean_logits, max_seqlen
                                                "cu_seq_len_k_end": ke})
 
 
-def _check_aligned(pointers: dict[str, int]) -> None:
-    for name, pointer in pointers.items():
+def _check_aligned(names: tuple[str, ...], pointers: tuple[int, ...]) -> None:
+    """TMA's 16-byte aligned addresses: the call's first misaligned one named (called on a miss only,
+    off the launch path)."""
+    for name, pointer in zip(names, pointers, strict=True):
         if pointer % 16:
             raise ValueError(f"{name}: expected a 16-byte aligned address (TMA), got {pointer:#x}")
 
@@ -100,12 +98,15 @@ def _bind(q, q_sf, kv, kv_sf, weights, ks, ke, logits, clean_logits, max_seqlen_
     plan = mqa_logits.plan(seq_len, seq_len_kv, heads, head_dim, tma_pitch(weights), logits, max_seqlen_k > 0,
                            clean_logits, device.device_facts(index), pdl=device.get_pdl(), fp4=fp4)
 
+    tma_names = ("q[0]", "q[1]", "kv[0]", "kv[1]", "weights") if fp4 else ("q", "q", "kv[0]", "kv[1]", "weights")
+
     def run_kernel(q, q_sf, kv, kv_sf, weights, ks, ke, logits, clean_logits, max_seqlen_k):
-        q_sf_pointer = q_sf.data_ptr() if fp4 else q.data_ptr()
-        _check_aligned({"q[0]" if fp4 else "q": q.data_ptr(), "q[1]": q_sf_pointer, "kv[0]": kv.data_ptr(),
-                        "kv[1]": kv_sf.data_ptr(), "weights": weights.data_ptr()})
-        plan.launch(index, q.data_ptr(), q_sf_pointer, kv.data_ptr(), kv_sf.data_ptr(), weights.data_ptr(),
-                    ks.data_ptr(), ke.data_ptr(), logits.data_ptr())
+        # The FP8 kernels take no exponents: q's address stands in for them.
+        tma_pointers = (q.data_ptr(), q_sf.data_ptr() if fp4 else q.data_ptr(), kv.data_ptr(), kv_sf.data_ptr(),
+                        weights.data_ptr())
+        if (tma_pointers[0] | tma_pointers[1] | tma_pointers[2] | tma_pointers[3] | tma_pointers[4]) & 15:
+            _check_aligned(tma_names, tma_pointers)
+        plan.launch_pointers(index, *tma_pointers, ks.data_ptr(), ke.data_ptr(), logits.data_ptr())
     return run_kernel
 
 
@@ -194,7 +195,7 @@ def _check_paged(q, q_sf, kv_cache, weights, context_lens, block_table, schedule
     fp4 = q_sf is not None
     batch, next_n, heads, head_dim = _check_q(q, q_sf, 4)
     checks.tensor("kv_cache", kv_cache, (torch.uint8,), 4)
-    row = _key_bytes(head_dim, fp4)
+    row = mqa_logits.key_bytes(head_dim, fp4)
     if kv_cache.shape[1:] != (mqa_logits.PAGE_KEYS, 1, row + 4):
         raise ValueError(f"kv_cache: expected [pages, {mqa_logits.PAGE_KEYS}, 1, {row + 4}] "
                          f"({'D / 2' if fp4 else 'D'} + 4 bytes a key), got {tuple(kv_cache.shape)}")
@@ -239,12 +240,15 @@ def _bind_paged(q, q_sf, kv_cache, weights, context_lens, block_table, schedule,
                                  tma_pitch(weights), logits, clean_logits, schedule.shape[0] - 1,
                                  device.device_facts(index), pdl=device.get_pdl(), fp4=fp4)
 
+    tma_names = ("q[0]", "q[1]", "kv_cache", "weights") if fp4 else ("q", "q", "kv_cache", "weights")
+
     def run_kernel(q, q_sf, kv_cache, weights, context_lens, block_table, schedule, logits, clean_logits):
-        q_sf_pointer = q_sf.data_ptr() if fp4 else q.data_ptr()
-        _check_aligned({"q[0]" if fp4 else "q": q.data_ptr(), "q[1]": q_sf_pointer, "kv_cache": kv_cache.data_ptr(),
-                        "weights": weights.data_ptr()})
-        plan.launch(index, q.data_ptr(), q_sf_pointer, kv_cache.data_ptr(), weights.data_ptr(),
-                    context_lens.data_ptr(), block_table.data_ptr(), schedule.data_ptr(), logits.data_ptr())
+        tma_pointers = (q.data_ptr(), q_sf.data_ptr() if fp4 else q.data_ptr(), kv_cache.data_ptr(),
+                        weights.data_ptr())
+        if (tma_pointers[0] | tma_pointers[1] | tma_pointers[2] | tma_pointers[3]) & 15:
+            _check_aligned(tma_names, tma_pointers)
+        plan.launch_pointers(index, *tma_pointers, context_lens.data_ptr(), block_table.data_ptr(),
+                             schedule.data_ptr(), logits.data_ptr())
     return run_kernel
 
 
