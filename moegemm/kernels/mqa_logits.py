@@ -166,12 +166,14 @@ def _q_tma(config: MqaLogitsConfig, rows: int) -> dict[str, tuple]:
 
 
 def plan(seq_len: int, seq_len_kv: int, heads: int, head_dim: int, weights_pitch: int, logits: torch.Tensor,
-         compressed: bool, clean: bool, facts: DeviceFacts, pdl: bool = False, fp4: bool = False) -> Plan:
+         compressed: bool, clean: bool, facts: DeviceFacts, pdl: bool = False, fp4: bool = False,
+         config: MqaLogitsConfig | None = None) -> Plan:
     """q [S, H, D] and kv [S_kv, D] contiguous e4m3, kv's scales contiguous fp32 [S_kv] (``fp4``: q
     [S, H, D / 2] and kv [S_kv, D / 2] packed e2m1, their exponents int32 [S, H] and [S_kv]), weights
     fp32 [S, H] with ``weights_pitch`` bytes between rows (a multiple of 16), ``logits`` [S, columns]
-    with a unit inner stride; S and S_kv > 0."""
-    config = select_config(heads, head_dim, logits.dtype == torch.bfloat16, compressed, clean, facts, fp4=fp4)
+    with a unit inner stride; S and S_kv > 0. ``config``: another than select_config's (the sweeps)."""
+    config = config or select_config(heads, head_dim, logits.dtype == torch.bfloat16, compressed, clean, facts,
+                                     fp4=fp4)
     kernel = KERNELS.kernel(config)
     row = config.key_bytes
     tma = {**_q_tma(config, seq_len * heads),
@@ -203,12 +205,13 @@ def paged_schedule(context_lens: torch.Tensor, num_ctas: int) -> torch.Tensor:
 
 def plan_paged(batch: int, next_n: int, heads: int, head_dim: int, num_pages: int, ld_block_table: int,
                weights_pitch: int, logits: torch.Tensor, clean: bool, num_ctas: int, facts: DeviceFacts,
-               pdl: bool = False, fp4: bool = False) -> Plan:
+               pdl: bool = False, fp4: bool = False, config: MqaLogitsConfig | None = None) -> Plan:
     """q [B, next_n, H, D] contiguous e4m3, the cache uint8 [pages, 64, 1, D + 4] contiguous (``fp4``: q
     [B, next_n, H, D / 2] packed e2m1 with int32 exponents [B, next_n, H], the cache [pages, 64, 1,
     D / 2 + 4]), weights fp32 [B * next_n, H] (``weights_pitch`` bytes between rows), logits fp32
-    [B * next_n, columns] with a unit inner stride; the schedule of ``num_ctas`` CTAs."""
-    config = select_config(heads, head_dim, False, False, clean, facts, next_n, fp4)
+    [B * next_n, columns] with a unit inner stride; the schedule of ``num_ctas`` CTAs. ``config``: as
+    ``plan``'s."""
+    config = config or select_config(heads, head_dim, False, False, clean, facts, next_n, fp4)
     kernel = KERNELS.kernel(config)
     row = config.key_bytes
     page_bytes = PAGE_KEYS * (row + 4)
