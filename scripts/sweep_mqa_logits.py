@@ -58,7 +58,7 @@ def sweep_dense(facts) -> None:
                                        fp4=fp4, config=config)
                 pointers = (q_values.data_ptr(), q_sf.data_ptr(), kv_values.data_ptr(), kv_sf.data_ptr(),
                             weights.data_ptr(), ks.data_ptr(), ke.data_ptr(), logits.data_ptr())
-                us = bench.kernel_time_us(lambda plan=plan, pointers=pointers: plan.launch(0, *pointers), 10)
+                us = bench.kernel_time_us(lambda plan=plan, pointers=pointers: plan.launch_pointers(0, *pointers), 10)
                 times.append(f"{label(config, pick)}:{us:.1f}")
             print(f"dense {'fp4' if fp4 else 'fp8'} H={heads} D={head_dim} {seq_len} x {seq_len_kv} | "
                   + " ".join(times), flush=True)
@@ -87,7 +87,7 @@ def sweep_paged(facts) -> None:
                                              logits, False, facts.num_sms, facts, fp4=fp4, config=config)
                 pointers = (q_values.data_ptr(), q_sf.data_ptr(), caches[fp4].data_ptr(), weights.data_ptr(),
                             context_lens.data_ptr(), table.data_ptr(), schedule.data_ptr(), logits.data_ptr())
-                us = bench.kernel_time_us(lambda plan=plan, pointers=pointers: plan.launch(0, *pointers), 10)
+                us = bench.kernel_time_us(lambda plan=plan, pointers=pointers: plan.launch_pointers(0, *pointers), 10)
                 times.append(f"{label(config, pick)}:{us:.1f}")
             print(f"paged {'fp4' if fp4 else 'fp8'} B={batch} next_n={next_n} context={context} | " + " ".join(times),
                   flush=True)
