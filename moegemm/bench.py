@@ -923,6 +923,52 @@ def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
 
 
 @dataclass
+class WgradRow:
+    m: int
+    n: int
+    k: int
+    moegemm_us: float
+    tflops: float
+    diff: float  # against the reference on the same FP8 inputs
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None
+
+
+# Issue 26's weight-gradient shapes (M x N x K, K the tokens): DeepGEMM's three, and two of the forward's.
+WGRAD_SHAPES = [(7168, 2112, 4096), (1536, 24576, 4096), (7168, 4096, 4096), (4096, 4096, 7168), (4096, 7168, 16384)]
+
+
+def bench_fp8_1d1d(iters: int = 10) -> list[WgradRow]:
+    """fp8_gemm_nt with the 1D1D recipe (both operands scaled per 1x128 along K), FP32 accumulated into
+    D, beside DeepGEMM's with each library's scales in its own layout."""
+    rows = []
+    for m, n, k in WGRAD_SHAPES:
+        a = api.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        b = api.per_token_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        b = (b[0], api.get_mn_major_tma_aligned_tensor(b[1]))
+        d = torch.randn(m, n, device="cuda")
+        ref = torch.empty_like(d)
+        reference.fp8_gemm_nt(a, b, ref, d)
+        out = d.clone()
+        api.fp8_gemm_nt(a, b, out, out, recipe=(1, 1, 128))
+        us = kernel_time_us(functools.partial(api.fp8_gemm_nt, a, b, d, d, recipe=(1, 1, 128)), iters)
+        row = WgradRow(m, n, k, us, 2 * m * n * k / us / 1e6, api.calc_diff(out, ref))
+        row.deepgemm_us = _deepgemm_us("fp8_gemm_nt", iters, a, b, d, d, recipe=(1, 1, 128))
+        row.vs_deepgemm = row.deepgemm_us and row.deepgemm_us / us
+        rows.append(row)
+    return rows
+
+
+def print_wgrad_table(rows: list[WgradRow]) -> None:
+    print("\nfp8_gemm_nt, the 1D1D recipe (B scaled per 1x128 like A; D = D + A @ B^T in FP32)")
+    print(f"{'M':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | {'diff':>8}")
+    for r in rows:
+        print(f"{r.m:5d} {r.n:6d} {r.k:6d} | {r.moegemm_us:8.1f} {r.tflops:7.0f} | {_fmt(r.deepgemm_us, '11.1f')} "
+              f"{_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
+    _summary("DeepGEMM's time over ours, the 1D1D recipe", [r.vs_deepgemm for r in rows])
+
+
+@dataclass
 class MqaRow:
     heads: int
     head_dim: int
@@ -1128,8 +1174,10 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
         print_grouped_table(grouped)
         casts = bench_casts()
         print_cast_table(casts)
+        wgrad = bench_fp8_1d1d()
+        print_wgrad_table(wgrad)
         results.update(fp8_gemm_nt=[asdict(r) for r in rows], grouped=[asdict(r) for r in grouped],
-                       casts=[asdict(r) for r in casts])
+                       casts=[asdict(r) for r in casts], fp8_1d1d=[asdict(r) for r in wgrad])
     if "fp4" in sections:
         fp4 = bench_fp4(limits["copy_tbps"], limits["fp8_per_tensor_tflops"])
         print_fp4_summary(fp4)

@@ -261,7 +261,8 @@ def fp8_gemm_nt(a: FP8Operand, b: FP8Operand, d: torch.Tensor, c: torch.Tensor |
 
     Args:
         a: ``(a_fp8 [M, K] float8_e4m3fn, sfa float32 [M, ceil(K/128)])``, 1x128 scales, any strides.
-        b: ``(b_fp8 [N, K] float8_e4m3fn, sfb float32 [ceil(N/128), ceil(K/128)])``, 128x128 scales.
+        b: ``(b_fp8 [N, K] float8_e4m3fn, sfb float32 [ceil(N/128), ceil(K/128)])``, 128x128 scales, or
+            ``sfb [N, ceil(K/128)]``, 1x128 scales like A's (the 1D1D recipe of weight gradients).
         d: output ``[M, N]``, bf16 or float32; may alias ``c``.
         c: optional addend ``[M, N]`` (any float dtype, promoted to float32).
     """
@@ -271,12 +272,15 @@ def fp8_gemm_nt(a: FP8Operand, b: FP8Operand, d: torch.Tensor, c: torch.Tensor |
     n = b_fp8.shape[0]
     _check_shape("b[0]", b_fp8, (n, k))
     _check_shape("a[1]", sfa, (m, ceil_div(k, BLOCK)))
-    _check_shape("b[1]", sfb, (ceil_div(n, BLOCK), ceil_div(k, BLOCK)))
+    per_row = tuple(sfb.shape) == (n, ceil_div(k, BLOCK))
+    if not per_row:
+        _check_shape("b[1]", sfb, (ceil_div(n, BLOCK), ceil_div(k, BLOCK)))
     _check_shape("d", d, (m, n))
     _check_dtype("d", d, _OUTPUT_DTYPES)
     if c is not None:
         _check_shape("c", c, (m, n))
-    _gemm_rows_into(d, slice(0, m), a_fp8, sfa, dequantize_per_block(b_fp8, sfb), c)
+    b_float = dequantize_per_token(b_fp8, sfb) if per_row else dequantize_per_block(b_fp8, sfb)
+    _gemm_rows_into(d, slice(0, m), a_fp8, sfa, b_float, c)
 
 
 def _check_grouped_b(b_fp8: torch.Tensor, sfb: torch.Tensor, k: int) -> tuple[int, int]:

@@ -282,6 +282,56 @@ def test_cpu_runs_reference(seed):
     assert_close(d, expected(a, b))
 
 
+# ---- the 1D1D recipe (weight gradients): B's scales per 1x128 block of its rows, like A's -----------------
+
+
+def make_1d1d_inputs(m, n, k, device="cuda"):
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    return x, w, per_token_cast_to_fp8(x), per_token_cast_to_fp8(w)
+
+
+def test_1d1d_reference_is_the_dequantised_product(seed):
+    _, _, a, b = make_1d1d_inputs(5, 136, 300, device="cpu")
+    c = torch.randn(5, 136)
+    d = torch.empty(5, 136)
+    reference.fp8_gemm_nt(a, b, d, c)
+    exact = c.double() + reference.dequantize_per_token(*a).double() @ reference.dequantize_per_token(*b).double().t()
+    assert calc_diff(d.double(), exact) < 1e-12
+
+
+def test_1d1d_recipe_on_the_cpu_and_its_checks(seed):
+    _, _, a, b = make_1d1d_inputs(8, 136, 256, device="cpu")
+    d, named = torch.empty(8, 136), torch.empty(8, 136)
+    moegemm.fp8_gemm_nt(a, b, d)
+    moegemm.fp8_gemm_nt(a, b, named, recipe=(1, 1, 128))
+    assert torch.equal(d, expected(a, b)) and torch.equal(named, d)
+    with pytest.raises(TypeError, match="d: expected dtype torch.float32 with SFB per 1x128 block"):
+        moegemm.fp8_gemm_nt(a, b, torch.empty(8, 136, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"sfb: expected shape \(2, 2\) for recipe \(1, 128, 128\)"):
+        moegemm.fp8_gemm_nt(a, b, d, recipe=(1, 128, 128))
+    with pytest.raises(ValueError, match="recipe: expected"):
+        moegemm.fp8_gemm_nt(a, b, d, recipe=(1, 2, 128))
+
+
+@gpu
+@pytest.mark.parametrize("m,n,k", [(7168, 2112, 4096), (1536, 24576, 4096), (1, 256, 512), (129, 136, 1000 - 1000 % 16),
+                                   (300, 8, 128), (64, 4096, 7168)])
+def test_1d1d_kernel(m, n, k, seed):
+    _, _, a, b = make_1d1d_inputs(m, n, k)
+    c = torch.randn(m, n, device="cuda") * 32
+    d = poisoned(m, n, torch.float32)
+    moegemm.fp8_gemm_nt(a, b, d, recipe=(1, 1, 128))
+    assert_close(d, expected(a, b))
+    d = poisoned(m, n, torch.float32)
+    moegemm.fp8_gemm_nt(a, b, d, c)
+    assert_close(d, expected(a, b, c))
+    d = c.clone()  # in place, C accumulated once: D = D + A @ B^T
+    contiguous_sfb = (b[0], b[1].contiguous())  # SFB off the kernel's layout: re-laid out per call
+    moegemm.fp8_gemm_nt(a, contiguous_sfb, d, d)
+    assert_close(d, expected(a, b, c))
+
+
 @pytest.mark.parametrize("mutate,error,match", [
     (lambda a, b, d: ((a[0].to(torch.bfloat16), a[1]), b, d), TypeError, "a: expected dtype"),
     (lambda a, b, d: (a, (b[0], b[1].double()), d), TypeError, "sfb: expected dtype"),
