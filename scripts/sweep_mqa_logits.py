@@ -6,7 +6,9 @@ on). Needs an SM90 GPU:
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
+import os
 
 import torch
 
@@ -94,12 +96,25 @@ def sweep_paged(facts) -> None:
         del caches
 
 
+def compile_all(facts, paged_only: bool) -> None:
+    """Compile every config the sweep times, on all cores at once (one at a time, compiles would
+    take most of a device call)."""
+    picks = [] if paged_only else [mqa_logits.select_config(heads, head_dim, False, False, True, facts, fp4=fp4)
+                                   for heads, head_dim, _, _ in bench.MQA_SHAPES for fp4 in (False, True)]
+    picks += [mqa_logits.select_config(bench.PAGED_MQA_HEADS, bench.PAGED_MQA_HEAD_DIM, False, False, False, facts,
+                                       next_n, fp4) for _, next_n, _ in bench.PAGED_MQA_CASES for fp4 in (False, True)]
+    configs = list(dict.fromkeys(config for pick in picks for config in candidates(pick, facts)))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(mqa_logits.build, configs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paged", action="store_true", help="the paged decode cases only")
     args = parser.parse_args()
     facts = device_facts(0)
     print(f"{torch.cuda.get_device_name()}: kernel us per config (w: math warpgroups, s: key stages, *: the pick)")
+    compile_all(facts, args.paged)
     if not args.paged:
         sweep_dense(facts)
     sweep_paged(facts)
