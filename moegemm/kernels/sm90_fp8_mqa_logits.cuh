@@ -92,9 +92,10 @@ struct MqaLogitsConfig {
     static constexpr u32 kPageRows = kPageKeys * (kKeyBytes + 4) / kKeyBytes;  // a page in rows of kKeyBytes
     static constexpr u32 kNumMathThreads = 128 * kMathWarpgroups;
     static constexpr u32 kNumThreads = kNumMathThreads + 128;
-    // Three or four math warpgroups share the register file with the producer's through setmaxnreg
-    // (3 * 128 * 152 or 4 * 128 * 112, and 128 * 40, of the 64K registers); two need no reallocation.
-    static constexpr u32 kMathRegisters = kMathWarpgroups == 3 ? 152 : 112, kProducerRegisters = 40;
+    // Three or four math warpgroups take registers from the producer's through setmaxnreg (152 and 40
+    // of 128 a thread, or 112 and 32 of 96); two need no reallocation.
+    static constexpr u32 kMathRegisters = kMathWarpgroups == 3 ? 152 : 112;
+    static constexpr u32 kProducerRegisters = kMathWarpgroups == 3 ? 40 : 32;
     static constexpr u32 kQTileBytes = kQRows * kHeadDim, kKvTileBytes = kBlockKv * kKeyBytes;
     static constexpr u32 kQPackedBytes = kFp4 ? kQRows * kKeyBytes : 0;
     static constexpr u32 kWeightsBytes = align_up(kQRows * 4, 128u), kScalesBytes = kBlockKv * 4;
@@ -113,6 +114,9 @@ struct MqaLogitsConfig {
     static_assert(kNextN <= 2, "next_n: 1 or 2");
     static_assert(kMathWarpgroups == 2 || kMathWarpgroups == 4 || (kMathWarpgroups == 3 && !kPaged),
                   "two to four math warpgroups (a paged block a half or whole unit)");
+    static_assert(kMathWarpgroups == 2 ||
+                      register_split_fits(kNumThreads, kNumMathThreads, kMathRegisters, kProducerRegisters),
+                  "the register split exceeds the block's launch allocation");
     static_assert(kQTileBytes % 1024 == 0, "q tiles 1024-byte aligned");
     static_assert(!(kCompressed && (kClean || kPaged)), "compressed logits: dense, not cleaned");
     static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a block may use");
