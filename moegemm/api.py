@@ -53,6 +53,7 @@ from .quant import (
     per_token_cast_to_fp4,
     per_token_cast_to_fp8,
     transform_sf_into_required_layout,
+    transpose_fp8,
     unpack_fp4,
     unpack_ue8m0,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "tf32_hc_prenorm_gemm",
     "transform_sf_into_required_layout",
     "transform_weights_for_mega_moe",
+    "transpose_fp8",
     "unpack_fp4",
     "unpack_ue8m0",
 ]

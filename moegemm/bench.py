@@ -302,6 +302,40 @@ def bench_casts(shapes=((8192, 7168), (4096, 16384)), iters: int = 30) -> list[C
 
 
 @dataclass
+class TransposeRow:
+    shape: tuple[int, ...]
+    kernel_us: float
+    kernel_tbps: float
+    torch_us: float  # x.mT.contiguous() on the same bytes
+    torch_tbps: float
+
+
+def bench_transpose(shapes=((7168, 2048), (2048, 7168), (7168, 16384), (24576, 1536), (8, 4096, 7168)),
+                    iters: int = 30) -> list[TransposeRow]:
+    """transpose_fp8's kernel beside torch's strided copy, checked bit for bit; bytes = read + written."""
+    from .kernels import fp8_transpose
+
+    rows = []
+    for shape in shapes:
+        x = torch.randint(0, 126, shape, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+        if not torch.equal(fp8_transpose.transpose(x).view(torch.uint8), x.mT.contiguous().view(torch.uint8)):
+            raise RuntimeError(f"transpose_fp8 {shape}: the kernel and torch disagree")
+        t_kernel = kernel_time_us(functools.partial(fp8_transpose.transpose, x), iters)
+        t_torch = kernel_time_us(lambda x=x: x.view(torch.uint8).mT.contiguous(), iters)
+        traffic = 2 * x.numel()
+        rows.append(TransposeRow(shape, t_kernel, traffic / t_kernel / 1e6, t_torch, traffic / t_torch / 1e6))
+    return rows
+
+
+def print_transpose_table(rows: list[TransposeRow], copy_tbps: float) -> None:
+    print(f"\ntranspose_fp8, TB/s of bytes read plus written (device-to-device copy: {copy_tbps:.2f} TB/s)")
+    print(f"{'shape':>16} | {'kernel us':>9} {'TB/s':>5} | {'torch us':>8} {'TB/s':>5}")
+    for r in rows:
+        shape = "x".join(map(str, r.shape))
+        print(f"{shape:>16} | {r.kernel_us:9.1f} {r.kernel_tbps:5.2f} | {r.torch_us:8.1f} {r.torch_tbps:5.2f}")
+
+
+@dataclass
 class GroupedRow:
     layout: str
     groups: int
@@ -1174,10 +1208,13 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
         print_grouped_table(grouped)
         casts = bench_casts()
         print_cast_table(casts)
+        transposes = bench_transpose()
+        print_transpose_table(transposes, limits["copy_tbps"])
         wgrad = bench_fp8_1d1d()
         print_wgrad_table(wgrad)
         results.update(fp8_gemm_nt=[asdict(r) for r in rows], grouped=[asdict(r) for r in grouped],
-                       casts=[asdict(r) for r in casts], fp8_1d1d=[asdict(r) for r in wgrad])
+                       casts=[asdict(r) for r in casts], transpose=[asdict(r) for r in transposes],
+                       fp8_1d1d=[asdict(r) for r in wgrad])
     if "fp4" in sections:
         fp4 = bench_fp4(limits["copy_tbps"], limits["fp8_per_tensor_tflops"])
         print_fp4_summary(fp4)
