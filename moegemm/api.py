@@ -23,7 +23,7 @@ from .ops.bf16_gemm import (
     m_grouped_bf16_gemm_nt_masked,
 )
 from .ops.dispatch import get_check_groups, register_custom_ops, set_check_groups
-from .ops.einsum import einsum
+from .ops.einsum import einsum, fp8_einsum
 from .ops.fp8_fp4_gemm import (
     fp8_fp4_gemm_nt,
     m_grouped_fp8_fp4_gemm_nt_contiguous,
@@ -76,6 +76,7 @@ __all__ = [
     "cast_back_from_fp4",
     "ceil_div",
     "einsum",
+    "fp8_einsum",
     "fp8_fp4_gemm_nt",
     "fp8_fp4_mega_moe",
     "fp8_fp4_mqa_logits",

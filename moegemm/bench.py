@@ -1003,6 +1003,53 @@ def print_wgrad_table(rows: list[WgradRow]) -> None:
 
 
 @dataclass
+class EinsumRow:
+    batch: int
+    heads: int
+    r: int
+    d: int
+    moegemm_us: float
+    tflops: float
+    diff: float  # against the reference on the same FP8 inputs
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None
+
+
+# DeepGEMM's fp8_einsum test shapes (H = 8, R = 4096, D = 1024), and DeepSeek-V3's absorbed output
+# projection (128 heads, R = 512, D = 128).
+EINSUM_SHAPES = [(b, 8, 4096, 1024) for b in (4, 128, 4096, 8192)] + [(4096, 128, 512, 128)]
+
+
+def bench_fp8_einsum(iters: int = 10) -> list[EinsumRow]:
+    """fp8_einsum "bhr,hdr->bhd" beside DeepGEMM's on the same inputs, SFA in the layout both read."""
+    rows = []
+    for batch, heads, r, d_dim in EINSUM_SHAPES:
+        a, sfa = api.per_token_cast_to_fp8(torch.randn(batch * heads, r, device="cuda", dtype=torch.bfloat16))
+        sfa = api.get_mn_major_tma_aligned_tensor(sfa.reshape(batch, heads, -1).transpose(0, 1)).transpose(0, 1)
+        b, sfb = api.per_block_cast_to_fp8(torch.randn(heads * d_dim, r, device="cuda", dtype=torch.bfloat16))
+        a, b = (a.view(batch, heads, r), sfa), (b.view(heads, d_dim, r), sfb.view(heads, d_dim // 128, -1))
+        d = torch.empty(batch, heads, d_dim, device="cuda", dtype=torch.bfloat16)
+        ref = torch.empty(batch, heads, d_dim, device="cuda")
+        reference.fp8_einsum("bhr,hdr->bhd", a, b, ref)
+        api.fp8_einsum("bhr,hdr->bhd", a, b, d)
+        us = kernel_time_us(functools.partial(api.fp8_einsum, "bhr,hdr->bhd", a, b, d), iters)
+        row = EinsumRow(batch, heads, r, d_dim, us, 2 * batch * heads * r * d_dim / us / 1e6, api.calc_diff(d, ref))
+        row.deepgemm_us = _deepgemm_us("fp8_einsum", iters, "bhr,hdr->bhd", a, b, d)
+        row.vs_deepgemm = row.deepgemm_us and row.deepgemm_us / us
+        rows.append(row)
+    return rows
+
+
+def print_einsum_table(rows: list[EinsumRow]) -> None:
+    print('\nfp8_einsum "bhr,hdr->bhd" (BF16 out)')
+    print(f"{'B':>5} {'H':>4} {'R':>5} {'D':>5} | {'us':>8} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | {'diff':>8}")
+    for r in rows:
+        print(f"{r.batch:5d} {r.heads:4d} {r.r:5d} {r.d:5d} | {r.moegemm_us:8.1f} {r.tflops:7.0f} | "
+              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
+    _summary("DeepGEMM's time over ours, fp8_einsum", [r.vs_deepgemm for r in rows])
+
+
+@dataclass
 class MqaRow:
     heads: int
     head_dim: int
@@ -1212,9 +1259,11 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
         print_transpose_table(transposes, limits["copy_tbps"])
         wgrad = bench_fp8_1d1d()
         print_wgrad_table(wgrad)
+        einsums = bench_fp8_einsum()
+        print_einsum_table(einsums)
         results.update(fp8_gemm_nt=[asdict(r) for r in rows], grouped=[asdict(r) for r in grouped],
                        casts=[asdict(r) for r in casts], transpose=[asdict(r) for r in transposes],
-                       fp8_1d1d=[asdict(r) for r in wgrad])
+                       fp8_1d1d=[asdict(r) for r in wgrad], fp8_einsum=[asdict(r) for r in einsums])
     if "fp4" in sections:
         fp4 = bench_fp4(limits["copy_tbps"], limits["fp8_per_tensor_tflops"])
         print_fp4_summary(fp4)

@@ -31,6 +31,7 @@ __all__ = [
     "dequantize_per_block",
     "dequantize_per_token",
     "einsum",
+    "fp8_einsum",
     "fp8_fp4_mega_moe",
     "fp8_gemm_nt",
     "k_grouped_bf16_gemm_tn_contiguous",
@@ -670,6 +671,38 @@ def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torc
     _check_addend(c, tuple(d.shape))
     for head in range(heads):
         _product_into(d[:, head], slice(0, batch), a[:, head], b_nk[head], None if c is None else c[:, head])
+
+
+FP8_EINSUM_EXPRESSIONS = ("bhr,hdr->bhd",)
+
+
+def fp8_einsum(expr: str, a: FP8Operand, b: FP8Operand, d: torch.Tensor, c: torch.Tensor | None = None,
+               recipe: tuple[int, int, int] = (1, 128, 128)) -> None:
+    """``D = C + einsum(expr, dequant(A), dequant(B))`` in float32, one product per head.
+
+    Args:
+        expr: ``"bhr,hdr->bhd"`` (spaces ignored).
+        a: ``(a_fp8 [B, H, R] float8_e4m3fn, sfa float32 [B, H, ceil(R/128)])``, 1x128 scales, any strides.
+        b: ``(b_fp8 [H, D, R] float8_e4m3fn, sfb float32 [H, ceil(D/128), ceil(R/128)])``, 128x128 scales.
+        d: ``[B, H, D]`` bf16 or float32; may be ``c``. c: optional float32 addend of D's shape.
+        recipe: (1, 128, 128), the only one.
+    """
+    normal = expr.replace(" ", "") if isinstance(expr, str) else expr
+    if normal not in FP8_EINSUM_EXPRESSIONS:
+        raise ValueError(f"expr: expected one of {FP8_EINSUM_EXPRESSIONS}, got {expr!r}")
+    if tuple(recipe) != (1, BLOCK, BLOCK):
+        raise ValueError(f"recipe: expected (1, 128, 128), got {recipe!r}")
+    a_fp8, sfa = _unpack_fp8_operand("a", a, 3)
+    b_fp8, sfb = _unpack_fp8_operand("b", b, 3)
+    batch, heads, k = a_fp8.shape
+    _check_shape("a[1]", sfa, (batch, heads, ceil_div(k, BLOCK)))
+    num_heads, n = _check_grouped_b(b_fp8, sfb, k)
+    _check_shape("b[0]", b_fp8, (heads, n, k))
+    _check_output("d", d, (batch, heads, n))
+    _check_addend(c, tuple(d.shape))
+    for head in range(heads):
+        _gemm_rows_into(d[:, head], slice(0, batch), a_fp8[:, head], sfa[:, head],
+                        dequantize_per_block(b_fp8[head], sfb[head]), None if c is None else c[:, head])
 
 
 def _einsum_expression(expr: object) -> str:

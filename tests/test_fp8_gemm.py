@@ -486,3 +486,80 @@ def test_heuristic_on_one_sm_offers_no_pairs():
     """One SM holds no CTA pair: the search must not divide by the pairs that fit (none)."""
     config = fp8_gemm.select_config(GemmDesc(GemmType.NORMAL, 4096, 4096, 7168), dataclasses.replace(H100, num_sms=1))
     assert config.cluster_size == 1
+
+
+# ---- fp8_einsum: one product per head (GemmType.BATCHED) --------------------------------------------
+
+
+def make_einsum_inputs(batch, heads, r, d_dim, device="cuda"):
+    x = torch.randn(batch, heads, r, device=device, dtype=torch.bfloat16)
+    w = torch.randn(heads, d_dim, r, device=device, dtype=torch.bfloat16)
+    a, sfa = per_token_cast_to_fp8(x.view(batch * heads, r))
+    b, sfb = per_block_cast_to_fp8(w.view(heads * d_dim, r)) if d_dim % 128 == 0 else (None, None)
+    if b is None:  # 128x128 blocks per head: cast head by head
+        pairs = [per_block_cast_to_fp8(w[h]) for h in range(heads)]
+        b, sfb = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    else:
+        b, sfb = b.view(heads, d_dim, r), sfb.view(heads, -1, sfb.shape[-1])
+    return (a.view(batch, heads, r), sfa.reshape(batch, heads, -1)), (b, sfb)
+
+
+def einsum_expected(a, b, c=None):
+    batch, heads, _ = a[0].shape
+    out = torch.empty(batch, heads, b[0].shape[1], device=a[0].device)
+    reference.fp8_einsum("bhr,hdr->bhd", a, b, out, c)
+    return out
+
+
+def test_fp8_einsum_reference_is_the_dequantised_product(seed):
+    a, b = make_einsum_inputs(5, 3, 256, 136, device="cpu")
+    c = torch.randn(5, 3, 136)
+    d = torch.empty(5, 3, 136)
+    moegemm.fp8_einsum("bhr,hdr->bhd", a, b, d, c)
+    a_float = reference.dequantize_per_token(*a).double()
+    b_float = reference.dequantize_per_block(*b).double()
+    exact = c.double() + torch.einsum("bhr,hdr->bhd", a_float, b_float)
+    assert calc_diff(d.double(), exact) < 1e-12
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda args: {**args, "expr": "bhd,hdr->bhr"}, ValueError, "expr: expected one of"),
+    (lambda args: {**args, "recipe": (1, 1, 128)}, ValueError, "recipe: expected"),
+    (lambda args: {**args, "b": (args["b"][0][:, :, :128], args["b"][1])}, ValueError, "b: expected shape"),
+    (lambda args: {**args, "d": args["d"][:, :, :8]}, ValueError, "d: expected shape"),
+    (lambda args: {**args, "c": torch.zeros(4, 2, 136)}, TypeError, "d: with c given"),
+])
+def test_fp8_einsum_bad_arguments_raise(mutate, error, match):
+    a, b = make_einsum_inputs(4, 2, 256, 136, device="cpu")
+    args = mutate(dict(expr="bhr,hdr->bhd", a=a, b=b, d=torch.empty(4, 2, 136, dtype=torch.bfloat16)))
+    with pytest.raises(error, match=match):
+        moegemm.fp8_einsum(**args)
+
+
+@gpu
+@pytest.mark.parametrize("batch,heads,r,d_dim", [(4096, 16, 512, 128), (1, 128, 512, 128), (300, 8, 128, 136),
+                                                 (129, 3, 1024, 256), (64, 128, 7168 // 14, 128)])
+def test_fp8_einsum_kernel(batch, heads, r, d_dim, seed):
+    a, b = make_einsum_inputs(batch, heads, r, d_dim)
+    d = torch.full((batch, heads, d_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+    moegemm.fp8_einsum("bhr,hdr->bhd", a, b, d)
+    assert_close(d, einsum_expected(a, b))
+    # In place with FP32 C accumulated once, SFA in the kernel's layout (no copy per call).
+    c = torch.randn(batch, heads, d_dim, device="cuda") * 32
+    sfa_ready = get_mn_major_tma_aligned_tensor(a[1].transpose(0, 1)).transpose(0, 1)
+    d = c.clone()
+    moegemm.fp8_einsum("bhr,hdr->bhd", (a[0], sfa_ready), b, d, d)
+    assert_close(d, einsum_expected(a, b, c))
+
+
+@gpu
+def test_fp8_einsum_strided_views(seed):
+    """A and D as views of wider tensors: their heads and rows read and written in place."""
+    a, b = make_einsum_inputs(200, 4, 256, 128)
+    wide_a = torch.zeros(200, 6, 384, device="cuda", dtype=torch.float8_e4m3fn)
+    wide_a[:, 1:5, :256] = a[0]
+    wide_d = torch.full((200, 6, 256), float("nan"), device="cuda")
+    d = wide_d[:, 1:5, 64:192]
+    moegemm.fp8_einsum("bhr,hdr->bhd", (wide_a[:, 1:5, :256], a[1]), b, d)
+    assert_close(d, einsum_expected(a, b))
+    assert torch.isnan(wide_d[:, 0]).all() and torch.isnan(wide_d[:, :, :64]).all()

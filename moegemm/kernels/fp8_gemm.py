@@ -22,7 +22,7 @@ from ..gemm.desc import GemmDesc, GemmType
 from ..gemm.heuristic import Tile
 from ..intmath import align, ceil_div, get_tma_aligned_size
 from ..jit import compiler
-from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d
+from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d, tma_3d
 
 BLOCK_K = 128
 SFB_SLOT_BYTES = 128  # per stage and SFB row: a TMA box of SFB, aligned as TMA destinations must be
@@ -133,8 +133,9 @@ class Fp8CostTerms:
         # 1D1D: a K block's column scales take registers of their own: 64 or 128 rows, 128 columns at
         # most, no split-K (sm90_fp8_gemm.cuh's static_assert).
         per_column = desc.recipe == RECIPE_1D1D
+        batched = kind is GemmType.BATCHED  # 3-D loads: one or two math warpgroups, no pairs
         for block_m in self.block_ms:
-            if per_column and block_m > 128:
+            if (per_column or batched) and block_m > 128:
                 continue
             # Three math warpgroups, or two of two slabs, have registers for 128 columns at most. Over
             # 128 columns, grouped tiles take 192 only (BENCHMARKS.md, 2026-12-06, twenty-first session).
@@ -153,7 +154,8 @@ class Fp8CostTerms:
                     pairs = facts.clusters(2) > 0
                     if pairs and kind is GemmType.NORMAL and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
-                    stacked = kind is GemmType.NORMAL or (kind is not GemmType.MASKED and block_n <= 128)
+                    stacked = kind is GemmType.NORMAL or (kind in (GemmType.CONTIGUOUS, GemmType.PSUM) and
+                                                          block_n <= 128)
                     if pairs and stacked and desc.m >= 2 * block_m and block_n % 16 == 0:
                         yield Tile(block_m, block_n, cluster_m=2)
                 # Split-K only while the split tiles fit on the SMs at once, and not for grouped GEMMs.
@@ -233,7 +235,11 @@ def a_side_tma(config: GemmConfig, a: torch.Tensor, d: torch.Tensor, rows: int, 
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
     tma, a_side_bytes = activation_tma(a, rows, group_rows, config.gemm_type, num_groups, config.block_m,
                                        config.cluster_n)
-    tma["tma_d"] = tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle)
+    if config.gemm_type is GemmType.BATCHED:
+        tma["tma_d"] = tma_3d(d.dtype, (n, group_rows, num_groups), (d.stride(-2) * d.element_size(),
+                              d.stride(0) * d.element_size()), (config.store_cols, 64, 1), d_swizzle)
+    else:
+        tma["tma_d"] = tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle)
     return tma, a_side_bytes
 
 
@@ -243,12 +249,17 @@ def activation_tma(a: torch.Tensor, rows: int, group_rows: int, gemm_type: GemmT
     of a pair loading a share each) and SFA (``[G * ceil(K/128), group_rows]`` M-major, G = 1 but for
     masked), and the bytes a stage's loads of them deliver to each CTA."""
     k = a.shape[-1]
-    sfa_groups = num_groups if gemm_type is GemmType.MASKED else 1
+    sfa_groups = num_groups if gemm_type in (GemmType.MASKED, GemmType.BATCHED) else 1
     # Few rows: load only the rows that exist instead of zero-filled boxes (SFA in 16-byte boxes); the
     # rows of shared memory left stale feed only output rows that are never stored.
     a_rows = min(tile_rows, group_rows if group_rows < 8 else align(group_rows, 8))
     sfa_rows = min(tile_rows, align(group_rows, 4))
-    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows // box_split, SWIZZLE_128B),
+    if gemm_type is GemmType.BATCHED:  # [G, M, K] of any pitches
+        tma_a = tma_3d(a.dtype, (k, group_rows, num_groups), (a.stride(-2), a.stride(0)), (BLOCK_K, a_rows, 1),
+                       SWIZZLE_128B)
+    else:
+        tma_a = tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows // box_split, SWIZZLE_128B)
+    tma = {"tma_a": tma_a,
            "tma_sfa": tma_2d(torch.float32, group_rows, sfa_groups * ceil_div(k, BLOCK_K),
                              get_tma_aligned_size(group_rows, 4) * 4, sfa_rows, 1, SWIZZLE_NONE)}
     return tma, a_rows * BLOCK_K + sfa_rows * 4
@@ -277,8 +288,12 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
         sfb = tma_2d(torch.float32, sfb_numel, 1, align(sfb_numel * 4, 16), SFB_BOX_K, 1, SWIZZLE_NONE)
         sfb_bytes = sfb_rows(config.block_n) * SFB_BOX_K * 4
     stage_bytes = a_side_bytes + config.block_n * BLOCK_K + sfb_bytes
-    tma["tma_b"] = tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
-                          SWIZZLE_128B)
+    if config.gemm_type is GemmType.BATCHED:
+        tma["tma_b"] = tma_3d(b.dtype, (k, n, num_groups), (b.stride(-2), b.stride(0)), (BLOCK_K, config.block_n, 1),
+                              SWIZZLE_128B)
+    else:
+        tma["tma_b"] = tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
+                              SWIZZLE_128B)
     tma["tma_sfb"] = sfb
     values = dict(m=group_rows, n=n, k=k, stage_bytes=stage_bytes,
                   k_blocks_per_split=ceil_div(num_k_blocks, config.split_k), num_groups=num_groups,
@@ -288,13 +303,16 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
 
 def describe(gemm_type: GemmType, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool = False,
              expected_m: int | None = None, recipe: tuple[int, int, int] = (1, 128, 128)) -> GemmDesc:
-    """The GemmDesc of a call: A [M, K] (grouped: [M_total, K] or [G, max_M, K]), B [N, K] or [G, N, K],
-    D like A with N columns; ``expected_m``: the rows per expert a grouped call plans for; ``recipe``:
-    (1, 128, 128), or RECIPE_1D1D for dense GEMMs."""
+    """The GemmDesc of a call: A [M, K] (grouped: [M_total, K] or [G, max_M, K]; batched: [G, M, K]), B
+    [N, K] or [G, N, K], D like A with N columns; ``expected_m``: the rows per expert a grouped call
+    plans for; ``recipe``: (1, 128, 128), or RECIPE_1D1D for dense GEMMs; ``accumulate``: dense and
+    batched."""
     if gemm_type is GemmType.NORMAL:
         return GemmDesc(gemm_type, a.shape[0], b.shape[0], a.shape[1], out_dtype=d.dtype, accumulate=accumulate,
                         recipe=recipe)
     num_groups, n, k = b.shape
+    if gemm_type is GemmType.BATCHED:
+        return GemmDesc(gemm_type, a.shape[1], n, k, num_groups, out_dtype=d.dtype, accumulate=accumulate)
     return GemmDesc(gemm_type, expected_m, n, k, num_groups, out_dtype=d.dtype)
 
 
@@ -313,6 +331,8 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
 
 def row_counts(desc: GemmDesc, a: torch.Tensor) -> tuple[int, int]:
     """A's rows as the kernels see them ([rows, K]) and the rows per expert (masked: max_M)."""
+    if desc.gemm_type is GemmType.BATCHED:  # the grid counts one product's rows
+        return a.shape[1], a.shape[1]
     rows = a.shape[0] if a.dim() == 2 else desc.num_groups * a.shape[1]
     return rows, a.shape[1] if desc.gemm_type is GemmType.MASKED else rows
 

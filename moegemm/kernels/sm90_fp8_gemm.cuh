@@ -7,7 +7,8 @@
 // N-major like SFA, [ceil(K/128), N'] (N' = N rounded up to 4).
 // D: bf16 or fp32 [M, N]; with kAccumulate the TMA unit adds the tile into D (D = C + A @ B^T).
 // Grouped: B [G * N, K] and SFB [G, ceil(N/128), ceil(K/128)]; kMasked A, SFA and D hold G
-// experts of max_M rows each. A tile's rows that must stay untouched (padding, rows past an
+// experts of max_M rows each; kBatched (fp8_einsum) reads A, B and D as 3-D tensors of any pitches,
+// SFA per product like kMasked's. A tile's rows that must stay untouched (padding, rows past an
 // expert's count) make its warpgroups store row by row from registers instead of through TMA; in
 // kMasked, a warpgroup whose 64 rows all lie past the expert's count skips the tile's math.
 //
@@ -168,11 +169,11 @@ struct Fp8GemmKernel {
     };
 
     __device__ __forceinline__ static ProducerTile producer_tile(const Params& p, const Tile& tile, u32 num_k_blocks) {
-        // SFA is [ceil(K/128), rows] M-major, per expert for kMasked.
-        const bool masked = Config::kType == GemmType::kMasked;
+        // SFA is [ceil(K/128), rows] M-major, per expert (product) for kMasked (kBatched).
+        const bool per_group = Config::kType == GemmType::kMasked || Config::kType == GemmType::kBatched;
         ProducerTile t;
-        t.sfa_row = masked ? tile.m_block * BM : tile.row;
-        t.sfa_k = masked ? tile.group * num_k_blocks : 0;
+        t.sfa_row = per_group ? tile.m_block * BM : tile.row;
+        t.sfa_k = per_group ? tile.group * num_k_blocks : 0;
         t.sfb_row = Config::kSfbPerColumn ? tile.n_block * BN : sfb_first_index(tile, BN, p.n, num_k_blocks);
         return t;
     }
