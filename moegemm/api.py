@@ -32,6 +32,7 @@ from .ops.fp8_fp4_gemm import (
 from .ops.fp8_gemm import (
     fp8_gemm_nt,
     get_mk_alignment_for_contiguous_layout,
+    k_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "get_symm_buffer_for_mega_moe",
     "get_tma_aligned_size",
     "k_grouped_bf16_gemm_tn_contiguous",
+    "k_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nn_contiguous",
     "m_grouped_bf16_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nt_masked",

@@ -1003,6 +1003,68 @@ def print_wgrad_table(rows: list[WgradRow]) -> None:
 
 
 @dataclass
+class KGroupedRow:
+    groups: int
+    m: int
+    n: int
+    sum_k: int
+    moegemm_us: float
+    tflops: float
+    diff: float  # against the reference on the same FP8 inputs
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None
+
+
+# Issue 26's K-grouped cases: experts' K from 0 to 8192 in steps of 128 (a fixed seed).
+K_GROUPED_CASES = [(8, 4096, 7168), (16, 7168, 2048), (32, 4096, 7168)]
+
+
+def _k_grouped_operand(ks: list[int], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM's K-grouped operand layout: each expert's [rows, k_g] block K-major, back to back, and the
+    scales [rows, sum_k / 128] M-major."""
+    x_fp8, sf = api.per_channel_cast_to_fp8(torch.randn(sum(ks), rows, device="cuda", dtype=torch.bfloat16))
+    blocks, start = [], 0
+    for k in ks:
+        blocks.append(api.transpose_fp8(x_fp8[start:start + k])[0].reshape(-1))
+        start += k
+    return torch.cat(blocks), sf.T
+
+
+def bench_fp8_k_grouped(iters: int = 5) -> list[KGroupedRow]:
+    """k_grouped_fp8_gemm_nt_contiguous (D += A_g @ B_g^T in place) beside DeepGEMM's on the same inputs."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for groups, m, n in K_GROUPED_CASES:
+        ks = [128 * int(v) for v in torch.randint(0, 65, (groups,), generator=generator)]
+        a, b = _k_grouped_operand(ks, m), _k_grouped_operand(ks, n)
+        layout = torch.tensor(ks, dtype=torch.int32, device="cuda")
+        c = torch.randn(groups, m, n, device="cuda")
+        ref = torch.empty_like(c)
+        reference.k_grouped_fp8_gemm_nt_contiguous(a, b, ref, ks, layout, c)
+        d = c.clone()
+        api.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, d)
+        diff = api.calc_diff(d, ref)
+        us = kernel_time_us(functools.partial(api.k_grouped_fp8_gemm_nt_contiguous, a, b, d, ks, layout, d), iters)
+        row = KGroupedRow(groups, m, n, sum(ks), us, 2 * m * n * sum(ks) / us / 1e6, diff)
+        row.deepgemm_us = _deepgemm_us("k_grouped_fp8_gemm_nt_contiguous", iters, a, b, d, ks, layout, d,
+                                       recipe=(1, 1, 128))
+        row.vs_deepgemm = row.deepgemm_us and row.deepgemm_us / us
+        rows.append(row)
+        del a, b, c, d, ref
+    return rows
+
+
+def print_k_grouped_table(rows: list[KGroupedRow]) -> None:
+    print("\nk_grouped_fp8_gemm_nt_contiguous (1D1D; D += A_g @ B_g^T in FP32, K per expert 0 to 8192)")
+    print(f"{'G':>3} {'M':>5} {'N':>5} {'sum K':>6} | {'us':>8} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | "
+          f"{'diff':>8}")
+    for r in rows:
+        print(f"{r.groups:3d} {r.m:5d} {r.n:5d} {r.sum_k:6d} | {r.moegemm_us:8.1f} {r.tflops:7.0f} | "
+              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
+    _summary("DeepGEMM's time over ours, K-grouped", [r.vs_deepgemm for r in rows])
+
+
+@dataclass
 class EinsumRow:
     batch: int
     heads: int
@@ -1261,9 +1323,12 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
         print_wgrad_table(wgrad)
         einsums = bench_fp8_einsum()
         print_einsum_table(einsums)
+        k_grouped = bench_fp8_k_grouped()
+        print_k_grouped_table(k_grouped)
         results.update(fp8_gemm_nt=[asdict(r) for r in rows], grouped=[asdict(r) for r in grouped],
                        casts=[asdict(r) for r in casts], transpose=[asdict(r) for r in transposes],
-                       fp8_1d1d=[asdict(r) for r in wgrad], fp8_einsum=[asdict(r) for r in einsums])
+                       fp8_1d1d=[asdict(r) for r in wgrad], fp8_einsum=[asdict(r) for r in einsums],
+                       k_grouped=[asdict(r) for r in k_grouped])
     if "fp4" in sections:
         fp4 = bench_fp4(limits["copy_tbps"], limits["fp8_per_tensor_tflops"])
         print_fp4_summary(fp4)

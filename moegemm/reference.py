@@ -35,6 +35,7 @@ __all__ = [
     "fp8_fp4_mega_moe",
     "fp8_gemm_nt",
     "k_grouped_bf16_gemm_tn_contiguous",
+    "k_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nn_contiguous",
     "m_grouped_bf16_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nt_masked",
@@ -593,14 +594,15 @@ def m_grouped_bf16_gemm_nt_masked(
             _product_into(d[group], slice(0, m), a[group], b_nk[group])
 
 
-def _check_k_segments(ks: Sequence[int], sum_k: int, alignment: int) -> list[int]:
+def _check_k_segments(ks: Sequence[int], sum_k: int | None, alignment: int) -> list[int]:
+    """The segments' lengths checked: ints >= 0, multiples of ``alignment``, summing to ``sum_k`` (when given)."""
     if isinstance(ks, torch.Tensor) or not isinstance(ks, Sequence):
         raise TypeError(f"ks: expected a list of ints (the segments' lengths, on the host), got {type(ks).__name__}")
     lengths = [_check_int(f"ks[{i}]", value, 0) for i, value in enumerate(ks)]
     for i, length in enumerate(lengths):
         if length % alignment:
             raise ValueError(f"ks[{i}]: expected a multiple of {alignment}, got {length}")
-    if sum(lengths) != sum_k:
+    if sum_k is not None and sum(lengths) != sum_k:
         raise ValueError(f"ks: expected lengths summing to {sum_k} (a's rows), got {sum(lengths)}")
     return lengths
 
@@ -638,6 +640,78 @@ def k_grouped_bf16_gemm_tn_contiguous(
     for group, length in enumerate(lengths):
         segment = slice(start, start + length)
         _product_into(d[group], slice(0, m), a[segment].t(), b[segment].t(), None if c is None else c[group])
+        start += length
+
+
+def k_grouped_fp8_segment(x: FP8Operand, rows: int, start: int, length: int) -> FP8Operand:
+    """Expert segment ``[start, start + length)`` of K of a K-grouped FP8 operand: the data
+    ``[rows, length]`` K-major (the experts' blocks lie back to back in ``x[0]``, contiguous) and its
+    scales ``[rows, length / 128]`` (columns ``start / 128`` on of ``x[1]`` ``[rows, sum_k / 128]``)."""
+    data, sf = x
+    block = data.reshape(-1)[start * rows:(start + length) * rows].view(rows, length)
+    return block, sf[:, start // BLOCK:(start + length) // BLOCK]
+
+
+def _k_grouped_fp8_operand(name: str, operand: FP8Operand, rows: int, sum_k: int) -> FP8Operand:
+    """A K-grouped operand checked: contiguous e4m3 of ``sum_k * rows`` elements, float32 scales
+    ``[rows, sum_k / 128]``."""
+    if not isinstance(operand, (tuple, list)) or len(operand) != 2:
+        raise TypeError(f"{name}: expected a (float8_e4m3fn tensor, scales) pair, got {type(operand).__name__}")
+    x, sf = operand
+    checks.is_tensor(f"{name}[0]", x)
+    _check_dtype(f"{name}[0]", x, (torch.float8_e4m3fn,))
+    if x.numel() != sum_k * rows or not x.is_contiguous():
+        raise ValueError(f"{name}[0]: expected {sum_k * rows} contiguous elements (the experts' [{rows}, k_g] "
+                         f"blocks back to back), got shape {tuple(x.shape)} with strides {tuple(x.stride())}")
+    checks.is_tensor(f"{name}[1]", sf)
+    sf = _float_scales(f"{name}[1]", sf, sum_k // BLOCK)
+    _check_shape(f"{name}[1]", sf, (rows, sum_k // BLOCK))
+    return x, sf
+
+
+def k_grouped_fp8_gemm_nt_contiguous(
+    a: FP8Operand,
+    b: FP8Operand,
+    d: torch.Tensor,
+    ks: Sequence[int],
+    grouped_layout: torch.Tensor | None = None,
+    c: torch.Tensor | None = None,
+    recipe: tuple[int, int, int] = (1, 1, 128),
+) -> None:
+    """MoE weight gradients in FP8: ``D[g] = C[g] + dequant(A_g) @ dequant(B_g).T`` in float32.
+
+    Args:
+        a: ``(a_fp8, sfa)``: ``a_fp8`` contiguous e4m3 of ``sum_k * M`` elements (any shape) holding each
+            expert's ``A_g [M, k_g]`` (K-major) back to back; ``sfa`` float32 ``[M, sum_k / 128]``, one
+            scale per 1x128 block along K, any strides.
+        b: ``(b_fp8, sfb)`` likewise with N.
+        d: float32 ``[G, M, N]``; may be ``c``.
+        ks: the G segments' lengths, multiples of 128 (0 allowed).
+        grouped_layout: the same lengths on the kernels' device (int32 ``[G]``); only its shape and dtype
+            are checked here.
+        c: optional float32 addend ``[G, M, N]``.
+        recipe: (1, 1, 128), the only one.
+    """
+    if tuple(recipe) != (1, 1, BLOCK):
+        raise ValueError(f"recipe: expected (1, 1, 128), got {recipe!r}")
+    _check_dims("d", d, 3)
+    _check_dtype("d", d, _FP32)
+    num_groups, m, n = d.shape
+    ks = _check_k_segments(ks, None, BLOCK)
+    if len(ks) != num_groups:
+        raise ValueError(f"ks: expected {num_groups} lengths (d's first dim), got {len(ks)}")
+    sum_k = sum(ks)
+    a = _k_grouped_fp8_operand("a", a, m, sum_k)
+    b = _k_grouped_fp8_operand("b", b, n, sum_k)
+    if grouped_layout is not None:
+        _check_index_dtype("grouped_layout", grouped_layout)
+        _check_shape("grouped_layout", grouped_layout, (num_groups,))
+    _check_addend(c, (num_groups, m, n))
+    start = 0
+    for group, length in enumerate(ks):
+        a_g = dequantize_per_token(*k_grouped_fp8_segment(a, m, start, length))
+        b_g = dequantize_per_token(*k_grouped_fp8_segment(b, n, start, length))
+        _product_into(d[group], slice(0, m), a_g, b_g, None if c is None else c[group])
         start += length
 
 

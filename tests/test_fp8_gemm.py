@@ -563,3 +563,82 @@ def test_fp8_einsum_strided_views(seed):
     moegemm.fp8_einsum("bhr,hdr->bhd", (wide_a[:, 1:5, :256], a[1]), b, d)
     assert_close(d, einsum_expected(a, b))
     assert torch.isnan(wide_d[:, 0]).all() and torch.isnan(wide_d[:, :, :64]).all()
+
+
+# ---- k_grouped_fp8_gemm_nt_contiguous: expert weight gradients ------------------------------------------------
+
+
+def make_k_grouped_inputs(ks, m, n, device="cuda"):
+    """DeepGEMM's K-grouped operands: each expert's [M, k_g] block K-major, back to back, and the scales
+    [M, sum_k / 128] M-major (the transposes of a per-channel cast of the tokens-major activations)."""
+    sum_k = sum(ks)
+
+    def operand(rows):
+        x = torch.randn(sum_k, rows, device=device, dtype=torch.bfloat16)
+        x_fp8, sf = moegemm.per_channel_cast_to_fp8(x)
+        blocks, start = [], 0
+        for k in ks:
+            blocks.append(moegemm.transpose_fp8(x_fp8[start:start + k])[0].reshape(-1))
+            start += k
+        return torch.cat(blocks) if blocks else x_fp8.reshape(-1), sf.T
+
+    return operand(m), operand(n)
+
+
+def k_grouped_expected(a, b, ks, c=None):
+    m, n = a[1].shape[0], b[1].shape[0]
+    out = torch.empty(len(ks), m, n, device=a[0].device)
+    reference.k_grouped_fp8_gemm_nt_contiguous(a, b, out, ks, c=c)
+    return out
+
+
+def test_k_grouped_reference_is_the_dequantised_product(seed):
+    ks = [256, 0, 128]
+    a, b = make_k_grouped_inputs(ks, 8, 136, device="cpu")
+    c = torch.randn(3, 8, 136)
+    d = k_grouped_expected(a, b, ks, c)
+    start = 0
+    for g, k in enumerate(ks):
+        a_g = a[0][start * 8:(start + k) * 8].view(8, k).double() * a[1][:, start // 128:(start + k) // 128].double(
+        ).repeat_interleave(128, -1)
+        b_g = b[0][start * 136:(start + k) * 136].view(136, k).double() * b[1][:, start // 128:(
+            start + k) // 128].double().repeat_interleave(128, -1)
+        assert calc_diff(d[g].double(), c[g].double() + a_g @ b_g.T) < 1e-12
+        start += k
+
+
+def test_k_grouped_on_the_cpu_and_its_checks(seed):
+    ks = [128, 256]
+    a, b = make_k_grouped_inputs(ks, 8, 16, device="cpu")
+    layout = torch.tensor(ks, dtype=torch.int32)
+    d = torch.empty(2, 8, 16)
+    moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout)
+    assert torch.equal(d, k_grouped_expected(a, b, ks))
+    with pytest.raises(ValueError, match="ks: expected 2 lengths"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, [384], layout)
+    with pytest.raises(ValueError, match=r"ks\[1\]: expected a multiple of 128"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, [128, 200], layout)
+    with pytest.raises(ValueError, match="a: expected 3072 contiguous elements"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous((a[0][:-8], a[1]), b, d, ks, layout)
+    with pytest.raises(ValueError, match="recipe: expected"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, recipe=(1, 128, 128))
+    with pytest.raises(TypeError, match="d: expected dtype"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d.bfloat16(), ks, layout)
+
+
+@gpu
+@pytest.mark.parametrize("ks,m,n", [([4096, 0, 1280, 8192, 128, 2560], 4096, 7168), ([0, 0], 256, 128),
+                                    ([640, 384, 0, 1024], 7168, 2048), ([128], 100, 136)])
+def test_k_grouped_kernel(ks, m, n, seed):
+    a, b = make_k_grouped_inputs(ks, m, n)
+    layout = torch.tensor(ks, dtype=torch.int32, device="cuda")
+    c = torch.randn(len(ks), m, n, device="cuda") * 32
+    d = torch.full((len(ks), m, n), float("nan"), device="cuda")
+    moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout)
+    assert_close(d, k_grouped_expected(a, b, ks))
+    d = torch.full((len(ks), m, n), float("nan"), device="cuda")
+    moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, c)
+    assert_close(d, k_grouped_expected(a, b, ks, c))
+    d = c.clone()  # in place: D += A @ B^T, C accumulated once
+    moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, d)
+    assert_close(d, k_grouped_expected(a, b, ks, c))

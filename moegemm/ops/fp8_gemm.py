@@ -367,3 +367,69 @@ def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[
     """
     a_data, sfa, b_data, sfb = _operands(a, b)
     _MASKED(a_data, sfa, b_data, sfb, d, masked_m, expected_m)
+
+
+# ---- the K-grouped GEMM of expert weight gradients -----------------------------------------------------------
+
+
+def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                                     d: torch.Tensor, ks: list[int], grouped_layout: torch.Tensor,
+                                     c: torch.Tensor | None = None,
+                                     recipe: tuple[int, int, int] = (1, 1, 128)) -> None:
+    """MoE weight gradients in FP8: ``D[g] = C[g] + A_g @ B_g^T`` for every expert g, FP32 accumulated,
+    both operands scaled per 1x128 block along K (the tokens). DeepGEMM's layout on Hopper.
+
+    Args:
+        a: ``(A, SFA)``: A contiguous float8_e4m3fn of ``sum_k * M`` elements (any shape) holding each
+            expert's ``A_g [M, k_g]``, K-major, back to back; SFA float32 ``[M, sum_k / 128]``, any
+            strides (M-major, as DeepGEMM's casts give it, with M a multiple of 4 avoids copies).
+        b: ``(B, SFB)`` likewise with N.
+        d: float32 ``[G, M, N]``, row-major. Overwritten (an expert with no tokens gets C[g], or 0).
+        ks: the G segments' lengths on the host, multiples of 128 (0 allowed).
+        grouped_layout: int32 ``[G]`` on the GPU, the same lengths (DeepGEMM's argument; checked for
+            shape and dtype).
+        c: optional float32 ``[G, M, N]``; may be ``d`` itself (then D += A @ B^T).
+        recipe: (1, 1, 128), the only one.
+
+    Each expert's product runs the 1D1D kernel of ``fp8_gemm_nt`` (one launch per expert with
+    tokens). CPU tensors run the reference.
+    """
+    if tuple(recipe) != fp8_gemm.RECIPE_1D1D:
+        raise ValueError(f"recipe: expected (1, 1, 128), got {recipe!r}")
+    a_data, sfa, b_data, sfb = _operands(a, b)
+    checks.tensor("d", d, FP32, 3)
+    num_groups, m, n = d.shape
+    lengths = reference._check_k_segments(ks, None, 128)
+    if len(lengths) != num_groups:
+        raise ValueError(f"ks: expected {num_groups} lengths (d's first dim), got {len(lengths)}")
+    sum_k = sum(lengths)
+    for name, data, rows in (("a", a_data, m), ("b", b_data, n)):
+        checks.tensor(name, data, FP8, data.dim())
+        if data.numel() != sum_k * rows or not data.is_contiguous():
+            raise ValueError(f"{name}: expected {sum_k * rows} contiguous elements (the experts' [{rows}, k_g] "
+                             f"blocks back to back), got shape {tuple(data.shape)}, strides {tuple(data.stride())}")
+    checks.tensor("sfa", sfa, FP32, 2)
+    checks.tensor("sfb", sfb, FP32, 2)
+    checks.shape("sfa", sfa, (m, sum_k // 128))
+    checks.shape("sfb", sfb, (n, sum_k // 128))
+    checks.tensor("grouped_layout", grouped_layout, (torch.int32,), 1)
+    checks.shape("grouped_layout", grouped_layout, (num_groups,))
+    tensors = {"a": a_data, "sfa": sfa, "b": b_data, "sfb": sfb, "d": d, "grouped_layout": grouped_layout}
+    gemm_common.check_addend(c, d, (num_groups, m, n), tensors)
+    gemm_common.check_cuda(tensors)
+    if not d.is_cuda:
+        reference.k_grouped_fp8_gemm_nt_contiguous((a_data, sfa), (b_data, sfb), d, lengths, grouped_layout, c)
+        return
+    start = 0
+    for group, length in enumerate(lengths):
+        c_g = None if c is None else c[group]
+        if length == 0:  # an empty sum: C[g], or 0
+            if c_g is None:
+                d[group].zero_()
+            elif c_g.data_ptr() != d[group].data_ptr():
+                d[group].copy_(c_g)
+        else:
+            a_g, sfa_g = reference.k_grouped_fp8_segment((a_data, sfa), m, start, length)
+            b_g, sfb_g = reference.k_grouped_fp8_segment((b_data, sfb), n, start, length)
+            _FP8_GEMM_NT(a_g, sfa_g, b_g, sfb_g, d[group], c_g)
+        start += length
