@@ -957,22 +957,40 @@ def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
 
 
 @dataclass
-class WgradRow:
-    m: int
-    n: int
-    k: int
+class BesideDeepGemmRow:
+    """One case of an operation timed beside DeepGEMM's: its sizes (the table's columns), our time,
+    TFLOPS and difference to the reference on the same FP8 inputs, DeepGEMM's time and its ratio."""
+
+    shape: tuple[int, ...]
     moegemm_us: float
     tflops: float
-    diff: float  # against the reference on the same FP8 inputs
+    diff: float
     deepgemm_us: float | None = None
     vs_deepgemm: float | None = None
 
 
+def _beside_deepgemm(shape: tuple[int, ...], flops: float, us: float, diff: float,
+                     deepgemm_us: float | None) -> BesideDeepGemmRow:
+    return BesideDeepGemmRow(shape, us, flops / us / 1e6, diff, deepgemm_us, deepgemm_us and deepgemm_us / us)
+
+
+def print_beside_deepgemm_table(title: str, columns: tuple[str, ...], rows: list[BesideDeepGemmRow]) -> None:
+    """``rows`` under ``title``, the shape in ``columns``, and the summary of DeepGEMM's time over ours."""
+    print(f"\n{title}")
+    print(" ".join(f"{c:>6}" for c in columns) + f" | {'us':>8} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | "
+          f"{'diff':>8}")
+    for r in rows:
+        print(" ".join(f"{v:6d}" for v in r.shape) + f" | {r.moegemm_us:8.1f} {r.tflops:7.0f} | "
+              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
+    _summary(f"DeepGEMM's time over ours, {title.split(' (')[0]}", [r.vs_deepgemm for r in rows])
+
+
 # Issue 26's weight-gradient shapes (M x N x K, K the tokens): DeepGEMM's three, and two of the forward's.
+WGRAD_TITLE = "the 1D1D recipe (fp8_gemm_nt, B scaled per 1x128 like A; D = D + A @ B^T in FP32)"
 WGRAD_SHAPES = [(7168, 2112, 4096), (1536, 24576, 4096), (7168, 4096, 4096), (4096, 4096, 7168), (4096, 7168, 16384)]
 
 
-def bench_fp8_1d1d(iters: int = 10) -> list[WgradRow]:
+def bench_fp8_1d1d(iters: int = 10) -> list[BesideDeepGemmRow]:
     """fp8_gemm_nt with the 1D1D recipe (both operands scaled per 1x128 along K), FP32 accumulated into
     D, beside DeepGEMM's with each library's scales in its own layout."""
     rows = []
@@ -986,36 +1004,13 @@ def bench_fp8_1d1d(iters: int = 10) -> list[WgradRow]:
         out = d.clone()
         api.fp8_gemm_nt(a, b, out, out, recipe=(1, 1, 128))
         us = kernel_time_us(functools.partial(api.fp8_gemm_nt, a, b, d, d, recipe=(1, 1, 128)), iters)
-        row = WgradRow(m, n, k, us, 2 * m * n * k / us / 1e6, api.calc_diff(out, ref))
-        row.deepgemm_us = _deepgemm_us("fp8_gemm_nt", iters, a, b, d, d, recipe=(1, 1, 128))
-        row.vs_deepgemm = row.deepgemm_us and row.deepgemm_us / us
-        rows.append(row)
+        rows.append(_beside_deepgemm((m, n, k), 2 * m * n * k, us, api.calc_diff(out, ref),
+                                     _deepgemm_us("fp8_gemm_nt", iters, a, b, d, d, recipe=(1, 1, 128))))
     return rows
 
 
-def print_wgrad_table(rows: list[WgradRow]) -> None:
-    print("\nfp8_gemm_nt, the 1D1D recipe (B scaled per 1x128 like A; D = D + A @ B^T in FP32)")
-    print(f"{'M':>5} {'N':>6} {'K':>6} | {'us':>8} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | {'diff':>8}")
-    for r in rows:
-        print(f"{r.m:5d} {r.n:6d} {r.k:6d} | {r.moegemm_us:8.1f} {r.tflops:7.0f} | {_fmt(r.deepgemm_us, '11.1f')} "
-              f"{_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
-    _summary("DeepGEMM's time over ours, the 1D1D recipe", [r.vs_deepgemm for r in rows])
-
-
-@dataclass
-class KGroupedRow:
-    groups: int
-    m: int
-    n: int
-    sum_k: int
-    moegemm_us: float
-    tflops: float
-    diff: float  # against the reference on the same FP8 inputs
-    deepgemm_us: float | None = None
-    vs_deepgemm: float | None = None
-
-
 # Issue 26's K-grouped cases: experts' K from 0 to 8192 in steps of 128 (a fixed seed).
+K_GROUPED_TITLE = "K-grouped (k_grouped_fp8_gemm_nt_contiguous, 1D1D; D += A_g @ B_g^T in FP32)"
 K_GROUPED_CASES = [(8, 4096, 7168), (16, 7168, 2048), (32, 4096, 7168)]
 
 
@@ -1030,7 +1025,7 @@ def _k_grouped_operand(ks: list[int], rows: int) -> tuple[torch.Tensor, torch.Te
     return torch.cat(blocks), sf.T
 
 
-def bench_fp8_k_grouped(iters: int = 5) -> list[KGroupedRow]:
+def bench_fp8_k_grouped(iters: int = 5) -> list[BesideDeepGemmRow]:
     """k_grouped_fp8_gemm_nt_contiguous (D += A_g @ B_g^T in place) beside DeepGEMM's on the same inputs."""
     generator = torch.Generator().manual_seed(0)
     rows = []
@@ -1045,44 +1040,19 @@ def bench_fp8_k_grouped(iters: int = 5) -> list[KGroupedRow]:
         api.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, d)
         diff = api.calc_diff(d, ref)
         us = kernel_time_us(functools.partial(api.k_grouped_fp8_gemm_nt_contiguous, a, b, d, ks, layout, d), iters)
-        row = KGroupedRow(groups, m, n, sum(ks), us, 2 * m * n * sum(ks) / us / 1e6, diff)
-        row.deepgemm_us = _deepgemm_us("k_grouped_fp8_gemm_nt_contiguous", iters, a, b, d, ks, layout, d,
-                                       recipe=(1, 1, 128))
-        row.vs_deepgemm = row.deepgemm_us and row.deepgemm_us / us
-        rows.append(row)
+        rows.append(_beside_deepgemm((groups, m, n, sum(ks)), 2 * m * n * sum(ks), us, diff, _deepgemm_us(
+            "k_grouped_fp8_gemm_nt_contiguous", iters, a, b, d, ks, layout, d, recipe=(1, 1, 128))))
         del a, b, c, d, ref
     return rows
 
 
-def print_k_grouped_table(rows: list[KGroupedRow]) -> None:
-    print("\nk_grouped_fp8_gemm_nt_contiguous (1D1D; D += A_g @ B_g^T in FP32, K per expert 0 to 8192)")
-    print(f"{'G':>3} {'M':>5} {'N':>5} {'sum K':>6} | {'us':>8} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | "
-          f"{'diff':>8}")
-    for r in rows:
-        print(f"{r.groups:3d} {r.m:5d} {r.n:5d} {r.sum_k:6d} | {r.moegemm_us:8.1f} {r.tflops:7.0f} | "
-              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
-    _summary("DeepGEMM's time over ours, K-grouped", [r.vs_deepgemm for r in rows])
-
-
-@dataclass
-class EinsumRow:
-    batch: int
-    heads: int
-    r: int
-    d: int
-    moegemm_us: float
-    tflops: float
-    diff: float  # against the reference on the same FP8 inputs
-    deepgemm_us: float | None = None
-    vs_deepgemm: float | None = None
-
-
 # DeepGEMM's fp8_einsum test shapes (H = 8, R = 4096, D = 1024), and DeepSeek-V3's absorbed output
 # projection (128 heads, R = 512, D = 128).
+EINSUM_TITLE = 'fp8_einsum ("bhr,hdr->bhd", BF16 out)'
 EINSUM_SHAPES = [(b, 8, 4096, 1024) for b in (4, 128, 4096, 8192)] + [(4096, 128, 512, 128)]
 
 
-def bench_fp8_einsum(iters: int = 10) -> list[EinsumRow]:
+def bench_fp8_einsum(iters: int = 10) -> list[BesideDeepGemmRow]:
     """fp8_einsum "bhr,hdr->bhd" beside DeepGEMM's on the same inputs, SFA in the layout both read."""
     rows = []
     for batch, heads, r, d_dim in EINSUM_SHAPES:
@@ -1095,20 +1065,9 @@ def bench_fp8_einsum(iters: int = 10) -> list[EinsumRow]:
         reference.fp8_einsum("bhr,hdr->bhd", a, b, ref)
         api.fp8_einsum("bhr,hdr->bhd", a, b, d)
         us = kernel_time_us(functools.partial(api.fp8_einsum, "bhr,hdr->bhd", a, b, d), iters)
-        row = EinsumRow(batch, heads, r, d_dim, us, 2 * batch * heads * r * d_dim / us / 1e6, api.calc_diff(d, ref))
-        row.deepgemm_us = _deepgemm_us("fp8_einsum", iters, "bhr,hdr->bhd", a, b, d)
-        row.vs_deepgemm = row.deepgemm_us and row.deepgemm_us / us
-        rows.append(row)
+        rows.append(_beside_deepgemm((batch, heads, r, d_dim), 2 * batch * heads * r * d_dim, us,
+                                     api.calc_diff(d, ref), _deepgemm_us("fp8_einsum", iters, "bhr,hdr->bhd", a, b, d)))
     return rows
-
-
-def print_einsum_table(rows: list[EinsumRow]) -> None:
-    print('\nfp8_einsum "bhr,hdr->bhd" (BF16 out)')
-    print(f"{'B':>5} {'H':>4} {'R':>5} {'D':>5} | {'us':>8} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | {'diff':>8}")
-    for r in rows:
-        print(f"{r.batch:5d} {r.heads:4d} {r.r:5d} {r.d:5d} | {r.moegemm_us:8.1f} {r.tflops:7.0f} | "
-              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
-    _summary("DeepGEMM's time over ours, fp8_einsum", [r.vs_deepgemm for r in rows])
 
 
 @dataclass
@@ -1320,11 +1279,11 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
         transposes = bench_transpose()
         print_transpose_table(transposes, limits["copy_tbps"])
         wgrad = bench_fp8_1d1d()
-        print_wgrad_table(wgrad)
+        print_beside_deepgemm_table(WGRAD_TITLE, ("M", "N", "K"), wgrad)
         einsums = bench_fp8_einsum()
-        print_einsum_table(einsums)
+        print_beside_deepgemm_table(EINSUM_TITLE, ("B", "H", "R", "D"), einsums)
         k_grouped = bench_fp8_k_grouped()
-        print_k_grouped_table(k_grouped)
+        print_beside_deepgemm_table(K_GROUPED_TITLE, ("G", "M", "N", "sum K"), k_grouped)
         results.update(fp8_gemm_nt=[asdict(r) for r in rows], grouped=[asdict(r) for r in grouped],
                        casts=[asdict(r) for r in casts], transpose=[asdict(r) for r in transposes],
                        fp8_1d1d=[asdict(r) for r in wgrad], fp8_einsum=[asdict(r) for r in einsums],
