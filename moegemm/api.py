@@ -23,7 +23,7 @@ from .ops.bf16_gemm import (
     m_grouped_bf16_gemm_nt_masked,
 )
 from .ops.dispatch import get_check_groups, register_custom_ops, set_check_groups
-from .ops.einsum import einsum
+from .ops.einsum import einsum, fp8_einsum
 from .ops.fp8_fp4_gemm import (
     fp8_fp4_gemm_nt,
     m_grouped_fp8_fp4_gemm_nt_contiguous,
@@ -32,6 +32,7 @@ from .ops.fp8_fp4_gemm import (
 from .ops.fp8_gemm import (
     fp8_gemm_nt,
     get_mk_alignment_for_contiguous_layout,
+    k_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
 )
@@ -53,6 +54,7 @@ from .quant import (
     per_token_cast_to_fp4,
     per_token_cast_to_fp8,
     transform_sf_into_required_layout,
+    transpose_fp8,
     unpack_fp4,
     unpack_ue8m0,
 )
@@ -75,6 +77,7 @@ __all__ = [
     "cast_back_from_fp4",
     "ceil_div",
     "einsum",
+    "fp8_einsum",
     "fp8_fp4_gemm_nt",
     "fp8_fp4_mega_moe",
     "fp8_fp4_mqa_logits",
@@ -91,6 +94,7 @@ __all__ = [
     "get_symm_buffer_for_mega_moe",
     "get_tma_aligned_size",
     "k_grouped_bf16_gemm_tn_contiguous",
+    "k_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nn_contiguous",
     "m_grouped_bf16_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nt_masked",
@@ -110,6 +114,7 @@ __all__ = [
     "tf32_hc_prenorm_gemm",
     "transform_sf_into_required_layout",
     "transform_weights_for_mega_moe",
+    "transpose_fp8",
     "unpack_fp4",
     "unpack_ue8m0",
 ]

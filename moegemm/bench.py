@@ -302,6 +302,40 @@ def bench_casts(shapes=((8192, 7168), (4096, 16384)), iters: int = 30) -> list[C
 
 
 @dataclass
+class TransposeRow:
+    shape: tuple[int, ...]
+    kernel_us: float
+    kernel_tbps: float
+    torch_us: float  # x.mT.contiguous() on the same bytes
+    torch_tbps: float
+
+
+def bench_transpose(shapes=((7168, 2048), (2048, 7168), (7168, 16384), (24576, 1536), (8, 4096, 7168)),
+                    iters: int = 30) -> list[TransposeRow]:
+    """transpose_fp8's kernel beside torch's strided copy, checked bit for bit; bytes = read + written."""
+    from .kernels import fp8_transpose
+
+    rows = []
+    for shape in shapes:
+        x = torch.randint(0, 126, shape, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+        if not torch.equal(fp8_transpose.transpose(x).view(torch.uint8), x.mT.contiguous().view(torch.uint8)):
+            raise RuntimeError(f"transpose_fp8 {shape}: the kernel and torch disagree")
+        t_kernel = kernel_time_us(functools.partial(fp8_transpose.transpose, x), iters)
+        t_torch = kernel_time_us(lambda x=x: x.view(torch.uint8).mT.contiguous(), iters)
+        traffic = 2 * x.numel()
+        rows.append(TransposeRow(shape, t_kernel, traffic / t_kernel / 1e6, t_torch, traffic / t_torch / 1e6))
+    return rows
+
+
+def print_transpose_table(rows: list[TransposeRow], copy_tbps: float) -> None:
+    print(f"\ntranspose_fp8, TB/s of bytes read plus written (device-to-device copy: {copy_tbps:.2f} TB/s)")
+    print(f"{'shape':>16} | {'kernel us':>9} {'TB/s':>5} | {'torch us':>8} {'TB/s':>5}")
+    for r in rows:
+        shape = "x".join(map(str, r.shape))
+        print(f"{shape:>16} | {r.kernel_us:9.1f} {r.kernel_tbps:5.2f} | {r.torch_us:8.1f} {r.torch_tbps:5.2f}")
+
+
+@dataclass
 class GroupedRow:
     layout: str
     groups: int
@@ -923,6 +957,120 @@ def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
 
 
 @dataclass
+class BesideDeepGemmRow:
+    """One case of an operation timed beside DeepGEMM's: its sizes (the table's columns), our time,
+    TFLOPS and difference to the reference on the same FP8 inputs, DeepGEMM's time and its ratio."""
+
+    shape: tuple[int, ...]
+    moegemm_us: float
+    tflops: float
+    diff: float
+    deepgemm_us: float | None = None
+    vs_deepgemm: float | None = None
+
+
+def _beside_deepgemm(shape: tuple[int, ...], flops: float, us: float, diff: float,
+                     deepgemm_us: float | None) -> BesideDeepGemmRow:
+    return BesideDeepGemmRow(shape, us, flops / us / 1e6, diff, deepgemm_us, deepgemm_us and deepgemm_us / us)
+
+
+def print_beside_deepgemm_table(title: str, columns: tuple[str, ...], rows: list[BesideDeepGemmRow]) -> None:
+    """``rows`` under ``title``, the shape in ``columns``, and the summary of DeepGEMM's time over ours."""
+    print(f"\n{title}")
+    print(" ".join(f"{c:>6}" for c in columns) + f" | {'us':>8} {'TFLOPS':>7} | {'DeepGEMM us':>11} {'x':>5} | "
+          f"{'diff':>8}")
+    for r in rows:
+        print(" ".join(f"{v:6d}" for v in r.shape) + f" | {r.moegemm_us:8.1f} {r.tflops:7.0f} | "
+              f"{_fmt(r.deepgemm_us, '11.1f')} {_fmt(r.vs_deepgemm, '5.3f')} | {r.diff:8.1e}")
+    _summary(f"DeepGEMM's time over ours, {title.split(' (')[0]}", [r.vs_deepgemm for r in rows])
+
+
+# Issue 26's weight-gradient shapes (M x N x K, K the tokens): DeepGEMM's three, and two of the forward's.
+WGRAD_TITLE = "the 1D1D recipe (fp8_gemm_nt, B scaled per 1x128 like A; D = D + A @ B^T in FP32)"
+WGRAD_SHAPES = [(7168, 2112, 4096), (1536, 24576, 4096), (7168, 4096, 4096), (4096, 4096, 7168), (4096, 7168, 16384)]
+
+
+def bench_fp8_1d1d(iters: int = 10) -> list[BesideDeepGemmRow]:
+    """fp8_gemm_nt with the 1D1D recipe (both operands scaled per 1x128 along K), FP32 accumulated into
+    D, beside DeepGEMM's with each library's scales in its own layout."""
+    rows = []
+    for m, n, k in WGRAD_SHAPES:
+        a = api.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        b = api.per_token_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        b = (b[0], api.get_mn_major_tma_aligned_tensor(b[1]))
+        d = torch.randn(m, n, device="cuda")
+        ref = torch.empty_like(d)
+        reference.fp8_gemm_nt(a, b, ref, d)
+        out = d.clone()
+        api.fp8_gemm_nt(a, b, out, out, recipe=(1, 1, 128))
+        us = kernel_time_us(functools.partial(api.fp8_gemm_nt, a, b, d, d, recipe=(1, 1, 128)), iters)
+        rows.append(_beside_deepgemm((m, n, k), 2 * m * n * k, us, api.calc_diff(out, ref),
+                                     _deepgemm_us("fp8_gemm_nt", iters, a, b, d, d, recipe=(1, 1, 128))))
+    return rows
+
+
+# Issue 26's K-grouped cases: experts' K from 0 to 8192 in steps of 128 (a fixed seed).
+K_GROUPED_TITLE = "K-grouped (k_grouped_fp8_gemm_nt_contiguous, 1D1D; D += A_g @ B_g^T in FP32)"
+K_GROUPED_CASES = [(8, 4096, 7168), (16, 7168, 2048), (32, 4096, 7168)]
+
+
+def _k_grouped_operand(ks: list[int], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM's K-grouped operand layout: each expert's [rows, k_g] block K-major, back to back, and the
+    scales [rows, sum_k / 128] M-major."""
+    x_fp8, sf = api.per_channel_cast_to_fp8(torch.randn(sum(ks), rows, device="cuda", dtype=torch.bfloat16))
+    blocks, start = [], 0
+    for k in ks:
+        blocks.append(api.transpose_fp8(x_fp8[start:start + k])[0].reshape(-1))
+        start += k
+    return torch.cat(blocks), sf.T
+
+
+def bench_fp8_k_grouped(iters: int = 5) -> list[BesideDeepGemmRow]:
+    """k_grouped_fp8_gemm_nt_contiguous (D += A_g @ B_g^T in place) beside DeepGEMM's on the same inputs."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for groups, m, n in K_GROUPED_CASES:
+        ks = [128 * int(v) for v in torch.randint(0, 65, (groups,), generator=generator)]
+        a, b = _k_grouped_operand(ks, m), _k_grouped_operand(ks, n)
+        layout = torch.tensor(ks, dtype=torch.int32, device="cuda")
+        c = torch.randn(groups, m, n, device="cuda")
+        ref = torch.empty_like(c)
+        reference.k_grouped_fp8_gemm_nt_contiguous(a, b, ref, ks, layout, c)
+        d = c.clone()
+        api.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, d)
+        diff = api.calc_diff(d, ref)
+        us = kernel_time_us(functools.partial(api.k_grouped_fp8_gemm_nt_contiguous, a, b, d, ks, layout, d), iters)
+        rows.append(_beside_deepgemm((groups, m, n, sum(ks)), 2 * m * n * sum(ks), us, diff, _deepgemm_us(
+            "k_grouped_fp8_gemm_nt_contiguous", iters, a, b, d, ks, layout, d, recipe=(1, 1, 128))))
+        del a, b, c, d, ref
+    return rows
+
+
+# DeepGEMM's fp8_einsum test shapes (H = 8, R = 4096, D = 1024), and DeepSeek-V3's absorbed output
+# projection (128 heads, R = 512, D = 128).
+EINSUM_TITLE = 'fp8_einsum ("bhr,hdr->bhd", BF16 out)'
+EINSUM_SHAPES = [(b, 8, 4096, 1024) for b in (4, 128, 4096, 8192)] + [(4096, 128, 512, 128)]
+
+
+def bench_fp8_einsum(iters: int = 10) -> list[BesideDeepGemmRow]:
+    """fp8_einsum "bhr,hdr->bhd" beside DeepGEMM's on the same inputs, SFA in the layout both read."""
+    rows = []
+    for batch, heads, r, d_dim in EINSUM_SHAPES:
+        a, sfa = api.per_token_cast_to_fp8(torch.randn(batch * heads, r, device="cuda", dtype=torch.bfloat16))
+        sfa = api.get_mn_major_tma_aligned_tensor(sfa.reshape(batch, heads, -1).transpose(0, 1)).transpose(0, 1)
+        b, sfb = api.per_block_cast_to_fp8(torch.randn(heads * d_dim, r, device="cuda", dtype=torch.bfloat16))
+        a, b = (a.view(batch, heads, r), sfa), (b.view(heads, d_dim, r), sfb.view(heads, d_dim // 128, -1))
+        d = torch.empty(batch, heads, d_dim, device="cuda", dtype=torch.bfloat16)
+        ref = torch.empty(batch, heads, d_dim, device="cuda")
+        reference.fp8_einsum("bhr,hdr->bhd", a, b, ref)
+        api.fp8_einsum("bhr,hdr->bhd", a, b, d)
+        us = kernel_time_us(functools.partial(api.fp8_einsum, "bhr,hdr->bhd", a, b, d), iters)
+        rows.append(_beside_deepgemm((batch, heads, r, d_dim), 2 * batch * heads * r * d_dim, us,
+                                     api.calc_diff(d, ref), _deepgemm_us("fp8_einsum", iters, "bhr,hdr->bhd", a, b, d)))
+    return rows
+
+
+@dataclass
 class MqaRow:
     heads: int
     head_dim: int
@@ -1128,8 +1276,18 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
         print_grouped_table(grouped)
         casts = bench_casts()
         print_cast_table(casts)
+        transposes = bench_transpose()
+        print_transpose_table(transposes, limits["copy_tbps"])
+        wgrad = bench_fp8_1d1d()
+        print_beside_deepgemm_table(WGRAD_TITLE, ("M", "N", "K"), wgrad)
+        einsums = bench_fp8_einsum()
+        print_beside_deepgemm_table(EINSUM_TITLE, ("B", "H", "R", "D"), einsums)
+        k_grouped = bench_fp8_k_grouped()
+        print_beside_deepgemm_table(K_GROUPED_TITLE, ("G", "M", "N", "sum K"), k_grouped)
         results.update(fp8_gemm_nt=[asdict(r) for r in rows], grouped=[asdict(r) for r in grouped],
-                       casts=[asdict(r) for r in casts])
+                       casts=[asdict(r) for r in casts], transpose=[asdict(r) for r in transposes],
+                       fp8_1d1d=[asdict(r) for r in wgrad], fp8_einsum=[asdict(r) for r in einsums],
+                       k_grouped=[asdict(r) for r in k_grouped])
     if "fp4" in sections:
         fp4 = bench_fp4(limits["copy_tbps"], limits["fp8_per_tensor_tflops"])
         print_fp4_summary(fp4)

@@ -1,10 +1,11 @@
 """Quantisation: the FP8 and FP4 casts with fine-grained scales, scale-factor layouts, UE8M0 and FP4
-packing.
+packing, the FP8 transpose.
 
 Everything here is plain PyTorch and works on CPU and CUDA tensors alike, except that the per-token and
 per-block FP8 casts of 2-D bf16/fp32 CUDA tensors on SM90 GPUs run one CUDA kernel (moegemm.kernels.fp8_cast)
-with bit-identical results; the PyTorch casts, written as a handful of whole-tensor ops (no Python loops over
-rows or groups), are its reference. Importing this module never touches CUDA.
+with bit-identical results, and the FP8 transpose one of its own (moegemm.kernels.fp8_transpose); the
+PyTorch paths, written as a handful of whole-tensor ops (no Python loops over rows or groups), are their
+reference. Importing this module never touches CUDA.
 
 Scale-factor conventions (DeepGEMM's):
 
@@ -410,6 +411,54 @@ def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[t
     sf = _scale_from_amax(_abs_max(blocks, -2), use_ue8m0)
     x_fp8 = _divide_to_fp8(blocks, sf.unsqueeze(-2))
     return x_fp8.view(padded.shape)[..., :m, :].contiguous(), sf
+
+
+# ---- transpose ------------------------------------------------------------------------------------
+
+
+def transpose_fp8(x: torch.Tensor, sf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Transpose FP8 data held MN-major into the K-major layout the FP8 GEMMs read (Hopper's FP8
+    WGMMA takes K-major operands only), e.g. a weight ``W [N, K]`` into ``W^T [K, N]`` for the
+    data-gradient GEMM.
+
+    Args:
+        x: float8_e4m3fn ``[R, C]`` or ``[G, R, C]``, any strides.
+        sf: None, or x's block scales as a grid over its last two dims (``[ceil(R/br), ceil(C/bc)]``,
+            or with leading G), e.g. the 128x128 scales of :func:`per_block_cast_to_fp8`.
+
+    Returns:
+        ``(x_t, sf_t)``: ``x_t`` ``[C, R]`` (or ``[G, C, R]``) contiguous, ``x_t[..., c, r] = x[..., r, c]``;
+        ``sf_t`` the grid transposed, contiguous (x_t's scales for blocks of bc x br), or None.
+
+    On an SM90 GPU with R and C multiples of 4 and 4-byte aligned rows, x moves through one CUDA
+    kernel (moegemm.kernels.fp8_transpose) at memory speed; anything else runs in PyTorch, bit for bit
+    the same.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float8_e4m3fn or x.dim() not in (2, 3):
+        raise ValueError(f"x: expected a 2-D or 3-D float8_e4m3fn tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    if sf is not None:
+        if not isinstance(sf, torch.Tensor) or sf.dim() != x.dim() or sf.shape[:-2] != x.shape[:-2]:
+            raise ValueError(f"sf: expected x's block scales, a {x.dim()}-D tensor with leading dims "
+                             f"{tuple(x.shape[:-2])}, got {getattr(sf, 'dtype', type(sf).__name__)} of shape "
+                             f"{tuple(getattr(sf, 'shape', ()))}")
+        sf = sf.mT.contiguous()
+    x = x.detach()
+    if x.numel() and _use_transpose_kernel(x):
+        from .kernels import fp8_transpose
+
+        with torch.cuda.device(x.device):
+            return fp8_transpose.transpose(x), sf
+    return x.mT.contiguous(), sf
+
+
+def _use_transpose_kernel(x: torch.Tensor) -> bool:
+    if not (x.is_cuda and is_sm90(x.device) and not torch.compiler.is_compiling()):
+        return False
+    from .kernels import fp8_transpose
+
+    return fp8_transpose.handles(x)
 
 
 # ---- ue8m0 packing --------------------------------------------------------------------------------

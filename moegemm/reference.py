@@ -31,9 +31,11 @@ __all__ = [
     "dequantize_per_block",
     "dequantize_per_token",
     "einsum",
+    "fp8_einsum",
     "fp8_fp4_mega_moe",
     "fp8_gemm_nt",
     "k_grouped_bf16_gemm_tn_contiguous",
+    "k_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nn_contiguous",
     "m_grouped_bf16_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nt_masked",
@@ -261,7 +263,8 @@ def fp8_gemm_nt(a: FP8Operand, b: FP8Operand, d: torch.Tensor, c: torch.Tensor |
 
     Args:
         a: ``(a_fp8 [M, K] float8_e4m3fn, sfa float32 [M, ceil(K/128)])``, 1x128 scales, any strides.
-        b: ``(b_fp8 [N, K] float8_e4m3fn, sfb float32 [ceil(N/128), ceil(K/128)])``, 128x128 scales.
+        b: ``(b_fp8 [N, K] float8_e4m3fn, sfb float32 [ceil(N/128), ceil(K/128)])``, 128x128 scales, or
+            ``sfb [N, ceil(K/128)]``, 1x128 scales like A's (the 1D1D recipe of weight gradients).
         d: output ``[M, N]``, bf16 or float32; may alias ``c``.
         c: optional addend ``[M, N]`` (any float dtype, promoted to float32).
     """
@@ -271,12 +274,15 @@ def fp8_gemm_nt(a: FP8Operand, b: FP8Operand, d: torch.Tensor, c: torch.Tensor |
     n = b_fp8.shape[0]
     _check_shape("b[0]", b_fp8, (n, k))
     _check_shape("a[1]", sfa, (m, ceil_div(k, BLOCK)))
-    _check_shape("b[1]", sfb, (ceil_div(n, BLOCK), ceil_div(k, BLOCK)))
+    per_row = tuple(sfb.shape) == (n, ceil_div(k, BLOCK))
+    if not per_row:
+        _check_shape("b[1]", sfb, (ceil_div(n, BLOCK), ceil_div(k, BLOCK)))
     _check_shape("d", d, (m, n))
     _check_dtype("d", d, _OUTPUT_DTYPES)
     if c is not None:
         _check_shape("c", c, (m, n))
-    _gemm_rows_into(d, slice(0, m), a_fp8, sfa, dequantize_per_block(b_fp8, sfb), c)
+    b_float = dequantize_per_token(b_fp8, sfb) if per_row else dequantize_per_block(b_fp8, sfb)
+    _gemm_rows_into(d, slice(0, m), a_fp8, sfa, b_float, c)
 
 
 def _check_grouped_b(b_fp8: torch.Tensor, sfb: torch.Tensor, k: int) -> tuple[int, int]:
@@ -588,14 +594,15 @@ def m_grouped_bf16_gemm_nt_masked(
             _product_into(d[group], slice(0, m), a[group], b_nk[group])
 
 
-def _check_k_segments(ks: Sequence[int], sum_k: int, alignment: int) -> list[int]:
+def _check_k_segments(ks: Sequence[int], sum_k: int | None, alignment: int) -> list[int]:
+    """The segments' lengths checked: ints >= 0, multiples of ``alignment``, summing to ``sum_k`` (when given)."""
     if isinstance(ks, torch.Tensor) or not isinstance(ks, Sequence):
         raise TypeError(f"ks: expected a list of ints (the segments' lengths, on the host), got {type(ks).__name__}")
     lengths = [_check_int(f"ks[{i}]", value, 0) for i, value in enumerate(ks)]
     for i, length in enumerate(lengths):
         if length % alignment:
             raise ValueError(f"ks[{i}]: expected a multiple of {alignment}, got {length}")
-    if sum(lengths) != sum_k:
+    if sum_k is not None and sum(lengths) != sum_k:
         raise ValueError(f"ks: expected lengths summing to {sum_k} (a's rows), got {sum(lengths)}")
     return lengths
 
@@ -636,6 +643,78 @@ def k_grouped_bf16_gemm_tn_contiguous(
         start += length
 
 
+def k_grouped_fp8_segment(x: FP8Operand, rows: int, start: int, length: int) -> FP8Operand:
+    """Expert segment ``[start, start + length)`` of K of a K-grouped FP8 operand: the data
+    ``[rows, length]`` K-major (the experts' blocks lie back to back in ``x[0]``, contiguous) and its
+    scales ``[rows, length / 128]`` (columns ``start / 128`` on of ``x[1]`` ``[rows, sum_k / 128]``)."""
+    data, sf = x
+    block = data.reshape(-1)[start * rows:(start + length) * rows].view(rows, length)
+    return block, sf[:, start // BLOCK:(start + length) // BLOCK]
+
+
+def _k_grouped_fp8_operand(name: str, operand: FP8Operand, rows: int, sum_k: int) -> FP8Operand:
+    """A K-grouped operand checked: contiguous e4m3 of ``sum_k * rows`` elements, float32 scales
+    ``[rows, sum_k / 128]``."""
+    if not isinstance(operand, (tuple, list)) or len(operand) != 2:
+        raise TypeError(f"{name}: expected a (float8_e4m3fn tensor, scales) pair, got {type(operand).__name__}")
+    x, sf = operand
+    checks.is_tensor(f"{name}[0]", x)
+    _check_dtype(f"{name}[0]", x, (torch.float8_e4m3fn,))
+    if x.numel() != sum_k * rows or not x.is_contiguous():
+        raise ValueError(f"{name}[0]: expected {sum_k * rows} contiguous elements (the experts' [{rows}, k_g] "
+                         f"blocks back to back), got shape {tuple(x.shape)} with strides {tuple(x.stride())}")
+    checks.is_tensor(f"{name}[1]", sf)
+    sf = _float_scales(f"{name}[1]", sf, sum_k // BLOCK)
+    _check_shape(f"{name}[1]", sf, (rows, sum_k // BLOCK))
+    return x, sf
+
+
+def k_grouped_fp8_gemm_nt_contiguous(
+    a: FP8Operand,
+    b: FP8Operand,
+    d: torch.Tensor,
+    ks: Sequence[int],
+    grouped_layout: torch.Tensor | None = None,
+    c: torch.Tensor | None = None,
+    recipe: tuple[int, int, int] = (1, 1, 128),
+) -> None:
+    """MoE weight gradients in FP8: ``D[g] = C[g] + dequant(A_g) @ dequant(B_g).T`` in float32.
+
+    Args:
+        a: ``(a_fp8, sfa)``: ``a_fp8`` contiguous e4m3 of ``sum_k * M`` elements (any shape) holding each
+            expert's ``A_g [M, k_g]`` (K-major) back to back; ``sfa`` float32 ``[M, sum_k / 128]``, one
+            scale per 1x128 block along K, any strides.
+        b: ``(b_fp8, sfb)`` likewise with N.
+        d: float32 ``[G, M, N]``; may be ``c``.
+        ks: the G segments' lengths, multiples of 128 (0 allowed).
+        grouped_layout: the same lengths on the kernels' device (int32 ``[G]``); only its shape and dtype
+            are checked here.
+        c: optional float32 addend ``[G, M, N]``.
+        recipe: (1, 1, 128), the only one.
+    """
+    if tuple(recipe) != (1, 1, BLOCK):
+        raise ValueError(f"recipe: expected (1, 1, 128), got {recipe!r}")
+    _check_dims("d", d, 3)
+    _check_dtype("d", d, _FP32)
+    num_groups, m, n = d.shape
+    ks = _check_k_segments(ks, None, BLOCK)
+    if len(ks) != num_groups:
+        raise ValueError(f"ks: expected {num_groups} lengths (d's first dim), got {len(ks)}")
+    sum_k = sum(ks)
+    a = _k_grouped_fp8_operand("a", a, m, sum_k)
+    b = _k_grouped_fp8_operand("b", b, n, sum_k)
+    if grouped_layout is not None:
+        _check_index_dtype("grouped_layout", grouped_layout)
+        _check_shape("grouped_layout", grouped_layout, (num_groups,))
+    _check_addend(c, (num_groups, m, n))
+    start = 0
+    for group, length in enumerate(ks):
+        a_g = dequantize_per_token(*k_grouped_fp8_segment(a, m, start, length))
+        b_g = dequantize_per_token(*k_grouped_fp8_segment(b, n, start, length))
+        _product_into(d[group], slice(0, m), a_g, b_g, None if c is None else c[group])
+        start += length
+
+
 EINSUM_EXPRESSIONS = ("bmk,bnk->mn", "bhr,hdr->bhd", "bhd,hdr->bhr")
 
 
@@ -666,6 +745,38 @@ def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torc
     _check_addend(c, tuple(d.shape))
     for head in range(heads):
         _product_into(d[:, head], slice(0, batch), a[:, head], b_nk[head], None if c is None else c[:, head])
+
+
+FP8_EINSUM_EXPRESSIONS = ("bhr,hdr->bhd",)
+
+
+def fp8_einsum(expr: str, a: FP8Operand, b: FP8Operand, d: torch.Tensor, c: torch.Tensor | None = None,
+               recipe: tuple[int, int, int] = (1, 128, 128)) -> None:
+    """``D = C + einsum(expr, dequant(A), dequant(B))`` in float32, one product per head.
+
+    Args:
+        expr: ``"bhr,hdr->bhd"`` (spaces ignored).
+        a: ``(a_fp8 [B, H, R] float8_e4m3fn, sfa float32 [B, H, ceil(R/128)])``, 1x128 scales, any strides.
+        b: ``(b_fp8 [H, D, R] float8_e4m3fn, sfb float32 [H, ceil(D/128), ceil(R/128)])``, 128x128 scales.
+        d: ``[B, H, D]`` bf16 or float32; may be ``c``. c: optional float32 addend of D's shape.
+        recipe: (1, 128, 128), the only one.
+    """
+    normal = expr.replace(" ", "") if isinstance(expr, str) else expr
+    if normal not in FP8_EINSUM_EXPRESSIONS:
+        raise ValueError(f"expr: expected one of {FP8_EINSUM_EXPRESSIONS}, got {expr!r}")
+    if tuple(recipe) != (1, BLOCK, BLOCK):
+        raise ValueError(f"recipe: expected (1, 128, 128), got {recipe!r}")
+    a_fp8, sfa = _unpack_fp8_operand("a", a, 3)
+    b_fp8, sfb = _unpack_fp8_operand("b", b, 3)
+    batch, heads, k = a_fp8.shape
+    _check_shape("a[1]", sfa, (batch, heads, ceil_div(k, BLOCK)))
+    num_heads, n = _check_grouped_b(b_fp8, sfb, k)
+    _check_shape("b[0]", b_fp8, (heads, n, k))
+    _check_output("d", d, (batch, heads, n))
+    _check_addend(c, tuple(d.shape))
+    for head in range(heads):
+        _gemm_rows_into(d[:, head], slice(0, batch), a_fp8[:, head], sfa[:, head],
+                        dequantize_per_block(b_fp8[head], sfb[head]), None if c is None else c[:, head])
 
 
 def _einsum_expression(expr: object) -> str:

@@ -282,6 +282,56 @@ def test_cpu_runs_reference(seed):
     assert_close(d, expected(a, b))
 
 
+# ---- the 1D1D recipe (weight gradients): B's scales per 1x128 block of its rows, like A's -----------------
+
+
+def make_1d1d_inputs(m, n, k, device="cuda"):
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    return x, w, per_token_cast_to_fp8(x), per_token_cast_to_fp8(w)
+
+
+def test_1d1d_reference_is_the_dequantised_product(seed):
+    _, _, a, b = make_1d1d_inputs(5, 136, 300, device="cpu")
+    c = torch.randn(5, 136)
+    d = torch.empty(5, 136)
+    reference.fp8_gemm_nt(a, b, d, c)
+    exact = c.double() + reference.dequantize_per_token(*a).double() @ reference.dequantize_per_token(*b).double().t()
+    assert calc_diff(d.double(), exact) < 1e-12
+
+
+def test_1d1d_recipe_on_the_cpu_and_its_checks(seed):
+    _, _, a, b = make_1d1d_inputs(8, 136, 256, device="cpu")
+    d, named = torch.empty(8, 136), torch.empty(8, 136)
+    moegemm.fp8_gemm_nt(a, b, d)
+    moegemm.fp8_gemm_nt(a, b, named, recipe=(1, 1, 128))
+    assert torch.equal(d, expected(a, b)) and torch.equal(named, d)
+    with pytest.raises(TypeError, match="d: expected dtype torch.float32 with SFB per 1x128 block"):
+        moegemm.fp8_gemm_nt(a, b, torch.empty(8, 136, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"sfb: expected shape \(2, 2\) for recipe \(1, 128, 128\)"):
+        moegemm.fp8_gemm_nt(a, b, d, recipe=(1, 128, 128))
+    with pytest.raises(ValueError, match="recipe: expected"):
+        moegemm.fp8_gemm_nt(a, b, d, recipe=(1, 2, 128))
+
+
+@gpu
+@pytest.mark.parametrize("m,n,k", [(7168, 2112, 4096), (1536, 24576, 4096), (1, 256, 512), (129, 136, 1000 - 1000 % 16),
+                                   (300, 8, 128), (64, 4096, 7168)])
+def test_1d1d_kernel(m, n, k, seed):
+    _, _, a, b = make_1d1d_inputs(m, n, k)
+    c = torch.randn(m, n, device="cuda") * 32
+    d = poisoned(m, n, torch.float32)
+    moegemm.fp8_gemm_nt(a, b, d, recipe=(1, 1, 128))
+    assert_close(d, expected(a, b))
+    d = poisoned(m, n, torch.float32)
+    moegemm.fp8_gemm_nt(a, b, d, c)
+    assert_close(d, expected(a, b, c))
+    d = c.clone()  # in place, C accumulated once: D = D + A @ B^T
+    contiguous_sfb = (b[0], b[1].contiguous())  # SFB off the kernel's layout: re-laid out per call
+    moegemm.fp8_gemm_nt(a, contiguous_sfb, d, d)
+    assert_close(d, expected(a, b, c))
+
+
 @pytest.mark.parametrize("mutate,error,match", [
     (lambda a, b, d: ((a[0].to(torch.bfloat16), a[1]), b, d), TypeError, "a: expected dtype"),
     (lambda a, b, d: (a, (b[0], b[1].double()), d), TypeError, "sfb: expected dtype"),
@@ -436,3 +486,159 @@ def test_heuristic_on_one_sm_offers_no_pairs():
     """One SM holds no CTA pair: the search must not divide by the pairs that fit (none)."""
     config = fp8_gemm.select_config(GemmDesc(GemmType.NORMAL, 4096, 4096, 7168), dataclasses.replace(H100, num_sms=1))
     assert config.cluster_size == 1
+
+
+# ---- fp8_einsum: one product per head (GemmType.BATCHED) --------------------------------------------
+
+
+def make_einsum_inputs(batch, heads, r, d_dim, device="cuda"):
+    x = torch.randn(batch, heads, r, device=device, dtype=torch.bfloat16)
+    w = torch.randn(heads, d_dim, r, device=device, dtype=torch.bfloat16)
+    a, sfa = per_token_cast_to_fp8(x.view(batch * heads, r))
+    b, sfb = per_block_cast_to_fp8(w.view(heads * d_dim, r)) if d_dim % 128 == 0 else (None, None)
+    if b is None:  # 128x128 blocks per head: cast head by head
+        pairs = [per_block_cast_to_fp8(w[h]) for h in range(heads)]
+        b, sfb = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    else:
+        b, sfb = b.view(heads, d_dim, r), sfb.view(heads, -1, sfb.shape[-1])
+    return (a.view(batch, heads, r), sfa.reshape(batch, heads, -1)), (b, sfb)
+
+
+def einsum_expected(a, b, c=None):
+    batch, heads, _ = a[0].shape
+    out = torch.empty(batch, heads, b[0].shape[1], device=a[0].device)
+    reference.fp8_einsum("bhr,hdr->bhd", a, b, out, c)
+    return out
+
+
+def test_fp8_einsum_reference_is_the_dequantised_product(seed):
+    a, b = make_einsum_inputs(5, 3, 256, 136, device="cpu")
+    c = torch.randn(5, 3, 136)
+    d = torch.empty(5, 3, 136)
+    moegemm.fp8_einsum("bhr,hdr->bhd", a, b, d, c)
+    a_float = reference.dequantize_per_token(*a).double()
+    b_float = reference.dequantize_per_block(*b).double()
+    exact = c.double() + torch.einsum("bhr,hdr->bhd", a_float, b_float)
+    assert calc_diff(d.double(), exact) < 1e-12
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda args: {**args, "expr": "bhd,hdr->bhr"}, ValueError, "expr: expected one of"),
+    (lambda args: {**args, "recipe": (1, 1, 128)}, ValueError, "recipe: expected"),
+    (lambda args: {**args, "b": (args["b"][0][:, :, :128], args["b"][1])}, ValueError, "b: expected shape"),
+    (lambda args: {**args, "d": args["d"][:, :, :8]}, ValueError, "d: expected shape"),
+    (lambda args: {**args, "c": torch.zeros(4, 2, 136)}, TypeError, "d: with c given"),
+])
+def test_fp8_einsum_bad_arguments_raise(mutate, error, match):
+    a, b = make_einsum_inputs(4, 2, 256, 136, device="cpu")
+    args = mutate(dict(expr="bhr,hdr->bhd", a=a, b=b, d=torch.empty(4, 2, 136, dtype=torch.bfloat16)))
+    with pytest.raises(error, match=match):
+        moegemm.fp8_einsum(**args)
+
+
+@gpu
+@pytest.mark.parametrize("batch,heads,r,d_dim", [(4096, 16, 512, 128), (1, 128, 512, 128), (300, 8, 128, 136),
+                                                 (129, 3, 1024, 256), (64, 128, 7168 // 14, 128)])
+def test_fp8_einsum_kernel(batch, heads, r, d_dim, seed):
+    a, b = make_einsum_inputs(batch, heads, r, d_dim)
+    d = torch.full((batch, heads, d_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+    moegemm.fp8_einsum("bhr,hdr->bhd", a, b, d)
+    assert_close(d, einsum_expected(a, b))
+    # In place with FP32 C accumulated once, SFA in the kernel's layout (no copy per call).
+    c = torch.randn(batch, heads, d_dim, device="cuda") * 32
+    sfa_ready = get_mn_major_tma_aligned_tensor(a[1].transpose(0, 1)).transpose(0, 1)
+    d = c.clone()
+    moegemm.fp8_einsum("bhr,hdr->bhd", (a[0], sfa_ready), b, d, d)
+    assert_close(d, einsum_expected(a, b, c))
+
+
+@gpu
+def test_fp8_einsum_strided_views(seed):
+    """A and D as views of wider tensors: their heads and rows read and written in place."""
+    a, b = make_einsum_inputs(200, 4, 256, 128)
+    wide_a = torch.zeros(200, 6, 384, device="cuda", dtype=torch.float8_e4m3fn)
+    wide_a[:, 1:5, :256] = a[0]
+    wide_d = torch.full((200, 6, 256), float("nan"), device="cuda")
+    d = wide_d[:, 1:5, 64:192]
+    moegemm.fp8_einsum("bhr,hdr->bhd", (wide_a[:, 1:5, :256], a[1]), b, d)
+    assert_close(d, einsum_expected(a, b))
+    assert torch.isnan(wide_d[:, 0]).all() and torch.isnan(wide_d[:, :, :64]).all()
+
+
+# ---- k_grouped_fp8_gemm_nt_contiguous: expert weight gradients ------------------------------------------------
+
+
+def make_k_grouped_inputs(ks, m, n, device="cuda"):
+    """DeepGEMM's K-grouped operands: each expert's [M, k_g] block K-major, back to back, and the scales
+    [M, sum_k / 128] M-major (the transposes of a per-channel cast of the tokens-major activations)."""
+    sum_k = sum(ks)
+
+    def operand(rows):
+        x = torch.randn(sum_k, rows, device=device, dtype=torch.bfloat16)
+        x_fp8, sf = moegemm.per_channel_cast_to_fp8(x)
+        blocks, start = [], 0
+        for k in ks:
+            blocks.append(moegemm.transpose_fp8(x_fp8[start:start + k])[0].reshape(-1))
+            start += k
+        return torch.cat(blocks) if blocks else x_fp8.reshape(-1), sf.T
+
+    return operand(m), operand(n)
+
+
+def k_grouped_expected(a, b, ks, c=None):
+    m, n = a[1].shape[0], b[1].shape[0]
+    out = torch.empty(len(ks), m, n, device=a[0].device)
+    reference.k_grouped_fp8_gemm_nt_contiguous(a, b, out, ks, c=c)
+    return out
+
+
+def test_k_grouped_reference_is_the_dequantised_product(seed):
+    ks = [256, 0, 128]
+    a, b = make_k_grouped_inputs(ks, 8, 136, device="cpu")
+    c = torch.randn(3, 8, 136)
+    d = k_grouped_expected(a, b, ks, c)
+    start = 0
+    for g, k in enumerate(ks):
+        a_g = a[0][start * 8:(start + k) * 8].view(8, k).double() * a[1][:, start // 128:(start + k) // 128].double(
+        ).repeat_interleave(128, -1)
+        b_g = b[0][start * 136:(start + k) * 136].view(136, k).double() * b[1][:, start // 128:(
+            start + k) // 128].double().repeat_interleave(128, -1)
+        assert calc_diff(d[g].double(), c[g].double() + a_g @ b_g.T) < 1e-12
+        start += k
+
+
+def test_k_grouped_on_the_cpu_and_its_checks(seed):
+    ks = [128, 256]
+    a, b = make_k_grouped_inputs(ks, 8, 16, device="cpu")
+    layout = torch.tensor(ks, dtype=torch.int32)
+    d = torch.empty(2, 8, 16)
+    moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout)
+    assert torch.equal(d, k_grouped_expected(a, b, ks))
+    with pytest.raises(ValueError, match="ks: expected 2 lengths"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, [384], layout)
+    with pytest.raises(ValueError, match=r"ks\[1\]: expected a multiple of 128"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, [128, 200], layout)
+    with pytest.raises(ValueError, match="a: expected 3072 contiguous elements"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous((a[0][:-8], a[1]), b, d, ks, layout)
+    with pytest.raises(ValueError, match="recipe: expected"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, recipe=(1, 128, 128))
+    with pytest.raises(TypeError, match="d: expected dtype"):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d.bfloat16(), ks, layout)
+
+
+@gpu
+@pytest.mark.parametrize("ks,m,n", [([4096, 0, 1280, 8192, 128, 2560], 4096, 7168), ([0, 0], 256, 128),
+                                    ([640, 384, 0, 1024], 7168, 2048), ([128], 100, 136)])
+def test_k_grouped_kernel(ks, m, n, seed):
+    a, b = make_k_grouped_inputs(ks, m, n)
+    layout = torch.tensor(ks, dtype=torch.int32, device="cuda")
+    c = torch.randn(len(ks), m, n, device="cuda") * 32
+    d = torch.full((len(ks), m, n), float("nan"), device="cuda")
+    moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout)
+    assert_close(d, k_grouped_expected(a, b, ks))
+    d = torch.full((len(ks), m, n), float("nan"), device="cuda")
+    moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, c)
+    assert_close(d, k_grouped_expected(a, b, ks, c))
+    d = c.clone()  # in place: D += A @ B^T, C accumulated once
+    moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, d)
+    assert_close(d, k_grouped_expected(a, b, ks, c))

@@ -30,6 +30,10 @@ def _fp8_configs() -> list:
                     out_dtype = torch.float32 if out_fp32 else torch.bfloat16
                     desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=out_dtype, accumulate=accumulate)
                     grid.add(fp8_gemm.select_config(desc, H100))
+    # The 1D1D recipe (weight gradients): FP32 accumulated into D.
+    for m, n, k in ((7168, 2112, 4096), (1536, 24576, 4096), (4096, 7168, 16384), (1, 256, 512), (129, 136, 7168)):
+        desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=torch.float32, accumulate=True, recipe=(1, 1, 128))
+        grid.add(fp8_gemm.select_config(desc, H100))
     for kind in (GemmType.CONTIGUOUS, GemmType.PSUM, GemmType.MASKED):
         for m, groups in ((1, 32), (32, 32), (160, 32), (256, 32), (4096, 8), (8192, 4)):
             for n, k in ((4096, 7168), (7168, 2048), (576, 512)):

@@ -22,7 +22,7 @@ from ..gemm.desc import GemmDesc, GemmType
 from ..gemm.heuristic import Tile
 from ..intmath import align, ceil_div, get_tma_aligned_size
 from ..jit import compiler
-from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d
+from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d, tma_3d
 
 BLOCK_K = 128
 SFB_SLOT_BYTES = 128  # per stage and SFB row: a TMA box of SFB, aligned as TMA destinations must be
@@ -42,6 +42,7 @@ CONTIGUOUS_ALIGNMENT = 128  # kContiguousAlignment in sm90/scheduler.cuh: rows p
 # Masked experts' counts vary around expected_m as routing makes them (the bench draws 0.7x to 1.3x):
 # the tile is planned for the largest, so that the experts above the mean pay no second block-row.
 ROUTING_HEADROOM = 1.3
+RECIPE_1D1D = (1, 1, 128)  # B scaled per 1x128 block of its rows like A (weight gradients): FP32 out
 
 # Fp8GemmParams in sm90_fp8_gemm.cuh, member by member; a launch passes OPERANDS' addresses in order.
 OPERANDS = ("a", "b", "sfa", "sfb", "d", "groups")
@@ -54,9 +55,11 @@ PARAMS = ParamsLayout("moegemm::Fp8GemmParams", (
 
 @dataclass(frozen=True)
 class Fp8GemmConfig(GemmConfig):
+    sfb_per_column: bool = False  # the 1D1D recipe: one B scale per 1x128 block of a row of B
+
     @property
     def smem_bytes(self) -> int:
-        return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k)
+        return smem_bytes(self.block_m, self.block_n, self.stages, self.out_bytes, self.split_k, self.sfb_per_column)
 
 
 def sfb_rows(block_n: int) -> int:
@@ -64,9 +67,15 @@ def sfb_rows(block_n: int) -> int:
     return 1 if 128 % block_n == 0 else 2
 
 
-def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k: int = 1) -> int:
+def sfb_stage_bytes(block_n: int, sfb_per_column: bool) -> int:
+    """A stage's SFB slot: a box of each SFB row, or (1D1D) the tile's columns' scales."""
+    return align(block_n * 4, 128) if sfb_per_column else SFB_SLOT_BYTES * sfb_rows(block_n)
+
+
+def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k: int = 1,
+               sfb_per_column: bool = False) -> int:
     """Mirrors Fp8GemmConfig::kSmemBytes (the generated source asserts they agree)."""
-    stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4 + SFB_SLOT_BYTES * sfb_rows(block_n)
+    stage = block_m * BLOCK_K + block_n * BLOCK_K + block_m * 4 + sfb_stage_bytes(block_n, sfb_per_column)
     return smem_layout_bytes(block_m, block_n, stages, out_bytes, split_k, stage)
 
 
@@ -80,11 +89,13 @@ def valid_block_n(block_n: int, out_bytes: int, split_k: int = 1) -> bool:
             and (block_n <= 128 or block_n % 128 == 0 or block_n <= 128 + low_bit))
 
 
-def stages_for(block_m: int, block_n: int, out_bytes: int, split_k: int, facts: DeviceFacts) -> int:
+def stages_for(block_m: int, block_n: int, out_bytes: int, split_k: int, facts: DeviceFacts,
+               sfb_per_column: bool = False) -> int:
     """The stages the heuristic gives a tile: as many as fit, up to B_BYTES_IN_FLIGHT of B where the
     cap applies; fewer than 3 (the tile does not pay) when shared memory holds no more."""
     stages = 0
-    while stages < MAX_STAGES and smem_bytes(block_m, block_n, stages + 1, out_bytes, split_k) <= facts.smem_per_block:
+    while stages < MAX_STAGES and smem_bytes(block_m, block_n, stages + 1, out_bytes, split_k,
+                                             sfb_per_column) <= facts.smem_per_block:
         stages += 1
     if stages < 3 or split_k > 2:
         return stages
@@ -119,15 +130,21 @@ class Fp8CostTerms:
 
     def tiles(self, desc: GemmDesc, facts: DeviceFacts) -> Iterator[Tile]:
         kind = desc.gemm_type
+        # 1D1D: a K block's column scales take registers of their own: 64 or 128 rows, 128 columns at
+        # most, no split-K (sm90_fp8_gemm.cuh's static_assert).
+        per_column = desc.recipe == RECIPE_1D1D
+        batched = kind is GemmType.BATCHED  # 3-D loads: one or two math warpgroups, no pairs
         for block_m in self.block_ms:
+            if (per_column or batched) and block_m > 128:
+                continue
             # Three math warpgroups, or two of two slabs, have registers for 128 columns at most. Over
             # 128 columns, grouped tiles take 192 only (BENCHMARKS.md, 2026-12-06, twenty-first session).
-            wide = block_m == 128 or (block_m < 128 and not kind.grouped)
+            wide = (block_m == 128 or (block_m < 128 and not kind.grouped)) and not per_column
             for block_n in range(8, (192 if wide else 128) + 1, 8):
                 if kind.grouped and 128 < block_n < 192:
                     continue
                 if valid_block_n(block_n, desc.out_bytes) and stages_for(block_m, block_n, desc.out_bytes, 1,
-                                                                         facts) >= 3:
+                                                                         facts, per_column) >= 3:
                     yield Tile(block_m, block_n)
                     # Pairs that share an operand, B (stacked along M) or A (side by side), for dense
                     # GEMMs with whole A tiles and SMs for a pair; contiguous GEMMs whose experts hold
@@ -137,12 +154,13 @@ class Fp8CostTerms:
                     pairs = facts.clusters(2) > 0
                     if pairs and kind is GemmType.NORMAL and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
-                    stacked = kind is GemmType.NORMAL or (kind is not GemmType.MASKED and block_n <= 128)
+                    stacked = kind is GemmType.NORMAL or (kind in (GemmType.CONTIGUOUS, GemmType.PSUM) and
+                                                          block_n <= 128)
                     if pairs and stacked and desc.m >= 2 * block_m and block_n % 16 == 0:
                         yield Tile(block_m, block_n, cluster_m=2)
                 # Split-K only while the split tiles fit on the SMs at once, and not for grouped GEMMs.
                 num_tiles = desc.num_groups * ceil_div(desc.m, block_m) * ceil_div(desc.n, block_n)
-                for split_k in range(2, 2 if kind.grouped or block_m > 128 else MAX_SPLIT_K + 1):
+                for split_k in range(2, 2 if kind.grouped or block_m > 128 or per_column else MAX_SPLIT_K + 1):
                     if num_tiles * split_k > facts.num_sms or split_k > ceil_div(desc.k, BLOCK_K):
                         break
                     if valid_block_n(block_n, desc.out_bytes, split_k) and \
@@ -161,9 +179,10 @@ class Fp8CostTerms:
 
 
 def _config(desc: GemmDesc, tile: Tile, facts: DeviceFacts) -> Fp8GemmConfig:
-    stages = stages_for(tile.block_m, tile.block_n, desc.out_bytes, tile.split_k, facts)
+    per_column = desc.recipe == RECIPE_1D1D
+    stages = stages_for(tile.block_m, tile.block_n, desc.out_bytes, tile.split_k, facts, per_column)
     return Fp8GemmConfig(tile.block_m, tile.block_n, stages, desc.out_dtype == torch.float32, desc.accumulate,
-                         tile.cluster_m, tile.split_k, desc.gemm_type, tile.cluster_n)
+                         tile.cluster_m, tile.split_k, desc.gemm_type, tile.cluster_n, per_column)
 
 
 def select_config(desc: GemmDesc, facts: DeviceFacts) -> Fp8GemmConfig:
@@ -175,9 +194,10 @@ def select_config(desc: GemmDesc, facts: DeviceFacts) -> Fp8GemmConfig:
 
 
 def generate_source(config: Fp8GemmConfig) -> str:
+    per_column = ", true" if config.sfb_per_column else ""
     return compiler.kernel_stub(
         "sm90_fp8_gemm.cuh",
-        f"moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.cpp_common_args()}>",
+        f"moegemm::Fp8GemmConfig<{config.block_m}, {config.block_n}, {config.cpp_common_args()}{per_column}>",
         PARAMS.cpp_type, "moegemm::sm90_fp8_gemm",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}",
@@ -188,7 +208,8 @@ def generate_source(config: Fp8GemmConfig) -> str:
 def kernel_name(config: Fp8GemmConfig) -> str:
     out = "f32" if config.out_fp32 else "bf16"
     acc = "_acc" if config.accumulate else ""
-    return f"sm90_fp8_gemm_nt{KIND_NAMES[config.gemm_type]}_{out}{acc}_{config.name_suffix()}"
+    recipe = "_1d1d" if isinstance(config, Fp8GemmConfig) and config.sfb_per_column else ""
+    return f"sm90_fp8_gemm_nt{KIND_NAMES[config.gemm_type]}{recipe}_{out}{acc}_{config.name_suffix()}"
 
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
@@ -214,7 +235,11 @@ def a_side_tma(config: GemmConfig, a: torch.Tensor, d: torch.Tensor, rows: int, 
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
     tma, a_side_bytes = activation_tma(a, rows, group_rows, config.gemm_type, num_groups, config.block_m,
                                        config.cluster_n)
-    tma["tma_d"] = tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle)
+    if config.gemm_type is GemmType.BATCHED:
+        tma["tma_d"] = tma_3d(d.dtype, (n, group_rows, num_groups), (d.stride(-2) * d.element_size(),
+                              d.stride(0) * d.element_size()), (config.store_cols, 64, 1), d_swizzle)
+    else:
+        tma["tma_d"] = tma_2d(d.dtype, n, rows, d.stride(-2) * d.element_size(), config.store_cols, 64, d_swizzle)
     return tma, a_side_bytes
 
 
@@ -224,12 +249,17 @@ def activation_tma(a: torch.Tensor, rows: int, group_rows: int, gemm_type: GemmT
     of a pair loading a share each) and SFA (``[G * ceil(K/128), group_rows]`` M-major, G = 1 but for
     masked), and the bytes a stage's loads of them deliver to each CTA."""
     k = a.shape[-1]
-    sfa_groups = num_groups if gemm_type is GemmType.MASKED else 1
+    sfa_groups = num_groups if gemm_type in (GemmType.MASKED, GemmType.BATCHED) else 1
     # Few rows: load only the rows that exist instead of zero-filled boxes (SFA in 16-byte boxes); the
     # rows of shared memory left stale feed only output rows that are never stored.
     a_rows = min(tile_rows, group_rows if group_rows < 8 else align(group_rows, 8))
     sfa_rows = min(tile_rows, align(group_rows, 4))
-    tma = {"tma_a": tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows // box_split, SWIZZLE_128B),
+    if gemm_type is GemmType.BATCHED:  # [G, M, K] of any pitches
+        tma_a = tma_3d(a.dtype, (k, group_rows, num_groups), (a.stride(-2), a.stride(0)), (BLOCK_K, a_rows, 1),
+                       SWIZZLE_128B)
+    else:
+        tma_a = tma_2d(a.dtype, k, rows, a.stride(-2), BLOCK_K, a_rows // box_split, SWIZZLE_128B)
+    tma = {"tma_a": tma_a,
            "tma_sfa": tma_2d(torch.float32, group_rows, sfa_groups * ceil_div(k, BLOCK_K),
                              get_tma_aligned_size(group_rows, 4) * 4, sfa_rows, 1, SWIZZLE_NONE)}
     return tma, a_rows * BLOCK_K + sfa_rows * 4
@@ -246,14 +276,24 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
     sfb_numel = num_groups * ceil_div(n, 128) * num_k_blocks
     # Tiles over two SFB blocks take both rows in one box where rows are 16-byte aligned.
     sfb_box_rows = 2 if sfb_rows(config.block_n) == 2 and num_k_blocks % SFB_BOX_K == 0 else 1
-    if sfb_box_rows == 2:
+    if config.sfb_per_column:  # [ceil(K/128), N'] N-major like SFA, a box of the tile's columns
+        pitch = get_tma_aligned_size(n, 4) * 4
+        sfb = tma_2d(torch.float32, n, num_k_blocks, pitch, config.block_n, 1, SWIZZLE_NONE)
+        sfb_bytes = config.block_n * 4
+    elif sfb_box_rows == 2:
         sfb = tma_2d(torch.float32, num_k_blocks, num_groups * ceil_div(n, 128), num_k_blocks * 4, SFB_BOX_K, 2,
                      SWIZZLE_NONE)
+        sfb_bytes = 2 * SFB_BOX_K * 4
     else:
         sfb = tma_2d(torch.float32, sfb_numel, 1, align(sfb_numel * 4, 16), SFB_BOX_K, 1, SWIZZLE_NONE)
-    stage_bytes = a_side_bytes + config.block_n * BLOCK_K + sfb_rows(config.block_n) * SFB_BOX_K * 4
-    tma["tma_b"] = tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
-                          SWIZZLE_128B)
+        sfb_bytes = sfb_rows(config.block_n) * SFB_BOX_K * 4
+    stage_bytes = a_side_bytes + config.block_n * BLOCK_K + sfb_bytes
+    if config.gemm_type is GemmType.BATCHED:
+        tma["tma_b"] = tma_3d(b.dtype, (k, n, num_groups), (b.stride(-2), b.stride(0)), (BLOCK_K, config.block_n, 1),
+                              SWIZZLE_128B)
+    else:
+        tma["tma_b"] = tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
+                              SWIZZLE_128B)
     tma["tma_sfb"] = sfb
     values = dict(m=group_rows, n=n, k=k, stage_bytes=stage_bytes,
                   k_blocks_per_split=ceil_div(num_k_blocks, config.split_k), num_groups=num_groups,
@@ -262,12 +302,17 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
 
 
 def describe(gemm_type: GemmType, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool = False,
-             expected_m: int | None = None) -> GemmDesc:
-    """The GemmDesc of a call: A [M, K] (grouped: [M_total, K] or [G, max_M, K]), B [N, K] or [G, N, K],
-    D like A with N columns; ``expected_m``: the rows per expert a grouped call plans for."""
+             expected_m: int | None = None, recipe: tuple[int, int, int] = (1, 128, 128)) -> GemmDesc:
+    """The GemmDesc of a call: A [M, K] (grouped: [M_total, K] or [G, max_M, K]; batched: [G, M, K]), B
+    [N, K] or [G, N, K], D like A with N columns; ``expected_m``: the rows per expert a grouped call
+    plans for; ``recipe``: (1, 128, 128), or RECIPE_1D1D for dense GEMMs; ``accumulate``: dense and
+    batched."""
     if gemm_type is GemmType.NORMAL:
-        return GemmDesc(gemm_type, a.shape[0], b.shape[0], a.shape[1], out_dtype=d.dtype, accumulate=accumulate)
+        return GemmDesc(gemm_type, a.shape[0], b.shape[0], a.shape[1], out_dtype=d.dtype, accumulate=accumulate,
+                        recipe=recipe)
     num_groups, n, k = b.shape
+    if gemm_type is GemmType.BATCHED:
+        return GemmDesc(gemm_type, a.shape[1], n, k, num_groups, out_dtype=d.dtype, accumulate=accumulate)
     return GemmDesc(gemm_type, expected_m, n, k, num_groups, out_dtype=d.dtype)
 
 
@@ -286,6 +331,8 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
 
 def row_counts(desc: GemmDesc, a: torch.Tensor) -> tuple[int, int]:
     """A's rows as the kernels see them ([rows, K]) and the rows per expert (masked: max_M)."""
+    if desc.gemm_type is GemmType.BATCHED:  # the grid counts one product's rows
+        return a.shape[1], a.shape[1]
     rows = a.shape[0] if a.dim() == 2 else desc.num_groups * a.shape[1]
     return rows, a.shape[1] if desc.gemm_type is GemmType.MASKED else rows
 
@@ -297,6 +344,6 @@ def planned_desc(desc: GemmDesc, group_rows: int) -> GemmDesc:
     return dataclasses.replace(desc, m=min(math.ceil(desc.m * ROUTING_HEADROOM), max(group_rows, desc.m)))
 
 
-__all__ = ["CONTIGUOUS_ALIGNMENT", "OPERANDS", "PARAMS", "Fp8GemmConfig", "Plan", "a_side_tma", "activation_tma",
-           "build", "describe", "generate_source", "kernel_name", "plan", "planned_desc", "row_counts", "select_config",
-           "stages_for"]
+__all__ = ["CONTIGUOUS_ALIGNMENT", "OPERANDS", "PARAMS", "RECIPE_1D1D", "Fp8GemmConfig", "Plan", "a_side_tma",
+           "activation_tma", "build", "describe", "generate_source", "kernel_name", "plan", "planned_desc",
+           "row_counts", "select_config", "stages_for"]

@@ -25,11 +25,11 @@ from ..jit.runtime import (
 
 HEADS = (32, 64)
 HEAD_DIMS = (32, 64, 128)
-BLOCK_KV = 128
+PAGED_UNIT = 256  # keys of a unit of the paged schedule: a block of four math warpgroups, two of two
 PAGE_KEYS = 64  # the paged cache's block_kv
 NEXT_NS = (1, 2)
 Q_STAGES = 2
-MAX_KV_STAGES = 8  # keys in flight: a block of 128 keys is 4 to 16 KB
+MAX_KV_STAGES = 8  # keys in flight: a block is 2 to 32 KB
 BARRIER_BYTES = 8
 SWIZZLES = {32: SWIZZLE_32B, 64: SWIZZLE_64B, 128: SWIZZLE_128B}
 
@@ -66,8 +66,15 @@ class MqaLogitsConfig:
     clean: bool
     next_n: int = 0  # 0: fp8_mqa_logits; 1 or 2: fp8_paged_mqa_logits
     fp4: bool = False  # e2m1 q and keys with 1x32 UE8M0 scales (fp8_fp4_mqa_logits)
+    math_warpgroups: int = 4  # 64 keys of a block each (select_config)
 
-    num_threads = 384  # two math warpgroups and the producer warpgroup
+    @property
+    def num_threads(self) -> int:
+        return 128 * (self.math_warpgroups + 1)  # and the producer warpgroup
+
+    @property
+    def block_kv(self) -> int:
+        return 64 * self.math_warpgroups
 
     @property
     def queries(self) -> int:
@@ -84,18 +91,23 @@ class MqaLogitsConfig:
         q_stage = rows * self.head_dim + align(rows * 4, 128)  # the e4m3 tile, the weights
         if self.fp4:
             q_stage += rows * self.key_bytes + align(rows * 4, 128)  # the packed tile, its exponents
-        kv_stage = BLOCK_KV * self.key_bytes + BLOCK_KV * 4
+        kv_stage = self.block_kv * (self.key_bytes + 4)
         return Q_STAGES * q_stage + self.kv_stages * kv_stage + 2 * (Q_STAGES + self.kv_stages) * BARRIER_BYTES
 
 
 def select_config(heads: int, head_dim: int, bf16_logits: bool, compressed: bool, clean: bool,
                   facts: DeviceFacts, next_n: int = 0, fp4: bool = False) -> MqaLogitsConfig:
-    """The most key stages that fit (up to MAX_KV_STAGES)."""
+    """Math warpgroups: four (while some sum their heads, the others' WGMMAs run, 96 registers a
+    thread), but fewer for FP4 with 128 query heads a block, whose widened keys and accumulators need
+    more: three (128 registers) dense, two paged (a block half a unit). The most key stages that fit
+    (up to MAX_KV_STAGES)."""
+    queries = next_n or 128 // heads
+    warpgroups = (2 if next_n else 3) if fp4 and queries * heads > 64 else 4
     stages = MAX_KV_STAGES
-    while (MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4).smem_bytes
-           > facts.smem_per_block):
+    while (MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4,
+                           warpgroups).smem_bytes > facts.smem_per_block):
         stages -= 1
-    return MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4)
+    return MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4, warpgroups)
 
 
 def _flag(value: bool) -> str:
@@ -112,7 +124,7 @@ def generate_source(config: MqaLogitsConfig) -> str:
         "sm90_fp8_mqa_logits.cuh",
         f"moegemm::MqaLogitsConfig<{config.heads}, {config.head_dim}, {config.kv_stages}, "
         f"{_flag(config.bf16_logits)}, {_flag(config.compressed)}, {_flag(config.clean)}, {config.next_n}, "
-        f"{_flag(config.fp4)}>",
+        f"{_flag(config.fp4)}, {config.math_warpgroups}>",
         layout.cpp_type, "moegemm::sm90_fp8_paged_mqa_logits" if config.next_n else "moegemm::sm90_fp8_mqa_logits",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}", layout.size_check()), nvcc_checks=layout.offset_checks())
@@ -122,6 +134,7 @@ def kernel_name(config: MqaLogitsConfig) -> str:
     form = "_compressed" if config.compressed else "_clean" if config.clean else ""
     kind = f"paged_mqa_logits_n{config.next_n}" if config.next_n else "mqa_logits"
     return (f"sm90_{'fp4' if config.fp4 else 'fp8'}_{kind}_h{config.heads}d{config.head_dim}s{config.kv_stages}"
+            f"w{config.math_warpgroups}"
             f"_{'bf16' if config.bf16_logits else 'f32'}{form}")
 
 
@@ -153,18 +166,21 @@ def _q_tma(config: MqaLogitsConfig, rows: int) -> dict[str, tuple]:
 
 
 def plan(seq_len: int, seq_len_kv: int, heads: int, head_dim: int, weights_pitch: int, logits: torch.Tensor,
-         compressed: bool, clean: bool, facts: DeviceFacts, pdl: bool = False, fp4: bool = False) -> Plan:
+         compressed: bool, clean: bool, facts: DeviceFacts, pdl: bool = False, fp4: bool = False,
+         config: MqaLogitsConfig | None = None) -> Plan:
     """q [S, H, D] and kv [S_kv, D] contiguous e4m3, kv's scales contiguous fp32 [S_kv] (``fp4``: q
     [S, H, D / 2] and kv [S_kv, D / 2] packed e2m1, their exponents int32 [S, H] and [S_kv]), weights
     fp32 [S, H] with ``weights_pitch`` bytes between rows (a multiple of 16), ``logits`` [S, columns]
-    with a unit inner stride; S and S_kv > 0."""
-    config = select_config(heads, head_dim, logits.dtype == torch.bfloat16, compressed, clean, facts, fp4=fp4)
+    with a unit inner stride; S and S_kv > 0. ``config``: another than select_config's (the sweeps)."""
+    config = config or select_config(heads, head_dim, logits.dtype == torch.bfloat16, compressed, clean, facts,
+                                     fp4=fp4)
     kernel = KERNELS.kernel(config)
     row = config.key_bytes
     tma = {**_q_tma(config, seq_len * heads),
-           "tma_kv": tma_2d(torch.uint8, row, seq_len_kv, row, row, BLOCK_KV,
+           "tma_kv": tma_2d(torch.uint8, row, seq_len_kv, row, row, config.block_kv,
                             SWIZZLE_NONE if fp4 else SWIZZLES[head_dim]),
-           "tma_scales": tma_2d(torch.int32, seq_len_kv, 1, align(seq_len_kv * 4, 16), BLOCK_KV, 1, SWIZZLE_NONE),
+           "tma_scales": tma_2d(torch.int32, seq_len_kv, 1, align(seq_len_kv * 4, 16), config.block_kv, 1,
+                                SWIZZLE_NONE),
            "tma_weights": tma_2d(torch.float32, heads, seq_len, weights_pitch, heads, config.queries, SWIZZLE_NONE)}
     num_q_blocks = ceil_div(seq_len, config.queries)
     values = dict(ld_logits=logits.stride(0), seq_len=seq_len, seq_len_kv=seq_len_kv, num_q_blocks=num_q_blocks,
@@ -175,11 +191,11 @@ def plan(seq_len: int, seq_len_kv: int, heads: int, head_dim: int, weights_pitch
 
 def paged_schedule(context_lens: torch.Tensor, num_ctas: int) -> torch.Tensor:
     """int32 ``[num_ctas + 1, 2]``: the (batch, unit) where each CTA of the paged kernel starts its run
-    of 128-key units (a batch has max(1, ceil(its longest context / 128)) of them), the units split
-    evenly; the last row is (B, 0). ``context_lens`` int32 [B >= 1, next_n >= 1]. On the device of
+    of PAGED_UNIT-key units (a batch has max(1, ceil(its longest context / PAGED_UNIT)) of them), the
+    units split evenly; the last row is (B, 0). ``context_lens`` int32 [B >= 1, next_n >= 1]. On the device of
     ``context_lens``, reading no value back."""
     keys = context_lens.amax(dim=1).clamp(min=0).long()
-    units = ((keys + BLOCK_KV - 1) // BLOCK_KV).clamp(min=1)
+    units = ((keys + PAGED_UNIT - 1) // PAGED_UNIT).clamp(min=1)
     ends = units.cumsum(0)
     starts = torch.arange(num_ctas + 1, device=context_lens.device) * ends[-1] // num_ctas
     batch = torch.searchsorted(ends, starts, right=True)
@@ -189,12 +205,13 @@ def paged_schedule(context_lens: torch.Tensor, num_ctas: int) -> torch.Tensor:
 
 def plan_paged(batch: int, next_n: int, heads: int, head_dim: int, num_pages: int, ld_block_table: int,
                weights_pitch: int, logits: torch.Tensor, clean: bool, num_ctas: int, facts: DeviceFacts,
-               pdl: bool = False, fp4: bool = False) -> Plan:
+               pdl: bool = False, fp4: bool = False, config: MqaLogitsConfig | None = None) -> Plan:
     """q [B, next_n, H, D] contiguous e4m3, the cache uint8 [pages, 64, 1, D + 4] contiguous (``fp4``: q
     [B, next_n, H, D / 2] packed e2m1 with int32 exponents [B, next_n, H], the cache [pages, 64, 1,
     D / 2 + 4]), weights fp32 [B * next_n, H] (``weights_pitch`` bytes between rows), logits fp32
-    [B * next_n, columns] with a unit inner stride; the schedule of ``num_ctas`` CTAs."""
-    config = select_config(heads, head_dim, False, False, clean, facts, next_n, fp4)
+    [B * next_n, columns] with a unit inner stride; the schedule of ``num_ctas`` CTAs. ``config``: as
+    ``plan``'s."""
+    config = config or select_config(heads, head_dim, False, False, clean, facts, next_n, fp4)
     kernel = KERNELS.kernel(config)
     row = config.key_bytes
     page_bytes = PAGE_KEYS * (row + 4)
@@ -207,6 +224,6 @@ def plan_paged(batch: int, next_n: int, heads: int, head_dim: int, num_pages: in
     return Plan(config, kernel, kernel.record(num_ctas, tma, values, pdl=pdl))
 
 
-__all__ = ["BLOCK_KV", "HEADS", "HEAD_DIMS", "NEXT_NS", "OPERANDS", "PAGED_OPERANDS", "PAGED_PARAMS", "PAGE_KEYS",
+__all__ = ["HEADS", "HEAD_DIMS", "NEXT_NS", "OPERANDS", "PAGED_OPERANDS", "PAGED_PARAMS", "PAGE_KEYS", "PAGED_UNIT",
            "PARAMS", "MqaLogitsConfig", "all_configs", "build", "generate_source", "key_bytes", "kernel_name",
            "paged_schedule", "plan", "plan_paged", "select_config"]

@@ -2,10 +2,13 @@
 // grouped forms (GemmType in sm90/scheduler.cuh): D rows of expert g = A rows of expert g @ B[g]^T.
 //
 // A: e4m3 [M, K] K-major, SFA: fp32, one per 1x128 block of a row, stored M-major [ceil(K/128), M'].
-// B: e4m3 [N, K] K-major, SFB: fp32, one per 128x128 block, [ceil(N/128), ceil(K/128)] row-major.
+// B: e4m3 [N, K] K-major, SFB: fp32, one per 128x128 block, [ceil(N/128), ceil(K/128)] row-major;
+// with kSfbPerColumn (the 1D1D recipe of weight gradients) one per 1x128 block of a row of B, stored
+// N-major like SFA, [ceil(K/128), N'] (N' = N rounded up to 4).
 // D: bf16 or fp32 [M, N]; with kAccumulate the TMA unit adds the tile into D (D = C + A @ B^T).
 // Grouped: B [G * N, K] and SFB [G, ceil(N/128), ceil(K/128)]; kMasked A, SFA and D hold G
-// experts of max_M rows each. A tile's rows that must stay untouched (padding, rows past an
+// experts of max_M rows each; kBatched (fp8_einsum) reads A, B and D as 3-D tensors of any pitches,
+// SFA per product like kMasked's. A tile's rows that must stay untouched (padding, rows past an
 // expert's count) make its warpgroups store row by row from registers instead of through TMA; in
 // kMasked, a warpgroup whose 64 rows all lie past the expert's count skips the tile's math.
 //
@@ -52,7 +55,7 @@ struct Fp8GemmParams {
 };
 
 template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, u32 kClusterN_, u32 kSplitK_, bool kOutFp32_,
-          bool kAccumulate_, GemmType kType_ = GemmType::kNormal>
+          bool kAccumulate_, GemmType kType_ = GemmType::kNormal, bool kSfbPerColumn_ = false>
 struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClusterM_, kClusterN_, kSplitK_,
                                       kOutFp32_, kAccumulate_, kType_> {
     using Base = GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClusterM_, kClusterN_, kSplitK_, kOutFp32_,
@@ -65,6 +68,7 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
     // two slabs hold two slabs' totals and one scratch accumulator: 192 floats at BLOCK_N = 128.
     static constexpr u32 kProducerRegisters = 40;
     static constexpr u32 kMathRegisters = kNumMathWarpgroups == 1 ? 240 : kNumMathWarpgroups == 2 ? 232 : 152;
+    static constexpr bool kSfbPerColumn = kSfbPerColumn_;
 
     // A tile never straddles two 128-wide SFB blocks when BLOCK_N divides 128.
     static constexpr bool kUniformSfb = 128 % kBlockN == 0;
@@ -72,7 +76,8 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
     static constexpr u32 kScaleRun = (kBlockN & (0u - kBlockN)) < 128 ? (kBlockN & (0u - kBlockN)) : 128;
     // Two scratch accumulators fit the math warps' registers up to BLOCK_N = 128; with three math
     // warpgroups (152 registers each) only one does.
-    static constexpr bool kDoubleBuffer = kBlockN <= 128 && kNumMathWarpgroups < 3 && kSlabs == 1;
+    // Per-column SFB (kSfbPerColumn) takes registers of its own for a K block's scales: one scratch.
+    static constexpr bool kDoubleBuffer = kBlockN <= 128 && kNumMathWarpgroups < 3 && kSlabs == 1 && !kSfbPerColumn;
     static constexpr bool kIssueIntoTotals = false;  // every K block is promoted
     // kMasked with two or three math warpgroups: a warpgroup skips the tiles whose rows all lie past
     // its expert's count (at 192 rows per expert in 128-row blocks, the second block's tiles do half
@@ -96,7 +101,7 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
     static constexpr u32 kSfbRows = kUniformSfb ? 1 : 2;
     static constexpr u32 kSfbBoxK = 4;
     static constexpr u32 kSfbRowSlotBytes = 128;
-    static constexpr u32 kSfbSlotBytes = kSfbRowSlotBytes * kSfbRows;
+    static constexpr u32 kSfbSlotBytes = kSfbPerColumn ? align_up(kBlockN * 4, 128u) : kSfbRowSlotBytes * kSfbRows;
     // Per stage beside A and B: SFA of every stage, then SFB of every stage (sm90/gemm.cuh's carve-up).
     static constexpr u32 kExtraStageBytes = kTileSfaBytes + kSfbSlotBytes;
     static constexpr u32 kStageBytes = Base::kTileABytes + Base::kTileBBytes + kExtraStageBytes;
@@ -109,6 +114,9 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
                   "aligned)");
     static_assert(kBlockN <= 128 || kBlockN % 128 == 0 || kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
                   "a tile may span at most two 128-wide SFB blocks");
+    static_assert(!kSfbPerColumn || (kNumMathWarpgroups <= 2 && kSlabs == 1 && kBlockN <= 128 && kOutFp32_ &&
+                                     kType == GemmType::kNormal),
+                  "per-column SFB: BLOCK_M 64 or 128, BLOCK_N <= 128, FP32 out, dense");
 };
 
 // The tile's first SFB row (of all experts' [G * ceil(N/128), ceil(K/128)] rows).
@@ -123,9 +131,10 @@ __device__ __forceinline__ u32 sfb_first_index(const Tile& tile, u32 block_n, u3
 }
 
 // The scales of one K block for this thread: SFA of its two rows, SFB of the tile's (up to) two
-// 128-column blocks.
+// 128-column blocks (kSfbPerColumn: where the stage's per-column SFB sits in shared memory).
 struct BlockScales {
     float a0, a1, b0, b1;
+    u32 sfb_columns;
 };
 
 // For each of a tile's SFB rows, the flat index of its first scale modulo the box width: added to a
@@ -160,12 +169,12 @@ struct Fp8GemmKernel {
     };
 
     __device__ __forceinline__ static ProducerTile producer_tile(const Params& p, const Tile& tile, u32 num_k_blocks) {
-        // SFA is [ceil(K/128), rows] M-major, per expert for kMasked.
-        const bool masked = Config::kType == GemmType::kMasked;
+        // SFA is [ceil(K/128), rows] M-major, per expert (product) for kMasked (kBatched).
+        const bool per_group = Config::kType == GemmType::kMasked || Config::kType == GemmType::kBatched;
         ProducerTile t;
-        t.sfa_row = masked ? tile.m_block * BM : tile.row;
-        t.sfa_k = masked ? tile.group * num_k_blocks : 0;
-        t.sfb_row = sfb_first_index(tile, BN, p.n, num_k_blocks);
+        t.sfa_row = per_group ? tile.m_block * BM : tile.row;
+        t.sfa_k = per_group ? tile.group * num_k_blocks : 0;
+        t.sfb_row = Config::kSfbPerColumn ? tile.n_block * BN : sfb_first_index(tile, BN, p.n, num_k_blocks);
         return t;
     }
 
@@ -175,7 +184,9 @@ struct Fp8GemmKernel {
         float* smem_sfa = reinterpret_cast<float*>(smem_extra);
         float* smem_sfb = smem_sfa + Config::kStages * BM;
         tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, full, t.sfa_row, t.sfa_k + k_block);
-        if (Config::kSfbRows == 2 && p.sfb_box_rows == 2) {
+        if constexpr (Config::kSfbPerColumn) {
+            tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, full, int(t.sfb_row), int(k_block));
+        } else if (Config::kSfbRows == 2 && p.sfb_box_rows == 2) {
             tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, full,
                         k_block / Config::kSfbBoxK * Config::kSfbBoxK, sfb_first_row(tile, BN, p.n));
         } else {
@@ -227,6 +238,11 @@ struct Fp8GemmKernel {
         scales.a0 = smem_sfa[stage * BM + sfa_row];
         scales.a1 = smem_sfa[stage * BM + sfa_row + 8];
         const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
+        if constexpr (Config::kSfbPerColumn) {
+            scales.sfb_columns = smem_addr(sfb);
+            issue_wgmmas(stage, desc_a, desc_b, scratch);
+            return scales;
+        }
         scales.b0 = sfb[(k_block + t.sfb_shifts.row0) % Config::kSfbBoxK];
         scales.b1 = Config::kUniformSfb
                         ? scales.b0
@@ -258,6 +274,20 @@ struct Fp8GemmKernel {
                                                   float* scratch, float* totals, Barrier* empty, u32 peer) {
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) fence_register(scratch[i]);
+        if constexpr (Config::kSfbPerColumn) {
+            // The thread's columns 8g + 2 (lane % 4) and the next, of each group g of 8: their scales
+            // read before the stage is released.
+            float column_scale[kAcc / 4][2];
+#pragma unroll
+            for (u32 g = 0; g < kAcc / 4; ++g)
+                ld_shared_v2_f32(scales.sfb_columns + (8 * g + 2 * (lane_id() % 4)) * 4, column_scale[g][0],
+                                 column_scale[g][1]);
+            if constexpr (kRelease) consumer_release_stage<Config>(empty, stage, peer);
+#pragma unroll
+            for (u32 i = 0; i < kAcc; ++i)
+                totals[i] += ((i / 2) % 2 ? scales.a1 : scales.a0) * column_scale[i / 4][i % 2] * scratch[i];
+            return;
+        }
         if constexpr (kRelease) consumer_release_stage<Config>(empty, stage, peer);
         // Tiles start at multiples of BLOCK_N, so the SFB boundary is a multiple of kScaleRun: each run of
         // kScaleRun columns has one scale per row, chosen once, and the first run (boundary >= kScaleRun)

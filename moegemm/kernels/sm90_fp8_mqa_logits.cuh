@@ -19,19 +19,20 @@
 //   MqaPaged (fp8_paged_mqa_logits): decode over a paged cache of 64-key pages (in each page the
 //     64 e4m3 rows, then their 64 scales), q [B, next_n, H, D]: a q block is one batch's kQueries =
 //     next_n tokens, token t sees the keys j < context_lens[b, t], page j / 64 of the batch being
-//     block_table[b, j / 64]. A batch's keys come in units of 128 (two pages; at least one unit a
+//     block_table[b, j / 64]. A batch's keys come in units of 256 (four pages; at least one unit a
 //     batch); CTA c takes the units from schedule[c] to schedule[c + 1] (batch, unit), a q block
 //     for each batch it touches.
-// A q block's kQueries * H query heads are the WGMMA's B (N = 32 to 128), each 128-key block of the
-// window its A (64 keys per math warpgroup, m64), K = D: accumulator rows are keys, columns (query,
+// A q block's kQueries * H query heads are the WGMMA's B (N = 32 to 128), each block of kBlockKv keys
+// of the window its A (64 keys per math warpgroup, m64), K = D: accumulator rows are keys, columns (query,
 // head). A thread sums its columns of each query, relu'd and weighted, its quad's four lanes add
 // their sums, and lane q % 4 of the quad stores query q's two keys.
 //   kClean: every element of a row outside the keys it sees becomes -inf: the math warps write it
 //     inside the window, the producer warpgroup's three spare warps outside it.
-// Warps: two math warpgroups, then the producer warpgroup (its first thread issues the TMA loads).
+// Warps: kMathWarpgroups math warpgroups (two to four: while some sum their heads, the others' WGMMAs
+// run), then the producer warpgroup (its first thread issues the TMA loads).
 // Shared memory: kQStages q stages (the tile [kQueries * H, D], D-byte swizzle, and w [kQueries, H];
-// kFp4: also the packed tile as it lands and its exponents) and kKvStages key stages (a [128, D] tile,
-// or [128, D / 2] packed, and its 128 scales or packed exponents).
+// kFp4: also the packed tile as it lands and its exponents) and kKvStages key stages (a [kBlockKv, D]
+// tile, or [kBlockKv, D / 2] packed, and its scales or packed exponents).
 #pragma once
 #include <moegemm/fp4.cuh>
 #include <moegemm/mma/wgmma.cuh>
@@ -72,7 +73,7 @@ struct PagedMqaLogitsParams {
 };
 
 template <u32 kHeads_, u32 kHeadDim_, u32 kKvStages_, bool kBf16Logits_, bool kCompressed_, bool kClean_, u32 kNextN_,
-          bool kFp4_>
+          bool kFp4_, u32 kMathWarpgroups_>
 struct MqaLogitsConfig {
     static constexpr u32 kHeads = kHeads_, kHeadDim = kHeadDim_, kKvStages = kKvStages_;
     static constexpr bool kBf16Logits = kBf16Logits_, kCompressed = kCompressed_, kClean = kClean_;
@@ -84,11 +85,17 @@ struct MqaLogitsConfig {
     static constexpr u32 kQStages = 2;
     static constexpr u32 kQueries = kPaged ? kNextN : 128 / kHeads;  // queries a q block
     static constexpr u32 kQRows = kQueries * kHeads;                  // WGMMA N
-    static constexpr u32 kBlockKv = 128;                              // keys a block: 64 per math warpgroup
+    static constexpr u32 kMathWarpgroups = kMathWarpgroups_;
+    static constexpr u32 kBlockKv = 64 * kMathWarpgroups;             // keys a block: 64 per math warpgroup
     static constexpr u32 kPageKeys = 64;
+    static constexpr u32 kUnitKeys = 256;  // MqaPaged: the schedule's unit of a batch's keys, one to two blocks
     static constexpr u32 kPageRows = kPageKeys * (kKeyBytes + 4) / kKeyBytes;  // a page in rows of kKeyBytes
-    static constexpr u32 kNumMathThreads = 256;
+    static constexpr u32 kNumMathThreads = 128 * kMathWarpgroups;
     static constexpr u32 kNumThreads = kNumMathThreads + 128;
+    // Three or four math warpgroups take registers from the producer's through setmaxnreg (152 and 40
+    // of 128 a thread, or 112 and 32 of 96); two need no reallocation.
+    static constexpr u32 kMathRegisters = kMathWarpgroups == 3 ? 152 : 112;
+    static constexpr u32 kProducerRegisters = kMathWarpgroups == 3 ? 40 : 32;
     static constexpr u32 kQTileBytes = kQRows * kHeadDim, kKvTileBytes = kBlockKv * kKeyBytes;
     static constexpr u32 kQPackedBytes = kFp4 ? kQRows * kKeyBytes : 0;
     static constexpr u32 kWeightsBytes = align_up(kQRows * 4, 128u), kScalesBytes = kBlockKv * 4;
@@ -105,6 +112,11 @@ struct MqaLogitsConfig {
     static_assert(kHeads == 32 || kHeads == 64, "H: 32 or 64");
     static_assert(kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128, "D: 32, 64 or 128");
     static_assert(kNextN <= 2, "next_n: 1 or 2");
+    static_assert(kMathWarpgroups == 2 || kMathWarpgroups == 4 || (kMathWarpgroups == 3 && !kPaged),
+                  "two to four math warpgroups (a paged block a half or whole unit)");
+    static_assert(kMathWarpgroups == 2 ||
+                      register_split_fits(kNumThreads, kNumMathThreads, kMathRegisters, kProducerRegisters),
+                  "the register split exceeds the block's launch allocation");
     static_assert(kQTileBytes % 1024 == 0, "q tiles 1024-byte aligned");
     static_assert(!(kCompressed && (kClean || kPaged)), "compressed logits: dense, not cleaned");
     static_assert(kSmemBytes <= 232448, "exceeds the 227 KB of shared memory a block may use");
@@ -164,7 +176,7 @@ struct MqaDense {
     __device__ __forceinline__ static u32 tail_begin(const Params& p, const MqaSegment& s) {
         return min(s.key_begin + s.blocks * Config::kBlockKv, p.seq_len_kv);
     }
-    // The 128 keys from `key` and their scales into one stage; returns the bytes they bring.
+    // The kBlockKv keys from `key` and their scales into one stage; returns the bytes they bring.
     __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar, u32,
                                                     u32 key) {
         tma_load_2d(tile, &p.tma_kv, bar, 0, int(key));
@@ -189,12 +201,12 @@ template <class Config>
 struct MqaPaged {
     using Params = PagedMqaLogitsParams;
 
-    // The units of 128 keys of batch b: at least one, so that every row is written (as
+    // The units of kUnitKeys keys of batch b: at least one, so that every row is written (as
     // get_paged_mqa_logits_metadata counts them).
     __device__ __forceinline__ static u32 units(const Params& p, u32 b) {
         int keys = 0;
         for (u32 t = 0; t < Config::kNextN; ++t) keys = max(keys, __ldg(p.context_lens + b * Config::kNextN + t));
-        return max(1u, ceil_div(u32(max(keys, 0)), Config::kBlockKv));
+        return max(1u, ceil_div(u32(max(keys, 0)), Config::kUnitKeys));
     }
     __device__ __forceinline__ static MqaSegment segment(const Params& p, u32 index) {
         const int* start = p.schedule + 2 * blockIdx.x;
@@ -203,7 +215,8 @@ struct MqaPaged {
         const u32 b = first_batch + index;
         if (b > end_batch || (b == end_batch && end_unit == 0) || b >= p.batch) return {0, 0, 0, false};
         const u32 begin = index == 0 ? first_unit : 0, end = b == end_batch ? end_unit : units(p, b);
-        return {b, begin * Config::kBlockKv, end > begin ? end - begin : 0u, true};
+        return {b, begin * Config::kUnitKeys, end > begin ? (end - begin) * (Config::kUnitKeys / Config::kBlockKv) : 0u,
+                true};
     }
     __device__ __forceinline__ static int q_row(u32 q_block) { return int(q_block * Config::kQueries); }
     __device__ __forceinline__ static int row(const Params&, u32 q_block, u32 i) {
@@ -218,19 +231,19 @@ struct MqaPaged {
     __device__ __forceinline__ static u32 head_end(const Params&, const MqaSegment&) { return 0; }
     __device__ __forceinline__ static u32 tail_begin(const Params& p, const MqaSegment& s) {
         const u32 end = s.key_begin + s.blocks * Config::kBlockKv;
-        return end == units(p, s.q_block) * Config::kBlockKv ? min(end, p.columns) : p.columns;
+        return end == units(p, s.q_block) * Config::kUnitKeys ? min(end, p.columns) : p.columns;
     }
-    // Keys [key, key + 128) of batch b: two pages (the second only where the table has it).
+    // Keys [key, key + kBlockKv) of batch b: its pages (those the table has).
     __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar, u32 b,
                                                     u32 key) {
         u32 bytes = 0;
-        for (u32 half = 0; half < 2; ++half) {
-            const u32 page_index = key / Config::kPageKeys + half;
+        for (u32 i = 0; i < Config::kBlockKv / Config::kPageKeys; ++i) {
+            const u32 page_index = key / Config::kPageKeys + i;
             if (page_index >= p.ld_block_table) break;
             const int page = __ldg(p.block_table + u64(b) * p.ld_block_table + page_index);
-            tma_load_2d(tile + half * Config::kPageKeys * Config::kKeyBytes, &p.tma_kv, bar, 0,
+            tma_load_2d(tile + i * Config::kPageKeys * Config::kKeyBytes, &p.tma_kv, bar, 0,
                         page * int(Config::kPageRows));
-            tma_load_2d(scales + half * Config::kPageKeys * 4, &p.tma_scales, bar,
+            tma_load_2d(scales + i * Config::kPageKeys * 4, &p.tma_scales, bar,
                         int(Config::kPageKeys * Config::kKeyBytes / 4), page);
             bytes += Config::kPageKeys * (Config::kKeyBytes + 4);
         }
@@ -284,7 +297,7 @@ template <class Config>
 __device__ __forceinline__ void mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t, u32 key_row, u64 desc_q, float* acc,
                                              float& scale0, float& scale1) {
     const u8* tile = smem + Config::kKvOffset + t * Config::kKvTileBytes;
-    const u64 desc_kv = smem_descriptor_k_major<Config::kHeadDim>(tile + (key_row / 64) * 64 * Config::kHeadDim);
+    const u64 desc_kv = smem_descriptor_k_major<Config::kHeadDim>(tile + (warp_id() / 4) * 64 * Config::kHeadDim);
     wgmma_fence();
 #pragma unroll
     for (u32 k = 0; k < Config::kHeadDim / 32; ++k)
@@ -301,7 +314,7 @@ __device__ __forceinline__ void mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t,
     if (lane_id() == 0) empty_kv[t].arrive();
 }
 
-// kFp4: the same from stage t's packed tile [128, D / 2]: the thread's quarter of its two key rows
+// kFp4: the same from stage t's packed tile [kBlockKv, D / 2]: the thread's quarter of its two key rows
 // and their exponents into registers (the stage released at once), widened into the A fragments.
 template <class Config>
 __device__ __forceinline__ void mqa_keys_fp4(u8* smem, Barrier* empty_kv, u32 t, u32 key_row, u64 desc_q, float* acc,
@@ -368,6 +381,7 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
     grid_dependency_wait();
 
     if (threadIdx.x >= Config::kNumMathThreads) {
+        if constexpr (Config::kMathWarpgroups > 2) warpgroup_reg_dealloc<Config::kProducerRegisters>();
         if (threadIdx.x == Config::kNumMathThreads) {
             StageRing<Config::kQStages> q_ring;
             StageRing<Config::kKvStages> kv_ring;
@@ -422,6 +436,7 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
 
     // Math warpgroups: warpgroup w's 64 keys of each block from 64 w, its thread's rows `key_row` and
     // `key_row + 8`.
+    if constexpr (Config::kMathWarpgroups > 2) warpgroup_reg_alloc<Config::kMathRegisters>();
     constexpr u32 kAcc = Config::kQRows / 2, kHeadsPerThread = Config::kHeads / 4;
     const u32 lane = lane_id(), key_row = (warp / 4) * 64 + slab_row();
     StageRing<Config::kQStages> q_ring;
@@ -471,14 +486,16 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
             const u32 key0 = segment.key_begin + b * Config::kBlockKv + key_row;
 #pragma unroll
             for (u32 i = 0; i < Config::kQueries; ++i) {
-                float sum0 = 0.0f, sum1 = 0.0f;
+                // Accumulator a: column 8 (a / 4) + 2 (lane % 4) + a % 2, key row + 8 ((a / 2) % 2). Four
+                // partial sums (the two rows by column parity) keep the dependent chains short.
+                float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (u32 j = 0; j < kHeadsPerThread; ++j) {
-                    // Accumulator a: column 8 (a / 4) + 2 (lane % 4) + a % 2, key row + 8 ((a / 2) % 2).
                     const u32 a0 = i * (Config::kHeads / 2) + (j / 2) * 4 + j % 2;
-                    sum0 += fmaxf(acc[a0], 0.0f) * weights[i][j];
-                    sum1 += fmaxf(acc[a0 + 2], 0.0f) * weights[i][j];
+                    sums[j % 2] += fmaxf(acc[a0], 0.0f) * weights[i][j];
+                    sums[2 + j % 2] += fmaxf(acc[a0 + 2], 0.0f) * weights[i][j];
                 }
+                float sum0 = sums[0] + sums[1], sum1 = sums[2] + sums[3];
 #pragma unroll
                 for (u32 offset = 1; offset < 4; offset *= 2) {
                     sum0 += __shfl_xor_sync(0xffffffffu, sum0, offset);

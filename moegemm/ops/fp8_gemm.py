@@ -22,6 +22,12 @@ _INPUT_NAMES = ("a", "sfa", "b", "sfb")
 # ---- checks (once per call signature) ---------------------------------------------------------------------
 
 
+def _sfb_per_row(sfb: torch.Tensor, n: int, k: int) -> bool:
+    """Whether SFB holds one scale per 1x128 block of B's rows (the 1D1D recipe), not one per 128x128
+    block; at N = 1 the two are the same."""
+    return n > 1 and tuple(sfb.shape) == (n, ceil_div(k, 128))
+
+
 def _check_dense(a, sfa, b, sfb, d, c) -> None:
     checks.tensor("a", a, FP8, 2)
     checks.tensor("b", b, FP8, 2)
@@ -33,7 +39,13 @@ def _check_dense(a, sfa, b, sfb, d, c) -> None:
     if b.shape[1] != k:
         raise ValueError(f"b: expected shape (N, K) with K = {k} (from a), got {tuple(b.shape)}")
     checks.shape("sfa", sfa, (m, ceil_div(k, 128)))
-    checks.shape("sfb", sfb, (ceil_div(n, 128), ceil_div(k, 128)))
+    if not _sfb_per_row(sfb, n, k):
+        if tuple(sfb.shape) != (ceil_div(n, 128), ceil_div(k, 128)):
+            raise ValueError(f"sfb: expected shape {(ceil_div(n, 128), ceil_div(k, 128))} (128x128 blocks) or "
+                             f"{(n, ceil_div(k, 128))} (1x128, the 1D1D recipe), got {tuple(sfb.shape)}")
+    elif d.dtype != torch.float32:
+        raise TypeError(f"d: expected dtype torch.float32 with SFB per 1x128 block of B's rows (the 1D1D recipe), "
+                        f"got {d.dtype}")
     checks.shape("d", d, (m, n))
     tensors = {"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d}
     gemm_common.check_addend(c, d, (m, n), tensors)
@@ -166,9 +178,13 @@ def _bind_dense(a, sfa, b, sfb, d, c):
         return run_empty
 
     index = d.get_device()
-    desc = fp8_gemm.describe(GemmType.NORMAL, a, b, d, accumulate=c is not None)
+    per_row = _sfb_per_row(sfb, b.shape[0], a.shape[1])
+    desc = fp8_gemm.describe(GemmType.NORMAL, a, b, d, accumulate=c is not None,
+                             recipe=fp8_gemm.RECIPE_1D1D if per_row else (1, 128, 128))
     launch = fp8_gemm.plan(desc, a, b, d, device.device_facts(index), pdl=device.get_pdl()).launch_pointers
-    scales_ready = _scales_ready(sfa, sfb)
+    # 1D1D: SFB in SFA's layout (N-major, TMA-aligned).
+    scales_ready = _sfa_fits(sfa) and _sfa_fits(sfb) if per_row else _scales_ready(sfa, sfb)
+    kernel_sfb = _kernel_sfa if per_row else _kernel_sfb
 
     def run_kernel(a, sfa, b, sfb, d, c):
         a_ptr, b_ptr, d_ptr, sfa_ptr, sfb_ptr, separate_c = guard(a, sfa, b, sfb, d, c)
@@ -177,7 +193,7 @@ def _bind_dense(a, sfa, b, sfb, d, c):
         if separate_c:
             d.copy_(c)
         if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
-            sfa, sfb = _kernel_sfa(sfa), _kernel_sfb(sfb)  # each returns its input when already fit
+            sfa, sfb = _kernel_sfa(sfa), kernel_sfb(sfb)  # each returns its input when already fit
             sfa_ptr, sfb_ptr = sfa.data_ptr(), sfb.data_ptr()
         launch(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr)
     return run_kernel
@@ -202,7 +218,7 @@ def _operands(a: object, b: object) -> tuple:
 
 
 def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], d: torch.Tensor,
-                c: torch.Tensor | None = None) -> None:
+                c: torch.Tensor | None = None, recipe: tuple[int, int, int] | None = None) -> None:
     """D = C + A @ B^T with FP8 operands and fine-grained scales, written into ``d``.
 
     Args:
@@ -210,17 +226,35 @@ def fp8_gemm_nt(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, tor
             SFA: float32 [M, ceil(K/128)], one scale per 1x128 block of a row, any strides (the
             kernel's M-major TMA-aligned layout, which ``per_token_cast_to_fp8`` returns, avoids a copy).
         b: ``(B, SFB)``. B: float8_e4m3fn [N, K], K-major. SFB: float32 [ceil(N/128), ceil(K/128)],
-            one scale per 128x128 block.
-        d: bfloat16 or float32 [M, N], row-major (row pitch a multiple of 16 bytes). Overwritten; must
-            not overlap the inputs.
+            one scale per 128x128 block; or (the 1D1D recipe of weight gradients) [N, ceil(K/128)],
+            one per 1x128 block of a row like SFA's (any strides; SFA's layout avoids a copy).
+        d: bfloat16 or float32 [M, N], row-major (row pitch a multiple of 16 bytes); float32 with the
+            1D1D recipe. Overwritten; must not overlap the inputs.
         c: optional float32 [M, N]; then ``d`` must be float32 and D = C + A @ B^T (``c`` may be ``d``).
+        recipe: (1, 128, 128) or (1, 1, 128), the scales' blocks of A's rows, B's rows and K; None
+            takes it from SFB's shape.
 
     Any M, N, K >= 0 (K = 0: D = C, or 0); K need not be a multiple of 128 (the last block is
     ragged). Accumulates in FP32, promoting the tensor cores' partial sums every 128 of K. SM90 GPUs
     only; CPU tensors use the reference.
     """
     a_data, sfa, b_data, sfb = _operands(a, b)
+    if recipe is not None:
+        _check_recipe(recipe, sfb, b_data)
     _FP8_GEMM_NT(a_data, sfa, b_data, sfb, d, c)
+
+
+def _check_recipe(recipe: object, sfb: torch.Tensor, b: torch.Tensor) -> None:
+    """The recipe named and SFB's shape agree."""
+    if recipe not in ((1, 128, 128), fp8_gemm.RECIPE_1D1D):
+        raise ValueError(f"recipe: expected (1, 128, 128) or (1, 1, 128), got {recipe!r}")
+    checks.is_tensor("b[0]", b)
+    checks.is_tensor("b[1]", sfb)
+    n, k = b.shape[0], b.shape[-1]
+    rows = n if recipe == fp8_gemm.RECIPE_1D1D else ceil_div(n, 128)
+    if tuple(sfb.shape) != (rows, ceil_div(k, 128)):
+        raise ValueError(f"sfb: expected shape {(rows, ceil_div(k, 128))} for recipe {tuple(recipe)}, got "
+                         f"{tuple(sfb.shape)}")
 
 
 # ---- the MoE grouped GEMMs ---------------------------------------------------------------------------------
@@ -333,3 +367,69 @@ def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[
     """
     a_data, sfa, b_data, sfb = _operands(a, b)
     _MASKED(a_data, sfa, b_data, sfb, d, masked_m, expected_m)
+
+
+# ---- the K-grouped GEMM of expert weight gradients -----------------------------------------------------------
+
+
+def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                                     d: torch.Tensor, ks: list[int], grouped_layout: torch.Tensor,
+                                     c: torch.Tensor | None = None,
+                                     recipe: tuple[int, int, int] = (1, 1, 128)) -> None:
+    """MoE weight gradients in FP8: ``D[g] = C[g] + A_g @ B_g^T`` for every expert g, FP32 accumulated,
+    both operands scaled per 1x128 block along K (the tokens). DeepGEMM's layout on Hopper.
+
+    Args:
+        a: ``(A, SFA)``: A contiguous float8_e4m3fn of ``sum_k * M`` elements (any shape) holding each
+            expert's ``A_g [M, k_g]``, K-major, back to back; SFA float32 ``[M, sum_k / 128]``, any
+            strides (M-major, as DeepGEMM's casts give it, with M a multiple of 4 avoids copies).
+        b: ``(B, SFB)`` likewise with N.
+        d: float32 ``[G, M, N]``, row-major. Overwritten (an expert with no tokens gets C[g], or 0).
+        ks: the G segments' lengths on the host, multiples of 128 (0 allowed).
+        grouped_layout: int32 ``[G]`` on the GPU, the same lengths (DeepGEMM's argument; checked for
+            shape and dtype).
+        c: optional float32 ``[G, M, N]``; may be ``d`` itself (then D += A @ B^T).
+        recipe: (1, 1, 128), the only one.
+
+    Each expert's product runs the 1D1D kernel of ``fp8_gemm_nt`` (one launch per expert with
+    tokens). CPU tensors run the reference.
+    """
+    if tuple(recipe) != fp8_gemm.RECIPE_1D1D:
+        raise ValueError(f"recipe: expected (1, 1, 128), got {recipe!r}")
+    a_data, sfa, b_data, sfb = _operands(a, b)
+    checks.tensor("d", d, FP32, 3)
+    num_groups, m, n = d.shape
+    lengths = reference._check_k_segments(ks, None, 128)
+    if len(lengths) != num_groups:
+        raise ValueError(f"ks: expected {num_groups} lengths (d's first dim), got {len(lengths)}")
+    sum_k = sum(lengths)
+    for name, data, rows in (("a", a_data, m), ("b", b_data, n)):
+        checks.tensor(name, data, FP8, data.dim())
+        if data.numel() != sum_k * rows or not data.is_contiguous():
+            raise ValueError(f"{name}: expected {sum_k * rows} contiguous elements (the experts' [{rows}, k_g] "
+                             f"blocks back to back), got shape {tuple(data.shape)}, strides {tuple(data.stride())}")
+    checks.tensor("sfa", sfa, FP32, 2)
+    checks.tensor("sfb", sfb, FP32, 2)
+    checks.shape("sfa", sfa, (m, sum_k // 128))
+    checks.shape("sfb", sfb, (n, sum_k // 128))
+    checks.tensor("grouped_layout", grouped_layout, (torch.int32,), 1)
+    checks.shape("grouped_layout", grouped_layout, (num_groups,))
+    tensors = {"a": a_data, "sfa": sfa, "b": b_data, "sfb": sfb, "d": d, "grouped_layout": grouped_layout}
+    gemm_common.check_addend(c, d, (num_groups, m, n), tensors)
+    gemm_common.check_cuda(tensors)
+    if not d.is_cuda:
+        reference.k_grouped_fp8_gemm_nt_contiguous((a_data, sfa), (b_data, sfb), d, lengths, grouped_layout, c)
+        return
+    start = 0
+    for group, length in enumerate(lengths):
+        c_g = None if c is None else c[group]
+        if length == 0:  # an empty sum: C[g], or 0
+            if c_g is None:
+                d[group].zero_()
+            elif c_g.data_ptr() != d[group].data_ptr():
+                d[group].copy_(c_g)
+        else:
+            a_g, sfa_g = reference.k_grouped_fp8_segment((a_data, sfa), m, start, length)
+            b_g, sfb_g = reference.k_grouped_fp8_segment((b_data, sfb), n, start, length)
+            _FP8_GEMM_NT(a_g, sfa_g, b_g, sfb_g, d[group], c_g)
+        start += length

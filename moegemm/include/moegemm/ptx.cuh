@@ -218,6 +218,15 @@ __device__ __forceinline__ void fence_register(float& reg) { asm volatile("" : "
 
 // ---- registers and conversions ----------------------------------------------------------------------
 
+// setmaxnreg moves registers only within the block's launch allocation: its threads times the count
+// ptxas gives each under __launch_bounds__(threads, 1), 64K / threads rounded down to a multiple of 8.
+// A split asking for more leaves setmaxnreg.inc waiting forever (BENCHMARKS.md, "FP8 x FP4").
+__host__ __device__ constexpr bool register_split_fits(u32 threads, u32 math_threads, u32 math_registers,
+                                                    u32 producer_registers) {
+    return math_threads * math_registers + (threads - math_threads) * producer_registers <=
+           65536 / threads / 8 * 8 * threads;
+}
+
 template <u32 kRegisters>
 __device__ __forceinline__ void warpgroup_reg_alloc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));

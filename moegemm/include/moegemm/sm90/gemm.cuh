@@ -99,9 +99,9 @@ struct GemmConfigChecks {
     static_assert(Config::kProducerRegisters % 8 == 0 && Config::kMathRegisters % 8 == 0 &&
                       Config::kProducerRegisters >= 24 && Config::kMathRegisters <= 256,
                   "setmaxnreg takes multiples of 8 in [24, 256]");
-    // Strictly below: a split filling all 64K left setmaxnreg.inc waiting forever (BENCHMARKS.md, "FP8 x FP4").
-    static_assert(128 * Config::kProducerRegisters + Config::kNumMathThreads * Config::kMathRegisters < 65536,
-                  "the register split must leave some of the SM's 64K registers free");
+    static_assert(register_split_fits(Config::kNumMathThreads + 128, Config::kNumMathThreads, Config::kMathRegisters,
+                                      Config::kProducerRegisters),
+                  "the register split exceeds the block's launch allocation");
     static_assert(!Config::kSkipIdleSlabs || Config::kNumMathWarpgroups >= 2, "an idle slab needs a busy one");
     // The deferred epilogue's tile issues its first K block unconditionally, but a split-K CTA may
     // have none (and a WGMMA issued under a condition makes ptxas serialize them all: C7514).
