@@ -38,6 +38,11 @@ def _fp8_configs() -> list:
         for m, groups in ((1, 32), (32, 32), (160, 32), (256, 32), (4096, 8), (8192, 4)):
             for n, k in ((4096, 7168), (7168, 2048), (576, 512)):
                 grid.add(fp8_gemm.select_config(GemmDesc(kind, m, n, k, groups), H100))
+    # fp8_einsum's per-head products (B x H x R x D as M, groups, K, N), BF16 out or FP32 accumulated.
+    for m, heads, k, n in ((4, 8, 4096, 1024), (128, 8, 4096, 1024), (4096, 8, 4096, 1024), (4096, 128, 512, 128)):
+        for out_dtype, accumulate in ((torch.bfloat16, False), (torch.float32, True)):
+            desc = GemmDesc(GemmType.BATCHED, m, n, k, heads, out_dtype=out_dtype, accumulate=accumulate)
+            grid.add(fp8_gemm.select_config(desc, H100))
     return sorted(grid | set(_explicit_configs()), key=fp8_gemm.kernel_name)
 
 
