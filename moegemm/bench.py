@@ -1253,9 +1253,10 @@ SECTIONS = ("fp8", "bf16", "fp4", "moe", "mqa")
 
 
 def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> None:
-    """Run the benchmark ``sections``: "fp8" (the FP8 GEMMs and casts), "bf16" (the BF16 GEMMs,
-    einsum and the hyper-connection GEMM), "fp4" (the FP8 x FP4 GEMMs beside the FP8 ones), "moe" (the
-    MoE layer of DeepGEMM's Mega MoE API), "mqa" (the lightning indexer, dense and paged, FP8 and FP4)."""
+    """Run the benchmark ``sections``: "fp8" (the FP8 GEMMs with the training forms, casts and transpose),
+    "bf16" (the BF16 GEMMs, einsum and the hyper-connection GEMM), "fp4" (the FP8 x FP4 GEMMs beside the
+    FP8 ones), "moe" (the MoE layer of DeepGEMM's Mega MoE API), "mqa" (the lightning indexer, dense and
+    paged, FP8 and FP4)."""
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     # Host time first: once torch.profiler has run in a process, every kernel launch costs several us
