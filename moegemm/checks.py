@@ -3,6 +3,9 @@ what came. They run on every call, so each is a handful of attribute reads."""
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
 import torch
 
 
@@ -83,3 +86,26 @@ def no_overlap(names: tuple[str, ...], pointers: tuple[int, ...], spans: tuple[i
         if spans[i] and pointers[i] < high and low < pointers[i] + spans[i]:
             raise ValueError(f"{names[0]}: expected memory apart from {names[i]}'s, got bytes "
                              f"[{low:#x}, {high:#x}) overlapping its [{pointers[i]:#x}, {pointers[i] + spans[i]:#x})")
+
+
+def int_at_least(name: str, value: object, minimum: int) -> int:
+    # bool is an Integral too, but True as a count is a caller's slip, not a number.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def k_segments(ks: object, sum_k: int | None, alignment: int) -> list[int]:
+    """The K-grouped GEMMs' segment lengths, given on the host: ints >= 0, multiples of ``alignment``,
+    summing to ``sum_k`` (when given)."""
+    if isinstance(ks, torch.Tensor) or not isinstance(ks, Sequence):
+        raise TypeError(f"ks: expected a list of ints (the segments' lengths, on the host), got {type(ks).__name__}")
+    lengths = [int_at_least(f"ks[{i}]", value, 0) for i, value in enumerate(ks)]
+    for i, length in enumerate(lengths):
+        if length % alignment:
+            raise ValueError(f"ks[{i}]: expected a multiple of {alignment}, got {length}")
+    if sum_k is not None and sum(lengths) != sum_k:
+        raise ValueError(f"ks: expected lengths summing to {sum_k} (a's rows), got {sum(lengths)}")
+    return lengths

@@ -13,7 +13,6 @@ Scales may have any strides; int32 tensors are taken as packed UE8M0 (see ``moeg
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -88,15 +87,6 @@ def _check_addend(c: torch.Tensor | None, shape: tuple[int, ...]) -> None:
     """C of the BF16 GEMMs, when given: float32 with D's shape (it may be D itself)."""
     if c is not None:
         _check_output("c", c, shape, _FP32)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    # bool is an Integral too, but True as a count is a caller's slip, not a number.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return int(value)
 
 
 def _b_nk_view(b: torch.Tensor, letter: str, lead: tuple[int, ...], k: int) -> torch.Tensor:
@@ -594,19 +584,6 @@ def m_grouped_bf16_gemm_nt_masked(
             _product_into(d[group], slice(0, m), a[group], b_nk[group])
 
 
-def _check_k_segments(ks: Sequence[int], sum_k: int | None, alignment: int) -> list[int]:
-    """The segments' lengths checked: ints >= 0, multiples of ``alignment``, summing to ``sum_k`` (when given)."""
-    if isinstance(ks, torch.Tensor) or not isinstance(ks, Sequence):
-        raise TypeError(f"ks: expected a list of ints (the segments' lengths, on the host), got {type(ks).__name__}")
-    lengths = [_check_int(f"ks[{i}]", value, 0) for i, value in enumerate(ks)]
-    for i, length in enumerate(lengths):
-        if length % alignment:
-            raise ValueError(f"ks[{i}]: expected a multiple of {alignment}, got {length}")
-    if sum_k is not None and sum(lengths) != sum_k:
-        raise ValueError(f"ks: expected lengths summing to {sum_k} (a's rows), got {sum(lengths)}")
-    return lengths
-
-
 def k_grouped_bf16_gemm_tn_contiguous(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -630,7 +607,7 @@ def k_grouped_bf16_gemm_tn_contiguous(
     sum_k, m = a.shape
     n = b.shape[1]
     _check_shape("b", b, (sum_k, n))
-    lengths = _check_k_segments(ks, sum_k, BLOCK)
+    lengths = checks.k_segments(ks, sum_k, BLOCK)
     if grouped_layout is not None:
         _check_index_dtype("grouped_layout", grouped_layout)
         _check_shape("grouped_layout", grouped_layout, (len(lengths),))
@@ -697,7 +674,7 @@ def k_grouped_fp8_gemm_nt_contiguous(
     _check_dims("d", d, 3)
     _check_dtype("d", d, _FP32)
     num_groups, m, n = d.shape
-    ks = _check_k_segments(ks, None, BLOCK)
+    ks = checks.k_segments(ks, None, BLOCK)
     if len(ks) != num_groups:
         raise ValueError(f"ks: expected {num_groups} lengths (d's first dim), got {len(ks)}")
     sum_k = sum(ks)
@@ -831,7 +808,7 @@ def tf32_hc_prenorm_gemm(
         _check_output("sqr_sum", sqr_sum, (m,), _FP32)
         d, sqr_sum, ranges = d.unsqueeze(0), sqr_sum.unsqueeze(0), [slice(0, k)]
     else:
-        splits = _check_int("num_splits", num_splits, 1)
+        splits = checks.int_at_least("num_splits", num_splits, 1)
         _check_output("d", d, (splits, m, n), _FP32)
         _check_output("sqr_sum", sqr_sum, (splits, m), _FP32)
         ranges = hc_prenorm_split_ranges(k, splits)

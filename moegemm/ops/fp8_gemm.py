@@ -399,7 +399,7 @@ def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tu
     a_data, sfa, b_data, sfb = _operands(a, b)
     checks.tensor("d", d, FP32, 3)
     num_groups, m, n = d.shape
-    lengths = reference._check_k_segments(ks, None, 128)
+    lengths = checks.k_segments(ks, None, 128)
     if len(lengths) != num_groups:
         raise ValueError(f"ks: expected {num_groups} lengths (d's first dim), got {len(lengths)}")
     sum_k = sum(lengths)
