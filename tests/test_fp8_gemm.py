@@ -642,3 +642,23 @@ def test_k_grouped_kernel(ks, m, n, seed):
     d = c.clone()  # in place: D += A @ B^T, C accumulated once
     moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, layout, d)
     assert_close(d, k_grouped_expected(a, b, ks, c))
+
+
+@gpu
+@pytest.mark.parametrize("block_m,block_n", [(64, 64), (128, 128), (128, 192), (192, 128), (256, 128)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_fp8_einsum_every_tile(block_m, block_n, accumulate, seed):
+    """The batched kind with each BLOCK_M (one to three warpgroups, two of two slabs), ragged rows and
+    columns: a head's tiles must stay inside its slice of A, B and D."""
+    batch, heads, r, d_dim = 300, 3, 384, 200
+    a, b = make_einsum_inputs(batch, heads, r, d_dim)
+    stages = fp8_gemm.stages_for(block_m, block_n, 4 if accumulate else 2, 1, gpu_facts())
+    config = Fp8GemmConfig(block_m, block_n, stages, accumulate, accumulate, gemm_type=GemmType.BATCHED)
+    c = torch.randn(batch, heads, d_dim, device="cuda") if accumulate else None
+    d = c.clone() if accumulate else torch.full((batch, heads, d_dim), float("nan"), device="cuda",
+                                                dtype=torch.bfloat16)
+    a_gmk, d_gmn = a[0].transpose(0, 1), d.transpose(0, 1)
+    desc = fp8_gemm.describe(GemmType.BATCHED, a_gmk, b[0], d_gmn, accumulate=accumulate)
+    sfa = get_mn_major_tma_aligned_tensor(a[1].transpose(0, 1))
+    fp8_gemm.plan(desc, a_gmk, b[0], d_gmn, gpu_facts(), config).launch(a_gmk, sfa, b[0], b[1].contiguous(), d_gmn)
+    assert_close(d, einsum_expected(a, b, c))

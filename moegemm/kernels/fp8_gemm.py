@@ -133,9 +133,8 @@ class Fp8CostTerms:
         # 1D1D: a K block's column scales take registers of their own: 64 or 128 rows, 128 columns at
         # most, no split-K (sm90_fp8_gemm.cuh's static_assert).
         per_column = desc.recipe == RECIPE_1D1D
-        batched = kind is GemmType.BATCHED  # 3-D loads: one or two math warpgroups, no pairs
         for block_m in self.block_ms:
-            if (per_column or batched) and block_m > 128:
+            if per_column and block_m > 128:
                 continue
             # Three math warpgroups, or two of two slabs, have registers for 128 columns at most. Over
             # 128 columns, grouped tiles take 192 only (BENCHMARKS.md, 2026-12-06, twenty-first session).

@@ -108,7 +108,8 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
     static constexpr u32 kSmemBytes = Base::smem_bytes(kExtraStageBytes);
 
     static_assert(kBlockM <= 128 || (kBlockN <= 128 && kSplitK == 1 &&
-                                     (kType == GemmType::kNormal || kType == GemmType::kMasked)),
+                                     (kType == GemmType::kNormal || kType == GemmType::kMasked ||
+                                      kType == GemmType::kBatched)),
                   "BLOCK_M is 64 or 128 (one or two math warpgroups), or 192 or 256 (three warpgroups, or two of "
                   "two slabs: BLOCK_N <= 128, no split-K, not for the contiguous kinds, whose experts are 128-row "
                   "aligned)");

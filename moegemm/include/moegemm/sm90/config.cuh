@@ -71,9 +71,9 @@ struct GemmConfigBase {
 
     static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 192 || kBlockM == 256,
                   "one, two or three math warpgroups of one slab, or two of two");
-    static_assert(kSlabs == 1 || (kType == GemmType::kNormal && kSplitK == 1),
-                  "two slabs per warpgroup: dense GEMMs without split-K (the row-by-row stores and the split-K "
-                  "reduce handle one slab)");
+    static_assert(kSlabs == 1 || ((kType == GemmType::kNormal || kType == GemmType::kBatched) && kSplitK == 1),
+                  "two slabs per warpgroup: dense or batched GEMMs without split-K (the row-by-row stores and the "
+                  "split-K reduce handle one slab)");
     static_assert(kStageRowBytes == 128, "stage rows are one 128-byte swizzle row");
     static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "WGMMA needs N in [8, 256], N % 8 == 0");
     static_assert(!kSwizzleD || kOutCols % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
