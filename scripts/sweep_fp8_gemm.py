@@ -4,10 +4,13 @@ moegemm/kernels/fp8_gemm.py was fitted to), beside DeepGEMM where it imports. Ne
     python scripts/sweep_fp8_gemm.py --large    # M = 4096: each BLOCK_M and BLOCK_N, alone or in pairs
     python scripts/sweep_fp8_gemm.py --grouped  # the bench's grouped shapes (uneven counts): tiles, pairs
     python scripts/sweep_fp8_gemm.py --masked   # only the masked ones of those
+    python scripts/sweep_fp8_gemm.py --1d1d     # the 1D1D recipe on the wgrad shapes: tiles, pairs
 """
 
 import argparse
+import concurrent.futures
 import functools
+import os
 
 import torch
 
@@ -65,6 +68,41 @@ def grouped_candidates(kind: GemmType, expected_m: int, n: int, k: int, facts: D
     return configs
 
 
+def wgrad_candidates(facts: DeviceFacts) -> set:
+    """1D1D tiles (FP32 accumulated into D): BLOCK_M 64 or 128, every BLOCK_N the kernel allows, each
+    alone and in pairs sharing B or A."""
+    configs = set()
+    for block_m in (64, 128):
+        for block_n in range(32, 129, 16):
+            if fp8_gemm.valid_block_n(block_n, 4):
+                stages = fp8_gemm.stages_for(block_m, block_n, 4, 1, facts, sfb_per_column=True)
+                for cluster_m, cluster_n in ((1, 1), (2, 1), (1, 2)):
+                    configs.add(Fp8GemmConfig(block_m, block_n, stages, True, True, cluster_m, cluster_n=cluster_n,
+                                              sfb_per_column=True))
+    return configs
+
+
+def sweep_wgrad(facts: DeviceFacts) -> None:
+    """The bench's 1D1D shapes (D += A @ B^T) in each candidate config, beside DeepGEMM."""
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # compiles first, on every core
+        list(pool.map(fp8_gemm.build, wgrad_candidates(facts)))
+    peer = bench.deep_gemm()
+    for m, n, k in bench.WGRAD_SHAPES:
+        a, sfa = moegemm.per_token_cast_to_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        b, sfb = moegemm.per_token_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+        sfb = moegemm.get_mn_major_tma_aligned_tensor(sfb)
+        d = torch.randn(m, n, device="cuda")
+        desc = fp8_gemm.describe(GemmType.NORMAL, a, b, d, accumulate=True, recipe=fp8_gemm.RECIPE_1D1D)
+        chosen = fp8_gemm.plan(desc, a, b, d, facts).config
+        plans = (fp8_gemm.plan(desc, a, b, d, facts, config)
+                 for config in sorted(wgrad_candidates(facts) | {chosen}, key=name))
+        launches = ((plan.config, functools.partial(plan.launch, a, sfa, b, sfb, d)) for plan in plans)
+        call = None
+        if peer is not None:
+            call = functools.partial(peer.fp8_gemm_nt, (a, sfa), (b, sfb), d, d, recipe=(1, 1, 128))
+        print(bench.sweep_line(f"1d1d {m:5d} {n:6d} {k:6d}", launches, chosen, name, call, iters=10), flush=True)
+
+
 def name(config: Fp8GemmConfig) -> str:
     pair = "cm2" if config.cluster_m > 1 else "cn2" if config.cluster_n > 1 else ""
     return f"m{config.block_m}n{config.block_n}k{config.split_k}{pair}{'f32' if config.out_fp32 else ''}"
@@ -104,8 +142,12 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="M = 4096 instead of M in {1, 64, 128}")
     parser.add_argument("--grouped", action="store_true", help="the grouped bench shapes")
     parser.add_argument("--masked", action="store_true", help="the masked ones of the grouped bench shapes")
+    parser.add_argument("--1d1d", dest="wgrad", action="store_true", help="the 1D1D recipe on the wgrad shapes")
     args = parser.parse_args()
     facts = device_facts(torch.cuda.current_device())
+    if args.wgrad:
+        sweep_wgrad(facts)
+        return
     if args.grouped or args.masked:
         sweep_grouped(facts, masked_only=args.masked)
         return
