@@ -69,16 +69,17 @@ def grouped_candidates(kind: GemmType, expected_m: int, n: int, k: int, facts: D
 
 
 def wgrad_candidates(facts: DeviceFacts) -> set:
-    """1D1D tiles (FP32 accumulated into D): BLOCK_M 64 or 128, every BLOCK_N the kernel allows, each
-    alone and in pairs sharing B or A."""
+    """1D1D tiles (FP32 accumulated into D): 128 rows by 96 to 160 columns, each alone and in pairs
+    sharing B or A, and 64 rows by 128 or 152 columns alone."""
     configs = set()
-    for block_m in (64, 128):
-        for block_n in range(32, 129, 16):
-            if fp8_gemm.valid_block_n(block_n, 4):
+    for block_m, block_ns, pairs in ((128, range(96, 161, 8), ((1, 1), (2, 1), (1, 2))), (64, (128, 152), ((1, 1),))):
+        for block_n in block_ns:
+            if fp8_gemm.valid_block_n(block_n, 4, sfb_per_column=True):
                 stages = fp8_gemm.stages_for(block_m, block_n, 4, 1, facts, sfb_per_column=True)
-                for cluster_m, cluster_n in ((1, 1), (2, 1), (1, 2)):
-                    configs.add(Fp8GemmConfig(block_m, block_n, stages, True, True, cluster_m, cluster_n=cluster_n,
-                                              sfb_per_column=True))
+                for cluster_m, cluster_n in pairs:
+                    if cluster_m == 1 or block_n % 16 == 0:  # multicast halves of B: whole swizzle groups
+                        configs.add(Fp8GemmConfig(block_m, block_n, stages, True, True, cluster_m,
+                                                  cluster_n=cluster_n, sfb_per_column=True))
     return configs
 
 

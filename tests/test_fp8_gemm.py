@@ -332,6 +332,30 @@ def test_1d1d_kernel(m, n, k, seed):
     assert_close(d, expected(a, b, c))
 
 
+# 1D1D tiles: swizzled D chunks (BLOCK_N a multiple of 32) and one plain D box (BLOCK_N = 16j + 8), up
+# to 160 columns, alone and in pairs sharing B or A.
+WGRAD_CONFIGS = [
+    Fp8GemmConfig(block_m, block_n, fp8_gemm.stages_for(block_m, block_n, 4, 1, H100, sfb_per_column=True), True,
+                  True, cluster_m, cluster_n=cluster_n, sfb_per_column=True)
+    for block_m, block_n, cluster_m, cluster_n in ((64, 40, 1, 1), (64, 152, 1, 1), (128, 64, 2, 1), (128, 136, 1, 1),
+                                                   (128, 152, 1, 2), (128, 160, 2, 1), (128, 24, 1, 1))]
+
+
+@gpu
+@pytest.mark.parametrize("config", WGRAD_CONFIGS, ids=fp8_gemm.kernel_name)
+def test_1d1d_every_tile(config, seed):
+    """Ragged rows, columns and K, and few SMs (each CTA takes many tiles): D += A @ B^T exactly once."""
+    m, n, k = 300, 1000, 1040
+    _, _, a, b = make_1d1d_inputs(m, n, k)
+    sfa, sfb = get_mn_major_tma_aligned_tensor(a[1]), get_mn_major_tma_aligned_tensor(b[1])
+    c = torch.randn(m, n, device="cuda")
+    for num_sms in (None, 6):
+        d = c.clone()
+        desc = fp8_gemm.describe(GemmType.NORMAL, a[0], b[0], d, accumulate=True, recipe=fp8_gemm.RECIPE_1D1D)
+        fp8_gemm.plan(desc, a[0], b[0], d, gpu_facts(num_sms), config).launch(a[0], sfa, b[0], sfb, d)
+        assert_close(d, expected(a, b, c))
+
+
 @pytest.mark.parametrize("mutate,error,match", [
     (lambda a, b, d: ((a[0].to(torch.bfloat16), a[1]), b, d), TypeError, "a: expected dtype"),
     (lambda a, b, d: (a, (b[0], b[1].double()), d), TypeError, "sfb: expected dtype"),

@@ -121,12 +121,13 @@ def _test_module(name: str):
 
 
 def _explicit_configs() -> list:
-    """The configs the GPU tests force (test_fp8_gemm.CONFIGS, test_fp8_grouped_gemm.EVERY_CONFIG): they
-    must compile too."""
+    """The configs the GPU tests force (test_fp8_gemm.CONFIGS and WGRAD_CONFIGS,
+    test_fp8_grouped_gemm.EVERY_CONFIG): they must compile too."""
     grouped_tests = _test_module("test_fp8_grouped_gemm")
     grouped = [dataclasses.replace(config, gemm_type=grouped_tests.KINDS[kind])
                for config, kind in grouped_tests.EVERY_CONFIG]
-    return _test_module("test_fp8_gemm").CONFIGS + grouped
+    dense_tests = _test_module("test_fp8_gemm")
+    return dense_tests.CONFIGS + dense_tests.WGRAD_CONFIGS + grouped
 
 
 ALL_CONFIGS = _fp8_configs() + _bf16_configs() + _hc_prenorm_configs() + _fp8_fp4_configs()

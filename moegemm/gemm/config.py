@@ -56,7 +56,7 @@ class GemmConfig:
     @property
     def store_cols(self) -> int:
         chunk = 128 // self.out_bytes
-        return chunk if self.out_cols >= chunk else self.out_cols
+        return chunk if self.out_cols % chunk == 0 else self.out_cols
 
     def cpp_common_args(self) -> str:
         """GemmConfigBase's arguments from the stages on, as a family's config template takes them."""

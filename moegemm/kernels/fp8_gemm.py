@@ -79,11 +79,16 @@ def smem_bytes(block_m: int, block_n: int, stages: int, out_bytes: int, split_k:
     return smem_layout_bytes(block_m, block_n, stages, out_bytes, split_k, stage)
 
 
-def valid_block_n(block_n: int, out_bytes: int, split_k: int = 1) -> bool:
-    """BLOCK_N values the kernel supports (its static_asserts, and the register budget)."""
+def valid_block_n(block_n: int, out_bytes: int, split_k: int = 1, sfb_per_column: bool = False) -> bool:
+    """BLOCK_N values the kernel supports (its static_asserts, and the register budget). 1D1D (FP32
+    out): up to 160 columns, stored in swizzled chunks, or (as DeepGEMM does) in one plain box whose
+    rows lie 32 or 96 bytes apart modulo 128, so that the staging writes meet no bank conflicts."""
     chunk = 128 // out_bytes
     low_bit = block_n & -block_n
     out_cols = block_n // split_k
+    if sfb_per_column:
+        return block_n % 8 == 0 and 8 <= block_n <= 160 and (block_n < chunk or block_n % chunk == 0 or
+                                                               block_n % 16 == 8)
     return (block_n % (8 * split_k) == 0 and 8 <= block_n <= 192
             and (out_cols < chunk or out_cols % chunk == 0)
             and (block_n <= 128 or block_n % 128 == 0 or block_n <= 128 + low_bit))
@@ -102,20 +107,22 @@ def stages_for(block_m: int, block_n: int, out_bytes: int, split_k: int, facts: 
     return min(stages, max(MIN_CAPPED_STAGES, B_BYTES_IN_FLIGHT // (block_n * BLOCK_K)))
 
 
-def _math_efficiency(block_m: int, block_n: int, grouped: bool = False) -> float:
+def _math_efficiency(block_m: int, block_n: int, grouped: bool = False, sfb_per_column: bool = False) -> float:
     """Share of the tensor-core rate a tile keeps. The per-K-block promotion costs about as much as 32
     columns of WGMMA; with one math warpgroup (BLOCK_M = 64) nothing hides it; with three (BLOCK_M =
     192) each B tile loaded serves 192 rows, fitted as a promotion worth 24 columns. A tile over two
     SFB blocks chooses its columns' scales once per run of gcd(BLOCK_N, 128) columns sharing one:
     runs of 8 or 16 columns make that promotion dearer than runs of 32 or more. Grouped 128 x 192
     tiles (runs of 64) pay nothing for it: refitted to the grouped sweep of BENCHMARKS.md, 2026-12-06
-    (twenty-first session); the dense factor awaits its own sweep."""
+    (twenty-first session); the dense factor awaits its own sweep. 1D1D tiles scale every column by
+    its own scale, whatever the SFB blocks: no choice to pay for."""
     if block_m == 192:
         return block_n / (block_n + 24)
     if block_m == 256:
         return block_n / (block_n + SLABS_PROMOTION_COLUMNS)
     run = math.gcd(block_n, 128)
-    promotion = 1.0 if sfb_rows(block_n) == 1 or (grouped and run >= 64) else 0.85 if run >= 32 else 0.75
+    uniform = sfb_rows(block_n) == 1 or sfb_per_column
+    promotion = 1.0 if uniform or (grouped and run >= 64) else 0.85 if run >= 32 else 0.75
     return block_n / (block_n + 32) * (1.0 if block_m == 128 else 0.7) * promotion
 
 
@@ -130,7 +137,7 @@ class Fp8CostTerms:
 
     def tiles(self, desc: GemmDesc, facts: DeviceFacts) -> Iterator[Tile]:
         kind = desc.gemm_type
-        # 1D1D: a K block's column scales take registers of their own: 64 or 128 rows, 128 columns at
+        # 1D1D: a K block's column scales take registers of their own: 64 or 128 rows, 160 columns at
         # most, no split-K (sm90_fp8_gemm.cuh's static_assert).
         per_column = desc.recipe == RECIPE_1D1D
         for block_m in self.block_ms:
@@ -138,12 +145,12 @@ class Fp8CostTerms:
                 continue
             # Three math warpgroups, or two of two slabs, have registers for 128 columns at most. Over
             # 128 columns, grouped tiles take 192 only (BENCHMARKS.md, 2026-12-06, twenty-first session).
-            wide = (block_m == 128 or (block_m < 128 and not kind.grouped)) and not per_column
-            for block_n in range(8, (192 if wide else 128) + 1, 8):
+            wide = block_m == 128 or (block_m < 128 and not kind.grouped)
+            for block_n in range(8, (160 if per_column else 192 if wide else 128) + 1, 8):
                 if kind.grouped and 128 < block_n < 192:
                     continue
-                if valid_block_n(block_n, desc.out_bytes) and stages_for(block_m, block_n, desc.out_bytes, 1,
-                                                                         facts, per_column) >= 3:
+                if valid_block_n(block_n, desc.out_bytes, 1, per_column) and \
+                        stages_for(block_m, block_n, desc.out_bytes, 1, facts, per_column) >= 3:
                     yield Tile(block_m, block_n)
                     # Pairs that share an operand, B (stacked along M) or A (side by side), for dense
                     # GEMMs with whole A tiles and SMs for a pair; contiguous GEMMs whose experts hold
@@ -168,10 +175,12 @@ class Fp8CostTerms:
 
     def tensor_seconds(self, desc: GemmDesc, tile: Tile) -> float:
         flops = 2 * tile.block_m * tile.block_n * BLOCK_K
-        return flops / (FP8_FLOPS_PER_SM * _math_efficiency(tile.block_m, tile.block_n, desc.gemm_type.grouped))
+        efficiency = _math_efficiency(tile.block_m, tile.block_n, desc.gemm_type.grouped, desc.recipe == RECIPE_1D1D)
+        return flops / (FP8_FLOPS_PER_SM * efficiency)
 
     def latency_seconds(self, desc: GemmDesc, tile: Tile) -> float:
-        latency = K_BLOCK_LATENCY_S + (TWO_SFB_ROWS_LATENCY_S if sfb_rows(tile.block_n) == 2 else 0.0)
+        two_rows = sfb_rows(tile.block_n) == 2 and desc.recipe != RECIPE_1D1D
+        latency = K_BLOCK_LATENCY_S + (TWO_SFB_ROWS_LATENCY_S if two_rows else 0.0)
         if desc.gemm_type is GemmType.NORMAL and desc.m > tile.block_m and desc.m % tile.block_m:
             latency += PARTIAL_ROWS_LATENCY_S
         return latency

@@ -113,11 +113,11 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
                   "BLOCK_M is 64 or 128 (one or two math warpgroups), or 192 or 256 (three warpgroups, or two of "
                   "two slabs: BLOCK_N <= 128, no split-K, not for the contiguous kinds, whose experts are 128-row "
                   "aligned)");
-    static_assert(kBlockN <= 128 || kBlockN % 128 == 0 || kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
+    static_assert(kSfbPerColumn || kBlockN <= 128 || kBlockN % 128 == 0 || kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
                   "a tile may span at most two 128-wide SFB blocks");
-    static_assert(!kSfbPerColumn || (kNumMathWarpgroups <= 2 && kSlabs == 1 && kBlockN <= 128 && kOutFp32_ &&
+    static_assert(!kSfbPerColumn || (kNumMathWarpgroups <= 2 && kSlabs == 1 && kBlockN <= 160 && kOutFp32_ &&
                                      kType == GemmType::kNormal),
-                  "per-column SFB: BLOCK_M 64 or 128, BLOCK_N <= 128, FP32 out, dense");
+                  "per-column SFB: BLOCK_M 64 or 128, BLOCK_N <= 160, FP32 out, dense");
 };
 
 // The tile's first SFB row (of all experts' [G * ceil(N/128), ceil(K/128)] rows).

@@ -42,12 +42,13 @@ struct GemmConfigBase {
     static constexpr u32 kNumMathThreads = 128 * kNumMathWarpgroups;
     static constexpr u32 kNumThreads = kNumMathThreads + 128;
 
-    // The output staged for TMA: D's descriptor boxes are kStoreCols columns by 64 rows.
+    // The output staged for TMA: D's descriptor boxes are kStoreCols columns by 64 rows, 128-byte
+    // swizzled chunks where the slice is whole chunks, else one plain box of the slice's columns.
     static constexpr u32 kOutBytes = kOutFp32 ? 4 : 2;
     static constexpr u32 kChunkCols = 128 / kOutBytes;
     // Columns of the tile this CTA stores: its slice under split-K.
     static constexpr u32 kOutCols = kBlockN / kSplitK;
-    static constexpr bool kSwizzleD = kOutCols >= kChunkCols;
+    static constexpr bool kSwizzleD = kOutCols % kChunkCols == 0;
     static constexpr u32 kStoreCols = kSwizzleD ? kChunkCols : kOutCols;
 
     static constexpr u32 kStageRowBytes = kBlockK * kOperandBytes;  // one row of A or B in a stage
@@ -76,7 +77,7 @@ struct GemmConfigBase {
                   "split-K reduce handle one slab)");
     static_assert(kStageRowBytes == 128, "stage rows are one 128-byte swizzle row");
     static_assert(kBlockN % 8 == 0 && kBlockN >= 8 && kBlockN <= 256, "WGMMA needs N in [8, 256], N % 8 == 0");
-    static_assert(!kSwizzleD || kOutCols % kChunkCols == 0, "wide tiles store whole 128-byte chunks");
+    static_assert(kOutCols * kOutBytes % 16 == 0 && kStoreCols <= 256, "a TMA box: 16-byte rows, <= 256 columns");
     static_assert(kBlockN % (8 * kSplitK) == 0, "split-K slices are whole 8-column groups");
     static_assert(kSplitK >= 1 && kSplitK <= 8 && (kMulticast == 1 || kSplitK == 1), "portable clusters of <= 8");
     static_assert(kMulticast <= 2, "multicast within a CTA pair: the peer is rank ^ 1");
