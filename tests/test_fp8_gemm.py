@@ -668,6 +668,44 @@ def test_k_grouped_kernel(ks, m, n, seed):
     assert_close(d, k_grouped_expected(a, b, ks, c))
 
 
+K_GROUPED_CONFIGS = [
+    Fp8GemmConfig(block_m, block_n, fp8_gemm.stages_for(block_m, block_n, 4, 1, H100, sfb_per_column=True), True,
+                  True, gemm_type=GemmType.K_GROUPED, sfb_per_column=True)
+    for block_m, block_n in ((64, 104), (128, 128), (128, 152), (128, 160))]
+
+
+@gpu
+@pytest.mark.parametrize("config", K_GROUPED_CONFIGS, ids=fp8_gemm.kernel_name)
+def test_k_grouped_every_tile(config, seed):
+    """Each tile over ragged M and N and experts of 0 to 640 tokens, on every SM and on 3 (each CTA
+    then takes tiles of many experts in turn, rewriting its ring of expert descriptors many times)."""
+    ks = [0, 128, 640, 0, 256] + [128] * 12 + [384, 0]
+    m, n = 200, 328
+    a, b = make_k_grouped_inputs(ks, m, n)
+    sfa, sfb = get_mn_major_tma_aligned_tensor(a[1]), get_mn_major_tma_aligned_tensor(b[1])
+    layout = torch.tensor(ks, dtype=torch.int32, device="cuda")
+    c = torch.randn(len(ks), m, n, device="cuda")
+    for num_sms in (None, 3):
+        d = c.clone()
+        plan, map_bytes = fp8_gemm.k_grouped_plan(m, n, sum(ks), d, gpu_facts(num_sms), config)
+        maps = torch.full((map_bytes,), 255, dtype=torch.uint8, device="cuda")
+        plan.launch(a[0], sfa, b[0], sfb, d, layout, maps)
+        assert_close(d, k_grouped_expected(a, b, ks, c))
+
+
+@gpu
+def test_k_grouped_bad_layout_stays_in_bounds(seed):
+    """Lengths the host list does not match, negative or misaligned ones: the kernel clamps them and
+    finishes (a wrong result, no fault)."""
+    ks = [256, 128]
+    a, b = make_k_grouped_inputs(ks, 64, 64)
+    d = torch.zeros(2, 64, 64, device="cuda")
+    for values in ([100, 1000], [-128, 4096], [24, 8]):
+        moegemm.k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, torch.tensor(values, dtype=torch.int32, device="cuda"))
+        torch.cuda.synchronize()
+    assert not torch.isnan(d).any()
+
+
 @gpu
 @pytest.mark.parametrize("block_m,block_n", [(64, 64), (128, 128), (128, 192), (192, 128), (256, 128)])
 @pytest.mark.parametrize("accumulate", [False, True])

@@ -34,6 +34,10 @@ def _fp8_configs() -> list:
     for m, n, k in ((7168, 2112, 4096), (1536, 24576, 4096), (4096, 7168, 16384), (1, 256, 512), (129, 136, 7168)):
         desc = GemmDesc(GemmType.NORMAL, m, n, k, out_dtype=torch.float32, accumulate=True, recipe=(1, 1, 128))
         grid.add(fp8_gemm.select_config(desc, H100))
+    for groups, m, n, k in ((8, 4096, 7168, 5008), (16, 7168, 2048, 4616), (4, 128, 256, 256)):
+        desc = GemmDesc(GemmType.K_GROUPED, m, n, k, groups, out_dtype=torch.float32, accumulate=True,
+                        recipe=(1, 1, 128))
+        grid.add(fp8_gemm.select_config(desc, H100))
     for kind in (GemmType.CONTIGUOUS, GemmType.PSUM, GemmType.MASKED):
         for m, groups in ((1, 32), (32, 32), (160, 32), (256, 32), (4096, 8), (8192, 4)):
             for n, k in ((4096, 7168), (7168, 2048), (576, 512)):
@@ -121,13 +125,13 @@ def _test_module(name: str):
 
 
 def _explicit_configs() -> list:
-    """The configs the GPU tests force (test_fp8_gemm.CONFIGS and WGRAD_CONFIGS,
+    """The configs the GPU tests force (test_fp8_gemm.CONFIGS, WGRAD_CONFIGS and K_GROUPED_CONFIGS,
     test_fp8_grouped_gemm.EVERY_CONFIG): they must compile too."""
     grouped_tests = _test_module("test_fp8_grouped_gemm")
     grouped = [dataclasses.replace(config, gemm_type=grouped_tests.KINDS[kind])
                for config, kind in grouped_tests.EVERY_CONFIG]
     dense_tests = _test_module("test_fp8_gemm")
-    return dense_tests.CONFIGS + dense_tests.WGRAD_CONFIGS + grouped
+    return dense_tests.CONFIGS + dense_tests.WGRAD_CONFIGS + dense_tests.K_GROUPED_CONFIGS + grouped
 
 
 ALL_CONFIGS = _fp8_configs() + _bf16_configs() + _hc_prenorm_configs() + _fp8_fp4_configs()

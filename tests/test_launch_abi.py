@@ -125,7 +125,7 @@ def test_launch_record_layout_matches_launch_c(tmp_path, monkeypatch):
     header, *specs, block = decoded.decode().split("\n")[:-1]
 
     assert [int(x) for x in header.split()] == [
-        0x1234_5678_9ABC, 132, 1, 1, 384, 1, 1, 2, 1, 1, 200_000, 1, 2, 320, 2, 264, 280, 0, 0, 2, 0, 0, 0]
+        0x1234_5678_9ABC, 132, 1, 1, 384, 1, 1, 2, 1, 1, 200_000, 1, 2, 320, 2, 264, 280, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0]
     assert [tuple(int(x) for x in spec.split()) for spec in specs] == [(*tma["x"], 0, 1), (*tma["y"], 128, 0)]
     assert bytes.fromhex(block) == bytes(256) + struct.pack("<I4xQQQI28x", 11, 0, 22, 0, 33)
     with pytest.raises(ValueError, match="expected"):

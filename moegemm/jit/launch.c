@@ -37,7 +37,7 @@ typedef mg_result (*launch_ex_fn)(const mg_launch_config *, void *, void **, voi
  * block. Device pointers change from call to call, so they are not in the record but passed to
  * mg_launch as the kernel's operands, in the order of its ParamsLayout: each TMA spec and each
  * pointer member of the parameter block names the operand whose address it takes. */
-enum { MG_MAX_PARAM_POINTERS = 4, MG_MAX_POINTERS = 8 };
+enum { MG_MAX_PARAM_POINTERS = 6, MG_MAX_POINTERS = 8 };
 typedef struct {
     uint64_t function;
     uint32_t grid[3], block[3], cluster[3];
@@ -55,7 +55,7 @@ typedef struct {
     uint32_t operand; /* whose address the descriptor takes */
 } mg_tma_spec;
 
-_Static_assert(sizeof(mg_header) == 96, "record header layout");
+_Static_assert(sizeof(mg_header) == 112, "record header layout");
 _Static_assert(sizeof(mg_tma_spec) == 80, "record TMA spec layout");
 
 static encode_tiled_fn encode_tiled;

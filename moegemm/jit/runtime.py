@@ -29,12 +29,12 @@ from .. import env
 from .compiler import Build, CompileError, cache_subdir
 from .compiler import build as compile_source
 
-_HEADER = "Q9I5I4I4I"
+_HEADER = "Q9I5I6I6I"
 _TMA_SPEC = "3Q3Q3I5I"
 MAX_POINTERS = 8  # MG_MAX_POINTERS in launch.c: operands a launch passes
 TMA_DESCRIPTOR_BYTES = 128
 MAX_PARAM_BYTES = 4096
-MAX_PARAM_POINTERS = 4  # MG_MAX_PARAM_POINTERS in launch.c
+MAX_PARAM_POINTERS = 6  # MG_MAX_PARAM_POINTERS in launch.c
 
 # CUtensorMapDataType and CUtensorMapSwizzle values (checked against cuda.h in the tests).
 TMA_DTYPES = {torch.uint8: 0, torch.int8: 0, torch.float8_e4m3fn: 0, torch.int32: 3, torch.float32: 7,

@@ -22,7 +22,16 @@ from ..gemm.desc import GemmDesc, GemmType
 from ..gemm.heuristic import Tile
 from ..intmath import align, ceil_div, get_tma_aligned_size
 from ..jit import compiler
-from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d, tma_3d
+from ..jit.runtime import (
+    SWIZZLE_128B,
+    SWIZZLE_NONE,
+    TMA_DESCRIPTOR_BYTES,
+    KernelFamily,
+    ParamsLayout,
+    Slot,
+    tma_2d,
+    tma_3d,
+)
 
 BLOCK_K = 128
 SFB_SLOT_BYTES = 128  # per stage and SFB row: a TMA box of SFB, aligned as TMA destinations must be
@@ -44,13 +53,15 @@ CONTIGUOUS_ALIGNMENT = 128  # kContiguousAlignment in sm90/scheduler.cuh: rows p
 ROUTING_HEADROOM = 1.3
 RECIPE_1D1D = (1, 1, 128)  # B scaled per 1x128 block of its rows like A (weight gradients): FP32 out
 
-# Fp8GemmParams in sm90_fp8_gemm.cuh, member by member; a launch passes OPERANDS' addresses in order.
-OPERANDS = ("a", "b", "sfa", "sfb", "d", "groups")
+# Fp8GemmParams in sm90_fp8_gemm.cuh, member by member; a launch passes OPERANDS' addresses in order
+# ("maps": the K-grouped kind's workspace of per-expert descriptors, k_grouped_plan).
+OPERANDS = ("a", "b", "sfa", "sfb", "d", "groups", "maps")
 PARAMS = ParamsLayout("moegemm::Fp8GemmParams", (
     Slot("tma_a", "tma", "a"), Slot("tma_b", "tma", "b"), Slot("tma_sfa", "tma", "sfa"), Slot("tma_d", "tma", "d"),
     Slot("tma_sfb", "tma", "sfb"), Slot("groups", "ptr", "groups"), Slot("d", "ptr", "d"),
     *(Slot(name, "u32") for name in ("m", "n", "k", "stage_bytes", "k_blocks_per_split", "num_groups", "ld_d",
-                                      "sfb_box_rows"))), OPERANDS)
+                                      "sfb_box_rows")),
+    Slot("a_data", "ptr", "a"), Slot("b_data", "ptr", "b"), Slot("expert_maps", "ptr", "maps")), OPERANDS)
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ class Fp8CostTerms:
             # 128 columns, grouped tiles take 192 only (BENCHMARKS.md, 2026-12-06, twenty-first session).
             wide = block_m == 128 or (block_m < 128 and not kind.grouped)
             for block_n in range(8, (160 if per_column else 192 if wide else 128) + 1, 8):
-                if kind.grouped and 128 < block_n < 192:
+                if kind.grouped and not per_column and 128 < block_n < 192:
                     continue
                 if valid_block_n(block_n, desc.out_bytes, 1, per_column) and \
                         stages_for(block_m, block_n, desc.out_bytes, 1, facts, per_column) >= 3:
@@ -227,11 +238,12 @@ build = KERNELS.build
 
 class Plan(GemmPlan):
     def launch(self, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
-               groups: torch.Tensor | None = None) -> None:
+               groups: torch.Tensor | None = None, maps: torch.Tensor | None = None) -> None:
         """Run on inputs of the planned signature (``sfa`` M-major TMA-aligned, ``sfb`` contiguous, both
-        16-byte aligned; ``groups`` the grouped kinds' int32 layout or masked_m)."""
+        16-byte aligned; ``groups`` the grouped kinds' int32 layout or masked_m, or K-grouped's
+        segment lengths; ``maps`` K-grouped's workspace, of the bytes k_grouped_plan gives)."""
         self.launch_pointers(d.get_device(), a.data_ptr(), b.data_ptr(), sfa.data_ptr(), sfb.data_ptr(), d.data_ptr(),
-                             0 if groups is None else groups.data_ptr())
+                             0 if groups is None else groups.data_ptr(), 0 if maps is None else maps.data_ptr())
 
 
 def a_side_tma(config: GemmConfig, a: torch.Tensor, d: torch.Tensor, rows: int, group_rows: int,
@@ -337,6 +349,40 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
                 _record(config, grid, a, b, d, rows, group_rows, desc.num_groups, pdl))
 
 
+def k_grouped_plan(m: int, n: int, sum_k: int, d: torch.Tensor, facts: DeviceFacts,
+                   config: Fp8GemmConfig | None = None, pdl: bool = False) -> tuple[Plan, int]:
+    """The plan of a K-grouped GEMM (MoE weight gradients, the 1D1D recipe): ``D[g] += A_g @ B_g^T`` for
+    D float32 [G, M, N] (row-major), A_g [M, k_g] and B_g [N, k_g] K-major, each expert's block after
+    the previous one's, SFA [sum_k / 128, M'] and SFB [sum_k / 128, N'] M- and N-major (TMA-aligned);
+    the segment lengths k_g (multiples of 128) are read on the GPU. One persistent launch: the
+    producer rebases A's and B's descriptors per expert (ExpertMaps in sm90/pipeline.cuh), into a
+    workspace whose size in bytes comes with the plan."""
+    num_groups = d.shape[0]
+    desc = GemmDesc(GemmType.K_GROUPED, m, n, max(sum_k // max(num_groups, 1), BLOCK_K), num_groups,
+                    out_dtype=torch.float32, accumulate=True, recipe=RECIPE_1D1D)
+    if config is None:
+        config = select_config(desc, facts)
+    config, grid = settle(config, desc, m, m, facts, "fp8")
+    k_blocks = ceil_div(sum_k, BLOCK_K)
+    a_rows = min(config.block_m, m if m < 8 else align(m, 8))
+    sfa_rows = min(config.block_m, align(m, 4))
+    d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
+    # A's and B's descriptors are the experts' templates: the kernel sets address, K and row pitch.
+    tma = {"tma_a": tma_2d(torch.float8_e4m3fn, BLOCK_K, m, BLOCK_K, BLOCK_K, a_rows, SWIZZLE_128B),
+           "tma_b": tma_2d(torch.float8_e4m3fn, BLOCK_K, n, BLOCK_K, BLOCK_K, config.block_n, SWIZZLE_128B),
+           "tma_sfa": tma_2d(torch.float32, m, k_blocks, get_tma_aligned_size(m, 4) * 4, sfa_rows, 1, SWIZZLE_NONE),
+           "tma_sfb": tma_2d(torch.float32, n, k_blocks, get_tma_aligned_size(n, 4) * 4, config.block_n, 1,
+                             SWIZZLE_NONE),
+           "tma_d": tma_3d(torch.float32, (n, m, num_groups), (d.stride(1) * 4, d.stride(0) * 4),
+                           (config.store_cols, 64, 1), d_swizzle)}
+    stage_bytes = a_rows * BLOCK_K + sfa_rows * 4 + config.block_n * (BLOCK_K + 4)
+    values = dict(m=m, n=n, k=sum_k, stage_bytes=stage_bytes, k_blocks_per_split=k_blocks, num_groups=num_groups,
+                  ld_d=d.stride(1), sfb_box_rows=1)
+    kernel = KERNELS.kernel(config)
+    expert_map_bytes = grid * (config.stages + 1) * 2 * TMA_DESCRIPTOR_BYTES  # ExpertMaps::kSlots pairs per CTA
+    return Plan(config, kernel, kernel.record(grid, tma, values, pdl=pdl)), expert_map_bytes
+
+
 def row_counts(desc: GemmDesc, a: torch.Tensor) -> tuple[int, int]:
     """A's rows as the kernels see them ([rows, K]) and the rows per expert (masked: max_M)."""
     if desc.gemm_type is GemmType.BATCHED:  # the grid counts one product's rows
@@ -353,5 +399,5 @@ def planned_desc(desc: GemmDesc, group_rows: int) -> GemmDesc:
 
 
 __all__ = ["CONTIGUOUS_ALIGNMENT", "OPERANDS", "PARAMS", "RECIPE_1D1D", "Fp8GemmConfig", "Plan", "a_side_tma",
-           "activation_tma", "build", "describe", "generate_source", "kernel_name", "plan", "planned_desc",
-           "row_counts", "select_config", "stages_for"]
+           "activation_tma", "build", "describe", "generate_source", "k_grouped_plan", "kernel_name", "plan",
+           "planned_desc", "row_counts", "select_config", "stages_for"]

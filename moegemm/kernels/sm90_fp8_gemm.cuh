@@ -52,6 +52,11 @@ struct Fp8GemmParams {
     u32 num_groups;
     u32 ld_d;  // elements between rows of D
     u32 sfb_box_rows;  // SFB rows one box of tma_sfb holds: 1 (flat view) or 2 (2-D view)
+    // kKGrouped: A and B (each expert's [M, k_g] and [N, k_g] blocks back to back), and the
+    // workspace of the experts' descriptors (sm90/pipeline.cuh, ExpertMaps)
+    const u8* a_data;
+    const u8* b_data;
+    TmaDescriptor* expert_maps;
 };
 
 template <u32 kBlockM_, u32 kBlockN_, u32 kStages_, u32 kClusterM_, u32 kClusterN_, u32 kSplitK_, bool kOutFp32_,
@@ -113,11 +118,14 @@ struct Fp8GemmConfig : GemmConfigBase<kBlockM_, kBlockN_, 128, 1, kStages_, kClu
                   "BLOCK_M is 64 or 128 (one or two math warpgroups), or 192 or 256 (three warpgroups, or two of "
                   "two slabs: BLOCK_N <= 128, no split-K, not for the contiguous kinds, whose experts are 128-row "
                   "aligned)");
-    static_assert(kSfbPerColumn || kBlockN <= 128 || kBlockN % 128 == 0 || kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
+    static_assert(kSfbPerColumn || kBlockN <= 128 || kBlockN % 128 == 0 ||
+                      kBlockN <= 128 + (kBlockN & (0u - kBlockN)),
                   "a tile may span at most two 128-wide SFB blocks");
     static_assert(!kSfbPerColumn || (kNumMathWarpgroups <= 2 && kSlabs == 1 && kBlockN <= 160 && kOutFp32_ &&
-                                     kType == GemmType::kNormal),
-                  "per-column SFB: BLOCK_M 64 or 128, BLOCK_N <= 160, FP32 out, dense");
+                                     (kType == GemmType::kNormal || kType == GemmType::kKGrouped)),
+                  "per-column SFB: BLOCK_M 64 or 128, BLOCK_N <= 160, FP32 out, dense or K-grouped");
+    static_assert(kType != GemmType::kKGrouped || (kSfbPerColumn && kAccumulate_),
+                  "K-grouped: the 1D1D recipe, added into D");
 };
 
 // The tile's first SFB row (of all experts' [G * ceil(N/128), ceil(K/128)] rows).
@@ -165,16 +173,20 @@ struct Fp8GemmKernel {
     // ---- producer: the scales of each stage --------------------------------------------------------
 
     struct ProducerTile {
-        int sfa_row, sfa_k;  // SFA box coordinates of the tile's rows (without the K block)
-        u32 sfb_row;         // sfb_first_index
+        // SFA box coordinates of the tile's rows (without the K block); kSfbPerColumn's SFB shares
+        // the K coordinate
+        int sfa_row, sfa_k;
+        u32 sfb_row;  // sfb_first_index, or kSfbPerColumn's first column
     };
 
     __device__ __forceinline__ static ProducerTile producer_tile(const Params& p, const Tile& tile, u32 num_k_blocks) {
-        // SFA is [ceil(K/128), rows] M-major, per expert (product) for kMasked (kBatched).
+        // SFA is [ceil(K/128), rows] M-major, per expert (product) for kMasked (kBatched); kKGrouped's
+        // [sum_K / 128, M] and SFB's [sum_K / 128, N] hold the experts' K blocks back to back.
         const bool per_group = Config::kType == GemmType::kMasked || Config::kType == GemmType::kBatched;
         ProducerTile t;
         t.sfa_row = per_group ? tile.m_block * BM : tile.row;
-        t.sfa_k = per_group ? tile.group * num_k_blocks : 0;
+        t.sfa_k = per_group ? tile.group * num_k_blocks
+                            : Config::kType == GemmType::kKGrouped ? tile.k_first / Config::kBlockK : 0;
         t.sfb_row = Config::kSfbPerColumn ? tile.n_block * BN : sfb_first_index(tile, BN, p.n, num_k_blocks);
         return t;
     }
@@ -186,7 +198,8 @@ struct Fp8GemmKernel {
         float* smem_sfb = smem_sfa + Config::kStages * BM;
         tma_load_2d(smem_sfa + s * BM, &p.tma_sfa, full, t.sfa_row, t.sfa_k + k_block);
         if constexpr (Config::kSfbPerColumn) {
-            tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, full, int(t.sfb_row), int(k_block));
+            tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, full, int(t.sfb_row),
+                        t.sfa_k + int(k_block));
         } else if (Config::kSfbRows == 2 && p.sfb_box_rows == 2) {
             tma_load_2d(smem_sfb + s * Config::kSfbSlotBytes / 4, &p.tma_sfb, full,
                         k_block / Config::kSfbBoxK * Config::kSfbBoxK, sfb_first_row(tile, BN, p.n));

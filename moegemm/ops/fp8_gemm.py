@@ -372,6 +372,85 @@ def m_grouped_fp8_gemm_nt_masked(a: tuple[torch.Tensor, torch.Tensor], b: tuple[
 # ---- the K-grouped GEMM of expert weight gradients -----------------------------------------------------------
 
 
+def _check_k_grouped(a, sfa, b, sfb, d, grouped_layout, c) -> None:
+    """Dtypes, shapes and devices; sum_k is SFA's K blocks times 128 (the public function checked the
+    lengths against it)."""
+    checks.tensor("d", d, FP32, 3)
+    num_groups, m, n = d.shape
+    checks.tensor("sfa", sfa, FP32, 2)
+    checks.tensor("sfb", sfb, FP32, 2)
+    sum_k = sfa.shape[1] * 128
+    checks.shape("sfa", sfa, (m, sum_k // 128))
+    checks.shape("sfb", sfb, (n, sum_k // 128))
+    for name, data, rows in (("a", a, m), ("b", b, n)):
+        checks.tensor(name, data, FP8, data.dim())
+        if data.numel() != sum_k * rows or not data.is_contiguous():
+            raise ValueError(f"{name}: expected {sum_k * rows} contiguous elements (the experts' [{rows}, k_g] "
+                             f"blocks back to back), got shape {tuple(data.shape)}, strides {tuple(data.stride())}")
+    checks.tensor("grouped_layout", grouped_layout, (torch.int32,), 1)
+    checks.shape("grouped_layout", grouped_layout, (num_groups,))
+    tensors = {"a": a, "sfa": sfa, "b": b, "sfb": sfb, "d": d, "grouped_layout": grouped_layout}
+    gemm_common.check_addend(c, d, (num_groups, m, n), tensors)
+    gemm_common.check_cuda(tensors)
+    if d.is_cuda:
+        checks.tma_rows("d", d)
+        if grouped_layout.numel() > 1 and grouped_layout.stride(0) != 1:
+            raise ValueError(f"grouped_layout: expected a contiguous tensor, got stride {grouped_layout.stride(0)}")
+
+
+def _bind_k_grouped(a, sfa, b, sfb, d, grouped_layout, c):
+    names = ("d", "a", "sfa", "b", "sfb", "grouped_layout")
+    pointer_guard = gemm_common.overlap_guard(names, (d, a, sfa, b, sfb, grouped_layout), c)
+    num_groups, m, n = d.shape
+    sum_k = sfa.shape[1] * 128
+
+    def guard(a, sfa, b, sfb, d, grouped_layout, c) -> tuple[int, ...]:
+        """The data pointers (D, A, SFA, B, SFB, layout), checked for overlap, and whether C is a
+        tensor apart from D."""
+        return pointer_guard((d, a, sfa, b, sfb, grouped_layout), c)
+
+    if not d.is_cuda:
+        def run_reference(a, sfa, b, sfb, d, grouped_layout, c):
+            guard(a, sfa, b, sfb, d, grouped_layout, c)
+            reference.k_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, grouped_layout.tolist(), grouped_layout,
+                                                       c)
+        return run_reference
+
+    def start(d, c, separate_c: bool) -> None:
+        """D = C (or 0, an empty sum) before the kernel adds the products in."""
+        if separate_c:
+            d.copy_(c)
+        elif c is None:
+            d.zero_()
+
+    if d.numel() == 0 or sum_k == 0:
+        def run_empty(a, sfa, b, sfb, d, grouped_layout, c):
+            start(d, c, guard(a, sfa, b, sfb, d, grouped_layout, c)[-1])
+        return run_empty
+
+    index = d.get_device()
+    plan, map_bytes = fp8_gemm.k_grouped_plan(m, n, sum_k, d, device.device_facts(index), pdl=device.get_pdl())
+    scales_ready = _sfa_fits(sfa) and _sfa_fits(sfb)
+
+    def run_kernel(a, sfa, b, sfb, d, grouped_layout, c):
+        d_ptr, a_ptr, sfa_ptr, b_ptr, sfb_ptr, groups_ptr, separate_c = guard(a, sfa, b, sfb, d, grouped_layout, c)
+        if (a_ptr | b_ptr | d_ptr) & 15:
+            _check_aligned(a, b, d)
+        if get_check_groups():
+            gemm_common.check_group_values(GemmType.K_GROUPED, grouped_layout, num_groups, sum_k)
+        start(d, c, separate_c)
+        if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
+            sfa_ptr, sfb_ptr = _kernel_sfa(sfa).data_ptr(), _kernel_sfa(sfb).data_ptr()
+        maps = torch.empty(map_bytes, dtype=torch.uint8, device=d.device)
+        plan.launch_pointers(index, a_ptr, b_ptr, sfa_ptr, sfb_ptr, d_ptr, groups_ptr, maps.data_ptr())
+    return run_kernel
+
+
+_K_GROUPED = Op("k_grouped_fp8_gemm_nt_contiguous",
+                "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, Tensor grouped_layout, Tensor? c) -> ()",
+                ("d",), _check_k_grouped, _bind_k_grouped)
+
+
 def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
                                      d: torch.Tensor, ks: list[int], grouped_layout: torch.Tensor,
                                      c: torch.Tensor | None = None,
@@ -386,50 +465,23 @@ def k_grouped_fp8_gemm_nt_contiguous(a: tuple[torch.Tensor, torch.Tensor], b: tu
         b: ``(B, SFB)`` likewise with N.
         d: float32 ``[G, M, N]``, row-major. Overwritten (an expert with no tokens gets C[g], or 0).
         ks: the G segments' lengths on the host, multiples of 128 (0 allowed).
-        grouped_layout: int32 ``[G]`` on the GPU, the same lengths (DeepGEMM's argument; checked for
-            shape and dtype).
+        grouped_layout: int32 ``[G]`` on the GPU, the same lengths, which the kernel reads (never
+            trusted: clamped to sum_k; ``set_check_groups(True)`` has them checked).
         c: optional float32 ``[G, M, N]``; may be ``d`` itself (then D += A @ B^T).
         recipe: (1, 1, 128), the only one.
 
-    Each expert's product runs the 1D1D kernel of ``fp8_gemm_nt`` (one launch per expert with
-    tokens). CPU tensors run the reference.
+    One persistent kernel over every expert's tiles (the 1D1D kernel of ``fp8_gemm_nt``, its A and B
+    descriptors rebased per expert on the GPU). CPU tensors run the reference.
     """
     if tuple(recipe) != fp8_gemm.RECIPE_1D1D:
         raise ValueError(f"recipe: expected (1, 1, 128), got {recipe!r}")
     a_data, sfa, b_data, sfb = _operands(a, b)
     checks.tensor("d", d, FP32, 3)
-    num_groups, m, n = d.shape
-    lengths = checks.k_segments(ks, None, 128)
-    if len(lengths) != num_groups:
-        raise ValueError(f"ks: expected {num_groups} lengths (d's first dim), got {len(lengths)}")
-    sum_k = sum(lengths)
-    for name, data, rows in (("a", a_data, m), ("b", b_data, n)):
-        checks.tensor(name, data, FP8, data.dim())
-        if data.numel() != sum_k * rows or not data.is_contiguous():
-            raise ValueError(f"{name}: expected {sum_k * rows} contiguous elements (the experts' [{rows}, k_g] "
-                             f"blocks back to back), got shape {tuple(data.shape)}, strides {tuple(data.stride())}")
     checks.tensor("sfa", sfa, FP32, 2)
-    checks.tensor("sfb", sfb, FP32, 2)
-    checks.shape("sfa", sfa, (m, sum_k // 128))
-    checks.shape("sfb", sfb, (n, sum_k // 128))
-    checks.tensor("grouped_layout", grouped_layout, (torch.int32,), 1)
-    checks.shape("grouped_layout", grouped_layout, (num_groups,))
-    tensors = {"a": a_data, "sfa": sfa, "b": b_data, "sfb": sfb, "d": d, "grouped_layout": grouped_layout}
-    gemm_common.check_addend(c, d, (num_groups, m, n), tensors)
-    gemm_common.check_cuda(tensors)
-    if not d.is_cuda:
-        reference.k_grouped_fp8_gemm_nt_contiguous((a_data, sfa), (b_data, sfb), d, lengths, grouped_layout, c)
-        return
-    start = 0
-    for group, length in enumerate(lengths):
-        c_g = None if c is None else c[group]
-        if length == 0:  # an empty sum: C[g], or 0
-            if c_g is None:
-                d[group].zero_()
-            elif c_g.data_ptr() != d[group].data_ptr():
-                d[group].copy_(c_g)
-        else:
-            a_g, sfa_g = reference.k_grouped_fp8_segment((a_data, sfa), m, start, length)
-            b_g, sfb_g = reference.k_grouped_fp8_segment((b_data, sfb), n, start, length)
-            _FP8_GEMM_NT(a_g, sfa_g, b_g, sfb_g, d[group], c_g)
-        start += length
+    lengths = checks.k_segments(ks, None, 128)
+    if len(lengths) != d.shape[0]:
+        raise ValueError(f"ks: expected {d.shape[0]} lengths (d's first dim), got {len(lengths)}")
+    if sum(lengths) != 128 * sfa.shape[1]:
+        raise ValueError(f"ks: expected lengths summing to {128 * sfa.shape[1]} (sfa's K blocks times 128), "
+                         f"got {sum(lengths)}")
+    _K_GROUPED(a_data, sfa, b_data, sfb, d, grouped_layout, c)

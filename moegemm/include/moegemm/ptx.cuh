@@ -139,6 +139,32 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const TmaDescriptor* des
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<u64>(desc)) : "memory");
 }
 
+// A 2-D descriptor in global memory made from `base` (a copy of it) for a tensor at `address` whose
+// rows are `inner` elements of one byte, `inner` bytes apart; `base` gives the rest (the outer
+// dimension, box, swizzle). The K-grouped kernels' per-expert operands: each expert's [rows, k]
+// block lies at its own address with its own row pitch. The thread that then loads through it must
+// call tma_descriptor_acquire first.
+__device__ __forceinline__ void tma_descriptor_rebase(TmaDescriptor* map, const TmaDescriptor& base, const void* address,
+                                                      u32 inner) {
+#pragma unroll
+    for (u32 i = 0; i < 16; i += 2)
+        *reinterpret_cast<ulonglong2*>(&map->opaque[i]) = make_ulonglong2(base.opaque[i], base.opaque[i + 1]);
+    const u64 map_address = reinterpret_cast<u64>(map);
+    asm volatile("tensormap.replace.tile.global_address.global.b1024.b64 [%0], %1;"
+                 ::"l"(map_address), "l"(reinterpret_cast<u64>(address)) : "memory");
+    asm volatile("tensormap.replace.tile.global_dim.global.b1024.b32 [%0], 0, %1;" ::"l"(map_address), "r"(inner)
+                 : "memory");
+    asm volatile("tensormap.replace.tile.global_stride.global.b1024.b64 [%0], 0, %1;"
+                 ::"l"(map_address), "l"(static_cast<u64>(inner)) : "memory");
+}
+
+// The generic-proxy writes of a descriptor made visible to the TMA unit's reads of it (the tensormap
+// proxy), for this thread's loads that follow.
+__device__ __forceinline__ void tma_descriptor_acquire(const TmaDescriptor* map) {
+    asm volatile("fence.proxy.tensormap::generic.release.gpu;" ::: "memory");
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(reinterpret_cast<u64>(map)) : "memory");
+}
+
 __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDescriptor* desc, Barrier* bar, int x, int y) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"

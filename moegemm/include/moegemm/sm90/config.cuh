@@ -84,8 +84,10 @@ struct GemmConfigBase {
     static_assert(kType == GemmType::kNormal || (kSplitK == 1 && (!kAccumulate || !m_grouped(kType))),
                   "grouped: no split-K; the M-grouped kinds take no C");
     static_assert(kType != GemmType::kBatchSum || kAccumulate, "kBatchSum: each run adds its sum into D");
-    static_assert(kType != GemmType::kKGrouped || (kMajorA == Major::kMN && kMajorB == Major::kMN && kClusterM == 1),
-                  "kKGrouped: A [sum_K, M] and B [sum_K, N], MN-major, no B multicast");
+    static_assert(kType != GemmType::kKGrouped || (kMajorA == Major::kMN && kMajorB == Major::kMN && kClusterM == 1) ||
+                      (kMajorA == Major::kK && kMajorB == Major::kK && kMulticast == 1),
+                  "kKGrouped: A [sum_K, M] and B [sum_K, N], MN-major, no B multicast; or each expert's [M, k_g] and "
+                  "[N, k_g] K-major blocks back to back (pipeline.cuh, ExpertMaps), no multicast");
     static_assert(!sliced_operands(kType) || kMulticast == 1, "3-D loads (kBatched, kBatchSum): no multicast");
     static_assert(kType == GemmType::kNormal || m_grouped(kType) || kClusterM == 1,
                   "B multicast: dense and M-grouped kinds");

@@ -191,15 +191,16 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
         };
 
         u32 k_block = k_begin;
+        // kKGrouped: the expert's own K segment (the scheduler skips empty ones); kBatchSum: the
+        // item's run.
+        u32 tile_k_end = k_end;
+        if constexpr (Config::kType == GemmType::kKGrouped) tile_k_end = ceil_div(tile.k_rows, Config::kBlockK);
+        if constexpr (Config::kType == GemmType::kBatchSum) tile_k_end = tile.k_rows;
         if constexpr (Config::kIssueIntoTotals) {
             // No promotion: the WGMMAs accumulate into the totals themselves, each K block's issued
             // before the previous block's are waited for, so the tensor cores go from one straight to
             // the next; a stage is released once the WGMMAs reading it are done.
             static_assert(Config::kSlabs == 1 && !Config::kDeferEpilogue, "the totals are the accumulator");
-            // kKGrouped: the expert's own K segment (none: the tile is zero); kBatchSum: the item's run.
-            u32 tile_k_end = k_end;
-            if constexpr (Config::kType == GemmType::kKGrouped) tile_k_end = ceil_div(tile.k_rows, Config::kBlockK);
-            if constexpr (Config::kType == GemmType::kBatchSum) tile_k_end = tile.k_rows;
 #pragma unroll
             for (u32 i = 0; i < kAcc; ++i) totals[i] = 0.0f;
             if (k_block < tile_k_end) {
@@ -277,7 +278,7 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
                 // retirement in four not overlapped), a second loop the remaining pairs. (Peeling the
                 // second block too, to retire the first under it, was not taken: BENCHMARKS.md,
                 // 2026-12-02.)
-                for (; k_block + 4 <= k_end; k_block += 4) {
+                for (; k_block + 4 <= tile_k_end; k_block += 4) {
                     u32 stage0 = ring.stage;
                     auto token0 = issue(scratch0);
                     u32 stage1 = ring.stage;
@@ -295,10 +296,10 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
                     wgmma_wait<0>();
                     retire(stage1, token1, scratch1);
                 }
-                for (; k_block < k_end; k_block += 2) {
+                for (; k_block < tile_k_end; k_block += 2) {
                     const u32 stage0 = ring.stage;
                     const auto token0 = issue(scratch0);
-                    if (k_block + 1 < k_end) {
+                    if (k_block + 1 < tile_k_end) {
                         const u32 stage1 = ring.stage;
                         const auto token1 = issue(scratch1);
                         wgmma_wait<1>();
@@ -314,12 +315,12 @@ __device__ __forceinline__ void gemm_consumer(const typename Kernel::Params& p, 
                 // One scratch accumulator: the tensor cores wait for each retirement, so the next
                 // stage's barrier is probed before it and only waited for after it if not yet ready.
                 bool ready = false;
-                for (; k_block < k_end; ++k_block) {
+                for (; k_block < tile_k_end; ++k_block) {
                     const u32 stage = ring.stage;
                     if (!ready) full[stage].wait(ring.phase);
                     const auto token = issue(scratch0, false);
                     wgmma_wait<0>();
-                    ready = k_block + 1 < k_end && full[ring.stage].test_wait(ring.phase);
+                    ready = k_block + 1 < tile_k_end && full[ring.stage].test_wait(ring.phase);
                     retire(stage, token, scratch0);
                 }
             }

@@ -65,6 +65,34 @@ __device__ __forceinline__ void load_rows(u8* tile, const TmaDescriptor* desc, B
     }
 }
 
+// kKGrouped with K-major operands (FP8): expert g's A [M, k_g] and B [N, k_g] lie at their own
+// addresses (Params::a_data and ::b_data plus k_first times M or N bytes) with their own row pitch k_g, so each
+// expert takes descriptors of its own, rebased from tma_a and tma_b by the producer when its tiles
+// reach the expert, into the next of this CTA's kExpertMapSlots pairs in Params::expert_maps. A
+// pair is rewritten only after every load through it has landed: each expert's tiles issue one
+// load at least, and kStages loads later the stage of its last one has been drained.
+template <class Config>
+struct ExpertMaps {
+    static constexpr bool kEnabled = Config::kType == GemmType::kKGrouped && Config::kMajorA == Major::kK;
+    static constexpr u32 kSlots = Config::kStages + 1;
+    u32 group = ~0u, slot = 0;
+
+    template <class Params>
+    __device__ __forceinline__ void select(const Params& p, const Tile& tile, const TmaDescriptor*& tma_a,
+                                           const TmaDescriptor*& tma_b) {
+        if (tile.group == group) return;
+        group = tile.group;
+        TmaDescriptor* maps = p.expert_maps + (blockIdx.x * kSlots + slot) * 2;
+        slot = slot + 1 == kSlots ? 0 : slot + 1;
+        tma_descriptor_rebase(maps, p.tma_a, p.a_data + static_cast<u64>(tile.k_first) * p.m, tile.k_rows);
+        tma_descriptor_rebase(maps + 1, p.tma_b, p.b_data + static_cast<u64>(tile.k_first) * p.n, tile.k_rows);
+        tma_descriptor_acquire(maps);
+        tma_descriptor_acquire(maps + 1);
+        tma_a = maps;
+        tma_b = maps + 1;
+    }
+};
+
 // The producer: one thread issues every TMA load of the CTA. For each of its tiles (the same
 // sequence the math warps take) and each of the CTA's K blocks of that tile, it waits for the next
 // slot to be empty, announces the stage's bytes (Params::stage_bytes) on its full barrier, and loads
@@ -86,15 +114,20 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
     const u32 rank = kPair > 1 ? cluster_cta_rank() : 0;
     constexpr bool kSliced = sliced_operands(Config::kType);
     StageRing<Config::kStages> ring;
+    ExpertMaps<Config> expert_maps;
+    const TmaDescriptor* tma_a = &p.tma_a;
+    const TmaDescriptor* tma_b = &p.tma_b;
     for (Tile tile; scheduler.next(tile);) {
-        const int b_row = tile.group * p.n + tile.n_block * BN;
+        const int b_row = (Config::kType == GemmType::kKGrouped ? 0 : tile.group * p.n) + tile.n_block * BN;
         const auto extras = Kernel::producer_tile(p, tile, num_k_blocks);
-        // kKGrouped: the expert's own K segment; kBatchSum: the item's run of (product, K block) pairs.
+        // kKGrouped: the expert's own K segment (its own descriptors start at it, K-major); kBatchSum:
+        // the item's run of (product, K block) pairs.
         u32 tile_k_end = k_end, k_first = 0;
         if constexpr (Config::kType == GemmType::kKGrouped) {
             tile_k_end = ceil_div(tile.k_rows, Config::kBlockK);
-            k_first = tile.k_first;
+            k_first = ExpertMaps<Config>::kEnabled ? 0 : tile.k_first;
         }
+        if constexpr (ExpertMaps<Config>::kEnabled) expert_maps.select(p, tile, tma_a, tma_b);
         if constexpr (Config::kType == GemmType::kBatchSum) tile_k_end = tile.k_rows;
         for (u32 k_block = k_begin; k_block < tile_k_end; ++k_block, ring.advance()) {
             const u32 s = ring.stage;
@@ -112,10 +145,10 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
             if constexpr (Config::kClusterN > 1) {
                 // Half of A's rows each, into both CTAs of the pair.
                 constexpr u32 kSliceRows = BM / kPair;
-                load_rows<Config::kMajorA, kSliceRows, true>(tile_a + rank * kSliceRows * kRowBytes, &p.tma_a, &full[s],
+                load_rows<Config::kMajorA, kSliceRows, true>(tile_a + rank * kSliceRows * kRowBytes, tma_a, &full[s],
                                                              k, tile.row + rank * kSliceRows, (1u << kPair) - 1);
             } else {
-                load_rows<Config::kMajorA, BM, false, kSliced>(tile_a, &p.tma_a, &full[s], k, tile.row, 0, slice);
+                load_rows<Config::kMajorA, BM, false, kSliced>(tile_a, tma_a, &full[s], k, tile.row, 0, slice);
             }
             if constexpr (Config::kTransformsB) {
                 // B arrives among the extras and the transform warps write the tile (gemm_transformer).
@@ -124,21 +157,21 @@ __device__ __forceinline__ void gemm_producer(const typename Kernel::Params& p, 
                 // next expert's rows (kKGrouped: [1, sum_K, N], the experts' segments along K), or
                 // kBatched's [G, N, K].
                 static_assert(Config::kClusterM == 1, "3-D B is not multicast");
-                load_rows<Config::kMajorB, BN, false, true>(tile_b, &p.tma_b, &full[s], k, tile.n_block * BN, 0,
+                load_rows<Config::kMajorB, BN, false, true>(tile_b, tma_b, &full[s], k, tile.n_block * BN, 0,
                                                            Config::kType == GemmType::kKGrouped ? 0 : slice);
             } else if constexpr (Config::kClusterM > 1) {
                 constexpr u32 kSliceRows = BN / kPair;
                 if (tile.shares_b) {
-                    tma_load_2d_multicast(tile_b + rank * kSliceRows * kRowBytes, &p.tma_b, &full[s], k,
+                    tma_load_2d_multicast(tile_b + rank * kSliceRows * kRowBytes, tma_b, &full[s], k,
                                           b_row + rank * kSliceRows, (1u << kPair) - 1);
                 } else {
                     // This CTA's own column block: every slice of it, loaded here alone.
 #pragma unroll
                     for (u32 r = 0; r < kPair; ++r)
-                        tma_load_2d(tile_b + r * kSliceRows * kRowBytes, &p.tma_b, &full[s], k, b_row + r * kSliceRows);
+                        tma_load_2d(tile_b + r * kSliceRows * kRowBytes, tma_b, &full[s], k, b_row + r * kSliceRows);
                 }
             } else {
-                tma_load_2d(tile_b, &p.tma_b, &full[s], k, b_row);
+                tma_load_2d(tile_b, tma_b, &full[s], k, b_row);
             }
             Kernel::load_stage_extras(p, extras, tile, num_k_blocks, k_block, s, &full[s], smem_extra);
         }

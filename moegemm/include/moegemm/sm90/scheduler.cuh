@@ -235,11 +235,14 @@ struct TileScheduler {
     }
 
     // kKGrouped: num_items is one expert's; the experts' K segments follow each other, each clamped
-    // to what is left of sum_K. The segment's length is broadcast from lane 0 so that the main
-    // loop's bound is known warp-uniform.
+    // to what is left of sum_K and rounded down to 16 (valid ones are multiples of 128): a bad length
+    // cannot misalign the next experts' TMA descriptors (ExpertMaps, pipeline.cuh). An expert with no
+    // K has no tiles: D holds C already (the kernels add into D). The segment's length is broadcast
+    // from lane 0 so that the main loop's bound is known warp-uniform.
     __device__ __forceinline__ bool next_k_grouped(Tile& tile) {
         for (; cursor_group < num_groups; ++cursor_group) {
-            const u32 k_rows = min(static_cast<u32>(max(load_group(cursor_group), 0)), k_total - cursor_k);
+            const u32 k_rows = min(static_cast<u32>(max(load_group(cursor_group), 0)), k_total - cursor_k) & ~15u;
+            if (uniform(k_rows == 0)) continue;
             if (item < cursor_first_item + num_items) {
                 raster(item - cursor_first_item, tile.m_block, tile.n_block);
                 tile.row = tile.m_block * kBlockM;
