@@ -5,6 +5,7 @@ moegemm/kernels/fp8_gemm.py was fitted to), beside DeepGEMM where it imports. Ne
     python scripts/sweep_fp8_gemm.py --grouped  # the bench's grouped shapes (uneven counts): tiles, pairs
     python scripts/sweep_fp8_gemm.py --masked   # only the masked ones of those
     python scripts/sweep_fp8_gemm.py --1d1d     # the 1D1D recipe on the wgrad shapes: tiles, pairs
+    python scripts/sweep_fp8_gemm.py --k-grouped  # the K-grouped bench cases: tiles
 """
 
 import argparse
@@ -104,6 +105,33 @@ def sweep_wgrad(facts: DeviceFacts) -> None:
         print(bench.sweep_line(f"1d1d {m:5d} {n:6d} {k:6d}", launches, chosen, name, call, iters=10), flush=True)
 
 
+def sweep_k_grouped(facts: DeviceFacts) -> None:
+    """The bench's K-grouped cases (its seed) in 128-row tiles of 128 to 160 columns, beside DeepGEMM."""
+    configs = [Fp8GemmConfig(128, block_n, fp8_gemm.stages_for(128, block_n, 4, 1, facts, sfb_per_column=True), True,
+                             True, gemm_type=GemmType.K_GROUPED, sfb_per_column=True)
+               for block_n in (128, 136, 152, 160)]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(fp8_gemm.build, configs))
+    peer = bench.deep_gemm()
+    generator = torch.Generator().manual_seed(0)
+    for groups, m, n in bench.K_GROUPED_CASES:
+        ks = [128 * int(v) for v in torch.randint(0, 65, (groups,), generator=generator)]
+        a, b = bench._k_grouped_operand(ks, m), bench._k_grouped_operand(ks, n)
+        sfa, sfb = moegemm.get_mn_major_tma_aligned_tensor(a[1]), moegemm.get_mn_major_tma_aligned_tensor(b[1])
+        layout = torch.tensor(ks, dtype=torch.int32, device="cuda")
+        d = torch.zeros(groups, m, n, device="cuda")
+        plans = {config: fp8_gemm.k_grouped_plan(m, n, sum(ks), d, facts, config) for config in configs}
+        chosen = fp8_gemm.k_grouped_plan(m, n, sum(ks), d, facts)[0].config
+        launches = ((config, functools.partial(plan.launch, a[0], sfa, b[0], sfb, d, layout,
+                                               torch.empty(map_bytes, dtype=torch.uint8, device="cuda")))
+                    for config, (plan, map_bytes) in plans.items())
+        call = None
+        if peer is not None:
+            call = functools.partial(peer.k_grouped_fp8_gemm_nt_contiguous, a, b, d, ks, layout, d, recipe=(1, 1, 128))
+        print(bench.sweep_line(f"k-grouped {groups} x {m} x {n} (sum K {sum(ks)})", launches, chosen, name, call,
+                               iters=5), flush=True)
+
+
 def name(config: Fp8GemmConfig) -> str:
     pair = "cm2" if config.cluster_m > 1 else "cn2" if config.cluster_n > 1 else ""
     return f"m{config.block_m}n{config.block_n}k{config.split_k}{pair}{'f32' if config.out_fp32 else ''}"
@@ -144,10 +172,14 @@ def main() -> None:
     parser.add_argument("--grouped", action="store_true", help="the grouped bench shapes")
     parser.add_argument("--masked", action="store_true", help="the masked ones of the grouped bench shapes")
     parser.add_argument("--1d1d", dest="wgrad", action="store_true", help="the 1D1D recipe on the wgrad shapes")
+    parser.add_argument("--k-grouped", action="store_true", help="the K-grouped bench cases")
     args = parser.parse_args()
     facts = device_facts(torch.cuda.current_device())
     if args.wgrad:
         sweep_wgrad(facts)
+        return
+    if args.k_grouped:
+        sweep_k_grouped(facts)
         return
     if args.grouped or args.masked:
         sweep_grouped(facts, masked_only=args.masked)
