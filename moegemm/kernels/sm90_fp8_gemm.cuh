@@ -8,7 +8,10 @@
 // D: bf16 or fp32 [M, N]; with kAccumulate the TMA unit adds the tile into D (D = C + A @ B^T).
 // Grouped: B [G * N, K] and SFB [G, ceil(N/128), ceil(K/128)]; kMasked A, SFA and D hold G
 // experts of max_M rows each; kBatched (fp8_einsum) reads A, B and D as 3-D tensors of any pitches,
-// SFA per product like kMasked's. A tile's rows that must stay untouched (padding, rows past an
+// SFA per product like kMasked's; kKGrouped (expert weight gradients, kSfbPerColumn) adds
+// A_g [M, k_g] @ B_g^T [k_g, N] into D[g] [G, M, N] for each expert's K segment, A_g and B_g
+// through descriptors of their own (ExpertMaps, sm90/pipeline.cuh), SFA and SFB [sum_K / 128, M'
+// or N']. A tile's rows that must stay untouched (padding, rows past an
 // expert's count) make its warpgroups store row by row from registers instead of through TMA; in
 // kMasked, a warpgroup whose 64 rows all lie past the expert's count skips the tile's math.
 //
