@@ -142,11 +142,17 @@ __device__ __forceinline__ u32 sfb_first_index(const Tile& tile, u32 block_n, u3
     return sfb_first_row(tile, block_n, n) * num_k_blocks;
 }
 
-// The scales of one K block for this thread: SFA of its two rows, SFB of the tile's (up to) two
-// 128-column blocks (kSfbPerColumn: where the stage's per-column SFB sits in shared memory).
+// The scales of one K block for this thread: SFA of its two rows, and SFB of its columns 8g + 2 (lane %
+// 4) and the next, of each group g of 8 (kColumnGroups, the 1D1D recipe), or of the tile's (up to)
+// two 128-column blocks.
+template <u32 kColumnGroups>
 struct BlockScales {
+    float a0, a1;
+    float columns[kColumnGroups][2];
+};
+template <>
+struct BlockScales<0> {
     float a0, a1, b0, b1;
-    u32 sfb_columns;
 };
 
 // For each of a tile's SFB rows, the flat index of its first scale modulo the box width: added to a
@@ -242,30 +248,37 @@ struct Fp8GemmKernel {
         return t;
     }
 
+    using Scales = BlockScales<Config::kSfbPerColumn ? kAcc / 4 : 0>;
+
     // Wait for the stage of K block `k_block` (unless `wait_full` is false: a later slab's issue on a
     // stage already waited for), read its scales, and issue its four WGMMAs into `scratch`.
     // desc_a / desc_b: descriptors of stage 0's tiles (A's at this slab's rows).
-    __device__ __forceinline__ static BlockScales issue(const TileScales& t, u32 k_block, u32 stage, u32 phase,
-                                                        u64 desc_a, u64 desc_b, const u8* smem_extra, Barrier* full,
-                                                        u32 sfa_row, float* scratch, bool wait_full = true) {
+    __device__ __forceinline__ static Scales issue(const TileScales& t, u32 k_block, u32 stage, u32 phase, u64 desc_a,
+                                                   u64 desc_b, const u8* smem_extra, Barrier* full, u32 sfa_row,
+                                                   float* scratch, bool wait_full = true) {
         const float* smem_sfa = reinterpret_cast<const float*>(smem_extra);
         const float* smem_sfb = smem_sfa + Config::kStages * BM;
-        BlockScales scales;
+        Scales scales;
         if (wait_full) full[stage].wait(phase);
         scales.a0 = smem_sfa[stage * BM + sfa_row];
         scales.a1 = smem_sfa[stage * BM + sfa_row + 8];
         const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
         if constexpr (Config::kSfbPerColumn) {
-            scales.sfb_columns = smem_addr(sfb);
+            // Read before the WGMMAs are issued, so that the reads' latency passes under them.
+            const u32 columns = smem_addr(sfb) + 2 * (lane_id() % 4) * 4;
+#pragma unroll
+            for (u32 g = 0; g < kAcc / 4; ++g)
+                ld_shared_v2_f32(columns + 8 * g * 4, scales.columns[g][0], scales.columns[g][1]);
+            issue_wgmmas(stage, desc_a, desc_b, scratch);
+            return scales;
+        } else {
+            scales.b0 = sfb[(k_block + t.sfb_shifts.row0) % Config::kSfbBoxK];
+            scales.b1 = Config::kUniformSfb
+                            ? scales.b0
+                            : sfb[t.sfb_shifts.row1_offset + (k_block + t.sfb_shifts.row1) % Config::kSfbBoxK];
             issue_wgmmas(stage, desc_a, desc_b, scratch);
             return scales;
         }
-        scales.b0 = sfb[(k_block + t.sfb_shifts.row0) % Config::kSfbBoxK];
-        scales.b1 = Config::kUniformSfb
-                        ? scales.b0
-                        : sfb[t.sfb_shifts.row1_offset + (k_block + t.sfb_shifts.row1) % Config::kSfbBoxK];
-        issue_wgmmas(stage, desc_a, desc_b, scratch);
-        return scales;
     }
 
     // The K block's four WGMMAs on stage `stage`'s tiles into `scratch`, committed as one group.
@@ -287,38 +300,32 @@ struct Fp8GemmKernel {
     // After the WGMMAs of a stage have retired: release the stage (kRelease: the last slab's WGMMAs
     // on it) and add the scaled scratch into the totals (the promotion to FP32).
     template <bool kRelease = true>
-    __device__ __forceinline__ static void retire(const TileScales& t, u32 stage, const BlockScales& scales,
+    __device__ __forceinline__ static void retire(const TileScales& t, u32 stage, const Scales& scales,
                                                   float* scratch, float* totals, Barrier* empty, u32 peer) {
 #pragma unroll
         for (u32 i = 0; i < kAcc; ++i) fence_register(scratch[i]);
+        if constexpr (kRelease) consumer_release_stage<Config>(empty, stage, peer);
         if constexpr (Config::kSfbPerColumn) {
-            // The thread's columns 8g + 2 (lane % 4) and the next, of each group g of 8: their scales
-            // read before the stage is released.
-            float column_scale[kAcc / 4][2];
-#pragma unroll
-            for (u32 g = 0; g < kAcc / 4; ++g)
-                ld_shared_v2_f32(scales.sfb_columns + (8 * g + 2 * (lane_id() % 4)) * 4, column_scale[g][0],
-                                 column_scale[g][1]);
-            if constexpr (kRelease) consumer_release_stage<Config>(empty, stage, peer);
 #pragma unroll
             for (u32 i = 0; i < kAcc; ++i)
-                totals[i] += ((i / 2) % 2 ? scales.a1 : scales.a0) * column_scale[i / 4][i % 2] * scratch[i];
-            return;
-        }
-        if constexpr (kRelease) consumer_release_stage<Config>(empty, stage, peer);
-        // Tiles start at multiples of BLOCK_N, so the SFB boundary is a multiple of kScaleRun: each run of
-        // kScaleRun columns has one scale per row, chosen once, and the first run (boundary >= kScaleRun)
-        // and runs at or past column 128 (boundary <= 128) need no choice at all.
-        constexpr u32 kRun = Config::kScaleRun, kRuns = BN / kRun;
-        float run_scale[2][kRuns];
+                totals[i] += ((i / 2) % 2 ? scales.a1 : scales.a0) * scales.columns[i / 4][i % 2] * scratch[i];
+        } else {
+            // Tiles start at multiples of BLOCK_N, so the SFB boundary is a multiple of kScaleRun: each
+            // run of kScaleRun columns has one scale per row, chosen once, and the first run (boundary
+            // >= kScaleRun) and runs at or past column 128 (boundary <= 128) need no choice at all.
+            constexpr u32 kRun = Config::kScaleRun, kRuns = BN / kRun;
+            float run_scale[2][kRuns];
 #pragma unroll
-        for (u32 r = 0; r < kRuns; ++r) {
-            const bool next_block = !Config::kUniformSfb && (r * kRun >= 128 || (r > 0 && r * kRun >= t.boundary));
-            run_scale[0][r] = scales.a0 * (next_block ? scales.b1 : scales.b0);
-            run_scale[1][r] = scales.a1 * (next_block ? scales.b1 : scales.b0);
-        }
+            for (u32 r = 0; r < kRuns; ++r) {
+                const bool next_block =
+                    !Config::kUniformSfb && (r * kRun >= 128 || (r > 0 && r * kRun >= t.boundary));
+                run_scale[0][r] = scales.a0 * (next_block ? scales.b1 : scales.b0);
+                run_scale[1][r] = scales.a1 * (next_block ? scales.b1 : scales.b0);
+            }
 #pragma unroll
-        for (u32 i = 0; i < kAcc; ++i) totals[i] += run_scale[(i / 2) % 2][(i / 4) * 8 / kRun] * scratch[i];
+            for (u32 i = 0; i < kAcc; ++i)
+                totals[i] += run_scale[(i / 2) % 2][(i / 4) * 8 / kRun] * scratch[i];
+        }
     }
 };
 

@@ -144,8 +144,8 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const TmaDescriptor* des
 // dimension, box, swizzle). The K-grouped kernels' per-expert operands: each expert's [rows, k]
 // block lies at its own address with its own row pitch. The thread that then loads through it must
 // call tma_descriptor_acquire first.
-__device__ __forceinline__ void tma_descriptor_rebase(TmaDescriptor* map, const TmaDescriptor& base, const void* address,
-                                                      u32 inner) {
+__device__ __forceinline__ void tma_descriptor_rebase(TmaDescriptor* map, const TmaDescriptor& base,
+                                                      const void* address, u32 inner) {
 #pragma unroll
     for (u32 i = 0; i < 16; i += 2)
         *reinterpret_cast<ulonglong2*>(&map->opaque[i]) = make_ulonglong2(base.opaque[i], base.opaque[i + 1]);
