@@ -367,16 +367,9 @@ def _bind_k_grouped(a, b, d, grouped_layout, c):
             reference.k_grouped_bf16_gemm_tn_contiguous(a, b, d, grouped_layout.tolist(), grouped_layout, c)
         return run_reference
 
-    def start(d, c, separate_c: bool) -> None:
-        """D = C (or 0, an empty sum) before the kernel adds the products in."""
-        if separate_c:
-            d.copy_(c)
-        elif c is None:
-            d.zero_()
-
     if d.numel() == 0 or sum_k == 0:
         def run_empty(a, b, d, grouped_layout, c):
-            start(d, c, guard(a, b, d, grouped_layout, c)[-1])
+            gemm_common.start_sum(d, c, guard(a, b, d, grouped_layout, c)[-1])
         return run_empty
 
     index = d.get_device()
@@ -390,7 +383,7 @@ def _bind_k_grouped(a, b, d, grouped_layout, c):
             _aligned(a, b, d)
         if get_check_groups():
             gemm_common.check_group_values(GemmType.K_GROUPED, grouped_layout, num_groups, sum_k)
-        start(d, c, separate_c)
+        gemm_common.start_sum(d, c, separate_c)
         launch(index, a_ptr, b_ptr, d_ptr, groups_ptr)
     return run_kernel
 

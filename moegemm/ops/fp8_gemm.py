@@ -416,16 +416,9 @@ def _bind_k_grouped(a, sfa, b, sfb, d, grouped_layout, c):
                                                        c)
         return run_reference
 
-    def start(d, c, separate_c: bool) -> None:
-        """D = C (or 0, an empty sum) before the kernel adds the products in."""
-        if separate_c:
-            d.copy_(c)
-        elif c is None:
-            d.zero_()
-
     if d.numel() == 0 or sum_k == 0:
         def run_empty(a, sfa, b, sfb, d, grouped_layout, c):
-            start(d, c, guard(a, sfa, b, sfb, d, grouped_layout, c)[-1])
+            gemm_common.start_sum(d, c, guard(a, sfa, b, sfb, d, grouped_layout, c)[-1])
         return run_empty
 
     index = d.get_device()
@@ -438,7 +431,7 @@ def _bind_k_grouped(a, sfa, b, sfb, d, grouped_layout, c):
             _check_aligned(a, b, d)
         if get_check_groups():
             gemm_common.check_group_values(GemmType.K_GROUPED, grouped_layout, num_groups, sum_k)
-        start(d, c, separate_c)
+        gemm_common.start_sum(d, c, separate_c)
         if not scales_ready or (sfa_ptr | sfb_ptr) & 15:
             sfa_ptr, sfb_ptr = _kernel_sfa(sfa).data_ptr(), _kernel_sfa(sfb).data_ptr()
         maps = torch.empty(map_bytes, dtype=torch.uint8, device=d.device)

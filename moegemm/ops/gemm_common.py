@@ -29,6 +29,14 @@ def check_addend(c: torch.Tensor | None, d: torch.Tensor, shape: tuple[int, ...]
     tensors["c"] = c
 
 
+def start_sum(d: torch.Tensor, c: torch.Tensor | None, separate_c: bool) -> None:
+    """D = C (or 0, an empty sum) before a K-grouped kernel adds the experts' products into D."""
+    if separate_c:
+        d.copy_(c)
+    elif c is None:
+        d.zero_()
+
+
 def check_experts_stacked(name: str, t: torch.Tensor) -> None:
     """A [G, rows, K]-like tensor whose experts follow each other at the row pitch, so the kernels
     can see it as one [G * rows, K] matrix."""
