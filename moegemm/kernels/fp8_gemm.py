@@ -149,8 +149,10 @@ class Fp8CostTerms:
     def tiles(self, desc: GemmDesc, facts: DeviceFacts) -> Iterator[Tile]:
         kind = desc.gemm_type
         # 1D1D: a K block's column scales take registers of their own: 64 or 128 rows, 160 columns at
-        # most, no split-K (sm90_fp8_gemm.cuh's static_assert).
+        # most, no split-K (sm90_fp8_gemm.cuh's static_assert); 4 stages at least, no pairs (3 stages
+        # and pairs ran slower: BENCHMARKS.md, 2026-12-07, twenty-sixth session).
         per_column = desc.recipe == RECIPE_1D1D
+        min_stages = 4 if per_column else 3
         for block_m in self.block_ms:
             if per_column and block_m > 128:
                 continue
@@ -161,14 +163,14 @@ class Fp8CostTerms:
                 if kind.grouped and not per_column and 128 < block_n < 192:
                     continue
                 if valid_block_n(block_n, desc.out_bytes, 1, per_column) and \
-                        stages_for(block_m, block_n, desc.out_bytes, 1, facts, per_column) >= 3:
+                        stages_for(block_m, block_n, desc.out_bytes, 1, facts, per_column) >= min_stages:
                     yield Tile(block_m, block_n)
                     # Pairs that share an operand, B (stacked along M) or A (side by side), for dense
                     # GEMMs with whole A tiles and SMs for a pair; contiguous GEMMs whose experts hold
                     # two block-rows share B (pairs sharing A ran slower: BENCHMARKS.md, "The config
                     # model"), in tiles of 128 columns at most (in pairs, 192 ran slower than alone:
                     # BENCHMARKS.md, 2026-12-06, twenty-first session).
-                    pairs = facts.clusters(2) > 0
+                    pairs = facts.clusters(2) > 0 and not per_column
                     if pairs and kind is GemmType.NORMAL and desc.m >= block_m:
                         yield Tile(block_m, block_n, cluster_n=2)
                     stacked = kind is GemmType.NORMAL or (kind in (GemmType.CONTIGUOUS, GemmType.PSUM) and
