@@ -66,10 +66,10 @@ __device__ __forceinline__ void load_rows(u8* tile, const TmaDescriptor* desc, B
 }
 
 // kKGrouped with K-major operands (FP8): expert g's A [M, k_g] and B [N, k_g] lie at their own
-// addresses (Params::a_data and ::b_data plus k_first times M or N bytes) with their own row pitch k_g, so each
-// expert takes descriptors of its own, rebased from tma_a and tma_b by the producer when its tiles
-// reach the expert, into the next of this CTA's kExpertMapSlots pairs in Params::expert_maps. A
-// pair is rewritten only after every load through it has landed: each expert's tiles issue one
+// addresses (Params::a_data and ::b_data plus k_first times M or N bytes) with their own row pitch
+// k_g, so each expert takes descriptors of its own, rebased from tma_a and tma_b by the producer
+// when its tiles reach the expert, into the next of this CTA's kSlots pairs in Params::expert_maps.
+// A pair is rewritten only after every load through it has landed: each expert's tiles issue one
 // load at least, and kStages loads later the stage of its last one has been drained.
 template <class Config>
 struct ExpertMaps {
