@@ -338,7 +338,8 @@ WGRAD_CONFIGS = [
     Fp8GemmConfig(block_m, block_n, fp8_gemm.stages_for(block_m, block_n, 4, 1, H100, sfb_per_column=True), True,
                   True, cluster_m, cluster_n=cluster_n, sfb_per_column=True)
     for block_m, block_n, cluster_m, cluster_n in ((64, 40, 1, 1), (64, 152, 1, 1), (128, 64, 2, 1), (128, 136, 1, 1),
-                                                   (128, 152, 1, 2), (128, 160, 2, 1), (128, 24, 1, 1))]
+                                                   (128, 152, 1, 1), (128, 152, 1, 2), (128, 160, 2, 1),
+                                                   (128, 24, 1, 1))]
 
 
 @gpu
