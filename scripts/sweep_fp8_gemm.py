@@ -120,8 +120,9 @@ def sweep_k_grouped(facts: DeviceFacts) -> None:
         sfa, sfb = moegemm.get_mn_major_tma_aligned_tensor(a[1]), moegemm.get_mn_major_tma_aligned_tensor(b[1])
         layout = torch.tensor(ks, dtype=torch.int32, device="cuda")
         d = torch.zeros(groups, m, n, device="cuda")
-        plans = {config: fp8_gemm.k_grouped_plan(m, n, sum(ks), d, facts, config) for config in configs}
-        chosen = fp8_gemm.k_grouped_plan(m, n, sum(ks), d, facts)[0].config
+        a_view, b_view = a[0].view(m, -1), b[0].view(n, -1)
+        plans = {config: fp8_gemm.k_grouped_plan(a_view, b_view, d, facts, config) for config in configs}
+        chosen = fp8_gemm.k_grouped_plan(a_view, b_view, d, facts)[0].config
         launches = ((config, functools.partial(plan.launch, a[0], sfa, b[0], sfb, d, layout,
                                                torch.empty(map_bytes, dtype=torch.uint8, device="cuda")))
                     for config, (plan, map_bytes) in plans.items())

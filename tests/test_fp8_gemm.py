@@ -688,7 +688,7 @@ def test_k_grouped_every_tile(config, seed):
     c = torch.randn(len(ks), m, n, device="cuda")
     for num_sms in (None, 3):
         d = c.clone()
-        plan, map_bytes = fp8_gemm.k_grouped_plan(m, n, sum(ks), d, gpu_facts(num_sms), config)
+        plan, map_bytes = fp8_gemm.k_grouped_plan(a[0].view(m, -1), b[0].view(n, -1), d, gpu_facts(num_sms), config)
         maps = torch.full((map_bytes,), 255, dtype=torch.uint8, device="cuda")
         plan.launch(a[0], sfa, b[0], sfb, d, layout, maps)
         assert_close(d, k_grouped_expected(a, b, ks, c))

@@ -257,7 +257,7 @@ def a_side_tma(config: GemmConfig, a: torch.Tensor, d: torch.Tensor, rows: int, 
     d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
     tma, a_side_bytes = activation_tma(a, rows, group_rows, config.gemm_type, num_groups, config.block_m,
                                        config.cluster_n)
-    if config.gemm_type is GemmType.BATCHED:
+    if config.gemm_type in (GemmType.BATCHED, GemmType.K_GROUPED):  # D [G, M, N]
         tma["tma_d"] = tma_3d(d.dtype, (n, group_rows, num_groups), (d.stride(-2) * d.element_size(),
                               d.stride(0) * d.element_size()), (config.store_cols, 64, 1), d_swizzle)
     else:
@@ -289,8 +289,9 @@ def activation_tma(a: torch.Tensor, rows: int, group_rows: int, gemm_type: GemmT
 
 def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, rows: int,
             group_rows: int, num_groups: int, pdl: bool) -> bytes:
-    """The launch record; A, SFA and D as ``a_side_tma`` says, B as [G * N, K], SFB as one flat row
-    (or as ``[G * ceil(N/128), ceil(K/128)]`` for boxes of two rows)."""
+    """The launch record; A, SFA and D as ``a_side_tma`` says, B as [G * N, K] (K-grouped: [N, sum_K]),
+    SFB as one flat row (or as ``[G * ceil(N/128), ceil(K/128)]`` for boxes of two rows; 1D1D as
+    ``[ceil(K/128), N']``)."""
     k = a.shape[-1]
     n = b.shape[-2]
     num_k_blocks = ceil_div(k, BLOCK_K)
@@ -314,7 +315,8 @@ def _record(config: Fp8GemmConfig, grid: int, a: torch.Tensor, b: torch.Tensor, 
         tma["tma_b"] = tma_3d(b.dtype, (k, n, num_groups), (b.stride(-2), b.stride(0)), (BLOCK_K, config.block_n, 1),
                               SWIZZLE_128B)
     else:
-        tma["tma_b"] = tma_2d(b.dtype, k, num_groups * n, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
+        b_rows = n if config.gemm_type is GemmType.K_GROUPED else num_groups * n
+        tma["tma_b"] = tma_2d(b.dtype, k, b_rows, b.stride(-2), BLOCK_K, config.block_n // config.cluster_m,
                               SWIZZLE_128B)
     tma["tma_sfb"] = sfb
     values = dict(m=group_rows, n=n, k=k, stage_bytes=stage_bytes,
@@ -351,38 +353,20 @@ def plan(desc: GemmDesc, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, fact
                 _record(config, grid, a, b, d, rows, group_rows, desc.num_groups, pdl))
 
 
-def k_grouped_plan(m: int, n: int, sum_k: int, d: torch.Tensor, facts: DeviceFacts,
+def k_grouped_plan(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, facts: DeviceFacts,
                    config: Fp8GemmConfig | None = None, pdl: bool = False) -> tuple[Plan, int]:
     """The plan of a K-grouped GEMM (MoE weight gradients, the 1D1D recipe): ``D[g] += A_g @ B_g^T`` for
     D float32 [G, M, N] (row-major), A_g [M, k_g] and B_g [N, k_g] K-major, each expert's block after
-    the previous one's, SFA [sum_k / 128, M'] and SFB [sum_k / 128, N'] M- and N-major (TMA-aligned);
-    the segment lengths k_g (multiples of 128) are read on the GPU. One persistent launch: the
-    producer rebases A's and B's descriptors per expert (ExpertMaps in sm90/pipeline.cuh), into a
-    workspace whose size in bytes comes with the plan."""
-    num_groups = d.shape[0]
-    desc = GemmDesc(GemmType.K_GROUPED, m, n, max(sum_k // max(num_groups, 1), BLOCK_K), num_groups,
+    the previous one's, here seen as A [M, sum_k] and B [N, sum_k] (the templates of the experts'
+    descriptors, which the producer rebases per expert: ExpertMaps in sm90/pipeline.cuh); SFA
+    [sum_k / 128, M'] and SFB [sum_k / 128, N'] M- and N-major (TMA-aligned); the segment lengths
+    k_g (multiples of 128) are read on the GPU. Also the bytes of the launch's descriptor workspace."""
+    num_groups, m, n = d.shape
+    desc = GemmDesc(GemmType.K_GROUPED, m, n, max(a.shape[-1] // max(num_groups, 1), BLOCK_K), num_groups,
                     out_dtype=torch.float32, accumulate=True, recipe=RECIPE_1D1D)
-    if config is None:
-        config = select_config(desc, facts)
-    config, grid = settle(config, desc, m, m, facts, "fp8")
-    k_blocks = ceil_div(sum_k, BLOCK_K)
-    a_rows = min(config.block_m, m if m < 8 else align(m, 8))
-    sfa_rows = min(config.block_m, align(m, 4))
-    d_swizzle = SWIZZLE_128B if config.store_cols * config.out_bytes == 128 else SWIZZLE_NONE
-    # A's and B's descriptors are the experts' templates: the kernel sets address, K and row pitch.
-    tma = {"tma_a": tma_2d(torch.float8_e4m3fn, BLOCK_K, m, BLOCK_K, BLOCK_K, a_rows, SWIZZLE_128B),
-           "tma_b": tma_2d(torch.float8_e4m3fn, BLOCK_K, n, BLOCK_K, BLOCK_K, config.block_n, SWIZZLE_128B),
-           "tma_sfa": tma_2d(torch.float32, m, k_blocks, get_tma_aligned_size(m, 4) * 4, sfa_rows, 1, SWIZZLE_NONE),
-           "tma_sfb": tma_2d(torch.float32, n, k_blocks, get_tma_aligned_size(n, 4) * 4, config.block_n, 1,
-                             SWIZZLE_NONE),
-           "tma_d": tma_3d(torch.float32, (n, m, num_groups), (d.stride(1) * 4, d.stride(0) * 4),
-                           (config.store_cols, 64, 1), d_swizzle)}
-    stage_bytes = a_rows * BLOCK_K + sfa_rows * 4 + config.block_n * (BLOCK_K + 4)
-    values = dict(m=m, n=n, k=sum_k, stage_bytes=stage_bytes, k_blocks_per_split=k_blocks, num_groups=num_groups,
-                  ld_d=d.stride(1), sfb_box_rows=1)
-    kernel = KERNELS.kernel(config)
-    expert_map_bytes = grid * (config.stages + 1) * 2 * TMA_DESCRIPTOR_BYTES  # ExpertMaps::kSlots pairs per CTA
-    return Plan(config, kernel, kernel.record(grid, tma, values, pdl=pdl)), expert_map_bytes
+    k_grouped = plan(desc, a, b, d, facts, config, pdl)
+    # ExpertMaps::kSlots descriptor pairs per CTA, for a grid of at most one CTA per SM.
+    return k_grouped, facts.num_sms * (k_grouped.config.stages + 1) * 2 * TMA_DESCRIPTOR_BYTES
 
 
 def row_counts(desc: GemmDesc, a: torch.Tensor) -> tuple[int, int]:

@@ -422,7 +422,8 @@ def _bind_k_grouped(a, sfa, b, sfb, d, grouped_layout, c):
         return run_empty
 
     index = d.get_device()
-    plan, map_bytes = fp8_gemm.k_grouped_plan(m, n, sum_k, d, device.device_facts(index), pdl=device.get_pdl())
+    plan, map_bytes = fp8_gemm.k_grouped_plan(a.view(m, sum_k), b.view(n, sum_k), d, device.device_facts(index),
+                                              pdl=device.get_pdl())
     scales_ready = _sfa_fits(sfa) and _sfa_fits(sfb)
 
     def run_kernel(a, sfa, b, sfb, d, grouped_layout, c):

@@ -143,7 +143,7 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const TmaDescriptor* des
 // rows are `inner` elements of one byte, `inner` bytes apart; `base` gives the rest (the outer
 // dimension, box, swizzle). The K-grouped kernels' per-expert operands: each expert's [rows, k]
 // block lies at its own address with its own row pitch. The thread that then loads through it must
-// call tma_descriptor_acquire first.
+// call tma_descriptors_acquire first.
 __device__ __forceinline__ void tma_descriptor_rebase(TmaDescriptor* map, const TmaDescriptor& base,
                                                       const void* address, u32 inner) {
 #pragma unroll
@@ -158,11 +158,15 @@ __device__ __forceinline__ void tma_descriptor_rebase(TmaDescriptor* map, const 
                  ::"l"(map_address), "l"(static_cast<u64>(inner)) : "memory");
 }
 
-// The generic-proxy writes of a descriptor made visible to the TMA unit's reads of it (the tensormap
-// proxy), for this thread's loads that follow.
-__device__ __forceinline__ void tma_descriptor_acquire(const TmaDescriptor* map) {
+// The generic-proxy writes of kCount consecutive descriptors made visible to the TMA unit's reads of
+// them (the tensormap proxy), for this thread's loads that follow.
+template <u32 kCount>
+__device__ __forceinline__ void tma_descriptors_acquire(const TmaDescriptor* maps) {
     asm volatile("fence.proxy.tensormap::generic.release.gpu;" ::: "memory");
-    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(reinterpret_cast<u64>(map)) : "memory");
+#pragma unroll
+    for (u32 i = 0; i < kCount; ++i)
+        asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(reinterpret_cast<u64>(maps + i))
+                     : "memory");
 }
 
 __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDescriptor* desc, Barrier* bar, int x, int y) {

@@ -86,8 +86,7 @@ struct ExpertMaps {
         slot = slot + 1 == kSlots ? 0 : slot + 1;
         tma_descriptor_rebase(maps, p.tma_a, p.a_data + static_cast<u64>(tile.k_first) * p.m, tile.k_rows);
         tma_descriptor_rebase(maps + 1, p.tma_b, p.b_data + static_cast<u64>(tile.k_first) * p.n, tile.k_rows);
-        tma_descriptor_acquire(maps);
-        tma_descriptor_acquire(maps + 1);
+        tma_descriptors_acquire<2>(maps);
         tma_a = maps;
         tma_b = maps + 1;
     }
