@@ -34,7 +34,7 @@ if [ "$steps" != tests ]; then
   wait  # for the DeepGEMM build
   [ -f .deepgemm/setup.py ] && export PYTHONPATH=$PYTHONPATH:$PWD/.deepgemm
   # One section per process and time limit: a slow or broken section cannot take the other with it.
-  for section in ${BENCH_SECTIONS:-fp8 bf16 fp4 moe}; do
+  for section in ${BENCH_SECTIONS:-fp8 bf16 fp4 moe mqa}; do
     timeout 300 python3 -m moegemm bench --only $section --json "$out/bench_$section.json" 2>&1 \
       | tee "$out/bench_$section.txt"
   done
