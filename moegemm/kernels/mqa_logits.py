@@ -99,14 +99,17 @@ def select_config(heads: int, head_dim: int, bf16_logits: bool, compressed: bool
                   facts: DeviceFacts, next_n: int = 0, fp4: bool = False) -> MqaLogitsConfig:
     """Math warpgroups: four (while some sum their heads, the others' WGMMAs run, 96 registers a
     thread), but fewer for FP4 with 128 query heads a block, whose widened keys and accumulators need
-    more: three (128 registers) dense, two paged (a block half a unit). The most key stages that fit
-    (up to MAX_KV_STAGES)."""
+    more (four would spill): two paged (a block half a unit), three dense with 128-wide heads. The
+    most key stages that fit (up to MAX_KV_STAGES), but half of them for FP8 paged decode of one
+    query a sequence. The sweep behind both: BENCHMARKS.md, 2026-12-07 (twenty-sixth session)."""
     queries = next_n or 128 // heads
-    warpgroups = (2 if next_n else 3) if fp4 and queries * heads > 64 else 4
+    warpgroups = (2 if next_n else 3) if fp4 and queries * heads > 64 and (next_n or head_dim > 64) else 4
     stages = MAX_KV_STAGES
     while (MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4,
                            warpgroups).smem_bytes > facts.smem_per_block):
         stages -= 1
+    if next_n == 1 and not fp4:
+        stages = max(2, stages // 2)
     return MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4, warpgroups)
 
 
