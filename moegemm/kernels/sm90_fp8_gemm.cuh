@@ -263,22 +263,20 @@ struct Fp8GemmKernel {
         scales.a0 = smem_sfa[stage * BM + sfa_row];
         scales.a1 = smem_sfa[stage * BM + sfa_row + 8];
         const float* sfb = smem_sfb + stage * Config::kSfbSlotBytes / 4;
+        // Read before the WGMMAs are issued, so that the reads' latency passes under them.
         if constexpr (Config::kSfbPerColumn) {
-            // Read before the WGMMAs are issued, so that the reads' latency passes under them.
             const u32 columns = smem_addr(sfb) + 2 * (lane_id() % 4) * 4;
 #pragma unroll
             for (u32 g = 0; g < kAcc / 4; ++g)
                 ld_shared_v2_f32(columns + 8 * g * 4, scales.columns[g][0], scales.columns[g][1]);
-            issue_wgmmas(stage, desc_a, desc_b, scratch);
-            return scales;
         } else {
             scales.b0 = sfb[(k_block + t.sfb_shifts.row0) % Config::kSfbBoxK];
             scales.b1 = Config::kUniformSfb
                             ? scales.b0
                             : sfb[t.sfb_shifts.row1_offset + (k_block + t.sfb_shifts.row1) % Config::kSfbBoxK];
-            issue_wgmmas(stage, desc_a, desc_b, scratch);
-            return scales;
         }
+        issue_wgmmas(stage, desc_a, desc_b, scratch);
+        return scales;
     }
 
     // The K block's four WGMMAs on stage `stage`'s tiles into `scratch`, committed as one group.
