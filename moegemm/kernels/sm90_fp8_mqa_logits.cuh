@@ -130,14 +130,32 @@ struct MqaSegment {
 
 __device__ __forceinline__ float negative_infinity() { return -__int_as_float(0x7f800000); }
 
-// One logit (or -inf) at row `row`, column `column` (bounds checked by the caller).
+// One logit (or -inf) at element `index` from `base` (bounds checked by the caller).
+template <class Config>
+__device__ __forceinline__ void mqa_store(u8* base, u64 index, float value) {
+    if constexpr (Config::kBf16Logits)
+        reinterpret_cast<u16*>(base)[index] = u16(pack_bf16x2(value, 0.0f) & 0xFFFFu);
+    else
+        reinterpret_cast<float*>(base)[index] = value;
+}
+
 template <class Config>
 __device__ __forceinline__ void mqa_write(u8* logits, u64 ld, u32 row, u64 column, float value) {
-    const u64 offset = u64(row) * ld + column;
-    if constexpr (Config::kBf16Logits)
-        reinterpret_cast<u16*>(logits)[offset] = u16(pack_bf16x2(value, 0.0f) & 0xFFFFu);
-    else
-        reinterpret_cast<float*>(logits)[offset] = value;
+    mqa_store<Config>(logits, u64(row) * ld + column, value);
+}
+
+// The quad's four lanes hold partial sums of the same 2 Q values, value 2i + h being query i at key
+// row key_row + 8h. Lane l ends with the full sums of the Q queries at key row key_row + 8 (l % 2):
+// Q + Q shuffles where reducing every value on every lane takes 4 Q.
+template <u32 kQueries>
+__device__ __forceinline__ void mqa_quad_sums(const float (&sums)[2 * kQueries], float (&out)[kQueries]) {
+    const bool odd = lane_id() % 2;
+#pragma unroll
+    for (u32 i = 0; i < kQueries; ++i) {
+        out[i] = (odd ? sums[2 * i + 1] : sums[2 * i]) +
+                 __shfl_xor_sync(0xffffffffu, odd ? sums[2 * i] : sums[2 * i + 1], 1);
+        out[i] += __shfl_xor_sync(0xffffffffu, out[i], 2);
+    }
 }
 
 template <class Config>
@@ -182,6 +200,20 @@ struct MqaDense {
         tma_load_2d(tile, &p.tma_kv, bar, 0, int(key));
         tma_load_2d(scales, &p.tma_scales, bar, int(key), 0);
         return Config::kKvTileBytes + Config::kScalesBytes;
+    }
+    // The keys of query i whose logits are stored as computed, with no check: [lo, hi) (none past the
+    // last query); and where its row's column 0 lies, in elements (kCompressed: key ks).
+    __device__ __forceinline__ static void interior(const Params& p, int row, int ks, int ke, int& lo, int& hi) {
+        lo = 0;
+        hi = row < 0 ? 0 : int(p.seq_len_kv);
+        if constexpr (Config::kClean || Config::kCompressed) {
+            lo = max(ks, 0);
+            hi = min(hi, ke);
+        }
+        if constexpr (Config::kCompressed) hi = int(min(i64(hi), i64(ks) + p.columns));
+    }
+    __device__ __forceinline__ static i64 row_offset(const Params& p, int row, int ks) {
+        return i64(row) * i64(p.ld_logits) - (Config::kCompressed ? i64(ks) : 0);
     }
     __device__ __forceinline__ static void store(const Params& p, int row, u32 key, int ks, int ke, float value) {
         if (row < 0 || key >= p.seq_len_kv) return;
@@ -249,6 +281,11 @@ struct MqaPaged {
         }
         return bytes;
     }
+    __device__ __forceinline__ static void interior(const Params& p, int, int, int ke, int& lo, int& hi) {
+        lo = 0;
+        hi = min(ke, int(p.columns));
+    }
+    __device__ __forceinline__ static i64 row_offset(const Params& p, int row, int) { return i64(row) * i64(p.ld_logits); }
     __device__ __forceinline__ static void store(const Params& p, int row, u32 key, int, int ke, float value) {
         if (key >= p.columns) return;
         if (int(key) >= ke) {
@@ -292,10 +329,10 @@ __device__ __forceinline__ void mqa_widen_q(u8* smem, u32 s) {
 }
 
 // The WGMMAs of key stage t's tile [128, D] e4m3 against the q tile: the warpgroup's 64 keys; the
-// thread's two keys' scales (rows key_row, key_row + 8); the stage released once read.
+// scale of key row `scale_row` (the thread's row its quad's sums end on); the stage released once read.
 template <class Config>
-__device__ __forceinline__ void mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t, u32 key_row, u64 desc_q, float* acc,
-                                             float& scale0, float& scale1) {
+__device__ __forceinline__ float mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t, u32, u32 scale_row, u64 desc_q,
+                                              float* acc) {
     const u8* tile = smem + Config::kKvOffset + t * Config::kKvTileBytes;
     const u64 desc_kv = smem_descriptor_k_major<Config::kHeadDim>(tile + (warp_id() / 4) * 64 * Config::kHeadDim);
     wgmma_fence();
@@ -304,21 +341,21 @@ __device__ __forceinline__ void mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t,
         WgmmaFp8<Config::kQRows>::mma(smem_descriptor_advance(desc_kv, k * 32), smem_descriptor_advance(desc_q, k * 32),
                                       acc, k > 0);
     wgmma_commit();
+    const float scale = __uint_as_float(
+        ld_shared_u32(smem_addr(smem + Config::kScalesOffset + t * Config::kScalesBytes) + scale_row * 4));
     wgmma_wait<0>();
 #pragma unroll
     for (u32 i = 0; i < Config::kQRows / 2; ++i) fence_register(acc[i]);
-    const u32 scales = smem_addr(smem + Config::kScalesOffset + t * Config::kScalesBytes);
-    scale0 = __uint_as_float(ld_shared_u32(scales + key_row * 4));
-    scale1 = __uint_as_float(ld_shared_u32(scales + (key_row + 8) * 4));
     __syncwarp();
     if (lane_id() == 0) empty_kv[t].arrive();
+    return scale;
 }
 
 // kFp4: the same from stage t's packed tile [kBlockKv, D / 2]: the thread's quarter of its two key rows
 // and their exponents into registers (the stage released at once), widened into the A fragments.
 template <class Config>
-__device__ __forceinline__ void mqa_keys_fp4(u8* smem, Barrier* empty_kv, u32 t, u32 key_row, u64 desc_q, float* acc,
-                                             float& scale0, float& scale1) {
+__device__ __forceinline__ float mqa_keys_fp4(u8* smem, Barrier* empty_kv, u32 t, u32 key_row, u32 scale_row,
+                                              u64 desc_q, float* acc) {
     constexpr u32 kWords = Config::kPartWords;
     const u32 tile = smem_addr(smem + Config::kKvOffset + t * Config::kKvTileBytes);
     const u32 scales = smem_addr(smem + Config::kScalesOffset + t * Config::kScalesBytes);
@@ -332,8 +369,10 @@ __device__ __forceinline__ void mqa_keys_fp4(u8* smem, Barrier* empty_kv, u32 t,
     __syncwarp();
     if (lane_id() == 0) empty_kv[t].arrive();
     E2m1Table tables[2];
-    scale0 = e2m1_block_table<Config::kHeadDim / 32>(exponents[0], quarter * Config::kHeadDim / 128, tables[0]);
-    scale1 = e2m1_block_table<Config::kHeadDim / 32>(exponents[1], quarter * Config::kHeadDim / 128, tables[1]);
+    const float scale0 = e2m1_block_table<Config::kHeadDim / 32>(exponents[0], quarter * Config::kHeadDim / 128,
+                                                                 tables[0]);
+    const float scale1 = e2m1_block_table<Config::kHeadDim / 32>(exponents[1], quarter * Config::kHeadDim / 128,
+                                                                 tables[1]);
     u32 fragments[kWords][4];
 #pragma unroll
     for (u32 j = 0; j < kWords; ++j) {
@@ -348,6 +387,7 @@ __device__ __forceinline__ void mqa_keys_fp4(u8* smem, Barrier* empty_kv, u32 t,
     wgmma_wait<0>();
 #pragma unroll
     for (u32 i = 0; i < Config::kQRows / 2; ++i) fence_register(acc[i]);
+    return scale_row == key_row ? scale0 : scale1;
 }
 
 template <class Config, class Problem>
@@ -435,10 +475,10 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
     }
 
     // Math warpgroups: warpgroup w's 64 keys of each block from 64 w, its thread's rows `key_row` and
-    // `key_row + 8`.
+    // `key_row + 8`; once its quad has summed them (mqa_quad_sums), each query's logit at `out_row`.
     if constexpr (Config::kMathWarpgroups > 2) warpgroup_reg_alloc<Config::kMathRegisters>();
     constexpr u32 kAcc = Config::kQRows / 2, kHeadsPerThread = Config::kHeads / 4;
-    const u32 lane = lane_id(), key_row = (warp / 4) * 64 + slab_row();
+    const u32 lane = lane_id(), key_row = (warp / 4) * 64 + slab_row(), out_row = key_row + 8 * (lane % 2);
     StageRing<Config::kQStages> q_ring;
     StageRing<Config::kKvStages> kv_ring;
     float acc[kAcc];
@@ -446,12 +486,24 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
         const MqaSegment segment = Problem::segment(p, index);
         if (!segment.valid) break;
         const u32 s = q_ring.stage;
-        int ks[Config::kQueries], ke[Config::kQueries], rows[Config::kQueries];
+        // Where each query's logits go, and [lo, hi): the keys every query of the block stores unchecked.
+        // The same on every lane: shuffles from lane 0 let the compiler keep them in uniform registers.
+        int lo = 0, hi = 0x7fffffff;
+        u8* row_bases[Config::kQueries];
 #pragma unroll
         for (u32 i = 0; i < Config::kQueries; ++i) {
-            Problem::range(p, segment.q_block, i, ks[i], ke[i]);
-            rows[i] = Problem::row(p, segment.q_block, i);
+            int ks, ke, query_lo, query_hi;
+            Problem::range(p, segment.q_block, i, ks, ke);
+            const int row = Problem::row(p, segment.q_block, i);
+            Problem::interior(p, row, ks, ke, query_lo, query_hi);
+            lo = max(lo, query_lo);
+            hi = min(hi, query_hi);
+            const i64 offset = Problem::row_offset(p, row, ks) * (Config::kBf16Logits ? 2 : 4);
+            row_bases[i] = p.logits + ((i64(__shfl_sync(0xffffffffu, int(offset >> 32), 0)) << 32) |
+                                       u32(__shfl_sync(0xffffffffu, u32(offset), 0)));
         }
+        lo = __shfl_sync(0xffffffffu, lo, 0);
+        hi = __shfl_sync(0xffffffffu, hi, 0);
         full_q[s].wait(q_ring.phase);
         if constexpr (Config::kFp4) mqa_widen_q<Config>(smem, s);
         // Head h of query i is column i * H + h; the thread's are 8 (j / 2) + 2 (lane % 4) + j % 2.
@@ -478,32 +530,39 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
         for (u32 b = 0; b < segment.blocks; ++b, kv_ring.advance()) {
             const u32 t = kv_ring.stage;
             full_kv[t].wait(kv_ring.phase);
-            float scale0, scale1;
-            if constexpr (Config::kFp4)
-                mqa_keys_fp4<Config>(smem, empty_kv, t, key_row, desc_q, acc, scale0, scale1);
-            else
-                mqa_keys_fp8<Config>(smem, empty_kv, t, key_row, desc_q, acc, scale0, scale1);
-            const u32 key0 = segment.key_begin + b * Config::kBlockKv + key_row;
+            const float scale = Config::kFp4
+                                    ? mqa_keys_fp4<Config>(smem, empty_kv, t, key_row, out_row, desc_q, acc)
+                                    : mqa_keys_fp8<Config>(smem, empty_kv, t, key_row, out_row, desc_q, acc);
+            float sums[2 * Config::kQueries];
 #pragma unroll
             for (u32 i = 0; i < Config::kQueries; ++i) {
                 // Accumulator a: column 8 (a / 4) + 2 (lane % 4) + a % 2, key row + 8 ((a / 2) % 2). Four
                 // partial sums (the two rows by column parity) keep the dependent chains short.
-                float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                float partial[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (u32 j = 0; j < kHeadsPerThread; ++j) {
                     const u32 a0 = i * (Config::kHeads / 2) + (j / 2) * 4 + j % 2;
-                    sums[j % 2] += fmaxf(acc[a0], 0.0f) * weights[i][j];
-                    sums[2 + j % 2] += fmaxf(acc[a0 + 2], 0.0f) * weights[i][j];
+                    partial[j % 2] += fmaxf(acc[a0], 0.0f) * weights[i][j];
+                    partial[2 + j % 2] += fmaxf(acc[a0 + 2], 0.0f) * weights[i][j];
                 }
-                float sum0 = sums[0] + sums[1], sum1 = sums[2] + sums[3];
+                sums[2 * i] = partial[0] + partial[1];
+                sums[2 * i + 1] = partial[2] + partial[3];
+            }
+            float out[Config::kQueries];
+            mqa_quad_sums<Config::kQueries>(sums, out);
+            // Query i's logits from the lanes with (lane / 2) % 2 == i % 2: 16 keys in a row a store.
+            const u32 first = segment.key_begin + b * Config::kBlockKv, key = first + out_row;
+            if (int(first) >= lo && int(first + Config::kBlockKv) <= hi) {
 #pragma unroll
-                for (u32 offset = 1; offset < 4; offset *= 2) {
-                    sum0 += __shfl_xor_sync(0xffffffffu, sum0, offset);
-                    sum1 += __shfl_xor_sync(0xffffffffu, sum1, offset);
-                }
-                if (lane % 4 == i % 4 && rows[i] >= 0) {
-                    Problem::store(p, rows[i], key0, ks[i], ke[i], sum0 * scale0);
-                    Problem::store(p, rows[i], key0 + 8, ks[i], ke[i], sum1 * scale1);
+                for (u32 i = 0; i < Config::kQueries; ++i)
+                    if ((lane / 2) % 2 == i % 2) mqa_store<Config>(row_bases[i], key, out[i] * scale);
+            } else {  // a block at a range's edge: each key checked (ranges read again, off the common path)
+#pragma unroll
+                for (u32 i = 0; i < Config::kQueries; ++i) {
+                    int ks, ke;
+                    Problem::range(p, segment.q_block, i, ks, ke);
+                    if ((lane / 2) % 2 == i % 2)
+                        Problem::store(p, Problem::row(p, segment.q_block, i), key, ks, ke, out[i] * scale);
                 }
             }
         }

@@ -11,6 +11,7 @@ using u8 = unsigned char;
 using u16 = unsigned short;
 using u32 = unsigned int;
 using u64 = unsigned long long;
+using i64 = long long;
 
 // Layout-compatible with CUtensorMap; the driver encodes it on the host (moegemm/jit/launch.c).
 struct alignas(64) TmaDescriptor {
