@@ -25,7 +25,9 @@
 // A q block's kQueries * H query heads are the WGMMA's B (N = 32 to 128), each block of kBlockKv keys
 // of the window its A (64 keys per math warpgroup, m64), K = D: accumulator rows are keys, columns (query,
 // head). A thread sums its columns of each query, relu'd and weighted, its quad's four lanes add
-// their sums, and lane q % 4 of the quad stores query q's two keys.
+// their sums (lanes of one parity ending with one key each), and half the warp stores each query's
+// 16 keys. Blocks inside every query's range store unchecked: the math loop issues few instructions
+// besides its FMNMX and FFMA (BENCHMARKS.md, 2026-12-07, twenty-seventh session).
 //   kClean: every element of a row outside the keys it sees becomes -inf: the math warps write it
 //     inside the window, the producer warpgroup's three spare warps outside it.
 // Warps: kMathWarpgroups math warpgroups (two to four: while some sum their heads, the others' WGMMAs
