@@ -330,13 +330,13 @@ __device__ __forceinline__ void mqa_widen_q(u8* smem, u32 s) {
     named_barrier_sync(1, Config::kNumMathThreads);
 }
 
-// The WGMMAs of key stage t's tile [128, D] e4m3 against the q tile: the warpgroup's 64 keys; the
-// scale of key row `scale_row` (the thread's row its quad's sums end on); the stage released once read.
+// The WGMMAs of key stage t's tile [kBlockKv, D] e4m3 against the q tile: the warpgroup's 64 keys
+// (`desc_keys`: their descriptor in stage 0); the scale of key row `scale_row` (the thread's row its
+// quad's sums end on); the stage released once read.
 template <class Config>
-__device__ __forceinline__ float mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t, u32, u32 scale_row, u64 desc_q,
-                                              float* acc) {
-    const u8* tile = smem + Config::kKvOffset + t * Config::kKvTileBytes;
-    const u64 desc_kv = smem_descriptor_k_major<Config::kHeadDim>(tile + (warp_id() / 4) * 64 * Config::kHeadDim);
+__device__ __forceinline__ float mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t, u64 desc_keys, u32 scale_row,
+                                              u64 desc_q, float* acc) {
+    const u64 desc_kv = smem_descriptor_advance(desc_keys, t * Config::kKvTileBytes);
     wgmma_fence();
 #pragma unroll
     for (u32 k = 0; k < Config::kHeadDim / 32; ++k)
@@ -481,6 +481,8 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
     if constexpr (Config::kMathWarpgroups > 2) warpgroup_reg_alloc<Config::kMathRegisters>();
     constexpr u32 kAcc = Config::kQRows / 2, kHeadsPerThread = Config::kHeads / 4;
     const u32 lane = lane_id(), key_row = (warp / 4) * 64 + slab_row(), out_row = key_row + 8 * (lane % 2);
+    const u64 desc_keys = smem_descriptor_k_major<Config::kHeadDim>(smem + Config::kKvOffset +
+                                                                    (warp / 4) * 64 * Config::kKeyBytes);
     StageRing<Config::kQStages> q_ring;
     StageRing<Config::kKvStages> kv_ring;
     float acc[kAcc];
@@ -534,7 +536,7 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
             full_kv[t].wait(kv_ring.phase);
             const float scale = Config::kFp4
                                     ? mqa_keys_fp4<Config>(smem, empty_kv, t, key_row, out_row, desc_q, acc)
-                                    : mqa_keys_fp8<Config>(smem, empty_kv, t, key_row, out_row, desc_q, acc);
+                                    : mqa_keys_fp8<Config>(smem, empty_kv, t, desc_keys, out_row, desc_q, acc);
             float sums[2 * Config::kQueries];
 #pragma unroll
             for (u32 i = 0; i < Config::kQueries; ++i) {
