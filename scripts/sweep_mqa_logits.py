@@ -22,18 +22,22 @@ FP8 = torch.float8_e4m3fn
 
 def candidates(pick: mqa_logits.MqaLogitsConfig, facts) -> list[mqa_logits.MqaLogitsConfig]:
     """The pick, and each warpgroup count the kernel allows with the most and half the key stages that
-    fit (a config whose registers would spill is a compile error here: ptxas reports, the build goes on)."""
+    fit (a config whose registers would spill is a compile error here: ptxas reports, the build goes on);
+    FP8 dense: each of those in CTA pairs too."""
     configs = [pick]
     for warpgroups in (2, 4) if pick.next_n else (2, 3, 4):
         most = dataclasses.replace(pick, math_warpgroups=warpgroups, kv_stages=mqa_logits.MAX_KV_STAGES)
         while most.smem_bytes > facts.smem_per_block:
             most = dataclasses.replace(most, kv_stages=most.kv_stages - 1)
         configs += [most, dataclasses.replace(most, kv_stages=max(2, most.kv_stages // 2))]
+    if not pick.next_n and not pick.fp4:  # FP8 dense: each also in CTA pairs sharing their key blocks
+        configs += [dataclasses.replace(config, cluster_q=2) for config in configs]
     return list(dict.fromkeys(configs))
 
 
 def label(config: mqa_logits.MqaLogitsConfig, pick: mqa_logits.MqaLogitsConfig) -> str:
-    return f"{'*' if config == pick else ''}w{config.math_warpgroups}s{config.kv_stages}"
+    pair = "c2" if config.cluster_q > 1 else ""
+    return f"{'*' if config == pick else ''}w{config.math_warpgroups}s{config.kv_stages}{pair}"
 
 
 def sweep_dense(facts) -> None:

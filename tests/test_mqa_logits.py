@@ -4,12 +4,15 @@ on the same FP8 or FP4 inputs and on the BF16 ones they were cast from (GPU): fu
 without cleaning, the compressed form, every key range shape (empty, past the keys, negative starts),
 S and S_kv off the blocks, repeated calls bitwise equal."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import H100, needs_sass_tools
 
 import moegemm
-from moegemm import calc_diff, reference
+from moegemm import calc_diff, device, reference
+from moegemm.gemm.config import tma_pitch
 from moegemm.jit import compiler
 from moegemm.kernels import mqa_logits
 from moegemm.ops import attention
@@ -188,6 +191,34 @@ def test_kernel_against_the_reference(heads, head_dim, seq_len, seq_len_kv, kind
         assert calc_diff(logits[inside].double(), exact[inside].double()) < cast_bound(fp4)
     again = _poisoned_call(inputs, ks, ke, form == "clean", max_seqlen_k, dtype)
     assert torch.equal(again[inside], logits[inside]), "repeated calls bitwise equal"
+
+
+@gpu
+@pytest.mark.parametrize("heads,head_dim", [(64, 128), (32, 64)])
+@pytest.mark.parametrize("seq_len,seq_len_kv,kind", [(130, 4099, "random"), (7, 300, "causal"), (256, 8192, "cp")])
+@pytest.mark.parametrize("form", ["clean", "raw", "compressed"])
+def test_clusters_of_two_against_the_reference(heads, head_dim, seq_len, seq_len_kv, kind, form, seed):
+    """Pairs of CTAs sharing their key blocks by multicast (the sweep's configs, planned directly),
+    an odd number of q blocks among the shapes."""
+    _, inputs = make_inputs(seq_len, seq_len_kv, heads, head_dim)
+    (q, _), (kv, kv_sf), weights = inputs
+    ks, ke = key_ranges(seq_len, seq_len_kv, kind)
+    compressed, clean = form == "compressed", form == "clean"
+    max_seqlen_k = max(1, int((ke - ks).max())) if compressed else 0
+    logits = torch.full((seq_len, max_seqlen_k or seq_len_kv), float("nan"), device="cuda")
+    facts = device.device_facts(0)
+    config = replace(mqa_logits.select_config(heads, head_dim, False, compressed, clean, facts), cluster_q=2)
+    plan = mqa_logits.plan(seq_len, seq_len_kv, heads, head_dim, tma_pitch(weights), logits, compressed, clean,
+                           facts, config=config)
+    plan.launch_pointers(0, q.data_ptr(), q.data_ptr(), kv.data_ptr(), kv_sf.data_ptr(), weights.data_ptr(),
+                         ks.data_ptr(), ke.data_ptr(), logits.data_ptr())
+    ref = reference.fp8_fp4_mqa_logits(*inputs, ks, ke, max_seqlen_k=max_seqlen_k)
+    inside = _inside(ks, ke, seq_len_kv, logits.shape[1], compressed)
+    if clean:
+        assert torch.equal(torch.isneginf(logits), ~inside), "-inf exactly outside each row's keys"
+    assert not logits[inside].isnan().any() and not logits[inside].isinf().any()
+    if inside.any():
+        assert calc_diff(logits[inside].double(), ref[inside].double()) < 5e-6
 
 
 @gpu

@@ -4,7 +4,7 @@ Sequence lengths, key ranges, context lengths and block tables are run-time valu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -67,6 +67,7 @@ class MqaLogitsConfig:
     next_n: int = 0  # 0: fp8_mqa_logits; 1 or 2: fp8_paged_mqa_logits
     fp4: bool = False  # e2m1 q and keys with 1x32 UE8M0 scales (fp8_fp4_mqa_logits)
     math_warpgroups: int = 4  # 64 keys of a block each (select_config)
+    cluster_q: int = 1  # dense: CTAs of a cluster sharing (multicasting) their key blocks, 1 or 2
 
     @property
     def num_threads(self) -> int:
@@ -127,7 +128,7 @@ def generate_source(config: MqaLogitsConfig) -> str:
         "sm90_fp8_mqa_logits.cuh",
         f"moegemm::MqaLogitsConfig<{config.heads}, {config.head_dim}, {config.kv_stages}, "
         f"{_flag(config.bf16_logits)}, {_flag(config.compressed)}, {_flag(config.clean)}, {config.next_n}, "
-        f"{_flag(config.fp4)}, {config.math_warpgroups}>",
+        f"{_flag(config.fp4)}, {config.math_warpgroups}, {config.cluster_q}>",
         layout.cpp_type, "moegemm::sm90_fp8_paged_mqa_logits" if config.next_n else "moegemm::sm90_fp8_mqa_logits",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}", layout.size_check()), nvcc_checks=layout.offset_checks())
@@ -137,22 +138,24 @@ def kernel_name(config: MqaLogitsConfig) -> str:
     form = "_compressed" if config.compressed else "_clean" if config.clean else ""
     kind = f"paged_mqa_logits_n{config.next_n}" if config.next_n else "mqa_logits"
     return (f"sm90_{'fp4' if config.fp4 else 'fp8'}_{kind}_h{config.heads}d{config.head_dim}s{config.kv_stages}"
-            f"w{config.math_warpgroups}"
+            f"w{config.math_warpgroups}{f'c{config.cluster_q}' if config.cluster_q > 1 else ''}"
             f"_{'bf16' if config.bf16_logits else 'f32'}{form}")
 
 
 def all_configs(facts: DeviceFacts) -> list[MqaLogitsConfig]:
-    """Every config the launchers can pick on ``facts``' GPU."""
+    """Every config the launchers can pick on ``facts``' GPU, and the FP8 dense ones in clusters of two
+    (the sweep's)."""
     dense = [select_config(h, d, bf16, compressed, clean, facts, fp4=fp4) for h in HEADS for d in HEAD_DIMS
              for bf16 in (False, True) for compressed, clean in ((False, False), (False, True), (True, False))
              for fp4 in (False, True)]
+    dense += [replace(config, cluster_q=2) for config in dense if not config.fp4]
     paged = [select_config(h, d, False, False, clean, facts, next_n, fp4) for h in HEADS for d in HEAD_DIMS
              for clean in (False, True) for next_n in NEXT_NS for fp4 in (False, True)]
     return dense + paged
 
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
-    num_threads=config.num_threads, smem_bytes=config.smem_bytes, layout=_layout(config)))
+    num_threads=config.num_threads, smem_bytes=config.smem_bytes, layout=_layout(config), cluster=config.cluster_q))
 build = KERNELS.build
 
 
@@ -178,17 +181,15 @@ def plan(seq_len: int, seq_len_kv: int, heads: int, head_dim: int, weights_pitch
     config = config or select_config(heads, head_dim, logits.dtype == torch.bfloat16, compressed, clean, facts,
                                      fp4=fp4)
     kernel = KERNELS.kernel(config)
-    row = config.key_bytes
+    row, share = config.key_bytes, config.block_kv // config.cluster_q  # the keys a CTA loads a block
     tma = {**_q_tma(config, seq_len * heads),
-           "tma_kv": tma_2d(torch.uint8, row, seq_len_kv, row, row, config.block_kv,
-                            SWIZZLE_NONE if fp4 else SWIZZLES[head_dim]),
-           "tma_scales": tma_2d(torch.int32, seq_len_kv, 1, align(seq_len_kv * 4, 16), config.block_kv, 1,
-                                SWIZZLE_NONE),
+           "tma_kv": tma_2d(torch.uint8, row, seq_len_kv, row, row, share, SWIZZLE_NONE if fp4 else SWIZZLES[head_dim]),
+           "tma_scales": tma_2d(torch.int32, seq_len_kv, 1, align(seq_len_kv * 4, 16), share, 1, SWIZZLE_NONE),
            "tma_weights": tma_2d(torch.float32, heads, seq_len, weights_pitch, heads, config.queries, SWIZZLE_NONE)}
     num_q_blocks = ceil_div(seq_len, config.queries)
     values = dict(ld_logits=logits.stride(0), seq_len=seq_len, seq_len_kv=seq_len_kv, num_q_blocks=num_q_blocks,
                   columns=logits.shape[1])
-    grid = min(num_q_blocks, facts.num_sms)
+    grid = min(ceil_div(num_q_blocks, config.cluster_q), facts.clusters(config.cluster_q)) * config.cluster_q
     return Plan(config, kernel, kernel.record(grid, tma, values, pdl=pdl))
 
 

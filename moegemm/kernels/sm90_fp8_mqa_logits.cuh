@@ -75,7 +75,7 @@ struct PagedMqaLogitsParams {
 };
 
 template <u32 kHeads_, u32 kHeadDim_, u32 kKvStages_, bool kBf16Logits_, bool kCompressed_, bool kClean_, u32 kNextN_,
-          bool kFp4_, u32 kMathWarpgroups_>
+          bool kFp4_, u32 kMathWarpgroups_, u32 kClusterQ_ = 1>
 struct MqaLogitsConfig {
     static constexpr u32 kHeads = kHeads_, kHeadDim = kHeadDim_, kKvStages = kKvStages_;
     static constexpr bool kBf16Logits = kBf16Logits_, kCompressed = kCompressed_, kClean = kClean_;
@@ -85,6 +85,9 @@ struct MqaLogitsConfig {
     static constexpr u32 kKeyBytes = kFp4 ? kHeadDim / 2 : kHeadDim;  // a key row (or q row) as it lands
     static constexpr u32 kPartWords = kHeadDim / 32;  // kFp4: packed words of a quarter row (a lane's share)
     static constexpr u32 kQStages = 2;
+    // MqaDense: kClusterQ CTAs of a cluster take adjacent q blocks over the union of their key
+    // windows; each loads 1 / kClusterQ of every key block into all of them (TMA multicast).
+    static constexpr u32 kClusterQ = kClusterQ_;
     static constexpr u32 kQueries = kPaged ? kNextN : 128 / kHeads;  // queries a q block
     static constexpr u32 kQRows = kQueries * kHeads;                  // WGMMA N
     static constexpr u32 kMathWarpgroups = kMathWarpgroups_;
@@ -114,6 +117,7 @@ struct MqaLogitsConfig {
     static_assert(kHeads == 32 || kHeads == 64, "H: 32 or 64");
     static_assert(kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128, "D: 32, 64 or 128");
     static_assert(kNextN <= 2, "next_n: 1 or 2");
+    static_assert(kClusterQ == 1 || (kClusterQ == 2 && !kPaged), "clusters of two CTAs, dense only");
     static_assert(kMathWarpgroups == 2 || kMathWarpgroups == 4 || (kMathWarpgroups == 3 && !kPaged),
                   "two to four math warpgroups (a paged block a half or whole unit)");
     static_assert(kMathWarpgroups == 2 ||
@@ -164,12 +168,16 @@ template <class Config>
 struct MqaDense {
     using Params = MqaLogitsParams;
 
+    // The cluster's q blocks from (blockIdx.x / kClusterQ + index * clusters) * kClusterQ, this CTA's
+    // its rank's (past the last q block: one with no rows); the keys: the union of their windows.
     __device__ __forceinline__ static MqaSegment segment(const Params& p, u32 index) {
-        const u32 block = blockIdx.x + index * gridDim.x;
-        if (block >= p.num_q_blocks) return {0, 0, 0, false};
+        constexpr u32 kCluster = Config::kClusterQ;
+        const u32 first = (blockIdx.x / kCluster + index * (gridDim.x / kCluster)) * kCluster;
+        if (first >= p.num_q_blocks) return {0, 0, 0, false};
+        const u32 block = first + blockIdx.x % kCluster;
         int begin = int(p.seq_len_kv), end = 0;
-        for (u32 i = 0; i < Config::kQueries; ++i) {
-            const u32 query = min(block * Config::kQueries + i, p.seq_len - 1);
+        for (u32 i = 0; i < kCluster * Config::kQueries; ++i) {
+            const u32 query = min(first * Config::kQueries + i, p.seq_len - 1);
             begin = min(begin, max(__ldg(p.ks + query), 0));
             end = max(end, min(__ldg(p.ke + query), int(p.seq_len_kv)));
         }
@@ -196,11 +204,20 @@ struct MqaDense {
     __device__ __forceinline__ static u32 tail_begin(const Params& p, const MqaSegment& s) {
         return min(s.key_begin + s.blocks * Config::kBlockKv, p.seq_len_kv);
     }
-    // The kBlockKv keys from `key` and their scales into one stage; returns the bytes they bring.
+    // The kBlockKv keys from `key` and their scales into one stage; returns the bytes the stage
+    // receives. In a cluster, this CTA loads its rank's share into every CTA's stage.
     __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar, u32,
                                                     u32 key) {
-        tma_load_2d(tile, &p.tma_kv, bar, 0, int(key));
-        tma_load_2d(scales, &p.tma_scales, bar, int(key), 0);
+        if constexpr (Config::kClusterQ > 1) {
+            constexpr u32 kShare = Config::kBlockKv / Config::kClusterQ, kAll = (1u << Config::kClusterQ) - 1;
+            const u32 rank = cluster_cta_rank();
+            tma_load_2d_multicast(tile + rank * kShare * Config::kKeyBytes, &p.tma_kv, bar, 0, int(key + rank * kShare),
+                                  kAll);
+            tma_load_2d_multicast(scales + rank * kShare * 4, &p.tma_scales, bar, int(key + rank * kShare), 0, kAll);
+        } else {
+            tma_load_2d(tile, &p.tma_kv, bar, 0, int(key));
+            tma_load_2d(scales, &p.tma_scales, bar, int(key), 0);
+        }
         return Config::kKvTileBytes + Config::kScalesBytes;
     }
     // The keys of query i whose logits are stored as computed, with no check: [lo, hi) (none past the
@@ -330,6 +347,17 @@ __device__ __forceinline__ void mqa_widen_q(u8* smem, u32 s) {
     named_barrier_sync(1, Config::kNumMathThreads);
 }
 
+// A math warp is done with a key stage: lane 0 releases it here and, in a cluster, in the peer CTA,
+// whose producer multicasts into this CTA's stage too.
+template <class Config>
+__device__ __forceinline__ void mqa_release(Barrier& empty) {
+    __syncwarp();
+    if (lane_id() == 0) {
+        empty.arrive();
+        if constexpr (Config::kClusterQ > 1) empty.arrive_cluster(cluster_cta_rank() ^ 1);
+    }
+}
+
 // The WGMMAs of key stage t's tile [kBlockKv, D] e4m3 against the q tile: the warpgroup's 64 keys
 // (`desc_keys`: their descriptor in stage 0); the scale of key row `scale_row` (the thread's row its
 // quad's sums end on); the stage released once read.
@@ -348,8 +376,7 @@ __device__ __forceinline__ float mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t
     wgmma_wait<0>();
 #pragma unroll
     for (u32 i = 0; i < Config::kQRows / 2; ++i) fence_register(acc[i]);
-    __syncwarp();
-    if (lane_id() == 0) empty_kv[t].arrive();
+    mqa_release<Config>(empty_kv[t]);
     return scale;
 }
 
@@ -368,8 +395,7 @@ __device__ __forceinline__ float mqa_keys_fp4(u8* smem, Barrier* empty_kv, u32 t
         ld_shared_words(tile + (key_row + 8 * h) * Config::kKeyBytes + quarter * kWords * 4, packed[h]);
         exponents[h] = ld_shared_u32(scales + (key_row + 8 * h) * 4);
     }
-    __syncwarp();
-    if (lane_id() == 0) empty_kv[t].arrive();
+    mqa_release<Config>(empty_kv[t]);
     E2m1Table tables[2];
     const float scale0 = e2m1_block_table<Config::kHeadDim / 32>(exponents[0], quarter * Config::kHeadDim / 128,
                                                                  tables[0]);
@@ -415,11 +441,15 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
 #pragma unroll
         for (u32 s = 0; s < Config::kKvStages; ++s) {
             full_kv[s].init(1);
-            empty_kv[s].init(Config::kNumMathThreads / 32);
+            empty_kv[s].init(Config::kClusterQ * Config::kNumMathThreads / 32);
         }
         fence_barrier_init();
     }
-    __syncthreads();
+    // A cluster's barriers are initialised before any CTA multicasts into another or arrives there.
+    if constexpr (Config::kClusterQ > 1)
+        cluster_sync();
+    else
+        __syncthreads();
     grid_dependency_wait();
 
     if (threadIdx.x >= Config::kNumMathThreads) {
@@ -473,6 +503,9 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
                 }
             }
         }
+        // A CTA of a cluster exits only once its peer is done with it (arrivals on its barriers).
+        __syncwarp();
+        if constexpr (Config::kClusterQ > 1) cluster_sync();
         return;
     }
 
@@ -573,6 +606,7 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
         __syncwarp();
         if (lane == 0) empty_q[s].arrive();
     }
+    if constexpr (Config::kClusterQ > 1) cluster_sync();
 }
 
 template <class Config>
