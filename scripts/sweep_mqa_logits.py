@@ -30,8 +30,8 @@ def candidates(pick: mqa_logits.MqaLogitsConfig, facts) -> list[mqa_logits.MqaLo
         while most.smem_bytes > facts.smem_per_block:
             most = dataclasses.replace(most, kv_stages=most.kv_stages - 1)
         configs += [most, dataclasses.replace(most, kv_stages=max(2, most.kv_stages // 2))]
-    if not pick.next_n and not pick.fp4:  # FP8 dense: each also in CTA pairs sharing their key blocks
-        configs += [dataclasses.replace(config, cluster_q=2) for config in configs]
+    if not pick.next_n and not pick.fp4:  # FP8 dense: each alone and in CTA pairs sharing their key blocks
+        configs += [dataclasses.replace(config, cluster_q=3 - config.cluster_q) for config in configs]
     return list(dict.fromkeys(configs))
 
 

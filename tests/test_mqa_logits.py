@@ -194,12 +194,13 @@ def test_kernel_against_the_reference(heads, head_dim, seq_len, seq_len_kv, kind
 
 
 @gpu
-@pytest.mark.parametrize("heads,head_dim", [(64, 128), (32, 64)])
+@pytest.mark.parametrize("heads,head_dim", [(64, 128), (32, 64), (64, 64)])
 @pytest.mark.parametrize("seq_len,seq_len_kv,kind", [(130, 4099, "random"), (7, 300, "causal"), (256, 8192, "cp")])
 @pytest.mark.parametrize("form", ["clean", "raw", "compressed"])
-def test_clusters_of_two_against_the_reference(heads, head_dim, seq_len, seq_len_kv, kind, form, seed):
-    """Pairs of CTAs sharing their key blocks by multicast (the sweep's configs, planned directly),
-    an odd number of q blocks among the shapes."""
+def test_the_other_cluster_size_against_the_reference(heads, head_dim, seq_len, seq_len_kv, kind, form, seed):
+    """The cluster size select_config does not pick (the sweep's configs, planned directly): pairs of
+    CTAs sharing their key blocks by multicast, or single CTAs where pairs are picked; an odd number of
+    q blocks among the shapes."""
     _, inputs = make_inputs(seq_len, seq_len_kv, heads, head_dim)
     (q, _), (kv, kv_sf), weights = inputs
     ks, ke = key_ranges(seq_len, seq_len_kv, kind)
@@ -207,7 +208,8 @@ def test_clusters_of_two_against_the_reference(heads, head_dim, seq_len, seq_len
     max_seqlen_k = max(1, int((ke - ks).max())) if compressed else 0
     logits = torch.full((seq_len, max_seqlen_k or seq_len_kv), float("nan"), device="cuda")
     facts = device.device_facts(0)
-    config = replace(mqa_logits.select_config(heads, head_dim, False, compressed, clean, facts), cluster_q=2)
+    pick = mqa_logits.select_config(heads, head_dim, False, compressed, clean, facts)
+    config = replace(pick, cluster_q=3 - pick.cluster_q)
     plan = mqa_logits.plan(seq_len, seq_len_kv, heads, head_dim, tma_pitch(weights), logits, compressed, clean,
                            facts, config=config)
     plan.launch_pointers(0, q.data_ptr(), q.data_ptr(), kv.data_ptr(), kv_sf.data_ptr(), weights.data_ptr(),

@@ -99,19 +99,22 @@ class MqaLogitsConfig:
 def select_config(heads: int, head_dim: int, bf16_logits: bool, compressed: bool, clean: bool,
                   facts: DeviceFacts, next_n: int = 0, fp4: bool = False) -> MqaLogitsConfig:
     """Math warpgroups: four (while some sum their heads, the others' WGMMAs run, 96 registers a
-    thread), but fewer for FP4 with 128 query heads a block, whose widened keys and accumulators need
-    more (four would spill): two paged (a block half a unit), three dense with 128-wide heads. The
-    most key stages that fit (up to MAX_KV_STAGES), but half of them for FP8 paged decode of one
-    query a sequence. The sweep behind both: BENCHMARKS.md, 2026-12-07 (twenty-sixth session)."""
+    thread), but three for dense FP4 with 128 query heads a block and 128-wide heads, whose widened
+    keys and accumulators need more. The most key stages that fit (up to MAX_KV_STAGES), but half of
+    them for FP8 paged decode of one query a sequence. FP8 dense with 64 heads of at most 64 values:
+    CTA pairs sharing their key blocks. The sweeps behind these: BENCHMARKS.md, 2026-12-07
+    (twenty-sixth session) and 2026-12-07 (twenty-eighth session)."""
     queries = next_n or 128 // heads
-    warpgroups = (2 if next_n else 3) if fp4 and queries * heads > 64 and (next_n or head_dim > 64) else 4
+    warpgroups = 3 if fp4 and not next_n and queries * heads > 64 and head_dim > 64 else 4
+    cluster_q = 2 if not (next_n or fp4) and heads == 64 and head_dim <= 64 else 1
     stages = MAX_KV_STAGES
     while (MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4,
                            warpgroups).smem_bytes > facts.smem_per_block):
         stages -= 1
     if next_n == 1 and not fp4:
         stages = max(2, stages // 2)
-    return MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4, warpgroups)
+    return MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4, warpgroups,
+                           cluster_q)
 
 
 def _flag(value: bool) -> str:
@@ -143,12 +146,12 @@ def kernel_name(config: MqaLogitsConfig) -> str:
 
 
 def all_configs(facts: DeviceFacts) -> list[MqaLogitsConfig]:
-    """Every config the launchers can pick on ``facts``' GPU, and the FP8 dense ones in clusters of two
-    (the sweep's)."""
+    """Every config the launchers can pick on ``facts``' GPU, and each FP8 dense one with the other
+    cluster size (the sweep's)."""
     dense = [select_config(h, d, bf16, compressed, clean, facts, fp4=fp4) for h in HEADS for d in HEAD_DIMS
              for bf16 in (False, True) for compressed, clean in ((False, False), (False, True), (True, False))
              for fp4 in (False, True)]
-    dense += [replace(config, cluster_q=2) for config in dense if not config.fp4]
+    dense += [replace(config, cluster_q=3 - config.cluster_q) for config in dense if not config.fp4]
     paged = [select_config(h, d, False, False, clean, facts, next_n, fp4) for h in HEADS for d in HEAD_DIMS
              for clean in (False, True) for next_n in NEXT_NS for fp4 in (False, True)]
     return dense + paged

@@ -100,6 +100,10 @@ struct MqaLogitsConfig {
     // Three or four math warpgroups take registers from the producer's through setmaxnreg (152 and 40
     // of 128 a thread, or 112 and 32 of 96); two need no reallocation.
     static constexpr u32 kMathRegisters = kMathWarpgroups == 3 ? 152 : 112;
+    // FP4 at 112 registers, 128 q rows of 128 values: the A fragments, accumulators and weights held
+    // through the WGMMAs spill, so the weights are read from shared memory a block, after its WGMMAs.
+    static constexpr bool kWeightsPerBlock =
+        kFp4 && kMathWarpgroups == 4 && kQueries * kHeads == 128 && kHeadDim == 128;
     static constexpr u32 kProducerRegisters = kMathWarpgroups == 3 ? 40 : 32;
     static constexpr u32 kQTileBytes = kQRows * kHeadDim, kKvTileBytes = kBlockKv * kKeyBytes;
     static constexpr u32 kQPackedBytes = kFp4 ? kQRows * kKeyBytes : 0;
@@ -204,10 +208,16 @@ struct MqaDense {
     __device__ __forceinline__ static u32 tail_begin(const Params& p, const MqaSegment& s) {
         return min(s.key_begin + s.blocks * Config::kBlockKv, p.seq_len_kv);
     }
-    // The kBlockKv keys from `key` and their scales into one stage; returns the bytes the stage
-    // receives. In a cluster, this CTA loads its rank's share into every CTA's stage.
-    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar, u32,
-                                                    u32 key) {
+    // Where the block of keys from `key` lies: the key itself.
+    struct KeySource {
+        u32 key;
+    };
+    __device__ __forceinline__ static KeySource key_source(const Params&, u32, u32 key) { return {key}; }
+    // The block's kBlockKv keys and their scales into one stage; returns the bytes the stage receives.
+    // In a cluster, this CTA loads its rank's share into every CTA's stage.
+    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar,
+                                                    const KeySource& source) {
+        const u32 key = source.key;
         if constexpr (Config::kClusterQ > 1) {
             constexpr u32 kShare = Config::kBlockKv / Config::kClusterQ, kAll = (1u << Config::kClusterQ) - 1;
             const u32 rank = cluster_cta_rank();
@@ -284,14 +294,29 @@ struct MqaPaged {
         const u32 end = s.key_begin + s.blocks * Config::kBlockKv;
         return end == units(p, s.q_block) * Config::kUnitKeys ? min(end, p.columns) : p.columns;
     }
-    // Keys [key, key + kBlockKv) of batch b: its pages (those the table has).
-    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar, u32 b,
-                                                    u32 key) {
+    // Keys [key, key + kBlockKv) of batch b: its first `count` pages (those the table has), read all
+    // at once before any load is issued: one trip to memory a block, not one a page. (Read before
+    // the wait for a free stage, they spill the math warps' registers.)
+    struct KeySource {
+        int pages[Config::kBlockKv / Config::kPageKeys];
+        u32 count;
+    };
+    __device__ __forceinline__ static KeySource key_source(const Params& p, u32 b, u32 key) {
+        KeySource source;
+        const u32 first = key / Config::kPageKeys;
+        source.count = min(Config::kBlockKv / Config::kPageKeys, p.ld_block_table - min(first, p.ld_block_table));
+#pragma unroll
+        for (u32 i = 0; i < Config::kBlockKv / Config::kPageKeys; ++i)
+            source.pages[i] = i < source.count ? __ldg(p.block_table + u64(b) * p.ld_block_table + first + i) : 0;
+        return source;
+    }
+    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar,
+                                                    const KeySource& source) {
         u32 bytes = 0;
+#pragma unroll
         for (u32 i = 0; i < Config::kBlockKv / Config::kPageKeys; ++i) {
-            const u32 page_index = key / Config::kPageKeys + i;
-            if (page_index >= p.ld_block_table) break;
-            const int page = __ldg(p.block_table + u64(b) * p.ld_block_table + page_index);
+            if (i >= source.count) break;
+            const int page = source.pages[i];
             tma_load_2d(tile + i * Config::kPageKeys * Config::kKeyBytes, &p.tma_kv, bar, 0,
                         page * int(Config::kPageRows));
             tma_load_2d(scales + i * Config::kPageKeys * 4, &p.tma_scales, bar,
@@ -318,19 +343,23 @@ struct MqaPaged {
 // kFp4: the math warps widen q stage s's packed tile into its e4m3 tile, a lane one quarter row
 // (a 1x32 block for D = 128) at a time. Packed word j of quarter q (natural K (D / 4) q + 8j to + 7)
 // goes to K positions 32j + 4q (its low four values) and 32j + 16 + 4q (its high four), in 4-byte
-// words 8j + q and 8j + 4 + q of the row: where a key lane's A fragment puts them.
+// words 8j + q and 8j + 4 + q of the row: where a key lane's A fragment puts them. A q row's weight
+// takes its widened row scale.
 template <class Config>
 __device__ __forceinline__ void mqa_widen_q(u8* smem, u32 s) {
     constexpr u32 kD = Config::kHeadDim, kWords = Config::kPartWords;
     const u32 packed = smem_addr(smem + Config::kQPackedOffset + s * Config::kQPackedBytes);
     const u32 exponents = smem_addr(smem + Config::kQScalesOffset + s * Config::kQScalesBytes);
+    const u32 weights = smem_addr(smem + Config::kWeightsOffset + s * Config::kWeightsBytes);
     const u32 tile = smem_addr(smem + s * Config::kQTileBytes);
     for (u32 part = threadIdx.x; part < Config::kQRows * 4; part += Config::kNumMathThreads) {
         const u32 row = part / 4, quarter = part % 4;
         u32 words[kWords];
         ld_shared_words(packed + row * Config::kKeyBytes + quarter * kWords * 4, words);
         E2m1Table table;
-        e2m1_block_table<kD / 32>(ld_shared_u32(exponents + row * 4), quarter * kD / 128, table);
+        const float row_scale =
+            e2m1_block_table<kD / 32>(ld_shared_u32(exponents + row * 4), quarter * kD / 128, table);
+        if (quarter == 0) st_shared_f32(weights + row * 4, __uint_as_float(ld_shared_u32(weights + row * 4)) * row_scale);
         // The D-byte swizzle TMA would write: 16-byte chunk c of the row at c ^ ((row * D / 128) % (D / 16)).
         const u32 line = tile + row * kD, swizzle = (row * kD / 128) % (kD / 16);
 #pragma unroll
@@ -478,10 +507,10 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
                     const u32 t = kv_ring.stage;
                     empty_kv[t].wait(kv_ring.phase ^ 1);
                     // The bytes are known only once the loads are issued: the arrival comes last.
-                    const u32 bytes = Problem::load_keys(p, smem + Config::kKvOffset + t * Config::kKvTileBytes,
-                                                         smem + Config::kScalesOffset + t * Config::kScalesBytes,
-                                                         &full_kv[t], segment.q_block,
-                                                         segment.key_begin + b * Config::kBlockKv);
+                    const u32 bytes = Problem::load_keys(
+                        p, smem + Config::kKvOffset + t * Config::kKvTileBytes,
+                        smem + Config::kScalesOffset + t * Config::kScalesBytes, &full_kv[t],
+                        Problem::key_source(p, segment.q_block, segment.key_begin + b * Config::kBlockKv));
                     full_kv[t].arrive_expect_tx(bytes);
                 }
             }
@@ -546,23 +575,16 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
         // Head h of query i is column i * H + h; the thread's are 8 (j / 2) + 2 (lane % 4) + j % 2.
         float weights[Config::kQueries][kHeadsPerThread];
         const u32 weights_smem = smem_addr(smem + Config::kWeightsOffset + s * Config::kWeightsBytes);
-        const u32 q_exponents = smem_addr(smem + Config::kQScalesOffset + s * Config::kQScalesBytes);
+        const auto load_weights = [&] {
 #pragma unroll
-        for (u32 i = 0; i < Config::kQueries; ++i) {
+            for (u32 i = 0; i < Config::kQueries; ++i) {
 #pragma unroll
-            for (u32 j = 0; j < kHeadsPerThread; j += 2) {
-                const u32 column = i * Config::kHeads + 8 * (j / 2) + 2 * (lane % 4);
-                ld_shared_v2_f32(weights_smem + column * 4, weights[i][j], weights[i][j + 1]);
-                if constexpr (Config::kFp4) {
-#pragma unroll
-                    for (u32 c = 0; c < 2; ++c) {
-                        const u32 top = e2m1_top_exponent<Config::kHeadDim / 32>(
-                            ld_shared_u32(q_exponents + (column + c) * 4));
-                        weights[i][j + c] *= widened_block_scale(top);
-                    }
-                }
+                for (u32 j = 0; j < kHeadsPerThread; j += 2)
+                    ld_shared_v2_f32(weights_smem + (i * Config::kHeads + 8 * (j / 2) + 2 * (lane % 4)) * 4,
+                                     weights[i][j], weights[i][j + 1]);
             }
-        }
+        };
+        if constexpr (!Config::kWeightsPerBlock) load_weights();
         const u64 desc_q = smem_descriptor_k_major<Config::kHeadDim>(smem + s * Config::kQTileBytes);
         for (u32 b = 0; b < segment.blocks; ++b, kv_ring.advance()) {
             const u32 t = kv_ring.stage;
@@ -570,6 +592,7 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
             const float scale = Config::kFp4
                                     ? mqa_keys_fp4<Config>(smem, empty_kv, t, key_row, out_row, desc_q, acc)
                                     : mqa_keys_fp8<Config>(smem, empty_kv, t, desc_keys, out_row, desc_q, acc);
+            if constexpr (Config::kWeightsPerBlock) load_weights();
             float sums[2 * Config::kQueries];
 #pragma unroll
             for (u32 i = 0; i < Config::kQueries; ++i) {
