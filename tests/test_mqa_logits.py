@@ -23,7 +23,9 @@ FP8 = torch.float8_e4m3fn
 
 # Against the BF16 inputs the casts' error shows (DeepGEMM's bounds): a statistical bound, which a
 # logit or a few of them (one query, a short context) can exceed without any fault of the kernel.
-ENOUGH_FOR_CAST_BOUNDS = 2048
+# The cast bounds hold over many queries: a query's rounding errors share its q, so over a few rows
+# (7 x 300) the metric strays to 0.98e-3 in 30 draws on the CPU reference, 1.03e-3 once on a GPU.
+ENOUGH_ROWS_FOR_CAST_BOUNDS = 64
 
 
 def cast_bound(fp4):
@@ -185,7 +187,7 @@ def test_kernel_against_the_reference(heads, head_dim, seq_len, seq_len_kv, kind
     if inside.any():
         got, expected = logits[inside].double(), ref[inside].double()
         assert calc_diff(got, expected) < (3e-5 if dtype == torch.bfloat16 else 5e-6)
-    if inside.sum() >= ENOUGH_FOR_CAST_BOUNDS:
+    if inside.any(1).sum() >= ENOUGH_ROWS_FOR_CAST_BOUNDS:
         q, kv, weights = bf16_inputs
         exact = reference._mqa_logits(q.float(), kv.float(), weights, ks, ke, max_seqlen_k, torch.float32)
         assert calc_diff(logits[inside].double(), exact[inside].double()) < cast_bound(fp4)
@@ -397,7 +399,7 @@ def test_paged_kernel_against_the_reference(heads, head_dim, next_n, batch, max_
     assert not logits[inside].isnan().any()
     if inside.any():
         assert calc_diff(logits[inside].double(), ref[inside].double()) < 5e-6
-    if inside.sum() >= ENOUGH_FOR_CAST_BOUNDS:
+    if inside.any(1).sum() >= ENOUGH_ROWS_FOR_CAST_BOUNDS:
         q_bf16, keys_bf16 = originals
         exact = reference._paged_logits(q_bf16.float(), keys_bf16.float(), weights, lens, table, max_context_len)
         assert calc_diff(logits[inside].double(), exact[inside].double()) < cast_bound(fp4)

@@ -66,7 +66,7 @@ class MqaLogitsConfig:
     clean: bool
     next_n: int = 0  # 0: fp8_mqa_logits; 1 or 2: fp8_paged_mqa_logits
     fp4: bool = False  # e2m1 q and keys with 1x32 UE8M0 scales (fp8_fp4_mqa_logits)
-    math_warpgroups: int = 4  # 64 keys of a block each (select_config)
+    math_warpgroups: int = 4  # 64 keys of a block each (2 or 3: the sweep's alternatives)
     cluster_q: int = 1  # dense: CTAs of a cluster sharing (multicasting) their key blocks, 1 or 2
 
     @property
@@ -98,23 +98,18 @@ class MqaLogitsConfig:
 
 def select_config(heads: int, head_dim: int, bf16_logits: bool, compressed: bool, clean: bool,
                   facts: DeviceFacts, next_n: int = 0, fp4: bool = False) -> MqaLogitsConfig:
-    """Math warpgroups: four (while some sum their heads, the others' WGMMAs run, 96 registers a
-    thread), but three for dense FP4 with 128 query heads a block and 128-wide heads, whose widened
-    keys and accumulators need more. The most key stages that fit (up to MAX_KV_STAGES), but half of
-    them for FP8 paged decode of one query a sequence. FP8 dense with 64 heads of at most 64 values:
-    CTA pairs sharing their key blocks. The sweeps behind these: BENCHMARKS.md, 2026-12-07
-    (twenty-sixth session) and 2026-12-07 (twenty-eighth session)."""
-    queries = next_n or 128 // heads
-    warpgroups = 3 if fp4 and not next_n and queries * heads > 64 and head_dim > 64 else 4
-    cluster_q = 2 if not (next_n or fp4) and heads == 64 and head_dim <= 64 else 1
+    """Four math warpgroups (while some sum their heads, the others' WGMMAs run, 112 registers a
+    thread); the most key stages that fit (up to MAX_KV_STAGES), but half of them for FP8 paged decode
+    of one query a sequence. Single CTAs: pairs sharing their key blocks (cluster_q = 2) win some of
+    the sweep's dense shapes and lose the bench's 2048 x 8192 with 64 heads of 64. The sweeps behind
+    these: BENCHMARKS.md, 2026-12-07 (twenty-sixth and twenty-eighth sessions)."""
     stages = MAX_KV_STAGES
-    while (MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4,
-                           warpgroups).smem_bytes > facts.smem_per_block):
+    while (MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4).smem_bytes
+           > facts.smem_per_block):
         stages -= 1
     if next_n == 1 and not fp4:
         stages = max(2, stages // 2)
-    return MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4, warpgroups,
-                           cluster_q)
+    return MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4)
 
 
 def _flag(value: bool) -> str:
