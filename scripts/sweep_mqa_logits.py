@@ -26,9 +26,7 @@ def candidates(pick: mqa_logits.MqaLogitsConfig, facts) -> list[mqa_logits.MqaLo
     FP8 dense: each of those in CTA pairs too."""
     configs = [pick]
     for warpgroups in (2, 4) if pick.next_n else (2, 3, 4):
-        most = dataclasses.replace(pick, math_warpgroups=warpgroups, kv_stages=mqa_logits.MAX_KV_STAGES)
-        while most.smem_bytes > facts.smem_per_block:
-            most = dataclasses.replace(most, kv_stages=most.kv_stages - 1)
+        most = mqa_logits.with_most_stages(dataclasses.replace(pick, math_warpgroups=warpgroups), facts)
         configs += [most, dataclasses.replace(most, kv_stages=max(2, most.kv_stages // 2))]
     if not pick.next_n and not pick.fp4:  # FP8 dense: each alone and in CTA pairs sharing their key blocks
         configs += [dataclasses.replace(config, cluster_q=3 - config.cluster_q) for config in configs]

@@ -103,13 +103,19 @@ def select_config(heads: int, head_dim: int, bf16_logits: bool, compressed: bool
     of one query a sequence. Single CTAs: pairs sharing their key blocks (cluster_q = 2) win some of
     the sweep's dense shapes and lose the bench's 2048 x 8192 with 64 heads of 64. The sweeps behind
     these: BENCHMARKS.md, 2026-12-07 (twenty-sixth and twenty-eighth sessions)."""
-    stages = MAX_KV_STAGES
-    while (MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4).smem_bytes
-           > facts.smem_per_block):
-        stages -= 1
+    config = with_most_stages(MqaLogitsConfig(heads, head_dim, MAX_KV_STAGES, bf16_logits, compressed, clean,
+                                              next_n, fp4), facts)
     if next_n == 1 and not fp4:
-        stages = max(2, stages // 2)
-    return MqaLogitsConfig(heads, head_dim, stages, bf16_logits, compressed, clean, next_n, fp4)
+        config = replace(config, kv_stages=max(2, config.kv_stages // 2))
+    return config
+
+
+def with_most_stages(config: MqaLogitsConfig, facts: DeviceFacts) -> MqaLogitsConfig:
+    """``config`` with the most key stages (up to MAX_KV_STAGES) that fit ``facts``' shared memory."""
+    config = replace(config, kv_stages=MAX_KV_STAGES)
+    while config.smem_bytes > facts.smem_per_block:
+        config = replace(config, kv_stages=config.kv_stages - 1)
+    return config
 
 
 def _flag(value: bool) -> str:

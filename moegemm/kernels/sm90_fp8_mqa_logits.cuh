@@ -208,16 +208,10 @@ struct MqaDense {
     __device__ __forceinline__ static u32 tail_begin(const Params& p, const MqaSegment& s) {
         return min(s.key_begin + s.blocks * Config::kBlockKv, p.seq_len_kv);
     }
-    // Where the block of keys from `key` lies: the key itself.
-    struct KeySource {
-        u32 key;
-    };
-    __device__ __forceinline__ static KeySource key_source(const Params&, u32, u32 key) { return {key}; }
-    // The block's kBlockKv keys and their scales into one stage; returns the bytes the stage receives.
-    // In a cluster, this CTA loads its rank's share into every CTA's stage.
-    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar,
-                                                    const KeySource& source) {
-        const u32 key = source.key;
+    // The kBlockKv keys from `key` and their scales into one stage; returns the bytes the stage
+    // receives. In a cluster, this CTA loads its rank's share into every CTA's stage.
+    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar, u32,
+                                                    u32 key) {
         if constexpr (Config::kClusterQ > 1) {
             constexpr u32 kShare = Config::kBlockKv / Config::kClusterQ, kAll = (1u << Config::kClusterQ) - 1;
             const u32 rank = cluster_cta_rank();
@@ -294,29 +288,23 @@ struct MqaPaged {
         const u32 end = s.key_begin + s.blocks * Config::kBlockKv;
         return end == units(p, s.q_block) * Config::kUnitKeys ? min(end, p.columns) : p.columns;
     }
-    // Keys [key, key + kBlockKv) of batch b: its first `count` pages (those the table has), read all
-    // at once before any load is issued: one trip to memory a block, not one a page. (Read before
-    // the wait for a free stage, they spill the math warps' registers.)
-    struct KeySource {
-        int pages[Config::kBlockKv / Config::kPageKeys];
-        u32 count;
-    };
-    __device__ __forceinline__ static KeySource key_source(const Params& p, u32 b, u32 key) {
-        KeySource source;
+    // Keys [key, key + kBlockKv) of batch b: its pages (those the table has). Their numbers are read
+    // all at once before any load is issued: one trip to memory a block, not one a page. (Read before
+    // the producer's wait for a free stage, they would spill the math warps' registers.)
+    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar, u32 b,
+                                                    u32 key) {
+        constexpr u32 kPages = Config::kBlockKv / Config::kPageKeys;
         const u32 first = key / Config::kPageKeys;
-        source.count = min(Config::kBlockKv / Config::kPageKeys, p.ld_block_table - min(first, p.ld_block_table));
+        const u32 count = min(kPages, p.ld_block_table - min(first, p.ld_block_table));
+        int pages[kPages];
 #pragma unroll
-        for (u32 i = 0; i < Config::kBlockKv / Config::kPageKeys; ++i)
-            source.pages[i] = i < source.count ? __ldg(p.block_table + u64(b) * p.ld_block_table + first + i) : 0;
-        return source;
-    }
-    __device__ __forceinline__ static u32 load_keys(const Params& p, u8* tile, u8* scales, Barrier* bar,
-                                                    const KeySource& source) {
+        for (u32 i = 0; i < kPages; ++i)
+            pages[i] = i < count ? __ldg(p.block_table + u64(b) * p.ld_block_table + first + i) : 0;
         u32 bytes = 0;
 #pragma unroll
-        for (u32 i = 0; i < Config::kBlockKv / Config::kPageKeys; ++i) {
-            if (i >= source.count) break;
-            const int page = source.pages[i];
+        for (u32 i = 0; i < kPages; ++i) {
+            if (i >= count) break;
+            const int page = pages[i];
             tma_load_2d(tile + i * Config::kPageKeys * Config::kKeyBytes, &p.tma_kv, bar, 0,
                         page * int(Config::kPageRows));
             tma_load_2d(scales + i * Config::kPageKeys * 4, &p.tma_scales, bar,
@@ -329,7 +317,9 @@ struct MqaPaged {
         lo = 0;
         hi = min(ke, int(p.columns));
     }
-    __device__ __forceinline__ static i64 row_offset(const Params& p, int row, int) { return i64(row) * i64(p.ld_logits); }
+    __device__ __forceinline__ static i64 row_offset(const Params& p, int row, int) {
+        return i64(row) * i64(p.ld_logits);
+    }
     __device__ __forceinline__ static void store(const Params& p, int row, u32 key, int, int ke, float value) {
         if (key >= p.columns) return;
         if (int(key) >= ke) {
@@ -359,7 +349,8 @@ __device__ __forceinline__ void mqa_widen_q(u8* smem, u32 s) {
         E2m1Table table;
         const float row_scale =
             e2m1_block_table<kD / 32>(ld_shared_u32(exponents + row * 4), quarter * kD / 128, table);
-        if (quarter == 0) st_shared_f32(weights + row * 4, __uint_as_float(ld_shared_u32(weights + row * 4)) * row_scale);
+        if (quarter == 0)
+            st_shared_f32(weights + row * 4, __uint_as_float(ld_shared_u32(weights + row * 4)) * row_scale);
         // The D-byte swizzle TMA would write: 16-byte chunk c of the row at c ^ ((row * D / 128) % (D / 16)).
         const u32 line = tile + row * kD, swizzle = (row * kD / 128) % (kD / 16);
 #pragma unroll
@@ -507,10 +498,10 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
                     const u32 t = kv_ring.stage;
                     empty_kv[t].wait(kv_ring.phase ^ 1);
                     // The bytes are known only once the loads are issued: the arrival comes last.
-                    const u32 bytes = Problem::load_keys(
-                        p, smem + Config::kKvOffset + t * Config::kKvTileBytes,
-                        smem + Config::kScalesOffset + t * Config::kScalesBytes, &full_kv[t],
-                        Problem::key_source(p, segment.q_block, segment.key_begin + b * Config::kBlockKv));
+                    const u32 bytes = Problem::load_keys(p, smem + Config::kKvOffset + t * Config::kKvTileBytes,
+                                                         smem + Config::kScalesOffset + t * Config::kScalesBytes,
+                                                         &full_kv[t], segment.q_block,
+                                                         segment.key_begin + b * Config::kBlockKv);
                     full_kv[t].arrive_expect_tx(bytes);
                 }
             }
