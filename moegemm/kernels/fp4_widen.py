@@ -16,6 +16,9 @@ from ..jit import compiler
 from ..jit.runtime import Kernel, KernelFamily, ParamsLayout, Slot
 
 NUM_THREADS = 512  # Fp4WidenConfig::kNumThreads: a 128x128 block, one 1x32 part each
+# kE2m1LutBytes (include/moegemm/fp4.cuh): the shared table of every 1x32 block's widening, which the
+# kernels that widen in their main loops keep in shared memory.
+E2M1_LUT_BYTES = 21 * 8
 PARAMS = ParamsLayout("moegemm::Fp4WidenParams", (
     Slot("b", "ptr", "b"), Slot("sfb", "ptr", "sfb"), Slot("out", "ptr", "out"),
     *(Slot(name, "u64") for name in ("b_row", "scale_offset")),

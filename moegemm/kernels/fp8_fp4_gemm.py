@@ -29,6 +29,7 @@ from ..intmath import align, ceil_div
 from ..jit import compiler
 from ..jit.runtime import SWIZZLE_64B, SWIZZLE_128B, SWIZZLE_NONE, KernelFamily, ParamsLayout, Slot, tma_2d
 from . import fp8_gemm
+from .fp4_widen import E2M1_LUT_BYTES
 from .fp8_gemm import BLOCK_K, CONTIGUOUS_ALIGNMENT, OPERANDS, PARAMS
 
 TRANSFORM_THREADS = 96  # kTransformThreads: the producer warpgroup's warps 1 to 3
@@ -175,11 +176,11 @@ class SwapAbConfig:
 
 def swap_ab_smem_bytes(math_warpgroups: int, tokens: int, stages: int, split_k: int, k_blocks_per_stage: int) -> int:
     """Mirrors Fp8Fp4SwapAbConfig::kSmemBytes: the stage ring, or the split-K partial sums and the
-    output tile that reuse it, whichever is larger, then the barriers."""
+    output tile that reuse it, whichever is larger, then the barriers and the widening's table."""
     rows = 64 * math_warpgroups
     ring = stages * k_blocks_per_stage * (tokens * BLOCK_K + rows * 64 + align(tokens * 4, 128) + rows * 4)
     after = (split_k - 1) * 128 * math_warpgroups * tokens * 2 + tokens * (rows + 4) * 4
-    return align(max(ring, after), 8) + 24 * stages
+    return align(max(ring, after), 8) + 24 * stages + E2M1_LUT_BYTES
 
 
 def swap_ab_threads(math_warpgroups: int) -> int:

@@ -22,6 +22,7 @@ from ..jit.runtime import (
     Slot,
     tma_2d,
 )
+from .fp4_widen import E2M1_LUT_BYTES
 
 HEADS = (32, 64)
 HEAD_DIMS = (32, 64, 128)
@@ -93,7 +94,8 @@ class MqaLogitsConfig:
         if self.fp4:
             q_stage += rows * self.key_bytes + align(rows * 4, 128)  # the packed tile, its exponents
         kv_stage = self.block_kv * (self.key_bytes + 4)
-        return Q_STAGES * q_stage + self.kv_stages * kv_stage + 2 * (Q_STAGES + self.kv_stages) * BARRIER_BYTES
+        barriers = 2 * (Q_STAGES + self.kv_stages) * BARRIER_BYTES
+        return Q_STAGES * q_stage + self.kv_stages * kv_stage + barriers + (E2M1_LUT_BYTES if self.fp4 else 0)
 
 
 def select_config(heads: int, head_dim: int, bf16_logits: bool, compressed: bool, clean: bool,

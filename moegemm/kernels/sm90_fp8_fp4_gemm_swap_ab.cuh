@@ -86,7 +86,8 @@ struct Fp8Fp4SwapAbConfig {
     static constexpr u32 kOutBytes = kTokens * kOutPitch * 4;
     static constexpr u32 kBarrierOffset =
         align_up(kRingBytes > kReduceBytes + kOutBytes ? kRingBytes : kReduceBytes + kOutBytes, 8u);
-    static constexpr u32 kSmemBytes = kBarrierOffset + 3 * kStages * 8;  // full, empty, permuted
+    static constexpr u32 kLutOffset = kBarrierOffset + 3 * kStages * 8;  // after full, empty, permuted
+    static constexpr u32 kSmemBytes = kLutOffset + kE2m1LutBytes;
 
     static_assert(kMathWarpgroups == 1 || kMathWarpgroups == 2, "one or two math warpgroups");
     static_assert(kTokens % 8 == 0 && kTokens >= 8 && kTokens <= 128, "WGMMA N: 8 to 128 tokens, multiples of 8");
@@ -189,6 +190,7 @@ struct Fp8Fp4SwapAbKernel {
         const u32 tile = smem_addr(smem + Config::kTileBOffset + stage * Config::kTileBBytes);
         const u32 slot = stage * Config::kKBlocks + at.block;
         const u32 sfb = smem_addr(smem + Config::kSfbOffset + slot * Config::kSfbBytes);
+        const u32 lut = smem_addr(smem + Config::kLutOffset);
         const u32 chunk = at.block * 4 + lane_id() % 4;
         u32 packed[2][4], exponents[2];
 #pragma unroll
@@ -200,8 +202,8 @@ struct Fp8Fp4SwapAbKernel {
         }
         E2m1Table tables[2];
         RowScales scales;
-        scales.r0 = e2m1_block_table(exponents[0], lane_id() % 4, tables[0]);
-        scales.r1 = e2m1_block_table(exponents[1], lane_id() % 4, tables[1]);
+        scales.r0 = e2m1_block_table(lut, exponents[0], lane_id() % 4, tables[0]);
+        scales.r1 = e2m1_block_table(lut, exponents[1], lane_id() % 4, tables[1]);
         u32 fragments[4][4];
 #pragma unroll
         for (u32 j = 0; j < 4; ++j) {
@@ -402,6 +404,7 @@ __device__ __forceinline__ void sm90_fp8_fp4_gemm_swap_ab(const Fp8Fp4SwapAbPara
         }
         fence_barrier_init();
     }
+    e2m1_lut_init(smem_addr(smem + Config::kLutOffset), 0, Config::kNumThreads);
     __syncthreads();
     const u32 tokens = min(Config::kTokens, rows - token_begin);
     const u32 num_k_blocks = ceil_div(p.k, 128u);

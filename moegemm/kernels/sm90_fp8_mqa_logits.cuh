@@ -116,7 +116,8 @@ struct MqaLogitsConfig {
     static constexpr u32 kQScalesOffset = kWeightsOffset + kQStages * kWeightsBytes;
     static constexpr u32 kScalesOffset = kQScalesOffset + kQStages * kQScalesBytes;
     static constexpr u32 kBarrierOffset = kScalesOffset + kKvStages * kScalesBytes;
-    static constexpr u32 kSmemBytes = kBarrierOffset + 2 * (kQStages + kKvStages) * 8;
+    static constexpr u32 kLutOffset = kBarrierOffset + 2 * (kQStages + kKvStages) * 8;  // kFp4: the widening table
+    static constexpr u32 kSmemBytes = kLutOffset + (kFp4 ? kE2m1LutBytes : 0);
 
     static_assert(kHeads == 32 || kHeads == 64, "H: 32 or 64");
     static_assert(kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128, "D: 32, 64 or 128");
@@ -341,14 +342,14 @@ __device__ __forceinline__ void mqa_widen_q(u8* smem, u32 s) {
     const u32 packed = smem_addr(smem + Config::kQPackedOffset + s * Config::kQPackedBytes);
     const u32 exponents = smem_addr(smem + Config::kQScalesOffset + s * Config::kQScalesBytes);
     const u32 weights = smem_addr(smem + Config::kWeightsOffset + s * Config::kWeightsBytes);
-    const u32 tile = smem_addr(smem + s * Config::kQTileBytes);
+    const u32 tile = smem_addr(smem + s * Config::kQTileBytes), lut = smem_addr(smem + Config::kLutOffset);
     for (u32 part = threadIdx.x; part < Config::kQRows * 4; part += Config::kNumMathThreads) {
         const u32 row = part / 4, quarter = part % 4;
         u32 words[kWords];
         ld_shared_words(packed + row * Config::kKeyBytes + quarter * kWords * 4, words);
         E2m1Table table;
-        const float row_scale =
-            e2m1_block_table<kD / 32>(ld_shared_u32(exponents + row * 4), quarter * kD / 128, table);
+        const float row_scale = e2m1_block_table<kD / 32>(lut, ld_shared_u32(exponents + row * 4), quarter * kD / 128,
+                                                          table);
         if (quarter == 0)
             st_shared_f32(weights + row * 4, __uint_as_float(ld_shared_u32(weights + row * 4)) * row_scale);
         // The D-byte swizzle TMA would write: 16-byte chunk c of the row at c ^ ((row * D / 128) % (D / 16)).
@@ -416,11 +417,10 @@ __device__ __forceinline__ float mqa_keys_fp4(u8* smem, Barrier* empty_kv, u32 t
         exponents[h] = ld_shared_u32(scales + (key_row + 8 * h) * 4);
     }
     mqa_release<Config>(empty_kv[t]);
+    const u32 lut = smem_addr(smem + Config::kLutOffset), block = quarter * Config::kHeadDim / 128;
     E2m1Table tables[2];
-    const float scale0 = e2m1_block_table<Config::kHeadDim / 32>(exponents[0], quarter * Config::kHeadDim / 128,
-                                                                 tables[0]);
-    const float scale1 = e2m1_block_table<Config::kHeadDim / 32>(exponents[1], quarter * Config::kHeadDim / 128,
-                                                                 tables[1]);
+    const float scale0 = e2m1_block_table<Config::kHeadDim / 32>(lut, exponents[0], block, tables[0]);
+    const float scale1 = e2m1_block_table<Config::kHeadDim / 32>(lut, exponents[1], block, tables[1]);
     u32 fragments[kWords][4];
 #pragma unroll
     for (u32 j = 0; j < kWords; ++j) {
@@ -465,6 +465,7 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
         }
         fence_barrier_init();
     }
+    if constexpr (Config::kFp4) e2m1_lut_init(smem_addr(smem + Config::kLutOffset), 0, Config::kNumThreads);
     // A cluster's barriers are initialised before any CTA multicasts into another or arrives there.
     if constexpr (Config::kClusterQ > 1)
         cluster_sync();

@@ -29,15 +29,38 @@ __device__ __forceinline__ E2m1Table e2m1_table(int shift) {
             pack_e4m3x4(2.0f * scale, 3.0f * scale, 4.0f * scale, 6.0f * scale)};
 }
 
+// The tables of every shift a 1x32 block can have in shared memory, for kernels that build one a block
+// in their main loop: a load there instead of the shift's arithmetic and a branch for shifts under -5.
+// At shift -14 every value rounds to zero in e4m3 (6 * 2^-14 is under half its least subnormal), as at
+// any lower one.
+constexpr int kE2m1LutMinShift = -14;
+constexpr u32 kE2m1LutEntries = u32(kE2m1WidenShift - kE2m1LutMinShift + 1);
+constexpr u32 kE2m1LutBytes = kE2m1LutEntries * 8;
+
+// Fills the table at shared address `lut` (8-byte aligned): threads `first` to `first + count - 1`
+// of the CTA take the entries in turn. The caller's barrier makes it visible.
+__device__ __forceinline__ void e2m1_lut_init(u32 lut, u32 first, u32 count) {
+    for (u32 i = threadIdx.x - first; threadIdx.x >= first && i < kE2m1LutEntries; i += count) {
+        const E2m1Table table = e2m1_table(kE2m1LutMinShift + int(i));
+        st_shared_v2_u32(lut + i * 8, table.lo, table.hi);
+    }
+}
+
+__device__ __forceinline__ E2m1Table e2m1_lut_table(u32 lut, int shift) {
+    E2m1Table table;
+    ld_shared_v2_u32(lut + u32(max(shift, kE2m1LutMinShift) - kE2m1LutMinShift) * 8, table.lo, table.hi);
+    return table;
+}
+
 // Eight e2m1 values (element i in nibble i of `packed`) to eight e4m3 bytes (element i in byte i of
 // out0, out1): the magnitudes through the table, the signs replicated from the nibbles' top bits
 // (prmt's sign mode reads a byte's bit 7: bytes of `packed` give the odd elements', of packed << 4
-// the even ones').
+// the even ones'). The codes are masked once: prmt reads only its selector's low 16 bits.
 __device__ __forceinline__ void widen_e2m1x8(u32 packed, const E2m1Table& table, u32& out0, u32& out1) {
-    const u32 shifted = packed << 4;
+    const u32 shifted = packed << 4, codes = packed & 0x77777777u;
     const u32 signs0 = prmt(packed, shifted, 0x9D8Cu), signs1 = prmt(packed, shifted, 0xBFAEu);
-    out0 = prmt(table.lo, table.hi, packed & 0x7777u) | (signs0 & 0x80808080u);
-    out1 = prmt(table.lo, table.hi, (packed >> 16) & 0x7777u) | (signs1 & 0x80808080u);
+    out0 = prmt(table.lo, table.hi, codes) | (signs0 & 0x80808080u);
+    out1 = prmt(table.lo, table.hi, codes >> 16) | (signs1 & 0x80808080u);
 }
 
 // The FP32 scale of a block widened with largest exponent `top`: 2^(top - 127 - kE2m1WidenShift);
@@ -60,12 +83,28 @@ __device__ __forceinline__ u32 e2m1_top_exponent(u32 exponents) {
     return e[0];
 }
 
+// Of 1x32 block `block` of a row of kBlocks blocks with those exponents: its table's shift, relative to
+// the largest exponent `top`.
+template <u32 kBlocks>
+__device__ __forceinline__ int e2m1_block_shift(u32 exponents, u32 block, u32& top) {
+    top = e2m1_top_exponent<kBlocks>(exponents);
+    return int(prmt(exponents, 0u, 0x4440u + block)) - int(top) + kE2m1WidenShift;
+}
+
 // The table of 1x32 block `block` of a row of kBlocks blocks with those exponents, scaled relative to
 // the largest, and the row's FP32 scale.
 template <u32 kBlocks = 4>
 __device__ __forceinline__ float e2m1_block_table(u32 exponents, u32 block, E2m1Table& table) {
-    const u32 top = e2m1_top_exponent<kBlocks>(exponents);
-    table = e2m1_table(int(prmt(exponents, 0u, 0x4440u + block)) - int(top) + kE2m1WidenShift);
+    u32 top;
+    table = e2m1_table(e2m1_block_shift<kBlocks>(exponents, block, top));
+    return widened_block_scale(top);
+}
+
+// The same from the shared table at `lut` (e2m1_lut_init).
+template <u32 kBlocks = 4>
+__device__ __forceinline__ float e2m1_block_table(u32 lut, u32 exponents, u32 block, E2m1Table& table) {
+    u32 top;
+    table = e2m1_lut_table(lut, e2m1_block_shift<kBlocks>(exponents, block, top));
     return widened_block_scale(top);
 }
 
