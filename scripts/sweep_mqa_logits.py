@@ -23,19 +23,23 @@ FP8 = torch.float8_e4m3fn
 def candidates(pick: mqa_logits.MqaLogitsConfig, facts) -> list[mqa_logits.MqaLogitsConfig]:
     """The pick, and each warpgroup count the kernel allows with the most and half the key stages that
     fit (a config whose registers would spill is a compile error here: ptxas reports, the build goes on);
-    FP8 dense: each of those in CTA pairs too."""
+    FP8 dense: each of those in CTA pairs too; FP8: the pipelined form with the most and half the stages."""
     configs = [pick]
     for warpgroups in (2, 4) if pick.next_n else (2, 3, 4):
         most = mqa_logits.with_most_stages(dataclasses.replace(pick, math_warpgroups=warpgroups), facts)
         configs += [most, dataclasses.replace(most, kv_stages=max(2, most.kv_stages // 2))]
     if not pick.next_n and not pick.fp4:  # FP8 dense: each alone and in CTA pairs sharing their key blocks
         configs += [dataclasses.replace(config, cluster_q=3 - config.cluster_q) for config in configs]
+    pipelined = mqa_logits.pipelined(pick, facts)  # FP8: two accumulator sets a math warpgroup
+    if pipelined is not None:
+        configs += [pipelined, dataclasses.replace(pipelined, kv_stages=max(2, pipelined.kv_stages // 2))]
     return list(dict.fromkeys(configs))
 
 
 def label(config: mqa_logits.MqaLogitsConfig, pick: mqa_logits.MqaLogitsConfig) -> str:
     pair = "c2" if config.cluster_q > 1 else ""
-    return f"{'*' if config == pick else ''}w{config.math_warpgroups}s{config.kv_stages}{pair}"
+    pipelined = "p" if config.pipelined else ""
+    return f"{'*' if config == pick else ''}w{config.math_warpgroups}s{config.kv_stages}{pair}{pipelined}"
 
 
 def sweep_dense(facts) -> None:

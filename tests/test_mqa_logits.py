@@ -199,10 +199,11 @@ def test_kernel_against_the_reference(heads, head_dim, seq_len, seq_len_kv, kind
 @pytest.mark.parametrize("heads,head_dim", [(64, 128), (32, 64), (64, 64)])
 @pytest.mark.parametrize("seq_len,seq_len_kv,kind", [(130, 4099, "random"), (7, 300, "causal"), (256, 8192, "cp")])
 @pytest.mark.parametrize("form", ["clean", "raw", "compressed"])
-def test_the_other_cluster_size_against_the_reference(heads, head_dim, seq_len, seq_len_kv, kind, form, seed):
-    """The cluster size select_config does not pick (the sweep's configs, planned directly): pairs of
-    CTAs sharing their key blocks by multicast, or single CTAs where pairs are picked; an odd number of
-    q blocks among the shapes."""
+@pytest.mark.parametrize("variant", ["other_cluster_size", "pipelined"])
+def test_unpicked_configs_against_the_reference(heads, head_dim, seq_len, seq_len_kv, kind, form, variant, seed):
+    """Configs select_config does not pick (the sweep's, planned directly): the other cluster size
+    (pairs of CTAs sharing their key blocks by multicast, or single CTAs where pairs are picked; an odd
+    number of q blocks among the shapes), and the pipelined form (odd and even block counts a q block)."""
     _, inputs = make_inputs(seq_len, seq_len_kv, heads, head_dim)
     (q, _), (kv, kv_sf), weights = inputs
     ks, ke = key_ranges(seq_len, seq_len_kv, kind)
@@ -211,7 +212,8 @@ def test_the_other_cluster_size_against_the_reference(heads, head_dim, seq_len, 
     logits = torch.full((seq_len, max_seqlen_k or seq_len_kv), float("nan"), device="cuda")
     facts = device.device_facts(0)
     pick = mqa_logits.select_config(heads, head_dim, False, compressed, clean, facts)
-    config = replace(pick, cluster_q=3 - pick.cluster_q)
+    config = (replace(pick, cluster_q=3 - pick.cluster_q) if variant == "other_cluster_size"
+              else mqa_logits.pipelined(pick, facts))
     plan = mqa_logits.plan(seq_len, seq_len_kv, heads, head_dim, tma_pitch(weights), logits, compressed, clean,
                            facts, config=config)
     plan.launch_pointers(0, q.data_ptr(), q.data_ptr(), kv.data_ptr(), kv_sf.data_ptr(), weights.data_ptr(),
@@ -277,6 +279,8 @@ def test_config_compiles_without_spills(cache, config):
     report = build.resources()
     assert (report.spill_stores, report.spill_loads, report.stack_bytes) == (0, 0, 0), report
     assert "QGMMA" in compiler.disassemble(build.cubin_path)
+    # ptxas' notes C7510-C7519: WGMMAs serialized, or waits it injected (the pipelined configs' risk).
+    assert not [line for line in build.log.splitlines() if "(C751" in line], build.log
 
 
 # ---- the paged form ------------------------------------------------------------------------------------------
@@ -404,6 +408,32 @@ def test_paged_kernel_against_the_reference(heads, head_dim, next_n, batch, max_
         exact = reference._paged_logits(q_bf16.float(), keys_bf16.float(), weights, lens, table, max_context_len)
         assert calc_diff(logits[inside].double(), exact[inside].double()) < cast_bound(fp4)
     assert torch.equal(poisoned_call()[inside], logits[inside]), "repeated calls bitwise equal"
+
+
+@gpu
+@pytest.mark.parametrize("heads,head_dim", [(64, 128), (32, 64)])
+@pytest.mark.parametrize("next_n", [1, 2])
+@pytest.mark.parametrize("batch,max_context_len,ctas", [(7, 1000, 132), (64, 4096, 132), (5, 700, 2)])
+@pytest.mark.parametrize("clean", [False, True])
+def test_paged_pipelined_against_the_reference(heads, head_dim, next_n, batch, max_context_len, ctas, clean, seed):
+    """The pipelined form of the FP8 paged kernel (the sweep's, planned directly): CTAs with odd, even
+    and single-block runs of a batch's keys."""
+    q, cache, weights, lens, table = make_paged(batch, next_n, heads, head_dim, max_context_len)
+    schedule = moegemm.get_paged_mqa_logits_metadata(lens, 64, ctas)
+    facts = device.device_facts(0)
+    config = mqa_logits.pipelined(mqa_logits.select_config(heads, head_dim, False, False, clean, facts, next_n), facts)
+    logits = torch.full((batch * next_n, max_context_len), float("nan"), device="cuda")
+    plan = mqa_logits.plan_paged(batch, next_n, heads, head_dim, cache.shape[0], table.shape[1], tma_pitch(weights),
+                                 logits, clean, ctas, facts, config=config)
+    plan.launch_pointers(0, q[0].data_ptr(), q[0].data_ptr(), cache.data_ptr(), weights.data_ptr(), lens.data_ptr(),
+                         table.data_ptr(), schedule.data_ptr(), logits.data_ptr())
+    ref = reference.fp8_fp4_paged_mqa_logits(q, cache, weights, lens, table, schedule, max_context_len)
+    inside = torch.arange(max_context_len, device="cuda")[None, :] < lens.view(-1, 1)
+    if clean:
+        assert torch.equal(torch.isneginf(logits), ~inside), "-inf exactly past each token's context"
+    assert not logits[inside].isnan().any()
+    if inside.any():
+        assert calc_diff(logits[inside].double(), ref[inside].double()) < 5e-6
 
 
 @gpu

@@ -69,6 +69,7 @@ class MqaLogitsConfig:
     fp4: bool = False  # e2m1 q and keys with 1x32 UE8M0 scales (fp8_fp4_mqa_logits)
     math_warpgroups: int = 4  # 64 keys of a block each (2 or 3: the sweep's alternatives)
     cluster_q: int = 1  # dense: CTAs of a cluster sharing (multicasting) their key blocks, 1 or 2
+    pipelined: bool = False  # FP8: two accumulator sets a math warpgroup (kPipelined), a sweep option
 
     @property
     def num_threads(self) -> int:
@@ -120,6 +121,16 @@ def with_most_stages(config: MqaLogitsConfig, facts: DeviceFacts) -> MqaLogitsCo
     return config
 
 
+def pipelined(config: MqaLogitsConfig, facts: DeviceFacts) -> MqaLogitsConfig | None:
+    """The pipelined form of an FP8 ``config`` (two accumulator sets a math warpgroup: four warpgroups
+    where a q block is at most 64 rows, else two), with the most key stages that fit; None for FP4.
+    Not picked until the sweep measures it."""
+    if config.fp4:
+        return None
+    warpgroups = 4 if config.queries * config.heads <= 64 else 2
+    return with_most_stages(replace(config, pipelined=True, math_warpgroups=warpgroups), facts)
+
+
 def _flag(value: bool) -> str:
     return str(value).lower()
 
@@ -134,7 +145,7 @@ def generate_source(config: MqaLogitsConfig) -> str:
         "sm90_fp8_mqa_logits.cuh",
         f"moegemm::MqaLogitsConfig<{config.heads}, {config.head_dim}, {config.kv_stages}, "
         f"{_flag(config.bf16_logits)}, {_flag(config.compressed)}, {_flag(config.clean)}, {config.next_n}, "
-        f"{_flag(config.fp4)}, {config.math_warpgroups}, {config.cluster_q}>",
+        f"{_flag(config.fp4)}, {config.math_warpgroups}, {config.cluster_q}, {_flag(config.pipelined)}>",
         layout.cpp_type, "moegemm::sm90_fp8_paged_mqa_logits" if config.next_n else "moegemm::sm90_fp8_mqa_logits",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}", layout.size_check()), nvcc_checks=layout.offset_checks())
@@ -145,19 +156,21 @@ def kernel_name(config: MqaLogitsConfig) -> str:
     kind = f"paged_mqa_logits_n{config.next_n}" if config.next_n else "mqa_logits"
     return (f"sm90_{'fp4' if config.fp4 else 'fp8'}_{kind}_h{config.heads}d{config.head_dim}s{config.kv_stages}"
             f"w{config.math_warpgroups}{f'c{config.cluster_q}' if config.cluster_q > 1 else ''}"
+            f"{'p' if config.pipelined else ''}"
             f"_{'bf16' if config.bf16_logits else 'f32'}{form}")
 
 
 def all_configs(facts: DeviceFacts) -> list[MqaLogitsConfig]:
-    """Every config the launchers can pick on ``facts``' GPU, and each FP8 dense one with the other
-    cluster size (the sweep's)."""
+    """Every config the launchers can pick on ``facts``' GPU, each FP8 dense one with the other cluster
+    size, and each FP8 one pipelined (the sweep's)."""
     dense = [select_config(h, d, bf16, compressed, clean, facts, fp4=fp4) for h in HEADS for d in HEAD_DIMS
              for bf16 in (False, True) for compressed, clean in ((False, False), (False, True), (True, False))
              for fp4 in (False, True)]
     dense += [replace(config, cluster_q=3 - config.cluster_q) for config in dense if not config.fp4]
     paged = [select_config(h, d, False, False, clean, facts, next_n, fp4) for h in HEADS for d in HEAD_DIMS
              for clean in (False, True) for next_n in NEXT_NS for fp4 in (False, True)]
-    return dense + paged
+    picks = dense + paged
+    return picks + [p for p in (pipelined(c, facts) for c in picks if c.cluster_q == 1) if p is not None]
 
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
@@ -236,4 +249,4 @@ def plan_paged(batch: int, next_n: int, heads: int, head_dim: int, num_pages: in
 
 __all__ = ["HEADS", "HEAD_DIMS", "NEXT_NS", "OPERANDS", "PAGED_OPERANDS", "PAGED_PARAMS", "PAGE_KEYS", "PAGED_UNIT",
            "PARAMS", "MqaLogitsConfig", "all_configs", "build", "generate_source", "key_bytes", "kernel_name",
-           "paged_schedule", "plan", "plan_paged", "select_config"]
+           "paged_schedule", "pipelined", "plan", "plan_paged", "select_config"]

@@ -75,7 +75,7 @@ struct PagedMqaLogitsParams {
 };
 
 template <u32 kHeads_, u32 kHeadDim_, u32 kKvStages_, bool kBf16Logits_, bool kCompressed_, bool kClean_, u32 kNextN_,
-          bool kFp4_, u32 kMathWarpgroups_, u32 kClusterQ_ = 1>
+          bool kFp4_, u32 kMathWarpgroups_, u32 kClusterQ_ = 1, bool kPipelined_ = false>
 struct MqaLogitsConfig {
     static constexpr u32 kHeads = kHeads_, kHeadDim = kHeadDim_, kKvStages = kKvStages_;
     static constexpr bool kBf16Logits = kBf16Logits_, kCompressed = kCompressed_, kClean = kClean_;
@@ -97,14 +97,20 @@ struct MqaLogitsConfig {
     static constexpr u32 kPageRows = kPageKeys * (kKeyBytes + 4) / kKeyBytes;  // a page in rows of kKeyBytes
     static constexpr u32 kNumMathThreads = 128 * kMathWarpgroups;
     static constexpr u32 kNumThreads = kNumMathThreads + 128;
+    // kPipelined (FP8): each math warpgroup has two accumulator sets and issues a block's WGMMAs before
+    // it sums the previous block's, so its own WGMMAs run under its sums, not only the other
+    // warpgroups'. The sets take two math warpgroups (128 q rows: 232 registers a thread), or four
+    // where a q block is at most 64 rows.
+    static constexpr bool kPipelined = kPipelined_;
     // Three or four math warpgroups take registers from the producer's through setmaxnreg (152 and 40
-    // of 128 a thread, or 112 and 32 of 96); two need no reallocation.
-    static constexpr u32 kMathRegisters = kMathWarpgroups == 3 ? 152 : 112;
+    // of 128 a thread, or 112 and 32 of 96), two only when pipelined (232 and 40 of 168).
+    static constexpr bool kReallocates = kMathWarpgroups > 2 || kPipelined;
+    static constexpr u32 kMathRegisters = kMathWarpgroups == 2 ? 232 : kMathWarpgroups == 3 ? 152 : 112;
     // FP4 at 112 registers, 128 q rows of 128 values: the A fragments, accumulators and weights held
     // through the WGMMAs spill, so the weights are read from shared memory a block, after its WGMMAs.
     static constexpr bool kWeightsPerBlock =
         kFp4 && kMathWarpgroups == 4 && kQueries * kHeads == 128 && kHeadDim == 128;
-    static constexpr u32 kProducerRegisters = kMathWarpgroups == 3 ? 40 : 32;
+    static constexpr u32 kProducerRegisters = kMathWarpgroups == 4 ? 32 : 40;
     static constexpr u32 kQTileBytes = kQRows * kHeadDim, kKvTileBytes = kBlockKv * kKeyBytes;
     static constexpr u32 kQPackedBytes = kFp4 ? kQRows * kKeyBytes : 0;
     static constexpr u32 kWeightsBytes = align_up(kQRows * 4, 128u), kScalesBytes = kBlockKv * 4;
@@ -125,7 +131,9 @@ struct MqaLogitsConfig {
     static_assert(kClusterQ == 1 || (kClusterQ == 2 && !kPaged), "clusters of two CTAs, dense only");
     static_assert(kMathWarpgroups == 2 || kMathWarpgroups == 4 || (kMathWarpgroups == 3 && !kPaged),
                   "two to four math warpgroups (a paged block a half or whole unit)");
-    static_assert(kMathWarpgroups == 2 ||
+    static_assert(!kPipelined || (!kFp4 && (kMathWarpgroups == 2 || kQRows <= 64)),
+                  "pipelined: FP8, with two math warpgroups or q blocks of at most 64 rows");
+    static_assert(!kReallocates ||
                       register_split_fits(kNumThreads, kNumMathThreads, kMathRegisters, kProducerRegisters),
                   "the register split exceeds the block's launch allocation");
     static_assert(kQTileBytes % 1024 == 0, "q tiles 1024-byte aligned");
@@ -379,12 +387,10 @@ __device__ __forceinline__ void mqa_release(Barrier& empty) {
     }
 }
 
-// The WGMMAs of key stage t's tile [kBlockKv, D] e4m3 against the q tile: the warpgroup's 64 keys
-// (`desc_keys`: their descriptor in stage 0); the scale of key row `scale_row` (the thread's row its
-// quad's sums end on); the stage released once read.
+// Issues the WGMMAs of key stage t's tile [kBlockKv, D] e4m3 against the q tile into `acc`: the
+// warpgroup's 64 keys (`desc_keys`: their descriptor in stage 0).
 template <class Config>
-__device__ __forceinline__ float mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t, u64 desc_keys, u32 scale_row,
-                                              u64 desc_q, float* acc) {
+__device__ __forceinline__ void mqa_issue_fp8(u32 t, u64 desc_keys, u64 desc_q, float* acc) {
     const u64 desc_kv = smem_descriptor_advance(desc_keys, t * Config::kKvTileBytes);
     wgmma_fence();
 #pragma unroll
@@ -392,9 +398,15 @@ __device__ __forceinline__ float mqa_keys_fp8(u8* smem, Barrier* empty_kv, u32 t
         WgmmaFp8<Config::kQRows>::mma(smem_descriptor_advance(desc_kv, k * 32), smem_descriptor_advance(desc_q, k * 32),
                                       acc, k > 0);
     wgmma_commit();
+}
+
+// Once no more than kPending of the warpgroup's WGMMA groups run (the oldest, stage t's, is done): the
+// scale of key row `scale_row` (the thread's row its quad's sums end on); the stage released.
+template <class Config, u32 kPending>
+__device__ __forceinline__ float mqa_retire_fp8(u8* smem, Barrier* empty_kv, u32 t, u32 scale_row, float* acc) {
     const float scale = __uint_as_float(
         ld_shared_u32(smem_addr(smem + Config::kScalesOffset + t * Config::kScalesBytes) + scale_row * 4));
-    wgmma_wait<0>();
+    wgmma_wait<kPending>();
 #pragma unroll
     for (u32 i = 0; i < Config::kQRows / 2; ++i) fence_register(acc[i]);
     mqa_release<Config>(empty_kv[t]);
@@ -474,7 +486,7 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
     grid_dependency_wait();
 
     if (threadIdx.x >= Config::kNumMathThreads) {
-        if constexpr (Config::kMathWarpgroups > 2) warpgroup_reg_dealloc<Config::kProducerRegisters>();
+        if constexpr (Config::kReallocates) warpgroup_reg_dealloc<Config::kProducerRegisters>();
         if (threadIdx.x == Config::kNumMathThreads) {
             StageRing<Config::kQStages> q_ring;
             StageRing<Config::kKvStages> kv_ring;
@@ -532,14 +544,14 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
 
     // Math warpgroups: warpgroup w's 64 keys of each block from 64 w, its thread's rows `key_row` and
     // `key_row + 8`; once its quad has summed them (mqa_quad_sums), each query's logit at `out_row`.
-    if constexpr (Config::kMathWarpgroups > 2) warpgroup_reg_alloc<Config::kMathRegisters>();
+    if constexpr (Config::kReallocates) warpgroup_reg_alloc<Config::kMathRegisters>();
     constexpr u32 kAcc = Config::kQRows / 2, kHeadsPerThread = Config::kHeads / 4;
     const u32 lane = lane_id(), key_row = (warp / 4) * 64 + slab_row(), out_row = key_row + 8 * (lane % 2);
     const u64 desc_keys = smem_descriptor_k_major<Config::kHeadDim>(smem + Config::kKvOffset +
                                                                     (warp / 4) * 64 * Config::kKeyBytes);
     StageRing<Config::kQStages> q_ring;
     StageRing<Config::kKvStages> kv_ring;
-    float acc[kAcc];
+    float acc[kAcc], acc1[Config::kPipelined ? kAcc : 1];  // kPipelined: the second set
     for (u32 index = 0;; ++index, q_ring.advance()) {
         const MqaSegment segment = Problem::segment(p, index);
         if (!segment.valid) break;
@@ -578,12 +590,9 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
         };
         if constexpr (!Config::kWeightsPerBlock) load_weights();
         const u64 desc_q = smem_descriptor_k_major<Config::kHeadDim>(smem + s * Config::kQTileBytes);
-        for (u32 b = 0; b < segment.blocks; ++b, kv_ring.advance()) {
-            const u32 t = kv_ring.stage;
-            full_kv[t].wait(kv_ring.phase);
-            const float scale = Config::kFp4
-                                    ? mqa_keys_fp4<Config>(smem, empty_kv, t, key_row, out_row, desc_q, acc)
-                                    : mqa_keys_fp8<Config>(smem, empty_kv, t, desc_keys, out_row, desc_q, acc);
+        // Block b's logits from its accumulators (scaled by the thread's key row's scale): each query's
+        // sum over its heads of the relu'd, weighted values, added up across the quad, then stored.
+        const auto finish = [&](const float* values, u32 b, float scale) {
             if constexpr (Config::kWeightsPerBlock) load_weights();
             float sums[2 * Config::kQueries];
 #pragma unroll
@@ -594,8 +603,8 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
 #pragma unroll
                 for (u32 j = 0; j < kHeadsPerThread; ++j) {
                     const u32 a0 = i * (Config::kHeads / 2) + (j / 2) * 4 + j % 2;
-                    partial[j % 2] += fmaxf(acc[a0], 0.0f) * weights[i][j];
-                    partial[2 + j % 2] += fmaxf(acc[a0 + 2], 0.0f) * weights[i][j];
+                    partial[j % 2] += fmaxf(values[a0], 0.0f) * weights[i][j];
+                    partial[2 + j % 2] += fmaxf(values[a0 + 2], 0.0f) * weights[i][j];
                 }
                 sums[2 * i] = partial[0] + partial[1];
                 sums[2 * i + 1] = partial[2] + partial[3];
@@ -616,6 +625,50 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
                     if ((lane / 2) % 2 == i % 2)
                         Problem::store(p, Problem::row(p, segment.q_block, i), key, ks, ke, out[i] * scale);
                 }
+            }
+        };
+        if constexpr (Config::kPipelined) {
+            // Block b's WGMMAs into set b % 2, issued before block b - 1 is summed; each wait's count fixed
+            // where it is written (a count chosen at run time serializes the WGMMAs), the last block alone.
+            // The loop ends only where the last block is retired: no WGMMA is in flight past it.
+            if (segment.blocks > 0) {
+                StageRing<Config::kKvStages> ring0 = kv_ring, ring1;
+                full_kv[ring0.stage].wait(ring0.phase);
+                mqa_issue_fp8<Config>(ring0.stage, desc_keys, desc_q, acc);
+                kv_ring.advance();
+                for (u32 b = 0;; b += 2) {
+                    if (b + 1 == segment.blocks) {
+                        finish(acc, b, mqa_retire_fp8<Config, 0>(smem, empty_kv, ring0.stage, out_row, acc));
+                        break;
+                    }
+                    ring1 = kv_ring;
+                    full_kv[ring1.stage].wait(ring1.phase);
+                    mqa_issue_fp8<Config>(ring1.stage, desc_keys, desc_q, acc1);
+                    kv_ring.advance();
+                    finish(acc, b, mqa_retire_fp8<Config, 1>(smem, empty_kv, ring0.stage, out_row, acc));
+                    if (b + 2 == segment.blocks) {
+                        finish(acc1, b + 1, mqa_retire_fp8<Config, 0>(smem, empty_kv, ring1.stage, out_row, acc1));
+                        break;
+                    }
+                    ring0 = kv_ring;
+                    full_kv[ring0.stage].wait(ring0.phase);
+                    mqa_issue_fp8<Config>(ring0.stage, desc_keys, desc_q, acc);
+                    kv_ring.advance();
+                    finish(acc1, b + 1, mqa_retire_fp8<Config, 1>(smem, empty_kv, ring1.stage, out_row, acc1));
+                }
+            }
+        } else {
+            for (u32 b = 0; b < segment.blocks; ++b, kv_ring.advance()) {
+                const u32 t = kv_ring.stage;
+                full_kv[t].wait(kv_ring.phase);
+                float scale;
+                if constexpr (Config::kFp4) {
+                    scale = mqa_keys_fp4<Config>(smem, empty_kv, t, key_row, out_row, desc_q, acc);
+                } else {
+                    mqa_issue_fp8<Config>(t, desc_keys, desc_q, acc);
+                    scale = mqa_retire_fp8<Config, 0>(smem, empty_kv, t, out_row, acc);
+                }
+                finish(acc, b, scale);
             }
         }
         __syncwarp();
