@@ -211,6 +211,88 @@ def test_transform_takes_float_or_packed_scales():
         assert torch.equal(a[1], b[1])
 
 
+# ---- across ranks: processes of one host --------------------------------------------------------------------
+
+
+def layer_across_ranks(rank, num_ranks, init_file, backend, mma_type, token_counts, routing, seed):
+    """One rank (a process): its share of a layer whose every rank's tokens a one-rank layer also runs;
+    each exchange, twice on one buffer, must give this rank's tokens that layer's outputs bit for bit,
+    and its experts' received-pair stats. ``routing``: "random" (some entries -1), or "skip_last" (no
+    token picks the last rank's experts)."""
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
+                                         world_size=num_ranks)
+    try:
+        torch.manual_seed(seed)  # every rank draws the same weights and every rank's tokens
+        experts, topk, max_tokens = 4 * num_ranks, 3, max(token_counts)
+        total, local_experts = sum(token_counts), 4
+        full, weights = make_layer(mma_type, experts, topk=topk, max_tokens=max(total, 1), device=device)
+        idx = None
+        if routing == "skip_last":
+            idx = torch.stack([torch.randperm(experts - local_experts)[:topk] for _ in range(total)]) if total else None
+        fill(full, total, idx=idx, masked_ratio=0.2 if routing == "random" else 0.0)
+        expected = torch.empty(total, full.hidden, dtype=torch.bfloat16, device=device)
+        run(mma_type, full, weights, expected)
+        begin, count = sum(token_counts[:rank]), token_counts[rank]
+        mine = slice(rank * local_experts, (rank + 1) * local_experts)
+        local_weights = tuple((w[0][mine], w[1][mine]) if isinstance(w, tuple) else w[mine] for w in weights)
+        chosen = full.topk_idx[:total]
+        expected_stats = torch.stack([(chosen == e).sum() for e in range(experts)])[mine].to(torch.int32)
+
+        group = torch.distributed.group.WORLD
+        buffer = moegemm.get_symm_buffer_for_mega_moe(group, experts, max_tokens, topk, full.hidden,
+                                                      full.intermediate_hidden, mma_type=mma_type, device=device)
+        assert buffer.ranks is not None and buffer.ranks.local.num_experts == local_experts
+        for exchange in ("symmetric", "all_to_all", "symmetric"):
+            for name in ("x", "x_sf", "topk_idx", "topk_weights"):
+                if getattr(buffer, name) is not None:
+                    getattr(buffer, name)[:count].copy_(getattr(full, name)[begin:begin + count])
+            y = torch.full((count, full.hidden), float("nan"), dtype=torch.bfloat16, device=device)
+            stats = torch.zeros(local_experts, dtype=torch.int32, device=device)
+            mega_moe._run(y, *local_weights, buffer, mma_type, stats, "swiglu", None, exchange=exchange)
+            assert torch.equal(y, expected[begin:begin + count]), (rank, exchange)
+            assert torch.equal(stats, expected_stats), (rank, exchange, stats, expected_stats)
+        buffer.destroy()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawn_ranks(num_ranks, backend, *args):
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as directory:
+        mp.spawn(layer_across_ranks, args=(num_ranks, f"{directory}/init", backend, *args), nprocs=num_ranks)
+
+
+# Tokens a rank (a rank with none among them) and the routing.
+RANK_CASES = [((24, 13), "random"), ((7, 0, 19), "random"), ((16, 9, 5), "skip_last")]
+
+
+@pytest.mark.parametrize("mma_type", MMA_TYPES)
+@pytest.mark.parametrize("token_counts,routing", RANK_CASES, ids=["2-ranks", "3-ranks-one-empty", "3-ranks-last-idle"])
+def test_layer_across_cpu_processes(mma_type, token_counts, routing, seed):
+    spawn_ranks(len(token_counts), "gloo", mma_type, token_counts, routing, seed)
+
+
+def test_buffer_across_ranks_checks_the_expert_split():
+    with pytest.raises(ValueError, match="num_experts: expected a multiple of the group's 2 ranks, got 5"):
+        mega_moe._buffer_across_ranks(_TwoRanks(), 5, 8, 2, 128, 128, "bf16xbf16", "swiglu", torch.device("cpu"))
+
+
+class _TwoRanks:
+    """Stands for a process group of two ranks where only its size is asked (no collective is reached)."""
+
+    def size(self):
+        return 2
+
+    def rank(self):
+        return 0
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------------
 
 

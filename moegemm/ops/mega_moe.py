@@ -27,8 +27,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
-from .. import checks, reference
+from .. import checks, reference, symmetric
 from ..device import get_num_sms
 from ..intmath import align
 from ..kernels import moe_layer
@@ -92,12 +93,33 @@ class MegaMoeBuffer:
     groups: torch.Tensor
     # The GPU steps' launch plans, by call signature.
     plans: dict = field(default_factory=dict, repr=False)
+    # A buffer over several ranks (a process group): where the layer runs and the exchange's views.
+    ranks: _Ranks | None = field(default=None, repr=False)
 
     def destroy(self) -> None:
         """Drop the buffer's memory (DeepGEMM's name; it is freed once no view is referenced)."""
         for name in ("storage", *moe_layer.VIEWS):
             setattr(self, name, None)
         self.plans.clear()
+        if self.ranks is not None:
+            self.ranks.local.destroy()
+            self.ranks = None
+
+
+@dataclass
+class _Ranks:
+    """A buffer across ranks: the symmetric storage, the one-rank buffer over every rank's token slots
+    with this rank's experts, this rank's ``combined`` view and every rank's views (``peers[r]``: x,
+    x_sf, topk_idx, topk_weights, combined of rank r, as this rank addresses them)."""
+
+    storage: symmetric.SymmetricStorage
+    local: MegaMoeBuffer
+    combined: torch.Tensor
+    peers: list[dict]
+
+
+# A buffer's scratch views (the layer's intermediates), shared by a buffer across ranks with its local one.
+_SCRATCH = ("tokens", "tokens_sf", "l1_out", "act", "act_sf", "l2_out", "pair_rows", "groups")
 
 
 def _positive(name: str, value: object) -> int:
@@ -122,9 +144,12 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
     """The buffer of ``fp8_fp4_mega_moe`` / ``bf16_mega_moe`` (see :class:`MegaMoeBuffer`).
 
     Args:
-        group: None or a process group of one rank (plain device memory). Groups of several ranks
-            (torch symmetric memory, experts split over the ranks) are not served yet.
-        num_experts: experts of the layer (all local with one rank).
+        group: None (plain device memory), or a process group of R ranks: the experts are split evenly,
+            rank r holding experts [r E / R, (r + 1) E / R) and passing their weights; each rank
+            passes its own tokens and gets their outputs. The tokens, routing and the pairs' outputs
+            live in memory every rank addresses (torch's symmetric memory on CUDA, shared files for a
+            ``gloo`` group of CPU processes on one host); see "The MoE layer across ranks" in README.md.
+        num_experts: experts of the layer (all of them, over all ranks).
         num_max_tokens_per_rank: the most tokens a call takes.
         num_topk: experts per token.
         hidden, intermediate_hidden: H and I, multiples of 128; L1 maps H to 2 * I, L2 I to H.
@@ -133,9 +158,6 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
         activation: "swiglu".
         device: where to allocate (default: the current CUDA device; "cpu" runs the reference GEMMs).
     """
-    if _group_size(group) != 1:
-        raise NotImplementedError(f"group: expected None or a group of one rank, got {_group_size(group)} ranks "
-                                  f"(the layer across GPUs over symmetric memory is not built yet)")
     if use_fp8_dispatch is not None and use_fp8_dispatch != (mma_type == "fp8xfp4"):
         raise ValueError(f"use_fp8_dispatch: {use_fp8_dispatch} contradicts mma_type {mma_type!r}")
     if mma_type not in MMA_TYPES:
@@ -149,6 +171,9 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
     if num_topk > num_experts:
         raise ValueError(f"num_topk: expected at most num_experts ({num_experts}), got {num_topk}")
     device = torch.device(device if device is not None else "cuda")
+    if group is not None:
+        return _buffer_across_ranks(group, num_experts, tokens, num_topk, hidden, intermediate_hidden, mma_type,
+                                    activation, device)
     if device.type == "cuda" and num_experts > moe_layer.MAX_EXPERTS:
         raise ValueError(f"num_experts: at most {moe_layer.MAX_EXPERTS} on the GPU, got {num_experts}")
     fp8 = mma_type == "fp8xfp4"
@@ -164,8 +189,7 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
 
     sf_dtype = torch.int32 if fp8 else None
     views = _carve(device, (
-        ("x", (tokens, hidden), act_dtype), ("x_sf", (tokens, hidden // BLOCK), sf_dtype),
-        ("topk_idx", (tokens, num_topk), torch.int64), ("topk_weights", (tokens, num_topk), torch.float32),
+        *_input_parts(mma_type, tokens, num_topk, hidden),
         ("tokens", (rows + 1, hidden), act_dtype), ("tokens_sf", (rows + 1, hidden // BLOCK), sf_dtype),
         ("l1_out", (rows + 1, 2 * intermediate_hidden), torch.bfloat16),
         ("act", (rows + 1, intermediate_hidden), act_dtype),
@@ -182,20 +206,64 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
                          rows=rows, **views)
 
 
-def _carve(device: torch.device, parts: tuple) -> dict:
-    """``{"storage": one uint8 allocation, name: view}`` for ``(name, shape, dtype)`` parts, each at a
-    256-byte aligned offset (dtype None: the view is None)."""
+def _input_parts(mma_type: str, tokens: int, num_topk: int, hidden: int) -> tuple:
+    """The caller's views of a buffer, as ``_layout`` parts."""
+    fp8 = mma_type == "fp8xfp4"
+    return (("x", (tokens, hidden), torch.float8_e4m3fn if fp8 else torch.bfloat16),
+            ("x_sf", (tokens, hidden // BLOCK), torch.int32 if fp8 else None),
+            ("topk_idx", (tokens, num_topk), torch.int64), ("topk_weights", (tokens, num_topk), torch.float32))
+
+
+def _buffer_across_ranks(group: object, num_experts: int, tokens: int, num_topk: int, hidden: int, inter: int,
+                         mma_type: str, activation: str, device: torch.device) -> MegaMoeBuffer:
+    """A buffer over a process group's R ranks: the caller's views and ``combined`` (each of its pairs'
+    BF16 outputs, ``[T_max, k, H]``, written there by the pair's expert's rank) in symmetric memory,
+    and a one-rank buffer over R * T_max slots (rank s's token t in slot s * T_max + t) with this rank's
+    E / R experts, where the layer runs."""
+    num_ranks, rank = group.size(), group.rank()
+    if num_experts % num_ranks:
+        raise ValueError(f"num_experts: expected a multiple of the group's {num_ranks} ranks, got {num_experts}")
+    parts = (*_input_parts(mma_type, tokens, num_topk, hidden),
+             ("combined", (tokens, num_topk, hidden), torch.bfloat16))
+    offsets, total = _layout(parts)
+    storage = symmetric.allocate(group, total, device)
+    peers = [_views(peer, parts, offsets) for peer in storage.peers]
+    own = peers[rank]
+    own["topk_idx"].fill_(-1)
+    own["topk_weights"].zero_()
+    local = get_symm_buffer_for_mega_moe(None, num_experts // num_ranks, num_ranks * tokens, num_topk, hidden, inter,
+                                         mma_type=mma_type, activation=activation, device=device)
+    scratch = {name: getattr(local, name) for name in _SCRATCH}
+    buffer = MegaMoeBuffer(group, storage.local, num_experts, tokens, num_topk, hidden, inter, mma_type, own["x"],
+                           own["x_sf"], own["topk_idx"], own["topk_weights"], local.masked, local.rows, **scratch)
+    buffer.ranks = _Ranks(storage, local, own["combined"], peers)
+    storage.barrier()  # every rank's routing routes nowhere before a peer reads it
+    return buffer
+
+
+def _layout(parts: tuple) -> tuple[dict, int]:
+    """Each ``(name, shape, dtype)`` part's byte offset (256-byte aligned; dtype None: no part) and the
+    total."""
     offsets, total = {}, 0
     for name, shape, dtype in parts:
         if dtype is not None:
             offsets[name] = total
             total = align(total + math.prod(shape) * dtype.itemsize, 256)
+    return offsets, total
+
+
+def _views(storage: torch.Tensor, parts: tuple, offsets: dict) -> dict:
+    """``{name: view of storage}`` at ``_layout``'s offsets (None for a part of dtype None)."""
+    return {name: None if dtype is None else
+            storage[offsets[name]:offsets[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for name, shape, dtype in parts}
+
+
+def _carve(device: torch.device, parts: tuple) -> dict:
+    """``{"storage": one uint8 allocation, name: view}`` for ``(name, shape, dtype)`` parts."""
+    offsets, total = _layout(parts)
     storage = torch.empty(total, dtype=torch.uint8, device=device)
-    views = {"storage": storage}
-    for name, shape, dtype in parts:
-        views[name] = None if dtype is None else (
-            storage[offsets[name]:offsets[name] + math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
-    return views
+    return {"storage": storage, **_views(storage, parts, offsets)}
 
 
 def _fp4_weights(name: str, weights: object, experts: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,18 +321,21 @@ def transform_weights_for_mega_moe(l1_weights: object, l2_weights: object, activ
                             _fp4_weights if isinstance(l1_weights, (tuple, list)) else _bf16_weights)[1]
 
 
-def _check_call(y: torch.Tensor, buffer: MegaMoeBuffer, mma_type: str, experts: int, hidden: int, inter: int,
-                stats: torch.Tensor | None, activation: str, activation_clamp: float | None) -> int:
-    """The call's arguments against the buffer; returns the number of tokens."""
+def _check_call(y: torch.Tensor, buffer: MegaMoeBuffer, layer: MegaMoeBuffer, mma_type: str, experts: int,
+                hidden: int, inter: int, stats: torch.Tensor | None, activation: str,
+                activation_clamp: float | None) -> int:
+    """The call's arguments against the buffer (``layer``: where the layer runs, the buffer itself or
+    across ranks its local one); returns the number of tokens."""
     if not isinstance(buffer, MegaMoeBuffer):
         raise TypeError(f"sym_buffer: expected what get_symm_buffer_for_mega_moe returns, got {type(buffer).__name__}")
     if buffer.x is None:
         raise ValueError("sym_buffer: destroyed")
     if buffer.mma_type != mma_type:
         raise ValueError(f"sym_buffer: expected one made with mma_type={mma_type!r}, got {buffer.mma_type!r}")
-    got = (buffer.num_experts, buffer.hidden, buffer.intermediate_hidden)
+    got = (layer.num_experts, buffer.hidden, buffer.intermediate_hidden)
     if got != (experts, hidden, inter):
-        raise ValueError(f"l1_weights, l2_weights: expected (E, H, I) = {got} as the buffer was made, got "
+        which = "this rank's experts " if layer is not buffer else ""
+        raise ValueError(f"l1_weights, l2_weights: expected (E, H, I) = {got} ({which}as the buffer was made), got "
                          f"{(experts, hidden, inter)}")
     checks.tensor("y", y, (torch.bfloat16,), 2)
     if y.shape[1] != hidden or y.shape[0] > buffer.num_max_tokens_per_rank:
@@ -355,11 +426,12 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-def _layer(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
+def _layer(y: torch.Tensor | None, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
            activation_clamp: float | None, use_kernels: bool) -> None:
     """The unfused pipeline; ``gemm`` (``_grouped_gemm``'s) runs L1 (index 0) and L2 (1). The steps
     around the GEMMs run as the GPU's kernels (``use_kernels``) or in PyTorch (on the CPU; on the GPU,
-    the kernels' reference in the tests)."""
+    the kernels' reference in the tests). With ``y`` None no combine: each pair's output stays in its
+    row of ``l2_out`` (``pair_rows``)."""
     if num_tokens == 0:
         return
     if use_kernels:
@@ -374,10 +446,11 @@ def _gemm_operands(buffer: MegaMoeBuffer, name: str):
     return values if sf is None else (values, sf[:buffer.rows])
 
 
-def _layer_kernels(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
-                   activation_clamp: float | None) -> None:
+def _layer_kernels(y: torch.Tensor | None, buffer: MegaMoeBuffer, num_tokens: int, gemm,
+                   stats: torch.Tensor | None, activation_clamp: float | None) -> None:
     num_sms = get_num_sms()
-    key = (num_tokens, y.stride(0), None if stats is None else stats.dtype, activation_clamp, num_sms)
+    y_pitch = 0 if y is None else y.stride(0)
+    key = (num_tokens, y_pitch, None if stats is None else stats.dtype, activation_clamp, num_sms)
     plan = buffer.plans.get(key)
     if plan is None:
         views = {name: getattr(buffer, name) for name in moe_layer.VIEWS}
@@ -386,27 +459,29 @@ def _layer_kernels(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm
             num_topk=buffer.num_topk, num_experts=buffer.num_experts, hidden=buffer.hidden,
             intermediate=buffer.intermediate_hidden,
             masked_stride=buffer.num_max_tokens_per_rank if buffer.masked else 0,
-            alignment=get_mk_alignment_for_contiguous_layout(), spare_row=buffer.rows, y_pitch=y.stride(0),
+            alignment=get_mk_alignment_for_contiguous_layout(), spare_row=buffer.rows, y_pitch=y_pitch,
             stats_dtype=None if stats is None else stats.dtype, clamp=activation_clamp, num_sms=num_sms)
     rows, storage = buffer.rows, buffer.storage
     # The launches go to the current device's stream: the buffer's device, made current only if it is not.
-    with torch.cuda.device(y.device) if y.get_device() != torch.cuda.current_device() else contextlib.nullcontext():
+    device = buffer.storage.device
+    with torch.cuda.device(device) if device.index != torch.cuda.current_device() else contextlib.nullcontext():
         plan.launch("route", storage, y, stats)
         plan.launch("dispatch", storage, y, stats)
         gemm(_gemm_operands(buffer, "tokens"), 0, buffer.l1_out[:rows], buffer.groups)
         plan.launch("activation", storage, y, stats)
         gemm(_gemm_operands(buffer, "act"), 1, buffer.l2_out[:rows], buffer.groups)
-        plan.launch("combine", storage, y, stats)
+        if y is not None:
+            plan.launch("combine", storage, y, stats)
 
 
-def _layer_torch(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, stats: torch.Tensor | None,
-                 activation_clamp: float | None) -> None:
+def _layer_torch(y: torch.Tensor | None, buffer: MegaMoeBuffer, num_tokens: int, gemm,
+                 stats: torch.Tensor | None, activation_clamp: float | None) -> None:
     topk, fp8 = buffer.num_topk, buffer.mma_type == "fp8xfp4"
     routing = _route(buffer.topk_idx[:num_tokens], buffer.num_experts, buffer.rows,
                      buffer.num_max_tokens_per_rank if buffer.masked else None)
     # Each routed pair's token into its row, only those: the layout's other rows feed no output. FP8
     # moves as bytes (index_copy_ takes no float8 dtype on every device).
-    pair_tokens = torch.arange(num_tokens * topk, device=y.device) // topk
+    pair_tokens = torch.arange(num_tokens * topk, device=buffer.x.device) // topk
     _bytes(buffer.tokens).index_copy_(0, routing.pair_rows, _bytes(buffer.x[:num_tokens])[pair_tokens])
     if fp8:
         buffer.tokens_sf.index_copy_(0, routing.pair_rows, buffer.x_sf[:num_tokens][pair_tokens])
@@ -420,8 +495,10 @@ def _layer_torch(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm, 
         buffer.act_sf.index_copy_(0, routing.pair_rows, act_sf)
     _bytes(buffer.act).index_copy_(0, routing.pair_rows, _bytes(act.to(buffer.act.dtype)))
     gemm(_gemm_operands(buffer, "act"), 1, buffer.l2_out[:buffer.rows], routing.groups)
+    buffer.pair_rows[:num_tokens * topk] = routing.pair_rows
     # The pairs of no expert read L2's zero spare row: they add nothing.
-    reference.sum_over_topk(buffer.l2_out[routing.pair_rows].view(num_tokens, topk, -1), y)
+    if y is not None:
+        reference.sum_over_topk(buffer.l2_out[routing.pair_rows].view(num_tokens, topk, -1), y)
     if stats is not None:
         stats += routing.counts.to(stats.dtype)
 
@@ -444,19 +521,127 @@ _FAMILIES = {
 }
 
 
+# The ways a buffer across ranks moves tokens and outputs: "symmetric", each rank reading its experts'
+# tokens from their sources' buffers and writing each pair's output into its source's (symmetric
+# memory); "all_to_all", the baseline of NCCL's (gloo's on the CPU) all_to_all_single before and after.
+EXCHANGES = ("symmetric", "all_to_all")
+
+
 def _run(y: torch.Tensor, l1_weights: object, l2_weights: object, buffer: MegaMoeBuffer, mma_type: str,
          stats: torch.Tensor | None, activation: str, activation_clamp: float | None,
-         use_kernels: bool | None = None) -> None:
-    """Either public call, its arguments checked; ``use_kernels``: see ``_layer`` (default: on the GPU)."""
+         use_kernels: bool | None = None, exchange: str = "symmetric") -> None:
+    """Either public call, its arguments checked; ``use_kernels``: see ``_layer`` (default: on the GPU);
+    ``exchange``: one of EXCHANGES, for a buffer across ranks."""
     weights_of, masked_gemm, contiguous_gemm = _FAMILIES[mma_type]
     (experts, hidden, inter), weights = _checked_weights(l1_weights, l2_weights, weights_of)
-    num_tokens = _check_call(y, buffer, mma_type, experts, hidden, inter, stats, activation, activation_clamp)
-    if buffer.masked and get_check_groups():
-        _check_distinct_experts(buffer, num_tokens)
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
+    layer = buffer if not isinstance(buffer, MegaMoeBuffer) or buffer.ranks is None else buffer.ranks.local
+    num_tokens = _check_call(y, buffer, layer, mma_type, experts, hidden, inter, stats, activation, activation_clamp)
     if use_kernels is None:
         use_kernels = y.is_cuda
-    _layer(y, buffer, num_tokens, _grouped_gemm(buffer, num_tokens, weights, masked_gemm, contiguous_gemm), stats,
-           activation_clamp, use_kernels)
+    if buffer.ranks is None:
+        if buffer.masked and get_check_groups():
+            _check_distinct_experts(buffer, num_tokens)
+        _layer(y, buffer, num_tokens, _grouped_gemm(buffer, num_tokens, weights, masked_gemm, contiguous_gemm), stats,
+               activation_clamp, use_kernels)
+        return
+    across = _layer_all_to_all if exchange == "all_to_all" else _layer_across_ranks
+    across(y, buffer, num_tokens, lambda count: _grouped_gemm(layer, count, weights, masked_gemm, contiguous_gemm),
+           stats, activation_clamp, use_kernels)
+
+
+def _local_routing(topk_idx: torch.Tensor, buffer: MegaMoeBuffer) -> torch.Tensor:
+    """Global expert ids as this rank's local ones, -1 for the other ranks' experts and for none."""
+    ranks = buffer.ranks
+    first = ranks.storage.rank * ranks.local.num_experts
+    local = topk_idx - first
+    return torch.where((topk_idx >= 0) & (local >= 0) & (local < ranks.local.num_experts), local, -1)
+
+
+def _run_local(buffer: MegaMoeBuffer, count: int, gemm_of, stats: torch.Tensor | None,
+               activation_clamp: float | None, use_kernels: bool) -> torch.Tensor:
+    """The local layer over its first ``count`` token slots (their routing in local ids), without the
+    combine: each pair's BF16 output, ``[count, k, H]`` (zeros for the pairs of no local expert)."""
+    local = buffer.ranks.local
+    if local.masked and get_check_groups():
+        _check_distinct_experts(local, count)
+    _layer(None, local, count, gemm_of(count), stats, activation_clamp, use_kernels)
+    pair_rows = local.pair_rows[:count * local.num_topk].long()
+    return local.l2_out[pair_rows].view(count, local.num_topk, local.hidden)
+
+
+def _layer_across_ranks(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm_of,
+                        stats: torch.Tensor | None, activation_clamp: float | None, use_kernels: bool) -> None:
+    """The symmetric exchange: rank s's token t takes slot s * T_max + t of the local layer on every rank
+    holding one of its experts; each pair's output goes to ``combined[t, k]`` of its source, which sums
+    a token's pairs in ascending k as the one-rank layer does (the same BF16 values, the same sum)."""
+    ranks, tokens = buffer.ranks, buffer.num_max_tokens_per_rank
+    local = ranks.local
+    # This call's tokens only; the pairs of no expert add the zeros they start with.
+    buffer.topk_idx[num_tokens:].fill_(-1)
+    ranks.combined[:num_tokens].zero_()
+    ranks.storage.barrier()
+    here = []
+    for s, peer in enumerate(ranks.peers):
+        slots = slice(s * tokens, (s + 1) * tokens)
+        routing = _local_routing(peer["topk_idx"], buffer)
+        local.topk_idx[slots] = routing
+        local.topk_weights[slots] = peer["topk_weights"]
+        rows = (routing >= 0).any(dim=1).nonzero().flatten()
+        _bytes(local.x)[s * tokens + rows] = _bytes(peer["x"])[rows]
+        if local.x_sf is not None:
+            local.x_sf[s * tokens + rows] = peer["x_sf"][rows]
+        here.append(routing >= 0)
+    outputs = _run_local(buffer, ranks.storage.num_ranks * tokens, gemm_of, stats, activation_clamp, use_kernels)
+    for s, peer in enumerate(ranks.peers):
+        token, k = here[s].nonzero(as_tuple=True)
+        peer["combined"][token, k] = outputs[s * tokens + token, k]
+    ranks.storage.barrier()
+    reference.sum_over_topk(ranks.combined[:num_tokens], y)
+
+
+def _layer_all_to_all(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, gemm_of,
+                      stats: torch.Tensor | None, activation_clamp: float | None, use_kernels: bool) -> None:
+    """The baseline: each token sent (all_to_all_single) to every rank holding one of its experts, the
+    local layer over the tokens received, each pair's output sent back, summed by the source."""
+    ranks = buffer.ranks
+    group, num_ranks, local = ranks.storage.group, ranks.storage.num_ranks, ranks.local
+    topk_idx = buffer.topk_idx[:num_tokens]
+    owner = torch.where((topk_idx >= 0) & (topk_idx < buffer.num_experts), topk_idx // local.num_experts, -1)
+    sent = [(owner == r).any(dim=1).nonzero().flatten() for r in range(num_ranks)]
+    order = torch.cat(sent)
+    send_counts = [int(t.numel()) for t in sent]
+    counts = torch.tensor(send_counts, dtype=torch.int64, device=y.device)
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=group)
+    recv_counts = received.tolist()
+    count = sum(recv_counts)
+
+    def exchange(t: torch.Tensor, back: bool = False) -> torch.Tensor:
+        """t's rows to their ranks (``back``: the received rows' outputs to their sources)."""
+        splits_out, splits_in = (send_counts, recv_counts) if back else (recv_counts, send_counts)
+        out = t.new_empty((sum(splits_out), *t.shape[1:]))
+        dist.all_to_all_single(out, t.contiguous(), splits_out, splits_in, group=group)
+        return out
+
+    _bytes(local.x)[:count] = exchange(_bytes(buffer.x)[order])
+    if local.x_sf is not None:
+        local.x_sf[:count] = exchange(buffer.x_sf[order])
+    routing = _local_routing(exchange(topk_idx[order]), buffer)
+    local.topk_idx[:count] = routing
+    local.topk_weights[:count] = exchange(buffer.topk_weights[:num_tokens][order])
+    outputs = _run_local(buffer, count, gemm_of, stats, activation_clamp, use_kernels)
+    back = exchange(outputs, back=True)  # [sum(send_counts), k, H], in `order`
+    # Each pair from its expert's rank alone; the pairs of no expert stay zero.
+    combined = ranks.combined[:num_tokens]
+    combined.zero_()
+    rank_of = torch.repeat_interleave(torch.arange(num_ranks, device=y.device),
+                                      torch.tensor(send_counts, device=y.device))
+    mine = owner[order] == rank_of[:, None]
+    token, k = mine.nonzero(as_tuple=True)
+    combined[order[token], k] = back[token, k]
+    reference.sum_over_topk(combined, y)
 
 
 def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights: tuple[torch.Tensor, torch.Tensor],
