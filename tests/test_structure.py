@@ -12,7 +12,7 @@ PACKAGE = REPO / "moegemm"
 LAYERS = (
     {"_version", "env", "intmath", "checks", "testing"},
     {"jit"},
-    {"device"},
+    {"device", "symmetric"},
     {"gemm"},
     {"kernels"},
     {"quant"},
