@@ -246,6 +246,10 @@ def layer_across_ranks(rank, num_ranks, init_file, backend, mma_type, token_coun
         buffer = moegemm.get_symm_buffer_for_mega_moe(group, experts, max_tokens, topk, full.hidden,
                                                       full.intermediate_hidden, mma_type=mma_type, device=device)
         assert buffer.ranks is not None and buffer.ranks.local.num_experts == local_experts
+        # A first call over every row: what it leaves past this rank's tokens must not count again.
+        fill(buffer, max_tokens)
+        mega_moe._run(torch.empty(max_tokens, full.hidden, dtype=torch.bfloat16, device=device), *local_weights,
+                      buffer, mma_type, None, "swiglu", None)
         for exchange in ("symmetric", "all_to_all", "symmetric"):
             for name in ("x", "x_sf", "topk_idx", "topk_weights"):
                 if getattr(buffer, name) is not None:
