@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="GPU, compiler, cache and which kernels this GPU runs")
     bench = commands.add_parser("bench", help="benchmarks beside cuBLAS (needs an SM90 GPU)")
     bench.add_argument("--json", help="also write the results to this file")
-    bench.add_argument("--only", choices=["fp8", "bf16", "fp4", "moe", "mqa"], help="run one section: the FP8 GEMMs "
-                       "(with the training forms), casts and transpose, the BF16 GEMMs, einsum and the "
-                       "hyper-connection GEMM, the FP8 x FP4 GEMMs, the MoE layer, or the lightning indexer's logits")
+    bench.add_argument("--only", choices=["fp8", "bf16", "fp4", "moe", "mqa", "moe_ranks"],
+                       help="run one section: the FP8 GEMMs (with the training forms), casts and transpose, the "
+                       "BF16 GEMMs, einsum and the hyper-connection GEMM, the FP8 x FP4 GEMMs, the MoE layer, the "
+                       "lightning indexer's logits, or the MoE layer across every visible GPU")
     cache = commands.add_parser("cache", help="manage the kernel cache: `clear` deletes the kernels/ and host/ "
                                 "folders moegemm wrote under MOEGEMM_CACHE_DIR, its marker file, and the folder "
                                 "itself once empty")

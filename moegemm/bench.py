@@ -957,6 +957,110 @@ def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
 
 
 @dataclass
+class MoeRanksRow:
+    ranks: int
+    tokens: int  # a rank's
+    experts: int
+    symmetric_us: float  # the slowest rank's call, the exchange through symmetric memory
+    all_to_all_us: float  # the same with the all_to_all_single baseline
+    speedup: float  # all_to_all_us / symmetric_us
+    equal: bool  # both exchanges' outputs bit for bit the same on every rank
+
+
+# Issue 27's layers: hidden 7168, intermediate 3072, top-6, tokens a rank (those whose experts split
+# evenly over the ranks run).
+MOE_RANKS_LAYERS = [(tokens, experts) for tokens in (128, 4096) for experts in (256, 384)]
+
+
+def _moe_ranks_worker(rank: int, num_ranks: int, init_file: str, results, iters: int) -> None:
+    """One GPU's rank: each layer's call under both exchanges, timed with events (a barrier before
+    each call lines the ranks up); rank 0 puts the rows into ``results``."""
+    import torch.distributed as dist
+
+    from .ops import mega_moe
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        for tokens, experts in MOE_RANKS_LAYERS:
+            if experts % num_ranks:
+                continue
+            local = experts // num_ranks
+            l1 = _random_fp4(local, 2 * MOE_INTERMEDIATE, MOE_HIDDEN)
+            l2 = _random_fp4(local, MOE_HIDDEN, MOE_INTERMEDIATE)
+            buffer = api.get_symm_buffer_for_mega_moe(dist.group.WORLD, experts, tokens, MOE_TOPK, MOE_HIDDEN,
+                                                      MOE_INTERMEDIATE)
+            torch.manual_seed(rank)
+            x = torch.randn(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
+            x, sf = api.per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
+            buffer.x.copy_(x)
+            buffer.x_sf.copy_(sf)
+            weights, idx = torch.topk(torch.randn(tokens, experts, device="cuda"), MOE_TOPK, dim=-1)
+            buffer.topk_idx.copy_(idx)
+            buffer.topk_weights.copy_(weights.softmax(-1))
+            outputs, times = {}, {}
+            for exchange in mega_moe.EXCHANGES:
+                y = outputs[exchange] = torch.empty(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
+                call = functools.partial(mega_moe._run, y, l1, l2, buffer, "fp8xfp4", None, "swiglu", None,
+                                         exchange=exchange)
+                call()  # compiles
+                samples = []
+                for _ in range(iters):
+                    dist.barrier()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    call()
+                    end.record()
+                    end.synchronize()
+                    samples.append(start.elapsed_time(end) * 1e3)
+                times[exchange] = statistics.median(samples)
+            equal = torch.equal(outputs["symmetric"], outputs["all_to_all"])
+            gathered = [None] * num_ranks
+            dist.all_gather_object(gathered, (times, equal))
+            if rank == 0:
+                symmetric = max(t["symmetric"] for t, _ in gathered)
+                baseline = max(t["all_to_all"] for t, _ in gathered)
+                results.put(MoeRanksRow(num_ranks, tokens, experts, symmetric, baseline, baseline / symmetric,
+                                        all(e for _, e in gathered)))
+            buffer.destroy()
+            del l1, l2
+            torch.cuda.empty_cache()
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_moe_across_ranks(iters: int = 10) -> list[MoeRanksRow]:
+    """The MoE layer across every visible GPU (a process each), FP8 tokens and FP4 weights: the call
+    with the exchange through symmetric memory beside the all_to_all_single baseline; the slowest
+    rank's median time (call to call on the stream, host reads included; no L2 flush: the layers' weights
+    are gigabytes)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    num_ranks = torch.cuda.device_count()
+    print(f"\nMoE layer across {num_ranks} GPUs, fp8 x fp4 (hidden {MOE_HIDDEN}, intermediate {MOE_INTERMEDIATE}, "
+          f"top-{MOE_TOPK}): the exchange through symmetric memory beside the all_to_all_single baseline, both "
+          f"around the unfused one-rank layer; us of the slowest rank")
+    if num_ranks < 2:
+        print(f"(needs two GPUs or more; this machine has {num_ranks})")
+        return []
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    with tempfile.TemporaryDirectory() as directory:
+        mp.spawn(_moe_ranks_worker, args=(num_ranks, f"{directory}/init", results, iters), nprocs=num_ranks)
+    rows = []
+    print(f"{'ranks':>5} {'tokens':>6} {'experts':>7} | {'symmetric us':>12} {'all_to_all us':>13} {'x':>6} "
+          f"{'equal':>5}")
+    while not results.empty():
+        r = results.get()
+        print(f"{r.ranks:>5} {r.tokens:>6} {r.experts:>7} | {r.symmetric_us:>12.1f} {r.all_to_all_us:>13.1f} "
+              f"{r.speedup:>6.3f} {str(r.equal):>5}")
+        rows.append(r)
+    return rows
+
+
+@dataclass
 class BesideDeepGemmRow:
     """One case of an operation timed beside DeepGEMM's: its sizes (the table's columns), our time,
     TFLOPS and difference to the reference on the same FP8 inputs, DeepGEMM's time and its ratio."""
@@ -1249,14 +1353,14 @@ def print_paged_mqa_table(rows: list[PagedMqaRow]) -> None:
     _summary("DeepGEMM's time over ours, fp8_paged_mqa_logits", [r.vs_deepgemm for r in rows])
 
 
-SECTIONS = ("fp8", "bf16", "fp4", "moe", "mqa")
+SECTIONS = ("fp8", "bf16", "fp4", "moe", "mqa", "moe_ranks")
 
 
 def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> None:
     """Run the benchmark ``sections``: "fp8" (the FP8 GEMMs with the training forms, casts and transpose),
     "bf16" (the BF16 GEMMs, einsum and the hyper-connection GEMM), "fp4" (the FP8 x FP4 GEMMs beside the
     FP8 ones), "moe" (the MoE layer of DeepGEMM's Mega MoE API), "mqa" (the lightning indexer, dense and
-    paged, FP8 and FP4)."""
+    paged, FP8 and FP4), "moe_ranks" (the MoE layer across every visible GPU, two or more)."""
     device = torch.cuda.get_device_name()
     print(f"moegemm benchmarks on {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     # Host time first: once torch.profiler has run in a process, every kernel launch costs several us
@@ -1296,6 +1400,8 @@ def main(json_path: str | None = None, sections: tuple[str, ...] = SECTIONS) -> 
     if "moe" in sections:
         moe = bench_moe_layer(limits["copy_tbps"])
         results.update(moe=[asdict(r) for r in moe])
+    if "moe_ranks" in sections:
+        results.update(moe_ranks=[asdict(r) for r in bench_moe_across_ranks()])
     if "mqa" in sections:
         mqa = bench_mqa_logits()
         print_mqa_table(mqa)
