@@ -922,6 +922,19 @@ def _random_fp4(experts: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tenso
     return packed, api.transform_sf_into_required_layout(sf, n, k, (1, 32), experts)
 
 
+def _fill_moe_buffer(buffer, tokens: int, experts: int) -> torch.Tensor:
+    """Random FP8 tokens and top-k routing (of random scores) into ``buffer``'s first ``tokens`` rows;
+    returns the experts picked."""
+    x = torch.randn(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
+    x, sf = api.per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
+    buffer.x[:tokens].copy_(x)
+    buffer.x_sf[:tokens].copy_(sf)
+    weights, idx = torch.topk(torch.randn(tokens, experts, device="cuda"), MOE_TOPK, dim=-1)
+    buffer.topk_idx[:tokens].copy_(idx)
+    buffer.topk_weights[:tokens].copy_(weights.softmax(-1))
+    return idx
+
+
 def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
     """The MoE layer (FP8 tokens, FP4 weights) through moegemm's unfused pipeline, all its kernels timed
     together, on random routing (top-6 of random scores); TB/s over the weights of the experts touched."""
@@ -936,13 +949,7 @@ def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
         per_expert = sum(t[0].numel() + 4 * t[1].numel() for t in (l1, l2)) // experts
         for tokens in sorted(t for t, e in MOE_LAYERS if e == experts):
             buffer = api.get_symm_buffer_for_mega_moe(None, experts, tokens, MOE_TOPK, MOE_HIDDEN, MOE_INTERMEDIATE)
-            x = torch.randn(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
-            x, sf = api.per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
-            buffer.x.copy_(x)
-            buffer.x_sf.copy_(sf)
-            weights, idx = torch.topk(torch.randn(tokens, experts, device="cuda"), MOE_TOPK, dim=-1)
-            buffer.topk_idx.copy_(idx)
-            buffer.topk_weights.copy_(weights.softmax(-1))
+            idx = _fill_moe_buffer(buffer, tokens, experts)
             y = torch.empty(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
             us = kernel_time_us(functools.partial(api.fp8_fp4_mega_moe, y, l1, l2, buffer), iters)
             touched = int(idx.unique().numel())
@@ -991,13 +998,7 @@ def _moe_ranks_worker(rank: int, num_ranks: int, init_file: str, results, iters:
             buffer = api.get_symm_buffer_for_mega_moe(dist.group.WORLD, experts, tokens, MOE_TOPK, MOE_HIDDEN,
                                                       MOE_INTERMEDIATE)
             torch.manual_seed(rank)
-            x = torch.randn(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
-            x, sf = api.per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
-            buffer.x.copy_(x)
-            buffer.x_sf.copy_(sf)
-            weights, idx = torch.topk(torch.randn(tokens, experts, device="cuda"), MOE_TOPK, dim=-1)
-            buffer.topk_idx.copy_(idx)
-            buffer.topk_weights.copy_(weights.softmax(-1))
+            _fill_moe_buffer(buffer, tokens, experts)
             outputs, times = {}, {}
             for exchange in mega_moe.EXCHANGES:
                 y = outputs[exchange] = torch.empty(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)

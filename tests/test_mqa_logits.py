@@ -377,6 +377,19 @@ def test_paged_cpu_runs_the_reference_and_checks(seed):
         moegemm.fp8_paged_mqa_logits(q, cache, weights, lens, table, schedule[:, :1], 100)
 
 
+def check_paged_logits(logits, q, cache, weights, lens, table, schedule, max_context_len, clean):
+    """The paged kernel's logits against the reference on the same inputs: -inf exactly past each
+    token's context (``clean``), no NaN left inside it; returns which elements are inside."""
+    ref = reference.fp8_fp4_paged_mqa_logits(q, cache, weights, lens, table, schedule, max_context_len)
+    inside = torch.arange(max_context_len, device="cuda")[None, :] < lens.view(-1, 1)
+    if clean:
+        assert torch.equal(torch.isneginf(logits), ~inside), "-inf exactly past each token's context"
+    assert not logits[inside].isnan().any()
+    if inside.any():
+        assert calc_diff(logits[inside].double(), ref[inside].double()) < 5e-6
+    return inside
+
+
 @gpu
 @pytest.mark.parametrize("heads,head_dim", [(64, 128), (32, 128), (64, 64), (32, 32)])
 @pytest.mark.parametrize("next_n", [1, 2])
@@ -396,13 +409,7 @@ def test_paged_kernel_against_the_reference(heads, head_dim, next_n, batch, max_
         return logits
 
     logits = poisoned_call()
-    ref = reference.fp8_fp4_paged_mqa_logits(q, cache, weights, lens, table, schedule, max_context_len)
-    inside = torch.arange(max_context_len, device="cuda")[None, :] < lens.view(-1, 1)
-    if clean:
-        assert torch.equal(torch.isneginf(logits), ~inside), "-inf exactly past each token's context"
-    assert not logits[inside].isnan().any()
-    if inside.any():
-        assert calc_diff(logits[inside].double(), ref[inside].double()) < 5e-6
+    inside = check_paged_logits(logits, q, cache, weights, lens, table, schedule, max_context_len, clean)
     if inside.any(1).sum() >= ENOUGH_ROWS_FOR_CAST_BOUNDS:
         q_bf16, keys_bf16 = originals
         exact = reference._paged_logits(q_bf16.float(), keys_bf16.float(), weights, lens, table, max_context_len)
@@ -427,13 +434,7 @@ def test_paged_pipelined_against_the_reference(heads, head_dim, next_n, batch, m
                                  logits, clean, ctas, facts, config=config)
     plan.launch_pointers(0, q[0].data_ptr(), q[0].data_ptr(), cache.data_ptr(), weights.data_ptr(), lens.data_ptr(),
                          table.data_ptr(), schedule.data_ptr(), logits.data_ptr())
-    ref = reference.fp8_fp4_paged_mqa_logits(q, cache, weights, lens, table, schedule, max_context_len)
-    inside = torch.arange(max_context_len, device="cuda")[None, :] < lens.view(-1, 1)
-    if clean:
-        assert torch.equal(torch.isneginf(logits), ~inside), "-inf exactly past each token's context"
-    assert not logits[inside].isnan().any()
-    if inside.any():
-        assert calc_diff(logits[inside].double(), ref[inside].double()) < 5e-6
+    check_paged_logits(logits, q, cache, weights, lens, table, schedule, max_context_len, clean)
 
 
 @gpu
