@@ -133,10 +133,6 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
 
-def _group_size(group: object) -> int:
-    return 1 if group is None else int(group.size())
-
-
 def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
                                  hidden: int, intermediate_hidden: int, use_fp8_dispatch: bool | None = None,
                                  mma_type: str = "fp8xfp4", activation: str = "swiglu",
