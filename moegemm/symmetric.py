@@ -50,7 +50,10 @@ def allocate(group: object, nbytes: int, device: torch.device) -> SymmetricStora
         with torch.cuda.device(device):
             local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
             handle = symm_mem.rendezvous(local, group)
-            peers = [local if r == rank else handle.get_buffer(r, (nbytes,), torch.uint8) for r in range(num_ranks)]
+            # The tensor may start past its allocation's base (a pool's block): peers at the same offset.
+            offset = local.data_ptr() - handle.buffer_ptrs[rank]
+            peers = [local if r == rank else handle.get_buffer(r, (nbytes,), torch.uint8, offset)
+                     for r in range(num_ranks)]
         return SymmetricStorage(group, rank, num_ranks, peers, handle)
     if device.type != "cpu":
         raise ValueError(f"device: expected a CUDA or CPU device for a buffer across ranks, got {device}")
