@@ -1305,15 +1305,22 @@ def _random_paged_caches(pages: int, head_dim: int) -> tuple[torch.Tensor, torch
     return fp8.view(pages, 64, 1, head_dim + 4), fp4.view(pages, 64, 1, head_dim // 2 + 4)
 
 
+def random_paged_batch(batch: int, context: int, head_dim: int):
+    """A paged decode batch: context lengths 0.7-1.3x ``context`` (int32 [B]), a shuffled block table
+    (int32 [B, pages a batch]) and its FP8 and FP4 caches of random keys."""
+    lens = torch.randint(int(0.7 * context), int(1.3 * context), (batch,), device="cuda", dtype=torch.int32)
+    pages_per_batch = -(-int(lens.max()) // 64)
+    table = torch.randperm(batch * pages_per_batch, device="cuda", dtype=torch.int32).view(batch, -1)
+    return (lens, table, *_random_paged_caches(batch * pages_per_batch, head_dim))
+
+
 def bench_paged_mqa_logits(copy_tbps: float, iters: int = 10) -> list[PagedMqaRow]:
     """fp8_paged_mqa_logits beside DeepGEMM's on the same cache, and fp8_fp4_paged_mqa_logits."""
     rows = []
     heads, head_dim = PAGED_MQA_HEADS, PAGED_MQA_HEAD_DIM
     for batch, next_n, context in PAGED_MQA_CASES:
-        lens = torch.randint(int(0.7 * context), int(1.3 * context), (batch,), device="cuda", dtype=torch.int32)
-        pages_per_batch = -(-int(lens.max()) // 64)
-        table = torch.randperm(batch * pages_per_batch, device="cuda", dtype=torch.int32).view(batch, -1)
-        cache8, cache4 = _random_paged_caches(batch * pages_per_batch, head_dim)
+        lens, table, cache8, cache4 = random_paged_batch(batch, context, head_dim)
+        pages_per_batch = table.shape[1]
         q = torch.randn(batch, next_n, heads, head_dim, device="cuda")
         q8, q4 = q.to(torch.float8_e4m3fn), _fp4_rows(q)
         del q

@@ -33,10 +33,8 @@ def main() -> None:
         row = bench.bench_fp4_shape("masked", groups, rows, 4096, 7168, 4.29, 1480.0)
         times.append(f"masked {groups}x{rows} {row.fp4_us:.1f}")
     batch, context = 256, 65536
-    lens = torch.randint(int(0.7 * context), int(1.3 * context), (batch,), device="cuda", dtype=torch.int32)
-    pages_per_batch = -(-int(lens.max()) // 64)
-    table = torch.randperm(batch * pages_per_batch, device="cuda", dtype=torch.int32).view(batch, -1)
-    _, cache = bench._random_paged_caches(batch * pages_per_batch, 128)
+    lens, table, _, cache = bench.random_paged_batch(batch, context, 128)
+    pages_per_batch = table.shape[1]
     for next_n in (1, 2):
         q = bench._fp4_rows(torch.randn(batch, next_n, 64, 128, device="cuda"))
         weights = torch.randn(batch * next_n, 64, device="cuda")

@@ -75,10 +75,8 @@ def sweep_dense(facts) -> None:
 def sweep_paged(facts) -> None:
     heads, head_dim = bench.PAGED_MQA_HEADS, bench.PAGED_MQA_HEAD_DIM
     for batch, next_n, context in bench.PAGED_MQA_CASES:
-        lens = torch.randint(int(0.7 * context), int(1.3 * context), (batch,), device="cuda", dtype=torch.int32)
-        pages_per_batch = -(-int(lens.max()) // 64)
-        table = torch.randperm(batch * pages_per_batch, device="cuda", dtype=torch.int32).view(batch, -1)
-        caches = bench._random_paged_caches(batch * pages_per_batch, head_dim)
+        lens, table, *caches = bench.random_paged_batch(batch, context, head_dim)
+        pages_per_batch = table.shape[1]
         q = torch.randn(batch, next_n, heads, head_dim, device="cuda")
         queries = {False: (q.to(FP8), None), True: bench._fp4_rows(q)}
         weights = torch.randn(batch * next_n, heads, device="cuda")

@@ -21,10 +21,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: us (TB/s) per CTAs-an-SM split, DeepGEMM {'beside' if dg else 'absent'}")
     for batch, next_n, context in bench.PAGED_MQA_CASES:
         torch.manual_seed(0)
-        lens = torch.randint(int(0.7 * context), int(1.3 * context), (batch,), device="cuda", dtype=torch.int32)
-        pages_per_batch = -(-int(lens.max()) // 64)
-        table = torch.randperm(batch * pages_per_batch, device="cuda", dtype=torch.int32).view(batch, -1)
-        cache8, cache4 = bench._random_paged_caches(batch * pages_per_batch, head_dim)
+        lens, table, cache8, cache4 = bench.random_paged_batch(batch, context, head_dim)
+        pages_per_batch = table.shape[1]
         q = torch.randn(batch, next_n, heads, head_dim, device="cuda")
         q8, q4 = q.to(torch.float8_e4m3fn), bench._fp4_rows(q)
         weights = torch.randn(batch * next_n, heads, device="cuda")

@@ -404,7 +404,7 @@ __device__ __forceinline__ void sm90_fp8_fp4_gemm_swap_ab(const Fp8Fp4SwapAbPara
         }
         fence_barrier_init();
     }
-    e2m1_lut_init(smem_addr(smem + Config::kLutOffset), 0, Config::kNumThreads);
+    e2m1_lut_init(smem_addr(smem + Config::kLutOffset));
     __syncthreads();
     const u32 tokens = min(Config::kTokens, rows - token_begin);
     const u32 num_k_blocks = ceil_div(p.k, 128u);

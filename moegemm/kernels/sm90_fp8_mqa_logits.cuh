@@ -477,7 +477,7 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
         }
         fence_barrier_init();
     }
-    if constexpr (Config::kFp4) e2m1_lut_init(smem_addr(smem + Config::kLutOffset), 0, Config::kNumThreads);
+    if constexpr (Config::kFp4) e2m1_lut_init(smem_addr(smem + Config::kLutOffset));
     // A cluster's barriers are initialised before any CTA multicasts into another or arrives there.
     if constexpr (Config::kClusterQ > 1)
         cluster_sync();
@@ -631,30 +631,29 @@ __device__ __forceinline__ void sm90_mqa_logits(const typename Problem::Params& 
             // Block b's WGMMAs into set b % 2, issued before block b - 1 is summed; each wait's count fixed
             // where it is written (a count chosen at run time serializes the WGMMAs), the last block alone.
             // The loop ends only where the last block is retired: no WGMMA is in flight past it.
-            if (segment.blocks > 0) {
-                StageRing<Config::kKvStages> ring0 = kv_ring, ring1;
-                full_kv[ring0.stage].wait(ring0.phase);
-                mqa_issue_fp8<Config>(ring0.stage, desc_keys, desc_q, acc);
+            // The next block's stage, once landed, into `set`; returns the stage.
+            const auto issue = [&](float* set) {
+                const u32 t = kv_ring.stage;
+                full_kv[t].wait(kv_ring.phase);
+                mqa_issue_fp8<Config>(t, desc_keys, desc_q, set);
                 kv_ring.advance();
+                return t;
+            };
+            if (segment.blocks > 0) {
+                u32 t0 = issue(acc), t1;
                 for (u32 b = 0;; b += 2) {
                     if (b + 1 == segment.blocks) {
-                        finish(acc, b, mqa_retire_fp8<Config, 0>(smem, empty_kv, ring0.stage, out_row, acc));
+                        finish(acc, b, mqa_retire_fp8<Config, 0>(smem, empty_kv, t0, out_row, acc));
                         break;
                     }
-                    ring1 = kv_ring;
-                    full_kv[ring1.stage].wait(ring1.phase);
-                    mqa_issue_fp8<Config>(ring1.stage, desc_keys, desc_q, acc1);
-                    kv_ring.advance();
-                    finish(acc, b, mqa_retire_fp8<Config, 1>(smem, empty_kv, ring0.stage, out_row, acc));
+                    t1 = issue(acc1);
+                    finish(acc, b, mqa_retire_fp8<Config, 1>(smem, empty_kv, t0, out_row, acc));
                     if (b + 2 == segment.blocks) {
-                        finish(acc1, b + 1, mqa_retire_fp8<Config, 0>(smem, empty_kv, ring1.stage, out_row, acc1));
+                        finish(acc1, b + 1, mqa_retire_fp8<Config, 0>(smem, empty_kv, t1, out_row, acc1));
                         break;
                     }
-                    ring0 = kv_ring;
-                    full_kv[ring0.stage].wait(ring0.phase);
-                    mqa_issue_fp8<Config>(ring0.stage, desc_keys, desc_q, acc);
-                    kv_ring.advance();
-                    finish(acc1, b + 1, mqa_retire_fp8<Config, 1>(smem, empty_kv, ring1.stage, out_row, acc1));
+                    t0 = issue(acc);
+                    finish(acc1, b + 1, mqa_retire_fp8<Config, 1>(smem, empty_kv, t1, out_row, acc1));
                 }
             }
         } else {

@@ -109,17 +109,23 @@ class MegaMoeBuffer:
 @dataclass
 class _Ranks:
     """A buffer across ranks: the symmetric storage, the one-rank buffer over every rank's token slots
-    with this rank's experts, this rank's ``combined`` view and every rank's views (``peers[r]``: x,
-    x_sf, topk_idx, topk_weights, combined of rank r, as this rank addresses them)."""
+    with this rank's experts, and every rank's views (``peers[r]``: x, x_sf, topk_idx, topk_weights,
+    combined of rank r, as this rank addresses them)."""
 
     storage: symmetric.SymmetricStorage
     local: MegaMoeBuffer
-    combined: torch.Tensor
     peers: list[dict]
 
+    @property
+    def combined(self) -> torch.Tensor:
+        """This rank's pairs' outputs, ``[T_max, k, H]``."""
+        return self.peers[self.storage.rank]["combined"]
 
-# A buffer's scratch views (the layer's intermediates), shared by a buffer across ranks with its local one.
-_SCRATCH = ("tokens", "tokens_sf", "l1_out", "act", "act_sf", "l2_out", "pair_rows", "groups")
+
+# The caller's views of a buffer; the rest of moe_layer.VIEWS is the layer's scratch, which a buffer
+# across ranks shares with its local one.
+_INPUTS = ("x", "x_sf", "topk_idx", "topk_weights")
+_SCRATCH = tuple(name for name in moe_layer.VIEWS if name not in _INPUTS)
 
 
 def _positive(name: str, value: object) -> int:
@@ -232,7 +238,7 @@ def _buffer_across_ranks(group: object, num_experts: int, tokens: int, num_topk:
     scratch = {name: getattr(local, name) for name in _SCRATCH}
     buffer = MegaMoeBuffer(group, storage.local, num_experts, tokens, num_topk, hidden, inter, mma_type, own["x"],
                            own["x_sf"], own["topk_idx"], own["topk_weights"], local.masked, local.rows, **scratch)
-    buffer.ranks = _Ranks(storage, local, own["combined"], peers)
+    buffer.ranks = _Ranks(storage, local, peers)
     storage.barrier()  # every rank's routing routes nowhere before a peer reads it
     return buffer
 
@@ -532,11 +538,12 @@ def _run(y: torch.Tensor, l1_weights: object, l2_weights: object, buffer: MegaMo
     (experts, hidden, inter), weights = _checked_weights(l1_weights, l2_weights, weights_of)
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange: expected one of {EXCHANGES}, got {exchange!r}")
-    layer = buffer if not isinstance(buffer, MegaMoeBuffer) or buffer.ranks is None else buffer.ranks.local
+    ranks = getattr(buffer, "ranks", None)
+    layer = buffer if ranks is None else ranks.local
     num_tokens = _check_call(y, buffer, layer, mma_type, experts, hidden, inter, stats, activation, activation_clamp)
     if use_kernels is None:
         use_kernels = y.is_cuda
-    if buffer.ranks is None:
+    if ranks is None:
         if buffer.masked and get_check_groups():
             _check_distinct_experts(buffer, num_tokens)
         _layer(y, buffer, num_tokens, _grouped_gemm(buffer, num_tokens, weights, masked_gemm, contiguous_gemm), stats,
@@ -632,8 +639,7 @@ def _layer_all_to_all(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, g
     # Each pair from its expert's rank alone; the pairs of no expert stay zero.
     combined = ranks.combined[:num_tokens]
     combined.zero_()
-    rank_of = torch.repeat_interleave(torch.arange(num_ranks, device=y.device),
-                                      torch.tensor(send_counts, device=y.device))
+    rank_of = torch.repeat_interleave(torch.arange(num_ranks, device=y.device), counts)
     mine = owner[order] == rank_of[:, None]
     token, k = mine.nonzero(as_tuple=True)
     combined[order[token], k] = back[token, k]

@@ -37,10 +37,10 @@ constexpr int kE2m1LutMinShift = -14;
 constexpr u32 kE2m1LutEntries = u32(kE2m1WidenShift - kE2m1LutMinShift + 1);
 constexpr u32 kE2m1LutBytes = kE2m1LutEntries * 8;
 
-// Fills the table at shared address `lut` (8-byte aligned): threads `first` to `first + count - 1`
-// of the CTA take the entries in turn. The caller's barrier makes it visible.
-__device__ __forceinline__ void e2m1_lut_init(u32 lut, u32 first, u32 count) {
-    for (u32 i = threadIdx.x - first; threadIdx.x >= first && i < kE2m1LutEntries; i += count) {
+// Fills the table at shared address `lut` (8-byte aligned), the CTA's threads an entry each. The
+// caller's barrier makes it visible.
+__device__ __forceinline__ void e2m1_lut_init(u32 lut) {
+    for (u32 i = threadIdx.x; i < kE2m1LutEntries; i += blockDim.x) {
         const E2m1Table table = e2m1_table(kE2m1LutMinShift + int(i));
         st_shared_v2_u32(lut + i * 8, table.lo, table.hi);
     }
