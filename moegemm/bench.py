@@ -905,9 +905,13 @@ class MoeRow:
     tokens: int
     experts: int
     touched: int  # experts that receive a token
-    unfused_us: float  # every kernel of moegemm's unfused pipeline (fp8_fp4_mega_moe today)
+    unfused_us: float  # every kernel of moegemm's unfused pipeline (fp8_fp4_mega_moe's default today)
     weight_tbps: float  # the touched experts' weight bytes over unfused_us
     copy_share: float
+    fused_us: float  # the one fused kernel (MOEGEMM_FUSED_MOE=1)
+    fused_tbps: float
+    speedup: float  # unfused_us / fused_us
+    diff: float  # calc_diff of the fused kernel's y against the unfused pipeline's
 
 
 # DeepSeek-style layers: hidden 7168, intermediate 3072, top-6 (issue 24's shapes).
@@ -937,11 +941,16 @@ def _fill_moe_buffer(buffer, tokens: int, experts: int) -> torch.Tensor:
 
 def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
     """The MoE layer (FP8 tokens, FP4 weights) through moegemm's unfused pipeline, all its kernels timed
-    together, on random routing (top-6 of random scores); TB/s over the weights of the experts touched."""
+    together, and through the one fused kernel, on random routing (top-6 of random scores); TB/s over
+    the weights of the experts touched."""
+    from .ops import mega_moe
+
     print(f"\nMoE layer, fp8 x fp4 (hidden {MOE_HIDDEN}, intermediate {MOE_INTERMEDIATE}, top-{MOE_TOPK}): moegemm's "
-          f"unfused pipeline (dispatch, grouped GEMM, SwiGLU + FP8 cast, grouped GEMM, combine), all its kernels; "
-          f"weight TB/s: the touched experts' FP4 weights and scales over its time")
-    print(f"{'tokens':>6} {'experts':>7} {'touched':>7} | {'unfused us':>10} | {'weight TB/s':>11} {'of copy':>7}")
+          f"unfused pipeline (dispatch, grouped GEMM, SwiGLU + FP8 cast, grouped GEMM, combine), all its kernels, "
+          f"and the fused kernel; weight TB/s: the touched experts' FP4 weights and scales over the time; x: "
+          f"unfused over fused; diff: calc_diff of their outputs")
+    print(f"{'tokens':>6} {'experts':>7} {'touched':>7} | {'unfused us':>10} {'TB/s':>5} {'of copy':>7} | "
+          f"{'fused us':>9} {'TB/s':>5} {'of copy':>7} | {'x':>5} {'diff':>8}")
     rows = []
     for experts in sorted({e for _, e in MOE_LAYERS}):
         l1 = _random_fp4(experts, 2 * MOE_INTERMEDIATE, MOE_HIDDEN)
@@ -950,12 +959,19 @@ def bench_moe_layer(copy_tbps: float, iters: int = 10) -> list[MoeRow]:
         for tokens in sorted(t for t, e in MOE_LAYERS if e == experts):
             buffer = api.get_symm_buffer_for_mega_moe(None, experts, tokens, MOE_TOPK, MOE_HIDDEN, MOE_INTERMEDIATE)
             idx = _fill_moe_buffer(buffer, tokens, experts)
-            y = torch.empty(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
-            us = kernel_time_us(functools.partial(api.fp8_fp4_mega_moe, y, l1, l2, buffer), iters)
             touched = int(idx.unique().numel())
-            tbps = touched * per_expert / us / 1e6
-            row = MoeRow("fp8xfp4", tokens, experts, touched, us, tbps, tbps / copy_tbps)
-            print(f"{tokens:>6} {experts:>7} {touched:>7} | {us:>10.1f} | {tbps:>11.2f} {row.copy_share:>7.1%}")
+            times, outputs = [], []
+            for fused in (False, True):
+                y = torch.empty(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
+                times.append(kernel_time_us(functools.partial(mega_moe._run, y, l1, l2, buffer, "fp8xfp4", None,
+                                                              "swiglu", None, fused=fused), iters))
+                outputs.append(y)
+            (us, fused_us), tbps = times, [touched * per_expert / t / 1e6 for t in times]
+            row = MoeRow("fp8xfp4", tokens, experts, touched, us, tbps[0], tbps[0] / copy_tbps, fused_us, tbps[1],
+                         us / fused_us, api.calc_diff(outputs[1].float(), outputs[0].float()))
+            print(f"{tokens:>6} {experts:>7} {touched:>7} | {us:>10.1f} {tbps[0]:>5.2f} {row.copy_share:>7.1%} | "
+                  f"{fused_us:>9.1f} {tbps[1]:>5.2f} {tbps[1] / copy_tbps:>7.1%} | {row.speedup:>5.2f} "
+                  f"{row.diff:>8.1e}")
             rows.append(row)
             buffer.destroy()
         del l1, l2

@@ -31,6 +31,8 @@ VARIABLES: tuple[Variable, ...] = (
              "or clamp (default of `set_check_groups`; read at the first grouped call)."),
     Variable("MOEGEMM_ENABLE_PDL", "0", "1: launch GEMM kernels with programmatic dependent launch "
              "(default of `set_pdl`; read at the first GEMM call)."),
+    Variable("MOEGEMM_FUSED_MOE", "0", "1: `fp8_fp4_mega_moe` on one GPU runs the whole layer as one fused "
+             "kernel instead of the unfused pipeline (not yet run on a GPU; read at the first call)."),
     Variable("MOEGEMM_PRINT_CONFIGS", "0", "1: print the config the heuristic picks for each new shape."),
     Variable("MOEGEMM_PTXAS_VERBOSE", "0", "1: print ptxas' resource report (registers, spills) of "
              "each compile."),

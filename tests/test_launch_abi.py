@@ -77,7 +77,7 @@ int main(void) {
     memcpy(&h, record, sizeof h);
     printf("%llu %u %u %u %u %u %u %u %u %u %u %u %u %u %u", (unsigned long long)h.function,
            h.grid[0], h.grid[1], h.grid[2], h.block[0], h.block[1], h.block[2], h.cluster[0], h.cluster[1],
-           h.cluster[2], h.smem_bytes, h.pdl, h.num_tma, h.params_bytes, h.num_param_pointers);
+           h.cluster[2], h.smem_bytes, h.flags, h.num_tma, h.params_bytes, h.num_param_pointers);
     for (int i = 0; i < MG_MAX_PARAM_POINTERS; ++i) printf(" %u", h.param_pointer_offsets[i]);
     for (int i = 0; i < MG_MAX_PARAM_POINTERS; ++i) printf(" %u", h.param_pointer_operands[i]);
     printf("\\n");
@@ -120,12 +120,13 @@ def test_launch_record_layout_matches_launch_c(tmp_path, monkeypatch):
                             cluster=2)
     tma = {"x": runtime.tma_2d(torch.float8_e4m3fn, 7168, 4096, 7168, 128, 128, runtime.SWIZZLE_128B),
            "y": runtime.tma_2d(torch.bfloat16, 2112, 64, 4224, 64, 32, runtime.SWIZZLE_NONE)}
-    record = kernel.record(grid=132, tma=tma, values={"count": 11, "pitch": 22, "n": 33}, pdl=True)
+    record = kernel.record(grid=132, tma=tma, values={"count": 11, "pitch": 22, "n": 33}, pdl=True,
+                           cooperative=True)
     decoded = subprocess.run([str(tmp_path / "decode")], input=record, capture_output=True, check=True).stdout
     header, *specs, block = decoded.decode().split("\n")[:-1]
 
     assert [int(x) for x in header.split()] == [
-        0x1234_5678_9ABC, 132, 1, 1, 384, 1, 1, 2, 1, 1, 200_000, 1, 2, 320, 2, 264, 280, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0]
+        0x1234_5678_9ABC, 132, 1, 1, 384, 1, 1, 2, 1, 1, 200_000, 3, 2, 320, 2, 264, 280, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0]
     assert [tuple(int(x) for x in spec.split()) for spec in specs] == [(*tma["x"], 0, 1), (*tma["y"], 128, 0)]
     assert bytes.fromhex(block) == bytes(256) + struct.pack("<I4xQQQI28x", 11, 0, 22, 0, 33)
     with pytest.raises(ValueError, match="expected"):

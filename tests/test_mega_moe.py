@@ -5,11 +5,13 @@ ranks: processes of one host (gloo on the CPU, NCCL with a GPU each) against the
 
 import pytest
 import torch
-from conftest import needs_sass_tools
+from conftest import H100, needs_sass_tools
 
 import moegemm
 from moegemm import reference
+from moegemm.intmath import align
 from moegemm.jit import compiler
+from moegemm.kernels import fp8_fp4_mega_moe as fused_kernel
 from moegemm.kernels import moe_layer
 from moegemm.ops import mega_moe
 from moegemm.testing import calc_diff
@@ -205,6 +207,38 @@ def test_step_kernel_compiles_without_spills(cache, config):
         assert "MATCH.ANY" in sass
 
 
+@needs_sass_tools
+@pytest.mark.parametrize("config", fused_kernel.all_configs(H100), ids=fused_kernel.kernel_name)
+def test_fused_kernel_compiles_without_spills(cache, config):
+    build = fused_kernel.build(config)
+    report = build.resources()
+    assert (report.spill_stores, report.spill_loads, report.stack_bytes) == (0, 0, 0), report
+    sass = compiler.disassemble(build.cubin_path)
+    assert "QGMMA" in sass
+    assert "LDL" not in sass and "STL" not in sass, "local-memory traffic in the SASS"
+    # ptxas' notes C7510-C7519: WGMMAs serialized, or waits it injected.
+    assert not [line for line in build.log.splitlines() if "(C751" in line], build.log
+
+
+@pytest.mark.parametrize("experts,max_tokens,topk", [(8, 48, 3), (384, 128, 6), (32, 1, 6), (1024, 40, 8), (4, 200, 3)])
+def test_buffer_holds_the_fused_layout(experts, max_tokens, topk):
+    """Any routing's fused layout (each expert's pairs padded to whole token tiles, any tile the kernel
+    takes) fits the buffer's rows before the spare row, and its tiles the counters: the worst case
+    spreads the pairs one an expert over as many experts as they reach."""
+    buffer = moegemm.get_symm_buffer_for_mega_moe(None, experts, max_tokens, topk, 256, 256, device="cpu")
+    pairs = max_tokens * topk
+    counts = torch.zeros(experts, dtype=torch.int64)
+    spread = min(experts, pairs)
+    counts[:spread] = 1
+    counts[0] += pairs - spread
+    for tile in fused_kernel.TOKEN_TILES:
+        tiles = int(((counts + tile - 1) // tile).sum())
+        assert tiles * tile <= buffer.rows
+        assert 2 + experts + tiles <= buffer.control.numel()
+    assert buffer.folded_tokens_sf.shape == (2, align(buffer.rows + 1, 4))
+    assert torch.equal(buffer.control, torch.zeros_like(buffer.control))
+
+
 def test_transform_takes_float_or_packed_scales():
     l1 = torch.randn(2, 256, 256, dtype=torch.bfloat16)
     l2 = torch.randn(2, 256, 128, dtype=torch.bfloat16)
@@ -359,6 +393,89 @@ def test_step_kernels_match_the_pytorch_steps(mma_type, experts, topk, max_token
     (y_torch, stats_torch), (y_kernels, stats_kernels) = results
     assert torch.equal(stats_kernels, stats_torch)
     assert torch.equal(y_kernels, y_torch)
+
+
+def _poison_fused_outputs(buffer):
+    """NaN bytes in every row the fused kernel writes (the spare rows stay zero; the counters too)."""
+    for name in ("tokens", "act", "l2_out", "folded_tokens_sf", "folded_act_sf", "row_weights", "pair_rows"):
+        view = getattr(buffer, name)
+        (view[:buffer.rows] if name in ("tokens", "act", "l2_out") else view).view(torch.uint8).fill_(0xFF)
+
+
+# (experts, hidden, inter, top-k, max tokens, tokens, share of -1 entries): decode over many experts,
+# prefill-sized counts, a token alone, K blocks of odd counts (H 384, I 640), every entry -1.
+FUSED_LAYERS = [(8, 256, 256, 3, 48, 48, 0.0), (384, 1024, 512, 6, 128, 128, 0.1), (4, 512, 256, 2, 8, 1, 0.0),
+                (32, 384, 640, 6, 300, 300, 0.3), (16, 1024, 256, 4, 2100, 2050, 0.0), (1024, 512, 256, 8, 40, 33, 0.2),
+                (8, 7168, 3072, 6, 128, 128, 0.0), (32, 7168, 3072, 6, 512, 512, 0.0), (8, 512, 256, 3, 16, 16, 1.0)]
+
+
+@gpu
+@pytest.mark.parametrize("experts,hidden,inter,topk,max_tokens,num_tokens,masked_ratio", FUSED_LAYERS)
+def test_fused_kernel_against_the_unfused_pipeline(experts, hidden, inter, topk, max_tokens, num_tokens, masked_ratio,
+                                                   seed):
+    """The fused kernel against the unfused pipeline on the same buffer and against the reference:
+    its scratch poisoned, called twice (the second finds the counters as the first left them), the
+    stats gaining what the pipeline's gain, the counters zero after each call."""
+    buffer, weights = make_layer("fp8xfp4", experts, hidden, inter, topk, max_tokens)
+    fill(buffer, num_tokens, masked_ratio=masked_ratio)
+    outputs = []
+    for fused in (False, True, True):
+        _poison_fused_outputs(buffer)
+        y = torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+        stats = torch.arange(experts, dtype=torch.int32, device="cuda")
+        mega_moe._run(y, *weights, buffer, "fp8xfp4", stats, "swiglu", None, fused=fused)
+        assert torch.equal(buffer.control, torch.zeros_like(buffer.control))
+        outputs.append((y, stats))
+    (y_unfused, stats_unfused), *fused_outputs = outputs
+    ref = torch.empty_like(y_unfused)
+    run("fp8xfp4", buffer, weights, ref, op=reference)
+    for y, stats in fused_outputs:
+        assert torch.equal(stats, stats_unfused)
+        assert not y.isnan().any()
+        if masked_ratio == 1.0:
+            assert torch.equal(y, torch.zeros_like(y))
+        else:
+            assert calc_diff(y.float(), y_unfused.float()) < TOLERANCE["fp8xfp4"]
+            assert calc_diff(y.float(), ref.float()) < TOLERANCE["fp8xfp4"]
+    assert torch.equal(fused_outputs[0][0], fused_outputs[1][0])
+
+
+@gpu
+def test_fused_kernel_takes_an_expert_named_twice_and_a_clamp(seed):
+    """A token naming an expert twice (the masked layout's overflow; the fused layout has none) and
+    one expert taking every token, with an activation clamp."""
+    buffer, weights = make_layer("fp8xfp4", 8, 512, 256, 3, 64)
+    idx = torch.randint(0, 8, (64, 3))
+    idx[:, 0] = 5
+    idx[3] = torch.tensor([2, 2, 2])
+    fill(buffer, 64, idx=idx)
+    y = torch.empty(64, 512, dtype=torch.bfloat16, device="cuda")
+    ref = torch.empty_like(y)
+    mega_moe._run(y, *weights, buffer, "fp8xfp4", None, "swiglu", 0.5, fused=True)
+    run("fp8xfp4", buffer, weights, ref, clamp=0.5, op=reference)
+    assert calc_diff(y.float(), ref.float()) < TOLERANCE["fp8xfp4"]
+
+
+@gpu
+def test_fused_kernel_replays_new_routing_from_a_cuda_graph(seed):
+    buffer, weights = make_layer("fp8xfp4", 64, 512, 256, 6, max_tokens=96)
+    y = torch.empty(96, buffer.hidden, dtype=torch.bfloat16, device="cuda")
+    fill(buffer, 96)
+    call = lambda: mega_moe._run(y, *weights, buffer, "fp8xfp4", None, "swiglu", None, fused=True)  # noqa: E731
+    call()  # compiles and binds outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for masked_ratio in (0.0, 0.4, 1.0):
+        fill(buffer, 96, masked_ratio=masked_ratio)
+        y.fill_(float("nan"))
+        graph.replay()
+        ref = torch.empty_like(y)
+        run("fp8xfp4", buffer, weights, ref, op=reference)
+        if masked_ratio == 1.0:
+            assert torch.equal(y, torch.zeros_like(y))
+        else:
+            assert calc_diff(y.float(), ref.float()) < TOLERANCE["fp8xfp4"]
 
 
 @gpu

@@ -15,7 +15,7 @@
 typedef int mg_result;
 typedef struct { _Alignas(64) uint64_t opaque[16]; } mg_tensor_map;
 typedef struct { uint32_t x, y, z; } mg_dim3;
-typedef union { char pad[64]; mg_dim3 cluster; int programmatic; } mg_attr_value;
+typedef union { char pad[64]; mg_dim3 cluster; int programmatic; int cooperative; } mg_attr_value;
 typedef struct { int id; char pad[4]; mg_attr_value value; } mg_attr;
 typedef struct {
     uint32_t grid_x, grid_y, grid_z, block_x, block_y, block_z, smem_bytes;
@@ -24,7 +24,10 @@ typedef struct {
     uint32_t num_attrs;
 } mg_launch_config;
 
-enum { MG_ATTR_CLUSTER_DIMENSION = 4, MG_ATTR_PROGRAMMATIC_SERIALIZATION = 6 };
+enum { MG_ATTR_COOPERATIVE = 2, MG_ATTR_CLUSTER_DIMENSION = 4, MG_ATTR_PROGRAMMATIC_SERIALIZATION = 6 };
+/* mg_header.flags: programmatic dependent launch; a cooperative launch (every CTA resident at once, or
+ * the launch fails: kernels whose CTAs wait on each other). */
+enum { MG_FLAG_PDL = 1, MG_FLAG_COOPERATIVE = 2 };
 enum { MG_ERROR_INVALID_VALUE = 1, MG_ERROR_NOT_FOUND = 500 };
 enum { MG_MAX_PARAM_BYTES = 4096, MG_MAX_TMA_RANK = 3 };
 
@@ -37,11 +40,11 @@ typedef mg_result (*launch_ex_fn)(const mg_launch_config *, void *, void **, voi
  * block. Device pointers change from call to call, so they are not in the record but passed to
  * mg_launch as the kernel's operands, in the order of its ParamsLayout: each TMA spec and each
  * pointer member of the parameter block names the operand whose address it takes. */
-enum { MG_MAX_PARAM_POINTERS = 6, MG_MAX_POINTERS = 8 };
+enum { MG_MAX_PARAM_POINTERS = 6, MG_MAX_POINTERS = 12 };
 typedef struct {
     uint64_t function;
     uint32_t grid[3], block[3], cluster[3];
-    uint32_t smem_bytes, pdl, num_tma, params_bytes, num_param_pointers;
+    uint32_t smem_bytes, flags, num_tma, params_bytes, num_param_pointers;
     uint32_t param_pointer_offsets[MG_MAX_PARAM_POINTERS];
     uint32_t param_pointer_operands[MG_MAX_PARAM_POINTERS];
 } mg_header;
@@ -103,7 +106,7 @@ int mg_init(void) {
 }
 
 /* Returns a CUresult. When a TMA descriptor is the cause, its index goes to *failed_tma. */
-/* `dynamic` holds what changes from call to call: the stream, then eight operand addresses (unused ones 0).
+/* `dynamic` holds what changes from call to call: the stream, then MG_MAX_POINTERS operand addresses (unused ones 0).
  * One bytes argument converts faster in ctypes than seven integers. */
 int mg_launch(const unsigned char *record, const unsigned char *dynamic, int *failed_tma) {
     uint64_t stream, pointers[MG_MAX_POINTERS];
@@ -138,7 +141,7 @@ int mg_launch(const unsigned char *record, const unsigned char *dynamic, int *fa
         }
     }
 
-    mg_attr attrs[2];
+    mg_attr attrs[3];
     uint32_t num_attrs = 0;
     memset(attrs, 0, sizeof attrs);
     if (header.cluster[0] * header.cluster[1] * header.cluster[2] > 1) {
@@ -146,9 +149,14 @@ int mg_launch(const unsigned char *record, const unsigned char *dynamic, int *fa
         attrs[num_attrs].value.cluster = (mg_dim3){header.cluster[0], header.cluster[1], header.cluster[2]};
         ++num_attrs;
     }
-    if (header.pdl) {
+    if (header.flags & MG_FLAG_PDL) {
         attrs[num_attrs].id = MG_ATTR_PROGRAMMATIC_SERIALIZATION;
         attrs[num_attrs].value.programmatic = 1;
+        ++num_attrs;
+    }
+    if (header.flags & MG_FLAG_COOPERATIVE) {
+        attrs[num_attrs].id = MG_ATTR_COOPERATIVE;
+        attrs[num_attrs].value.cooperative = 1;
         ++num_attrs;
     }
     mg_launch_config config = {header.grid[0], header.grid[1],  header.grid[2],   header.block[0],
@@ -167,6 +175,7 @@ _Static_assert(sizeof(mg_launch_config) == sizeof(CUlaunchConfig), "CUlaunchConf
 _Static_assert(offsetof(mg_launch_config, stream) == offsetof(CUlaunchConfig, hStream), "hStream");
 _Static_assert(offsetof(mg_launch_config, num_attrs) == offsetof(CUlaunchConfig, numAttrs), "numAttrs");
 _Static_assert(MG_ATTR_CLUSTER_DIMENSION == (int)CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, "cluster attribute");
+_Static_assert(MG_ATTR_COOPERATIVE == (int)CU_LAUNCH_ATTRIBUTE_COOPERATIVE, "cooperative attribute");
 _Static_assert(MG_ATTR_PROGRAMMATIC_SERIALIZATION == (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
                "programmatic attribute");
 _Static_assert(CU_TENSOR_MAP_L2_PROMOTION_L2_256B == 3, "L2 promotion");

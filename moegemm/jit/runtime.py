@@ -31,7 +31,7 @@ from .compiler import build as compile_source
 
 _HEADER = "Q9I5I6I6I"
 _TMA_SPEC = "3Q3Q3I5I"
-MAX_POINTERS = 8  # MG_MAX_POINTERS in launch.c: operands a launch passes
+MAX_POINTERS = 12  # MG_MAX_POINTERS in launch.c: operands a launch passes
 TMA_DESCRIPTOR_BYTES = 128
 MAX_PARAM_BYTES = 4096
 MAX_PARAM_POINTERS = 6  # MG_MAX_PARAM_POINTERS in launch.c
@@ -185,21 +185,24 @@ class Kernel:
         self._ready_devices: set[int] = set()
         self._failed = ctypes.c_int(-1)
 
-    def record(self, grid: int, tma: dict[str, tuple], values: dict[str, int], pdl: bool = False) -> bytes:
+    def record(self, grid: int, tma: dict[str, tuple], values: dict[str, int], pdl: bool = False,
+               cooperative: bool = False) -> bytes:
         """The launch record of one problem shape: the grid, a ``tma_2d`` geometry for each "tma" slot
         and the values of the "u32" / "u64" slots, by name. The operands' addresses come with each
-        launch."""
+        launch. ``cooperative``: every CTA must be resident at once (the launch fails otherwise), for
+        kernels whose CTAs wait on each other."""
         layout = self.layout
         if set(tma) != {slot.name for slot in layout.tma}:
             raise ValueError(f"TMA descriptors: expected {[slot.name for slot in layout.tma]}, got {sorted(tma)}")
         self._load_library()
+        flags = int(pdl) | 2 * int(cooperative)  # launch.c's MG_FLAG_PDL, MG_FLAG_COOPERATIVE
         operand = layout.operands.index
         pointers = [(layout.offsets[slot.name], operand(slot.operand)) for slot in layout.pointers]
         pointers += [(0, 0)] * (MAX_PARAM_POINTERS - len(pointers))
         specs = [field for slot in layout.tma
                  for field in (*tma[slot.name], layout.offsets[slot.name], operand(slot.operand))]
         head = struct.pack("<" + _HEADER + _TMA_SPEC * len(layout.tma), int(self._kernel), grid, 1, 1,
-                           self.num_threads, 1, 1, self.cluster, 1, 1, self.smem_bytes, int(pdl), len(layout.tma),
+                           self.num_threads, 1, 1, self.cluster, 1, 1, self.smem_bytes, flags, len(layout.tma),
                            layout.size, len(layout.pointers), *(offset for offset, _ in pointers),
                            *(index for _, index in pointers), *specs)
         return head + layout.pack(values)
@@ -267,7 +270,7 @@ class Kernel:
             raise LaunchError(f"launching {self.build.name} failed{which}: {_error_name(err)}")
 
 
-# struct.pack of (stream, operands...) zero-padded to the C side's eight pointers, by operand count.
+# struct.pack of (stream, operands...) zero-padded to the C side's MAX_POINTERS, by operand count.
 _DYNAMIC = [struct.Struct(f"<{1 + n}Q{8 * (MAX_POINTERS - n)}x").pack for n in range(MAX_POINTERS + 1)]
 
 

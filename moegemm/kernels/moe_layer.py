@@ -70,10 +70,10 @@ build = KERNELS.build
 
 
 def view_offsets(storage: torch.Tensor, views: dict[str, torch.Tensor | None]) -> dict[str, int]:
-    """Each of VIEWS' byte offset in ``storage`` (16-byte aligned, as the kernels' vector accesses need);
+    """Each view's byte offset in ``storage`` (16-byte aligned, as the kernels' vector accesses need);
     0 for a view that is None (bf16xbf16's scales, which its kernels never read)."""
     base = storage.data_ptr()
-    offsets = {name: 0 if views[name] is None else views[name].data_ptr() - base for name in VIEWS}
+    offsets = {name: 0 if view is None else view.data_ptr() - base for name, view in views.items()}
     if any(offset % 16 for offset in offsets.values()):
         raise ValueError(f"the layer buffer's views must be 16-byte aligned, got offsets {offsets}")
     return offsets

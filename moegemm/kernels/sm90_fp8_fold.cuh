@@ -15,7 +15,7 @@
 // scale. The values go through f16x2: the power-of-two product is exact there while it can round to
 // anything but 0 in e4m3 (f16 keeps 2^-24, e4m3 rounds below 2^-10 to 0).
 #pragma once
-#include <moegemm/ptx.cuh>
+#include <moegemm/quant.cuh>
 
 namespace moegemm {
 
@@ -34,32 +34,6 @@ struct Fp8FoldConfig {
     static constexpr bool kPacked = kPacked_;
     static constexpr u32 kNumThreads = 256;
 };
-
-// Four e4m3 bytes times `factor` (a power of two, both halves of an f16x2), rounded to e4m3.
-__device__ __forceinline__ u32 scale_e4m3x4(u32 packed, u32 factor) {
-    u32 out;
-    asm("{\n"
-        ".reg .b16 lo, hi;\n"
-        ".reg .b32 wide_lo, wide_hi;\n"
-        "mov.b32 {lo, hi}, %1;\n"
-        "cvt.rn.f16x2.e4m3x2 wide_lo, lo;\n"
-        "cvt.rn.f16x2.e4m3x2 wide_hi, hi;\n"
-        "mul.rn.f16x2 wide_lo, wide_lo, %2;\n"
-        "mul.rn.f16x2 wide_hi, wide_hi, %2;\n"
-        "cvt.rn.satfinite.e4m3x2.f16x2 lo, wide_lo;\n"
-        "cvt.rn.satfinite.e4m3x2.f16x2 hi, wide_hi;\n"
-        "mov.b32 %0, {lo, hi};\n"
-        "}\n"
-        : "=r"(out)
-        : "r"(packed), "r"(factor));
-    return out;
-}
-
-// 2^shift (shift <= 0) as f16 bits: normal down to 2^-14, subnormal to 2^-24, then 0.
-__device__ __forceinline__ u32 f16_power_of_two(int shift) {
-    if (shift >= -14) return u32(shift + 15) << 10;
-    return shift >= -24 ? 1u << (shift + 24) : 0u;
-}
 
 template <class Config>
 __device__ __forceinline__ void sm90_fp8_fold(const Fp8FoldParams& p) {
@@ -83,9 +57,8 @@ __device__ __forceinline__ void sm90_fp8_fold(const Fp8FoldParams& p) {
             exponents[j] = column < num_scales ? (__ldg(sf + column * p.sf_col) >> 23) & 0xFF : 0;
         }
     }
-    const u32 top = max(max(exponents[0], exponents[1]), max(exponents[2], exponents[3]));
-    const u32 half = f16_power_of_two(int(exponents[chunk % 8 / 2]) - int(top));
-    const u32 factor = half | (half << 16);
+    const u32 top = fold_top(exponents);
+    const u32 factor = fold_factor(exponents[chunk % 8 / 2], top);
 
     u32 values[4];
     ld_global_nc_v4(p.x + group * p.x_group + m * p.x_row + chunk * 16, values);
@@ -96,7 +69,7 @@ __device__ __forceinline__ void sm90_fp8_fold(const Fp8FoldParams& p) {
     if (chunk % 8 == 0) {
         const u32 padded_rows = (p.group_rows + 3) & ~3u;
         float* scales = reinterpret_cast<float*>(p.out + p.sf_offset);
-        scales[(u64(group) * num_k_blocks + block) * padded_rows + m] = top > 0 ? __uint_as_float(top << 23) : 0.0f;
+        scales[(u64(group) * num_k_blocks + block) * padded_rows + m] = folded_scale(top);
     }
 }
 

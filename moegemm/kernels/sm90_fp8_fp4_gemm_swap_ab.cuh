@@ -89,7 +89,8 @@ struct Fp8Fp4SwapAbConfig {
     static constexpr u32 kLutOffset = kBarrierOffset + 3 * kStages * 8;  // after full, empty, permuted
     static constexpr u32 kSmemBytes = kLutOffset + kE2m1LutBytes;
 
-    static_assert(kMathWarpgroups == 1 || kMathWarpgroups == 2, "one or two math warpgroups");
+    static_assert(kMathWarpgroups == 1 || kMathWarpgroups == 2 || kMathWarpgroups == 4,
+                  "one or two math warpgroups (four: the fused MoE layer's, gate and up rows in one tile)");
     static_assert(kTokens % 8 == 0 && kTokens >= 8 && kTokens <= 128, "WGMMA N: 8 to 128 tokens, multiples of 8");
     static_assert(kTileABytes % 1024 == 0, "128-byte-swizzled tiles are 1024-byte aligned");
     static_assert(kSplitK >= 1 && kSplitK <= 8, "portable clusters of <= 8");
@@ -131,11 +132,11 @@ struct Fp8Fp4SwapAbKernel {
         }
     }
 
-    // The permute warp: each landed tokens' tile (its `tokens` valid rows), reordered in place one row
-    // per lane (the eight 16-byte chunks of a row swizzled by row % 8), announced on `permuted`.
+    // The permute warp: each landed tokens' tile (its `tokens` valid rows) of `num_k_blocks` K blocks
+    // from `ring`'s stage, reordered in place one row per lane (the eight 16-byte chunks of a row
+    // swizzled by row % 8), announced on `permuted`.
     __device__ __forceinline__ static void permute(u8* smem, Barrier* full, Barrier* permuted, u32 tokens,
-                                                   u32 num_k_blocks) {
-        StageRing<kStages> ring;
+                                                   u32 num_k_blocks, StageRing<kStages>& ring) {
         for (u32 i = 0; i < num_k_blocks; i += Config::kKBlocks, ring.advance()) {
             full[ring.stage].wait(ring.phase);
             const u32 tiles = smem_addr(smem + ring.stage * Config::kKBlocks * Config::kTileABytes);
@@ -240,17 +241,17 @@ struct Fp8Fp4SwapAbKernel {
             totals[i] += columns[(i / 4) * 2 + i % 2] * ((i / 2) % 2 ? rows.r1 : rows.r0) * scratch[i];
     }
 
-    // The math warpgroups' main loop over K blocks [k_begin, k_end), with kDoubleBuffer two scratch
-    // accumulators alternating. No WGMMA stays in flight across the loop's back edge (ptxas would
-    // serialize them all). A stage is released after its last block, or the CTA's last (stages start
-    // at k_begin, so a pair of blocks never straddles two stages of two).
+    // The math warpgroups' main loop over K blocks [k_begin, k_end) from `at`, with kDoubleBuffer two
+    // scratch accumulators alternating. No WGMMA stays in flight across the loop's back edge (ptxas
+    // would serialize them all). A stage is released after its last block, or the range's last
+    // (stages start at k_begin, so a pair of blocks never straddles two stages of two); `at` is left
+    // at the next stage.
     __device__ __forceinline__ static void consume(const u8* smem, Barrier* full, Barrier* empty, Barrier* permuted,
-                                                   u32 k_begin, u32 k_end, float* totals) {
+                                                   Cursor& at, u32 k_begin, u32 k_end, float* totals) {
         const u32 wg = broadcast(threadIdx.x / 128);
         const u32 row = wg * 64 + slab_row();
         const u64 desc_a = smem_descriptor_k_major_sw128(smem);
         float scratch0[kAcc], scratch1[Config::kDoubleBuffer ? kAcc : 1];
-        Cursor at;
         auto last = [&](const Cursor& block, u32 k_block) {
             return block.block + 1 == Config::kKBlocks || k_block + 1 == k_end;
         };
@@ -276,6 +277,7 @@ struct Fp8Fp4SwapAbKernel {
             wgmma_wait<0>();
             retire(smem, empty, here, last(here, k_block), rows, scratch0, totals);
         }
+        if (at.block != 0) at.block = 0, at.ring.advance();  // past a last stage of fewer blocks
     }
 
     // The first CTA of a split-K cluster gathers the others' totals: each sends its 16-byte pieces
@@ -413,12 +415,14 @@ __device__ __forceinline__ void sm90_fp8_fp4_gemm_swap_ab(const Fp8Fp4SwapAbPara
 
     float totals[Kernel::kAcc];
     if (threadIdx.x >= Config::kNumMathThreads) {
+        StageRing<Config::kStages> ring;
         if (threadIdx.x / 32 == Config::kPermuteWarp)
-            Kernel::permute(smem, full, permuted, tokens, k_end - k_begin);
+            Kernel::permute(smem, full, permuted, tokens, k_end - k_begin, ring);
         else if (threadIdx.x == Config::kProducerThread)
             Kernel::produce(p, smem, full, empty, group, n_block, token_begin, k_begin, k_end);
     } else {
-        Kernel::consume(smem, full, empty, permuted, k_begin, k_end, totals);
+        typename Kernel::Cursor at;
+        Kernel::consume(smem, full, empty, permuted, at, k_begin, k_end, totals);
     }
     if (!Kernel::reduce_splits(smem, totals)) return;
     if (threadIdx.x < Config::kNumMathThreads) Kernel::store(p, smem, totals, group, n_block, token_begin, tokens);

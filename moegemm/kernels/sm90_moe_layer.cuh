@@ -61,6 +61,13 @@ __device__ __forceinline__ u32 lanes_below() {
     return mask;
 }
 
+// Pair `pair`'s expert, or `experts` for a pair past `num_pairs` or of no expert (outside [0, E)).
+__device__ __forceinline__ u32 moe_expert_of(const long long* topk_idx, u32 pair, u32 num_pairs, u32 experts) {
+    if (pair >= num_pairs) return experts;
+    const long long e = topk_idx[pair];
+    return e >= 0 && e < (long long)experts ? u32(e) : experts;
+}
+
 // One CTA. Pass 1 gives each routed pair its rank among its expert's pairs, chunk by chunk of one
 // pair a thread: the pairs before it in its warp (match_any), in earlier warps of the chunk (per-warp
 // counts in shared memory) and in earlier chunks (running counts). Then warp 0 lays out the experts'
@@ -76,11 +83,7 @@ __device__ __forceinline__ void moe_route(const MoeLayerParams& p) {
     grid_dependency_wait();
     const long long* topk_idx = moe_view<const long long>(p, p.topk_idx);
     int* pair_rows = moe_view<int>(p, p.pair_rows);
-    auto expert_of = [&](u32 pair) -> u32 {  // experts if none
-        if (pair >= p.num_pairs) return experts;
-        const long long e = topk_idx[pair];
-        return e >= 0 && e < (long long)experts ? u32(e) : experts;
-    };
+    auto expert_of = [&](u32 pair) { return moe_expert_of(topk_idx, pair, p.num_pairs, experts); };
     __syncthreads();
 
     u32 next = expert_of(threadIdx.x);
@@ -180,6 +183,14 @@ __device__ __forceinline__ void moe_dispatch(const MoeLayerParams& p) {
 // PyTorch's SiLU of a float (x / (1 + exp(-x)), IEEE division, the accurate expf).
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
+// A pair's activation of one column from its BF16 gate and up values, in FP32 as PyTorch computes it:
+// torch's clamp (NaN stays NaN: the comparisons are false for it), SiLU(gate) * up * routing weight.
+__device__ __forceinline__ float moe_swiglu(float gate, float up, float weight, float clamp) {
+    gate = gate > clamp ? clamp : gate;
+    up = up < -clamp ? -clamp : (up > clamp ? clamp : up);
+    return silu(gate) * up * weight;
+}
+
 // Warp per routed pair; lane l takes columns 256 i + 8 l to + 7 of gate and up (16-byte loads), so a
 // 1x32 block is four lanes and the int32 of four packed UE8M0 exponents sixteen.
 template <class Config>
@@ -205,30 +216,21 @@ __device__ __forceinline__ void moe_activation(const MoeLayerParams& p) {
             float a[8];
 #pragma unroll
             for (u32 i = 0; i < 8; ++i) {
-                float g = i % 2 ? bf16_hi_to_float(gate[i / 2]) : bf16_lo_to_float(gate[i / 2]);
-                float u = i % 2 ? bf16_hi_to_float(up[i / 2]) : bf16_lo_to_float(up[i / 2]);
-                // torch's clamp: NaN stays NaN (the comparisons are false for it).
-                g = g > clamp ? clamp : g;
-                u = u < -clamp ? -clamp : (u > clamp ? clamp : u);
-                a[i] = silu(g) * u * weight;
+                const float g = i % 2 ? bf16_hi_to_float(gate[i / 2]) : bf16_lo_to_float(gate[i / 2]);
+                const float u = i % 2 ? bf16_hi_to_float(up[i / 2]) : bf16_lo_to_float(up[i / 2]);
+                a[i] = moe_swiglu(g, u, weight, clamp);
             }
             if constexpr (Config::kFp8) {
-                float amax = 0.0f;
-#pragma unroll
-                for (u32 i = 0; i < 8; ++i) amax = fmax_nan(amax, fabsf(a[i]));
-                amax = warp_reduce_max_nan<4>(amax);
-                const float sf = fp8_scale_from_amax<true>(amax), inv = __frcp_rn(sf);
-                const u32 lo = pack_e4m3x4(fp8_quotient<true>(a[0], sf, inv), fp8_quotient<true>(a[1], sf, inv),
-                                           fp8_quotient<true>(a[2], sf, inv), fp8_quotient<true>(a[3], sf, inv));
-                const u32 hi = pack_e4m3x4(fp8_quotient<true>(a[4], sf, inv), fp8_quotient<true>(a[5], sf, inv),
-                                           fp8_quotient<true>(a[6], sf, inv), fp8_quotient<true>(a[7], sf, inv));
+                u32 packed[2];
+                const u32 exponent = quantize_ue8m0_block<4>(a, packed);
                 // Byte b of a 128-column word: the exponent of block b, held by lane 16 * half + 4 * b.
-                const u32 exponent = __float_as_uint(sf) >> 23, first = lane & 16u;
+                const u32 first = lane & 16u;
                 u32 word = 0;
 #pragma unroll
                 for (u32 b = 0; b < 4; ++b) word |= __shfl_sync(0xffffffffu, exponent, first + 4 * b) << (8 * b);
                 if (valid) {
-                    *reinterpret_cast<uint2*>(p.storage + p.act + u64(row) * inter + col) = make_uint2(lo, hi);
+                    *reinterpret_cast<uint2*>(p.storage + p.act + u64(row) * inter + col) =
+                        make_uint2(packed[0], packed[1]);
                     if (lane % 16 == 0) moe_view<u32>(p, p.act_sf)[u64(row) * (inter / 128) + col / 128] = word;
                 }
             } else if (valid) {
@@ -240,19 +242,28 @@ __device__ __forceinline__ void moe_activation(const MoeLayerParams& p) {
     }
 }
 
-// CTA per token; thread i takes columns 8 i, 8 (i + 256), ... (16-byte pieces of each pair's row).
-template <class Config>
-__device__ __forceinline__ void moe_combine(const MoeLayerParams& p) {
-    grid_dependency_wait();
-    const u32 token = blockIdx.x, topk = p.num_topk;
-    const int* pair_rows = moe_view<const int>(p, p.pair_rows) + u64(token) * topk;
-    u16* y = reinterpret_cast<u16*>(p.out) + u64(token) * p.y_pitch;
-    const bool vector = (reinterpret_cast<u64>(p.out) | p.y_pitch * 2) % 16 == 0;
-    for (u32 col = threadIdx.x * 8; col < p.hidden; col += Config::kNumThreads * 8) {
+// One token's output: y[token] = BF16 of the FP32 sum over j in ascending order of L2's row of pair
+// (token, j) (`l2_out` [.., hidden] bf16, `pair_rows` the pairs' rows). Threads `thread` of
+// `num_threads` take columns 8 thread, 8 (thread + num_threads), ... (16-byte pieces of each row).
+// kReadOnly: L2's rows were written before the kernel started (else by its own earlier phase, which
+// the non-coherent read-only path may not see).
+template <bool kReadOnly>
+__device__ __forceinline__ void moe_combine_token(const u8* l2_out, const int* pair_rows, u8* y_base, u64 y_pitch,
+                                                  u32 hidden, u32 topk, u32 token, u32 thread, u32 num_threads) {
+    pair_rows += u64(token) * topk;
+    u16* y = reinterpret_cast<u16*>(y_base) + u64(token) * y_pitch;
+    const bool vector = (reinterpret_cast<u64>(y_base) | y_pitch * 2) % 16 == 0;
+    for (u32 col = thread * 8; col < hidden; col += num_threads * 8) {
         float total[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         for (u32 j = 0; j < topk; ++j) {
             u32 v[4];
-            ld_global_nc_v4(p.storage + p.l2_out + (u64(pair_rows[j]) * p.hidden + col) * 2, v);
+            if constexpr (kReadOnly) {
+                ld_global_nc_v4(l2_out + (u64(pair_rows[j]) * hidden + col) * 2, v);
+            } else {  // through L2 only
+                const uint4 w = __ldcg(reinterpret_cast<const uint4*>(
+                    l2_out + (u64(__ldcg(pair_rows + j)) * hidden + col) * 2));
+                v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
+            }
 #pragma unroll
             for (u32 i = 0; i < 8; ++i)
                 total[i] += i % 2 ? bf16_hi_to_float(v[i / 2]) : bf16_lo_to_float(v[i / 2]);
@@ -266,6 +277,14 @@ __device__ __forceinline__ void moe_combine(const MoeLayerParams& p) {
             for (u32 i = 0; i < 8; ++i) y[col + i] = u16(out[i / 2] >> (16 * (i % 2)));
         }
     }
+}
+
+// CTA per token.
+template <class Config>
+__device__ __forceinline__ void moe_combine(const MoeLayerParams& p) {
+    grid_dependency_wait();
+    moe_combine_token<true>(p.storage + p.l2_out, moe_view<const int>(p, p.pair_rows), p.out, p.y_pitch, p.hidden,
+                      p.num_topk, blockIdx.x, threadIdx.x, Config::kNumThreads);
 }
 
 template <class Config>

@@ -1,8 +1,8 @@
 """An MoE layer through DeepGEMM's Mega MoE API: dispatch, linear 1, SwiGLU, linear 2 and combine.
 
-Today this runs moegemm's own kernels one after another (the unfused pipeline that a fused kernel is
-measured against): route (each routed (token, expert) pair's row in a grouped layout, the pairs of an
-expert in pair order), dispatch (the tokens into their rows), the grouped FP8 x FP4 (or BF16) GEMM,
+By default this runs moegemm's own kernels one after another (the unfused pipeline that the fused
+kernel is measured against): route (each routed (token, expert) pair's row in a grouped layout, the
+pairs of an expert in pair order), dispatch (the tokens into their rows), the grouped FP8 x FP4 (or BF16) GEMM,
 the activation (SwiGLU times the routing weight, re-quantised per 1x32 with UE8M0 scales), the second
 grouped GEMM, and combine (the weighted outputs summed back per token). On the GPU the four steps
 around the GEMMs are kernels (kernels/sm90_moe_layer.cuh), elsewhere PyTorch (``_layer_torch``, the
@@ -11,7 +11,8 @@ expert's pairs first) where experts get few pairs and there are not too many of 
 MASKED_MAX_EXPERTS_PER_TOPK), else the contiguous one (each expert's rows from a multiple of 128,
 ``use_psum_layout``), whose 128-row tiles are mostly padding at decode. The CPU reads no GPU value,
 so a call can be captured in a CUDA graph and replayed with other routing. The buffer holds every
-intermediate, sized for the worst case, in one allocation.
+intermediate, sized for the worst case, in one allocation. With MOEGEMM_FUSED_MOE=1, FP8 x FP4 on one
+GPU runs as one fused kernel instead (kernels/sm90_fp8_fp4_mega_moe.cuh), over the same buffer.
 
 Numerics (DeepGEMM's): for each token t and each k with e = topk_idx[t, k] in [0, E): h = L1_e(x[t])
 in FP32, gate and up rounded to BF16 (with a clamp c: gate = min(gate, c), up = clamp(up, -c, c));
@@ -29,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .. import checks, reference, symmetric
-from ..device import get_num_sms
+from .. import checks, env, reference, symmetric
+from ..device import device_facts, get_num_sms
 from ..intmath import align
+from ..kernels import fp8_fp4_mega_moe as fused_kernel
 from ..kernels import moe_layer
 from ..quant import BLOCK, per_token_cast_to_fp8, transform_sf_into_required_layout
 from .bf16_gemm import m_grouped_bf16_gemm_nt_contiguous, m_grouped_bf16_gemm_nt_masked
@@ -91,6 +93,12 @@ class MegaMoeBuffer:
     l2_out: torch.Tensor
     pair_rows: torch.Tensor
     groups: torch.Tensor
+    # The fused kernel's (fp8xfp4): the tokens' and the activation's scales folded per 128, fp32
+    # [K / 128, rows + 1 rounded up to 4]; each row's routing weight; its counters (zeros between calls).
+    folded_tokens_sf: torch.Tensor | None = None
+    folded_act_sf: torch.Tensor | None = None
+    row_weights: torch.Tensor | None = None
+    control: torch.Tensor | None = None
     # The GPU steps' launch plans, by call signature.
     plans: dict = field(default_factory=dict, repr=False)
     # A buffer over several ranks (a process group): where the layer runs and the exchange's views.
@@ -98,7 +106,7 @@ class MegaMoeBuffer:
 
     def destroy(self) -> None:
         """Drop the buffer's memory (DeepGEMM's name; it is freed once no view is referenced)."""
-        for name in ("storage", *moe_layer.VIEWS):
+        for name in ("storage", *moe_layer.VIEWS, *fused_kernel.VIEWS):
             setattr(self, name, None)
         self.plans.clear()
         if self.ranks is not None:
@@ -188,8 +196,12 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
               and num_experts <= MASKED_MAX_EXPERTS_PER_TOPK * num_topk)
     if masked:
         rows = num_experts * tokens
+    if fp8:  # the fused kernel's layout in the same rows (the masked GEMMs take the first E * T)
+        rows = max(rows, fused_kernel.layout_rows(tokens * num_topk, num_experts))
 
     sf_dtype = torch.int32 if fp8 else None
+    fused_dtype = torch.float32 if fp8 else None
+    sf_pitch = align(rows + 1, 4)
     views = _carve(device, (
         *_input_parts(mma_type, tokens, num_topk, hidden),
         ("tokens", (rows + 1, hidden), act_dtype), ("tokens_sf", (rows + 1, hidden // BLOCK), sf_dtype),
@@ -197,12 +209,18 @@ def get_symm_buffer_for_mega_moe(group: object, num_experts: int, num_max_tokens
         ("act", (rows + 1, intermediate_hidden), act_dtype),
         ("act_sf", (rows + 1, intermediate_hidden // BLOCK), sf_dtype),
         ("l2_out", (rows + 1, hidden), torch.bfloat16), ("pair_rows", (tokens * num_topk,), torch.int32),
-        ("groups", (num_experts,), torch.int32)))
+        ("groups", (num_experts,), torch.int32),
+        ("folded_tokens_sf", (hidden // BLOCK, sf_pitch), fused_dtype),
+        ("folded_act_sf", (intermediate_hidden // BLOCK, sf_pitch), fused_dtype),
+        ("row_weights", (rows,), fused_dtype),
+        ("control", (fused_kernel.control_words(rows, num_experts),), torch.int32 if fp8 else None)))
     views["topk_idx"].fill_(-1)
     views["topk_weights"].zero_()
     # The GEMMs never write the spare row: the pairs of no expert read zeros there.
     views["l1_out"][rows].zero_()
     views["l2_out"][rows].zero_()
+    if fp8:
+        views["control"].zero_()  # the fused kernel's counters start at zero and end each call so
     return MegaMoeBuffer(group, num_experts=num_experts, num_max_tokens_per_rank=tokens, num_topk=num_topk,
                          hidden=hidden, intermediate_hidden=intermediate_hidden, mma_type=mma_type, masked=masked,
                          rows=rows, **views)
@@ -405,8 +423,9 @@ def _route(topk_idx: torch.Tensor, num_experts: int, spare_row: int, masked_stri
 
 
 def _by_expert(t: torch.Tensor, buffer: MegaMoeBuffer) -> torch.Tensor:
-    """Rows of the masked layout as [E, num_max_tokens_per_rank, ...]."""
-    return t.view(buffer.num_experts, buffer.num_max_tokens_per_rank, *t.shape[1:])
+    """The masked layout's rows (the first E * num_max_tokens_per_rank) as [E, num_max_tokens_per_rank, ...]."""
+    experts, tokens = buffer.num_experts, buffer.num_max_tokens_per_rank
+    return t[:experts * tokens].view(experts, tokens, *t.shape[1:])
 
 
 def _grouped_gemm(buffer: MegaMoeBuffer, num_tokens: int, weights: tuple, masked_gemm, contiguous_gemm):
@@ -523,6 +542,49 @@ _FAMILIES = {
 }
 
 
+# fp8_fp4_mega_moe on one GPU as one fused kernel (kernels/sm90_fp8_fp4_mega_moe.cuh) instead of the
+# unfused pipeline: off until a GPU has tested and timed it.
+_FUSED = env.Toggle("MOEGEMM_FUSED_MOE")
+
+
+def _fused_serves(buffer: MegaMoeBuffer, mma_type: str, use_kernels: bool) -> bool:
+    """Whether the fused kernel takes a call: FP8 x FP4 on the GPU, one rank, H and I of at least
+    MIN_HIDDEN."""
+    return (mma_type == "fp8xfp4" and use_kernels and buffer.storage.is_cuda and buffer.ranks is None
+            and min(buffer.hidden, buffer.intermediate_hidden) >= fused_kernel.MIN_HIDDEN)
+
+
+def _layer_fused(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, weights: tuple,
+                 stats: torch.Tensor | None, activation_clamp: float | None) -> None:
+    """The layer as one launch of the fused kernel (its numerics are the unfused pipeline's)."""
+    if num_tokens == 0:
+        return
+    (l1, l1_sf), (l2, l2_sf) = weights
+    for name, t in (("l1_weights[0]", l1), ("l2_weights[0]", l2), ("l1_weights[1]", l1_sf), ("l2_weights[1]", l2_sf)):
+        if t.stride(0) != t[0].numel():
+            raise ValueError(f"{name}: the fused kernel takes each expert's weights back to back, got strides "
+                             f"{tuple(t.stride())} for shape {tuple(t.shape)}")
+    device = buffer.storage.device
+    num_sms = get_num_sms()
+    key = ("fused", num_tokens, y.stride(0), None if stats is None else stats.dtype, activation_clamp, num_sms)
+    plan = buffer.plans.get(key)
+    if plan is None:
+        views = {name: getattr(buffer, name) for name in fused_kernel.VIEWS}
+        config = fused_kernel.select_config(num_tokens * buffer.num_topk, buffer.num_experts,
+                                                device_facts(device.index))
+        plan = buffer.plans[key] = fused_kernel.plan(
+            config, moe_layer.view_offsets(buffer.storage, views), rows=buffer.rows,
+            sf_pitch=buffer.folded_tokens_sf.shape[1], num_tokens=num_tokens, num_topk=buffer.num_topk,
+            num_experts=buffer.num_experts, hidden=buffer.hidden, intermediate=buffer.intermediate_hidden,
+            y_pitch=y.stride(0), stats_dtype=None if stats is None else stats.dtype, clamp=activation_clamp,
+            num_sms=num_sms)
+    operands = dict(storage=buffer.storage, tokens=buffer.tokens, tokens_sf=buffer.folded_tokens_sf, act=buffer.act,
+                    act_sf=buffer.folded_act_sf, l1=l1, l1_sf=l1_sf, l2=l2, l2_sf=l2_sf, y=y, stats=stats)
+    pointers = {name: 0 if t is None else t.data_ptr() for name, t in operands.items()}
+    with torch.cuda.device(device) if device.index != torch.cuda.current_device() else contextlib.nullcontext():
+        plan.launch(device.index, pointers)
+
+
 # The ways a buffer across ranks moves tokens and outputs: "symmetric", each rank reading its experts'
 # tokens from their sources' buffers and writing each pair's output into its source's (symmetric
 # memory); "all_to_all", the baseline of NCCL's (gloo's on the CPU) all_to_all_single before and after.
@@ -531,9 +593,10 @@ EXCHANGES = ("symmetric", "all_to_all")
 
 def _run(y: torch.Tensor, l1_weights: object, l2_weights: object, buffer: MegaMoeBuffer, mma_type: str,
          stats: torch.Tensor | None, activation: str, activation_clamp: float | None,
-         use_kernels: bool | None = None, exchange: str = "symmetric") -> None:
+         use_kernels: bool | None = None, exchange: str = "symmetric", fused: bool | None = None) -> None:
     """Either public call, its arguments checked; ``use_kernels``: see ``_layer`` (default: on the GPU);
-    ``exchange``: one of EXCHANGES, for a buffer across ranks."""
+    ``exchange``: one of EXCHANGES, for a buffer across ranks; ``fused``: the fused kernel where it
+    serves (default: MOEGEMM_FUSED_MOE)."""
     weights_of, masked_gemm, contiguous_gemm = _FAMILIES[mma_type]
     (experts, hidden, inter), weights = _checked_weights(l1_weights, l2_weights, weights_of)
     if exchange not in EXCHANGES:
@@ -544,6 +607,9 @@ def _run(y: torch.Tensor, l1_weights: object, l2_weights: object, buffer: MegaMo
     if use_kernels is None:
         use_kernels = y.is_cuda
     if ranks is None:
+        if (_FUSED.get() if fused is None else fused) and _fused_serves(buffer, mma_type, use_kernels):
+            _layer_fused(y, buffer, num_tokens, weights, stats, activation_clamp)
+            return
         if buffer.masked and get_check_groups():
             _check_distinct_experts(buffer, num_tokens)
         _layer(y, buffer, num_tokens, _grouped_gemm(buffer, num_tokens, weights, masked_gemm, contiguous_gemm), stats,

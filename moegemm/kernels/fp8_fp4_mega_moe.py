@@ -1,0 +1,184 @@
+"""Host side of sm90_fp8_fp4_mega_moe.cuh: the MoE layer with FP8 tokens and FP4 weights in one
+persistent kernel. Its config (token tile, stages), code generation and launch record; the layer
+buffer's views it needs (``ops/mega_moe.py`` carves them) and their sizes.
+
+The kernel is the swap-AB kernel's main loop (fp8_fp4_gemm.py) over units of a token tile of one
+expert, so its tile and stage arithmetic is that kernel's, two K blocks a stage. Four math warpgroups
+(256 weight rows a CTA: an L1 unit's gate and up rows in one pass) where registers allow, so that
+an SM widens at full rate (SWAP_AB_BUSY_WARPS math warps); two (two passes) for larger tiles.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .. import env
+from ..device import DeviceFacts
+from ..intmath import align, ceil_div
+from ..jit import compiler
+from ..jit.runtime import SWIZZLE_128B, SWIZZLE_NONE, Kernel, KernelFamily, ParamsLayout, Slot, tma_2d
+from . import fp8_fp4_gemm, fp8_gemm
+from .moe_layer import MAX_EXPERTS
+
+K_BLOCKS_PER_STAGE = fp8_fp4_gemm.SWAP_AB_K_BLOCKS_PER_STAGE
+TOKEN_TILES = (8, 16, 32, 64)  # kTokens: rows of an expert's token tile (the last: the swap-AB's double buffer)
+MAX_TOKENS = TOKEN_TILES[-1]
+FOUR_WARPGROUPS_MAX_TOKENS = 16  # beyond, 576 threads' registers (fp8_fp4_gemm.swap_ab_registers) pass 64K
+CHUNK = 128  # intermediate columns an L1 unit activates: one folded 1x128 block
+STAGING_PITCH = (2 * CHUNK + 8) * 2  # MegaMoeConfig::kStagingPitch
+MIN_HIDDEN = 256  # H and I: a stage reads 128 bytes of each packed weight row
+
+# The launch's operands: the buffer's allocation and the views TMA reads, the weights, y and the stats.
+OPERANDS = ("storage", "tokens", "tokens_sf", "act", "act_sf", "l1", "l1_sf", "l2", "l2_sf", "y", "stats")
+# The byte offsets in the buffer the kernel takes (MegaMoeParams' order).
+VIEWS = ("x", "x_sf", "topk_idx", "topk_weights", "tokens", "folded_tokens_sf", "act", "folded_act_sf", "l2_out",
+         "pair_rows", "row_weights", "control")
+PARAMS = ParamsLayout("moegemm::MegaMoeParams", (
+    Slot("tma_tokens", "tma", "tokens"), Slot("tma_tokens_sf", "tma", "tokens_sf"), Slot("tma_l1", "tma", "l1"),
+    Slot("tma_l1_sf", "tma", "l1_sf"), Slot("tma_act", "tma", "act"), Slot("tma_act_sf", "tma", "act_sf"),
+    Slot("tma_l2", "tma", "l2"), Slot("tma_l2_sf", "tma", "l2_sf"),
+    Slot("storage", "ptr", "storage"), Slot("y", "ptr", "y"), Slot("stats", "ptr", "stats"),
+    *(Slot(name, "u64") for name in ("x", "x_sf", "topk_idx", "topk_weights", "tokens", "tokens_sf", "act", "act_sf",
+                                     "l2_out", "pair_rows", "row_weights", "control", "y_pitch")),
+    *(Slot(name, "u32") for name in ("num_tokens", "num_topk", "num_experts", "hidden", "intermediate", "sf_pitch",
+                                     "spare_row", "stats_bytes", "clamp_bits"))), OPERANDS)
+
+
+def layout_rows(num_pairs: int, num_experts: int) -> int:
+    """The most rows the kernel's layout takes: each expert's pairs padded to whole tiles of at most
+    MAX_TOKENS rows (at least one tile, which a TMA box of MAX_TOKENS rows reads)."""
+    return max(MAX_TOKENS, num_pairs + min(num_experts, num_pairs) * (MAX_TOKENS - 1))
+
+
+def control_words(rows: int, num_experts: int) -> int:
+    """MegaMoeParams::control's u32 words: the grid barrier's two, each expert's pairs, each tile's."""
+    return 2 + num_experts + ceil_div(rows, TOKEN_TILES[0])
+
+
+def math_warpgroups_for(tokens: int) -> int:
+    return 4 if tokens <= FOUR_WARPGROUPS_MAX_TOKENS else 2
+
+
+@dataclass(frozen=True)
+class MegaMoeConfig:
+    tokens: int  # rows of a token tile
+    stages: int  # of K_BLOCKS_PER_STAGE 128-wide K blocks
+    math_warpgroups: int
+
+    @property
+    def rows(self) -> int:
+        return 64 * self.math_warpgroups
+
+    @property
+    def num_threads(self) -> int:
+        return fp8_fp4_gemm.swap_ab_threads(self.math_warpgroups)
+
+    @property
+    def smem_bytes(self) -> int:
+        return smem_bytes(self.math_warpgroups, self.tokens, self.stages)
+
+
+def smem_bytes(math_warpgroups: int, tokens: int, stages: int) -> int:
+    """Mirrors MegaMoeConfig::kSmemBytes: the swap-AB kernel's, the staging tile, the layout tables."""
+    gemm = fp8_fp4_gemm.swap_ab_smem_bytes(math_warpgroups, tokens, stages, 1, K_BLOCKS_PER_STAGE)
+    return align(gemm, 16) + tokens * STAGING_PITCH + (2 * MAX_EXPERTS + 1) * 4
+
+
+def select_config(num_pairs: int, num_experts: int, facts: DeviceFacts) -> MegaMoeConfig:
+    """The smallest token tile that holds the pairs an expert expects with the routing headroom (the
+    largest past it), with as many stages as fit."""
+    expected = math.ceil(num_pairs / num_experts * fp8_gemm.ROUTING_HEADROOM)
+    tokens = next((tile for tile in TOKEN_TILES if tile >= expected), MAX_TOKENS)
+    return config_for(tokens, facts)
+
+
+def config_for(tokens: int, facts: DeviceFacts) -> MegaMoeConfig:
+    """A token tile's config: its warpgroups, and as many stages as fit, up to the swap-AB kernel's
+    most K blocks in flight."""
+    math_warpgroups, stages = math_warpgroups_for(tokens), 1
+    while (stages + 1) * K_BLOCKS_PER_STAGE <= fp8_fp4_gemm.SWAP_AB_MAX_STAGES and \
+            smem_bytes(math_warpgroups, tokens, stages + 1) <= facts.smem_per_block:
+        stages += 1
+    return MegaMoeConfig(tokens, stages, math_warpgroups)
+
+
+def generate_source(config: MegaMoeConfig) -> str:
+    return compiler.kernel_stub(
+        "sm90_fp8_fp4_mega_moe.cuh",
+        f"moegemm::MegaMoeConfig<{config.math_warpgroups}, {config.tokens}, {config.stages}>",
+        PARAMS.cpp_type, "moegemm::sm90_fp8_fp4_mega_moe",
+        (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
+         f"Config::kNumThreads == {config.num_threads}", f"Config::kMaxExperts == {MAX_EXPERTS}",
+         f"Config::kStagingPitch == {STAGING_PITCH}", PARAMS.size_check()),
+        nvcc_checks=PARAMS.offset_checks())
+
+
+def kernel_name(config: MegaMoeConfig) -> str:
+    return f"sm90_fp8_fp4_mega_moe_w{config.math_warpgroups}t{config.tokens}s{config.stages}"
+
+
+KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
+    num_threads=config.num_threads, smem_bytes=config.smem_bytes, layout=PARAMS))
+build = KERNELS.build
+
+
+def all_configs(facts: DeviceFacts) -> list[MegaMoeConfig]:
+    """Each token tile's config: what select_config can pick."""
+    return [config_for(tile, facts) for tile in TOKEN_TILES]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One call signature's launch: the kernel and its record; the operands come with each call."""
+
+    kernel: Kernel
+    record: bytes
+
+    def launch(self, device: int, operands: dict[str, int]) -> None:
+        self.kernel.launch(self.record, device, *(operands[name] for name in OPERANDS))
+
+
+def plan(config: MegaMoeConfig, offsets: dict[str, int], *, rows: int, sf_pitch: int, num_tokens: int, num_topk: int,
+         num_experts: int, hidden: int, intermediate: int, y_pitch: int, stats_dtype: torch.dtype | None,
+         clamp: float | None, num_sms: int) -> Plan:
+    """The launch of a call of ``num_tokens`` tokens over a buffer of ``rows`` layout rows (plus the
+    spare row), its views at ``offsets`` (VIEWS'), folded scales ``[K / 128, sf_pitch]``."""
+    e4m3 = torch.float8_e4m3fn
+    tiles, half = config.tokens, config.rows // 2
+    tma = {
+        "tma_tokens": tma_2d(e4m3, hidden, rows + 1, hidden, 128, tiles, SWIZZLE_128B),
+        "tma_tokens_sf": tma_2d(torch.float32, sf_pitch, hidden // 128, sf_pitch * 4, tiles, 1, SWIZZLE_NONE),
+        "tma_l1": tma_2d(torch.int8, hidden // 2, num_experts * 2 * intermediate, hidden // 2, 128, half, SWIZZLE_128B),
+        "tma_l1_sf": tma_2d(torch.int32, 2 * intermediate, num_experts * (hidden // 128), 2 * intermediate * 4, half, 1,
+                            SWIZZLE_NONE),
+        "tma_act": tma_2d(e4m3, intermediate, rows + 1, intermediate, 128, tiles, SWIZZLE_128B),
+        "tma_act_sf": tma_2d(torch.float32, sf_pitch, intermediate // 128, sf_pitch * 4, tiles, 1, SWIZZLE_NONE),
+        "tma_l2": tma_2d(torch.int8, intermediate // 2, num_experts * hidden, intermediate // 2, 128, config.rows,
+                         SWIZZLE_128B),
+        "tma_l2_sf": tma_2d(torch.int32, hidden, num_experts * (intermediate // 128), hidden * 4, config.rows,
+                            K_BLOCKS_PER_STAGE, SWIZZLE_NONE),
+    }
+    clamp_bits = struct.unpack("<I", struct.pack("<f", math.inf if clamp is None else clamp))[0]
+    values = dict(x=offsets["x"], x_sf=offsets["x_sf"], topk_idx=offsets["topk_idx"],
+                  topk_weights=offsets["topk_weights"], tokens=offsets["tokens"],
+                  tokens_sf=offsets["folded_tokens_sf"], act=offsets["act"], act_sf=offsets["folded_act_sf"],
+                  l2_out=offsets["l2_out"], pair_rows=offsets["pair_rows"], row_weights=offsets["row_weights"],
+                  control=offsets["control"], y_pitch=y_pitch, num_tokens=num_tokens, num_topk=num_topk,
+                  num_experts=num_experts, hidden=hidden, intermediate=intermediate, sf_pitch=sf_pitch,
+                  spare_row=rows, stats_bytes=0 if stats_dtype is None else stats_dtype.itemsize,
+                  clamp_bits=clamp_bits)
+    if env.flag("MOEGEMM_PRINT_CONFIGS"):
+        print(f"[moegemm] fp8 x fp4 mega moe {num_tokens} tokens x {num_topk} over {num_experts} experts: {config}, "
+              f"grid {num_sms}", file=sys.stderr)
+    kernel = KERNELS.kernel(config)
+    return Plan(kernel, kernel.record(num_sms, tma, values, cooperative=True))
+
+
+__all__ = ["CHUNK", "MAX_TOKENS", "MIN_HIDDEN", "MegaMoeConfig", "OPERANDS", "PARAMS", "Plan", "TOKEN_TILES", "VIEWS",
+           "all_configs", "build", "control_words", "generate_source", "kernel_name", "layout_rows", "plan",
+           "config_for", "math_warpgroups_for", "select_config", "smem_bytes"]
