@@ -3,6 +3,8 @@ reference, routing edge cases, the received-token stats, CUDA-graph replay with 
 arguments. On the CPU the pipeline runs the reference GEMMs, so its routing is tested there too. Across
 ranks: processes of one host (gloo on the CPU, NCCL with a GPU each) against the one-rank layer."""
 
+import struct
+
 import pytest
 import torch
 from conftest import H100, needs_sass_tools
@@ -10,7 +12,7 @@ from conftest import H100, needs_sass_tools
 import moegemm
 from moegemm import reference
 from moegemm.intmath import align
-from moegemm.jit import compiler
+from moegemm.jit import compiler, runtime
 from moegemm.kernels import fp8_fp4_mega_moe as fused_kernel
 from moegemm.kernels import moe_layer
 from moegemm.ops import mega_moe
@@ -237,6 +239,22 @@ def test_buffer_holds_the_fused_layout(experts, max_tokens, topk):
         assert 2 + experts + tiles <= buffer.control.numel()
     assert buffer.folded_tokens_sf.shape == (2, align(buffer.rows + 1, 4))
     assert torch.equal(buffer.control, torch.zeros_like(buffer.control))
+
+
+def test_fused_plan_takes_every_view_and_value(monkeypatch):
+    """The fused kernel's launch record packs from a CPU buffer's views (no driver: a made-up kernel
+    handle), grid one CTA an SM, cooperative."""
+    monkeypatch.setattr(runtime.Kernel, "_load_library", lambda kernel: setattr(kernel, "_kernel", 0x1234))
+    buffer = moegemm.get_symm_buffer_for_mega_moe(None, 384, 128, 6, 7168, 3072, device="cpu")
+    views = {name: getattr(buffer, name) for name in fused_kernel.VIEWS}
+    config = fused_kernel.select_config(128 * 6, 384, H100)
+    assert (config.tokens, config.math_warpgroups) == (8, 4)
+    plan = fused_kernel.plan(config, moe_layer.view_offsets(buffer.storage, views), rows=buffer.rows,
+                             sf_pitch=buffer.folded_tokens_sf.shape[1], num_tokens=128, num_topk=6, num_experts=384,
+                             hidden=7168, intermediate=3072, y_pitch=7168, stats_dtype=torch.int32, clamp=None,
+                             num_sms=132)
+    grid, flags = struct.unpack_from("<I", plan.record, 8)[0], struct.unpack_from("<I", plan.record, 48)[0]
+    assert (grid, flags) == (132, 2)
 
 
 def test_transform_takes_float_or_packed_scales():

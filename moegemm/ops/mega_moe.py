@@ -560,10 +560,14 @@ def _layer_fused(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, weight
     if num_tokens == 0:
         return
     (l1, l1_sf), (l2, l2_sf) = weights
-    for name, t in (("l1_weights[0]", l1), ("l2_weights[0]", l2), ("l1_weights[1]", l1_sf), ("l2_weights[1]", l2_sf)):
-        if t.stride(0) != t[0].numel():
-            raise ValueError(f"{name}: the fused kernel takes each expert's weights back to back, got strides "
-                             f"{tuple(t.stride())} for shape {tuple(t.shape)}")
+    # Its descriptors see each operand as one 2-D tensor over all experts: packed rows back to back,
+    # the scales [E * K / 128, N] (MN-major, N a multiple of 4 here).
+    for name, packed, sf in (("l1_weights", l1, l1_sf), ("l2_weights", l2, l2_sf)):
+        experts, n, k_blocks = sf.shape
+        for label, t, strides in ((f"{name}[0]", packed, (n * packed.shape[2], packed.shape[2], 1)),
+                                  (f"{name}[1]", sf, (k_blocks * n, 1, n))):
+            if t.stride() != strides:
+                raise ValueError(f"{label}: the fused kernel takes strides {strides}, got {tuple(t.stride())}")
     device = buffer.storage.device
     num_sms = get_num_sms()
     key = ("fused", num_tokens, y.stride(0), None if stats is None else stats.dtype, activation_clamp, num_sms)
