@@ -10,7 +10,7 @@ import torch
 from conftest import H100, needs_sass_tools
 
 import moegemm
-from moegemm import reference
+from moegemm import quant, reference
 from moegemm.intmath import align
 from moegemm.jit import compiler, runtime
 from moegemm.kernels import fp8_fp4_mega_moe as fused_kernel
@@ -456,6 +456,44 @@ def test_fused_kernel_against_the_unfused_pipeline(experts, hidden, inter, topk,
             assert calc_diff(y.float(), y_unfused.float()) < TOLERANCE["fp8xfp4"]
             assert calc_diff(y.float(), ref.float()) < TOLERANCE["fp8xfp4"]
     assert torch.equal(fused_outputs[0][0], fused_outputs[1][0])
+
+
+@gpu
+@pytest.mark.parametrize("experts,hidden,inter,topk,max_tokens,num_tokens", [(8, 512, 256, 3, 48, 48),
+                                                                           (64, 1024, 512, 6, 32, 29)])
+def test_fused_kernel_intermediates_match_the_pipeline(experts, hidden, inter, topk, max_tokens, num_tokens, seed):
+    """Each routed pair's dispatched token, activation and L2 output in the fused kernel's rows against
+    the unfused pipeline's (its tokens and activation folded as its GEMMs fold them): which phase made a
+    difference, if any. The dispatch is exact; the GEMMs' sums may differ in the last bit where the
+    pipeline's kernels split K, so the activation and L2's output are held to a tolerance."""
+    buffer, weights = make_layer("fp8xfp4", experts, hidden, inter, topk, max_tokens)
+    fill(buffer, num_tokens, masked_ratio=0.1)
+    pairs = num_tokens * topk
+    y = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device="cuda")
+    stages = []
+    for fused in (False, True):
+        _poison_fused_outputs(buffer)
+        mega_moe._run(y, *weights, buffer, "fp8xfp4", None, "swiglu", None, fused=fused)
+        rows = buffer.pair_rows[:pairs].long()
+        routed = rows != buffer.rows
+        rows = rows[routed]
+        assert rows.unique().numel() == rows.numel()
+        if fused:
+            tokens, tokens_sf = buffer.tokens[rows], buffer.folded_tokens_sf[:, rows].T
+            act, act_sf = buffer.act[rows], buffer.folded_act_sf[:, rows].T
+        else:
+            tokens, tokens_sf = quant.fold_1x32_scales(buffer.tokens[rows], buffer.tokens_sf[rows])
+            act, act_sf = quant.fold_1x32_scales(buffer.act[rows], buffer.act_sf[rows])
+        stages.append((routed, tokens.clone(), tokens_sf.clone(), act.float(), act_sf.clone(),
+                       buffer.l2_out[rows].float()))
+    (routed, *unfused), (routed_fused, *fused) = stages
+    assert torch.equal(routed, routed_fused)
+    assert torch.equal(fused[0].view(torch.uint8), unfused[0].view(torch.uint8)), "dispatch: tokens"
+    assert torch.equal(fused[1], unfused[1]), "dispatch: the tokens' folded scales"
+    activation = fused[2] * fused[3].repeat_interleave(128, dim=1)
+    expected = unfused[2] * unfused[3].repeat_interleave(128, dim=1)
+    assert calc_diff(activation, expected) < 1e-4, "L1 and its activation"
+    assert calc_diff(fused[4], unfused[4]) < 1e-4, "L2"
 
 
 @gpu
