@@ -988,6 +988,9 @@ class MoeRanksRow:
     all_to_all_us: float  # the same with the all_to_all_single baseline
     speedup: float  # all_to_all_us / symmetric_us
     equal: bool  # both exchanges' outputs bit for bit the same on every rank
+    fused_us: float  # the fused kernel, which moves the tokens and outputs itself
+    fused_speedup: float  # all_to_all_us / fused_us (issue 27's target: 1.3)
+    fused_diff: float  # the largest calc_diff of its outputs against the symmetric exchange's, over the ranks
 
 
 # Issue 27's layers: hidden 7168, intermediate 3072, top-6, tokens a rank (those whose experts split
@@ -1016,10 +1019,12 @@ def _moe_ranks_worker(rank: int, num_ranks: int, init_file: str, results, iters:
             torch.manual_seed(rank)
             _fill_moe_buffer(buffer, tokens, experts)
             outputs, times = {}, {}
-            for exchange in mega_moe.EXCHANGES:
-                y = outputs[exchange] = torch.empty(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
+            variants = {"symmetric": ("symmetric", False), "all_to_all": ("all_to_all", False),
+                        "fused": ("symmetric", True)}
+            for name, (exchange, fused) in variants.items():
+                y = outputs[name] = torch.empty(tokens, MOE_HIDDEN, device="cuda", dtype=torch.bfloat16)
                 call = functools.partial(mega_moe._run, y, l1, l2, buffer, "fp8xfp4", None, "swiglu", None,
-                                         exchange=exchange)
+                                         exchange=exchange, fused=fused)
                 call()  # compiles
                 samples = []
                 for _ in range(iters):
@@ -1030,15 +1035,18 @@ def _moe_ranks_worker(rank: int, num_ranks: int, init_file: str, results, iters:
                     end.record()
                     end.synchronize()
                     samples.append(start.elapsed_time(end) * 1e3)
-                times[exchange] = statistics.median(samples)
+                times[name] = statistics.median(samples)
             equal = torch.equal(outputs["symmetric"], outputs["all_to_all"])
+            diff = testing.calc_diff(outputs["fused"].float(), outputs["symmetric"].float())
             gathered = [None] * num_ranks
-            dist.all_gather_object(gathered, (times, equal))
+            dist.all_gather_object(gathered, (times, equal, diff))
             if rank == 0:
-                symmetric = max(t["symmetric"] for t, _ in gathered)
-                baseline = max(t["all_to_all"] for t, _ in gathered)
-                results.put(MoeRanksRow(num_ranks, tokens, experts, symmetric, baseline, baseline / symmetric,
-                                        all(e for _, e in gathered)))
+                slowest = {name: max(t[name] for t, _, _ in gathered) for name in variants}
+                baseline = slowest["all_to_all"]
+                results.put(MoeRanksRow(num_ranks, tokens, experts, slowest["symmetric"], baseline,
+                                        baseline / slowest["symmetric"], all(e for _, e, _ in gathered),
+                                        slowest["fused"], baseline / slowest["fused"],
+                                        max(d for _, _, d in gathered)))
             buffer.destroy()
             del l1, l2
             torch.cuda.empty_cache()
@@ -1048,7 +1056,8 @@ def _moe_ranks_worker(rank: int, num_ranks: int, init_file: str, results, iters:
 
 def bench_moe_across_ranks(iters: int = 10) -> list[MoeRanksRow]:
     """The MoE layer across every visible GPU (a process each), FP8 tokens and FP4 weights: the call
-    with the exchange through symmetric memory beside the all_to_all_single baseline; the slowest
+    with the exchange through symmetric memory (PyTorch around the unfused layer, and inside the fused
+    kernel) beside the all_to_all_single baseline; the slowest
     rank's median time (call to call on the stream, host reads included; no L2 flush: the layers' weights
     are gigabytes)."""
     import tempfile
@@ -1058,7 +1067,8 @@ def bench_moe_across_ranks(iters: int = 10) -> list[MoeRanksRow]:
     num_ranks = torch.cuda.device_count()
     print(f"\nMoE layer across {num_ranks} GPUs, fp8 x fp4 (hidden {MOE_HIDDEN}, intermediate {MOE_INTERMEDIATE}, "
           f"top-{MOE_TOPK}): the exchange through symmetric memory beside the all_to_all_single baseline, both "
-          f"around the unfused one-rank layer; us of the slowest rank")
+          f"around the unfused one-rank layer, and the fused kernel's own exchange; us of the slowest rank; x: "
+          f"the baseline over each")
     if num_ranks < 2:
         print(f"(needs two GPUs or more; this machine has {num_ranks})")
         return []
@@ -1068,11 +1078,11 @@ def bench_moe_across_ranks(iters: int = 10) -> list[MoeRanksRow]:
         mp.spawn(_moe_ranks_worker, args=(num_ranks, f"{directory}/init", results, iters), nprocs=num_ranks)
     rows = []
     print(f"{'ranks':>5} {'tokens':>6} {'experts':>7} | {'symmetric us':>12} {'all_to_all us':>13} {'x':>6} "
-          f"{'equal':>5}")
+          f"{'equal':>5} | {'fused us':>9} {'x':>6} {'diff':>8}")
     while not results.empty():
         r = results.get()
         print(f"{r.ranks:>5} {r.tokens:>6} {r.experts:>7} | {r.symmetric_us:>12.1f} {r.all_to_all_us:>13.1f} "
-              f"{r.speedup:>6.3f} {str(r.equal):>5}")
+              f"{r.speedup:>6.3f} {str(r.equal):>5} | {r.fused_us:>9.1f} {r.fused_speedup:>6.3f} {r.fused_diff:>8.1e}")
         rows.append(r)
     return rows
 

@@ -236,7 +236,7 @@ def test_buffer_holds_the_fused_layout(experts, max_tokens, topk):
     for tile in fused_kernel.TOKEN_TILES:
         tiles = int(((counts + tile - 1) // tile).sum())
         assert tiles * tile <= buffer.rows
-        assert 2 + experts + tiles <= buffer.control.numel()
+        assert 3 + experts + tiles <= buffer.control.numel()
     assert buffer.folded_tokens_sf.shape == (2, align(buffer.rows + 1, 4))
     assert torch.equal(buffer.control, torch.zeros_like(buffer.control))
 
@@ -250,7 +250,8 @@ def test_fused_plan_takes_every_view_and_value(monkeypatch):
     config = fused_kernel.select_config(128 * 6, 384, H100)
     assert (config.tokens, config.math_warpgroups) == (8, 4)
     plan = fused_kernel.plan(config, moe_layer.view_offsets(buffer.storage, views), rows=buffer.rows,
-                             sf_pitch=buffer.folded_tokens_sf.shape[1], num_tokens=128, num_topk=6, num_experts=384,
+                             sf_pitch=buffer.folded_tokens_sf.shape[1], num_tokens=128, max_tokens=128, num_topk=6,
+                             num_experts=384,
                              hidden=7168, intermediate=3072, y_pitch=7168, stats_dtype=torch.int32, clamp=None,
                              num_sms=132)
     grid, flags = struct.unpack_from("<I", plan.record, 8)[0], struct.unpack_from("<I", plan.record, 48)[0]
@@ -276,9 +277,9 @@ def test_transform_takes_float_or_packed_scales():
 def layer_across_ranks(rank, num_ranks, init_file, backend, mma_type, token_counts, routing, seed):
     """One rank (a process): its share of a layer whose every rank's tokens a one-rank layer also runs;
     each exchange, twice on one buffer, must give this rank's tokens that layer's outputs bit for bit
-    (on several GPUs, where the two layers' GEMM configs may differ, within 1e-5), and its experts'
-    received-pair stats. ``routing``: "random" (some entries -1), or "skip_last" (no token picks the
-    last rank's experts)."""
+    (on several GPUs, where the two layers' GEMM configs may differ, within 1e-5; the fused kernel's
+    exchange, FP8 x FP4 on GPUs, within the layer's tolerance), and its experts' received-pair stats.
+    ``routing``: "random" (some entries -1), or "skip_last" (no token picks the last rank's experts)."""
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -288,7 +289,9 @@ def layer_across_ranks(rank, num_ranks, init_file, backend, mma_type, token_coun
         torch.manual_seed(seed)  # every rank draws the same weights and every rank's tokens
         experts, topk, max_tokens = 4 * num_ranks, 3, max(token_counts)
         total, local_experts = sum(token_counts), 4
-        full, weights = make_layer(mma_type, experts, topk=topk, max_tokens=max(total, 1), device=device)
+        # On GPUs I = 256, which the fused kernel takes.
+        inter = 256 if backend == "nccl" else 128
+        full, weights = make_layer(mma_type, experts, inter=inter, topk=topk, max_tokens=max(total, 1), device=device)
         idx = None
         if routing == "skip_last":
             idx = torch.stack([torch.randperm(experts - local_experts)[:topk] for _ in range(total)]) if total else None
@@ -308,19 +311,26 @@ def layer_across_ranks(rank, num_ranks, init_file, backend, mma_type, token_coun
         # A first call over every row: what it leaves past this rank's tokens must not count again.
         fill(buffer, max_tokens)
         mega_moe._run(torch.empty(max_tokens, full.hidden, dtype=torch.bfloat16, device=device), *local_weights,
-                      buffer, mma_type, None, "swiglu", None)
-        for exchange in ("symmetric", "all_to_all", "symmetric"):
+                      buffer, mma_type, None, "swiglu", None, fused=False)
+        exchanges = [("symmetric", False), ("all_to_all", False), ("symmetric", False)]
+        if backend == "nccl" and mma_type == "fp8xfp4":
+            exchanges += [("symmetric", True)] * 2  # the fused kernel's own exchange
+        for exchange, fused in exchanges:
             for name in ("x", "x_sf", "topk_idx", "topk_weights"):
                 if getattr(buffer, name) is not None:
                     getattr(buffer, name)[:count].copy_(getattr(full, name)[begin:begin + count])
             y = torch.full((count, full.hidden), float("nan"), dtype=torch.bfloat16, device=device)
             stats = torch.zeros(local_experts, dtype=torch.int32, device=device)
-            mega_moe._run(y, *local_weights, buffer, mma_type, stats, "swiglu", None, exchange=exchange)
-            if backend == "gloo" or num_ranks == 1:
+            mega_moe._run(y, *local_weights, buffer, mma_type, stats, "swiglu", None, exchange=exchange, fused=fused)
+            if fused:
+                assert not y.isnan().any(), rank
+                if count:
+                    assert calc_diff(y.float(), expected[begin:begin + count].float()) < TOLERANCE[mma_type], rank
+            elif backend == "gloo" or num_ranks == 1:
                 assert torch.equal(y, expected[begin:begin + count]), (rank, exchange)
             elif count:
                 assert calc_diff(y.float(), expected[begin:begin + count].float()) < 1e-5, (rank, exchange)
-            assert torch.equal(stats, expected_stats), (rank, exchange, stats, expected_stats)
+            assert torch.equal(stats, expected_stats), (rank, exchange, fused, stats, expected_stats)
         buffer.destroy()
     finally:
         torch.distributed.destroy_process_group()

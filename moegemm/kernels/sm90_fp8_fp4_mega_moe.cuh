@@ -19,6 +19,14 @@
 //     is not running;
 //   combine (sm90_moe_layer.cuh's), and the counters reset for the next call (CUDA-graph safe: no
 //   host read).
+// kRanks: one rank of a group (issue 27's expert parallelism, ops/mega_moe.py "across ranks"). The
+// caller's tokens and routing, and each of its pairs' outputs (`combined` [T_max, k, H]), live in
+// memory every rank addresses (symmetric memory: `peers`, each rank's base). The layer runs over
+// num_ranks * T_max token slots (rank s's token t in slot s * T_max + t) with this rank's experts
+// [first_expert, first_expert + E): a barrier across ranks first (every rank's tokens, routing and
+// token count in place), rank and dispatch read the sources' routing and tokens from their memory,
+// and after the units each routed pair's L2 row goes into its source's `combined`; a second barrier,
+// then each rank sums its own tokens' outputs. One rank without kRanks reads its own buffer.
 // Warps as in the swap-AB kernel (sm90_fp8_fp4_gemm_swap_ab.cuh): the math warpgroups, the producer
 // thread (TMA), the permute warp; every ring position carries across units.
 #pragma once
@@ -39,21 +47,30 @@ struct MegaMoeParams {
     u8* storage;                  // the layer buffer's one allocation
     u8* y;                        // bf16 [T, H], y_pitch elements between rows
     u8* stats;                    // int32 or int64 [E], or null
-    // Byte offsets into storage: x, x_sf, topk_idx, topk_weights (the caller's), tokens, tokens_sf,
-    // act, act_sf, l2_out bf16 [rows + 1, H] (its spare row zeros), pair_rows int32 [T_max * k],
-    // row_weights fp32 [rows], control u32 [2 + E + tiles]: the grid barrier's arrivals and
-    // generation, each expert's pairs, each token tile's finished L1 units; zero between calls.
-    u64 x, x_sf, topk_idx, topk_weights, tokens, tokens_sf, act, act_sf, l2_out, pair_rows, row_weights, control;
+    const u64* peers;             // [num_ranks]: each rank's base of x .. header (one rank: storage)
+    // Byte offsets from a rank's base: x, x_sf, topk_idx, topk_weights (the caller's); kRanks: combined
+    // bf16 [T_max, k, H], header u32 [1 + num_ranks] (the token count, the barrier's flags).
+    u64 x, x_sf, topk_idx, topk_weights, combined, header;
+    // Byte offsets into storage: tokens, tokens_sf, act, act_sf, l2_out bf16 [rows + 1, H] (its spare
+    // row zeros), pair_rows int32 [slots * k], row_weights fp32 [rows], control u32 [3 + E + tiles]:
+    // the grid barrier's arrivals and generation, the barrier across ranks' epoch (kept), each
+    // expert's pairs, each token tile's finished L1 units (zero between calls).
+    u64 tokens, tokens_sf, act, act_sf, l2_out, pair_rows, row_weights, control;
     u64 y_pitch;
-    u32 num_tokens, num_topk, num_experts, hidden, intermediate;
+    u32 num_tokens;  // this rank's
+    u32 max_tokens;  // T_max: token slots of each rank
+    u32 rank, num_ranks, first_expert;
+    u32 num_topk, num_experts, hidden, intermediate;  // num_experts: this rank's
     u32 sf_pitch;   // rows of the folded scales' views, a multiple of 4
     u32 spare_row;  // the pairs of no expert read L2's output there (zeros)
     u32 stats_bytes;
     u32 clamp_bits;  // the activation clamp as float bits (+inf: none)
 };
 
-template <u32 kMathWarpgroups_, u32 kTokens_, u32 kStages_>
+template <u32 kMathWarpgroups_, u32 kTokens_, u32 kStages_, bool kRanks_>
 struct MegaMoeConfig {
+    static constexpr bool kRanks = kRanks_;
+    static constexpr u32 kMaxRanks = 8;
     // The swap-AB kernel's ring, barriers and widening table, two K blocks a stage, then our own.
     using Gemm = Fp8Fp4SwapAbConfig<kMathWarpgroups_, kTokens_, kStages_, 1, false, false, GemmType::kNormal, 1, 2>;
     static constexpr u32 kTokens = kTokens_, kStages = kStages_, kKBlocks = Gemm::kKBlocks;
@@ -69,7 +86,9 @@ struct MegaMoeConfig {
     static constexpr u32 kStagingOffset = align_up(Gemm::kSmemBytes, 16u);
     static constexpr u32 kTablesOffset = kStagingOffset + kTokens * kStagingPitch;
     // tile_begin [E + 1] (each expert's first token tile), counts [E] (its pairs).
-    static constexpr u32 kSmemBytes = kTablesOffset + (2 * kMaxExperts + 1) * 4;
+    // Then each rank's base and token count.
+    static constexpr u32 kSourcesOffset = align_up(kTablesOffset + (2 * kMaxExperts + 1) * 4, 8u);
+    static constexpr u32 kSmemBytes = kSourcesOffset + kMaxRanks * 12;
     static constexpr u64 kWaitLimitNs = 20'000'000'000ull;  // a wait on other CTAs traps after this
 
     static_assert(kRows <= 2 * kChunk && (2 * kChunk) % kRows == 0, "whole passes of gate and up rows");
@@ -84,16 +103,35 @@ struct MegaMoeKernel {
 
     const MegaMoeParams& p;
     u8* smem;
-    u32* control;      // arrivals, generation, counts [E], tile_done [tiles]
+    u32* control;      // arrivals, generation, epoch, counts [E], tile_done [tiles]
     u32* tile_begin;   // shared: [E + 1]
     u32* counts;       // shared: [E]
+    u8** source_base;  // shared: [num_ranks] each rank's base (x, x_sf, topk_idx, topk_weights, combined)
+    u32* source_tokens;  // shared: [num_ranks] each rank's token count
     u32 chunks, n_blocks, kb1, kb2;  // L1 units a tile, L2 units a tile, K blocks of L1 and L2
 
-    __device__ __forceinline__ u32* expert_pairs() const { return control + 2; }
-    __device__ __forceinline__ u32* tile_done() const { return control + 2 + p.num_experts; }
+    __device__ __forceinline__ u32* expert_pairs() const { return control + 3; }
+    __device__ __forceinline__ u32* tile_done() const { return control + 3 + p.num_experts; }
     template <class T>
     __device__ __forceinline__ T* view(u64 offset) const {
         return reinterpret_cast<T*>(p.storage + offset);
+    }
+    // Token slots' pairs: kRanks, num_ranks * T_max * k (source s's from s * T_max * k); else this call's.
+    __device__ __forceinline__ u32 slot_pairs() const {
+        return Config::kRanks ? p.num_ranks * p.max_tokens * p.num_topk : p.num_tokens * p.num_topk;
+    }
+    __device__ __forceinline__ u32 source_of(u32 q) const {
+        return Config::kRanks ? q / (p.max_tokens * p.num_topk) : 0;
+    }
+
+    // Slot pair q's local expert, or E for a pair of no expert here (or past its source's tokens). The
+    // routing may be a peer's: read through L2 (written before the barrier across ranks).
+    __device__ __forceinline__ u32 expert_of(u32 q) const {
+        const u32 s = source_of(q), pair = q - s * p.max_tokens * p.num_topk;
+        if (pair >= source_tokens[s] * p.num_topk) return p.num_experts;
+        const long long e = __ldcg(reinterpret_cast<const long long*>(source_base[s] + p.topk_idx) + pair);
+        const long long local = e - (long long)p.first_expert;
+        return local >= 0 && local < (long long)p.num_experts ? u32(local) : p.num_experts;
     }
 
     // Every thread of every CTA; the CTAs all resident. The last to arrive resets the count and
@@ -116,16 +154,79 @@ struct MegaMoeKernel {
         __syncthreads();
     }
 
-    // Each routed pair's rank among its expert's pairs into pair_rows (one atomic a warp and expert;
-    // the order within an expert is the atomics', which changes no pair's result).
+    // kRanks: the barrier across ranks, flags in each rank's header at the epoch's count (kept across
+    // calls: every rank passes the same barriers), between two grid barriers. Every rank's writes
+    // before it, to any rank's memory, are visible to every rank after it.
+    __device__ __forceinline__ void ranks_sync() const {
+        grid_sync();
+        if (blockIdx.x == 0 && threadIdx.x == 0) {
+            const u32 epoch = control[2] + 1;
+            control[2] = epoch;
+            __threadfence_system();
+            for (u32 r = 0; r < p.num_ranks; ++r)
+                st_release_sys(reinterpret_cast<u32*>(source_base[r] + p.header) + 1 + p.rank, epoch);
+            const u32* flags = reinterpret_cast<const u32*>(source_base[p.rank] + p.header) + 1;
+            for (u32 r = 0; r < p.num_ranks; ++r)
+                spin_until([&] { return int(ld_acquire_sys(flags + r) - epoch) >= 0; }, Config::kWaitLimitNs);
+        }
+        grid_sync();
+    }
+
+    // Each rank's base and token count into shared memory (kRanks: after the first barrier across
+    // ranks, when every count is in place).
+    __device__ __forceinline__ void read_sources() const {
+        if (threadIdx.x < p.num_ranks) {
+            source_base[threadIdx.x] = Config::kRanks ? reinterpret_cast<u8*>(__ldg(p.peers + threadIdx.x)) : p.storage;
+            source_tokens[threadIdx.x] = Config::kRanks
+                ? __ldcg(reinterpret_cast<const u32*>(reinterpret_cast<u8*>(__ldg(p.peers + threadIdx.x)) + p.header))
+                : p.num_tokens;
+        }
+        __syncthreads();
+    }
+
+    // kRanks, before the first barrier across ranks: this rank's token count into its header, and
+    // zeros into `combined` for its pairs of no expert of any rank (no rank writes those).
+    __device__ __forceinline__ void open_call() const {
+        u8* own = source_base[p.rank];
+        if (blockIdx.x == 0 && threadIdx.x == 0)
+            *reinterpret_cast<volatile u32*>(own + p.header) = p.num_tokens;
+        const long long* topk_idx = reinterpret_cast<const long long*>(own + p.topk_idx);
+        const long long experts = (long long)p.num_experts * p.num_ranks;
+        const u32 warps = gridDim.x * Config::kNumThreads / 32;
+        for (u32 pair = blockIdx.x * Config::kNumThreads / 32 + threadIdx.x / 32; pair < p.num_tokens * p.num_topk;
+             pair += warps) {
+            const long long e = topk_idx[pair];
+            if (e >= 0 && e < experts) continue;
+            u8* row = own + p.combined + u64(pair) * p.hidden * 2;
+            for (u32 offset = lane_id() * 16; offset < p.hidden * 2; offset += 32 * 16)
+                *reinterpret_cast<uint4*>(row + offset) = make_uint4(0, 0, 0, 0);
+        }
+    }
+
+    // kRanks, after the units: each routed slot pair's L2 row into its source's `combined`.
+    __device__ __forceinline__ void send() const {
+        const int* pair_rows = view<const int>(p.pair_rows);
+        const u32 warps = gridDim.x * Config::kNumThreads / 32, per_source = p.max_tokens * p.num_topk;
+        for (u32 q = blockIdx.x * Config::kNumThreads / 32 + threadIdx.x / 32; q < slot_pairs(); q += warps) {
+            const u32 row = u32(__ldcg(pair_rows + q));
+            if (row == p.spare_row) continue;
+            const u32 s = source_of(q), pair = q - s * per_source;
+            const u8* from = p.storage + p.l2_out + u64(row) * p.hidden * 2;
+            u8* to = source_base[s] + p.combined + u64(pair) * p.hidden * 2;
+            for (u32 offset = lane_id() * 16; offset < p.hidden * 2; offset += 32 * 16)
+                *reinterpret_cast<uint4*>(to + offset) = __ldcg(reinterpret_cast<const uint4*>(from + offset));
+        }
+    }
+
+    // Each routed slot pair's rank among its expert's pairs into pair_rows (one atomic a warp and
+    // expert; the order within an expert is the atomics', which changes no pair's result).
     __device__ __forceinline__ void rank() const {
-        const long long* topk_idx = view<const long long>(p.topk_idx);
         int* pair_rows = view<int>(p.pair_rows);
-        const u32 num_pairs = p.num_tokens * p.num_topk, lane = lane_id();
+        const u32 num_pairs = slot_pairs(), lane = lane_id();
         const u32 warps = gridDim.x * Config::kNumThreads / 32;
         for (u32 first = (blockIdx.x * Config::kNumThreads / 32 + threadIdx.x / 32) * 32; first < num_pairs;
              first += warps * 32) {
-            const u32 pair = first + lane, e = moe_expert_of(topk_idx, pair, num_pairs, p.num_experts);
+            const u32 pair = first + lane, e = pair < num_pairs ? expert_of(pair) : p.num_experts;
             const u32 peers = __match_any_sync(0xffffffffu, e), leader = __ffs(peers) - 1;
             u32 base = 0;
             if (e < p.num_experts && lane == leader) base = atomicAdd(expert_pairs() + e, __popc(peers));
@@ -162,33 +263,35 @@ struct MegaMoeKernel {
         }
     }
 
-    // Warp per routed pair: its row into pair_rows (the spare row for a pair of no expert), its token
-    // folded into the row, the folded scales (fp32 [H / 128, sf_pitch]) and its routing weight.
+    // Warp per slot pair: its row into pair_rows (the spare row for a pair of no expert here), its
+    // token (from its source) folded into the row, the folded scales (fp32 [H / 128, sf_pitch]) and
+    // its routing weight.
     __device__ __forceinline__ void dispatch() const {
-        const long long* topk_idx = view<const long long>(p.topk_idx);
         int* pair_rows = view<int>(p.pair_rows);
-        const u32 num_pairs = p.num_tokens * p.num_topk, lane = lane_id(), sf_words = p.hidden / 128;
+        const u32 num_pairs = slot_pairs(), lane = lane_id(), sf_words = p.hidden / 128;
         const u32 warps = gridDim.x * Config::kNumThreads / 32;
-        for (u32 pair = blockIdx.x * Config::kNumThreads / 32 + threadIdx.x / 32; pair < num_pairs; pair += warps) {
-            const u32 e = moe_expert_of(topk_idx, pair, num_pairs, p.num_experts);
-            const u32 row = e < p.num_experts ? tile_begin[e] * BT + u32(__ldcg(pair_rows + pair)) : p.spare_row;
+        for (u32 q = blockIdx.x * Config::kNumThreads / 32 + threadIdx.x / 32; q < num_pairs; q += warps) {
+            const u32 e = expert_of(q);
+            const u32 row = e < p.num_experts ? tile_begin[e] * BT + u32(__ldcg(pair_rows + q)) : p.spare_row;
             __syncwarp();
-            if (lane == 0) pair_rows[pair] = int(row);
+            if (lane == 0) pair_rows[q] = int(row);
             if (row == p.spare_row) continue;
-            const u32 token = pair / p.num_topk;
-            if (lane == 0) view<float>(p.row_weights)[row] = view<const float>(p.topk_weights)[pair];
-            const u8* x = p.storage + p.x + u64(token) * p.hidden;
-            const u32* x_sf = view<const u32>(p.x_sf) + u64(token) * sf_words;
+            const u32 s = source_of(q), pair = q - s * p.max_tokens * p.num_topk, token = pair / p.num_topk;
+            const u8* source = source_base[s];
+            if (lane == 0)
+                view<float>(p.row_weights)[row] = __ldcg(reinterpret_cast<const float*>(source + p.topk_weights) + pair);
+            const u8* x = source + p.x + u64(token) * p.hidden;
+            const u32* x_sf = reinterpret_cast<const u32*>(source + p.x_sf) + u64(token) * sf_words;
             for (u32 chunk = lane; chunk < p.hidden / 16; chunk += 32) {
-                const u32 word = __ldg(x_sf + chunk / 8);
+                const u32 word = __ldcg(x_sf + chunk / 8);
                 u32 exponents[4];
 #pragma unroll
                 for (u32 j = 0; j < 4; ++j) exponents[j] = (word >> (8 * j)) & 0xFF;
                 // The chunk's own 1x32 block's exponent by a shift: an indexed array would go to local memory.
                 const u32 own = (word >> (8 * (chunk % 8 / 2))) & 0xFF;
                 const u32 top = fold_top(exponents), factor = fold_factor(own, top);
-                u32 v[4];
-                ld_global_nc_v4(x + chunk * 16, v);
+                const uint4 packed = __ldcg(reinterpret_cast<const uint4*>(x + chunk * 16));
+                u32 v[4] = {packed.x, packed.y, packed.z, packed.w};
 #pragma unroll
                 for (u32 i = 0; i < 4; ++i) v[i] = scale_e4m3x4(v[i], factor);
                 st_global_v4(p.storage + p.tokens + u64(row) * p.hidden + chunk * 16, v);
@@ -381,9 +484,11 @@ __device__ __forceinline__ void sm90_fp8_fp4_mega_moe(const MegaMoeParams& p) {
     Barrier* empty = full + Config::kStages;
     Barrier* permuted = empty + Config::kStages;
     u32* tables = reinterpret_cast<u32*>(smem + Config::kTablesOffset);
+    u8** source_base = reinterpret_cast<u8**>(smem + Config::kSourcesOffset);
     const Kernel kernel{p, smem, reinterpret_cast<u32*>(p.storage + p.control), tables,
-                        tables + Config::kMaxExperts + 1, p.intermediate / 128, ceil_div(p.hidden, Config::kRows),
-                        p.hidden / 128, p.intermediate / 128};
+                        tables + Config::kMaxExperts + 1, source_base,
+                        reinterpret_cast<u32*>(source_base + Config::kMaxRanks), p.intermediate / 128,
+                        ceil_div(p.hidden, Config::kRows), p.hidden / 128, p.intermediate / 128};
 
     if (threadIdx.x == Gemm::kProducerThread) {
         tma_prefetch_descriptor(&p.tma_l1);
@@ -402,6 +507,12 @@ __device__ __forceinline__ void sm90_fp8_fp4_mega_moe(const MegaMoeParams& p) {
     }
     e2m1_lut_init(smem_addr(smem + Gemm::kLutOffset));
 
+    if constexpr (Config::kRanks) {
+        kernel.read_sources();  // the bases; the counts are read again once every rank has written its own
+        kernel.open_call();
+        kernel.ranks_sync();
+    }
+    kernel.read_sources();
     kernel.rank();
     kernel.grid_sync();
     kernel.lay_out();
@@ -433,12 +544,19 @@ __device__ __forceinline__ void sm90_fp8_fp4_mega_moe(const MegaMoeParams& p) {
     }
     kernel.grid_sync();
 
+    if constexpr (Config::kRanks) {
+        kernel.send();
+        kernel.ranks_sync();
+    }
+    // kRanks: this rank's pairs' outputs from `combined`, [T_max * k, H] in pair order.
+    const u8* outputs = Config::kRanks ? source_base[p.rank] + p.combined : p.storage + p.l2_out;
+    const int* rows = Config::kRanks ? nullptr : kernel.template view<const int>(p.pair_rows);
     for (u32 token = blockIdx.x; token < p.num_tokens; token += gridDim.x)
-        moe_combine_token<false>(p.storage + p.l2_out, kernel.template view<const int>(p.pair_rows), p.y, p.y_pitch,
-                                 p.hidden, p.num_topk, token, threadIdx.x, Config::kNumThreads);
+        moe_combine_token<false>(outputs, rows, p.y, p.y_pitch, p.hidden, p.num_topk, token, threadIdx.x,
+                                 Config::kNumThreads);
     // Every CTA is past its reads of the counters (the last barrier): zero them for the next call.
     if (blockIdx.x == 0) {
-        for (u32 i = threadIdx.x; i < p.num_experts + tiles; i += Config::kNumThreads) kernel.control[2 + i] = 0;
+        for (u32 i = threadIdx.x; i < p.num_experts + tiles; i += Config::kNumThreads) kernel.control[3 + i] = 0;
     }
 }
 

@@ -243,14 +243,15 @@ __device__ __forceinline__ void moe_activation(const MoeLayerParams& p) {
 }
 
 // One token's output: y[token] = BF16 of the FP32 sum over j in ascending order of L2's row of pair
-// (token, j) (`l2_out` [.., hidden] bf16, `pair_rows` the pairs' rows). Threads `thread` of
+// (token, j) (`l2_out` [.., hidden] bf16, `pair_rows` the pairs' rows; null: row token * topk + j,
+// the pairs' outputs in pair order). Threads `thread` of
 // `num_threads` take columns 8 thread, 8 (thread + num_threads), ... (16-byte pieces of each row).
 // kReadOnly: L2's rows were written before the kernel started (else by its own earlier phase, which
 // the non-coherent read-only path may not see).
 template <bool kReadOnly>
 __device__ __forceinline__ void moe_combine_token(const u8* l2_out, const int* pair_rows, u8* y_base, u64 y_pitch,
                                                   u32 hidden, u32 topk, u32 token, u32 thread, u32 num_threads) {
-    pair_rows += u64(token) * topk;
+    if (pair_rows != nullptr) pair_rows += u64(token) * topk;
     u16* y = reinterpret_cast<u16*>(y_base) + u64(token) * y_pitch;
     const bool vector = (reinterpret_cast<u64>(y_base) | y_pitch * 2) % 16 == 0;
     for (u32 col = thread * 8; col < hidden; col += num_threads * 8) {
@@ -260,8 +261,8 @@ __device__ __forceinline__ void moe_combine_token(const u8* l2_out, const int* p
             if constexpr (kReadOnly) {
                 ld_global_nc_v4(l2_out + (u64(pair_rows[j]) * hidden + col) * 2, v);
             } else {  // through L2 only
-                const uint4 w = __ldcg(reinterpret_cast<const uint4*>(
-                    l2_out + (u64(__ldcg(pair_rows + j)) * hidden + col) * 2));
+                const u32 row = pair_rows != nullptr ? u32(__ldcg(pair_rows + j)) : token * topk + j;
+                const uint4 w = __ldcg(reinterpret_cast<const uint4*>(l2_out + (u64(row) * hidden + col) * 2));
                 v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
             }
 #pragma unroll

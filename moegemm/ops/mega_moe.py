@@ -117,12 +117,15 @@ class MegaMoeBuffer:
 @dataclass
 class _Ranks:
     """A buffer across ranks: the symmetric storage, the one-rank buffer over every rank's token slots
-    with this rank's experts, and every rank's views (``peers[r]``: x, x_sf, topk_idx, topk_weights,
-    combined of rank r, as this rank addresses them)."""
+    with this rank's experts, every rank's views (``peers[r]``: x, x_sf, topk_idx, topk_weights,
+    combined, header of rank r, as this rank addresses them), their byte offsets in each rank's
+    storage, and the storages' addresses (int64 ``[R]`` on the device, for the fused kernel)."""
 
     storage: symmetric.SymmetricStorage
     local: MegaMoeBuffer
     peers: list[dict]
+    offsets: dict
+    addresses: torch.Tensor
 
     @property
     def combined(self) -> torch.Tensor:
@@ -243,21 +246,25 @@ def _buffer_across_ranks(group: object, num_experts: int, tokens: int, num_topk:
     num_ranks, rank = group.size(), group.rank()
     if num_experts % num_ranks:
         raise ValueError(f"num_experts: expected a multiple of the group's {num_ranks} ranks, got {num_experts}")
+    # header: the fused kernel's (its token count and the flags of its barrier across ranks).
     parts = (*_input_parts(mma_type, tokens, num_topk, hidden),
-             ("combined", (tokens, num_topk, hidden), torch.bfloat16))
+             ("combined", (tokens, num_topk, hidden), torch.bfloat16),
+             ("header", (fused_kernel.header_words(num_ranks),), torch.int32))
     offsets, total = _layout(parts)
     storage = symmetric.allocate(group, total, device)
     peers = [_views(peer, parts, offsets) for peer in storage.peers]
     own = peers[rank]
     own["topk_idx"].fill_(-1)
     own["topk_weights"].zero_()
+    own["header"].zero_()
     local = get_symm_buffer_for_mega_moe(None, num_experts // num_ranks, num_ranks * tokens, num_topk, hidden, inter,
                                          mma_type=mma_type, activation=activation, device=device)
     scratch = {name: getattr(local, name) for name in _SCRATCH}
     buffer = MegaMoeBuffer(group, storage.local, num_experts, tokens, num_topk, hidden, inter, mma_type, own["x"],
                            own["x_sf"], own["topk_idx"], own["topk_weights"], local.masked, local.rows, **scratch)
-    buffer.ranks = _Ranks(storage, local, peers)
-    storage.barrier()  # every rank's routing routes nowhere before a peer reads it
+    addresses = torch.tensor([peer.data_ptr() for peer in storage.peers], dtype=torch.int64, device=device)
+    buffer.ranks = _Ranks(storage, local, peers, offsets, addresses)
+    storage.barrier()  # every rank's routing routes nowhere, and its flags are zero, before a peer reads them
     return buffer
 
 
@@ -548,16 +555,22 @@ _FUSED = env.Toggle("MOEGEMM_FUSED_MOE")
 
 
 def _fused_serves(buffer: MegaMoeBuffer, mma_type: str, use_kernels: bool) -> bool:
-    """Whether the fused kernel takes a call: FP8 x FP4 on the GPU, one rank, H and I of at least
-    MIN_HIDDEN."""
-    return (mma_type == "fp8xfp4" and use_kernels and buffer.storage.is_cuda and buffer.ranks is None
-            and min(buffer.hidden, buffer.intermediate_hidden) >= fused_kernel.MIN_HIDDEN)
+    """Whether the fused kernel takes a call: FP8 x FP4 on the GPU, H and I of at least MIN_HIDDEN, one
+    rank or a group of at most MAX_RANKS."""
+    ranks = buffer.ranks
+    return (mma_type == "fp8xfp4" and use_kernels and buffer.storage.is_cuda
+            and min(buffer.hidden, buffer.intermediate_hidden) >= fused_kernel.MIN_HIDDEN
+            and (ranks is None or ranks.storage.num_ranks <= fused_kernel.MAX_RANKS))
 
 
 def _layer_fused(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, weights: tuple,
                  stats: torch.Tensor | None, activation_clamp: float | None) -> None:
-    """The layer as one launch of the fused kernel (its numerics are the unfused pipeline's)."""
-    if num_tokens == 0:
+    """The layer as one launch of the fused kernel (its numerics are the unfused pipeline's). Across
+    ranks the kernel moves the tokens and outputs itself, and every rank launches it, with or without
+    tokens of its own."""
+    ranks = buffer.ranks
+    layer = buffer if ranks is None else ranks.local
+    if num_tokens == 0 and ranks is None:
         return
     (l1, l1_sf), (l2, l2_sf) = weights
     # Its descriptors see each operand as one 2-D tensor over all experts: packed rows back to back,
@@ -573,17 +586,30 @@ def _layer_fused(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, weight
     key = ("fused", num_tokens, y.stride(0), None if stats is None else stats.dtype, activation_clamp, num_sms)
     plan = buffer.plans.get(key)
     if plan is None:
-        views = {name: getattr(buffer, name) for name in fused_kernel.VIEWS}
-        config = fused_kernel.select_config(num_tokens * buffer.num_topk, buffer.num_experts,
-                                                device_facts(device.index))
+        num_ranks = 1 if ranks is None else ranks.storage.num_ranks
+        offsets = moe_layer.view_offsets(layer.storage, {name: getattr(layer, name)
+                                                         for name in fused_kernel.SCRATCH_VIEWS})
+        where = None
+        if ranks is None:
+            offsets.update(moe_layer.view_offsets(buffer.storage, {name: getattr(buffer, name)
+                                                                   for name in fused_kernel.SOURCE_VIEWS}))
+        else:
+            offsets.update({name: ranks.offsets[name] for name in fused_kernel.SOURCE_VIEWS})
+            where = fused_kernel.Ranks(ranks.offsets["combined"], ranks.offsets["header"], ranks.storage.rank,
+                                       num_ranks, ranks.storage.rank * layer.num_experts)
+        # The pairs an expert expects: every rank's tokens over all experts, about this rank's share.
+        config = fused_kernel.select_config(max(num_tokens, 1) * buffer.num_topk * num_ranks,
+                                            layer.num_experts * num_ranks, device_facts(device.index),
+                                            ranks is not None)
         plan = buffer.plans[key] = fused_kernel.plan(
-            config, moe_layer.view_offsets(buffer.storage, views), rows=buffer.rows,
-            sf_pitch=buffer.folded_tokens_sf.shape[1], num_tokens=num_tokens, num_topk=buffer.num_topk,
-            num_experts=buffer.num_experts, hidden=buffer.hidden, intermediate=buffer.intermediate_hidden,
-            y_pitch=y.stride(0), stats_dtype=None if stats is None else stats.dtype, clamp=activation_clamp,
-            num_sms=num_sms)
-    operands = dict(storage=buffer.storage, tokens=buffer.tokens, tokens_sf=buffer.folded_tokens_sf, act=buffer.act,
-                    act_sf=buffer.folded_act_sf, l1=l1, l1_sf=l1_sf, l2=l2, l2_sf=l2_sf, y=y, stats=stats)
+            config, offsets, rows=layer.rows, sf_pitch=layer.folded_tokens_sf.shape[1], num_tokens=num_tokens,
+            max_tokens=buffer.num_max_tokens_per_rank, num_topk=buffer.num_topk, num_experts=layer.num_experts,
+            hidden=buffer.hidden, intermediate=buffer.intermediate_hidden, y_pitch=y.stride(0),
+            stats_dtype=None if stats is None else stats.dtype, clamp=activation_clamp, num_sms=num_sms,
+            ranks=where)
+    operands = dict(storage=layer.storage, tokens=layer.tokens, tokens_sf=layer.folded_tokens_sf, act=layer.act,
+                    act_sf=layer.folded_act_sf, l1=l1, l1_sf=l1_sf, l2=l2, l2_sf=l2_sf, y=y, stats=stats,
+                    peers=None if ranks is None else ranks.addresses)
     pointers = {name: 0 if t is None else t.data_ptr() for name, t in operands.items()}
     with torch.cuda.device(device) if device.index != torch.cuda.current_device() else contextlib.nullcontext():
         plan.launch(device.index, pointers)
@@ -591,7 +617,8 @@ def _layer_fused(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, weight
 
 # The ways a buffer across ranks moves tokens and outputs: "symmetric", each rank reading its experts'
 # tokens from their sources' buffers and writing each pair's output into its source's (symmetric
-# memory); "all_to_all", the baseline of NCCL's (gloo's on the CPU) all_to_all_single before and after.
+# memory; PyTorch around the unfused layer, or inside the fused kernel where it serves);
+# "all_to_all", the baseline of NCCL's (gloo's on the CPU) all_to_all_single before and after.
 EXCHANGES = ("symmetric", "all_to_all")
 
 
@@ -618,6 +645,10 @@ def _run(y: torch.Tensor, l1_weights: object, l2_weights: object, buffer: MegaMo
             _check_distinct_experts(buffer, num_tokens)
         _layer(y, buffer, num_tokens, _grouped_gemm(buffer, num_tokens, weights, masked_gemm, contiguous_gemm), stats,
                activation_clamp, use_kernels)
+        return
+    if exchange == "symmetric" and (_FUSED.get() if fused is None else fused) and \
+            _fused_serves(buffer, mma_type, use_kernels):
+        _layer_fused(y, buffer, num_tokens, weights, stats, activation_clamp)
         return
     across = _layer_all_to_all if exchange == "all_to_all" else _layer_across_ranks
     across(y, buffer, num_tokens, lambda count: _grouped_gemm(layer, count, weights, masked_gemm, contiguous_gemm),

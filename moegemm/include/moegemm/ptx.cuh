@@ -429,6 +429,15 @@ __device__ __forceinline__ u32 atom_acq_rel_gpu_add(u32* ptr, u32 value) {
 __device__ __forceinline__ void st_release_gpu(u32* ptr, u32 value) {
     asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
+// Flags between GPUs (a peer's memory over NVLink): system scope.
+__device__ __forceinline__ u32 ld_acquire_sys(const u32* ptr) {
+    u32 value;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+    return value;
+}
+__device__ __forceinline__ void st_release_sys(u32* ptr, u32 value) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
 // Between generic-proxy stores to global memory and TMA (async-proxy) loads of them, on both sides.
 __device__ __forceinline__ void fence_proxy_async_global() {
     asm volatile("fence.proxy.async.global;" ::: "memory");
