@@ -104,6 +104,21 @@ template <class Config>
 struct Fp8Fp4SwapAbKernel {
     static constexpr u32 BT = Config::kTokens, kAcc = BT / 2, kStages = Config::kStages;
 
+    // The ring's barriers (thread 0) and the widening's table (the whole CTA); a CTA barrier must come
+    // before their first use.
+    __device__ __forceinline__ static void init_ring(u8* smem, Barrier* full, Barrier* empty, Barrier* permuted) {
+        if (threadIdx.x == 0) {
+#pragma unroll
+            for (u32 s = 0; s < kStages; ++s) {
+                full[s].init(1);
+                empty[s].init(Config::kNumMathThreads / 32);
+                permuted[s].init(1);
+            }
+            fence_barrier_init();
+        }
+        e2m1_lut_init(smem_addr(smem + Config::kLutOffset));
+    }
+
     // The producer thread: the stage ring over this CTA's K blocks, kKBlocks a stage. A last stage of one
     // block loads no tokens' tile and SFA for the other (the weights' box reads the next split's block,
     // or zeros past K, unused).
@@ -397,16 +412,7 @@ __device__ __forceinline__ void sm90_fp8_fp4_gemm_swap_ab(const Fp8Fp4SwapAbPara
         tma_prefetch_descriptor(&p.tma_sfa);
         tma_prefetch_descriptor(&p.tma_sfb);
     }
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (u32 s = 0; s < Config::kStages; ++s) {
-            full[s].init(1);
-            empty[s].init(Config::kNumMathThreads / 32);
-            permuted[s].init(1);
-        }
-        fence_barrier_init();
-    }
-    e2m1_lut_init(smem_addr(smem + Config::kLutOffset));
+    Kernel::init_ring(smem, full, empty, permuted);
     __syncthreads();
     const u32 tokens = min(Config::kTokens, rows - token_begin);
     const u32 num_k_blocks = ceil_div(p.k, 128u);

@@ -409,12 +409,7 @@ struct MegaMoeKernel {
             ld_shared_v2_u32(staging + t * Config::kStagingPitch + lane * 8, gate[0], gate[1]);
             ld_shared_v2_u32(staging + t * Config::kStagingPitch + (Config::kChunk + lane * 4) * 2, up[0], up[1]);
             float a[4];
-#pragma unroll
-            for (u32 i = 0; i < 4; ++i) {
-                const float g = i % 2 ? bf16_hi_to_float(gate[i / 2]) : bf16_lo_to_float(gate[i / 2]);
-                const float u = i % 2 ? bf16_hi_to_float(up[i / 2]) : bf16_lo_to_float(up[i / 2]);
-                a[i] = moe_swiglu(g, u, weight, clamp);
-            }
+            moe_swiglu(gate, up, weight, clamp, a);
             u32 packed[1];
             const u32 exponent = quantize_ue8m0_block<8>(a, packed);
             u32 exponents[4];
@@ -496,16 +491,7 @@ __device__ __forceinline__ void sm90_fp8_fp4_mega_moe(const MegaMoeParams& p) {
         tma_prefetch_descriptor(&p.tma_l2);
         tma_prefetch_descriptor(&p.tma_l2_sf);
     }
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (u32 s = 0; s < Config::kStages; ++s) {
-            full[s].init(1);
-            empty[s].init(Config::kNumMathThreads / 32);
-            permuted[s].init(1);
-        }
-        fence_barrier_init();
-    }
-    e2m1_lut_init(smem_addr(smem + Gemm::kLutOffset));
+    Kernel::Swap::init_ring(smem, full, empty, permuted);
 
     if constexpr (Config::kRanks) {
         kernel.read_sources();  // the bases; the counts are read again once every rank has written its own

@@ -183,12 +183,20 @@ __device__ __forceinline__ void moe_dispatch(const MoeLayerParams& p) {
 // PyTorch's SiLU of a float (x / (1 + exp(-x)), IEEE division, the accurate expf).
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
-// A pair's activation of one column from its BF16 gate and up values, in FP32 as PyTorch computes it:
-// torch's clamp (NaN stays NaN: the comparisons are false for it), SiLU(gate) * up * routing weight.
-__device__ __forceinline__ float moe_swiglu(float gate, float up, float weight, float clamp) {
-    gate = gate > clamp ? clamp : gate;
-    up = up < -clamp ? -clamp : (up > clamp ? clamp : up);
-    return silu(gate) * up * weight;
+// A pair's activation of 2 * kWords columns from their BF16 gate and up values (two a word, the lower
+// column in the low half), in FP32 as PyTorch computes it: torch's clamp (NaN stays NaN: the
+// comparisons are false for it), SiLU(gate) * up * routing weight.
+template <u32 kWords>
+__device__ __forceinline__ void moe_swiglu(const u32 (&gate)[kWords], const u32 (&up)[kWords], float weight,
+                                           float clamp, float (&a)[2 * kWords]) {
+#pragma unroll
+    for (u32 i = 0; i < 2 * kWords; ++i) {
+        float g = i % 2 ? bf16_hi_to_float(gate[i / 2]) : bf16_lo_to_float(gate[i / 2]);
+        float u = i % 2 ? bf16_hi_to_float(up[i / 2]) : bf16_lo_to_float(up[i / 2]);
+        g = g > clamp ? clamp : g;
+        u = u < -clamp ? -clamp : (u > clamp ? clamp : u);
+        a[i] = silu(g) * u * weight;
+    }
 }
 
 // Warp per routed pair; lane l takes columns 256 i + 8 l to + 7 of gate and up (16-byte loads), so a
@@ -214,12 +222,7 @@ __device__ __forceinline__ void moe_activation(const MoeLayerParams& p) {
                 ld_global_nc_v4(h + (inter + col) * 2, up);
             }
             float a[8];
-#pragma unroll
-            for (u32 i = 0; i < 8; ++i) {
-                const float g = i % 2 ? bf16_hi_to_float(gate[i / 2]) : bf16_lo_to_float(gate[i / 2]);
-                const float u = i % 2 ? bf16_hi_to_float(up[i / 2]) : bf16_lo_to_float(up[i / 2]);
-                a[i] = moe_swiglu(g, u, weight, clamp);
-            }
+            moe_swiglu(gate, up, weight, clamp, a);
             if constexpr (Config::kFp8) {
                 u32 packed[2];
                 const u32 exponent = quantize_ue8m0_block<4>(a, packed);
