@@ -30,6 +30,8 @@
 // Warps as in the swap-AB kernel (sm90_fp8_fp4_gemm_swap_ab.cuh): the math warpgroups, the producer
 // thread (TMA), the permute warp; every ring position carries across units.
 #pragma once
+#include <moegemm/flags.cuh>
+
 #include "sm90_fp8_fp4_gemm_swap_ab.cuh"
 #include "sm90_moe_layer.cuh"
 
