@@ -431,10 +431,11 @@ def _poison_fused_outputs(buffer):
 
 
 # (experts, hidden, inter, top-k, max tokens, tokens, share of -1 entries): decode over many experts,
-# prefill-sized counts, a token alone, K blocks of odd counts (H 384, I 640), every entry -1.
+# prefill-sized counts, a token alone, K blocks of odd counts (H 384, I 640), every entry -1, no token.
 FUSED_LAYERS = [(8, 256, 256, 3, 48, 48, 0.0), (384, 1024, 512, 6, 128, 128, 0.1), (4, 512, 256, 2, 8, 1, 0.0),
                 (32, 384, 640, 6, 300, 300, 0.3), (16, 1024, 256, 4, 2100, 2050, 0.0), (1024, 512, 256, 8, 40, 33, 0.2),
-                (8, 7168, 3072, 6, 128, 128, 0.0), (32, 7168, 3072, 6, 512, 512, 0.0), (8, 512, 256, 3, 16, 16, 1.0)]
+                (8, 7168, 3072, 6, 128, 128, 0.0), (32, 7168, 3072, 6, 512, 512, 0.0), (8, 512, 256, 3, 16, 16, 1.0),
+                (8, 512, 256, 3, 16, 0, 0.0)]
 
 
 @gpu
@@ -462,7 +463,7 @@ def test_fused_kernel_against_the_unfused_pipeline(experts, hidden, inter, topk,
         assert not y.isnan().any()
         if masked_ratio == 1.0:
             assert torch.equal(y, torch.zeros_like(y))
-        else:
+        elif num_tokens:
             assert calc_diff(y.float(), y_unfused.float()) < TOLERANCE["fp8xfp4"]
             assert calc_diff(y.float(), ref.float()) < TOLERANCE["fp8xfp4"]
     assert torch.equal(fused_outputs[0][0], fused_outputs[1][0])
