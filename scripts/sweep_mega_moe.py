@@ -22,7 +22,8 @@ def candidates(pick: fused_kernel.MegaMoeConfig, facts) -> list[fused_kernel.Meg
     """The pick, each token tile's config, and two math warpgroups where the pick has four."""
     configs = [pick, *(fused_kernel.config_for(tile, facts) for tile in fused_kernel.TOKEN_TILES)]
     if pick.math_warpgroups == 4:
-        two = dataclasses.replace(pick, math_warpgroups=2)
+        two = dataclasses.replace(pick, math_warpgroups=2,
+                                  double_buffer=fused_kernel.double_buffer_for(pick.tokens, 2))
         configs.append(dataclasses.replace(two, stages=max(
             s for s in range(1, 9) if fused_kernel.smem_bytes(2, pick.tokens, s) <= facts.smem_per_block)))
     return list(dict.fromkeys(configs))
@@ -56,7 +57,8 @@ def main() -> None:
                 us = bench.kernel_time_us(call, 10)
                 diff = api.calc_diff(y.float(), y_unfused.float())
                 mark = "*" if config == pick else " "
-                line += f" {mark}t{config.tokens}w{config.math_warpgroups} {us:8.1f}{'' if diff < 2e-4 else ' DIFF'}"
+                name = fused_kernel.kernel_name(config).removeprefix("sm90_fp8_fp4_mega_moe_")
+                line += f" {mark}{name} {us:8.1f}{'' if diff < 2e-4 else ' DIFF'}"
             fused_kernel.select_config = select
             print(line, flush=True)
             buffer.destroy()

@@ -6,7 +6,8 @@ them) and their sizes.
 The kernel is the swap-AB kernel's main loop (fp8_fp4_gemm.py) over units of a token tile of one
 expert, so its tile and stage arithmetic is that kernel's, two K blocks a stage. Four math warpgroups
 (256 weight rows a CTA: an L1 unit's gate and up rows in one pass) where registers allow, so that
-an SM widens at full rate (SWAP_AB_BUSY_WARPS math warps); two (two passes) for larger tiles.
+an SM widens at full rate (SWAP_AB_BUSY_WARPS math warps): up to 32 tokens, with one scratch
+accumulator at 32; two (two passes) for larger tiles.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from .moe_layer import MAX_EXPERTS
 K_BLOCKS_PER_STAGE = fp8_fp4_gemm.SWAP_AB_K_BLOCKS_PER_STAGE
 TOKEN_TILES = (8, 16, 32, 64)  # kTokens: rows of an expert's token tile (the last: the swap-AB's double buffer)
 MAX_TOKENS = TOKEN_TILES[-1]
-FOUR_WARPGROUPS_MAX_TOKENS = 16  # beyond, 576 threads' registers (fp8_fp4_gemm.swap_ab_registers) pass 64K
+# Four math warpgroups up to this tile, with two scratch accumulators up to the next: beyond, 576
+# threads' registers (fp8_fp4_gemm.swap_ab_registers) pass 64K.
+FOUR_WARPGROUPS_MAX_TOKENS, FOUR_WARPGROUPS_DOUBLE_BUFFER_MAX_TOKENS = 32, 16
 CHUNK = 128  # intermediate columns an L1 unit activates: one folded 1x128 block
 STAGING_PITCH = (2 * CHUNK + 8) * 2  # MegaMoeConfig::kStagingPitch
 MIN_HIDDEN = 256  # H and I: a stage reads 128 bytes of each packed weight row
@@ -78,11 +81,18 @@ def math_warpgroups_for(tokens: int) -> int:
     return 4 if tokens <= FOUR_WARPGROUPS_MAX_TOKENS else 2
 
 
+def double_buffer_for(tokens: int, math_warpgroups: int) -> bool:
+    """Two scratch accumulators (the swap-AB kernel's kDoubleBuffer) where registers allow."""
+    return tokens <= (FOUR_WARPGROUPS_DOUBLE_BUFFER_MAX_TOKENS if math_warpgroups == 4
+                      else fp8_fp4_gemm.SWAP_AB_DOUBLE_BUFFER_TOKENS)
+
+
 @dataclass(frozen=True)
 class MegaMoeConfig:
     tokens: int  # rows of a token tile
     stages: int  # of K_BLOCKS_PER_STAGE 128-wide K blocks
     math_warpgroups: int
+    double_buffer: bool
     ranks: bool = False  # one rank of a group: the exchange through the ranks' memory (kRanks)
 
     @property
@@ -120,14 +130,14 @@ def config_for(tokens: int, facts: DeviceFacts, ranks: bool = False) -> MegaMoeC
     while (stages + 1) * K_BLOCKS_PER_STAGE <= fp8_fp4_gemm.SWAP_AB_MAX_STAGES and \
             smem_bytes(math_warpgroups, tokens, stages + 1) <= facts.smem_per_block:
         stages += 1
-    return MegaMoeConfig(tokens, stages, math_warpgroups, ranks)
+    return MegaMoeConfig(tokens, stages, math_warpgroups, double_buffer_for(tokens, math_warpgroups), ranks)
 
 
 def generate_source(config: MegaMoeConfig) -> str:
     return compiler.kernel_stub(
         "sm90_fp8_fp4_mega_moe.cuh",
         f"moegemm::MegaMoeConfig<{config.math_warpgroups}, {config.tokens}, {config.stages}, "
-        f"{str(config.ranks).lower()}>",
+        f"{str(config.double_buffer).lower()}, {str(config.ranks).lower()}>",
         PARAMS.cpp_type, "moegemm::sm90_fp8_fp4_mega_moe",
         (f'Config::kSmemBytes == {config.smem_bytes}, "host and device disagree on shared memory"',
          f"Config::kNumThreads == {config.num_threads}", f"Config::kMaxExperts == {MAX_EXPERTS}",
@@ -137,7 +147,8 @@ def generate_source(config: MegaMoeConfig) -> str:
 
 def kernel_name(config: MegaMoeConfig) -> str:
     ranks = "_ranks" if config.ranks else ""
-    return f"sm90_fp8_fp4_mega_moe{ranks}_w{config.math_warpgroups}t{config.tokens}s{config.stages}"
+    single = "" if config.double_buffer else "a1"  # one scratch accumulator
+    return f"sm90_fp8_fp4_mega_moe{ranks}_w{config.math_warpgroups}t{config.tokens}{single}s{config.stages}"
 
 
 KERNELS = KernelFamily(kernel_name, generate_source, lambda config: dict(
@@ -218,5 +229,5 @@ def plan(config: MegaMoeConfig, offsets: dict[str, int], *, rows: int, sf_pitch:
 
 __all__ = ["CHUNK", "MAX_RANKS", "MAX_TOKENS", "MIN_HIDDEN", "MegaMoeConfig", "OPERANDS", "PARAMS", "Plan", "Ranks",
            "SCRATCH_VIEWS", "SOURCE_VIEWS", "TOKEN_TILES", "VIEWS", "all_configs", "build", "config_for",
-           "control_words", "generate_source", "header_words", "kernel_name", "layout_rows", "math_warpgroups_for",
-           "plan", "select_config", "smem_bytes"]
+           "control_words", "double_buffer_for", "generate_source", "header_words", "kernel_name", "layout_rows",
+           "math_warpgroups_for", "plan", "select_config", "smem_bytes"]

@@ -53,7 +53,7 @@ struct Fp8Fp4SwapAbParams {
 };
 
 template <u32 kMathWarpgroups_, u32 kTokens_, u32 kStages_, u32 kSplitK_, bool kOutFp32_, bool kAccumulate_,
-          GemmType kType_, u32 kCtasPerSm_, u32 kKBlocks_>
+          GemmType kType_, u32 kCtasPerSm_, u32 kKBlocks_, bool kDoubleBuffer_ = (kTokens_ <= 64)>
 struct Fp8Fp4SwapAbConfig {
     static constexpr u32 kCtasPerSm = kCtasPerSm_;  // the launch bounds' minimum: registers for that many
     static constexpr u32 kMathWarpgroups = kMathWarpgroups_, kTokens = kTokens_, kStages = kStages_;
@@ -63,8 +63,8 @@ struct Fp8Fp4SwapAbConfig {
     static constexpr GemmType kType = kType_;
     static constexpr u32 kRows = 64 * kMathWarpgroups;  // weight rows (columns of D) per CTA
     // Two scratch accumulators while registers allow: a stage's widening then runs under the previous
-    // stage's WGMMAs.
-    static constexpr bool kDoubleBuffer = kTokens <= 64;
+    // stage's WGMMAs (the fused MoE layer's four math warpgroups at 32 tokens have registers for one).
+    static constexpr bool kDoubleBuffer = kDoubleBuffer_;
     static constexpr u32 kNumMathThreads = 128 * kMathWarpgroups;
     static constexpr u32 kProducerThread = kNumMathThreads, kPermuteWarp = kNumMathThreads / 32 + 1;
     static constexpr u32 kNumThreads = kNumMathThreads + 64;

@@ -69,12 +69,13 @@ struct MegaMoeParams {
     u32 clamp_bits;  // the activation clamp as float bits (+inf: none)
 };
 
-template <u32 kMathWarpgroups_, u32 kTokens_, u32 kStages_, bool kRanks_>
+template <u32 kMathWarpgroups_, u32 kTokens_, u32 kStages_, bool kDoubleBuffer_, bool kRanks_>
 struct MegaMoeConfig {
     static constexpr bool kRanks = kRanks_;
     static constexpr u32 kMaxRanks = 8;
     // The swap-AB kernel's ring, barriers and widening table, two K blocks a stage, then our own.
-    using Gemm = Fp8Fp4SwapAbConfig<kMathWarpgroups_, kTokens_, kStages_, 1, false, false, GemmType::kNormal, 1, 2>;
+    using Gemm = Fp8Fp4SwapAbConfig<kMathWarpgroups_, kTokens_, kStages_, 1, false, false, GemmType::kNormal, 1, 2,
+                                    kDoubleBuffer_>;
     static constexpr u32 kTokens = kTokens_, kStages = kStages_, kKBlocks = Gemm::kKBlocks;
     static constexpr u32 kRows = Gemm::kRows, kHalfRows = kRows / 2;
     static constexpr u32 kNumThreads = Gemm::kNumThreads, kNumMathThreads = Gemm::kNumMathThreads;
