@@ -2,17 +2,18 @@
 
 By default this runs moegemm's own kernels one after another (the unfused pipeline that the fused
 kernel is measured against): route (each routed (token, expert) pair's row in a grouped layout, the
-pairs of an expert in pair order), dispatch (the tokens into their rows), the grouped FP8 x FP4 (or BF16) GEMM,
-the activation (SwiGLU times the routing weight, re-quantised per 1x32 with UE8M0 scales), the second
-grouped GEMM, and combine (the weighted outputs summed back per token). On the GPU the four steps
+pairs of an expert in pair order), dispatch (the tokens into their rows), the grouped FP8 x FP4 (or
+BF16) GEMM, the activation (SwiGLU times the routing weight, re-quantised per 1x32 with UE8M0
+scales), the second grouped GEMM, and combine (the weighted outputs summed back per token). On the GPU the four steps
 around the GEMMs are kernels (kernels/sm90_moe_layer.cuh), elsewhere PyTorch (``_layer_torch``, the
 kernels' reference). The layout is the masked one (``[E, num_max_tokens_per_rank]`` rows, each
 expert's pairs first) where experts get few pairs and there are not too many of them (see
 MASKED_MAX_EXPERTS_PER_TOPK), else the contiguous one (each expert's rows from a multiple of 128,
 ``use_psum_layout``), whose 128-row tiles are mostly padding at decode. The CPU reads no GPU value,
 so a call can be captured in a CUDA graph and replayed with other routing. The buffer holds every
-intermediate, sized for the worst case, in one allocation. With MOEGEMM_FUSED_MOE=1, FP8 x FP4 on one
-GPU runs as one fused kernel instead (kernels/sm90_fp8_fp4_mega_moe.cuh), over the same buffer.
+intermediate, sized for the worst case, in one allocation. With MOEGEMM_FUSED_MOE=1, FP8 x FP4 on the
+GPU runs as one fused kernel instead (kernels/sm90_fp8_fp4_mega_moe.cuh), over the same buffer; across
+ranks that kernel moves the tokens and outputs itself.
 
 Numerics (DeepGEMM's): for each token t and each k with e = topk_idx[t, k] in [0, E): h = L1_e(x[t])
 in FP32, gate and up rounded to BF16 (with a clamp c: gate = min(gate, c), up = clamp(up, -c, c));
@@ -549,7 +550,7 @@ _FAMILIES = {
 }
 
 
-# fp8_fp4_mega_moe on one GPU as one fused kernel (kernels/sm90_fp8_fp4_mega_moe.cuh) instead of the
+# fp8_fp4_mega_moe on the GPU as one fused kernel (kernels/sm90_fp8_fp4_mega_moe.cuh) instead of the
 # unfused pipeline: off until a GPU has tested and timed it.
 _FUSED = env.Toggle("MOEGEMM_FUSED_MOE")
 
@@ -637,18 +638,15 @@ def _run(y: torch.Tensor, l1_weights: object, l2_weights: object, buffer: MegaMo
     num_tokens = _check_call(y, buffer, layer, mma_type, experts, hidden, inter, stats, activation, activation_clamp)
     if use_kernels is None:
         use_kernels = y.is_cuda
+    if (_FUSED.get() if fused is None else fused) and exchange == "symmetric" and \
+            _fused_serves(buffer, mma_type, use_kernels):
+        _layer_fused(y, buffer, num_tokens, weights, stats, activation_clamp)
+        return
     if ranks is None:
-        if (_FUSED.get() if fused is None else fused) and _fused_serves(buffer, mma_type, use_kernels):
-            _layer_fused(y, buffer, num_tokens, weights, stats, activation_clamp)
-            return
         if buffer.masked and get_check_groups():
             _check_distinct_experts(buffer, num_tokens)
         _layer(y, buffer, num_tokens, _grouped_gemm(buffer, num_tokens, weights, masked_gemm, contiguous_gemm), stats,
                activation_clamp, use_kernels)
-        return
-    if exchange == "symmetric" and (_FUSED.get() if fused is None else fused) and \
-            _fused_serves(buffer, mma_type, use_kernels):
-        _layer_fused(y, buffer, num_tokens, weights, stats, activation_clamp)
         return
     across = _layer_all_to_all if exchange == "all_to_all" else _layer_across_ranks
     across(y, buffer, num_tokens, lambda count: _grouped_gemm(layer, count, weights, masked_gemm, contiguous_gemm),
