@@ -30,8 +30,8 @@ from .moe_layer import MAX_EXPERTS
 K_BLOCKS_PER_STAGE = fp8_fp4_gemm.SWAP_AB_K_BLOCKS_PER_STAGE
 TOKEN_TILES = (8, 16, 32, 64)  # kTokens: rows of an expert's token tile (the last: the swap-AB's double buffer)
 MAX_TOKENS = TOKEN_TILES[-1]
-# Four math warpgroups up to this tile, with two scratch accumulators up to the next: beyond, 576
-# threads' registers (fp8_fp4_gemm.swap_ab_registers) pass 64K.
+# Four math warpgroups up to the first tile, and with them two scratch accumulators up to the second:
+# beyond, 576 threads' registers (fp8_fp4_gemm.swap_ab_registers) pass 64K.
 FOUR_WARPGROUPS_MAX_TOKENS, FOUR_WARPGROUPS_DOUBLE_BUFFER_MAX_TOKENS = 32, 16
 CHUNK = 128  # intermediate columns an L1 unit activates: one folded 1x128 block
 STAGING_PITCH = (2 * CHUNK + 8) * 2  # MegaMoeConfig::kStagingPitch
