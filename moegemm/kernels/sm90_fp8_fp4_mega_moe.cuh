@@ -123,14 +123,18 @@ struct MegaMoeKernel {
     __device__ __forceinline__ u32 slot_pairs() const {
         return Config::kRanks ? p.num_ranks * p.max_tokens * p.num_topk : p.num_tokens * p.num_topk;
     }
-    __device__ __forceinline__ u32 source_of(u32 q) const {
-        return Config::kRanks ? q / (p.max_tokens * p.num_topk) : 0;
+    // Slot pair q's source rank, and its pair index there.
+    __device__ __forceinline__ u32 source_of(u32 q, u32& pair) const {
+        const u32 s = Config::kRanks ? q / (p.max_tokens * p.num_topk) : 0;
+        pair = q - s * p.max_tokens * p.num_topk;
+        return s;
     }
 
     // Slot pair q's local expert, or E for a pair of no expert here (or past its source's tokens). The
     // routing may be a peer's: read through L2 (written before the barrier across ranks).
     __device__ __forceinline__ u32 expert_of(u32 q) const {
-        const u32 s = source_of(q), pair = q - s * p.max_tokens * p.num_topk;
+        u32 pair;
+        const u32 s = source_of(q, pair);
         if (pair >= source_tokens[s] * p.num_topk) return p.num_experts;
         const long long e = __ldcg(reinterpret_cast<const long long*>(source_base[s] + p.topk_idx) + pair);
         const long long local = e - (long long)p.first_expert;
@@ -209,11 +213,12 @@ struct MegaMoeKernel {
     // kRanks, after the units: each routed slot pair's L2 row into its source's `combined`.
     __device__ __forceinline__ void send() const {
         const int* pair_rows = view<const int>(p.pair_rows);
-        const u32 warps = gridDim.x * Config::kNumThreads / 32, per_source = p.max_tokens * p.num_topk;
+        const u32 warps = gridDim.x * Config::kNumThreads / 32;
         for (u32 q = blockIdx.x * Config::kNumThreads / 32 + threadIdx.x / 32; q < slot_pairs(); q += warps) {
             const u32 row = u32(__ldcg(pair_rows + q));
             if (row == p.spare_row) continue;
-            const u32 s = source_of(q), pair = q - s * per_source;
+            u32 pair;
+            const u32 s = source_of(q, pair);
             const u8* from = p.storage + p.l2_out + u64(row) * p.hidden * 2;
             u8* to = source_base[s] + p.combined + u64(pair) * p.hidden * 2;
             for (u32 offset = lane_id() * 16; offset < p.hidden * 2; offset += 32 * 16)
@@ -279,7 +284,8 @@ struct MegaMoeKernel {
             __syncwarp();
             if (lane == 0) pair_rows[q] = int(row);
             if (row == p.spare_row) continue;
-            const u32 s = source_of(q), pair = q - s * p.max_tokens * p.num_topk, token = pair / p.num_topk;
+            u32 pair;
+            const u32 s = source_of(q, pair), token = pair / p.num_topk;
             const u8* source = source_base[s];
             if (lane == 0)
                 view<float>(p.row_weights)[row] = __ldcg(reinterpret_cast<const float*>(source + p.topk_weights) + pair);

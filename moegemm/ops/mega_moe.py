@@ -588,13 +588,11 @@ def _layer_fused(y: torch.Tensor, buffer: MegaMoeBuffer, num_tokens: int, weight
     plan = buffer.plans.get(key)
     if plan is None:
         num_ranks = 1 if ranks is None else ranks.storage.num_ranks
-        offsets = moe_layer.view_offsets(layer.storage, {name: getattr(layer, name)
-                                                         for name in fused_kernel.SCRATCH_VIEWS})
+        # One rank: every view in its storage; across ranks the caller's at each rank's symmetric offsets.
+        names = fused_kernel.VIEWS if ranks is None else fused_kernel.SCRATCH_VIEWS
+        offsets = moe_layer.view_offsets(layer.storage, {name: getattr(layer, name) for name in names})
         where = None
-        if ranks is None:
-            offsets.update(moe_layer.view_offsets(buffer.storage, {name: getattr(buffer, name)
-                                                                   for name in fused_kernel.SOURCE_VIEWS}))
-        else:
+        if ranks is not None:
             offsets.update({name: ranks.offsets[name] for name in fused_kernel.SOURCE_VIEWS})
             where = fused_kernel.Ranks(ranks.offsets["combined"], ranks.offsets["header"], ranks.storage.rank,
                                        num_ranks, ranks.storage.rank * layer.num_experts)
